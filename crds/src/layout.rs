@@ -1,0 +1,422 @@
+//! How a Pipeline maps onto NATS: its stream, subjects and consumers, and the configuration each unit's
+//! processes run from. Pure: the same topology always gives the same layout, so `switchyard plan`, the
+//! operator and `switchyard run` agree on every name.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::{PipelineSpec, Sink, Source};
+use crate::topology::{Step, Topology, Unit, UnitKind};
+use crate::unit::{
+    BatchConfig, ConsumerConfig, RetryConfig, SinkConfig, SourceConfig, StepConfig, StepKind,
+    UnitConfig, UnitRole,
+};
+use crate::validate::{parse_duration, Problem};
+
+/// Input messages in flight per replica when a stage does not say.
+pub const DEFAULT_CONCURRENCY: u32 = 64;
+/// How long JetStream waits for an acknowledgement before it redelivers. Stage processes report progress
+/// on messages that take longer, so this bounds recovery after a crash, not processing time.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// JetStream drops a publish whose message id it has stored within this window. It must exceed
+/// `ACK_WAIT`, so that a message redelivered after a crash republishes into the window.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// A message delivered this many times without being acknowledged crashed its process that often: the
+/// runtime then dead-letters it instead of crashing again.
+pub const POISON_DELIVERIES: u64 = 10;
+/// A batch that does not fill up is handed on after this long.
+pub const DEFAULT_BATCH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Name of the consumer that holds dead letters in the stream until someone deals with them. Unit names
+/// are DNS labels, so it can never clash with a unit's consumer.
+pub const DEAD_LETTER_CONSUMER: &str = "_dead_letters";
+/// Payload of generated messages when the source does not give one.
+pub const DEFAULT_PAYLOAD: &str = r#"{"seq": {{seq}}}"#;
+/// Sinks retry a failed write this often before dead-lettering the message.
+pub const SINK_RETRY: RetryConfig = RetryConfig {
+    max_attempts: 5,
+    backoff_ms: 500,
+    max_backoff_ms: 10_000,
+};
+
+/// The names of everything a Pipeline owns in NATS. Namespace and pipeline are DNS labels, so `_` and `.`
+/// cannot occur in them and the names of two pipelines never collide.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    pub namespace: String,
+    pub pipeline: String,
+}
+
+impl Names {
+    pub fn new(namespace: &str, pipeline: &str) -> Names {
+        Names {
+            namespace: namespace.to_string(),
+            pipeline: pipeline.to_string(),
+        }
+    }
+
+    pub fn stream(&self) -> String {
+        format!("switchyard_{}_{}", self.namespace, self.pipeline)
+    }
+
+    pub fn checkpoint_bucket(&self) -> String {
+        format!("switchyard_{}_{}", self.namespace, self.pipeline)
+    }
+
+    fn prefix(&self) -> String {
+        format!("switchyard.{}.{}", self.namespace, self.pipeline)
+    }
+
+    /// Where a unit publishes its output.
+    pub fn data_subject(&self, unit: &str) -> String {
+        format!("{}.data.{unit}", self.prefix())
+    }
+
+    pub fn dead_letter_subject(&self, unit: &str) -> String {
+        format!("{}.dlq.{unit}", self.prefix())
+    }
+
+    /// Core NATS (outside the stream): counters are reports, not data.
+    pub fn stats_subject(&self, unit: &str) -> String {
+        format!("{}.stats.{unit}", self.prefix())
+    }
+
+    pub fn all_stats_subjects(&self) -> String {
+        format!("{}.stats.*", self.prefix())
+    }
+
+    fn all_data_subjects(&self) -> String {
+        format!("{}.data.*", self.prefix())
+    }
+
+    fn all_dead_letter_subjects(&self) -> String {
+        format!("{}.dlq.*", self.prefix())
+    }
+}
+
+/// Everything a Pipeline needs in NATS.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NatsLayout {
+    pub stream: StreamLayout,
+    /// Key-value bucket of source checkpoints.
+    pub checkpoint_bucket: String,
+    /// One durable pull consumer per unit that reads, and the dead-letter holder.
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamLayout {
+    pub name: String,
+    pub subjects: Vec<String>,
+    /// Interest: a message is kept until every consumer that wants it has acknowledged it, so data does
+    /// not pile up and nothing unconsumed is ever dropped for age.
+    pub retention: String,
+    pub storage: String,
+    pub duplicate_window_ms: u64,
+    pub replicas: u32,
+}
+
+/// The layout of a whole Pipeline: NATS objects, and each unit's process configuration in topology order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    pub nats: NatsLayout,
+    pub units: Vec<UnitConfig>,
+}
+
+/// Lays out a validated topology. Durations were checked by validation; should one still not parse, the
+/// problem names its stage rather than being papered over.
+pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Problem>> {
+    let names = Names::new(&topology.namespace, &topology.pipeline);
+    let custom_dead_letter = spec.dead_letter.as_ref().and_then(|d| d.subject.clone());
+    let dead_letter_subject = |unit: &str| {
+        custom_dead_letter
+            .clone()
+            .unwrap_or_else(|| names.dead_letter_subject(unit))
+    };
+
+    let mut subjects = vec![names.all_data_subjects(), names.all_dead_letter_subjects()];
+    let mut dead_letter_filter = vec![names.all_dead_letter_subjects()];
+    if let Some(subject) = &custom_dead_letter {
+        subjects.push(subject.clone());
+        dead_letter_filter = vec![subject.clone()];
+    }
+
+    let mut problems = Vec::new();
+    let mut units = Vec::new();
+    let mut consumers = Vec::new();
+    for unit in &topology.units {
+        let input = if unit.inputs.is_empty() {
+            None
+        } else {
+            let consumer = consumer_for(&names, unit);
+            consumers.push(consumer.clone());
+            Some(consumer)
+        };
+        let role = match role_for(&names, unit) {
+            Ok(role) => role,
+            Err(mut found) => {
+                problems.append(&mut found);
+                continue;
+            }
+        };
+        let output_subject = match unit.kind {
+            UnitKind::Sink(_) => None,
+            _ => Some(names.data_subject(&unit.name)),
+        };
+        units.push(UnitConfig {
+            pipeline: topology.pipeline.clone(),
+            namespace: topology.namespace.clone(),
+            unit: unit.name.clone(),
+            stream: names.stream(),
+            role,
+            input,
+            output_subject,
+            dead_letter_subject: dead_letter_subject(&unit.name),
+            stats_subject: names.stats_subject(&unit.name),
+        });
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    consumers.push(ConsumerConfig {
+        durable: DEAD_LETTER_CONSUMER.to_string(),
+        filter_subjects: dead_letter_filter,
+        ack_wait_ms: ACK_WAIT.as_millis() as u64,
+        max_ack_pending: 1000,
+        pull_batch: 100,
+    });
+    Ok(Layout {
+        nats: NatsLayout {
+            stream: StreamLayout {
+                name: names.stream(),
+                subjects,
+                retention: "interest".to_string(),
+                storage: "file".to_string(),
+                duplicate_window_ms: DUPLICATE_WINDOW.as_millis() as u64,
+                replicas: 1,
+            },
+            checkpoint_bucket: names.checkpoint_bucket(),
+            consumers,
+        },
+        units,
+    })
+}
+
+/// Messages one replica holds at once: its concurrency, times the batch size for a batch stage.
+fn messages_in_flight_per_replica(unit: &Unit) -> u64 {
+    let concurrency = u64::from(unit.concurrency.unwrap_or(DEFAULT_CONCURRENCY));
+    let batch = unit.batch.as_ref().map_or(1, |b| u64::from(b.size.max(1)));
+    concurrency.saturating_mul(batch)
+}
+
+fn consumer_for(names: &Names, unit: &Unit) -> ConsumerConfig {
+    let per_replica = messages_in_flight_per_replica(unit);
+    let replicas = unit.switcher.as_ref().map_or(1, |s| s.max_replicas.max(1));
+    // Room for every replica to be full and to have its next pull arriving, and never below JetStream's
+    // own default.
+    let max_ack_pending = per_replica
+        .saturating_mul(u64::from(replicas))
+        .saturating_mul(2)
+        .clamp(1000, i64::MAX as u64) as i64;
+    ConsumerConfig {
+        durable: unit.name.clone(),
+        filter_subjects: unit.inputs.iter().map(|i| names.data_subject(i)).collect(),
+        ack_wait_ms: ACK_WAIT.as_millis() as u64,
+        max_ack_pending,
+        pull_batch: per_replica.clamp(1, 1000) as usize,
+    }
+}
+
+fn role_for(names: &Names, unit: &Unit) -> Result<UnitRole, Vec<Problem>> {
+    let concurrency = unit.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+    match &unit.kind {
+        UnitKind::Source(source) => Ok(UnitRole::Source {
+            source: source_config(source, &unit.spec_path)?,
+            checkpoint_bucket: names.checkpoint_bucket(),
+        }),
+        UnitKind::Sink(sink) => Ok(UnitRole::Sink {
+            sink: sink_config(sink),
+            retry: SINK_RETRY,
+            concurrency,
+        }),
+        UnitKind::Process => {
+            let mut problems = Vec::new();
+            let mut steps = Vec::new();
+            for step in &unit.steps {
+                match step_config(step) {
+                    Ok(config) => steps.push(config),
+                    Err(problem) => problems.push(problem),
+                }
+            }
+            let batch = match &unit.batch {
+                None => None,
+                Some(batch) => {
+                    let timeout = match &batch.timeout {
+                        None => Ok(DEFAULT_BATCH_TIMEOUT),
+                        Some(text) => parse_duration(text),
+                    };
+                    match timeout {
+                        Ok(timeout) => Some(BatchConfig {
+                            size: batch.size,
+                            timeout_ms: millis(timeout),
+                        }),
+                        Err(e) => {
+                            problems
+                                .push(Problem::at(&unit.spec_path, format!("batch.timeout: {e}")));
+                            None
+                        }
+                    }
+                }
+            };
+            if problems.is_empty() {
+                Ok(UnitRole::Process {
+                    steps,
+                    batch,
+                    concurrency,
+                })
+            } else {
+                Err(problems)
+            }
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn duration_ms(path: &str, field: &str, text: &str) -> Result<u64, Problem> {
+    parse_duration(text)
+        .map(millis)
+        .map_err(|e| Problem::at(path, format!("{field}: {e}")))
+}
+
+fn source_config(source: &Source, path: &str) -> Result<SourceConfig, Vec<Problem>> {
+    let payload = |p: &Option<String>| p.clone().unwrap_or_else(|| DEFAULT_PAYLOAD.to_string());
+    if let Some(g) = &source.generator {
+        return Ok(SourceConfig::Generator {
+            count: g.count,
+            rate_per_second: g.rate_per_second,
+            payload: payload(&g.payload),
+        });
+    }
+    if let Some(h) = &source.http {
+        return Ok(SourceConfig::Http {
+            port: h.port,
+            path: h.path.clone().unwrap_or_else(|| "/".to_string()),
+        });
+    }
+    if let Some(t) = &source.timer {
+        return Ok(SourceConfig::Timer {
+            interval_ms: duration_ms(path, "timer.interval", &t.interval).map_err(|p| vec![p])?,
+            payload: payload(&t.payload),
+        });
+    }
+    if let Some(c) = &source.cron {
+        return Ok(SourceConfig::Cron {
+            schedule: c.schedule.clone(),
+            payload: payload(&c.payload),
+        });
+    }
+    if let Some(n) = &source.nats {
+        return Ok(SourceConfig::Nats {
+            subject: n.subject.clone(),
+        });
+    }
+    if let Some(f) = &source.file {
+        return Ok(SourceConfig::File {
+            path: f.path.clone(),
+        });
+    }
+    Err(vec![Problem::at(path, "the source has no kind")])
+}
+
+fn sink_config(sink: &Sink) -> SinkConfig {
+    let pairs = |h: &Option<std::collections::BTreeMap<String, String>>| -> Vec<(String, String)> {
+        h.iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    if let Some(f) = &sink.file {
+        SinkConfig::File {
+            path: f.path.clone(),
+        }
+    } else if let Some(n) = &sink.nats {
+        SinkConfig::Nats {
+            subject: n.subject.clone(),
+        }
+    } else if let Some(h) = &sink.http {
+        SinkConfig::Http {
+            url: h.url.clone(),
+            headers: pairs(&h.headers),
+        }
+    } else {
+        SinkConfig::Log
+    }
+}
+
+fn step_config(step: &Step) -> Result<StepConfig, Problem> {
+    let stage = &step.stage;
+    let path = step.spec_path.as_str();
+    let kind = if let Some(filter) = &stage.jq {
+        StepKind::Jq {
+            filter: filter.clone(),
+        }
+    } else if let Some(exec) = &stage.exec {
+        StepKind::Exec {
+            command: exec.command.clone(),
+            env: step
+                .env
+                .iter()
+                .filter_map(|e| e.value.as_ref().map(|v| (e.name.clone(), v.clone())))
+                .collect(),
+        }
+    } else if let Some(http) = &stage.http {
+        StepKind::Http {
+            url: http.url.clone(),
+            headers: http
+                .headers
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    } else if let Some(sleep) = &stage.sleep {
+        StepKind::Sleep {
+            ms: duration_ms(path, "sleep", sleep)?,
+        }
+    } else {
+        StepKind::Passthrough
+    };
+    let timeout_ms = step
+        .timeout
+        .as_deref()
+        .map(|t| duration_ms(path, "timeout", t))
+        .transpose()?;
+    let retry = match &step.retry {
+        None => RetryConfig::default(),
+        Some(retry) => {
+            let defaults = RetryConfig::default();
+            RetryConfig {
+                max_attempts: retry.max_attempts.max(1),
+                backoff_ms: match &retry.backoff {
+                    Some(b) => duration_ms(path, "retry.backoff", b)?,
+                    None => defaults.backoff_ms,
+                },
+                max_backoff_ms: match &retry.max_backoff {
+                    Some(b) => duration_ms(path, "retry.maxBackoff", b)?,
+                    None => defaults.max_backoff_ms,
+                },
+            }
+        }
+    };
+    Ok(StepConfig {
+        path: step.path.clone(),
+        kind,
+        timeout_ms,
+        retry,
+    })
+}

@@ -1,0 +1,12 @@
+//! Switchyard's API: the `Pipeline` custom resource, what it means (its units and their wiring), its
+//! validation, how it maps onto NATS, and the per-unit configuration that the operator hands to the stage
+//! runtime.
+
+pub mod jq;
+pub mod layout;
+pub mod pipeline;
+pub mod topology;
+pub mod unit;
+pub mod validate;
+
+pub use pipeline::*;

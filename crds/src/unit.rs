@@ -1,0 +1,279 @@
+//! The configuration one unit's `switchyard-stage` process runs from.
+//!
+//! The operator (or `switchyard run`) writes it; the stage runtime reads it. Durations are already parsed
+//! into milliseconds and names resolved into subjects, so the runtime never re-interprets the Pipeline.
+
+use serde::{Deserialize, Serialize};
+
+/// Header names every message carries; the runtime sets them and `run` reads them.
+pub mod headers {
+    /// JetStream's de-duplication id: deterministic, so a redelivered input republishes the same ids.
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// The source that produced the message's ancestor.
+    pub const ORIGIN: &str = "Switchyard-Origin";
+    /// The ancestor's sequence number at its source.
+    pub const ORIGIN_SEQ: &str = "Switchyard-Origin-Seq";
+    /// Comma-separated units the message has passed, source first.
+    pub const PATH: &str = "Switchyard-Path";
+    /// W3C trace context, kept as it came in.
+    pub const TRACEPARENT: &str = "traceparent";
+    pub const TRACESTATE: &str = "tracestate";
+    /// On dead letters: why, where, after how many attempts.
+    pub const ERROR: &str = "Switchyard-Error";
+    pub const FAILED_STAGE: &str = "Switchyard-Failed-Stage";
+    pub const FAILED_UNIT: &str = "Switchyard-Failed-Unit";
+    pub const ATTEMPTS: &str = "Switchyard-Attempts";
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UnitConfig {
+    pub pipeline: String,
+    pub namespace: String,
+    pub unit: String,
+    /// The JetStream stream holding every subject of the pipeline.
+    pub stream: String,
+    pub role: UnitRole,
+    /// The durable pull consumer shared by all replicas (absent for sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<ConsumerConfig>,
+    /// Where this unit's outputs are published (absent for sinks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_subject: Option<String>,
+    pub dead_letter_subject: String,
+    /// Core NATS subject the process reports its counters on.
+    pub stats_subject: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub durable: String,
+    pub filter_subjects: Vec<String>,
+    pub ack_wait_ms: u64,
+    pub max_ack_pending: i64,
+    /// Messages asked for per pull request; about what one replica can work on at once.
+    pub pull_batch: usize,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", tag = "role")]
+pub enum UnitRole {
+    #[serde(rename_all = "camelCase")]
+    Source {
+        source: SourceConfig,
+        /// Key-value bucket where the source records how far it got, so that a restart resumes there.
+        checkpoint_bucket: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    Process {
+        /// In-process steps, in flow order.
+        steps: Vec<StepConfig>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        batch: Option<BatchConfig>,
+        /// Input messages (for a batch stage: batches) in flight per replica.
+        concurrency: u32,
+    },
+    #[serde(rename_all = "camelCase")]
+    Sink {
+        sink: SinkConfig,
+        /// How often a failed write is tried before the message goes to the dead-letter subject.
+        retry: RetryConfig,
+        concurrency: u32,
+    },
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum SourceConfig {
+    Generator {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        count: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rate_per_second: Option<f64>,
+        payload: String,
+    },
+    Http {
+        port: u16,
+        path: String,
+    },
+    Timer {
+        interval_ms: u64,
+        payload: String,
+    },
+    Cron {
+        schedule: String,
+        payload: String,
+    },
+    Nats {
+        subject: String,
+    },
+    File {
+        path: String,
+    },
+}
+
+impl SourceConfig {
+    /// A finite source ends by itself; `switchyard run` exits once every source has and all is drained.
+    pub fn is_finite(&self) -> bool {
+        matches!(
+            self,
+            SourceConfig::Generator { count: Some(_), .. } | SourceConfig::File { .. }
+        )
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StepConfig {
+    /// Where the step is in the Pipeline, for errors and dead-letter headers: `machines > wash`.
+    pub path: String,
+    pub kind: StepKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    pub retry: RetryConfig,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum StepKind {
+    Jq {
+        filter: String,
+    },
+    Exec {
+        command: Vec<String>,
+        /// Literal environment variables for the child (from the stage's `env` values).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        env: Vec<(String, String)>,
+    },
+    Http {
+        url: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        headers: Vec<(String, String)>,
+    },
+    Sleep {
+        ms: u64,
+    },
+    Passthrough,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryConfig {
+    /// Without `retry`, a failing message is dead-lettered at once.
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 1,
+            backoff_ms: 1000,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Delay before attempt `attempt + 1` (attempt counts from 1): exponential, capped.
+    pub fn delay_after(&self, attempt: u32) -> std::time::Duration {
+        let factor = 1u64 << attempt.saturating_sub(1).min(20);
+        std::time::Duration::from_millis(
+            self.backoff_ms
+                .saturating_mul(factor)
+                .min(self.max_backoff_ms),
+        )
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BatchConfig {
+    pub size: u32,
+    pub timeout_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum SinkConfig {
+    File {
+        path: String,
+    },
+    Log,
+    Nats {
+        subject: String,
+    },
+    Http {
+        url: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        headers: Vec<(String, String)>,
+    },
+}
+
+/// What a stage process reports on its stats subject, about once a second. Counters run from the
+/// process's start; a reader sums the latest report of every replica.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsReport {
+    pub unit: String,
+    /// Distinguishes the processes of one unit (pid in local mode, pod name in a cluster).
+    pub replica: String,
+    /// Input messages finished and acknowledged (for a source: messages generated and stored).
+    pub processed: u64,
+    /// Output messages stored downstream (for a sink: messages written).
+    pub published: u64,
+    /// Messages sent to the dead-letter subject.
+    pub dead_lettered: u64,
+    /// Redelivered inputs that a sink recognised as already written and skipped.
+    #[serde(default)]
+    pub duplicates_skipped: u64,
+    /// Input messages being worked on right now.
+    pub in_flight: u64,
+    /// True once a finite source has published everything.
+    #[serde(default)]
+    pub finished: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let r = RetryConfig {
+            max_attempts: 6,
+            backoff_ms: 100,
+            max_backoff_ms: 500,
+        };
+        let ms: Vec<u128> = (1..=5).map(|a| r.delay_after(a).as_millis()).collect();
+        assert_eq!(ms, vec![100, 200, 400, 500, 500]);
+    }
+
+    #[test]
+    fn unit_config_round_trips_through_json() {
+        let cfg = UnitConfig {
+            pipeline: "p".into(),
+            namespace: "default".into(),
+            unit: "u".into(),
+            stream: "s".into(),
+            role: UnitRole::Process {
+                steps: vec![StepConfig {
+                    path: "u > a".into(),
+                    kind: StepKind::Jq { filter: ".".into() },
+                    timeout_ms: Some(5),
+                    retry: RetryConfig::default(),
+                }],
+                batch: None,
+                concurrency: 4,
+            },
+            input: None,
+            output_subject: Some("x".into()),
+            dead_letter_subject: "d".into(),
+            stats_subject: "st".into(),
+        };
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert_eq!(serde_json::from_str::<UnitConfig>(&text).unwrap(), cfg);
+    }
+}

@@ -1,0 +1,608 @@
+//! `switchyard validate`: every problem in a Pipeline at once, each with the stage's path and what to do.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use crate::jq::JqFilter;
+use crate::pipeline::{Pipeline, Sink, Source, Stage};
+use crate::topology::{self, Topology};
+
+/// Longest name Kubernetes accepts for a label value, and so for the objects we derive from unit names.
+pub const MAX_OBJECT_NAME: usize = 63;
+
+/// One thing wrong with a Pipeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: `stages[1] machines > stages[0] wash`, `sources[0] clothes`, `metadata.name`, or empty.
+    pub path: String,
+    pub message: String,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+}
+
+impl Problem {
+    pub fn at(path: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            path: path.into(),
+            message: message.into(),
+            line: None,
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Parses a Pipeline manifest (YAML or JSON). A syntax or type error comes back with its line.
+pub fn parse_pipeline(text: &str) -> Result<Pipeline, Problem> {
+    let value: serde_norway::Value = serde_norway::from_str(text).map_err(yaml_problem)?;
+    let field = |key: &str| value.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+    if field("apiVersion") != "switchyard.dev/v1alpha1" || field("kind") != "Pipeline" {
+        return Err(Problem::at(
+            "",
+            format!(
+                "expected `apiVersion: switchyard.dev/v1alpha1` and `kind: Pipeline`, found apiVersion `{}` and kind `{}`",
+                field("apiVersion"),
+                field("kind")
+            ),
+        ));
+    }
+    // Deserialize from the text, not the value, so type errors keep their line numbers.
+    serde_norway::from_str(text).map_err(yaml_problem)
+}
+
+fn yaml_problem(e: serde_norway::Error) -> Problem {
+    let line = e.location().map(|l| l.line());
+    let message = e.to_string();
+    // serde_norway appends " at line L column C"; the line is reported separately.
+    let message = match message.find(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message,
+    };
+    Problem {
+        path: String::new(),
+        message,
+        line,
+    }
+}
+
+/// Checks a Pipeline; on success returns what it means (its units and their wiring).
+pub fn analyze(pipeline: &Pipeline) -> Result<Topology, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let name = pipeline.metadata.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        problems.push(Problem::at(
+            "metadata.name",
+            "the Pipeline has no name: set metadata.name",
+        ));
+    } else {
+        check_name(&mut problems, "metadata.name", &name);
+    }
+    let namespace = pipeline
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string());
+    let spec = &pipeline.spec;
+
+    let mut top_names: BTreeMap<String, String> = BTreeMap::new();
+    let mut claim = |problems: &mut Vec<Problem>, name: &str, path: String| {
+        if let Some(first) = top_names.get(name) {
+            problems.push(Problem::at(
+                path,
+                format!("the name `{name}` is already used by {first}: sources, top-level stages and sinks need distinct names"),
+            ));
+        } else {
+            top_names.insert(name.to_string(), path);
+        }
+    };
+
+    if spec.sources.is_empty() {
+        problems.push(Problem::at(
+            "sources",
+            "the Pipeline has no sources: add at least one (generator, http, timer, cron, nats or file)",
+        ));
+    }
+    for (i, source) in spec.sources.iter().enumerate() {
+        let path = format!("sources[{i}] {}", source.name);
+        check_name(&mut problems, &path, &source.name);
+        claim(&mut problems, &source.name, path.clone());
+        check_source(&mut problems, &path, source);
+    }
+    for (i, stage) in spec.stages.iter().enumerate() {
+        let path = format!("stages[{i}] {}", stage.name);
+        claim(&mut problems, &stage.name, path.clone());
+        check_stage(&mut problems, &path, stage, true);
+    }
+    if spec.sinks.is_empty() {
+        problems.push(Problem::at(
+            "sinks",
+            "the Pipeline has no sinks: add at least one (file, log, nats or http)",
+        ));
+    }
+    for (i, sink) in spec.sinks.iter().enumerate() {
+        let path = format!("sinks[{i}] {}", sink.name);
+        check_name(&mut problems, &path, &sink.name);
+        claim(&mut problems, &sink.name, path.clone());
+        check_sink(&mut problems, &path, sink);
+    }
+    if let Some(subject) = spec.dead_letter.as_ref().and_then(|d| d.subject.as_ref()) {
+        if !is_valid_subject(subject) {
+            problems.push(Problem::at("deadLetter.subject", format!("`{subject}` is not a NATS subject: use dot-separated tokens without spaces or wildcards")));
+        }
+    }
+    check_inputs(&mut problems, spec);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+
+    let (topology, _) = topology::build(&name, &namespace, spec);
+    check_units(&mut problems, &name, &topology);
+    if problems.is_empty() {
+        Ok(topology)
+    } else {
+        Err(problems)
+    }
+}
+
+fn check_name(problems: &mut Vec<Problem>, path: &str, name: &str) {
+    if !is_dns_label(name) {
+        problems.push(Problem::at(
+            path,
+            format!("`{name}` is not a valid name: use at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit"),
+        ));
+    }
+}
+
+pub fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_OBJECT_NAME
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+fn is_valid_subject(subject: &str) -> bool {
+    !subject.is_empty()
+        && subject
+            .split('.')
+            .all(|t| !t.is_empty() && !t.contains(['*', '>', ' ', '\t']))
+}
+
+/// Parses a duration such as `5ms`, `30s`, `1m`, for the field at `path`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value.trim()).map_err(|e| {
+        format!("`{value}` is not a duration ({e}): write a number and a unit, such as 500ms, 30s or 2m")
+    })
+}
+
+fn check_duration(problems: &mut Vec<Problem>, path: &str, field: &str, value: &str) {
+    match parse_duration(value) {
+        Ok(d) if d.is_zero() => problems.push(Problem::at(
+            path,
+            format!("{field} `{value}` must be longer than zero"),
+        )),
+        Ok(_) => {}
+        Err(e) => problems.push(Problem::at(path, format!("{field}: {e}"))),
+    }
+}
+
+fn exactly_one(problems: &mut Vec<Problem>, path: &str, what: &str, set: &[&str], all: &str) {
+    match set {
+        [_] => {}
+        [] => problems.push(Problem::at(
+            path,
+            format!("{what} has no kind: give it exactly one of {all}"),
+        )),
+        several => problems.push(Problem::at(
+            path,
+            format!(
+                "{what} sets {}: give it exactly one of {all}",
+                several
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+        )),
+    }
+}
+
+fn check_source(problems: &mut Vec<Problem>, path: &str, source: &Source) {
+    let mut kinds = Vec::new();
+    if let Some(g) = &source.generator {
+        kinds.push("generator");
+        if let Some(rate) = g.rate_per_second {
+            if !(rate > 0.0 && rate.is_finite()) {
+                problems.push(Problem::at(path, format!("generator.ratePerSecond {rate} must be a positive number (or leave it out to generate as fast as possible)")));
+            }
+        }
+    }
+    if let Some(h) = &source.http {
+        kinds.push("http");
+        if h.port == 0 {
+            problems.push(Problem::at(path, "http.port must be between 1 and 65535"));
+        }
+        if let Some(p) = &h.path {
+            if !p.starts_with('/') {
+                problems.push(Problem::at(
+                    path,
+                    format!("http.path `{p}` must start with '/'"),
+                ));
+            }
+        }
+    }
+    if let Some(t) = &source.timer {
+        kinds.push("timer");
+        check_duration(problems, path, "timer.interval", &t.interval);
+    }
+    if let Some(c) = &source.cron {
+        kinds.push("cron");
+        if let Err(e) = c.schedule.parse::<croner::Cron>() {
+            problems.push(Problem::at(path, format!("cron.schedule `{}` is not a cron schedule ({e}): use five fields, minute hour day-of-month month day-of-week, such as `*/5 * * * *`", c.schedule)));
+        }
+    }
+    if let Some(n) = &source.nats {
+        kinds.push("nats");
+        if n.subject.trim().is_empty() {
+            problems.push(Problem::at(
+                path,
+                "nats.subject is empty: name the subject to consume",
+            ));
+        }
+    }
+    if let Some(f) = &source.file {
+        kinds.push("file");
+        if f.path.trim().is_empty() {
+            problems.push(Problem::at(
+                path,
+                "file.path is empty: name a JSON-lines file or a folder of them",
+            ));
+        }
+    }
+    exactly_one(
+        problems,
+        path,
+        "the source",
+        &kinds,
+        "generator, http, timer, cron, nats, file",
+    );
+}
+
+fn check_sink(problems: &mut Vec<Problem>, path: &str, sink: &Sink) {
+    let mut kinds = Vec::new();
+    if let Some(f) = &sink.file {
+        kinds.push("file");
+        if f.path.trim().is_empty() {
+            problems.push(Problem::at(
+                path,
+                "file.path is empty: name the file to write",
+            ));
+        }
+    }
+    if sink.log.is_some() {
+        kinds.push("log");
+    }
+    if let Some(n) = &sink.nats {
+        kinds.push("nats");
+        if !is_valid_subject(&n.subject) {
+            problems.push(Problem::at(path, format!("nats.subject `{}` is not a subject to publish to: use dot-separated tokens without wildcards", n.subject)));
+        }
+    }
+    if let Some(h) = &sink.http {
+        kinds.push("http");
+        check_url(problems, path, "http.url", &h.url);
+    }
+    exactly_one(problems, path, "the sink", &kinds, "file, log, nats, http");
+}
+
+fn check_url(problems: &mut Vec<Problem>, path: &str, field: &str, url: &str) {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+        problems.push(Problem::at(
+            path,
+            format!("{field} `{url}` must be an http:// or https:// URL with a host"),
+        ));
+    }
+}
+
+const STEP_KINDS: &str = "jq, exec, http, sleep, passthrough, or nested stages";
+
+/// `is_unit` is true for a top-level stage or a switcher: the stages that become their own unit.
+fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, top_level: bool) {
+    check_name(problems, path, &stage.name);
+    let is_unit = top_level || stage.switcher.is_some();
+    let mut kinds = Vec::new();
+    if let Some(children) = &stage.stages {
+        kinds.push("stages");
+        if children.is_empty() {
+            problems.push(Problem::at(
+                path,
+                "the group has no stages: add at least one, or make this stage a step",
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, child) in children.iter().enumerate() {
+            let child_path = format!("{path} > stages[{i}] {}", child.name);
+            if !seen.insert(child.name.as_str()) {
+                problems.push(Problem::at(
+                    &child_path,
+                    format!("another stage in this group is already named `{}`: give each stage of a group its own name", child.name),
+                ));
+            }
+            check_stage(problems, &child_path, child, false);
+        }
+    }
+    if let Some(filter) = &stage.jq {
+        kinds.push("jq");
+        if let Err(e) = JqFilter::compile(filter) {
+            problems.push(Problem::at(
+                path,
+                format!("the jq filter `{filter}` does not compile: {e}"),
+            ));
+        }
+    }
+    if let Some(exec) = &stage.exec {
+        kinds.push("exec");
+        if exec.command.first().is_none_or(|c| c.trim().is_empty()) {
+            problems.push(Problem::at(path, "exec.command is empty: give the program and its arguments, such as [\"python3\", \"handler.py\"]"));
+        }
+    }
+    if let Some(http) = &stage.http {
+        kinds.push("http");
+        check_url(problems, path, "http.url", &http.url);
+    }
+    if let Some(sleep) = &stage.sleep {
+        kinds.push("sleep");
+        if let Err(e) = parse_duration(sleep) {
+            problems.push(Problem::at(path, format!("sleep: {e}")));
+        }
+    }
+    if stage.passthrough.is_some() {
+        kinds.push("passthrough");
+    }
+    exactly_one(problems, path, "the stage", &kinds, STEP_KINDS);
+
+    if let Some(timeout) = &stage.timeout {
+        check_duration(problems, path, "timeout", timeout);
+    }
+    if let Some(retry) = &stage.retry {
+        if retry.max_attempts == 0 {
+            problems.push(Problem::at(
+                path,
+                "retry.maxAttempts must be at least 1 (it counts the first attempt)",
+            ));
+        }
+        if let Some(b) = &retry.backoff {
+            if let Err(e) = parse_duration(b) {
+                problems.push(Problem::at(path, format!("retry.backoff: {e}")));
+            }
+        }
+        if let Some(b) = &retry.max_backoff {
+            if let Err(e) = parse_duration(b) {
+                problems.push(Problem::at(path, format!("retry.maxBackoff: {e}")));
+            }
+        }
+    }
+    if let Some(batch) = &stage.batch {
+        if !is_unit {
+            problems.push(Problem::at(path, "batch works on a unit's input: move it to the top-level stage, or make this stage a switcher"));
+        }
+        if batch.size == 0 {
+            problems.push(Problem::at(path, "batch.size must be at least 1"));
+        }
+        if let Some(t) = &batch.timeout {
+            check_duration(problems, path, "batch.timeout", t);
+        }
+    }
+    if let Some(sw) = &stage.switcher {
+        if sw.max_replicas == 0 {
+            problems.push(Problem::at(path, "switcher.maxReplicas must be at least 1"));
+        }
+        if sw.min_replicas > sw.max_replicas {
+            problems.push(Problem::at(
+                path,
+                format!(
+                    "switcher.minReplicas ({}) is greater than maxReplicas ({}): lower minReplicas or raise maxReplicas",
+                    sw.min_replicas, sw.max_replicas
+                ),
+            ));
+        }
+        if sw.target_lag_per_replica == 0 {
+            problems.push(Problem::at(
+                path,
+                "switcher.targetLagPerReplica must be at least 1",
+            ));
+        }
+    }
+    if let Some(c) = stage.concurrency {
+        if c == 0 {
+            problems.push(Problem::at(path, "concurrency must be at least 1"));
+        } else if !is_unit {
+            problems.push(Problem::at(
+                path,
+                "concurrency applies to a unit: set it on the top-level stage or on a switcher",
+            ));
+        }
+    }
+    if !top_level && stage.inputs.is_some() {
+        problems.push(Problem::at(
+            path,
+            "inputs can only be set on a top-level stage: inside a group the order is the flow",
+        ));
+    }
+}
+
+fn check_inputs(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
+    let sources: BTreeSet<&str> = spec.sources.iter().map(|s| s.name.as_str()).collect();
+    let stages: BTreeSet<&str> = spec.stages.iter().map(|s| s.name.as_str()).collect();
+    let known = |name: &str| sources.contains(name) || stages.contains(name);
+    let hint = || {
+        let mut names: Vec<&str> = sources.iter().chain(stages.iter()).copied().collect();
+        names.sort();
+        names.join(", ")
+    };
+    for (i, stage) in spec.stages.iter().enumerate() {
+        let path = format!("stages[{i}] {}", stage.name);
+        for input in stage.inputs.iter().flatten() {
+            if input == &stage.name {
+                problems.push(Problem::at(&path, "the stage names itself in inputs"));
+            } else if !known(input) {
+                problems.push(Problem::at(
+                    &path,
+                    format!(
+                        "inputs names `{input}`, which is no source or top-level stage; known: {}",
+                        hint()
+                    ),
+                ));
+            }
+        }
+        if stage.inputs.as_ref().is_some_and(|i| i.is_empty()) {
+            problems.push(Problem::at(
+                &path,
+                "inputs is empty: name at least one source or stage, or leave it out",
+            ));
+        }
+    }
+    for (i, sink) in spec.sinks.iter().enumerate() {
+        let path = format!("sinks[{i}] {}", sink.name);
+        for input in sink.inputs.iter().flatten() {
+            if !known(input) {
+                problems.push(Problem::at(
+                    &path,
+                    format!(
+                        "inputs names `{input}`, which is no source or top-level stage; known: {}",
+                        hint()
+                    ),
+                ));
+            }
+        }
+        if sink.inputs.as_ref().is_some_and(|i| i.is_empty()) {
+            problems.push(Problem::at(
+                &path,
+                "inputs is empty: name at least one source or stage, or leave it out",
+            ));
+        }
+    }
+    // Cycles among top-level stages (each stage depends on its inputs, or on the previous stage).
+    let deps = |i: usize| -> Vec<usize> {
+        let stage = &spec.stages[i];
+        match &stage.inputs {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| spec.stages.iter().position(|s| &s.name == n))
+                .collect(),
+            None if i == 0 => Vec::new(),
+            None => vec![i - 1],
+        }
+    };
+    let mut state = vec![0u8; spec.stages.len()]; // 0 new, 1 on the path, 2 done
+    let mut reported = BTreeSet::new();
+    for start in 0..spec.stages.len() {
+        let mut path = Vec::new();
+        find_cycle(
+            start,
+            &deps,
+            &mut state,
+            &mut path,
+            &mut |cycle: &[usize]| {
+                let mut key: Vec<usize> = cycle.to_vec();
+                key.sort();
+                if reported.insert(key) {
+                    let names: Vec<&str> = cycle
+                        .iter()
+                        .chain(cycle.first())
+                        .map(|&i| spec.stages[i].name.as_str())
+                        .collect();
+                    problems.push(Problem::at(
+                    format!("stages[{}] {}", cycle[0], spec.stages[cycle[0]].name),
+                    format!("inputs form a cycle: {}; a message must not come back to a stage it left, so remove one of these inputs", names.join(" -> ")),
+                ));
+                }
+            },
+        );
+    }
+}
+
+fn find_cycle(
+    node: usize,
+    deps: &dyn Fn(usize) -> Vec<usize>,
+    state: &mut [u8],
+    path: &mut Vec<usize>,
+    report: &mut dyn FnMut(&[usize]),
+) {
+    if state[node] == 2 {
+        return;
+    }
+    if state[node] == 1 {
+        if let Some(pos) = path.iter().position(|&n| n == node) {
+            report(&path[pos..]);
+        }
+        return;
+    }
+    state[node] = 1;
+    path.push(node);
+    for next in deps(node) {
+        find_cycle(next, deps, state, path, report);
+    }
+    path.pop();
+    state[node] = 2;
+}
+
+fn check_units(problems: &mut Vec<Problem>, pipeline: &str, topology: &Topology) {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for unit in &topology.units {
+        if let Some(other) = seen.insert(&unit.name, &unit.spec_path) {
+            problems.push(Problem::at(
+                &unit.spec_path,
+                format!(
+                    "this makes a unit named `{}`, as does {other}: rename one of them",
+                    unit.name
+                ),
+            ));
+        }
+        let object = format!("{pipeline}-{}", unit.name);
+        if object.len() > MAX_OBJECT_NAME {
+            problems.push(Problem::at(
+                &unit.spec_path,
+                format!(
+                    "its Deployment would be named `{object}` ({} characters, Kubernetes allows {MAX_OBJECT_NAME}): shorten the Pipeline's or the stage's name",
+                    object.len()
+                ),
+            ));
+        }
+        let images: BTreeSet<&str> = unit
+            .steps
+            .iter()
+            .filter_map(|s| s.image.as_deref())
+            .collect();
+        if images.len() > 1 {
+            problems.push(Problem::at(
+                &unit.spec_path,
+                format!(
+                    "its steps run in one process but ask for different images ({}): use one image, or make the stage that needs another one a switcher",
+                    images.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

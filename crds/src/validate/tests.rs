@@ -1,0 +1,333 @@
+use super::*;
+
+fn check(text: &str) -> Result<Topology, Vec<Problem>> {
+    let pipeline = parse_pipeline(text).map_err(|p| vec![p])?;
+    analyze(&pipeline)
+}
+
+fn problems(text: &str) -> Vec<String> {
+    match check(text) {
+        Ok(_) => Vec::new(),
+        Err(problems) => problems.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+fn assert_has(problems: &[String], path: &str, words: &str) {
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with(path) && p.contains(words)),
+        "expected a problem at `{path}` saying `{words}`, got:\n{}",
+        problems.join("\n")
+    );
+}
+
+const HEAD: &str = "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: p}\n";
+
+fn spec(body: &str) -> String {
+    format!("{HEAD}spec:\n{body}")
+}
+
+const SOURCE_AND_SINK: &str =
+    "  sources: [{name: src, generator: {count: 3}}]\n  sinks: [{name: out, log: {}}]\n";
+
+#[test]
+fn every_example_is_valid() {
+    for (name, text) in [
+        ("laundry", include_str!("../../../examples/laundry.yaml")),
+        (
+            "quadratic",
+            include_str!("../../../examples/quadratic.yaml"),
+        ),
+        (
+            "exec-python",
+            include_str!("../../../examples/exec-python.yaml"),
+        ),
+        (
+            "exec-ruby",
+            include_str!("../../../examples/exec-ruby.yaml"),
+        ),
+    ] {
+        if let Err(problems) = check(text) {
+            panic!("{name}: {problems:?}");
+        }
+    }
+}
+
+#[test]
+fn laundry_has_one_unit_per_top_level_stage() {
+    let topology = check(include_str!("../../../examples/laundry.yaml")).unwrap();
+    let units: Vec<(&str, Vec<&str>)> = topology
+        .units
+        .iter()
+        .map(|u| {
+            (
+                u.name.as_str(),
+                u.steps.iter().map(|s| s.path.as_str()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        units,
+        vec![
+            ("clothes", vec![]),
+            (
+                "person",
+                vec!["person > wear", "person > check-pockets", "person > basket"]
+            ),
+            ("machines", vec!["machines > wash", "machines > dry"]),
+            (
+                "another-person",
+                vec!["another-person > fold", "another-person > store"]
+            ),
+            ("closet", vec![]),
+        ]
+    );
+    let inputs = |name: &str| topology.unit(name).unwrap().inputs.clone();
+    assert_eq!(inputs("person"), vec!["clothes"]);
+    assert_eq!(inputs("machines"), vec!["person"]);
+    assert_eq!(inputs("closet"), vec!["another-person"]);
+    assert!(topology.unit("machines").unwrap().switcher.is_some());
+    // Settings of a step reach it from the step itself.
+    let wash = &topology.unit("machines").unwrap().steps[0];
+    assert_eq!(wash.timeout.as_deref(), Some("30s"));
+    assert_eq!(wash.retry.as_ref().map(|r| r.max_attempts), Some(5));
+}
+
+#[test]
+fn a_nested_switcher_splits_its_group() {
+    let text = spec(&format!(
+        "{SOURCE_AND_SINK}  stages:\n    - name: g\n      timeout: 2s\n      stages:\n        - {{name: a, passthrough: {{}}}}\n        - name: s\n          switcher: {{maxReplicas: 3}}\n          stages:\n            - {{name: b, sleep: 1ms}}\n        - {{name: c, jq: '.'}}\n"
+    ));
+    let topology = check(&text).unwrap();
+    let names: Vec<&str> = topology.units.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(names, vec!["src", "g", "g-s", "g-after-s", "out"]);
+    assert_eq!(topology.unit("g-s").unwrap().inputs, vec!["g"]);
+    assert_eq!(topology.unit("g-after-s").unwrap().inputs, vec!["g-s"]);
+    assert_eq!(topology.unit("out").unwrap().inputs, vec!["g-after-s"]);
+    assert_eq!(topology.unit("g-s").unwrap().steps[0].path, "g > s > b");
+    // The group's timeout is inherited by steps in every unit it was split into.
+    assert_eq!(
+        topology.unit("g-after-s").unwrap().steps[0]
+            .timeout
+            .as_deref(),
+        Some("2s")
+    );
+    assert_eq!(
+        topology
+            .unit("g-s")
+            .unwrap()
+            .switcher
+            .as_ref()
+            .map(|s| s.max_replicas),
+        Some(3)
+    );
+}
+
+#[test]
+fn fan_out_and_fan_in_resolve_to_units() {
+    let text = spec(
+        "  sources: [{name: a, generator: {count: 1}}, {name: b, generator: {count: 1}}]\n  stages:\n    - {name: both, passthrough: {}}\n    - {name: left, inputs: [both], jq: '.'}\n    - {name: right, inputs: [both], jq: '.'}\n    - {name: join, inputs: [left, right], passthrough: {}}\n  sinks: [{name: out, log: {}}, {name: raw, inputs: [a], log: {}}]\n",
+    );
+    let topology = check(&text).unwrap();
+    let inputs = |name: &str| topology.unit(name).unwrap().inputs.clone();
+    assert_eq!(inputs("both"), vec!["a", "b"]);
+    assert_eq!(inputs("left"), vec!["both"]);
+    assert_eq!(inputs("right"), vec!["both"]);
+    assert_eq!(inputs("join"), vec!["left", "right"]);
+    assert_eq!(inputs("out"), vec!["join"]);
+    assert_eq!(inputs("raw"), vec!["a"]);
+    let order: Vec<&str> = topology
+        .topological_order()
+        .iter()
+        .map(|u| u.name.as_str())
+        .collect();
+    assert!(order.iter().position(|n| *n == "join") > order.iter().position(|n| *n == "right"));
+}
+
+#[test]
+fn yaml_syntax_errors_give_the_line() {
+    let err = parse_pipeline(&format!("{HEAD}spec:\n  sources: [\n  stages: {{")).unwrap_err();
+    assert!(err.line.is_some(), "{err:?}");
+}
+
+#[test]
+fn type_errors_give_the_line() {
+    let text = spec("  sources:\n    - name: src\n      generator: {count: many}\n  stages: []\n");
+    let err = parse_pipeline(&text).unwrap_err();
+    assert_eq!(err.line, Some(7), "{err}");
+    assert!(err.message.contains("invalid type"), "{err}");
+}
+
+#[test]
+fn unknown_fields_are_errors_with_the_line() {
+    let text = spec(&format!(
+        "{SOURCE_AND_SINK}  stages:\n    - name: a\n      passthrough: {{}}\n      retires: 3\n"
+    ));
+    let err = parse_pipeline(&text).unwrap_err();
+    assert_eq!(err.line, Some(10), "{err}");
+    assert!(err.message.contains("retires"), "{err}");
+}
+
+#[test]
+fn wrong_kind_is_explained() {
+    let err = parse_pipeline("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n").unwrap_err();
+    assert!(err.message.contains("kind: Pipeline"), "{err}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_stage_path() {
+    let text = spec(
+        "  sources: [{name: src, generator: {count: 3}}]
+  sinks: [{name: out, log: {}}]
+  stages:
+    - name: a
+      stages:
+        - {name: ok, passthrough: {}}
+        - {name: nothing}
+        - {name: two, jq: '.', sleep: 5ms}
+        - {name: badjq, jq: '. + {'}
+        - {name: noexec, exec: {command: []}}
+        - {name: slow, sleep: five}
+        - {name: late, passthrough: {}, timeout: soon}
+    - name: machines
+      switcher: {minReplicas: 5, maxReplicas: 2}
+      stages:
+        - {name: wash, passthrough: {}}
+    - name: zero
+      switcher: {minReplicas: 0, maxReplicas: 0}
+      batch: {size: 0}
+      passthrough: {}
+    - name: Bad_Name
+      passthrough: {}
+    - name: a
+      passthrough: {}
+    - name: lost
+      inputs: [nowhere]
+      passthrough: {}
+",
+    );
+    let found = problems(&text);
+    assert_has(&found, "stages[0] a > stages[1] nothing", "no kind");
+    assert_has(&found, "stages[0] a > stages[2] two", "`jq` and `sleep`");
+    assert_has(&found, "stages[0] a > stages[3] badjq", "does not compile");
+    assert_has(
+        &found,
+        "stages[0] a > stages[4] noexec",
+        "exec.command is empty",
+    );
+    assert_has(&found, "stages[0] a > stages[5] slow", "not a duration");
+    assert_has(&found, "stages[0] a > stages[6] late", "timeout");
+    assert_has(
+        &found,
+        "stages[1] machines",
+        "minReplicas (5) is greater than maxReplicas (2)",
+    );
+    assert_has(&found, "stages[2] zero", "maxReplicas must be at least 1");
+    assert_has(&found, "stages[2] zero", "batch.size must be at least 1");
+    assert_has(&found, "stages[3] Bad_Name", "not a valid name");
+    assert_has(&found, "stages[4] a", "already used by stages[0] a");
+    assert_has(
+        &found,
+        "stages[5] lost",
+        "`nowhere`, which is no source or top-level stage",
+    );
+    assert!(found.len() >= 12, "{found:#?}");
+}
+
+#[test]
+fn duplicate_names_inside_a_group_are_found() {
+    let text = spec(&format!(
+        "{SOURCE_AND_SINK}  stages:\n    - name: g\n      stages:\n        - {{name: x, passthrough: {{}}}}\n        - {{name: x, passthrough: {{}}}}\n"
+    ));
+    assert_has(
+        &problems(&text),
+        "stages[0] g > stages[1] x",
+        "already named `x`",
+    );
+}
+
+#[test]
+fn cycles_are_found_and_named() {
+    let text = spec(&format!(
+        "{SOURCE_AND_SINK}  stages:\n    - {{name: a, inputs: [c], passthrough: {{}}}}\n    - {{name: b, inputs: [a], passthrough: {{}}}}\n    - {{name: c, inputs: [b], passthrough: {{}}}}\n"
+    ));
+    let found = problems(&text);
+    assert_has(&found, "stages[0] a", "cycle: a -> c -> b -> a");
+    assert_eq!(
+        found.iter().filter(|p| p.contains("cycle")).count(),
+        1,
+        "{found:?}"
+    );
+}
+
+#[test]
+fn a_stage_reading_itself_is_a_problem() {
+    let text = spec(&format!(
+        "{SOURCE_AND_SINK}  stages:\n    - {{name: a, inputs: [a], passthrough: {{}}}}\n"
+    ));
+    assert_has(&problems(&text), "stages[0] a", "names itself");
+}
+
+#[test]
+fn object_names_longer_than_kubernetes_allows_are_found() {
+    let long = "a".repeat(40);
+    let text = format!(
+        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: {long}}}\nspec:\n{SOURCE_AND_SINK}  stages:\n    - {{name: {long}, passthrough: {{}}}}\n"
+    );
+    assert_has(
+        &problems(&text),
+        &format!("stages[0] {long}"),
+        "Kubernetes allows 63",
+    );
+}
+
+#[test]
+fn units_made_by_splitting_must_not_clash_with_stages() {
+    let text = spec(&format!(
+        "{SOURCE_AND_SINK}  stages:\n    - name: g\n      stages:\n        - name: s\n          switcher: {{}}\n          passthrough: {{}}\n    - {{name: g-s, passthrough: {{}}}}\n"
+    ));
+    assert_has(&problems(&text), "stages[1] g-s", "unit named `g-s`");
+}
+
+#[test]
+fn sources_and_sinks_are_checked() {
+    let text = spec(
+        "  sources:\n    - {name: none}\n    - {name: t, timer: {interval: often}}\n    - {name: c, cron: {schedule: 'every day'}}\n  stages: [{name: a, passthrough: {}}]\n  sinks:\n    - {name: n, nats: {subject: 'a.*'}}\n    - {name: h, http: {url: 'ftp://x'}}\n    - {name: two, log: {}, file: {path: x}}\n",
+    );
+    let found = problems(&text);
+    assert_has(&found, "sources[0] none", "no kind");
+    assert_has(&found, "sources[1] t", "timer.interval");
+    assert_has(&found, "sources[2] c", "not a cron schedule");
+    assert_has(&found, "sinks[0] n", "not a subject");
+    assert_has(&found, "sinks[1] h", "http:// or https://");
+    assert_has(&found, "sinks[2] two", "`file` and `log`");
+}
+
+#[test]
+fn batch_and_concurrency_belong_to_units() {
+    let text = spec(&format!(
+        "{SOURCE_AND_SINK}  stages:\n    - name: g\n      stages:\n        - {{name: inner, passthrough: {{}}, batch: {{size: 3}}, concurrency: 2}}\n"
+    ));
+    let found = problems(&text);
+    assert_has(
+        &found,
+        "stages[0] g > stages[0] inner",
+        "batch works on a unit",
+    );
+    assert_has(
+        &found,
+        "stages[0] g > stages[0] inner",
+        "concurrency applies to a unit",
+    );
+}
+
+#[test]
+fn problems_print_with_line_then_path() {
+    let p = Problem {
+        path: "stages[0] a".into(),
+        message: "broken".into(),
+        line: Some(4),
+    };
+    assert_eq!(p.to_string(), "line 4: stages[0] a: broken");
+}
