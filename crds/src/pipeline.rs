@@ -129,7 +129,8 @@ pub struct TimerSource {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CronSource {
-    /// Five fields (minute hour day-of-month month day-of-week), evaluated in UTC.
+    /// Five fields (minute hour day-of-month month day-of-week), or six with seconds first; evaluated in
+    /// UTC.
     pub schedule: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<String>,

@@ -253,7 +253,7 @@ fn check_source(problems: &mut Vec<Problem>, path: &str, source: &Source) {
     if let Some(c) = &source.cron {
         kinds.push("cron");
         if let Err(e) = c.schedule.parse::<croner::Cron>() {
-            problems.push(Problem::at(path, format!("cron.schedule `{}` is not a cron schedule ({e}): use five fields, minute hour day-of-month month day-of-week, such as `*/5 * * * *`", c.schedule)));
+            problems.push(Problem::at(path, format!("cron.schedule `{}` is not a cron schedule ({e}): use five fields, minute hour day-of-month month day-of-week, such as `*/5 * * * *` (or six, with seconds first)", c.schedule)));
         }
     }
     if let Some(n) = &source.nats {

@@ -1,0 +1,148 @@
+//! Creates, updates and deletes what a Pipeline owns in NATS, exactly as its layout says. Used by
+//! `switchyard run`, by the operator, and by a stage process that finds its consumer missing.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer, kv, stream};
+use switchyard_crds::layout::NatsLayout;
+use switchyard_crds::unit::ConsumerConfig;
+
+/// The JetStream configuration of a unit's durable pull consumer.
+pub fn consumer_config(config: &ConsumerConfig) -> consumer::pull::Config {
+    let (filter_subject, filter_subjects) = match config.filter_subjects.as_slice() {
+        // One subject goes in the field every server version knows; several need NATS 2.10.
+        [one] => (one.clone(), Vec::new()),
+        many => (String::new(), many.to_vec()),
+    };
+    consumer::pull::Config {
+        durable_name: Some(config.durable.clone()),
+        description: Some("switchyard unit input".to_string()),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_millis(config.ack_wait_ms),
+        // Redelivery is never given up by the server: the runtime dead-letters a message that keeps
+        // coming back, with its headers, instead of the server silently dropping it.
+        max_deliver: -1,
+        max_ack_pending: config.max_ack_pending,
+        filter_subject,
+        filter_subjects,
+        ..Default::default()
+    }
+}
+
+fn stream_config(layout: &NatsLayout) -> anyhow::Result<stream::Config> {
+    let retention = match layout.stream.retention.as_str() {
+        "interest" => stream::RetentionPolicy::Interest,
+        "workqueue" => stream::RetentionPolicy::WorkQueue,
+        "limits" => stream::RetentionPolicy::Limits,
+        other => anyhow::bail!("unknown retention policy `{other}`"),
+    };
+    let storage = match layout.stream.storage.as_str() {
+        "file" => stream::StorageType::File,
+        "memory" => stream::StorageType::Memory,
+        other => anyhow::bail!("unknown storage type `{other}`"),
+    };
+    Ok(stream::Config {
+        name: layout.stream.name.clone(),
+        description: Some("switchyard pipeline data".to_string()),
+        subjects: layout.stream.subjects.clone(),
+        retention,
+        storage,
+        num_replicas: layout.stream.replicas as usize,
+        duplicate_window: Duration::from_millis(layout.stream.duplicate_window_ms),
+        ..Default::default()
+    })
+}
+
+/// Creates the stream, the checkpoint bucket and every consumer, or updates them in place.
+pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> anyhow::Result<()> {
+    let config = stream_config(layout)?;
+    js.create_or_update_stream(config)
+        .await
+        .with_context(|| format!("cannot create or update stream {}", layout.stream.name))?;
+    ensure_checkpoint_bucket(js, &layout.checkpoint_bucket).await?;
+    let stream = js
+        .get_stream(&layout.stream.name)
+        .await
+        .with_context(|| format!("cannot open stream {}", layout.stream.name))?;
+    for consumer in &layout.consumers {
+        stream
+            .create_consumer(consumer_config(consumer))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot create or update consumer {} on stream {}",
+                    consumer.durable, layout.stream.name
+                )
+            })?;
+    }
+    // Consumers of units that are no longer in the layout would keep interest in messages nobody reads.
+    let wanted: Vec<&str> = layout
+        .consumers
+        .iter()
+        .map(|c| c.durable.as_str())
+        .collect();
+    let mut names = stream.consumer_names();
+    let mut stale = Vec::new();
+    use futures::StreamExt;
+    while let Some(name) = names.next().await {
+        let name =
+            name.with_context(|| format!("cannot list consumers of {}", layout.stream.name))?;
+        if !wanted.contains(&name.as_str()) {
+            stale.push(name);
+        }
+    }
+    for name in stale {
+        stream
+            .delete_consumer(&name)
+            .await
+            .with_context(|| format!("cannot delete stale consumer {name}"))?;
+    }
+    Ok(())
+}
+
+async fn ensure_checkpoint_bucket(js: &jetstream::Context, bucket: &str) -> anyhow::Result<()> {
+    if js.get_key_value(bucket).await.is_ok() {
+        return Ok(());
+    }
+    js.create_key_value(kv::Config {
+        bucket: bucket.to_string(),
+        description: "switchyard source checkpoints".to_string(),
+        history: 1,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("cannot create key-value bucket {bucket}"))?;
+    Ok(())
+}
+
+/// Deletes the stream (with every message and consumer in it) and the checkpoint bucket. Deleting what
+/// is already gone is not an error.
+pub async fn delete(js: &jetstream::Context, layout: &NatsLayout) -> anyhow::Result<()> {
+    match js.delete_stream(&layout.stream.name).await {
+        Ok(_) => {}
+        Err(e) if is_not_found(&e.to_string()) => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot delete stream {}", layout.stream.name))
+        }
+    }
+    match js.delete_key_value(&layout.checkpoint_bucket).await {
+        Ok(_) => {}
+        Err(e) if is_not_found(&e.to_string()) => {}
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot delete key-value bucket {}",
+                    layout.checkpoint_bucket
+                )
+            })
+        }
+    }
+    Ok(())
+}
+
+fn is_not_found(text: &str) -> bool {
+    text.contains("not found") || text.contains("10059")
+}

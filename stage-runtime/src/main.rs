@@ -1,0 +1,117 @@
+//! `switchyard-stage`: runs one unit of a Pipeline from its unit configuration.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use switchyard_crds::unit::UnitConfig;
+use switchyard_stage::{run_unit, RunOptions};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Runs one unit of a Switchyard Pipeline: a source, a group of steps, or a sink.
+#[derive(Parser, Debug)]
+#[command(name = "switchyard-stage", version)]
+struct Args {
+    /// The unit's configuration (JSON), as `switchyard plan` and the operator write it.
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    config: PathBuf,
+    /// NATS server to use.
+    #[arg(
+        long,
+        env = "SWITCHYARD_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// NATS credentials file (.creds).
+    #[arg(long, env = "SWITCHYARD_NATS_CREDENTIALS")]
+    nats_credentials: Option<PathBuf>,
+    /// Name of this replica in reports (default: the host name, or the process id).
+    #[arg(long, env = "SWITCHYARD_REPLICA")]
+    replica: Option<String>,
+    /// Exit once a finite source has published everything (local mode).
+    #[arg(long)]
+    exit_when_done: bool,
+    /// Log format.
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.config).with_context(|| {
+        format!(
+            "cannot read the unit configuration {}",
+            args.config.display()
+        )
+    })?;
+    let config: UnitConfig = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a unit configuration; it is written by `switchyard plan` or the operator",
+            args.config.display()
+        )
+    })?;
+    let replica = args
+        .replica
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| std::process::id().to_string());
+    let span = tracing::info_span!("unit", unit = %config.unit);
+    let _entered = span.enter();
+    tracing::info!(pipeline = %config.pipeline, replica = %replica, "starting");
+
+    let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("stopping: finishing the messages in flight");
+        let _ = shutdown_tx.send(true);
+    });
+    let options = RunOptions {
+        nats_url: args.nats_url,
+        credentials: args.nats_credentials,
+        replica,
+        exit_when_done: args.exit_when_done,
+    };
+    run_unit(config, options, shutdown).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

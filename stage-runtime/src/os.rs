@@ -1,0 +1,18 @@
+//! Process plumbing.
+
+/// Asks the kernel to stop `command`'s process when the process that started it dies, even by
+/// SIGKILL, so that no handler or stage process outlives its parent.
+pub fn die_with_parent(command: &mut tokio::process::Command) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl is async-signal-safe, which is all that is allowed between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
+}

@@ -1,0 +1,375 @@
+//! The exec step: a long-lived child process speaking the line protocol.
+//!
+//! For each message the runtime writes `{"id": "...", "data": <message>, "headers": {...}}` on the
+//! child's stdin; the child answers, in any order, `{"id": "...", "outputs": [...]}` or
+//! `{"id": "...", "error": "why"}` on its stdout. A child that exits is restarted, and the messages it
+//! held fail with `child_exited`, so they are tried again on the new child.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::StepError;
+use crate::lineage::Lineage;
+use crate::payload::Payload;
+
+type Reply = Result<Vec<Payload>, StepError>;
+
+pub struct ExecStep {
+    shared: Arc<Shared>,
+    /// The current child's stdin, or None while it is being (re)started.
+    writer: watch::Receiver<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+struct Shared {
+    path: String,
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    stopping: AtomicBool,
+}
+
+/// Exit within this long after a start counts as failing to start, and backs off.
+const HEALTHY_AFTER: Duration = Duration::from_secs(2);
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(10);
+
+impl ExecStep {
+    pub fn start(
+        path: &str,
+        command: &[String],
+        env: &[(String, String)],
+    ) -> anyhow::Result<ExecStep> {
+        if command.is_empty() {
+            anyhow::bail!("step {path}: exec.command is empty");
+        }
+        let shared = Arc::new(Shared {
+            path: path.to_string(),
+            command: command.to_vec(),
+            env: env.to_vec(),
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+        });
+        let (writer_tx, writer) = watch::channel(None);
+        let supervisor = tokio::spawn(supervise(shared.clone(), writer_tx));
+        Ok(ExecStep {
+            shared,
+            writer,
+            supervisor: Mutex::new(Some(supervisor)),
+        })
+    }
+
+    pub async fn call(&self, item: &Payload, lineage: &Lineage) -> Reply {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let line = request_line(id, item, lineage);
+        let mut writer = self.writer.clone();
+        let stdin = match writer.wait_for(|w| w.is_some()).await {
+            Ok(w) => w.clone(),
+            Err(_) => return Err(child_exited("the handler was stopped")),
+        };
+        let Some(stdin) = stdin else {
+            return Err(child_exited("the handler was stopped"));
+        };
+        let (tx, rx) = oneshot::channel();
+        // Register before sending: when the child dies, everything registered is failed after its
+        // stdin is gone, so a request is either answered, failed, or refused by `send` below.
+        lock(&self.shared.pending).insert(id, tx);
+        if stdin.send(line).is_err() {
+            lock(&self.shared.pending).remove(&id);
+            return Err(child_exited("the handler exited"));
+        }
+        let _guard = ForgetOnDrop {
+            pending: &self.shared.pending,
+            id,
+        };
+        match rx.await {
+            Ok(reply) => reply,
+            Err(_) => Err(child_exited("the handler exited")),
+        }
+    }
+
+    /// Stops the child, once no message needs it any more.
+    pub async fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let handle = lock(&self.supervisor).take();
+        if let Some(handle) = handle {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+}
+
+/// A call abandoned (by its timeout) leaves no entry behind; a late answer is then ignored.
+struct ForgetOnDrop<'a> {
+    pending: &'a Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    id: u64,
+}
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        lock(self.pending).remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; carry on with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn child_exited(message: &str) -> StepError {
+    StepError {
+        message: message.to_string(),
+        retryable: true,
+        child_exited: true,
+    }
+}
+
+fn request_line(id: u64, item: &Payload, lineage: &Lineage) -> Vec<u8> {
+    let mut line = Vec::with_capacity(256);
+    line.extend_from_slice(b"{\"id\":\"");
+    line.extend_from_slice(id.to_string().as_bytes());
+    line.extend_from_slice(b"\",\"data\":");
+    item.write_as_json(&mut line);
+    line.extend_from_slice(b",\"headers\":{");
+    let mut first = true;
+    let mut field = |name: &str, value: &str| {
+        if !first {
+            line.push(b',');
+        }
+        first = false;
+        let _ = serde_json::to_writer(&mut line, name);
+        line.push(b':');
+        let _ = serde_json::to_writer(&mut line, value);
+    };
+    use switchyard_crds::unit::headers;
+    field(headers::MSG_ID, &lineage.id);
+    field(headers::ORIGIN, &lineage.origin);
+    field(headers::ORIGIN_SEQ, &lineage.origin_seq);
+    field(headers::PATH, &lineage.path);
+    if let Some(t) = &lineage.traceparent {
+        field(headers::TRACEPARENT, t);
+    }
+    if let Some(t) = &lineage.tracestate {
+        field(headers::TRACESTATE, t);
+    }
+    line.extend_from_slice(b"}}\n");
+    line
+}
+
+#[derive(Deserialize)]
+struct ReplyLine<'a> {
+    #[serde(borrow)]
+    id: IdField<'a>,
+    #[serde(default, borrow)]
+    outputs: Option<Vec<&'a RawValue>>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+/// Handlers echo the id they were given; accept it back as a string or as a number.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IdField<'a> {
+    Text(&'a str),
+    Owned(String),
+    Number(u64),
+}
+
+impl IdField<'_> {
+    fn number(&self) -> Option<u64> {
+        match self {
+            IdField::Text(t) => t.parse().ok(),
+            IdField::Owned(t) => t.parse().ok(),
+            IdField::Number(n) => Some(*n),
+        }
+    }
+}
+
+async fn supervise(
+    shared: Arc<Shared>,
+    writer_tx: watch::Sender<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        match spawn_child(&shared) {
+            Ok(mut child) => {
+                let pid = child.id().unwrap_or_default();
+                tracing::info!(step = %shared.path, pid, command = ?shared.command, "handler started");
+                let status = run_child(&shared, &mut child, &writer_tx).await;
+                if shared.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                tracing::warn!(step = %shared.path, pid, status = %status, "handler exited; restarting it, and retrying the messages it held");
+            }
+            Err(e) => {
+                tracing::error!(step = %shared.path, command = ?shared.command, "cannot start the handler: {e}; is the program installed and on PATH, and is the working directory right?");
+            }
+        }
+        fail_pending(&shared);
+        if started.elapsed() > HEALTHY_AFTER {
+            delay = Duration::from_millis(100);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(MAX_RESTART_DELAY);
+    }
+}
+
+fn spawn_child(shared: &Shared) -> std::io::Result<Child> {
+    let mut command = Command::new(&shared.command[0]);
+    command
+        .args(&shared.command[1..])
+        .envs(shared.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    crate::os::die_with_parent(&mut command);
+    command.spawn()
+}
+
+/// Feeds the child and reads its answers until it exits; returns how it ended.
+async fn run_child(
+    shared: &Arc<Shared>,
+    child: &mut Child,
+    writer_tx: &watch::Sender<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+) -> String {
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return "its pipes could not be opened".to_string();
+    };
+    let (line_tx, mut line_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(async move {
+        let mut stdin = BufWriter::new(stdin);
+        while let Some(line) = line_rx.recv().await {
+            if stdin.write_all(&line).await.is_err() {
+                return;
+            }
+            // Write what else is queued before flushing: one syscall for a burst of messages.
+            while let Ok(line) = line_rx.try_recv() {
+                if stdin.write_all(&line).await.is_err() {
+                    return;
+                }
+            }
+            if stdin.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    writer_tx.send_replace(Some(line_tx));
+
+    let mut lines = BufReader::new(stdout).split(b'\n');
+    let mut complaints = 0u32;
+    while let Ok(Some(line)) = lines.next_segment().await {
+        dispatch(shared, &line, &mut complaints);
+    }
+    // Refuse new requests first, then fail the ones in flight: see `ExecStep::call`.
+    writer_tx.send_replace(None);
+    writer.abort();
+    let _ = writer.await;
+    match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        Ok(Ok(status)) => status.to_string(),
+        Ok(Err(e)) => format!("unknown ({e})"),
+        Err(_) => {
+            let _ = child.kill().await;
+            "closed its stdout; stopped it".to_string()
+        }
+    }
+}
+
+fn dispatch(shared: &Shared, line: &[u8], complaints: &mut u32) {
+    let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
+    if trimmed.iter().all(u8::is_ascii_whitespace) {
+        return;
+    }
+    let reply: ReplyLine = match serde_json::from_slice(trimmed) {
+        Ok(r) => r,
+        Err(e) => {
+            complain(
+                shared,
+                complaints,
+                trimmed,
+                &format!("it is not a reply ({e})"),
+            );
+            return;
+        }
+    };
+    let Some(id) = reply.id.number() else {
+        complain(
+            shared,
+            complaints,
+            trimmed,
+            "its id is not one the runtime sent",
+        );
+        return;
+    };
+    let result = match (reply.outputs, reply.error) {
+        (_, Some(error)) => Err(StepError::transient(match error {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        })),
+        (Some(outputs), None) => Ok(outputs
+            .into_iter()
+            .map(|raw| Payload::Bytes(Bytes::copy_from_slice(raw.get().as_bytes())))
+            .collect()),
+        (None, None) => {
+            complain(
+                shared,
+                complaints,
+                trimmed,
+                "it has neither `outputs` nor `error`",
+            );
+            Err(StepError::transient(
+                "the handler answered with neither `outputs` nor `error`",
+            ))
+        }
+    };
+    if let Some(tx) = lock(&shared.pending).remove(&id) {
+        let _ = tx.send(result);
+    }
+}
+
+/// Handlers sometimes print debugging output on stdout; say what is wrong without flooding the log.
+fn complain(shared: &Shared, complaints: &mut u32, line: &[u8], why: &str) {
+    *complaints += 1;
+    if *complaints <= 5 || complaints.is_power_of_two() {
+        let shown: String = String::from_utf8_lossy(line).chars().take(200).collect();
+        tracing::warn!(step = %shared.path, "ignoring a line from the handler: {why}: `{shown}`; a handler answers each request with one JSON line {{\"id\": ..., \"outputs\": [...]}} or {{\"id\": ..., \"error\": \"...\"}} and writes its own logs to stderr");
+    }
+}
+
+fn fail_pending(shared: &Shared) {
+    let drained: Vec<_> = lock(&shared.pending).drain().collect();
+    for (_, tx) in drained {
+        let _ = tx.send(Err(child_exited("the handler exited while working on it")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_embed_json_and_quote_the_rest() {
+        let l = Lineage::at_source("s", "1".into(), "s:1".into());
+        let line = request_line(7, &Payload::Bytes(r#"{"a":1}"#.into()), &l);
+        let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(parsed["id"], "7");
+        assert_eq!(parsed["data"]["a"], 1);
+        assert_eq!(parsed["headers"]["Switchyard-Origin"], "s");
+        assert!(line.ends_with(b"}\n"));
+        let line = request_line(8, &Payload::Bytes("plain text".into()), &l);
+        let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(parsed["data"], "plain text");
+    }
+}

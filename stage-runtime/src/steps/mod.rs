@@ -1,0 +1,272 @@
+//! The steps of a unit, run in-process in flow order, each with its timeout and retry policy.
+
+mod exec;
+mod http;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use switchyard_crds::jq::JqFilter;
+use switchyard_crds::unit::{RetryConfig, StepConfig, StepKind};
+
+use crate::lineage::Lineage;
+use crate::payload::Payload;
+
+pub use exec::ExecStep;
+pub use http::{http_client, parse_headers, post, HttpStep};
+
+/// Why one attempt of a step failed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepError {
+    pub message: String,
+    /// Worth another attempt: the same input might succeed later (a handler's error, a 503), unlike a
+    /// jq error on the same JSON.
+    pub retryable: bool,
+    /// The exec child died while it held the message: the message is not to blame, so this does not use
+    /// up an attempt.
+    pub child_exited: bool,
+}
+
+impl StepError {
+    pub fn permanent(message: impl Into<String>) -> StepError {
+        StepError {
+            message: message.into(),
+            retryable: false,
+            child_exited: false,
+        }
+    }
+
+    pub fn transient(message: impl Into<String>) -> StepError {
+        StepError {
+            message: message.into(),
+            retryable: true,
+            child_exited: false,
+        }
+    }
+}
+
+/// An item that failed for good at a step: it goes to the dead-letter subject.
+#[derive(Debug)]
+pub struct Failure {
+    pub item: Payload,
+    pub error: String,
+    pub attempts: u32,
+}
+
+/// How often a message whose exec child died under it is tried again on the restarted child before it
+/// counts as a failed attempt: a message that kills its handler every time must not loop forever.
+const CHILD_EXIT_RETRIES: u32 = 3;
+
+pub struct Step {
+    /// `machines > wash`, for logs and dead-letter headers.
+    pub path: String,
+    timeout: Option<Duration>,
+    retry: RetryConfig,
+    runner: Runner,
+}
+
+enum Runner {
+    Jq(JqFilter),
+    Exec(ExecStep),
+    Http(HttpStep),
+    Sleep(Duration),
+    Passthrough,
+}
+
+impl Step {
+    pub fn build(config: &StepConfig, http: &reqwest::Client) -> anyhow::Result<Step> {
+        let runner = match &config.kind {
+            StepKind::Jq { filter } => Runner::Jq(
+                JqFilter::compile(filter)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| {
+                        format!("step {}: the jq filter does not compile", config.path)
+                    })?,
+            ),
+            StepKind::Exec { command, env } => {
+                Runner::Exec(ExecStep::start(&config.path, command, env)?)
+            }
+            StepKind::Http { url, headers } => {
+                Runner::Http(HttpStep::new(http.clone(), url, headers)?)
+            }
+            StepKind::Sleep { ms } => Runner::Sleep(Duration::from_millis(*ms)),
+            StepKind::Passthrough => Runner::Passthrough,
+        };
+        Ok(Step {
+            path: config.path.clone(),
+            timeout: config.timeout_ms.map(Duration::from_millis),
+            retry: config.retry,
+            runner,
+        })
+    }
+
+    /// Runs the step on one item with its timeout, retrying as its policy says.
+    pub async fn run(&self, item: Payload, lineage: &Lineage) -> Result<Vec<Payload>, Failure> {
+        let mut attempt = 1;
+        let mut child_exits = 0;
+        loop {
+            let result = match self.timeout {
+                None => self.run_once(item.clone(), lineage).await,
+                Some(limit) => tokio::time::timeout(limit, self.run_once(item.clone(), lineage))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StepError::transient(format!(
+                            "timed out after {}",
+                            humanize(limit)
+                        )))
+                    }),
+            };
+            let error = match result {
+                Ok(outputs) => return Ok(outputs),
+                Err(e) => e,
+            };
+            if error.child_exited && child_exits < CHILD_EXIT_RETRIES {
+                child_exits += 1;
+                tracing::debug!(step = %self.path, "handler exited while holding a message; trying it again");
+                continue;
+            }
+            if error.retryable && attempt < self.retry.max_attempts {
+                let delay = self.retry.delay_after(attempt);
+                tracing::debug!(step = %self.path, attempt, error = %error.message, ?delay, "step failed; retrying");
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+                continue;
+            }
+            return Err(Failure {
+                item,
+                error: error.message,
+                attempts: attempt,
+            });
+        }
+    }
+
+    async fn run_once(&self, item: Payload, lineage: &Lineage) -> Result<Vec<Payload>, StepError> {
+        match &self.runner {
+            Runner::Passthrough => Ok(vec![item]),
+            Runner::Sleep(d) => {
+                tokio::time::sleep(*d).await;
+                Ok(vec![item])
+            }
+            Runner::Jq(filter) => {
+                let input = item.into_json().map_err(StepError::permanent)?;
+                let outputs = filter.run(input).map_err(StepError::permanent)?;
+                Ok(outputs.into_iter().map(Payload::Json).collect())
+            }
+            Runner::Exec(exec) => exec.call(&item, lineage).await,
+            Runner::Http(http) => http.call(item, lineage).await,
+        }
+    }
+
+    /// Stops what the step runs beside the unit (an exec child) once no more messages will come.
+    pub async fn shutdown(&self) {
+        if let Runner::Exec(exec) = &self.runner {
+            exec.shutdown().await;
+        }
+    }
+}
+
+/// `1.5s`, `250ms`: short and exact enough for error messages.
+fn humanize(d: Duration) -> String {
+    if d.as_millis() < 1000 {
+        format!("{}ms", d.as_millis())
+    } else if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(kind: StepKind, timeout_ms: Option<u64>, max_attempts: u32) -> Step {
+        Step::build(
+            &StepConfig {
+                path: "u > s".into(),
+                kind,
+                timeout_ms,
+                retry: RetryConfig {
+                    max_attempts,
+                    backoff_ms: 1,
+                    max_backoff_ms: 5,
+                },
+            },
+            &http_client().unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn lineage() -> Lineage {
+        Lineage::at_source("s", "1".into(), "s:1".into())
+    }
+
+    fn text(outputs: Vec<Payload>) -> Vec<String> {
+        outputs
+            .into_iter()
+            .map(|p| String::from_utf8(p.into_bytes().to_vec()).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn jq_gives_zero_one_or_many_outputs() {
+        let s = step(
+            StepKind::Jq {
+                filter: ".[] | select(. > 1)".into(),
+            },
+            None,
+            1,
+        );
+        let out = s
+            .run(Payload::Bytes("[1,2,3]".into()), &lineage())
+            .await
+            .unwrap();
+        assert_eq!(text(out), vec!["2", "3"]);
+        let out = s
+            .run(Payload::Bytes("[0]".into()), &lineage())
+            .await
+            .unwrap();
+        assert!(out.is_empty());
+    }
+
+    #[tokio::test]
+    async fn jq_errors_are_not_retried() {
+        let s = step(
+            StepKind::Jq {
+                filter: ".a".into(),
+            },
+            None,
+            5,
+        );
+        let failure = s
+            .run(Payload::Bytes("not json".into()), &lineage())
+            .await
+            .unwrap_err();
+        assert_eq!(failure.attempts, 1);
+        assert!(failure.error.contains("not JSON"), "{}", failure.error);
+    }
+
+    #[tokio::test]
+    async fn a_step_that_takes_too_long_times_out_on_every_attempt() {
+        let s = step(StepKind::Sleep { ms: 200 }, Some(20), 3);
+        let started = std::time::Instant::now();
+        let failure = s
+            .run(Payload::Bytes("1".into()), &lineage())
+            .await
+            .unwrap_err();
+        assert_eq!(failure.attempts, 3);
+        assert_eq!(failure.error, "timed out after 20ms");
+        assert!(started.elapsed() < Duration::from_millis(190));
+    }
+
+    #[tokio::test]
+    async fn passthrough_and_sleep_keep_the_message() {
+        for kind in [StepKind::Passthrough, StepKind::Sleep { ms: 1 }] {
+            let out = step(kind, None, 1)
+                .run(Payload::Bytes("x".into()), &lineage())
+                .await
+                .unwrap();
+            assert_eq!(text(out), vec!["x"]);
+        }
+    }
+}

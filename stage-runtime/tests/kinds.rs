@@ -1,0 +1,322 @@
+//! Every step kind, source and sink, against a real nats-server.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{handler, harness, json_lines};
+use futures::StreamExt;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A local HTTP server that answers POST / with the JSON body plus `{"viaHttp": true}` and remembers
+/// every body it got.
+async fn http_server() -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::post(
+                |axum::extract::State(seen): axum::extract::State<Arc<Mutex<Vec<String>>>>,
+                 body: String| async move {
+                    seen.lock().unwrap().push(body.clone());
+                    let mut value: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    value["viaHttp"] = true.into();
+                    value.to_string()
+                },
+            ),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_step_kind_runs_in_one_group() {
+    let (url, _) = http_server().await;
+    let yaml = format!(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: kinds}}
+spec:
+  sources: [{{name: src, generator: {{count: 50, payload: '{{"n": {{{{seq}}}}}}'}}}}]
+  stages:
+    - name: all
+      stages:
+        - {{name: double, jq: '. + {{doubled: (.n * 2)}}'}}
+        - {{name: tag, exec: {{command: ["python3", "{{dir}}/tag.py"]}}}}
+        - {{name: web, http: {{url: "{url}"}}}}
+        - {{name: pause, sleep: 1ms}}
+        - {{name: keep, passthrough: {{}}}}
+  sinks: [{{name: out, file: {{path: "{{dir}}/out.jsonl"}}}}]
+"#
+    );
+    let mut h = harness(&yaml).await;
+    handler(
+        &h,
+        "tag.py",
+        "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    print(json.dumps({'id': m['id'], 'outputs': [dict(m['data'], tagged=m['headers']['Switchyard-Origin'])]}), flush=True)\n",
+    );
+    h.start_all();
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 50, LIMIT).await;
+    let mut values = json_lines(&lines);
+    values.sort_by_key(|v| v["n"].as_u64());
+    for (i, v) in values.iter().enumerate() {
+        let n = i as u64 + 1;
+        assert_eq!(v["n"], n);
+        assert_eq!(v["doubled"], n * 2);
+        assert_eq!(v["tagged"], "src");
+        assert_eq!(v["viaHttp"], true);
+    }
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    assert_eq!(lines.len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_source_reads_every_line_of_every_file_in_a_folder() {
+    let yaml = r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {name: files}
+spec:
+  sources: [{name: src, file: {path: "{dir}/in"}}]
+  stages: [{name: copy, passthrough: {}}]
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#;
+    let mut h = harness(yaml).await;
+    std::fs::create_dir(h.path("in")).unwrap();
+    std::fs::write(
+        h.path("in/a.jsonl"),
+        "{\"f\":\"a\",\"l\":1}\n\n{\"f\":\"a\",\"l\":3}\r\n",
+    )
+    .unwrap();
+    std::fs::write(
+        h.path("in/b.jsonl"),
+        "{\"f\":\"b\",\"l\":1}\n{\"f\":\"b\",\"l\":2}",
+    )
+    .unwrap();
+    std::fs::write(h.path("in/.hidden"), "{\"f\":\"hidden\"}\n").unwrap();
+    h.start_all();
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 4, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    let mut got: Vec<String> = json_lines(&lines)
+        .iter()
+        .map(|v| format!("{}{}", v["f"].as_str().unwrap(), v["l"]))
+        .collect();
+    got.sort();
+    assert_eq!(got, vec!["a1", "a3", "b1", "b2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generator_resumes_from_its_checkpoint_without_duplicates() {
+    let yaml = r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {name: resume}
+spec:
+  sources: [{name: src, generator: {count: 400, ratePerSecond: 400}}]
+  stages: [{name: copy, passthrough: {}}]
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#;
+    let mut h = harness(yaml).await;
+    h.start("copy");
+    h.start("out");
+    // Kill the generator's process partway; the restarted one continues from its checkpoint.
+    let first = h.spawn("src", "first");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    unsafe {
+        libc::kill(first as i32, libc::SIGKILL);
+    }
+    h.spawn("src", "second");
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 400, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    let log = h.log_of("src", "second");
+    let published: u64 = log
+        .split("published=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in the second generator's log:\n{log}"));
+    assert!(
+        published < 400,
+        "the second generator started over: {published} published"
+    );
+    let mut seqs: Vec<u64> = json_lines(&lines)
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort();
+    assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timer_and_cron_sources_tick() {
+    let yaml = r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {name: ticks}
+spec:
+  sources:
+    - {name: timer, timer: {interval: 100ms, payload: '{"tick": {{seq}}}'}}
+    - {name: cron, cron: {schedule: '* * * * * *'}}
+  stages: [{name: copy, passthrough: {}}]
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#;
+    let mut h = harness(yaml).await;
+    h.start_all();
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    h.stop().await;
+    let text = std::fs::read_to_string(h.path("out.jsonl")).unwrap();
+    let values = json_lines(&text.lines().map(str::to_string).collect::<Vec<_>>());
+    let ticks: Vec<u64> = values.iter().filter_map(|v| v["tick"].as_u64()).collect();
+    let cron = values.iter().filter(|v| v.get("seq").is_some()).count();
+    assert!(ticks.len() >= 15, "timer ticks: {ticks:?}");
+    let mut sorted = ticks.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), ticks.len(), "a tick came twice: {ticks:?}");
+    assert!((1..=3).contains(&cron), "cron fired {cron} times in 2.3s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_and_nats_sources_store_before_they_answer() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let yaml = format!(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: ingest}}
+spec:
+  sources:
+    - {{name: web, http: {{port: {port}, path: /ingest}}}}
+    - {{name: bus, nats: {{subject: orders.created}}}}
+  stages: [{{name: copy, passthrough: {{}}}}]
+  sinks: [{{name: out, file: {{path: "{{dir}}/out.jsonl"}}}}]
+"#
+    );
+    let mut h = harness(&yaml).await;
+    h.start_all();
+    let client = switchyard_stage::steps::http_client().unwrap();
+    let url = format!("http://127.0.0.1:{port}/ingest");
+    let mut posted = 0;
+    for i in 0..3 {
+        for attempt in 0.. {
+            match client
+                .post(&url)
+                .header(
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                )
+                .body(format!("{{\"via\": \"http\", \"i\": {i}}}"))
+                .send()
+                .await
+            {
+                Ok(r) => {
+                    assert_eq!(r.status(), 202);
+                    posted += 1;
+                    break;
+                }
+                Err(_) if attempt < 50 => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    assert_eq!(posted, 3);
+    // The NATS source's subscription may not be up yet: retry the request until it answers.
+    let mut stored = 0;
+    for i in 0..2 {
+        for attempt in 0.. {
+            let reply = tokio::time::timeout(
+                Duration::from_secs(2),
+                h.client.request(
+                    "orders.created",
+                    format!("{{\"via\": \"nats\", \"i\": {i}}}").into(),
+                ),
+            )
+            .await;
+            match reply {
+                Ok(Ok(m)) => {
+                    assert_eq!(&m.payload[..], b"{\"stored\":true}");
+                    stored += 1;
+                    break;
+                }
+                _ if attempt < 50 => tokio::time::sleep(Duration::from_millis(100)).await,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(stored, 2);
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 5, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    let values = json_lines(&lines);
+    assert_eq!(values.iter().filter(|v| v["via"] == "http").count(), 3);
+    assert_eq!(values.iter().filter(|v| v["via"] == "nats").count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_nats_and_http_sinks_deliver_every_message() {
+    let (url, seen) = http_server().await;
+    let yaml = format!(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: sinks}}
+spec:
+  sources: [{{name: src, generator: {{count: 20}}}}]
+  stages: [{{name: copy, passthrough: {{}}}}]
+  sinks:
+    - {{name: printed, log: {{}}}}
+    - {{name: bus, nats: {{subject: results.out}}}}
+    - {{name: web, http: {{url: "{url}"}}}}
+"#
+    );
+    let mut h = harness(&yaml).await;
+    let mut results = h.client.subscribe("results.out").await.unwrap();
+    h.client.flush().await.unwrap();
+    for unit in ["copy", "bus", "web"] {
+        h.start(unit);
+    }
+    // The log sink prints to its process's stdout: run it as a process to read that.
+    h.spawn("printed", "p");
+    h.start("src");
+    let mut from_nats = Vec::new();
+    while from_nats.len() < 20 {
+        let m = tokio::time::timeout(LIMIT, results.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let origin = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Switchyard-Origin"))
+            .map(|v| v.as_str().to_string());
+        assert_eq!(origin.as_deref(), Some("src"));
+        from_nats.push(String::from_utf8(m.payload.to_vec()).unwrap());
+    }
+    h.wait_until_drained(LIMIT).await;
+    assert_eq!(seen.lock().unwrap().len(), 20);
+    h.stop().await;
+    assert_eq!(from_nats.len(), 20);
+    let printed: Vec<String> = h
+        .output_of("printed", "p")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut seqs: Vec<u64> = json_lines(&printed)
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+}
