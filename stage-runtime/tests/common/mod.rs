@@ -118,6 +118,11 @@ impl Harness {
         pid
     }
 
+    /// Takes a spawned process out of the harness's care, to stop it by hand.
+    pub fn take_process(&mut self, index: usize) -> Child {
+        self.processes.remove(index)
+    }
+
     /// What a unit's process printed on stdout.
     pub fn output_of(&self, unit: &str, replica: &str) -> String {
         std::fs::read_to_string(self.path(&format!("{unit}-{replica}.out"))).unwrap_or_default()
@@ -206,17 +211,26 @@ impl Harness {
         found
     }
 
-    /// Collects stats reports of `unit` for `during`: the last report of every replica.
-    pub async fn stats_of(&self, unit: &str, during: Duration) -> BTreeMap<String, StatsReport> {
-        let subject = self.config(unit).stats_subject;
-        let mut sub = self.client.subscribe(subject).await.unwrap();
-        let mut reports = BTreeMap::new();
-        let deadline = tokio::time::Instant::now() + during;
-        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
-            if let Ok(r) = serde_json::from_slice::<StatsReport>(&m.payload) {
-                reports.insert(r.replica.clone(), r);
+    /// Keeps the latest stats report of every replica of `unit`, from now on.
+    pub async fn watch_stats(
+        &self,
+        unit: &str,
+    ) -> std::sync::Arc<std::sync::Mutex<BTreeMap<String, StatsReport>>> {
+        let reports = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let mut sub = self
+            .client
+            .subscribe(self.config(unit).stats_subject)
+            .await
+            .unwrap();
+        self.client.flush().await.unwrap();
+        let sink = reports.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                if let Ok(r) = serde_json::from_slice::<StatsReport>(&m.payload) {
+                    sink.lock().unwrap().insert(r.replica.clone(), r);
+                }
             }
-        }
+        });
         reports
     }
 

@@ -1,0 +1,417 @@
+//! Delivery guarantees against a real nats-server: retries, dead letters, timeouts, crashes, replicas,
+//! fan-out and fan-in, batches, graceful shutdown, tracing headers.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{handler, harness, header, json_lines, terminate};
+use futures::StreamExt;
+use switchyard_crds::unit::headers;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn pipeline(name: &str, body: &str) -> String {
+    format!("apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: {name}}}\nspec:\n{body}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_step_is_retried_until_it_succeeds() {
+    let mut h = harness(&pipeline(
+        "retry",
+        r#"  sources: [{name: src, generator: {count: 30}}]
+  stages:
+    - name: flaky
+      exec: {command: ["python3", "{dir}/flaky.py"]}
+      retry: {maxAttempts: 3, backoff: 10ms}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    // Fails the first attempt of every message, succeeds on the second.
+    handler(
+        &h,
+        "flaky.py",
+        "import json, sys\nseen = set()\nfor line in sys.stdin:\n    m = json.loads(line)\n    n = m['data']['seq']\n    if n in seen:\n        print(json.dumps({'id': m['id'], 'outputs': [m['data']]}), flush=True)\n    else:\n        seen.add(n)\n        print(json.dumps({'id': m['id'], 'error': 'not yet'}), flush=True)\n",
+    );
+    let stats = h.watch_stats("flaky").await;
+    h.start_all();
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 30, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    let seqs: BTreeSet<u64> = json_lines(&lines)
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=30).collect());
+    assert_eq!(lines.len(), 30);
+    let dead: u64 = stats
+        .lock()
+        .unwrap()
+        .values()
+        .map(|r| r.dead_lettered)
+        .sum();
+    assert_eq!(dead, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_exhausted_send_the_message_to_the_dead_letter_subject_with_headers() {
+    let mut h = harness(&pipeline(
+        "dlq",
+        r#"  sources: [{name: src, generator: {count: 20}}]
+  stages:
+    - name: work
+      stages:
+        - name: check
+          exec: {command: ["python3", "{dir}/check.py"]}
+          retry: {maxAttempts: 3, backoff: 5ms}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    handler(
+        &h,
+        "check.py",
+        "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    n = m['data']['seq']\n    with open('{dir}/calls', 'a') as f:\n        f.write(f'{n}\\n')\n    if n % 5 == 0:\n        print(json.dumps({'id': m['id'], 'error': f'{n} is bad\\nreally'}), flush=True)\n    else:\n        print(json.dumps({'id': m['id'], 'outputs': [m['data']]}), flush=True)\n"
+            .replace("{dir}", &h.dir.path().display().to_string())
+            .as_str(),
+    );
+    h.start_all();
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 16, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    let dead = h.dead_letters(4).await;
+    h.stop().await;
+    assert_eq!(lines.len(), 16);
+    assert_eq!(dead.len(), 4);
+    let mut bad = Vec::new();
+    for m in &dead {
+        let n: u64 = header(m, headers::ORIGIN_SEQ).parse().unwrap();
+        bad.push(n);
+        assert_eq!(header(m, headers::ERROR), format!("{n} is bad really"));
+        assert_eq!(header(m, headers::FAILED_STAGE), "work > check");
+        assert_eq!(header(m, headers::FAILED_UNIT), "work");
+        assert_eq!(header(m, headers::ATTEMPTS), "3");
+        assert_eq!(header(m, headers::ORIGIN), "src");
+        let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(body["seq"], n);
+    }
+    bad.sort();
+    assert_eq!(bad, vec![5, 10, 15, 20]);
+    let calls = std::fs::read_to_string(h.path("calls")).unwrap();
+    assert_eq!(
+        calls.lines().filter(|l| *l == "10").count(),
+        3,
+        "three attempts for a bad message"
+    );
+    assert_eq!(
+        calls.lines().filter(|l| *l == "11").count(),
+        1,
+        "one attempt for a good one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_over_its_timeout_fails_each_attempt() {
+    let mut h = harness(&pipeline(
+        "timeout",
+        r#"  sources: [{name: src, generator: {count: 3}}]
+  stages:
+    - name: slow
+      sleep: 2s
+      timeout: 50ms
+      retry: {maxAttempts: 2, backoff: 10ms}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    h.start_all();
+    let dead = h.dead_letters(3).await;
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    assert_eq!(dead.len(), 3);
+    for m in &dead {
+        assert_eq!(header(m, headers::ERROR), "timed out after 50ms");
+        assert_eq!(header(m, headers::ATTEMPTS), "2");
+    }
+    assert!(std::fs::read_to_string(h.path("out.jsonl"))
+        .unwrap_or_default()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_child_that_crashes_is_restarted_and_nothing_is_lost() {
+    let mut h = harness(&pipeline(
+        "crash",
+        r#"  sources: [{name: src, generator: {count: 200, ratePerSecond: 1000}}]
+  stages:
+    - name: fragile
+      exec: {command: ["python3", "{dir}/fragile.py"]}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    // Dies (without answering) on its 30th message, twice in the run.
+    let code = "import json, os, sys\ncount = 0\nfor line in sys.stdin:\n    count += 1\n    crashes = len(os.listdir('{dir}/crashes'))\n    if count == 30 and crashes < 2:\n        open(f'{dir}/crashes/{crashes}', 'w').close()\n        os._exit(3)\n    m = json.loads(line)\n    print(json.dumps({'id': m['id'], 'outputs': [dict(m['data'], pid=os.getpid())]}), flush=True)\n";
+    std::fs::create_dir(h.path("crashes")).unwrap();
+    handler(
+        &h,
+        "fragile.py",
+        &code.replace("{dir}", &h.dir.path().display().to_string()),
+    );
+    h.start("src");
+    h.start("out");
+    h.spawn("fragile", "r1");
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 200, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    let values = json_lines(&lines);
+    let seqs: BTreeSet<u64> = values.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=200).collect());
+    assert_eq!(lines.len(), 200, "a message reached the sink twice");
+    let pids: BTreeSet<u64> = values.iter().map(|v| v["pid"].as_u64().unwrap()).collect();
+    assert_eq!(pids.len(), 3, "two crashes, three handler lives: {pids:?}");
+    assert_eq!(std::fs::read_dir(h.path("crashes")).unwrap().count(), 2);
+    assert!(h.log_of("fragile", "r1").contains("handler exited"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_runs_in_one_process() {
+    let mut h = harness(&pipeline(
+        "group",
+        r#"  sources: [{name: src, generator: {count: 10}}]
+  stages:
+    - name: g
+      stages:
+        - {name: first, exec: {command: ["python3", "{dir}/parent.py", "first"]}}
+        - {name: middle, jq: '. + {middle: true}'}
+        - {name: last, exec: {command: ["python3", "{dir}/parent.py", "last"]}}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    handler(
+        &h,
+        "parent.py",
+        "import json, os, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    print(json.dumps({'id': m['id'], 'outputs': [dict(m['data'], **{sys.argv[1]: os.getppid()})]}), flush=True)\n",
+    );
+    h.start("src");
+    h.start("out");
+    let pid = h.spawn("g", "only");
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 10, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    for v in json_lines(&lines) {
+        assert_eq!(v["first"], pid, "{v}");
+        assert_eq!(v["last"], pid, "{v}");
+        assert_eq!(v["middle"], true);
+    }
+    // The group is one unit: one consumer between the source and the sink, no subject in between.
+    let consumers: Vec<&str> = h
+        .layout
+        .nats
+        .consumers
+        .iter()
+        .map(|c| c.durable.as_str())
+        .collect();
+    assert_eq!(consumers, vec!["g", "out", "_dead_letters"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switcher_with_three_replicas_shares_the_load() {
+    let mut h = harness(&pipeline(
+        "share",
+        r#"  sources: [{name: src, generator: {count: 300}}]
+  stages:
+    - name: work
+      switcher: {minReplicas: 3, maxReplicas: 3}
+      concurrency: 4
+      sleep: 10ms
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    let stats = h.watch_stats("work").await;
+    h.start("out");
+    for replica in ["a", "b", "c"] {
+        h.spawn("work", replica);
+    }
+    h.start("src");
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 300, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    assert_eq!(lines.len(), 300);
+    let reports = stats.lock().unwrap().clone();
+    let processed: Vec<(String, u64)> = reports
+        .iter()
+        .map(|(r, s)| (r.clone(), s.processed))
+        .collect();
+    assert_eq!(reports.len(), 3, "{processed:?}");
+    assert!(processed.iter().all(|(_, n)| *n > 0), "{processed:?}");
+    assert_eq!(
+        processed.iter().map(|(_, n)| n).sum::<u64>(),
+        300,
+        "{processed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_and_fan_in() {
+    let mut h = harness(&pipeline(
+        "fan",
+        r#"  sources: [{name: src, generator: {count: 50}}]
+  stages:
+    - {name: split, passthrough: {}}
+    - {name: left, inputs: [split], jq: '. + {side: "left"}'}
+    - {name: right, inputs: [split], jq: '. + {side: "right"}'}
+    - {name: join, inputs: [left, right], passthrough: {}}
+  sinks:
+    - {name: out, file: {path: "{dir}/out.jsonl"}}
+    - {name: raw, inputs: [split], file: {path: "{dir}/raw.jsonl"}}
+"#,
+    ))
+    .await;
+    h.start_all();
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 100, LIMIT).await;
+    let raw = h.wait_for_lines(&h.path("raw.jsonl"), 50, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    assert_eq!(lines.len(), 100);
+    assert_eq!(raw.len(), 50);
+    let pairs: BTreeSet<(u64, String)> = json_lines(&lines)
+        .iter()
+        .map(|v| {
+            (
+                v["seq"].as_u64().unwrap(),
+                v["side"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(pairs.len(), 100, "every item once through each side");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_fill_up_or_time_out() {
+    let mut h = harness(&pipeline(
+        "batch",
+        r#"  sources: [{name: src, generator: {count: 95}}]
+  stages:
+    - name: count
+      batch: {size: 10, timeout: 300ms}
+      jq: '{size: length, first: .[0].seq}'
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    h.start_all();
+    let started = std::time::Instant::now();
+    let mut total = 0;
+    let mut lines = Vec::new();
+    while total < 95 && started.elapsed() < LIMIT {
+        let text = std::fs::read_to_string(h.path("out.jsonl")).unwrap_or_default();
+        lines = text.lines().map(str::to_string).collect();
+        total = json_lines(&lines)
+            .iter()
+            .map(|v| v["size"].as_u64().unwrap())
+            .sum();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    assert_eq!(total, 95);
+    let sizes: Vec<u64> = json_lines(&lines)
+        .iter()
+        .map(|v| v["size"].as_u64().unwrap())
+        .collect();
+    assert!(sizes.iter().all(|s| *s <= 10), "{sizes:?}");
+    assert!(
+        sizes.iter().any(|s| *s < 10),
+        "the last batch was handed on by its timeout: {sizes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_and_acknowledges_what_is_in_flight() {
+    let mut h = harness(&pipeline(
+        "term",
+        r#"  sources: [{name: src, generator: {count: 100}}]
+  stages:
+    - name: slow
+      concurrency: 10
+      sleep: 300ms
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    let stats = h.watch_stats("slow").await;
+    h.start("src");
+    h.start("out");
+    h.spawn("slow", "first");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut first = h.take_process(0);
+    let started = std::time::Instant::now();
+    terminate(&mut first);
+    let status = first.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let done_before = std::fs::read_to_string(h.path("out.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert!(done_before >= 10 && done_before < 100, "{done_before}");
+    h.spawn("slow", "second");
+    // What the first replica had fetched but not started was handed back, not left to time out (30s).
+    let lines = h
+        .wait_for_lines(&h.path("out.jsonl"), 100, Duration::from_secs(15))
+        .await;
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    let seqs: BTreeSet<u64> = json_lines(&lines)
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs.len(), 100);
+    assert_eq!(lines.len(), 100);
+    // What the first replica was working on, it finished and acknowledged: nothing was done twice.
+    let reports = stats.lock().unwrap().clone();
+    let processed: Vec<u64> = reports.values().map(|r| r.processed).collect();
+    assert_eq!(processed.iter().sum::<u64>(), 100, "{reports:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_trace_an_item_through_every_unit() {
+    let mut h = harness(&pipeline(
+        "trace",
+        r#"  sources: [{name: src, generator: {count: 3}}]
+  stages:
+    - {name: a, passthrough: {}}
+    - {name: b, jq: '.'}
+  sinks: [{name: bus, nats: {subject: traced.out}}]
+"#,
+    ))
+    .await;
+    let mut out = h.client.subscribe("traced.out").await.unwrap();
+    h.client.flush().await.unwrap();
+    h.start_all();
+    let mut seen = BTreeSet::new();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(LIMIT, out.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let get = |name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(get(headers::PATH), "src,a,b,bus");
+        assert_eq!(get(headers::ORIGIN), "src");
+        let seq = get(headers::ORIGIN_SEQ);
+        assert_eq!(get(headers::MSG_ID), format!("src:{seq}/a/b"));
+        seen.insert(seq);
+    }
+    h.stop().await;
+    assert_eq!(seen.len(), 3);
+}
