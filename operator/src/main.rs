@@ -1,1 +1,137 @@
-fn main() {}
+//! `switchyard`: validate, plan and run Pipelines.
+
+mod load;
+mod local;
+mod plan;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::load::{load, LoadError};
+use crate::plan::{plan, render, Only, PlanSettings};
+
+/// Switchyard runs declarative data pipelines: on Kubernetes through its operator, or on this machine.
+#[derive(Parser, Debug)]
+#[command(name = "switchyard", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check Pipeline files and explain every problem; exits 1 if there is any.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print what the operator would create for a Pipeline: units, subjects, the JetStream stream and
+    /// consumers, and a ConfigMap and a Deployment per unit.
+    Plan {
+        file: PathBuf,
+        /// Print only part of the plan.
+        #[arg(long, value_enum, default_value = "all")]
+        only: Only,
+        /// Namespace, when the file names none.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Image holding `switchyard-stage` (also runs units that name no image).
+        #[arg(long, default_value_t = plan::default_image())]
+        image: String,
+        /// NATS server the units use, when the Pipeline names none.
+        #[arg(long, default_value = "nats://nats:4222")]
+        nats_url: String,
+    },
+    /// Run a Pipeline on this machine: a private NATS server, one process per unit replica, live
+    /// progress, and a summary when a finite source is drained.
+    Run(local::RunArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { files } => validate(&files),
+        Command::Plan {
+            file,
+            only,
+            namespace,
+            image,
+            nats_url,
+        } => print_plan(&file, only, namespace, image, nats_url),
+        Command::Run(args) => local::main(args),
+    }
+}
+
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        match load(file)
+            .and_then(|p| plan(&p, &PlanSettings::default()).map_err(LoadError::Invalid))
+        {
+            Ok(plan) => {
+                let parts: Vec<String> = ["source", "group", "switcher", "sink"]
+                    .iter()
+                    .map(|kind| (kind, plan.units.iter().filter(|u| u.kind == *kind).count()))
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(kind, n)| format!("{n} {kind}{}", if n == 1 { "" } else { "s" }))
+                    .collect();
+                println!(
+                    "{}: valid; {} units: {}",
+                    file.display(),
+                    plan.units.len(),
+                    parts.join(", ")
+                );
+            }
+            Err(e) => {
+                failed = true;
+                print!("{}", e.describe(file));
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_plan(
+    file: &Path,
+    only: Only,
+    namespace: Option<String>,
+    image: String,
+    nats_url: String,
+) -> ExitCode {
+    let mut pipeline = match load(file) {
+        Ok(p) => p,
+        Err(e) => {
+            eprint!("{}", e.describe(file));
+            return ExitCode::FAILURE;
+        }
+    };
+    if namespace.is_some() {
+        pipeline.metadata.namespace = namespace;
+    }
+    let settings = PlanSettings {
+        stage_image: image,
+        nats_url,
+    };
+    match plan(&pipeline, &settings) {
+        Ok(plan) => match render(&plan, only) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cannot print the plan: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(problems) => {
+            eprint!("{}", load::describe(file, &problems));
+            ExitCode::FAILURE
+        }
+    }
+}

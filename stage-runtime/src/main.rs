@@ -13,8 +13,16 @@ use tokio::signal::unix::{signal, SignalKind};
 #[command(name = "switchyard-stage", version)]
 struct Args {
     /// The unit's configuration (JSON), as `switchyard plan` and the operator write it.
-    #[arg(long, env = "SWITCHYARD_CONFIG")]
-    config: PathBuf,
+    #[arg(
+        long,
+        env = "SWITCHYARD_CONFIG",
+        required_unless_present = "install_to"
+    )]
+    config: Option<PathBuf>,
+    /// Copy this program into DIR and exit: how a pod's init container hands the runtime to an image
+    /// that does not have it.
+    #[arg(long, value_name = "DIR")]
+    install_to: Option<PathBuf>,
     /// NATS server to use.
     #[arg(
         long,
@@ -39,6 +47,18 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     init_tracing(&args.log_format);
+    if let Some(dir) = &args.install_to {
+        return match install(dir) {
+            Ok(path) => {
+                tracing::info!("installed {}", path.display());
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("{e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -59,17 +79,27 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn install(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let me = std::env::current_exe().context("cannot find this program's own file")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let target = dir.join("switchyard-stage");
+    std::fs::copy(&me, &target)
+        .with_context(|| format!("cannot copy {} to {}", me.display(), target.display()))?;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))?;
+    Ok(target)
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.config).with_context(|| {
-        format!(
-            "cannot read the unit configuration {}",
-            args.config.display()
-        )
-    })?;
+    let path = args
+        .config
+        .context("--config (or SWITCHYARD_CONFIG) names the unit's configuration")?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the unit configuration {}", path.display()))?;
     let config: UnitConfig = serde_json::from_str(&text).with_context(|| {
         format!(
             "{} is not a unit configuration; it is written by `switchyard plan` or the operator",
-            args.config.display()
+            path.display()
         )
     })?;
     let replica = args

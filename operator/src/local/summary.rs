@@ -1,0 +1,114 @@
+//! What a local run did, printed at the end.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::progress::thousands;
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub pipeline: String,
+    /// Finished by itself (false: stopped by Ctrl-C).
+    pub completed: bool,
+    pub wall_seconds: f64,
+    /// Messages the sources stored.
+    pub from_sources: u64,
+    /// Messages the sinks wrote (duplicates skipped do not count).
+    pub at_sinks: u64,
+    pub dead_lettered: u64,
+    /// Messages from the sources per second of wall time.
+    pub throughput: f64,
+    pub units: Vec<UnitSummary>,
+    /// Where the files of file sinks are.
+    pub sink_files: Vec<String>,
+    /// Where the dead letters were saved, with their errors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter_file: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitSummary {
+    pub name: String,
+    pub kind: String,
+    pub most_replicas: usize,
+    pub processed: u64,
+    pub published: u64,
+    pub dead_lettered: u64,
+    pub duplicates_skipped: u64,
+    pub restarts: u32,
+}
+
+impl Summary {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let how = if self.completed {
+            "finished"
+        } else {
+            "stopped"
+        };
+        let _ = writeln!(
+            out,
+            "{} {how} in {:.1}s: {} from sources, {} at sinks, {} dead-lettered ({} msg/s)",
+            self.pipeline,
+            self.wall_seconds,
+            thousands(self.from_sources),
+            thousands(self.at_sinks),
+            thousands(self.dead_lettered),
+            thousands(self.throughput.round() as u64),
+        );
+        let width = self
+            .units
+            .iter()
+            .map(|u| u.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = writeln!(
+            out,
+            "\n  {:<width$}  {:<8} {:>8} {:>10} {:>10} {:>13} {:>8}",
+            "unit", "kind", "replicas", "in", "out", "dead-lettered", "restarts"
+        );
+        for u in &self.units {
+            let input = if u.kind == "source" {
+                "-".to_string()
+            } else {
+                thousands(u.processed)
+            };
+            let output = if u.kind == "source" {
+                thousands(u.processed)
+            } else {
+                thousands(u.published)
+            };
+            let _ = writeln!(
+                out,
+                "  {:<width$}  {:<8} {:>8} {:>10} {:>10} {:>13} {:>8}",
+                u.name,
+                u.kind,
+                u.most_replicas,
+                input,
+                output,
+                thousands(u.dead_lettered),
+                u.restarts,
+            );
+        }
+        if self.units.iter().any(|u| u.restarts > 0) {
+            let _ = writeln!(
+                out,
+                "\n  Counts of a restarted unit miss what its dead process did after its last report (up\n  to a second); the messages themselves were delivered again and reached the sinks once."
+            );
+        }
+        if !self.sink_files.is_empty() {
+            out.push('\n');
+        }
+        for file in &self.sink_files {
+            let _ = writeln!(out, "  wrote {file}");
+        }
+        if let Some(file) = &self.dead_letter_file {
+            let _ = writeln!(out, "  dead letters, with their errors: {file}");
+        }
+        out
+    }
+}

@@ -1,0 +1,265 @@
+use super::*;
+use switchyard_crds::validate::parse_pipeline;
+
+fn laundry() -> Pipeline {
+    parse_pipeline(include_str!("../../../examples/laundry.yaml")).unwrap()
+}
+
+fn unit<'a>(plan: &'a Plan, name: &str) -> &'a UnitPlan {
+    plan.units.iter().find(|u| u.name == name).unwrap()
+}
+
+#[test]
+fn laundry_plans_one_unit_per_top_level_stage_with_its_kind() {
+    let plan = plan(&laundry(), &PlanSettings::default()).unwrap();
+    let kinds: Vec<(&str, &str)> = plan
+        .units
+        .iter()
+        .map(|u| (u.name.as_str(), u.kind.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("clothes", "source"),
+            ("person", "group"),
+            ("machines", "switcher"),
+            ("another-person", "group"),
+            ("closet", "sink"),
+        ]
+    );
+    let machines = unit(&plan, "machines");
+    assert_eq!(machines.replicas, Replicas { min: 1, max: 8 });
+    assert_eq!(machines.steps, vec!["machines > wash", "machines > dry"]);
+    assert_eq!(
+        machines.reads,
+        vec!["switchyard.default.laundry.data.person"]
+    );
+    assert_eq!(
+        machines.publishes.as_deref(),
+        Some("switchyard.default.laundry.data.machines")
+    );
+    assert_eq!(plan.nats.stream.name, "switchyard_default_laundry");
+    assert_eq!(plan.nats.stream.retention, "interest");
+    let consumers: Vec<&str> = plan
+        .nats
+        .consumers
+        .iter()
+        .map(|c| c.durable.as_str())
+        .collect();
+    assert_eq!(
+        consumers,
+        vec![
+            "person",
+            "machines",
+            "another-person",
+            "closet",
+            "_dead_letters"
+        ]
+    );
+}
+
+#[test]
+fn every_unit_gets_a_config_map_and_a_deployment_named_after_it() {
+    let plan = plan(&laundry(), &PlanSettings::default()).unwrap();
+    for u in &plan.units {
+        let name = format!("laundry-{}", u.name);
+        assert_eq!(u.config_map.metadata.name.as_deref(), Some(name.as_str()));
+        assert_eq!(u.deployment.metadata.name.as_deref(), Some(name.as_str()));
+        let text = &u.config_map.data.as_ref().unwrap()["unit.json"];
+        let config: UnitConfig = serde_json::from_str(text).unwrap();
+        assert_eq!(config, u.config);
+        let spec = u.deployment.spec.as_ref().unwrap();
+        let labels = spec.selector.match_labels.as_ref().unwrap();
+        assert_eq!(labels[LABEL_UNIT], u.name);
+        let template_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert_eq!(template_labels[LABEL_UNIT], u.name);
+    }
+    let machines = unit(&plan, "machines");
+    assert_eq!(machines.deployment.spec.as_ref().unwrap().replicas, Some(1));
+}
+
+#[test]
+fn pods_meet_the_restricted_pod_security_standard() {
+    let plan = plan(&laundry(), &PlanSettings::default()).unwrap();
+    for u in &plan.units {
+        let pod = u
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        let pod_security = pod.security_context.as_ref().unwrap();
+        assert_eq!(pod_security.run_as_non_root, Some(true));
+        assert_eq!(
+            pod_security.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        for c in pod
+            .containers
+            .iter()
+            .chain(pod.init_containers.iter().flatten())
+        {
+            let s = c.security_context.as_ref().unwrap();
+            assert_eq!(s.allow_privilege_escalation, Some(false), "{}", c.name);
+            assert_eq!(s.read_only_root_filesystem, Some(true), "{}", c.name);
+            assert_eq!(
+                s.capabilities.as_ref().unwrap().drop.as_deref(),
+                Some(&["ALL".to_string()][..])
+            );
+        }
+    }
+}
+
+#[test]
+fn the_stage_runtime_reaches_any_image_through_an_init_container() {
+    let text = include_str!("../../../examples/laundry.yaml").replace(
+        "        - name: basket\n",
+        "        - name: basket\n          image: ruby:3.3\n",
+    );
+    let pipeline = parse_pipeline(&text).unwrap();
+    let plan = plan(&pipeline, &PlanSettings::default()).unwrap();
+    let pod = unit(&plan, "person")
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    assert_eq!(pod.containers[0].image.as_deref(), Some("ruby:3.3"));
+    assert_eq!(
+        pod.containers[0].command.as_deref(),
+        Some(&["/switchyard/bin/switchyard-stage".to_string()][..])
+    );
+    let init = &pod.init_containers.unwrap()[0];
+    assert_eq!(init.image.as_deref(), Some(default_image().as_str()));
+    // Units that name no image run in Switchyard's own.
+    let closet = unit(&plan, "closet").deployment.spec.clone().unwrap();
+    assert_eq!(
+        closet.template.spec.unwrap().containers[0].image.as_deref(),
+        Some(default_image().as_str())
+    );
+}
+
+#[test]
+fn owner_references_appear_once_the_pipeline_exists_in_the_cluster() {
+    let mut pipeline = laundry();
+    let plain = plan(&pipeline, &PlanSettings::default()).unwrap();
+    assert!(plain.units[0]
+        .deployment
+        .metadata
+        .owner_references
+        .is_none());
+    pipeline.metadata.uid = Some("1234".into());
+    let owned = plan(&pipeline, &PlanSettings::default()).unwrap();
+    let refs = owned.units[0]
+        .config_map
+        .metadata
+        .owner_references
+        .clone()
+        .unwrap();
+    assert_eq!(refs[0].uid, "1234");
+    assert_eq!(refs[0].kind, "Pipeline");
+    assert_eq!(refs[0].api_version, "switchyard.dev/v1alpha1");
+    assert_eq!(refs[0].controller, Some(true));
+}
+
+#[test]
+fn the_config_checksum_changes_exactly_when_the_config_does() {
+    let checksum_of = |text: &str| {
+        let plan = plan(&parse_pipeline(text).unwrap(), &PlanSettings::default()).unwrap();
+        unit(&plan, "another-person")
+            .deployment
+            .spec
+            .clone()
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()[ANNOTATION_CONFIG_CHECKSUM]
+            .clone()
+    };
+    let original = include_str!("../../../examples/laundry.yaml");
+    assert_eq!(checksum_of(original), checksum_of(original));
+    let changed = original.replace("folded: true", "folded: false");
+    assert_ne!(checksum_of(original), checksum_of(&changed));
+}
+
+#[test]
+fn credentials_come_from_the_named_secret() {
+    let mut pipeline = laundry();
+    pipeline.spec.nats = Some(switchyard_crds::NatsConfig {
+        url: Some("nats://elsewhere:4222".into()),
+        credentials_secret: Some("nats-creds".into()),
+    });
+    let plan = plan(&pipeline, &PlanSettings::default()).unwrap();
+    let pod = unit(&plan, "person")
+        .deployment
+        .spec
+        .clone()
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    let env = pod.containers[0].env.clone().unwrap();
+    let value = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(
+        value("SWITCHYARD_NATS_URL").as_deref(),
+        Some("nats://elsewhere:4222")
+    );
+    assert_eq!(
+        value("SWITCHYARD_NATS_CREDENTIALS").as_deref(),
+        Some("/etc/switchyard/nats/nats.creds")
+    );
+    let volumes = pod.volumes.unwrap();
+    let secret = volumes
+        .iter()
+        .find(|v| v.name == "nats-credentials")
+        .unwrap();
+    assert_eq!(
+        secret.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("nats-creds")
+    );
+}
+
+#[test]
+fn rendering_is_deterministic_and_kubernetes_only_on_request() {
+    let plan = plan(&laundry(), &PlanSettings::default()).unwrap();
+    let all = render(&plan, Only::All).unwrap();
+    assert_eq!(all, render(&plan, Only::All).unwrap());
+    assert!(all.starts_with("# Switchyard plan for Pipeline default/laundry"));
+    let objects = render(&plan, Only::Kubernetes).unwrap();
+    assert_eq!(objects.matches("kind: Deployment").count(), 5);
+    assert_eq!(objects.matches("kind: ConfigMap").count(), 5);
+    assert!(!objects.contains("duplicateWindowMs"));
+    let nats = render(&plan, Only::Nats).unwrap();
+    assert!(nats.contains("duplicateWindowMs: 120000"));
+    assert!(!nats.contains("kind: Deployment"));
+}
+
+#[test]
+fn an_invalid_pipeline_is_not_planned() {
+    let mut pipeline = laundry();
+    pipeline.spec.stages[0].name = "Person".into();
+    let problems = plan(&pipeline, &PlanSettings::default()).unwrap_err();
+    assert!(
+        problems[0].path.starts_with("stages[0] Person"),
+        "{problems:?}"
+    );
+}
