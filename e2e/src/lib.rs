@@ -1,1 +1,93 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: the workspace's binaries, copies of the examples, and the
+//! processes a run starts.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A binary of the workspace, built beside the test (`cargo build --workspace --bins`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// A copy of the examples (Pipelines, handlers, data), so a run writes its files somewhere of its own.
+pub fn examples_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    copy_dir(&examples(), dir.path());
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create folder");
+    for entry in std::fs::read_dir(from).expect("read examples").flatten() {
+        let target = to.join(entry.file_name());
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        let is_output = entry.path().extension().is_some_and(|e| e == "jsonl") && !from.ends_with("data");
+        if is_dir {
+            copy_dir(&entry.path(), &target);
+        } else if !is_output && !entry.file_name().to_string_lossy().starts_with('.') {
+            std::fs::copy(entry.path(), target).expect("copy example");
+        }
+    }
+}
+
+/// Pids of the direct children of `parent` whose command line contains `needle`.
+pub fn children_with(parent: u32, needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let ppid: u32 = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if ppid == parent && cmdline.contains(needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Counts the lines of a file that is being written.
+pub fn line_count(path: &Path) -> usize {
+    std::fs::read(path)
+        .map(|b| b.iter().filter(|c| **c == b'\n').count())
+        .unwrap_or(0)
+}
+
+/// Waits for `done`, failing the test after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "{what} did not happen within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

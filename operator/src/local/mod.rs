@@ -525,6 +525,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         wall,
         sink_files,
         dead_letters.as_ref(),
+        args.append,
     );
     if server.is_none() && summary.dead_lettered == 0 {
         admin::delete(&js, &prepared.layout.nats).await?;
@@ -589,11 +590,18 @@ fn summarize(
     wall: Duration,
     sink_files: Vec<String>,
     dead_letter_file: Option<&PathBuf>,
+    append: bool,
 ) -> Summary {
     let mut units = Vec::new();
     let (mut from_sources, mut at_sinks, mut dead) = (0, 0, 0);
     for config in &prepared.layout.units {
-        let t = totals(stats, &config.unit);
+        let mut t = totals(stats, &config.unit);
+        // A process killed mid-run takes its last second of counts with it. Where the truth can be read
+        // off (a generator that finished, a file a sink started afresh), use it.
+        if let Some(exact) = exact_count(prepared, supervisor, config, append) {
+            t.processed = t.processed.max(exact);
+            t.published = t.published.max(exact);
+        }
         let kind = kind_of(&prepared.topology, &config.unit);
         match kind.as_str() {
             "source" => from_sources += t.processed,
@@ -625,6 +633,27 @@ fn summarize(
         units,
         sink_files,
         dead_letter_file: dead_letter_file.map(|p| p.display().to_string()),
+    }
+}
+
+/// How many messages a unit handled, when that can be known exactly rather than from its reports.
+fn exact_count(prepared: &Prepared, supervisor: &Supervisor, config: &UnitConfig, append: bool) -> Option<u64> {
+    match &config.role {
+        UnitRole::Source {
+            source: SourceConfig::Generator { count: Some(count), .. },
+            ..
+        } => supervisor
+            .units
+            .iter()
+            .any(|u| u.unit == config.unit && u.finished)
+            .then_some(*count),
+        UnitRole::Sink {
+            sink: SinkConfig::File { path },
+            ..
+        } if !append => std::fs::read(prepared.base_dir.join(path))
+            .ok()
+            .map(|bytes| bytes.iter().filter(|b| **b == b'\n').count() as u64),
+        _ => None,
     }
 }
 

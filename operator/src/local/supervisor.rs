@@ -25,6 +25,8 @@ pub enum Event {
 
 struct Replica {
     child: Child,
+    /// Kept apart: the child forgets its pid once it has been reaped.
+    pid: u32,
     started: Instant,
     log: PathBuf,
 }
@@ -127,7 +129,7 @@ impl Supervisor {
             unit.replicas.retain_mut(|r| match r.child.try_wait() {
                 Ok(Some(status)) => {
                     exited.push((
-                        r.child.id().unwrap_or_default(),
+                        r.pid,
                         status,
                         r.started.elapsed(),
                         r.log.clone(),
@@ -235,6 +237,7 @@ impl Supervisor {
         tracing::debug!(unit = %unit.unit, pid = replica_id, "started");
         unit.replicas.push(Replica {
             child,
+            pid: replica_id,
             started: Instant::now(),
             log,
         });

