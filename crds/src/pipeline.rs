@@ -186,7 +186,7 @@ pub struct Stage {
     /// Accumulate messages and hand them on as one JSON array (units only: top-level stages and switchers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<Batch>,
-    /// Messages in flight per replica (default 32).
+    /// Messages in flight per replica (default 64; for a batch stage, batches).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

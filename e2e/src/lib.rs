@@ -37,7 +37,8 @@ fn copy_dir(from: &Path, to: &Path) {
     for entry in std::fs::read_dir(from).expect("read examples").flatten() {
         let target = to.join(entry.file_name());
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        let is_output = entry.path().extension().is_some_and(|e| e == "jsonl") && !from.ends_with("data");
+        let is_output =
+            entry.path().extension().is_some_and(|e| e == "jsonl") && !from.ends_with("data");
         if is_dir {
             copy_dir(&entry.path(), &target);
         } else if !is_output && !entry.file_name().to_string_lossy().starts_with('.') {
@@ -87,7 +88,10 @@ pub fn line_count(path: &Path) -> usize {
 pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
-        assert!(started.elapsed() < limit, "{what} did not happen within {limit:?}");
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -34,7 +34,11 @@ fn copy_dir(from: &Path, to: &Path) {
         let target = to.join(entry.file_name());
         if entry.file_type().unwrap().is_dir() {
             copy_dir(&entry.path(), &target);
-        } else if entry.path().extension().is_some_and(|e| e != "jsonl" || from.ends_with("data")) {
+        } else if entry
+            .path()
+            .extension()
+            .is_some_and(|e| e != "jsonl" || from.ends_with("data"))
+        {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
@@ -79,7 +83,8 @@ fn validate_accepts_every_example() {
     let output = switchyard().arg("validate").args(&files).output().unwrap();
     assert!(output.status.success(), "{}", text(&output.stdout));
     assert_eq!(text(&output.stdout).matches(": valid;").count(), 4);
-    assert!(text(&output.stdout).contains("laundry.yaml: valid; 5 units: 1 source, 2 groups, 1 switcher, 1 sink"));
+    assert!(text(&output.stdout)
+        .contains("laundry.yaml: valid; 5 units: 1 source, 2 groups, 1 switcher, 1 sink"));
 }
 
 #[test]
@@ -97,15 +102,37 @@ fn validate_rejects_broken_specs_and_names_the_stage() {
         "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: typo}\nspec:\n  sources: [{name: src, generator: {count: 1}}]\n  stages:\n    - name: a\n      pasthrough: {}\n  sinks: [{name: out, log: {}}]\n",
     )
     .unwrap();
-    let output = switchyard().arg("validate").arg(&broken).arg(&typo).output().unwrap();
+    let output = switchyard()
+        .arg("validate")
+        .arg(&broken)
+        .arg(&typo)
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let out = text(&output.stdout);
-    assert!(out.contains("stages[0] machines > stages[0] wash: exec.command is empty"), "{out}");
-    assert!(out.contains("stages[0] machines > stages[1] dry: the jq filter `.[` does not compile"), "{out}");
-    assert!(out.contains("stages[0] machines: switcher.minReplicas (3) is greater than maxReplicas (2)"), "{out}");
-    assert!(out.contains("stages[1] lost: inputs names `nowhere`"), "{out}");
+    assert!(
+        out.contains("stages[0] machines > stages[0] wash: exec.command is empty"),
+        "{out}"
+    );
+    assert!(
+        out.contains("stages[0] machines > stages[1] dry: the jq filter `.[` does not compile"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "stages[0] machines: switcher.minReplicas (3) is greater than maxReplicas (2)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("stages[1] lost: inputs names `nowhere`"),
+        "{out}"
+    );
     assert!(out.contains("broken.yaml: 4 problems"), "{out}");
-    assert!(out.contains("typo.yaml:8: spec.stages[0]: unknown field `pasthrough`"), "{out}");
+    assert!(
+        out.contains("typo.yaml:8: spec.stages[0]: unknown field `pasthrough`"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -113,10 +140,21 @@ fn plan_is_deterministic_and_every_object_validates_for_kubernetes_1_33_and_1_37
     let dir = tempfile::tempdir().unwrap();
     for example in ["laundry", "quadratic", "exec-python", "exec-ruby"] {
         let file = examples().join(format!("{example}.yaml"));
-        let first = switchyard().args(["plan", "--only", "kubernetes"]).arg(&file).output().unwrap();
-        let second = switchyard().args(["plan", "--only", "kubernetes"]).arg(&file).output().unwrap();
+        let first = switchyard()
+            .args(["plan", "--only", "kubernetes"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let second = switchyard()
+            .args(["plan", "--only", "kubernetes"])
+            .arg(&file)
+            .output()
+            .unwrap();
         assert!(first.status.success(), "{}", text(&first.stderr));
-        assert_eq!(first.stdout, second.stdout, "{example}: plan is not deterministic");
+        assert_eq!(
+            first.stdout, second.stdout,
+            "{example}: plan is not deterministic"
+        );
         let objects = dir.path().join(format!("{example}.yaml"));
         std::fs::write(&objects, &first.stdout).unwrap();
         for version in ["1.33.0", "1.37.0"] {
@@ -134,7 +172,11 @@ fn plan_is_deterministic_and_every_object_validates_for_kubernetes_1_33_and_1_37
         }
         let full = switchyard().arg("plan").arg(&file).output().unwrap();
         let full = text(&full.stdout);
-        assert!(full.contains("stream:") && full.contains("consumers:") && full.contains("kind: Deployment"));
+        assert!(
+            full.contains("stream:")
+                && full.contains("consumers:")
+                && full.contains("kind: Deployment")
+        );
     }
 }
 
@@ -144,10 +186,15 @@ fn run_keeps_good_messages_and_saves_dead_letters_with_their_errors() {
     let output = run_to_end(&["exec-ruby.yaml"], dir.path());
     let summary = text(&output.stdout);
     assert!(summary.contains("exec-ruby finished in"), "{summary}");
-    assert!(summary.contains("100 from sources, 90 at sinks, 10 dead-lettered"), "{summary}");
+    assert!(
+        summary.contains("100 from sources, 90 at sinks, 10 dead-lettered"),
+        "{summary}"
+    );
     let accepted = lines(&dir.path().join("accepted.jsonl"));
     assert_eq!(accepted.len(), 90);
-    assert!(accepted.iter().all(|v| v["n"].as_u64().unwrap() % 10 != 0 && v["ok"] == true));
+    assert!(accepted
+        .iter()
+        .all(|v| v["n"].as_u64().unwrap() % 10 != 0 && v["ok"] == true));
     let dead = lines(&dir.path().join("exec-ruby.dead-letters.jsonl"));
     assert_eq!(dead.len(), 10);
     for d in &dead {
@@ -169,7 +216,11 @@ fn run_computes_quadratic_roots_and_routes_equations_without_real_roots() {
     let none = lines(&dir.path().join("no-real-roots.jsonl"));
     assert_eq!(roots.len() + none.len(), 10);
     for eq in &roots {
-        let (a, b, c) = (eq["a"].as_f64().unwrap(), eq["b"].as_f64().unwrap(), eq["c"].as_f64().unwrap());
+        let (a, b, c) = (
+            eq["a"].as_f64().unwrap(),
+            eq["b"].as_f64().unwrap(),
+            eq["c"].as_f64().unwrap(),
+        );
         assert!(b * b - 4.0 * a * c >= 0.0);
         for x in eq["roots"].as_array().unwrap() {
             let x = x.as_f64().unwrap();
@@ -177,7 +228,11 @@ fn run_computes_quadratic_roots_and_routes_equations_without_real_roots() {
         }
     }
     for eq in &none {
-        let (a, b, c) = (eq["a"].as_f64().unwrap(), eq["b"].as_f64().unwrap(), eq["c"].as_f64().unwrap());
+        let (a, b, c) = (
+            eq["a"].as_f64().unwrap(),
+            eq["b"].as_f64().unwrap(),
+            eq["c"].as_f64().unwrap(),
+        );
         assert!(b * b - 4.0 * a * c < 0.0, "{eq}");
         assert_eq!(eq["roots"], serde_json::json!([]));
     }
@@ -189,7 +244,11 @@ fn run_prints_what_log_sinks_write() {
     let dir = examples_copy();
     let output = run_to_end(&["exec-python.yaml"], dir.path());
     let out = text(&output.stdout);
-    assert_eq!(out.matches("[print] {\"word\": \"fox\"}").count(), 100, "{out}");
+    assert_eq!(
+        out.matches("[print] {\"word\": \"fox\"}").count(),
+        100,
+        "{out}"
+    );
     assert!(out.contains("100 from sources, 600 at sinks"), "{out}");
 }
 
@@ -222,7 +281,10 @@ fn ctrl_c_stops_a_run_cleanly() {
     let out = dir.path().join("out.jsonl");
     let started = Instant::now();
     while std::fs::read_to_string(&out).map_or(0, |t| t.lines().count()) < 5 {
-        assert!(started.elapsed() < Duration::from_secs(30), "no ticks arrived");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no ticks arrived"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let stages = children_named(child.id(), "switchyard-stage");
@@ -233,9 +295,16 @@ fn ctrl_c_stops_a_run_cleanly() {
     let status = wait_with_limit(&mut child, Duration::from_secs(40));
     let output = child.wait_with_output().unwrap();
     assert_eq!(status.code(), Some(130), "{}", text(&output.stderr));
-    assert!(text(&output.stdout).contains("ticks stopped in"), "{}", text(&output.stdout));
+    assert!(
+        text(&output.stdout).contains("ticks stopped in"),
+        "{}",
+        text(&output.stdout)
+    );
     for pid in stages {
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "stage process {pid} outlived the run");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "stage process {pid} outlived the run"
+        );
     }
 }
 
@@ -259,12 +328,21 @@ fn a_missing_nats_server_is_explained() {
 fn a_missing_handler_program_is_found_before_anything_starts() {
     let dir = examples_copy();
     let file = dir.path().join("exec-ruby.yaml");
-    let yaml = std::fs::read_to_string(&file).unwrap().replace("[\"ruby\"", "[\"no-such-ruby\"");
+    let yaml = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("[\"ruby\"", "[\"no-such-ruby\"");
     std::fs::write(&file, yaml).unwrap();
-    let output = switchyard().args(["run", "exec-ruby.yaml"]).current_dir(dir.path()).output().unwrap();
+    let output = switchyard()
+        .args(["run", "exec-ruby.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let err = text(&output.stderr);
-    assert!(err.contains("stages[0] check: step `check` runs `no-such-ruby`, which is not on PATH"), "{err}");
+    assert!(
+        err.contains("stages[0] check: step `check` runs `no-such-ruby`, which is not on PATH"),
+        "{err}"
+    );
 }
 
 fn wait_with_limit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
@@ -285,11 +363,21 @@ fn wait_with_limit(child: &mut std::process::Child, limit: Duration) -> std::pro
 fn children_named(parent: u32, name: &str) -> Vec<u32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // The command name sits in parentheses and may hold spaces; the parent pid follows the state.
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else { continue };
-        let ppid: u32 = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let ppid: u32 = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         let comm = &stat[stat.find('(').unwrap_or(0) + 1..stat.rfind(')').unwrap_or(0)];
         if ppid == parent && name.starts_with(comm) {
             found.push(pid);

@@ -517,16 +517,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     display.finish(wall, &final_rows);
 
     let dead_letters = save_dead_letters(&js, &prepared).await?;
-    let summary = summarize(
-        &prepared,
-        &supervisor,
-        &stats,
+    let end = RunEnd {
         completed,
         wall,
         sink_files,
-        dead_letters.as_ref(),
-        args.append,
-    );
+        dead_letter_file: dead_letters,
+        append: args.append,
+    };
+    let summary = summarize(&prepared, &supervisor, &stats, end);
     if server.is_none() && summary.dead_lettered == 0 {
         admin::delete(&js, &prepared.layout.nats).await?;
     }
@@ -582,16 +580,28 @@ fn rows(
         .collect()
 }
 
+/// How a run ended, for its summary.
+struct RunEnd {
+    completed: bool,
+    wall: Duration,
+    sink_files: Vec<String>,
+    dead_letter_file: Option<PathBuf>,
+    append: bool,
+}
+
 fn summarize(
     prepared: &Prepared,
     supervisor: &Supervisor,
     stats: &StatsByUnit,
-    completed: bool,
-    wall: Duration,
-    sink_files: Vec<String>,
-    dead_letter_file: Option<&PathBuf>,
-    append: bool,
+    end: RunEnd,
 ) -> Summary {
+    let RunEnd {
+        completed,
+        wall,
+        sink_files,
+        dead_letter_file,
+        append,
+    } = end;
     let mut units = Vec::new();
     let (mut from_sources, mut at_sinks, mut dead) = (0, 0, 0);
     for config in &prepared.layout.units {
@@ -637,10 +647,17 @@ fn summarize(
 }
 
 /// How many messages a unit handled, when that can be known exactly rather than from its reports.
-fn exact_count(prepared: &Prepared, supervisor: &Supervisor, config: &UnitConfig, append: bool) -> Option<u64> {
+fn exact_count(
+    prepared: &Prepared,
+    supervisor: &Supervisor,
+    config: &UnitConfig,
+    append: bool,
+) -> Option<u64> {
     match &config.role {
         UnitRole::Source {
-            source: SourceConfig::Generator { count: Some(count), .. },
+            source: SourceConfig::Generator {
+                count: Some(count), ..
+            },
             ..
         } => supervisor
             .units

@@ -128,12 +128,7 @@ impl Supervisor {
             let unit = &mut self.units[index];
             unit.replicas.retain_mut(|r| match r.child.try_wait() {
                 Ok(Some(status)) => {
-                    exited.push((
-                        r.pid,
-                        status,
-                        r.started.elapsed(),
-                        r.log.clone(),
-                    ));
+                    exited.push((r.pid, status, r.started.elapsed(), r.log.clone()));
                     false
                 }
                 _ => true,

