@@ -58,8 +58,23 @@ enum Work {
 
 /// Publishes outstanding at once for one input; more fan-out than this waits for the first acks.
 const PUBLISH_WINDOW: usize = 256;
+/// Back-off between attempts to open the unit's consumer.
+const REOPEN_FIRST: Duration = Duration::from_millis(100);
+const REOPEN_MAX: Duration = Duration::from_secs(10);
 /// How long a stopping unit waits for its in-flight messages.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
+type PullStream = jetstream::consumer::pull::Stream;
+
+/// The next message of the pull stream; never resolves while there is none.
+async fn next_message(
+    messages: &mut Option<PullStream>,
+) -> Option<Result<Message, jetstream::consumer::pull::MessagesError>> {
+    match messages {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
 
 impl Worker {
     /// Pulls and works until `shutdown`, then finishes what is in flight.
@@ -77,28 +92,24 @@ impl Worker {
             .unwrap_or_default();
         let batch_size = self.batch.map(|b| b.size.max(1) as usize);
         let mut batch_deadline = tokio::time::Instant::now();
-        let mut reopen_delay = Duration::from_millis(100);
+        // The consumer is (re)opened at this time when there is no pull stream; failures back off.
+        let mut reopen_at = tokio::time::Instant::now();
+        let mut reopen_delay = REOPEN_FIRST;
         loop {
-            if messages.is_none() {
+            if messages.is_none() && tokio::time::Instant::now() >= reopen_at {
                 match self.open(consumer_config).await {
                     Ok(m) => {
                         messages = Some(m);
-                        reopen_delay = Duration::from_millis(100);
+                        reopen_delay = REOPEN_FIRST;
                     }
                     Err(e) => {
                         tracing::warn!("{e:#}; trying again in {reopen_delay:?}");
-                        tokio::select! {
-                            _ = tokio::time::sleep(reopen_delay) => {}
-                            _ = crate::stopped(&mut shutdown) => break,
-                        }
-                        reopen_delay = (reopen_delay * 2).min(Duration::from_secs(10));
-                        continue;
+                        reopen_at = tokio::time::Instant::now() + reopen_delay;
+                        reopen_delay = (reopen_delay * 2).min(REOPEN_MAX);
                     }
                 }
             }
-            let Some(stream) = messages.as_mut() else {
-                continue;
-            };
+            let can_pull = messages.is_some() && in_flight.len() < self.concurrency;
             tokio::select! {
                 biased;
                 _ = crate::stopped(&mut shutdown) => break,
@@ -106,7 +117,8 @@ impl Worker {
                 _ = tokio::time::sleep_until(batch_deadline), if !batch.is_empty() => {
                     in_flight.push(self.work(Work::Batch(std::mem::take(&mut batch))));
                 }
-                next = stream.next(), if in_flight.len() < self.concurrency => match next {
+                _ = tokio::time::sleep_until(reopen_at), if messages.is_none() => {}
+                next = next_message(&mut messages), if can_pull => match next {
                     Some(Ok(message)) => match batch_size {
                         None => in_flight.push(self.work(Work::One(message))),
                         Some(size) => {
@@ -124,8 +136,13 @@ impl Worker {
                         // (re-creating it if needed) instead of waiting on a pull that will never answer.
                         tracing::warn!("pulling from consumer {} failed: {e}; reopening it", consumer_config.durable);
                         messages = None;
+                        reopen_at = tokio::time::Instant::now() + reopen_delay;
+                        reopen_delay = (reopen_delay * 2).min(REOPEN_MAX);
                     }
-                    None => messages = None,
+                    None => {
+                        messages = None;
+                        reopen_at = tokio::time::Instant::now() + reopen_delay;
+                    }
                 },
             }
         }
@@ -156,10 +173,7 @@ impl Worker {
     }
 
     /// Opens the unit's consumer, creating it when it is missing (a NATS server that lost its state).
-    async fn open(
-        &self,
-        config: &ConsumerConfig,
-    ) -> anyhow::Result<jetstream::consumer::pull::Stream> {
+    async fn open(&self, config: &ConsumerConfig) -> anyhow::Result<PullStream> {
         let stream = self
             .js
             .get_stream(&self.stream)

