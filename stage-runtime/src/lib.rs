@@ -131,8 +131,7 @@ async fn run_role(
     stats: &Arc<Stats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let dead_letter_subject = async_nats::Subject::from(config.dead_letter_subject.as_str());
-    match &config.role {
+    let (steps, output, batch, concurrency) = match &config.role {
         UnitRole::Source {
             source,
             checkpoint_bucket,
@@ -169,17 +168,13 @@ async fn run_role(
                     crate::stopped(&mut shutdown).await;
                 }
             }
-            Ok(())
+            return Ok(());
         }
         UnitRole::Process {
             steps,
             batch,
             concurrency,
         } => {
-            let input = config
-                .input
-                .as_ref()
-                .context("the unit config of a process unit has no input")?;
             let output = config
                 .output_subject
                 .clone()
@@ -189,34 +184,13 @@ async fn run_role(
                 .iter()
                 .map(|s| steps::Step::build(s, &http))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let worker = Worker {
-                unit: config.unit.clone(),
-                stream: config.stream.clone(),
-                js: js.clone(),
-                steps,
-                output: Output::Publish(output.into()),
-                dead_letter_subject,
-                stats: stats.clone(),
-                batch: *batch,
-                concurrency: (*concurrency).max(1) as usize,
-                progress_every: Duration::from_millis(input.ack_wait_ms / 3)
-                    .max(Duration::from_millis(100)),
-            };
-            let result = worker.run(input, shutdown).await;
-            for step in &worker.steps {
-                step.shutdown().await;
-            }
-            result
+            (steps, Output::Publish(output.into()), *batch, *concurrency)
         }
         UnitRole::Sink {
             sink,
             retry,
             concurrency,
         } => {
-            let input = config
-                .input
-                .as_ref()
-                .context("the unit config of a sink has no input")?;
             let stream = wait_for(&mut shutdown, "the pipeline's stream", || {
                 js.get_stream(config.stream.clone())
             })
@@ -228,25 +202,35 @@ async fn run_role(
                 .unix_timestamp_nanos()
                 .to_string();
             let sink = sink::Sink::open(&config.unit, sink, client, &instance)?;
-            let worker = Worker {
-                unit: config.unit.clone(),
-                stream: config.stream.clone(),
-                js: js.clone(),
-                steps: Vec::new(),
-                output: Output::Sink {
-                    sink,
-                    retry: *retry,
-                },
-                dead_letter_subject,
-                stats: stats.clone(),
-                batch: None,
-                concurrency: (*concurrency).max(1) as usize,
-                progress_every: Duration::from_millis(input.ack_wait_ms / 3)
-                    .max(Duration::from_millis(100)),
+            let output = Output::Sink {
+                sink,
+                retry: *retry,
             };
-            worker.run(input, shutdown).await
+            (Vec::new(), output, None, *concurrency)
         }
+    };
+    let input = config
+        .input
+        .as_ref()
+        .context("the unit config of a unit that reads has no input")?;
+    let worker = Worker {
+        unit: config.unit.clone(),
+        stream: config.stream.clone(),
+        js: js.clone(),
+        steps,
+        output,
+        dead_letter_subject: config.dead_letter_subject.as_str().into(),
+        stats: stats.clone(),
+        batch,
+        concurrency: concurrency.max(1) as usize,
+        progress_every: Duration::from_millis(input.ack_wait_ms / 3)
+            .max(Duration::from_millis(100)),
+    };
+    let result = worker.run(input, shutdown).await;
+    for step in &worker.steps {
+        step.shutdown().await;
     }
+    result
 }
 
 /// Resolves once `shutdown` is set (or its sender is gone).
