@@ -158,7 +158,15 @@ async fn run_role(
                 ),
             };
             unit.run(source).await?;
-            if source.is_finite() && !*shutdown.borrow() {
+            let stopped_early = *shutdown.borrow();
+            if source.is_finite() && stopped_early && options.exit_when_done {
+                // In local mode a clean exit means "finished": a source stopped halfway must not say so.
+                anyhow::bail!(
+                    "stopped before the source finished ({} stored); a restart resumes from its checkpoint",
+                    stats.processed.load(Ordering::Relaxed)
+                );
+            }
+            if source.is_finite() && !stopped_early {
                 stats.finished.store(true, Ordering::Relaxed);
                 tracing::info!(
                     published = stats.processed.load(Ordering::Relaxed),

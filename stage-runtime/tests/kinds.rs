@@ -320,3 +320,41 @@ spec:
     seqs.sort();
     assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finite_source_stopped_halfway_does_not_claim_to_be_finished() {
+    let h = harness(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {name: early}
+spec:
+  sources: [{name: src, generator: {count: 1000, ratePerSecond: 100}}]
+  stages: [{name: copy, passthrough: {}}]
+  sinks: [{name: out, log: {}}]
+"#,
+    )
+    .await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let options = switchyard_stage::RunOptions {
+        nats_url: h.nats.url(),
+        credentials: None,
+        replica: "r".into(),
+        exit_when_done: true,
+    };
+    let run = tokio::spawn(switchyard_stage::run_unit(
+        h.config("src"),
+        options,
+        stopped,
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(true).unwrap();
+    let result = tokio::time::timeout(LIMIT, run).await.unwrap().unwrap();
+    let error = result.expect_err("a source stopped halfway reported success");
+    assert!(
+        error
+            .to_string()
+            .contains("stopped before the source finished"),
+        "{error}"
+    );
+}
