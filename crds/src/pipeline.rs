@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
     status = "PipelineStatus",
     shortname = "pl",
     derive = "PartialEq",
+    doc = "A declarative data pipeline: sources feed nested stages, whose output reaches sinks. Each top-level stage (and each nested switcher) runs as its own Deployment; stages are connected through NATS JetStream.",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Units","type":"string","jsonPath":".status.unitsSummary"}"#,
@@ -31,11 +32,14 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PipelineSpec {
     /// Where messages come from. One or more; each has a name and exactly one kind.
+    #[schemars(length(min = 1, max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub sources: Vec<Source>,
     /// The stages messages flow through.
+    #[schemars(length(max = 256), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub stages: Vec<Stage>,
     /// Where messages end up. One or more; by default a sink reads the last top-level stage.
     #[serde(default)]
+    #[schemars(length(min = 1, max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub sinks: Vec<Sink>,
     /// The NATS server to use (default: the operator's configured server, or the embedded one in local mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,7 +83,12 @@ pub enum DeletionPolicy {
 /// A source of messages. Exactly one of the kinds must be set.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.generator), has(self.http), has(self.timer), has(self.cron), has(self.nats), has(self.file)].filter(k, k).size() == 1",
+    "message": "a source needs exactly one of generator, http, timer, cron, nats, file"
+}]))]
 pub struct Source {
+    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generator: Option<GeneratorSource>,
@@ -154,7 +163,12 @@ pub struct FileSource {
 /// optionally made its own scalable unit with `switcher`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.stages), has(self.jq), has(self.exec), has(self.http), has(self.sleep), has(self.passthrough)].filter(k, k).size() == 1",
+    "message": "a stage needs exactly one of stages (a group), jq, exec, http, sleep, passthrough"
+}]))]
 pub struct Stage {
+    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     /// Nested stages, run in order in one process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -188,6 +202,7 @@ pub struct Stage {
     pub batch: Option<Batch>,
     /// Messages in flight per replica (default 64; for a batch stage, batches).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub concurrency: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -214,13 +229,21 @@ fn nested_stages_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 /// Runs many copies of a group and spreads work across them, scaled on queue lag.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.minReplicas <= self.maxReplicas",
+    "message": "minReplicas must not be greater than maxReplicas"
+}]))]
 pub struct Switcher {
+    /// Fewest replicas (default 1; 0 lets an idle switcher scale to zero).
     #[serde(default = "default_min_replicas")]
     pub min_replicas: u32,
+    /// Most replicas (default 4).
     #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1))]
     pub max_replicas: u32,
     /// Queue lag one replica is expected to carry (default 100).
     #[serde(default = "default_target_lag")]
+    #[schemars(range(min = 1))]
     pub target_lag_per_replica: u64,
 }
 
@@ -248,6 +271,8 @@ fn default_target_lag() -> u64 {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExecStep {
+    /// The program and its arguments, such as `["python3", "handler.py"]`.
+    #[schemars(length(min = 1))]
     pub command: Vec<String>,
 }
 
@@ -262,6 +287,7 @@ pub struct HttpStep {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
+#[schemars(schema_with = "empty_object")]
 pub struct Passthrough {}
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -269,6 +295,7 @@ pub struct Passthrough {}
 pub struct Retry {
     /// Attempts in all, the first included (default 3).
     #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1))]
     pub max_attempts: u32,
     /// Delay before the second attempt; it doubles on each further attempt, up to `maxBackoff` (default 1s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -285,6 +312,8 @@ fn default_max_attempts() -> u32 {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Batch {
+    /// Messages per batch.
+    #[schemars(range(min = 1))]
     pub size: u32,
     /// Hand on a partial batch after this long (default 1s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -294,7 +323,12 @@ pub struct Batch {
 /// A destination. Exactly one of the kinds must be set.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.file), has(self.log), has(self.nats), has(self.http)].filter(k, k).size() == 1",
+    "message": "a sink needs exactly one of file, log, nats, http"
+}]))]
 pub struct Sink {
+    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     /// Stages (or sources) this sink reads. Default: the last top-level stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -318,7 +352,14 @@ pub struct FileSink {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
+#[schemars(schema_with = "empty_object")]
 pub struct LogSink {}
+
+/// `{}`: Kubernetes forbids `additionalProperties: false` in a CRD schema, which serde's
+/// `deny_unknown_fields` would otherwise produce here.
+fn empty_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object"})
+}
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -376,4 +417,13 @@ pub struct UnitStatus {
     pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_reason: Option<String>,
+}
+
+/// The CustomResourceDefinition as YAML, exactly as checked in under `crds/` and in the Helm chart.
+pub fn crd_yaml() -> Result<String, serde_norway::Error> {
+    use kube::CustomResourceExt;
+    let body = serde_norway::to_string(&Pipeline::crd())?;
+    Ok(format!(
+        "# Generated from crds/src/pipeline.rs by `switchyard crd`; do not edit by hand.\n{body}"
+    ))
 }

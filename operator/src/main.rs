@@ -44,6 +44,8 @@ enum Command {
         #[arg(long, default_value = "nats://nats:4222")]
         nats_url: String,
     },
+    /// Print the Pipeline CustomResourceDefinition (as checked in under crds/ and in the Helm chart).
+    Crd,
     /// Run a Pipeline on this machine: a private NATS server, one process per unit replica, live
     /// progress, and a summary when a finite source is drained.
     Run(local::RunArgs),
@@ -61,6 +63,16 @@ fn main() -> ExitCode {
             nats_url,
         } => print_plan(&file, only, namespace, image, nats_url),
         Command::Run(args) => local::main(args),
+        Command::Crd => match switchyard_crds::crd_yaml() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cannot print the CRD: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

@@ -181,6 +181,30 @@ fn plan_is_deterministic_and_every_object_validates_for_kubernetes_1_33_and_1_37
 }
 
 #[test]
+fn the_crd_validates_for_kubernetes_1_33_and_1_37_and_matches_the_command() {
+    let crd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/switchyard.dev_pipelines.yaml");
+    let printed = switchyard().arg("crd").output().unwrap();
+    assert!(printed.status.success());
+    assert_eq!(
+        text(&printed.stdout),
+        std::fs::read_to_string(&crd).unwrap()
+    );
+    for version in ["1.33.0", "1.37.0"] {
+        let check = Command::new("kubernetes-validate")
+            .args(["--strict", "--quiet", "-k", version])
+            .arg(&crd)
+            .output()
+            .expect("kubernetes-validate is not installed: pip install kubernetes-validate (scripts/test does)");
+        assert!(
+            check.status.success(),
+            "{}{}",
+            text(&check.stdout),
+            text(&check.stderr)
+        );
+    }
+}
+
+#[test]
 fn run_keeps_good_messages_and_saves_dead_letters_with_their_errors() {
     let dir = examples_copy();
     let output = run_to_end(&["exec-ruby.yaml"], dir.path());
