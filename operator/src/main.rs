@@ -1,16 +1,13 @@
 //! `switchyard`: validate, plan and run Pipelines.
 
-mod load;
-mod local;
-mod plan;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::load::{load, LoadError};
-use crate::plan::{plan, render, Only, PlanSettings};
+use switchyard_operator::load::{self, load, LoadError};
+use switchyard_operator::plan::{self, plan, render, Only, PlanSettings};
+use switchyard_operator::{controller, local};
 
 /// Switchyard runs declarative data pipelines: on Kubernetes through its operator, or on this machine.
 #[derive(Parser, Debug)]
@@ -44,6 +41,30 @@ enum Command {
         #[arg(long, default_value = "nats://nats:4222")]
         nats_url: String,
     },
+    /// Run the operator: reconcile Pipelines in the cluster (in a pod, or with KUBECONFIG).
+    Operator {
+        /// NATS server for Pipelines that name none.
+        #[arg(long, env = "SWITCHYARD_NATS_URL", default_value = "nats://nats:4222")]
+        nats_url: String,
+        /// Image holding `switchyard-stage`; also runs units that name no image.
+        #[arg(long, env = "SWITCHYARD_STAGE_IMAGE", default_value_t = plan::default_image())]
+        stage_image: String,
+        /// Watch Pipelines in this namespace only (default: all namespaces).
+        #[arg(long, env = "SWITCHYARD_WATCH_NAMESPACE")]
+        watch_namespace: Option<String>,
+        /// Address of /metrics, /healthz and /readyz.
+        #[arg(long, env = "SWITCHYARD_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        metrics_addr: std::net::SocketAddr,
+        /// Reconcile only while holding a Lease, so that several replicas can run.
+        #[arg(long, env = "SWITCHYARD_LEADER_ELECTION")]
+        leader_election: bool,
+        /// Namespace of the Lease (default: POD_NAMESPACE).
+        #[arg(long, env = "SWITCHYARD_LEASE_NAMESPACE")]
+        lease_namespace: Option<String>,
+        /// Log format.
+        #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
+    },
     /// Print the Pipeline CustomResourceDefinition (as checked in under crds/ and in the Helm chart).
     Crd,
     /// Run a Pipeline on this machine: a private NATS server, one process per unit replica, live
@@ -63,6 +84,28 @@ fn main() -> ExitCode {
             nats_url,
         } => print_plan(&file, only, namespace, image, nats_url),
         Command::Run(args) => local::main(args),
+        Command::Operator {
+            nats_url,
+            stage_image,
+            watch_namespace,
+            metrics_addr,
+            leader_election,
+            lease_namespace,
+            log_format,
+        } => operator(
+            controller::OperatorOptions {
+                settings: PlanSettings {
+                    stage_image,
+                    nats_url,
+                },
+                watch_namespace,
+                metrics_addr,
+                leader_election,
+                lease_namespace,
+                instance: None,
+            },
+            &log_format,
+        ),
         Command::Crd => match switchyard_crds::crd_yaml() {
             Ok(text) => {
                 print!("{text}");
@@ -143,6 +186,37 @@ fn print_plan(
         },
         Err(problems) => {
             eprint!("{}", load::describe(file, &problems));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn operator(options: controller::OperatorOptions, log_format: &str) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,async_nats=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(controller::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
     }

@@ -121,23 +121,25 @@ async fn ensure_checkpoint_bucket(js: &jetstream::Context, bucket: &str) -> anyh
 /// Deletes the stream (with every message and consumer in it) and the checkpoint bucket. Deleting what
 /// is already gone is not an error.
 pub async fn delete(js: &jetstream::Context, layout: &NatsLayout) -> anyhow::Result<()> {
-    match js.delete_stream(&layout.stream.name).await {
+    delete_named(js, &layout.stream.name, &layout.checkpoint_bucket).await
+}
+
+/// Like `delete`, by name: a Pipeline whose spec no longer plans can still be cleaned up.
+pub async fn delete_named(
+    js: &jetstream::Context,
+    stream: &str,
+    bucket: &str,
+) -> anyhow::Result<()> {
+    match js.delete_stream(stream).await {
         Ok(_) => {}
         Err(e) if is_not_found(&e.to_string()) => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot delete stream {}", layout.stream.name))
-        }
+        Err(e) => return Err(e).with_context(|| format!("cannot delete stream {stream}")),
     }
-    match js.delete_key_value(&layout.checkpoint_bucket).await {
+    match js.delete_key_value(bucket).await {
         Ok(_) => {}
         Err(e) if is_not_found(&e.to_string()) => {}
         Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "cannot delete key-value bucket {}",
-                    layout.checkpoint_bucket
-                )
-            })
+            return Err(e).with_context(|| format!("cannot delete key-value bucket {bucket}"))
         }
     }
     Ok(())

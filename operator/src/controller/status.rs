@@ -1,0 +1,431 @@
+//! A Pipeline's status, computed from what the reconcile found. Pure: the same observation and the
+//! previous status always give the same result, and a condition's `lastTransitionTime` moves only when
+//! its status does.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use switchyard_crds::{PipelineStatus, UnitStatus};
+
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// What the reconcile did and saw.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observation {
+    pub generation: Option<i64>,
+    pub outcome: Outcome,
+    pub units: Vec<UnitObservation>,
+    /// Where dead letters can be inspected, for messages.
+    pub dead_letter_subject: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The spec was rejected; nothing was applied.
+    Invalid { problems: Vec<String> },
+    /// The spec is fine but NATS could not be reached or refused the stream.
+    NatsUnavailable { message: String },
+    /// Everything was applied.
+    Applied,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct UnitObservation {
+    pub name: String,
+    pub deployment: String,
+    pub desired: i32,
+    pub ready: i32,
+    /// Why the Deployment's rollout failed (its Progressing condition said ProgressDeadlineExceeded).
+    pub rollout_failed: Option<String>,
+    pub lag: Option<u64>,
+    pub dead_lettered: u64,
+}
+
+impl UnitObservation {
+    fn is_ready(&self) -> bool {
+        self.ready >= self.desired
+    }
+}
+
+pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time) -> PipelineStatus {
+    let (ready, progressing, degraded, phase) = conditions(obs);
+    let previous_conditions = previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or_default();
+    let condition = |(type_, status, reason, message): (&str, bool, &str, String)| {
+        let status = if status { "True" } else { "False" };
+        let last_transition_time = previous_conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone());
+        Condition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+            reason: reason.to_string(),
+            message,
+            last_transition_time,
+            observed_generation: obs.generation,
+        }
+    };
+    let applied = obs.outcome == Outcome::Applied;
+    let ready_units = obs.units.iter().filter(|u| u.is_ready()).count();
+    PipelineStatus {
+        observed_generation: obs.generation,
+        phase: Some(phase.to_string()),
+        conditions: vec![
+            condition(ready),
+            condition(progressing),
+            condition(degraded),
+        ],
+        units_summary: applied.then(|| format!("{ready_units}/{}", obs.units.len())),
+        lag: applied.then(|| obs.units.iter().filter_map(|u| u.lag).sum()),
+        units: obs
+            .units
+            .iter()
+            .map(|u| {
+                let before = previous.and_then(|p| p.units.iter().find(|b| b.name == u.name));
+                UnitStatus {
+                    name: u.name.clone(),
+                    deployment: Some(u.deployment.clone()),
+                    desired_replicas: u.desired,
+                    ready_replicas: u.ready,
+                    lag: u.lag.unwrap_or_default(),
+                    rate: before.and_then(|b| b.rate),
+                    dead_lettered: u.dead_lettered,
+                    last_scale_time: before.and_then(|b| b.last_scale_time.clone()),
+                    last_scale_reason: before.and_then(|b| b.last_scale_reason.clone()),
+                }
+            })
+            .collect(),
+    }
+}
+
+type Cond<'a> = (&'a str, bool, &'a str, String);
+
+fn conditions(obs: &Observation) -> (Cond<'static>, Cond<'static>, Cond<'static>, &'static str) {
+    match &obs.outcome {
+        Outcome::Invalid { problems } => {
+            let message = format!(
+                "the spec has {} problem{}, so nothing was applied: {}; `switchyard validate` on the file shows the same",
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" },
+                problems.join("; ")
+            );
+            (
+                (READY, false, "InvalidSpec", message.clone()),
+                (
+                    PROGRESSING,
+                    false,
+                    "InvalidSpec",
+                    "waiting for a valid spec".to_string(),
+                ),
+                (DEGRADED, true, "InvalidSpec", message),
+                "Invalid",
+            )
+        }
+        Outcome::NatsUnavailable { message } => {
+            let message = format!("{message}; retrying with backoff");
+            (
+                (READY, false, "NatsUnavailable", message.clone()),
+                (PROGRESSING, true, "WaitingForNats", message.clone()),
+                (DEGRADED, true, "NatsUnavailable", message),
+                "Waiting",
+            )
+        }
+        Outcome::Applied => applied_conditions(obs),
+    }
+}
+
+fn applied_conditions(
+    obs: &Observation,
+) -> (Cond<'static>, Cond<'static>, Cond<'static>, &'static str) {
+    let not_ready: Vec<String> = obs
+        .units
+        .iter()
+        .filter(|u| !u.is_ready())
+        .map(|u| format!("{} ({}/{} ready)", u.name, u.ready, u.desired))
+        .collect();
+    let failed: Vec<String> = obs
+        .units
+        .iter()
+        .filter_map(|u| {
+            u.rollout_failed
+                .as_ref()
+                .map(|m| format!("{}: {m}", u.name))
+        })
+        .collect();
+    let dead: Vec<String> = obs
+        .units
+        .iter()
+        .filter(|u| u.dead_lettered > 0)
+        .map(|u| format!("{} {}", u.name, u.dead_lettered))
+        .collect();
+    let dead_total: u64 = obs.units.iter().map(|u| u.dead_lettered).sum();
+    let total = obs.units.len();
+
+    let ready = if not_ready.is_empty() {
+        (
+            READY,
+            true,
+            "AllUnitsReady",
+            format!("all {total} units are ready"),
+        )
+    } else {
+        (
+            READY,
+            false,
+            "UnitsNotReady",
+            format!(
+                "{} of {total} units are not ready: {}",
+                not_ready.len(),
+                not_ready.join(", ")
+            ),
+        )
+    };
+    let progressing = if not_ready.is_empty() {
+        (
+            PROGRESSING,
+            false,
+            "RolloutComplete",
+            format!("all {total} units are rolled out"),
+        )
+    } else if !failed.is_empty() {
+        (PROGRESSING, false, "RolloutFailed", failed.join("; "))
+    } else {
+        (
+            PROGRESSING,
+            true,
+            "RollingOut",
+            format!("waiting for {}", not_ready.join(", ")),
+        )
+    };
+    let degraded = if !failed.is_empty() {
+        (
+            DEGRADED,
+            true,
+            "RolloutFailed",
+            format!(
+                "{}; see `kubectl describe deployment` for the unit",
+                failed.join("; ")
+            ),
+        )
+    } else if dead_total > 0 {
+        (
+            DEGRADED,
+            true,
+            "DeadLetters",
+            format!(
+                "{dead_total} messages were dead-lettered ({}); they wait on {} with their errors in headers",
+                dead.join(", "),
+                obs.dead_letter_subject
+            ),
+        )
+    } else {
+        (DEGRADED, false, "AsExpected", "no failures".to_string())
+    };
+    let phase = if !failed.is_empty() {
+        "Degraded"
+    } else if not_ready.is_empty() {
+        "Running"
+    } else {
+        "Deploying"
+    };
+    (ready, progressing, degraded, phase)
+}
+
+/// The condition of `type_`, if set.
+pub fn condition<'a>(status: &'a PipelineStatus, type_: &str) -> Option<&'a Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn at(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    fn unit(name: &str, desired: i32, ready: i32) -> UnitObservation {
+        UnitObservation {
+            name: name.into(),
+            deployment: format!("p-{name}"),
+            desired,
+            ready,
+            lag: Some(3),
+            ..UnitObservation::default()
+        }
+    }
+
+    fn observe(outcome: Outcome, units: Vec<UnitObservation>) -> Observation {
+        Observation {
+            generation: Some(2),
+            outcome,
+            units,
+            dead_letter_subject: "switchyard.default.p.dlq.*".into(),
+        }
+    }
+
+    fn get<'a>(s: &'a PipelineStatus, t: &str) -> &'a Condition {
+        condition(s, t).unwrap()
+    }
+
+    #[test]
+    fn an_invalid_spec_is_not_ready_and_says_why() {
+        let s = compute(
+            None,
+            &observe(
+                Outcome::Invalid {
+                    problems: vec!["stages[0] a: the stage has no kind".into()],
+                },
+                vec![],
+            ),
+            &at(10),
+        );
+        let ready = get(&s, READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
+        assert!(
+            ready.message.contains("stages[0] a: the stage has no kind"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(get(&s, DEGRADED).status, "True");
+        assert_eq!(s.phase.as_deref(), Some("Invalid"));
+        assert_eq!(s.observed_generation, Some(2));
+        assert!(s
+            .conditions
+            .iter()
+            .all(|c| c.observed_generation == Some(2)));
+    }
+
+    #[test]
+    fn all_units_ready_is_ready() {
+        let s = compute(
+            None,
+            &observe(Outcome::Applied, vec![unit("a", 1, 1), unit("b", 3, 3)]),
+            &at(10),
+        );
+        assert_eq!(get(&s, READY).status, "True");
+        assert_eq!(get(&s, PROGRESSING).status, "False");
+        assert_eq!(get(&s, DEGRADED).reason, "AsExpected");
+        assert_eq!(s.units_summary.as_deref(), Some("2/2"));
+        assert_eq!(s.lag, Some(6));
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        assert_eq!(s.units[1].desired_replicas, 3);
+    }
+
+    #[test]
+    fn a_unit_still_rolling_out_is_progressing_and_named() {
+        let s = compute(
+            None,
+            &observe(
+                Outcome::Applied,
+                vec![unit("a", 1, 1), unit("machines", 2, 0)],
+            ),
+            &at(10),
+        );
+        let ready = get(&s, READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "UnitsNotReady")
+        );
+        assert!(
+            ready.message.contains("machines (0/2 ready)"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(get(&s, PROGRESSING).reason, "RollingOut");
+        assert_eq!(s.units_summary.as_deref(), Some("1/2"));
+        assert_eq!(s.phase.as_deref(), Some("Deploying"));
+    }
+
+    #[test]
+    fn a_failed_rollout_is_degraded() {
+        let mut m = unit("machines", 1, 0);
+        m.rollout_failed = Some("ReplicaSet has timed out progressing".into());
+        let s = compute(None, &observe(Outcome::Applied, vec![m]), &at(10));
+        assert_eq!(get(&s, DEGRADED).reason, "RolloutFailed");
+        assert_eq!(get(&s, PROGRESSING).status, "False");
+        assert_eq!(s.phase.as_deref(), Some("Degraded"));
+    }
+
+    #[test]
+    fn nats_trouble_is_not_ready_and_degraded() {
+        let s = compute(
+            None,
+            &observe(
+                Outcome::NatsUnavailable {
+                    message: "cannot reach NATS at nats://nats:4222".into(),
+                },
+                vec![],
+            ),
+            &at(10),
+        );
+        assert_eq!(get(&s, READY).reason, "NatsUnavailable");
+        assert!(get(&s, READY).message.contains("nats://nats:4222"));
+        assert_eq!(get(&s, DEGRADED).status, "True");
+        assert_eq!(s.phase.as_deref(), Some("Waiting"));
+    }
+
+    #[test]
+    fn dead_letters_make_a_ready_pipeline_degraded_with_where_to_look() {
+        let mut a = unit("a", 1, 1);
+        a.dead_lettered = 12;
+        let s = compute(None, &observe(Outcome::Applied, vec![a]), &at(10));
+        assert_eq!(get(&s, READY).status, "True");
+        let d = get(&s, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "DeadLetters")
+        );
+        assert!(
+            d.message.contains("12 messages") && d.message.contains("switchyard.default.p.dlq.*")
+        );
+        assert_eq!(s.units[0].dead_lettered, 12);
+    }
+
+    #[test]
+    fn transition_times_move_only_when_the_status_does() {
+        let not_ready = observe(Outcome::Applied, vec![unit("a", 1, 0)]);
+        let ready = observe(Outcome::Applied, vec![unit("a", 1, 1)]);
+        let first = compute(None, &not_ready, &at(10));
+        // Same status later, even with another message: the time stays.
+        let mut slower = not_ready.clone();
+        slower.units[0].desired = 2;
+        let second = compute(Some(&first), &slower, &at(20));
+        assert_eq!(get(&second, READY).last_transition_time, at(10));
+        assert_ne!(get(&second, READY).message, get(&first, READY).message);
+        // A real transition moves it.
+        let third = compute(Some(&second), &ready, &at(30));
+        assert_eq!(get(&third, READY).last_transition_time, at(30));
+        assert_eq!(get(&third, PROGRESSING).last_transition_time, at(30));
+        // Degraded stayed False throughout.
+        assert_eq!(get(&third, DEGRADED).last_transition_time, at(10));
+        // And a repeat changes nothing at all.
+        assert_eq!(compute(Some(&third), &ready, &at(40)), third);
+    }
+
+    #[test]
+    fn scaling_facts_recorded_earlier_are_kept() {
+        let mut before = compute(
+            None,
+            &observe(Outcome::Applied, vec![unit("a", 1, 1)]),
+            &at(10),
+        );
+        before.units[0].last_scale_reason = Some("lag 500 over target".into());
+        let after = compute(
+            Some(&before),
+            &observe(Outcome::Applied, vec![unit("a", 1, 1)]),
+            &at(20),
+        );
+        assert_eq!(
+            after.units[0].last_scale_reason.as_deref(),
+            Some("lag 500 over target")
+        );
+    }
+}

