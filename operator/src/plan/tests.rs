@@ -122,32 +122,37 @@ fn pods_meet_the_restricted_pod_security_standard() {
 
 #[test]
 fn the_stage_runtime_reaches_any_image_through_an_init_container() {
-    let text = include_str!("../../../examples/laundry.yaml").replace(
-        "        - name: basket\n",
-        "        - name: basket\n          image: ruby:3.3\n",
-    );
-    let pipeline = parse_pipeline(&text).unwrap();
-    let plan = plan(&pipeline, &PlanSettings::default()).unwrap();
-    let pod = unit(&plan, "person")
-        .deployment
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .clone()
-        .unwrap();
-    assert_eq!(pod.containers[0].image.as_deref(), Some("ruby:3.3"));
+    let plan = plan(&laundry(), &PlanSettings::default()).unwrap();
+    let pod = |name: &str| {
+        unit(&plan, name)
+            .deployment
+            .spec
+            .clone()
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+    };
+    let person = pod("person");
+    assert_eq!(person.containers[0].image.as_deref(), Some("ruby:3.3-slim"));
     assert_eq!(
-        pod.containers[0].command.as_deref(),
+        pod("machines").containers[0].image.as_deref(),
+        Some("python:3.12-slim")
+    );
+    assert_eq!(
+        person.containers[0].command.as_deref(),
         Some(&["/switchyard/bin/switchyard-stage".to_string()][..])
     );
-    let init = &pod.init_containers.unwrap()[0];
+    assert_eq!(person.containers[0].working_dir.as_deref(), Some("/work"));
+    let init = &person.init_containers.unwrap()[0];
     assert_eq!(init.image.as_deref(), Some(default_image().as_str()));
-    // Units that name no image run in Switchyard's own.
-    let closet = unit(&plan, "closet").deployment.spec.clone().unwrap();
     assert_eq!(
-        closet.template.spec.unwrap().containers[0].image.as_deref(),
+        init.args.as_deref(),
+        Some(&["--install-to".to_string(), "/switchyard/bin".to_string()][..])
+    );
+    // Units that name no image run in Switchyard's own.
+    assert_eq!(
+        pod("closet").containers[0].image.as_deref(),
         Some(default_image().as_str())
     );
 }
