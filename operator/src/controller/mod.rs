@@ -625,6 +625,15 @@ pub async fn run(options: OperatorOptions) -> anyhow::Result<()> {
     let client = Client::try_default().await.map_err(|e| {
         anyhow::anyhow!("cannot reach the Kubernetes API ({e}); in a pod the service account is used, elsewhere KUBECONFIG")
     })?;
+    run_with(client, options, shutdown_signal()).await
+}
+
+/// The operator on a given client, until `shutdown` resolves (or leadership is lost).
+pub async fn run_with(
+    client: Client,
+    options: OperatorOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -633,7 +642,7 @@ pub async fn run(options: OperatorOptions) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     tokio::spawn(async move {
-        shutdown_signal().await;
+        shutdown.await;
         tracing::info!("stopping: finishing the reconciles in progress");
         let _ = stop_tx.send(true);
     });

@@ -1,27 +1,68 @@
-//! An in-memory Kubernetes API server behind a real `kube::Client`: enough of it for the reconcile —
-//! get, list with label selectors, create, server-side apply (approximated as a merge, one field
-//! manager), merge and JSON patches, the status subresource, deletion with finalizers, and garbage
-//! collection of owned objects. No watches: tests call the reconcile directly.
+//! An in-memory Kubernetes API server behind a real `kube::Client`: enough of it for the operator —
+//! get, list and watch (with label selectors, in one namespace or all), create, server-side apply
+//! (approximated as a merge, since there is one field manager), merge and JSON patches, the status
+//! subresource, deletion with finalizers, and garbage collection of owned objects.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use serde_json::{json, Value};
+use tokio::sync::broadcast;
 
 /// (API prefix such as `/apis/apps/v1`, plural, namespace, name)
 type Key = (String, String, String, String);
 
-#[derive(Default)]
+#[derive(Clone, Debug)]
+struct Change {
+    version: u64,
+    key: Key,
+    type_: &'static str,
+    object: Value,
+}
+
 struct Store {
     objects: BTreeMap<Key, Value>,
     version: u64,
     uid: u64,
     log: Vec<String>,
+    history: Vec<Change>,
+    live: broadcast::Sender<Change>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            objects: BTreeMap::new(),
+            version: 0,
+            uid: 0,
+            log: Vec::new(),
+            history: Vec::new(),
+            live: broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl Store {
+    /// Records a change for watchers; `object` carries the resourceVersion it was given.
+    fn changed(&mut self, key: &Key, type_: &'static str, object: &Value) {
+        let change = Change {
+            version: self.version,
+            key: key.clone(),
+            type_,
+            object: object.clone(),
+        };
+        self.history.push(change.clone());
+        let _ = self.live.send(change);
+    }
 }
 
 #[derive(Clone, Default)]
@@ -35,12 +76,14 @@ pub const CONFIG_MAPS: (&str, &str) = ("/api/v1", "configmaps");
 pub const SECRETS: (&str, &str) = ("/api/v1", "secrets");
 pub const EVENTS: (&str, &str) = ("/apis/events.k8s.io/v1", "events");
 
+type Body = BoxBody<Bytes, Infallible>;
+
 impl FakeApi {
     pub fn client(&self) -> kube::Client {
         let store = self.store.clone();
         let service = tower::service_fn(move |request: Request<kube::client::Body>| {
             let store = store.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(store, request).await) }
+            async move { Ok::<_, Infallible>(handle(store, request).await) }
         });
         kube::Client::new(service, "default")
     }
@@ -83,17 +126,9 @@ impl FakeApi {
             .as_str()
             .unwrap_or("default")
             .to_string();
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
         let mut store = self.lock();
-        create(
-            &mut store,
-            key(
-                kind,
-                &namespace,
-                object["metadata"]["name"].as_str().unwrap(),
-            ),
-            object,
-        )
-        .expect("the object already exists")
+        create(&mut store, key(kind, &namespace, &name), object).expect("the object already exists")
     }
 
     /// Changes an object the way a user (or a kubelet, for a status) would.
@@ -107,16 +142,16 @@ impl FakeApi {
         let mut store = self.lock();
         store.version += 1;
         let version = store.version;
-        let object = store
-            .objects
-            .get_mut(&key(kind, namespace, name))
-            .expect("no such object");
+        let k = key(kind, namespace, name);
+        let object = store.objects.get_mut(&k).expect("no such object");
         let spec_before = object.get("spec").cloned();
         change(object);
         object["metadata"]["resourceVersion"] = json!(version.to_string());
         if object.get("spec").cloned() != spec_before {
             bump_generation(object);
         }
+        let object = object.clone();
+        store.changed(&k, "MODIFIED", &object);
     }
 
     /// Deletes as `kubectl delete` would: objects with finalizers only get a deletion timestamp.
@@ -161,24 +196,32 @@ fn create(store: &mut Store, key: Key, mut object: Value) -> Result<Value, Value
     meta["resourceVersion"] = json!(store.version.to_string());
     meta["generation"] = json!(1);
     meta["creationTimestamp"] = json!("2026-11-24T00:00:00Z");
-    store.objects.insert(key, object.clone());
+    store.objects.insert(key.clone(), object.clone());
+    store.changed(&key, "ADDED", &object);
     Ok(object)
 }
 
 fn delete(store: &mut Store, key: Key) -> Option<Value> {
-    let object = store.objects.get_mut(&key)?;
+    let object = store.objects.get(&key)?.clone();
     let has_finalizers = object["metadata"]["finalizers"]
         .as_array()
         .is_some_and(|f| !f.is_empty());
     if has_finalizers {
         if object["metadata"]["deletionTimestamp"].is_null() {
             store.version += 1;
-            object["metadata"]["deletionTimestamp"] = json!("2026-11-24T00:00:01Z");
-            object["metadata"]["resourceVersion"] = json!(store.version.to_string());
+            let version = store.version;
+            let stored = store.objects.get_mut(&key)?;
+            stored["metadata"]["deletionTimestamp"] = json!("2026-11-24T00:00:01Z");
+            stored["metadata"]["resourceVersion"] = json!(version.to_string());
+            let stored = stored.clone();
+            store.changed(&key, "MODIFIED", &stored);
+            return Some(stored);
         }
-        return Some(object.clone());
+        return Some(object);
     }
     let removed = store.objects.remove(&key)?;
+    store.version += 1;
+    store.changed(&key, "DELETED", &removed);
     collect_garbage(
         store,
         removed["metadata"]["uid"].as_str().unwrap_or_default(),
@@ -207,17 +250,12 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": reason, "message": message, "code": code})
 }
 
-fn respond(code: u16, body: &Value) -> Response<Full<Bytes>> {
+fn respond(code: u16, body: &Value) -> Response<Body> {
     Response::builder()
         .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
         .unwrap()
-}
-
-/// RFC 7386 merge, as server-side apply by a single field manager amounts to for these tests.
-fn merge(target: &mut Value, patch: &Value) {
-    json_patch::merge(target, patch);
 }
 
 /// The API server tests a missing field as null (the finalizer helper relies on it); the json_patch
@@ -237,10 +275,12 @@ fn missing_is_null(target: &Value, patch: json_patch::Patch) -> json_patch::Patc
     )
 }
 
+#[derive(Clone)]
 struct Route {
     prefix: String,
     plural: String,
-    namespace: String,
+    /// None: every namespace (a cluster-wide list or watch).
+    namespace: Option<String>,
     name: Option<String>,
     subresource: Option<String>,
 }
@@ -259,9 +299,16 @@ fn route(path: &str) -> Option<Route> {
         ["namespaces", ns, plural, tail @ ..] => Some(Route {
             prefix,
             plural: plural.to_string(),
-            namespace: ns.to_string(),
+            namespace: Some(ns.to_string()),
             name: tail.first().map(|s| s.to_string()),
             subresource: tail.get(1).map(|s| s.to_string()),
+        }),
+        [plural] => Some(Route {
+            prefix,
+            plural: plural.to_string(),
+            namespace: None,
+            name: None,
+            subresource: None,
         }),
         _ => None,
     }
@@ -304,10 +351,69 @@ fn matches_labels(object: &Value, selector: &str) -> bool {
         })
 }
 
-async fn handle(
-    store: Arc<Mutex<Store>>,
-    request: Request<kube::client::Body>,
-) -> Response<Full<Bytes>> {
+fn in_scope(route: &Route, key: &Key) -> bool {
+    key.0 == route.prefix
+        && key.1 == route.plural
+        && route.namespace.as_ref().is_none_or(|ns| *ns == key.2)
+}
+
+/// A watch: the changes after `since`, then live ones, as JSON lines, until `timeout`.
+fn watch(
+    store: &Store,
+    route: Route,
+    selector: Option<String>,
+    since: u64,
+    timeout: Duration,
+) -> Response<Body> {
+    let wanted = move |change: &Change| {
+        in_scope(&route, &change.key)
+            && selector
+                .as_deref()
+                .is_none_or(|s| matches_labels(&change.object, s))
+    };
+    let past: Vec<Change> = store
+        .history
+        .iter()
+        .filter(|c| c.version > since && wanted(c))
+        .cloned()
+        .collect();
+    let newest = store.version;
+    let live = tokio_stream_of(store.live.subscribe());
+    let line = |c: Change| {
+        let mut text = json!({"type": c.type_, "object": c.object}).to_string();
+        text.push('\n');
+        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(text)))
+    };
+    let wanted_live = wanted.clone();
+    let stream = futures::stream::iter(past.into_iter().map(line))
+        .chain(
+            live.filter(move |c| {
+                let keep = c.version > newest && wanted_live(c);
+                async move { keep }
+            })
+            .map(line),
+        )
+        .take_until(tokio::time::sleep(timeout));
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap()
+}
+
+fn tokio_stream_of(receiver: broadcast::Receiver<Change>) -> impl futures::Stream<Item = Change> {
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(change) => return Some((change, receiver)),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+}
+
+async fn handle(store: Arc<Mutex<Store>>, request: Request<kube::client::Body>) -> Response<Body> {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let content_type = request
@@ -317,6 +423,15 @@ async fn handle(
         .unwrap_or_default()
         .to_string();
     let selector = query(&request, "labelSelector");
+    let watching = query(&request, "watch").is_some_and(|w| w == "true" || w == "1");
+    let since: u64 = query(&request, "resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let timeout = Duration::from_secs(
+        query(&request, "timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(290),
+    );
     let body = match request.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => Bytes::new(),
@@ -329,6 +444,9 @@ async fn handle(
             &status(404, "NotFound", &format!("no route for {path}")),
         );
     };
+    if watching {
+        return watch(&store, route, selector, since, timeout);
+    }
     let body_json: Value = if body.is_empty() {
         Value::Null
     } else {
@@ -342,11 +460,12 @@ async fn handle(
             }
         }
     };
+    let namespace = route.namespace.clone().unwrap_or_default();
     let key = |name: &str| {
         (
             route.prefix.clone(),
             route.plural.clone(),
-            route.namespace.clone(),
+            namespace.clone(),
             name.to_string(),
         )
     };
@@ -355,11 +474,8 @@ async fn handle(
             let items: Vec<Value> = store
                 .objects
                 .iter()
-                .filter(|((p, r, ns, _), o)| {
-                    *p == route.prefix
-                        && *r == route.plural
-                        && *ns == route.namespace
-                        && selector.as_deref().is_none_or(|s| matches_labels(o, s))
+                .filter(|(k, o)| {
+                    in_scope(&route, k) && selector.as_deref().is_none_or(|s| matches_labels(o, s))
                 })
                 .map(|(_, o)| o.clone())
                 .collect();
@@ -399,8 +515,7 @@ async fn handle(
         ("PATCH", Some(name)) => {
             let k = key(name);
             let is_status = route.subresource.as_deref() == Some("status");
-            let exists = store.objects.contains_key(&k);
-            if !exists {
+            if !store.objects.contains_key(&k) {
                 if content_type.starts_with("application/apply-patch") && !is_status {
                     let mut object = body_json.clone();
                     object["metadata"]["name"] = json!(name);
@@ -432,7 +547,7 @@ async fn handle(
                     obj.remove("apiVersion");
                     obj.remove("kind");
                 }
-                merge(&mut next, &patch);
+                json_patch::merge(&mut next, &patch);
                 Ok(())
             };
             if let Err(e) = result {
@@ -467,6 +582,9 @@ async fn handle(
                     .as_array()
                     .is_none_or(|f| f.is_empty());
             store.objects.insert(k.clone(), next.clone());
+            if next != current {
+                store.changed(&k, "MODIFIED", &next);
+            }
             if finished {
                 delete(&mut store, k);
             }
