@@ -394,3 +394,76 @@ async fn a_missing_credentials_secret_is_reported() {
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_change_updates_consumers_in_place() {
+    let w = world();
+    w.api.create(PIPELINES, laundry());
+    settle(&w, "laundry").await.unwrap();
+    let client = async_nats::connect(w.nats.url()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("switchyard_default_laundry")
+        .await
+        .unwrap();
+    let before = stream.consumer_info("machines").await.unwrap();
+    w.api.update(PIPELINES, "default", "laundry", |p| {
+        p["spec"]["stages"][1]["concurrency"] = json!(100);
+    });
+    settle(&w, "laundry").await.unwrap();
+    let after = stream.consumer_info("machines").await.unwrap();
+    // Eight replicas of 100 in flight, twice over.
+    assert_eq!(after.config.max_ack_pending, 1600);
+    assert_ne!(before.config.max_ack_pending, after.config.max_ack_pending);
+    assert_eq!(
+        before.created, after.created,
+        "updated in place, not recreated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_and_dead_letters_are_read_from_nats_into_the_status() {
+    let w = world();
+    w.api.create(PIPELINES, laundry());
+    settle(&w, "laundry").await.unwrap();
+    make_all_ready(&w);
+    let client = async_nats::connect(w.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    // Three messages wait for `person` (nobody runs it here), one dead letter sits in `machines`' subject.
+    for i in 0..3 {
+        js.publish(
+            "switchyard.default.laundry.data.clothes",
+            format!("{{\"item\": {i}}}").into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    js.publish(
+        "switchyard.default.laundry.dlq.machines",
+        "{\"item\": 9}".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    settle(&w, "laundry").await.unwrap();
+    let status = pipeline(&w, "laundry").status.unwrap();
+    let unit = |name: &str| {
+        status
+            .units
+            .iter()
+            .find(|u| u.name == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(unit("person").lag, 3);
+    assert_eq!(unit("machines").dead_lettered, 1);
+    assert_eq!(status.lag, Some(3));
+    let (degraded, reason, message) = condition(&w, "laundry", status::DEGRADED);
+    assert_eq!(
+        (degraded.as_str(), reason.as_str()),
+        ("True", "DeadLetters")
+    );
+    assert!(message.contains("machines 1"), "{message}");
+}
