@@ -241,10 +241,20 @@ pub struct Switcher {
     #[serde(default = "default_max_replicas")]
     #[schemars(range(min = 1))]
     pub max_replicas: u32,
-    /// Queue lag one replica is expected to carry (default 100).
+    /// Queue lag one replica is expected to carry (default 100). A backlog scales the switcher up at
+    /// once, to backlog ÷ this many replicas.
     #[serde(default = "default_target_lag")]
     #[schemars(range(min = 1))]
     pub target_lag_per_replica: u64,
+    /// Share of its concurrency a replica should be busy with, in percent (default 80). Under steady
+    /// load this keeps enough replicas that the backlog does not come back.
+    #[serde(default = "default_target_utilization")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_utilization: u32,
+    /// The switcher scales down only to the most replicas it needed during this window (default 30s),
+    /// so that a dip in load does not make it flap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down_stabilization: Option<String>,
 }
 
 impl Default for Switcher {
@@ -253,9 +263,14 @@ impl Default for Switcher {
             min_replicas: default_min_replicas(),
             max_replicas: default_max_replicas(),
             target_lag_per_replica: default_target_lag(),
+            target_utilization: default_target_utilization(),
+            scale_down_stabilization: None,
         }
     }
 }
+
+/// Default of `switcher.scaleDownStabilization`.
+pub const DEFAULT_SCALE_DOWN_STABILIZATION: &str = "30s";
 
 fn default_min_replicas() -> u32 {
     1
@@ -265,6 +280,9 @@ fn default_max_replicas() -> u32 {
 }
 fn default_target_lag() -> u64 {
     100
+}
+fn default_target_utilization() -> u32 {
+    80
 }
 
 /// A long-lived child process speaking the line protocol.

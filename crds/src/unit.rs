@@ -234,6 +234,19 @@ pub struct StatsReport {
     /// True once a finite source has published everything.
     #[serde(default)]
     pub finished: bool,
+    /// Pending plus unacknowledged messages of the unit's consumer, as the consumer's leader reported
+    /// it during the last interval (absent for sources, or when it could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+    /// Inputs finished per second over the last interval.
+    #[serde(default)]
+    pub rate: f64,
+    /// Mean share of its concurrency this replica was busy with over the last interval (0 to 1).
+    #[serde(default)]
+    pub utilization: f64,
+    /// Inputs (for a batch stage: batches) this replica works on at once.
+    #[serde(default)]
+    pub concurrency: u32,
 }
 
 #[cfg(test)]

@@ -430,6 +430,18 @@ fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, top_level
                 "switcher.targetLagPerReplica must be at least 1",
             ));
         }
+        if !(1..=100).contains(&sw.target_utilization) {
+            problems.push(Problem::at(
+                path,
+                format!(
+                    "switcher.targetUtilization {} must be a percentage from 1 to 100",
+                    sw.target_utilization
+                ),
+            ));
+        }
+        if let Some(window) = &sw.scale_down_stabilization {
+            check_duration(problems, path, "switcher.scaleDownStabilization", window);
+        }
     }
     if let Some(c) = stage.concurrency {
         if c == 0 {

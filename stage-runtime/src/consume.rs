@@ -101,6 +101,9 @@ impl Worker {
                     Ok(m) => {
                         messages = Some(m);
                         reopen_delay = REOPEN_FIRST;
+                        self.stats
+                            .ready
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(e) => {
                         tracing::warn!("{e:#}; trying again in {reopen_delay:?}");

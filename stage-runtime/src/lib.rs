@@ -38,6 +38,8 @@ pub struct RunOptions {
     pub replica: String,
     /// Exit once a finite source has published everything (local mode); in a cluster the pod stays.
     pub exit_when_done: bool,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (port 0: any free port).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Connects to NATS, retrying until it answers or `shutdown` is set. After that the client reconnects
@@ -101,21 +103,41 @@ pub async fn run_unit(
     let client = connect(&options, &name, &shutdown).await?;
     let js = jetstream_context(client.clone());
     let stats = Arc::new(Stats::default());
+    let concurrency = match &config.role {
+        UnitRole::Source { .. } => 0,
+        UnitRole::Process { concurrency, .. } | UnitRole::Sink { concurrency, .. } => *concurrency,
+    };
+    let latest: stats::Latest = Arc::default();
     let reporter = stats::spawn_reporter(
-        client.clone(),
-        config.stats_subject.clone(),
-        config.unit.clone(),
-        options.replica.clone(),
+        stats::ReportContext {
+            client: client.clone(),
+            js: js.clone(),
+            subject: config.stats_subject.clone(),
+            unit: config.unit.clone(),
+            replica: options.replica.clone(),
+            stream: config.stream.clone(),
+            consumer: config.input.as_ref().map(|i| i.durable.clone()),
+            concurrency,
+        },
         stats.clone(),
+        latest.clone(),
     );
+    let server = options.metrics_addr.map(|addr| {
+        let (pipeline, latest, stats) = (config.pipeline.clone(), latest.clone(), stats.clone());
+        tokio::spawn(async move {
+            if let Err(e) = stats::serve(addr, pipeline, latest, stats).await {
+                tracing::error!("cannot serve metrics on {addr}: {e}");
+            }
+        })
+    });
     let result = run_role(&config, &options, &client, &js, &stats, shutdown.clone()).await;
     reporter.abort();
-    stats::publish(
-        &client,
-        &config.stats_subject,
-        &stats.report(&config.unit, &options.replica),
-    )
-    .await;
+    if let Some(server) = server {
+        server.abort();
+    }
+    let mut last = stats.report(&config.unit, &options.replica);
+    last.concurrency = concurrency;
+    stats::publish(&client, &config.stats_subject, &last).await;
     // Acknowledgements are fire-and-forget publishes: send them before the process goes.
     if let Err(e) = client.flush().await {
         tracing::warn!("cannot flush the NATS connection: {e}");
@@ -157,6 +179,7 @@ async fn run_role(
                     config.namespace, config.pipeline, config.unit
                 ),
             };
+            stats.ready.store(true, Ordering::Relaxed);
             unit.run(source).await?;
             let stopped_early = *shutdown.borrow();
             if source.is_finite() && stopped_early && options.exit_when_done {

@@ -39,6 +39,9 @@ struct Args {
     /// Exit once a finite source has published everything (local mode).
     #[arg(long)]
     exit_when_done: bool,
+    /// Serve /metrics (Prometheus), /healthz and /readyz here, such as 0.0.0.0:9090 (port 0: any).
+    #[arg(long, env = "SWITCHYARD_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Log format.
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -126,6 +129,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         credentials: args.nats_credentials,
         replica,
         exit_when_done: args.exit_when_done,
+        metrics_addr: args.metrics_addr,
     };
     run_unit(config, options, shutdown).await?;
     tracing::info!("stopped");

@@ -341,6 +341,7 @@ spec:
         credentials: None,
         replica: "r".into(),
         exit_when_done: true,
+        metrics_addr: None,
     };
     let run = tokio::spawn(switchyard_stage::run_unit(
         h.config("src"),
@@ -357,4 +358,58 @@ spec:
             .contains("stopped before the source finished"),
         "{error}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_carry_lag_rate_and_utilization_and_metrics_show_them() {
+    let mut h = harness(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {name: busy}
+spec:
+  sources: [{name: src, generator: {count: 2000, ratePerSecond: 400}}]
+  stages: [{name: work, concurrency: 2, sleep: 50ms}]
+  sinks: [{name: out, log: {}}]
+"#,
+    )
+    .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let stats = h.watch_stats("work").await;
+    h.start("src");
+    h.start("out");
+    let addr = format!("127.0.0.1:{port}");
+    h.spawn_with("work", "only", &["--metrics-addr", &addr]);
+    // One replica does 2 / 50ms = 40 a second, ten times less than comes in: a backlog builds.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let report = stats
+        .lock()
+        .unwrap()
+        .get("only")
+        .cloned()
+        .expect("a report from the replica");
+    assert!(report.lag.unwrap_or(0) > 100, "{report:?}");
+    assert!((20.0..=60.0).contains(&report.rate), "{report:?}");
+    assert!(report.utilization > 0.8, "{report:?}");
+    assert_eq!(report.concurrency, 2);
+    let metrics = reqwest_get(&format!("http://{addr}/metrics")).await;
+    assert!(
+        metrics.contains("switchyard_stage_lag{pipeline=\"busy\",unit=\"work\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_stage_utilization{pipeline=\"busy\",unit=\"work\"}"),
+        "{metrics}"
+    );
+    assert_eq!(reqwest_get(&format!("http://{addr}/readyz")).await, "ready");
+    h.stop().await;
+}
+
+async fn reqwest_get(url: &str) -> String {
+    let client = switchyard_stage::steps::http_client().unwrap();
+    client.get(url).send().await.unwrap().text().await.unwrap()
 }

@@ -71,7 +71,9 @@ impl Harness {
             nats_url: self.nats.url(),
             credentials: None,
             replica: replica.to_string(),
-            exit_when_done: true,
+            // In-process units idle once finished, and stop when the test says.
+            exit_when_done: false,
+            metrics_addr: None,
         }
     }
 
@@ -92,6 +94,11 @@ impl Harness {
 
     /// Runs a unit as a `switchyard-stage` process; returns its pid.
     pub fn spawn(&mut self, unit: &str, replica: &str) -> u32 {
+        self.spawn_with(unit, replica, &[])
+    }
+
+    /// Like `spawn`, with more arguments for `switchyard-stage`.
+    pub fn spawn_with(&mut self, unit: &str, replica: &str, extra: &[&str]) -> u32 {
         let config_path = self.path(&format!("{unit}-{replica}.json"));
         std::fs::write(
             &config_path,
@@ -108,6 +115,7 @@ impl Harness {
             .arg("--replica")
             .arg(replica)
             .arg("--exit-when-done")
+            .args(extra)
             .current_dir(self.dir.path())
             .stdout(out)
             .stderr(log)
