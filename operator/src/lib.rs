@@ -1,6 +1,7 @@
 //! The Switchyard operator and the `switchyard` command's machinery: the plan (what a Pipeline becomes),
 //! the controller that applies it in a cluster, and local mode (`switchyard run`).
 
+pub mod autoscale;
 pub mod controller;
 pub mod load;
 pub mod local;
