@@ -262,12 +262,14 @@ pub struct Window {
 }
 
 impl Window {
+    /// Adds a sample and forgets those the window no longer needs. The newest sample at or beyond the
+    /// window's start stays, so a full window is recognised whatever the spacing of the samples.
     pub fn push(&mut self, sample: Sample, stabilization: Duration) {
         self.samples.push_back(sample);
         while self
             .samples
-            .front()
-            .is_some_and(|s| sample.at.saturating_sub(s.at) > stabilization)
+            .get(1)
+            .is_some_and(|second| sample.at.saturating_sub(second.at) >= stabilization)
         {
             self.samples.pop_front();
         }
@@ -280,3 +282,53 @@ impl Window {
 
 #[cfg(test)]
 mod tests;
+
+/// How much backlog a unit holds before it counts as full: a switcher's `maxReplicas ×
+/// targetLagPerReplica`, any other unit ten times its consumer's `maxAckPending`.
+pub fn lag_limit(
+    unit: &switchyard_crds::topology::Unit,
+    consumer: Option<&switchyard_crds::unit::ConsumerConfig>,
+) -> u64 {
+    match &unit.switcher {
+        Some(s) => u64::from(s.max_replicas.max(1)).saturating_mul(s.target_lag_per_replica.max(1)),
+        None => consumer.map_or(10_000, |c| {
+            (c.max_ack_pending.max(1) as u64).saturating_mul(10)
+        }),
+    }
+}
+
+/// Of the units reading `unit`'s output, the one nearest its limit, from their current lag.
+pub fn downstream_pressure(
+    topology: &switchyard_crds::topology::Topology,
+    consumers: &[switchyard_crds::unit::ConsumerConfig],
+    unit: &str,
+    lags: &std::collections::HashMap<String, u64>,
+) -> Option<Pressure> {
+    topology
+        .readers_of(unit)
+        .filter_map(|reader| {
+            let lag = *lags.get(&reader.name)?;
+            let consumer = consumers.iter().find(|c| c.durable == reader.name);
+            let limit = lag_limit(reader, consumer).max(1);
+            Some(Pressure {
+                unit: reader.name.clone(),
+                lag,
+                limit,
+            })
+        })
+        .max_by(|a, b| {
+            let ra = a.lag as f64 / a.limit as f64;
+            let rb = b.lag as f64 / b.limit as f64;
+            ra.total_cmp(&rb)
+        })
+}
+
+/// A sample from the consumer's lag and the latest reports of the replicas alive now.
+pub fn sample(at: Duration, lag: u64, reports: &[switchyard_crds::unit::StatsReport]) -> Sample {
+    Sample {
+        at,
+        lag,
+        busy: reports.iter().map(|r| r.utilization).sum(),
+        rate: reports.iter().map(|r| r.rate).sum(),
+    }
+}

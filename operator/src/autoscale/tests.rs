@@ -282,3 +282,36 @@ fn the_policy_comes_from_the_switcher_with_its_defaults() {
     assert_eq!(p.stabilization, Duration::from_secs(5));
     assert_eq!(p.target_utilization, 0.5);
 }
+
+#[test]
+fn the_window_fills_whatever_the_spacing_of_the_samples() {
+    // Reports come about a second apart, rarely exactly: here every 1.2 s, for a 5 s window.
+    let p = Policy {
+        stabilization: Duration::from_secs(5),
+        ..policy(1, 10)
+    };
+    let mut window = Window::default();
+    let mut current = 6;
+    let mut downs = 0;
+    for i in 0..20u64 {
+        let sample = Sample {
+            at: Duration::from_millis(i * 1200),
+            lag: 0,
+            busy: 0.0,
+            rate: 0.0,
+        };
+        window.push(sample, p.stabilization);
+        let d = decide(&p, current, &window.samples(), None);
+        if d.change == Change::Down {
+            downs += 1;
+            assert!(
+                sample.at >= Duration::from_secs(5),
+                "{d:?} at {:?}",
+                sample.at
+            );
+        }
+        current = d.desired;
+    }
+    assert_eq!(current, 1, "an idle switcher goes back to its minimum");
+    assert_eq!(downs, 1);
+}

@@ -1,6 +1,8 @@
 //! `switchyard run`: a Pipeline on this machine, with real NATS and real `switchyard-stage` processes.
 
+mod plot;
 mod progress;
+mod scaling;
 mod summary;
 mod supervisor;
 
@@ -48,6 +50,13 @@ pub struct RunArgs {
     /// Let stage processes log at debug level (their logs are kept in the run's folder).
     #[arg(long)]
     pub verbose: bool,
+    /// Write the run's summary as JSON here, with every unit's replicas and lag over time and the
+    /// scaling decisions.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+    /// Draw lag and replicas per unit over time into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 pub fn main(args: RunArgs) -> ExitCode {
@@ -205,7 +214,11 @@ fn locate_stage_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         .context("cannot find switchyard-stage next to switchyard or on PATH: build it with `cargo build --bins`, or pass --stage-bin")
 }
 
-type StatsByUnit = Arc<Mutex<HashMap<String, BTreeMap<String, StatsReport>>>>;
+/// The latest report of every replica each unit has had, with when it arrived.
+type StatsByUnit = Arc<Mutex<HashMap<String, BTreeMap<String, (Instant, StatsReport)>>>>;
+
+/// A replica that has not reported for this long is gone (it stopped or died).
+const REPORT_STALE: Duration = Duration::from_secs(3);
 
 async fn collect_stats(client: async_nats::Client, subject: String) -> anyhow::Result<StatsByUnit> {
     let stats: StatsByUnit = Arc::default();
@@ -220,7 +233,7 @@ async fn collect_stats(client: async_nats::Client, subject: String) -> anyhow::R
                 if let Ok(mut all) = sink.lock() {
                     all.entry(report.unit.clone())
                         .or_default()
-                        .insert(report.replica.clone(), report);
+                        .insert(report.replica.clone(), (Instant::now(), report));
                 }
             }
         }
@@ -235,7 +248,7 @@ fn totals(stats: &StatsByUnit, unit: &str) -> StatsReport {
         .map(|s| s.get(unit).cloned().unwrap_or_default())
         .unwrap_or_default();
     let mut sum = StatsReport::default();
-    for r in all.values() {
+    for (_, r) in all.values() {
         sum.processed += r.processed;
         sum.published += r.published;
         sum.dead_lettered += r.dead_lettered;
@@ -243,6 +256,25 @@ fn totals(stats: &StatsByUnit, unit: &str) -> StatsReport {
         sum.in_flight += r.in_flight;
     }
     sum
+}
+
+/// The latest reports of the replicas that are alive, by unit.
+fn fresh_reports(stats: &StatsByUnit) -> HashMap<String, Vec<StatsReport>> {
+    stats
+        .lock()
+        .map(|all| {
+            all.iter()
+                .map(|(unit, replicas)| {
+                    let alive = replicas
+                        .values()
+                        .filter(|(at, _)| at.elapsed() < REPORT_STALE)
+                        .map(|(_, r)| r.clone())
+                        .collect();
+                    (unit.clone(), alive)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn kind_of(topology: &Topology, unit: &str) -> String {
@@ -383,9 +415,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             UnitRole::Source { source, .. } => (true, source.is_finite()),
             _ => (false, false),
         };
-        // Switchers start at their minimum; until local autoscaling arrives, at least one runs so the
-        // pipeline can drain.
-        let wanted = (replicas_of(unit).min.max(1)) as usize;
+        // Switchers start at their minimum (perhaps zero); the autoscaler takes it from there.
+        let wanted = replicas_of(unit).min as usize;
         supervisor.add(&unit.name, path, wanted, is_source, finite);
     }
 
@@ -422,6 +453,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut lags: HashMap<String, u64> = HashMap::new();
     let mut last_refresh = Instant::now() - Duration::from_secs(1);
+    let mut scaler = scaling::LocalScaler::new(&prepared.topology);
+    let mut last_scale = Instant::now();
     let mut interrupted = false;
     let mut completed = false;
     let mut events = Vec::new();
@@ -471,6 +504,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                         all_empty = false;
                         tracing::debug!("cannot read consumer {durable}: {e}");
                     }
+                }
+            }
+            if last_scale.elapsed() >= switchyard_stage::stats::REPORT_EVERY {
+                last_scale = Instant::now();
+                let notes = scaler.step(
+                    started.elapsed(),
+                    &prepared.topology,
+                    &prepared.layout,
+                    &lags,
+                    &fresh_reports(&stats),
+                    &mut supervisor,
+                );
+                for note in notes {
+                    display.note(&note);
                 }
             }
             let rows = rows(&prepared, &supervisor, &stats, &lags, &totals_of_source);
@@ -524,7 +571,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         dead_letter_file: dead_letters,
         append: args.append,
     };
-    let summary = summarize(&prepared, &supervisor, &stats, end);
+    let mut summary = summarize(&prepared, &supervisor, &stats, end);
+    summary.switchers = scaler.settings();
+    summary.scale_events = std::mem::take(&mut scaler.events);
+    summary.timeline = std::mem::take(&mut scaler.timeline);
+    if let Some(path) = &args.summary_json {
+        let text = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, plot::render(&summary))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     if server.is_none() && summary.dead_lettered == 0 {
         admin::delete(&js, &prepared.layout.nats).await?;
     }
@@ -643,6 +701,9 @@ fn summarize(
         units,
         sink_files,
         dead_letter_file: dead_letter_file.map(|p| p.display().to_string()),
+        switchers: BTreeMap::new(),
+        scale_events: Vec::new(),
+        timeline: BTreeMap::new(),
     }
 }
 

@@ -2,9 +2,12 @@
 
 use std::fmt::Write as _;
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::progress::thousands;
+use super::scaling::{Point, ScaleEvent, SwitcherSettings};
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -26,6 +29,12 @@ pub struct Summary {
     /// Where the dead letters were saved, with their errors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letter_file: Option<String>,
+    /// Each switcher's scaling settings.
+    pub switchers: BTreeMap<String, SwitcherSettings>,
+    /// Every scaling change, in order.
+    pub scale_events: Vec<ScaleEvent>,
+    /// Every unit's lag and replicas, once a second.
+    pub timeline: BTreeMap<String, Vec<Point>>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -25,6 +25,8 @@ pub enum Event {
 
 struct Replica {
     child: Child,
+    /// Asked to stop because the unit scaled down: its exit is expected, not a failure.
+    retiring: bool,
     /// Kept apart: the child forgets its pid once it has been reaped.
     pid: u32,
     started: Instant,
@@ -42,14 +44,17 @@ pub struct UnitProcesses {
     pub most_replicas: usize,
     config: PathBuf,
     replicas: Vec<Replica>,
+    /// Processes started so far, to name their logs.
+    started: usize,
     quick_failures: u32,
     next_start: Option<Instant>,
     delay: Duration,
 }
 
 impl UnitProcesses {
+    /// Replicas running and not on their way out.
     pub fn running(&self) -> usize {
-        self.replicas.len()
+        self.replicas.iter().filter(|r| !r.retiring).count()
     }
 }
 
@@ -114,6 +119,7 @@ impl Supervisor {
             most_replicas: 0,
             config,
             replicas: Vec::new(),
+            started: 0,
             quick_failures: 0,
             next_start: Some(Instant::now()),
             delay: Duration::from_millis(200),
@@ -127,6 +133,7 @@ impl Supervisor {
             let mut exited: Vec<(u32, ExitStatus, Duration, PathBuf)> = Vec::new();
             let unit = &mut self.units[index];
             unit.replicas.retain_mut(|r| match r.child.try_wait() {
+                Ok(Some(_)) if r.retiring => false,
                 Ok(Some(status)) => {
                     exited.push((r.pid, status, r.started.elapsed(), r.log.clone()));
                     false
@@ -186,9 +193,12 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, index: usize) -> std::io::Result<()> {
+        let unit = &mut self.units[index];
+        unit.started += 1;
+        let log = self
+            .logs_dir
+            .join(format!("{}-{}.log", unit.unit, unit.started));
         let unit = &self.units[index];
-        let sequence = unit.restarts as usize + unit.running();
-        let log = self.logs_dir.join(format!("{}-{sequence}.log", unit.unit));
         let log_file = std::fs::File::create(&log)?;
         let mut command = Command::new(&self.stage_bin);
         command
@@ -197,6 +207,9 @@ impl Supervisor {
             .arg("--nats-url")
             .arg(&self.nats_url)
             .arg("--exit-when-done")
+            // Each process serves its Prometheus metrics on a port of its own (see its log).
+            .arg("--metrics-addr")
+            .arg("127.0.0.1:0")
             .current_dir(&self.work_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -232,11 +245,38 @@ impl Supervisor {
         tracing::debug!(unit = %unit.unit, pid = replica_id, "started");
         unit.replicas.push(Replica {
             child,
+            retiring: false,
             pid: replica_id,
             started: Instant::now(),
             log,
         });
         Ok(())
+    }
+
+    /// Sets how many replicas `unit` runs: more are started by the next poll, surplus ones (the newest)
+    /// are asked to stop and finish what they hold.
+    pub fn scale(&mut self, unit: &str, wanted: usize) {
+        let Some(u) = self.units.iter_mut().find(|u| u.unit == unit) else {
+            return;
+        };
+        u.wanted = wanted;
+        let surplus = u.running().saturating_sub(wanted);
+        for replica in u
+            .replicas
+            .iter_mut()
+            .rev()
+            .filter(|r| !r.retiring)
+            .take(surplus)
+        {
+            replica.retiring = true;
+            // SAFETY: kill(2) on a child we started and have not reaped.
+            unsafe {
+                libc::kill(replica.pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        if u.running() < wanted {
+            u.next_start.get_or_insert_with(Instant::now);
+        }
     }
 
     pub fn all_sources_finished(&self) -> bool {
