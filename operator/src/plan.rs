@@ -9,8 +9,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -96,6 +97,8 @@ pub const ANNOTATION_CONFIG_CHECKSUM: &str = "switchyard.dev/config-checksum";
 const RUNTIME_DIR: &str = "/switchyard/bin";
 const CONFIG_DIR: &str = "/etc/switchyard";
 const CREDENTIALS_DIR: &str = "/etc/switchyard/nats";
+/// Where a stage process serves /metrics, /healthz and /readyz.
+const METRICS_PORT: i32 = 9090;
 /// A writable working directory (the pod's root filesystem is read-only).
 const WORK_DIR: &str = "/work";
 /// Same user as the distroless `nonroot` user our image runs as.
@@ -284,6 +287,10 @@ impl ObjectsFor<'_> {
             env_value("SWITCHYARD_CONFIG", &format!("{CONFIG_DIR}/unit.json")),
             env_value("SWITCHYARD_NATS_URL", self.nats_url),
             env_value("SWITCHYARD_LOG_FORMAT", "json"),
+            env_value(
+                "SWITCHYARD_METRICS_ADDR",
+                &format!("0.0.0.0:{METRICS_PORT}"),
+            ),
             EnvVar {
                 name: "SWITCHYARD_REPLICA".into(),
                 value_from: Some(EnvVarSource {
@@ -333,17 +340,32 @@ impl ObjectsFor<'_> {
             mounts.push(mount("nats-credentials", CREDENTIALS_DIR, true));
         }
         env.extend(self.unit.env.iter().cloned());
-        let ports = match &self.config.role {
-            UnitRole::Source {
-                source: SourceConfig::Http { port, .. },
-                ..
-            } => Some(vec![ContainerPort {
+        let mut ports = vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }];
+        if let UnitRole::Source {
+            source: SourceConfig::Http { port, .. },
+            ..
+        } = &self.config.role
+        {
+            ports.push(ContainerPort {
                 name: Some("http".into()),
                 container_port: i32::from(*port),
                 protocol: Some("TCP".into()),
                 ..ContainerPort::default()
-            }]),
-            _ => None,
+            });
+        }
+        let probe = |path: &str, period: i32| Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some(path.into()),
+                port: IntOrString::String("metrics".into()),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(period),
+            ..Probe::default()
         };
         let main = Container {
             name: "stage".into(),
@@ -351,7 +373,10 @@ impl ObjectsFor<'_> {
             command: Some(vec![format!("{RUNTIME_DIR}/switchyard-stage")]),
             working_dir: Some(WORK_DIR.into()),
             env: Some(env),
-            ports,
+            ports: Some(ports),
+            // Ready once connected with its consumer open (or its source running).
+            readiness_probe: Some(probe("/readyz", 5)),
+            liveness_probe: Some(probe("/healthz", 10)),
             resources: self.unit.resources.clone(),
             security_context: Some(restricted_container()),
             volume_mounts: Some(mounts),
@@ -366,10 +391,14 @@ impl ObjectsFor<'_> {
             volume_mounts: Some(vec![mount("runtime", RUNTIME_DIR, false)]),
             ..Container::default()
         };
-        let annotations = BTreeMap::from([(
-            ANNOTATION_CONFIG_CHECKSUM.to_string(),
-            checksum(&config_text(self.config)),
-        )]);
+        let annotations = BTreeMap::from([
+            (
+                ANNOTATION_CONFIG_CHECKSUM.to_string(),
+                checksum(&config_text(self.config)),
+            ),
+            ("prometheus.io/scrape".to_string(), "true".to_string()),
+            ("prometheus.io/port".to_string(), METRICS_PORT.to_string()),
+        ]);
         Deployment {
             metadata: self.metadata(),
             spec: Some(DeploymentSpec {

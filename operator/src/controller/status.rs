@@ -39,6 +39,9 @@ pub struct UnitObservation {
     pub rollout_failed: Option<String>,
     pub lag: Option<u64>,
     pub dead_lettered: u64,
+    /// When the autoscaler last changed the replicas, and why it did (or why it holds).
+    pub last_scale_time: Option<Time>,
+    pub last_scale_reason: Option<String>,
 }
 
 impl UnitObservation {
@@ -93,8 +96,14 @@ pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time)
                     lag: u.lag.unwrap_or_default(),
                     rate: before.and_then(|b| b.rate),
                     dead_lettered: u.dead_lettered,
-                    last_scale_time: before.and_then(|b| b.last_scale_time.clone()),
-                    last_scale_reason: before.and_then(|b| b.last_scale_reason.clone()),
+                    last_scale_time: u
+                        .last_scale_time
+                        .clone()
+                        .or_else(|| before.and_then(|b| b.last_scale_time.clone())),
+                    last_scale_reason: u
+                        .last_scale_reason
+                        .clone()
+                        .or_else(|| before.and_then(|b| b.last_scale_reason.clone())),
                 }
             })
             .collect(),

@@ -268,3 +268,40 @@ fn an_invalid_pipeline_is_not_planned() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn stage_pods_serve_metrics_and_are_ready_once_working() {
+    let plan = plan(&laundry(), &PlanSettings::default()).unwrap();
+    let pod = unit(&plan, "machines")
+        .deployment
+        .spec
+        .clone()
+        .unwrap()
+        .template;
+    let container = &pod.spec.as_ref().unwrap().containers[0];
+    let ports: Vec<_> = container
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone(), p.container_port))
+        .collect();
+    assert!(ports.contains(&(Some("metrics".into()), 9090)), "{ports:?}");
+    let readiness = container
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(readiness.path.as_deref(), Some("/readyz"));
+    let env = container.env.as_ref().unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e.name == "SWITCHYARD_METRICS_ADDR"
+                && e.value.as_deref() == Some("0.0.0.0:9090"))
+    );
+    assert_eq!(
+        pod.metadata.unwrap().annotations.unwrap()["prometheus.io/scrape"],
+        "true"
+    );
+}

@@ -246,6 +246,17 @@ fn collect_garbage(store: &mut Store, owner_uid: &str) {
     }
 }
 
+/// The scale subresource of a Deployment, as autoscaling/v1 shows it.
+fn scale_of(object: &Value) -> Value {
+    json!({
+        "apiVersion": "autoscaling/v1",
+        "kind": "Scale",
+        "metadata": {"name": object["metadata"]["name"], "namespace": object["metadata"]["namespace"]},
+        "spec": {"replicas": object["spec"]["replicas"]},
+        "status": {"replicas": object["status"]["replicas"].as_i64().unwrap_or(0)}
+    })
+}
+
 fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": reason, "message": message, "code": code})
 }
@@ -483,6 +494,45 @@ async fn handle(store: Arc<Mutex<Store>>, request: Request<kube::client::Body>) 
                 200,
                 &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": store.version.to_string()}, "items": items}),
             )
+        }
+        ("GET", Some(name)) if route.subresource.as_deref() == Some("scale") => {
+            match store.objects.get(&key(name)) {
+                Some(o) => respond(200, &scale_of(o)),
+                None => respond(
+                    404,
+                    &status(
+                        404,
+                        "NotFound",
+                        &format!("{} \"{name}\" not found", route.plural),
+                    ),
+                ),
+            }
+        }
+        ("PATCH", Some(name)) if route.subresource.as_deref() == Some("scale") => {
+            let k = key(name);
+            let Some(replicas) = body_json["spec"]["replicas"].as_i64() else {
+                return respond(
+                    422,
+                    &status(422, "Invalid", "a scale patch sets spec.replicas"),
+                );
+            };
+            store.version += 1;
+            let version = store.version;
+            let Some(object) = store.objects.get_mut(&k) else {
+                return respond(
+                    404,
+                    &status(
+                        404,
+                        "NotFound",
+                        &format!("{} \"{name}\" not found", route.plural),
+                    ),
+                );
+            };
+            object["spec"]["replicas"] = json!(replicas);
+            object["metadata"]["resourceVersion"] = json!(version.to_string());
+            let object = object.clone();
+            store.changed(&k, "MODIFIED", &object);
+            respond(200, &scale_of(&object))
         }
         ("GET", Some(name)) => match store.objects.get(&key(name)) {
             Some(o) => respond(200, o),
