@@ -14,8 +14,10 @@ use crate::unit::{
 };
 use crate::validate::{parse_duration, Problem};
 
-/// Input messages in flight per replica when a stage does not say.
-pub const DEFAULT_CONCURRENCY: u32 = 64;
+/// Input messages in flight per replica when a stage does not say. High, because for fast steps
+/// most of a message's time in flight is the wait for the stream's acknowledgement, and pulls are
+/// this big too: larger pull requests cost the server less per message.
+pub const DEFAULT_CONCURRENCY: u32 = 512;
 /// How long JetStream waits for an acknowledgement before it redelivers. Stage processes report progress
 /// on messages that take longer, so this bounds recovery after a crash, not processing time.
 pub const ACK_WAIT: Duration = Duration::from_secs(30);

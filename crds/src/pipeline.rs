@@ -200,7 +200,9 @@ pub struct Stage {
     /// Accumulate messages and hand them on as one JSON array (units only: top-level stages and switchers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<Batch>,
-    /// Messages in flight per replica (default 64; for a batch stage, batches).
+    /// Messages in flight per replica (default 512; for a batch stage, batches). Lower it for slow
+    /// steps, so that a replica does not take more work than it can start on (and autoscaling sees
+    /// busy replicas sooner).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub concurrency: Option<u32>,

@@ -2,6 +2,7 @@
 //! the controller that applies it in a cluster, and local mode (`switchyard run`).
 
 pub mod autoscale;
+pub mod bench;
 pub mod controller;
 pub mod load;
 pub mod local;

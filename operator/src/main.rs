@@ -65,6 +65,11 @@ enum Command {
         #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
     },
+    /// Measure throughput, latency and cost against the raw NATS limit, on a private nats-server.
+    Bench(switchyard_operator::bench::BenchArgs),
+    /// The raw loop `switchyard bench` compares against (run by it).
+    #[command(hide = true)]
+    BenchRaw(switchyard_operator::bench::raw::RawArgs),
     /// Print the Pipeline CustomResourceDefinition (as checked in under crds/ and in the Helm chart).
     Crd,
     /// Run a Pipeline on this machine: a private NATS server, one process per unit replica, live
@@ -84,6 +89,8 @@ fn main() -> ExitCode {
             nats_url,
         } => print_plan(&file, only, namespace, image, nats_url),
         Command::Run(args) => local::main(args),
+        Command::Bench(args) => switchyard_operator::bench::main(args),
+        Command::BenchRaw(args) => switchyard_operator::bench::raw::main(args),
         Command::Operator {
             nats_url,
             stage_image,

@@ -15,14 +15,14 @@ use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use switchyard_crds::layout::POISON_DELIVERIES;
-use switchyard_crds::unit::{headers, BatchConfig, ConsumerConfig, RetryConfig};
+use switchyard_crds::unit::{BatchConfig, ConsumerConfig, RetryConfig};
 use tokio::sync::watch;
 
-use crate::lineage::{dead_letter_headers, Lineage};
+use crate::lineage::{dead_letter_headers, names, owned_header_value, Lineage};
 use crate::payload::Payload;
 use crate::sink::{Sink, Written};
 use crate::stats::Stats;
-use crate::steps::{Failure, Step, StepError};
+use crate::steps::{Failure, Step, StepError, StepFailure};
 
 /// Where a unit's results go.
 pub enum Output {
@@ -206,14 +206,14 @@ impl Worker {
     }
 
     async fn work(&self, work: Work) {
-        let messages: Vec<&Message> = match &work {
-            Work::One(m) => vec![m],
-            Work::Batch(ms) => ms.iter().collect(),
+        let messages: &[Message] = match &work {
+            Work::One(m) => std::slice::from_ref(m),
+            Work::Batch(ms) => ms,
         };
         let count = messages.len() as u64;
         Stats::add(&self.stats.in_flight, count);
         let result = self
-            .with_progress(&messages, async {
+            .with_progress(messages, async {
                 match &work {
                     Work::One(m) => self.process_one(m).await,
                     Work::Batch(ms) => self.process_batch(ms).await,
@@ -222,7 +222,7 @@ impl Worker {
             .await;
         match result {
             Ok(()) => {
-                for m in &messages {
+                for m in messages {
                     if let Err(e) = m.ack().await {
                         tracing::warn!("cannot acknowledge a message: {e}; it will be redelivered and de-duplicated");
                     }
@@ -231,7 +231,7 @@ impl Worker {
             }
             Err(e) => {
                 tracing::warn!("{e:#}; the input will be delivered again");
-                for m in &messages {
+                for m in messages {
                     let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 }
             }
@@ -241,7 +241,7 @@ impl Worker {
             .fetch_sub(count, std::sync::atomic::Ordering::Relaxed);
     }
 
-    async fn with_progress<F: Future>(&self, messages: &[&Message], work: F) -> F::Output {
+    async fn with_progress<F: Future>(&self, messages: &[Message], work: F) -> F::Output {
         tokio::pin!(work);
         let beat = tokio::time::sleep(self.progress_every);
         tokio::pin!(beat);
@@ -272,16 +272,16 @@ impl Worker {
                 error: format!("delivered {delivered} times without being acknowledged: the unit's process probably crashes on it"),
                 attempts: delivered as u32,
             };
-            return self
-                .emit(
-                    &lineage,
-                    Vec::new(),
-                    vec![(self.unit.clone(), 0, 0, failure)],
-                )
-                .await;
+            let poisoned = StepFailure {
+                stage: self.unit.clone(),
+                step_index: 0,
+                item_index: 0,
+                failure,
+            };
+            return self.emit(&lineage, Vec::new(), vec![poisoned]).await;
         }
-        let (outputs, failures) = self.run_steps(input, &lineage).await;
-        self.emit(&lineage, outputs, failures).await
+        let chained = crate::steps::run_chain(&self.steps, input, &lineage).await;
+        self.emit(&lineage, chained.outputs, chained.failures).await
     }
 
     /// A batch is one JSON array of its messages; it carries the first message's ancestry.
@@ -302,35 +302,9 @@ impl Worker {
             crate::payload::write_bytes_as_json(&m.payload, &mut array);
         }
         array.push(b']');
-        let (outputs, failures) = self.run_steps(Payload::Bytes(array.into()), &lineage).await;
-        self.emit(&lineage, outputs, failures).await
-    }
-
-    /// Runs the steps in order over every item; failed items leave the chain with the step that failed.
-    async fn run_steps(
-        &self,
-        input: Payload,
-        lineage: &Lineage,
-    ) -> (Vec<Payload>, Vec<(String, usize, usize, Failure)>) {
-        let mut items = vec![input];
-        let mut failures = Vec::new();
-        for (index, step) in self.steps.iter().enumerate() {
-            let mut next = Vec::with_capacity(items.len());
-            for (item_index, item) in items.into_iter().enumerate() {
-                match step.run(item, lineage).await {
-                    Ok(outputs) => next.extend(outputs),
-                    Err(failure) => {
-                        tracing::debug!(step = %step.path, error = %failure.error, attempts = failure.attempts, "dead-lettering an item");
-                        failures.push((step.path.clone(), index, item_index, failure));
-                    }
-                }
-            }
-            items = next;
-            if items.is_empty() {
-                break;
-            }
-        }
-        (items, failures)
+        let chained =
+            crate::steps::run_chain(&self.steps, Payload::Bytes(array.into()), &lineage).await;
+        self.emit(&lineage, chained.outputs, chained.failures).await
     }
 
     /// Stores every output and dead letter; Ok only when all of them are stored.
@@ -338,7 +312,7 @@ impl Worker {
         &self,
         lineage: &Lineage,
         outputs: Vec<Payload>,
-        mut failures: Vec<(String, usize, usize, Failure)>,
+        mut failures: Vec<StepFailure>,
     ) -> anyhow::Result<()> {
         let mut acks = Vec::new();
         match &self.output {
@@ -349,11 +323,17 @@ impl Worker {
                     Some(lineage.headers_after(&self.unit))
                 };
                 let count = outputs.len() as u64;
+                let mut base = base;
                 for (index, output) in outputs.into_iter().enumerate() {
-                    let mut map = base.clone().unwrap_or_default();
+                    // The last output takes the headers themselves; the others take copies.
+                    let mut map = if index + 1 == count as usize {
+                        base.take().unwrap_or_default()
+                    } else {
+                        base.clone().unwrap_or_default()
+                    };
                     map.insert(
-                        headers::MSG_ID,
-                        lineage.output_id(&self.unit, index).as_str(),
+                        names::MSG_ID,
+                        owned_header_value(lineage.output_id(&self.unit, index)),
                     );
                     let publish = jetstream::message::PublishMessage::build()
                         .headers(map)
@@ -370,16 +350,25 @@ impl Worker {
                     {
                         Ok(Written::New) => Stats::add(&self.stats.published, 1),
                         Ok(Written::Duplicate) => Stats::add(&self.stats.duplicates_skipped, 1),
-                        Err(failure) => {
-                            failures.push((self.unit.clone(), self.steps.len(), 0, failure))
-                        }
+                        Err(failure) => failures.push(StepFailure {
+                            stage: self.unit.clone(),
+                            step_index: self.steps.len(),
+                            item_index: 0,
+                            failure,
+                        }),
                     }
                 }
             }
         }
         let dead = failures.len() as u64;
-        for (stage, step, item, failure) in failures {
-            let id = lineage.dead_letter_id(&self.unit, step, item);
+        for StepFailure {
+            stage,
+            step_index,
+            item_index,
+            failure,
+        } in failures
+        {
+            let id = lineage.dead_letter_id(&self.unit, step_index, item_index);
             let map = dead_letter_headers(
                 lineage,
                 &self.unit,

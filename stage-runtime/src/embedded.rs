@@ -105,6 +105,11 @@ impl NatsServer {
         self.port
     }
 
+    /// The server's process id (to measure what it costs).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The last lines of the server's log, for error messages.
     pub fn log_tail(&self) -> String {
         let text =

@@ -1,9 +1,24 @@
 //! Where a message comes from and where it has been, carried in headers from unit to unit, and the
 //! deterministic message ids that let JetStream (and sinks) drop a message that is published twice.
 
-use async_nats::header::HeaderMap;
+use async_nats::header::{HeaderMap, HeaderName};
 use async_nats::HeaderValue;
 use switchyard_crds::unit::headers;
+
+/// Header names as values built at compile time: a `&str` name is validated and copied on every use.
+pub mod names {
+    use super::{headers, HeaderName};
+    pub const MSG_ID: HeaderName = HeaderName::from_static(headers::MSG_ID);
+    pub const ORIGIN: HeaderName = HeaderName::from_static(headers::ORIGIN);
+    pub const ORIGIN_SEQ: HeaderName = HeaderName::from_static(headers::ORIGIN_SEQ);
+    pub const PATH: HeaderName = HeaderName::from_static(headers::PATH);
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static(headers::TRACEPARENT);
+    pub const TRACESTATE: HeaderName = HeaderName::from_static(headers::TRACESTATE);
+    pub const ERROR: HeaderName = HeaderName::from_static(headers::ERROR);
+    pub const FAILED_STAGE: HeaderName = HeaderName::from_static(headers::FAILED_STAGE);
+    pub const FAILED_UNIT: HeaderName = HeaderName::from_static(headers::FAILED_UNIT);
+    pub const ATTEMPTS: HeaderName = HeaderName::from_static(headers::ATTEMPTS);
+}
 
 /// What one input message says about its ancestry.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,19 +49,19 @@ impl Lineage {
     /// Reads the lineage of a stored message. A message someone else put on a subject has no id of
     /// ours: its place in the stream stands in, so that redeliveries still map to the same ids.
     pub fn from_headers(headers: Option<&HeaderMap>, stream: &str, stream_seq: u64) -> Lineage {
-        let get = |name: &str| {
+        let get = |name: HeaderName| {
             headers
                 .and_then(|h| h.get(name))
                 .map(|v| v.as_str().to_string())
                 .filter(|v| !v.is_empty())
         };
         Lineage {
-            id: get(headers::MSG_ID).unwrap_or_else(|| format!("{stream}:{stream_seq}")),
-            origin: get(headers::ORIGIN).unwrap_or_else(|| stream.to_string()),
-            origin_seq: get(headers::ORIGIN_SEQ).unwrap_or_else(|| stream_seq.to_string()),
-            path: get(headers::PATH).unwrap_or_default(),
-            traceparent: get(headers::TRACEPARENT),
-            tracestate: get(headers::TRACESTATE),
+            id: get(names::MSG_ID).unwrap_or_else(|| format!("{stream}:{stream_seq}")),
+            origin: get(names::ORIGIN).unwrap_or_else(|| stream.to_string()),
+            origin_seq: get(names::ORIGIN_SEQ).unwrap_or_else(|| stream_seq.to_string()),
+            path: get(names::PATH).unwrap_or_default(),
+            traceparent: get(names::TRACEPARENT),
+            tracestate: get(names::TRACESTATE),
         }
     }
 
@@ -69,19 +84,19 @@ impl Lineage {
     /// per input and cloned for each output.
     pub fn headers_after(&self, unit: &str) -> HeaderMap {
         let mut map = HeaderMap::new();
-        map.insert(headers::ORIGIN, header_value(&self.origin));
-        map.insert(headers::ORIGIN_SEQ, header_value(&self.origin_seq));
+        map.insert(names::ORIGIN, header_value(&self.origin));
+        map.insert(names::ORIGIN_SEQ, header_value(&self.origin_seq));
         let path = if self.path.is_empty() {
             unit.to_string()
         } else {
             format!("{},{unit}", self.path)
         };
-        map.insert(headers::PATH, header_value(&path));
+        map.insert(names::PATH, owned_header_value(path));
         if let Some(t) = &self.traceparent {
-            map.insert(headers::TRACEPARENT, header_value(t));
+            map.insert(names::TRACEPARENT, header_value(t));
         }
         if let Some(t) = &self.tracestate {
-            map.insert(headers::TRACESTATE, header_value(t));
+            map.insert(names::TRACESTATE, header_value(t));
         }
         map
     }
@@ -89,17 +104,26 @@ impl Lineage {
     /// Headers for a message a source creates (its path is just the source).
     pub fn source_headers(&self) -> HeaderMap {
         let mut map = HeaderMap::new();
-        map.insert(headers::MSG_ID, header_value(&self.id));
-        map.insert(headers::ORIGIN, header_value(&self.origin));
-        map.insert(headers::ORIGIN_SEQ, header_value(&self.origin_seq));
-        map.insert(headers::PATH, header_value(&self.path));
+        map.insert(names::MSG_ID, header_value(&self.id));
+        map.insert(names::ORIGIN, header_value(&self.origin));
+        map.insert(names::ORIGIN_SEQ, header_value(&self.origin_seq));
+        map.insert(names::PATH, header_value(&self.path));
         if let Some(t) = &self.traceparent {
-            map.insert(headers::TRACEPARENT, header_value(t));
+            map.insert(names::TRACEPARENT, header_value(t));
         }
         if let Some(t) = &self.tracestate {
-            map.insert(headers::TRACESTATE, header_value(t));
+            map.insert(names::TRACESTATE, header_value(t));
         }
         map
+    }
+}
+
+/// Like `header_value`, without a copy when the text is already fine.
+pub fn owned_header_value(text: String) -> HeaderValue {
+    if text.contains(['\r', '\n']) {
+        HeaderValue::from(text.replace(['\r', '\n'], " "))
+    } else {
+        HeaderValue::from(text)
     }
 }
 
@@ -123,12 +147,12 @@ pub fn dead_letter_headers(
     id: &str,
 ) -> HeaderMap {
     let mut map = lineage.headers_after(unit);
-    map.insert(headers::MSG_ID, header_value(id));
+    map.insert(names::MSG_ID, header_value(id));
     let error: String = error.chars().take(2000).collect();
-    map.insert(headers::ERROR, header_value(&error));
-    map.insert(headers::FAILED_STAGE, header_value(stage));
-    map.insert(headers::FAILED_UNIT, header_value(unit));
-    map.insert(headers::ATTEMPTS, HeaderValue::from(attempts.to_string()));
+    map.insert(names::ERROR, header_value(&error));
+    map.insert(names::FAILED_STAGE, header_value(stage));
+    map.insert(names::FAILED_UNIT, header_value(unit));
+    map.insert(names::ATTEMPTS, HeaderValue::from(attempts.to_string()));
     map
 }
 
@@ -150,7 +174,7 @@ mod tests {
         let mut first = Lineage::at_source("src", "3".into(), "src:3".into());
         first.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
         let mut map = first.headers_after("a");
-        map.insert(headers::MSG_ID, first.output_id("a", 0).as_str());
+        map.insert(names::MSG_ID, first.output_id("a", 0).as_str());
         let second = Lineage::from_headers(Some(&map), "s", 99);
         assert_eq!(second.id, "src:3/a");
         assert_eq!(second.origin, "src");

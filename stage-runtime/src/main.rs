@@ -62,8 +62,9 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the unit's loop and its NATS connection wake each other constantly, and across
+    // threads every wake-up is a futex call and a context switch.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

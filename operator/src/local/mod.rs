@@ -1,7 +1,7 @@
 //! `switchyard run`: a Pipeline on this machine, with real NATS and real `switchyard-stage` processes.
 
 mod plot;
-mod progress;
+pub(crate) mod progress;
 mod scaling;
 mod summary;
 mod supervisor;
@@ -192,7 +192,7 @@ fn install_hint(program: &str) -> String {
 }
 
 /// `switchyard-stage` next to this program (how cargo and the release archive lay them out), or on PATH.
-fn locate_stage_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+pub(crate) fn locate_stage_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(path) = given {
         anyhow::ensure!(path.is_file(), "{} does not exist", path.display());
         return Ok(path);

@@ -53,6 +53,54 @@ pub struct Failure {
     pub attempts: u32,
 }
 
+/// An item that left the chain at a step, for the dead-letter subject.
+#[derive(Debug)]
+pub struct StepFailure {
+    /// The step's path, such as `machines > wash`.
+    pub stage: String,
+    /// The step's place in the unit, and the item's among those that reached it.
+    pub step_index: usize,
+    pub item_index: usize,
+    pub failure: Failure,
+}
+
+/// What a chain of steps made of one input: its outputs, and the items that failed on the way.
+#[derive(Debug, Default)]
+pub struct Chained {
+    pub outputs: Vec<Payload>,
+    pub failures: Vec<StepFailure>,
+}
+
+/// Runs `steps` in order over one input; failed items leave the chain with the step that failed.
+/// Two vectors serve the whole chain, whatever its length: a step costs no allocation of its own.
+pub async fn run_chain(steps: &[Step], input: Payload, lineage: &Lineage) -> Chained {
+    let mut items = vec![input];
+    let mut next = Vec::new();
+    let mut failures = Vec::new();
+    for (step_index, step) in steps.iter().enumerate() {
+        next.clear();
+        for (item_index, item) in items.drain(..).enumerate() {
+            if let Err(failure) = step.run_into(item, lineage, &mut next).await {
+                tracing::debug!(step = %step.path, error = %failure.error, attempts = failure.attempts, "dead-lettering an item");
+                failures.push(StepFailure {
+                    stage: step.path.clone(),
+                    step_index,
+                    item_index,
+                    failure,
+                });
+            }
+        }
+        std::mem::swap(&mut items, &mut next);
+        if items.is_empty() {
+            break;
+        }
+    }
+    Chained {
+        outputs: items,
+        failures,
+    }
+}
+
 /// How often a message whose exec child died under it is tried again on the restarted child before it
 /// counts as a failed attempt: a message that kills its handler every time must not loop forever.
 const CHILD_EXIT_RETRIES: u32 = 3;
@@ -102,22 +150,36 @@ impl Step {
 
     /// Runs the step on one item with its timeout, retrying as its policy says.
     pub async fn run(&self, item: Payload, lineage: &Lineage) -> Result<Vec<Payload>, Failure> {
+        let mut outputs = Vec::new();
+        self.run_into(item, lineage, &mut outputs).await?;
+        Ok(outputs)
+    }
+
+    /// Like `run`, appending the outputs to `out` (nothing is appended when it fails).
+    pub async fn run_into(
+        &self,
+        item: Payload,
+        lineage: &Lineage,
+        out: &mut Vec<Payload>,
+    ) -> Result<(), Failure> {
         let mut attempt = 1;
         let mut child_exits = 0;
         loop {
             let result = match self.timeout {
-                None => self.run_once(item.clone(), lineage).await,
-                Some(limit) => tokio::time::timeout(limit, self.run_once(item.clone(), lineage))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(StepError::transient(format!(
-                            "timed out after {}",
-                            humanize(limit)
-                        )))
-                    }),
+                None => self.run_once(item.clone(), lineage, out).await,
+                Some(limit) => {
+                    tokio::time::timeout(limit, self.run_once(item.clone(), lineage, out))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(StepError::transient(format!(
+                                "timed out after {}",
+                                humanize(limit)
+                            )))
+                        })
+                }
             };
             let error = match result {
-                Ok(outputs) => return Ok(outputs),
+                Ok(()) => return Ok(()),
                 Err(e) => e,
             };
             if error.child_exited && child_exits < CHILD_EXIT_RETRIES {
@@ -140,21 +202,27 @@ impl Step {
         }
     }
 
-    async fn run_once(&self, item: Payload, lineage: &Lineage) -> Result<Vec<Payload>, StepError> {
+    async fn run_once(
+        &self,
+        item: Payload,
+        lineage: &Lineage,
+        out: &mut Vec<Payload>,
+    ) -> Result<(), StepError> {
         match &self.runner {
-            Runner::Passthrough => Ok(vec![item]),
+            Runner::Passthrough => out.push(item),
             Runner::Sleep(d) => {
                 tokio::time::sleep(*d).await;
-                Ok(vec![item])
+                out.push(item);
             }
             Runner::Jq(filter) => {
                 let input = item.into_json().map_err(StepError::permanent)?;
                 let outputs = filter.run(input).map_err(StepError::permanent)?;
-                Ok(outputs.into_iter().map(Payload::Json).collect())
+                out.extend(outputs.into_iter().map(Payload::Json));
             }
-            Runner::Exec(exec) => exec.call(&item, lineage).await,
-            Runner::Http(http) => http.call(item, lineage).await,
+            Runner::Exec(exec) => out.extend(exec.call(&item, lineage).await?),
+            Runner::Http(http) => out.extend(http.call(item, lineage).await?),
         }
+        Ok(())
     }
 
     /// Stops what the step runs beside the unit (an exec child) once no more messages will come.
@@ -257,6 +325,34 @@ mod tests {
         assert_eq!(failure.attempts, 3);
         assert_eq!(failure.error, "timed out after 20ms");
         assert!(started.elapsed() < Duration::from_millis(190));
+    }
+
+    #[tokio::test]
+    async fn a_chain_fans_out_and_keeps_failures_with_their_step() {
+        let steps = vec![
+            step(
+                StepKind::Jq {
+                    filter: ".[]".into(),
+                },
+                None,
+                1,
+            ),
+            step(
+                StepKind::Jq {
+                    filter: "if . == 2 then error(\"two\") else . * 10 end".into(),
+                },
+                None,
+                1,
+            ),
+            step(StepKind::Passthrough, None, 1),
+        ];
+        let chained = run_chain(&steps, Payload::Bytes("[1,2,3]".into()), &lineage()).await;
+        assert_eq!(text(chained.outputs), vec!["10", "30"]);
+        assert_eq!(chained.failures.len(), 1);
+        let f = &chained.failures[0];
+        assert_eq!((f.step_index, f.item_index), (1, 1));
+        assert!(f.failure.error.contains("two"), "{}", f.failure.error);
+        assert_eq!(text(vec![f.failure.item.clone()]), vec!["2"]);
     }
 
     #[tokio::test]

@@ -1,0 +1,75 @@
+//! `switchyard bench` runs every scenario and reports each as a ratio to the raw limit measured in
+//! the same run. Its figures are not checked here (timings are not test assertions); that it measures
+//! and reports them is.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[test]
+fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_switchyard"));
+    assert!(
+        bin.with_file_name("switchyard-stage").is_file(),
+        "switchyard-stage is not built: run `cargo build --workspace --bins` first (scripts/test does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let output = Command::new(&bin)
+        .args([
+            "bench",
+            "--messages",
+            "2000",
+            "--repeat",
+            "1",
+            "--latency-for",
+            "1s",
+            "--sizes",
+            "128",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    let scenarios: Vec<&str> = results
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        scenarios,
+        vec!["raw", "passthrough", "chain", "group", "jq", "exec"]
+    );
+    let raw = results[0]["perSecond"].as_f64().unwrap();
+    for r in results {
+        let rate = r["perSecond"].as_f64().unwrap();
+        assert!(rate > 0.0, "{r}");
+        assert!(
+            (r["ratioToRaw"].as_f64().unwrap() - rate / raw).abs() < 1e-9,
+            "{r}"
+        );
+        assert!(
+            r["p50Ms"].as_f64().unwrap() > 0.0
+                && r["p99Ms"].as_f64().unwrap() >= r["p50Ms"].as_f64().unwrap()
+        );
+        assert!(r["cpuSecondsPer100k"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["peakRssMib"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(report["idleRssMib"].as_f64().unwrap() > 0.0);
+    assert!(report["steps"]["perStepMicros"].as_f64().unwrap() >= 0.0);
+    for needle in [
+        "| 128 B | raw async-nats loop |",
+        "× raw",
+        "Targets:",
+        "- one unit ≥ 0.70 of the raw limit",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
+    }
+}
