@@ -8,3 +8,4 @@ pub mod load;
 pub mod local;
 pub mod metrics;
 pub mod plan;
+pub mod reports;

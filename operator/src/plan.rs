@@ -161,7 +161,8 @@ pub fn plan(pipeline: &Pipeline, settings: &PlanSettings) -> Result<Plan, Vec<Pr
     })
 }
 
-fn kind_of(unit: &Unit) -> &'static str {
+/// What a unit is, as `plan`, `run` and the status name it: source, group, switcher or sink.
+pub fn kind_of(unit: &Unit) -> &'static str {
     match unit.kind {
         UnitKind::Source(_) => "source",
         UnitKind::Sink(_) => "sink",

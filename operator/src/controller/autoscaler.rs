@@ -5,10 +5,9 @@
 //! an Event.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
@@ -16,7 +15,6 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 use switchyard_crds::layout::layout;
-use switchyard_crds::unit::StatsReport;
 use switchyard_crds::validate::analyze;
 use switchyard_crds::Pipeline;
 
@@ -38,16 +36,10 @@ pub fn key(namespace: &str, pipeline: &str, unit: &str) -> String {
     format!("{namespace}/{pipeline}/{unit}")
 }
 
-/// Reports by switcher key, then by replica, with when they arrived.
-type Reports = Arc<Mutex<HashMap<String, HashMap<String, (Instant, StatsReport)>>>>;
-
-/// A replica that has not reported for this long is gone.
-const STALE: Duration = Duration::from_secs(3);
-
 pub struct Autoscaler {
     ctx: Arc<Context>,
     started: Instant,
-    reports: Reports,
+    reports: crate::reports::Reports,
     /// NATS servers whose stats subjects are subscribed to.
     listening: HashSet<String>,
     windows: HashMap<String, Window>,
@@ -58,7 +50,7 @@ impl Autoscaler {
         Autoscaler {
             ctx,
             started: Instant::now(),
-            reports: Arc::default(),
+            reports: crate::reports::Reports::default(),
             listening: HashSet::new(),
             windows: HashMap::new(),
         }
@@ -140,7 +132,7 @@ impl Autoscaler {
                 .max(0) as u32;
             let policy = Policy::of(switcher);
             let k = key(&namespace, &topology.pipeline, &unit.name);
-            let fresh = self.fresh(&k);
+            let fresh = self.reports.fresh(&k);
             let window = self.windows.entry(k.clone()).or_default();
             window.push(autoscale::sample(at, lag, &fresh), policy.stabilization);
             let pressure = autoscale::downstream_pressure(
@@ -211,46 +203,21 @@ impl Autoscaler {
         if self.listening.contains(&url) {
             return Ok(());
         }
-        let mut subscription = js
-            .client()
-            .subscribe("switchyard.*.*.stats.*")
-            .await
-            .map_err(|e| format!("cannot subscribe to unit reports at {url}: {e}"))?;
-        let reports = self.reports.clone();
-        tokio::spawn(async move {
-            while let Some(message) = subscription.next().await {
-                // switchyard.<namespace>.<pipeline>.stats.<unit>
-                let parts: Vec<&str> = message.subject.split('.').collect();
-                let [_, namespace, pipeline, _, unit] = parts.as_slice() else {
-                    continue;
-                };
-                if let Ok(report) = serde_json::from_slice::<StatsReport>(&message.payload) {
-                    if let Ok(mut all) = reports.lock() {
-                        all.entry(key(namespace, pipeline, unit))
-                            .or_default()
-                            .insert(report.replica.clone(), (Instant::now(), report));
+        self.reports
+            .listen(
+                &js.client(),
+                "switchyard.*.*.stats.*".to_string(),
+                |subject, _| {
+                    // switchyard.<namespace>.<pipeline>.stats.<unit>
+                    match subject.split('.').collect::<Vec<_>>().as_slice() {
+                        [_, namespace, pipeline, _, unit] => Some(key(namespace, pipeline, unit)),
+                        _ => None,
                     }
-                }
-            }
-        });
+                },
+            )
+            .await
+            .map_err(|e| format!("{e:#} at {url}"))?;
         self.listening.insert(url);
         Ok(())
-    }
-
-    fn fresh(&self, key: &str) -> Vec<StatsReport> {
-        self.reports
-            .lock()
-            .map(|all| {
-                all.get(key)
-                    .map(|replicas| {
-                        replicas
-                            .values()
-                            .filter(|(at, _)| at.elapsed() < STALE)
-                            .map(|(_, r)| r.clone())
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            })
-            .unwrap_or_default()
     }
 }

@@ -9,7 +9,6 @@ mod supervisor;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -26,6 +25,7 @@ use switchyard_stage::embedded::{NatsServer, INSTALL_HINT};
 
 use crate::load::{load, LoadError};
 use crate::plan::replicas_of;
+use crate::reports::Reports;
 pub use progress::ProgressMode;
 use progress::{Display, Row};
 use summary::{Summary, UnitSummary};
@@ -214,41 +214,10 @@ pub(crate) fn locate_stage_binary(given: Option<PathBuf>) -> anyhow::Result<Path
         .context("cannot find switchyard-stage next to switchyard or on PATH: build it with `cargo build --bins`, or pass --stage-bin")
 }
 
-/// The latest report of every replica each unit has had, with when it arrived.
-type StatsByUnit = Arc<Mutex<HashMap<String, BTreeMap<String, (Instant, StatsReport)>>>>;
-
-/// A replica that has not reported for this long is gone (it stopped or died).
-const REPORT_STALE: Duration = Duration::from_secs(3);
-
-async fn collect_stats(client: async_nats::Client, subject: String) -> anyhow::Result<StatsByUnit> {
-    let stats: StatsByUnit = Arc::default();
-    let mut sub = client
-        .subscribe(subject)
-        .await
-        .context("cannot subscribe to unit reports")?;
-    let sink = stats.clone();
-    tokio::spawn(async move {
-        while let Some(message) = sub.next().await {
-            if let Ok(report) = serde_json::from_slice::<StatsReport>(&message.payload) {
-                if let Ok(mut all) = sink.lock() {
-                    all.entry(report.unit.clone())
-                        .or_default()
-                        .insert(report.replica.clone(), (Instant::now(), report));
-                }
-            }
-        }
-    });
-    Ok(stats)
-}
-
 /// Sum of the latest report of every replica a unit has had.
-fn totals(stats: &StatsByUnit, unit: &str) -> StatsReport {
-    let all = stats
-        .lock()
-        .map(|s| s.get(unit).cloned().unwrap_or_default())
-        .unwrap_or_default();
+fn totals(stats: &Reports, unit: &str) -> StatsReport {
     let mut sum = StatsReport::default();
-    for (_, r) in all.values() {
+    for r in stats.latest(unit) {
         sum.processed += r.processed;
         sum.published += r.published;
         sum.dead_lettered += r.dead_lettered;
@@ -258,34 +227,10 @@ fn totals(stats: &StatsByUnit, unit: &str) -> StatsReport {
     sum
 }
 
-/// The latest reports of the replicas that are alive, by unit.
-fn fresh_reports(stats: &StatsByUnit) -> HashMap<String, Vec<StatsReport>> {
-    stats
-        .lock()
-        .map(|all| {
-            all.iter()
-                .map(|(unit, replicas)| {
-                    let alive = replicas
-                        .values()
-                        .filter(|(at, _)| at.elapsed() < REPORT_STALE)
-                        .map(|(_, r)| r.clone())
-                        .collect();
-                    (unit.clone(), alive)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn kind_of(topology: &Topology, unit: &str) -> String {
     topology
         .unit(unit)
-        .map(|u| match u.kind {
-            UnitKind::Source(_) => "source",
-            UnitKind::Sink(_) => "sink",
-            UnitKind::Process if u.switcher.is_some() => "switcher",
-            UnitKind::Process => "group",
-        })
+        .map(crate::plan::kind_of)
         .unwrap_or("unit")
         .to_string()
 }
@@ -384,11 +329,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("cannot create the run's folder")?;
     let logs_dir = run_dir.path().join("logs");
     std::fs::create_dir_all(&logs_dir)?;
-    let stats = collect_stats(
-        client.clone(),
-        Names::new(&prepared.topology.namespace, &prepared.name).all_stats_subjects(),
-    )
-    .await?;
+    let stats = Reports::default();
+    stats
+        .listen(
+            &client,
+            Names::new(&prepared.topology.namespace, &prepared.name).all_stats_subjects(),
+            |_, report| Some(report.unit.clone()),
+        )
+        .await?;
     client.flush().await?;
 
     let (output_tx, mut output_rx) = tokio::sync::mpsc::unbounded_channel::<OutputLine>();
@@ -513,7 +461,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     &prepared.topology,
                     &prepared.layout,
                     &lags,
-                    &fresh_reports(&stats),
+                    &stats.fresh_all(),
                     &mut supervisor,
                 );
                 for note in notes {
@@ -606,7 +554,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 fn rows(
     prepared: &Prepared,
     supervisor: &Supervisor,
-    stats: &StatsByUnit,
+    stats: &Reports,
     lags: &HashMap<String, u64>,
     totals_of_source: &HashMap<String, u64>,
 ) -> Vec<Row> {
@@ -650,7 +598,7 @@ struct RunEnd {
 fn summarize(
     prepared: &Prepared,
     supervisor: &Supervisor,
-    stats: &StatsByUnit,
+    stats: &Reports,
     end: RunEnd,
 ) -> Summary {
     let RunEnd {
