@@ -75,9 +75,7 @@ impl Reports {
             .collect()
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, (Instant, StatsReport)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Replicas>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
