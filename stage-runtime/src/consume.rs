@@ -29,7 +29,7 @@ pub enum Output {
     /// Published to the unit's output subject, for the units downstream.
     Publish(Subject),
     /// Written by a sink, retried per `retry` before being dead-lettered.
-    Sink { sink: Sink, retry: RetryConfig },
+    Sink { sink: Box<Sink>, retry: RetryConfig },
 }
 
 pub struct Worker {

@@ -234,7 +234,7 @@ async fn run_role(
                 .to_string();
             let sink = sink::Sink::open(&config.unit, sink, client, &instance)?;
             let output = Output::Sink {
-                sink,
+                sink: Box::new(sink),
                 retry: *retry,
             };
             (Vec::new(), output, None, *concurrency)

@@ -33,6 +33,8 @@ pub enum Sink {
         client: reqwest::Client,
         url: reqwest::Url,
         headers: reqwest::header::HeaderMap,
+        /// See `steps::OUTSTANDING_CALLS`.
+        turns: tokio::sync::Semaphore,
     },
 }
 
@@ -57,6 +59,7 @@ impl Sink {
                 url: reqwest::Url::parse(url)
                     .map_err(|e| anyhow::anyhow!("`{url}` is not a URL: {e}"))?,
                 headers: crate::steps::parse_headers(headers)?,
+                turns: tokio::sync::Semaphore::new(crate::steps::OUTSTANDING_CALLS),
             },
         })
     }
@@ -96,7 +99,9 @@ impl Sink {
                 client,
                 url,
                 headers,
+                turns,
             } => {
+                let _turn = turns.acquire().await.ok();
                 crate::steps::post(client, url, headers, payload, lineage).await?;
                 Ok(Written::New)
             }

@@ -445,3 +445,37 @@ async fn a_nats_server_restart_loses_and_duplicates_nothing() {
     assert_eq!(seqs, (1..=3000).collect());
     assert_eq!(lines.len(), 3000, "a message reached the sink twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_s_queue_does_not_count_against_its_timeout() {
+    // 400 messages in flight at once (concurrency 512) before a handler that takes 10 ms each, one at a
+    // time: all of them handed to the child together would wait up to 4 s there, and the timeout of 2 s
+    // would fail half of them. Only the time a message spends with the child may count.
+    let mut h = harness(&pipeline(
+        "slowqueue",
+        r#"  sources: [{name: src, generator: {count: 400}}]
+  stages:
+    - name: slow
+      exec: {command: ["python3", "{dir}/slow.py"]}
+      timeout: 2s
+      retry: {maxAttempts: 1}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    handler(
+        &h,
+        "slow.py",
+        "import json, sys, time\nfor line in sys.stdin:\n    m = json.loads(line)\n    time.sleep(0.01)\n    print(json.dumps({'id': m['id'], 'outputs': [m['data']]}), flush=True)\n",
+    );
+    h.start_all();
+    let lines = h
+        .wait_for_lines(&h.path("out.jsonl"), 400, Duration::from_secs(30))
+        .await;
+    h.stop().await;
+    assert_eq!(
+        lines.len(),
+        400,
+        "messages timed out while they waited for the handler"
+    );
+}

@@ -413,3 +413,75 @@ async fn reqwest_get(url: &str) -> String {
     let client = switchyard_stage::steps::http_client().unwrap();
     client.get(url).send().await.unwrap().text().await.unwrap()
 }
+
+/// Requests a local HTTP server is answering at once, at most, on each of its paths.
+#[derive(Default)]
+struct Concurrency {
+    now: std::collections::HashMap<String, usize>,
+    most: std::collections::HashMap<String, usize>,
+    answered: usize,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_service_gets_a_bounded_number_of_requests_at_once() {
+    // Every request takes 20 ms; 300 messages in flight would otherwise all be posted at once.
+    let counts = Arc::new(Mutex::new(Concurrency::default()));
+    let app = axum::Router::new()
+        .route(
+            "/{path}",
+            axum::routing::post(
+                |axum::extract::State(counts): axum::extract::State<Arc<Mutex<Concurrency>>>,
+                 axum::extract::Path(path): axum::extract::Path<String>,
+                 body: String| async move {
+                    {
+                        let mut c = counts.lock().unwrap();
+                        let now = c.now.entry(path.clone()).or_default();
+                        *now += 1;
+                        let now = *now;
+                        let most = c.most.entry(path.clone()).or_default();
+                        *most = (*most).max(now);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let mut c = counts.lock().unwrap();
+                    *c.now.entry(path).or_default() -= 1;
+                    c.answered += 1;
+                    body
+                },
+            ),
+        )
+        .with_state(counts.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let yaml = format!(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: bounded}}
+spec:
+  sources: [{{name: src, generator: {{count: 300}}}}]
+  stages: [{{name: enrich, http: {{url: "{base}/step"}}}}]
+  sinks: [{{name: web, http: {{url: "{base}/sink"}}}}]
+"#
+    );
+    let mut h = harness(&yaml).await;
+    h.start_all();
+    let started = std::time::Instant::now();
+    while counts.lock().unwrap().answered < 600 && started.elapsed() < LIMIT {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    let c = counts.lock().unwrap();
+    assert_eq!(
+        c.answered, 600,
+        "every message through the step and the sink"
+    );
+    for path in ["step", "sink"] {
+        let most = c.most[path];
+        assert!(
+            most <= switchyard_stage::steps::OUTSTANDING_CALLS,
+            "{path} had {most} requests at once"
+        );
+    }
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use switchyard_crds::jq::JqFilter;
 use switchyard_crds::unit::{RetryConfig, StepConfig, StepKind};
+use tokio::sync::Semaphore;
 
 use crate::lineage::Lineage;
 use crate::payload::Payload;
@@ -105,12 +106,21 @@ pub async fn run_chain(steps: &[Step], input: Payload, lineage: &Lineage) -> Cha
 /// counts as a failed attempt: a message that kills its handler every time must not loop forever.
 const CHILD_EXIT_RETRIES: u32 = 3;
 
+/// Messages one exec child or one HTTP endpoint holds at a time. A unit keeps `concurrency` (512 by
+/// default) messages in flight; handed to a handler that works one at a time, the last would wait
+/// 511 handler-times and fail a timeout set for one, and a user's web service would see 512
+/// concurrent requests. 64 is enough to keep a child's pipes full. Messages wait their turn outside
+/// the timeout.
+pub const OUTSTANDING_CALLS: usize = 64;
+
 pub struct Step {
     /// `machines > wash`, for logs and dead-letter headers.
     pub path: String,
     timeout: Option<Duration>,
     retry: RetryConfig,
     runner: Runner,
+    /// For the steps that hand messages to somebody else (exec, http): see `OUTSTANDING_CALLS`.
+    turns: Option<Semaphore>,
 }
 
 enum Runner {
@@ -140,11 +150,14 @@ impl Step {
             StepKind::Sleep { ms } => Runner::Sleep(Duration::from_millis(*ms)),
             StepKind::Passthrough => Runner::Passthrough,
         };
+        let turns = matches!(runner, Runner::Exec(_) | Runner::Http(_))
+            .then(|| Semaphore::new(OUTSTANDING_CALLS));
         Ok(Step {
             path: config.path.clone(),
             timeout: config.timeout_ms.map(Duration::from_millis),
             retry: config.retry,
             runner,
+            turns,
         })
     }
 
@@ -165,17 +178,24 @@ impl Step {
         let mut attempt = 1;
         let mut child_exits = 0;
         loop {
-            let result = match self.timeout {
-                None => self.run_once(item.clone(), lineage, out).await,
-                Some(limit) => {
-                    tokio::time::timeout(limit, self.run_once(item.clone(), lineage, out))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(StepError::transient(format!(
-                                "timed out after {}",
-                                humanize(limit)
-                            )))
-                        })
+            let result = {
+                // Held for this attempt only, not while backing off before the next.
+                let _turn = match &self.turns {
+                    Some(turns) => turns.acquire().await.ok(),
+                    None => None,
+                };
+                match self.timeout {
+                    None => self.run_once(item.clone(), lineage, out).await,
+                    Some(limit) => {
+                        tokio::time::timeout(limit, self.run_once(item.clone(), lineage, out))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(StepError::transient(format!(
+                                    "timed out after {}",
+                                    humanize(limit)
+                                )))
+                            })
+                    }
                 }
             };
             let error = match result {
