@@ -318,16 +318,21 @@ fn render(report: &Report, args: &BenchArgs) -> String {
             run.size, run.one_step_micros, run.three_steps_micros, run.jq_micros
         );
     }
-    let _ = writeln!(
-        out,
-        "From the unit runs (noisier): three steps against one cost {:.2} µs of CPU per message per step.",
-        report.step_cost_micros
-    );
-    let _ = writeln!(
-        out,
-        "An idle stage process holds {:.1} MiB.",
-        report.idle_rss_mib
-    );
+    // Both need scenarios that `--only` may have left out.
+    if report.step_cost_micros.is_finite() {
+        let _ = writeln!(
+            out,
+            "From the unit runs (noisier): three steps against one cost {:.2} µs of CPU per message per step.",
+            report.step_cost_micros
+        );
+    }
+    if report.idle_rss_mib > 0.0 {
+        let _ = writeln!(
+            out,
+            "An idle stage process holds {:.1} MiB.",
+            report.idle_rss_mib
+        );
+    }
     let check = |ok: bool| if ok { "met" } else { "NOT met" };
     let worst_unit = report
         .results
