@@ -28,10 +28,15 @@ async fn http_server() -> (String, Arc<Mutex<Vec<String>>>) {
             ),
         )
         .with_state(seen.clone());
+    (format!("{}/", serve(app).await), seen)
+}
+
+/// Serves `app` on a free loopback port; returns its base URL, without a trailing slash.
+async fn serve(app: axum::Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, seen)
+    base
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,9 +455,7 @@ async fn a_web_service_gets_a_bounded_number_of_requests_at_once() {
             ),
         )
         .with_state(counts.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let base = serve(app).await;
     let yaml = format!(
         r#"
 apiVersion: switchyard.dev/v1alpha1
