@@ -142,9 +142,11 @@ struct Report {
     machine: String,
     nats_server: String,
     results: Vec<Result>,
-    idle_rss_mib: f64,
-    /// CPU microseconds per message an in-process step adds, from the unit runs (noisy).
-    step_cost_micros: f64,
+    /// None when `--only` left out the passthrough scenario it is measured after.
+    idle_rss_mib: Option<f64>,
+    /// CPU microseconds per message an in-process step adds, from the unit runs (noisy); None without
+    /// both the passthrough and the group scenario.
+    step_cost_micros: Option<f64>,
     /// Measured directly: a chain of steps run in this process, per message.
     steps: StepCosts,
 }
@@ -189,7 +191,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let wanted =
         |s: &Scenario| s.raw || args.only.is_empty() || args.only.iter().any(|o| o == s.id);
     let mut results = Vec::new();
-    let mut idle_rss = 0.0;
+    let mut idle_rss = None;
     for &size in &args.sizes {
         let mut raw_rate = 0.0;
         for scenario in scenarios().into_iter().filter(|s| wanted(s)) {
@@ -214,8 +216,8 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 0.0
             };
             eprintln!("  {}", row(&result));
-            if scenario.id == "passthrough" && idle_rss == 0.0 {
-                idle_rss = bench.idle_rss().await?;
+            if scenario.id == "passthrough" && idle_rss.is_none() {
+                idle_rss = Some(bench.idle_rss().await?);
             }
             results.push(result);
         }
@@ -240,7 +242,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 /// CPU microseconds per message an in-process step adds: a unit of three steps against a unit of one,
 /// per extra step, averaged over the sizes.
-fn step_cost(results: &[Result]) -> f64 {
+fn step_cost(results: &[Result]) -> Option<f64> {
     let cpu = |id: &str, size: usize| {
         results
             .iter()
@@ -252,11 +254,7 @@ fn step_cost(results: &[Result]) -> f64 {
         .filter(|r| r.scenario == "group")
         .filter_map(|r| Some((cpu("group", r.size)? - cpu("passthrough", r.size)?) / 2.0 * 10.0))
         .collect();
-    if costs.is_empty() {
-        f64::NAN
-    } else {
-        costs.iter().sum::<f64>() / costs.len() as f64
-    }
+    (!costs.is_empty()).then(|| costs.iter().sum::<f64>() / costs.len() as f64)
 }
 
 fn row(r: &Result) -> String {
@@ -318,20 +316,14 @@ fn render(report: &Report, args: &BenchArgs) -> String {
             run.size, run.one_step_micros, run.three_steps_micros, run.jq_micros
         );
     }
-    // Both need scenarios that `--only` may have left out.
-    if report.step_cost_micros.is_finite() {
+    if let Some(cost) = report.step_cost_micros {
         let _ = writeln!(
             out,
-            "From the unit runs (noisier): three steps against one cost {:.2} µs of CPU per message per step.",
-            report.step_cost_micros
+            "From the unit runs (noisier): three steps against one cost {cost:.2} µs of CPU per message per step."
         );
     }
-    if report.idle_rss_mib > 0.0 {
-        let _ = writeln!(
-            out,
-            "An idle stage process holds {:.1} MiB.",
-            report.idle_rss_mib
-        );
+    if let Some(rss) = report.idle_rss_mib {
+        let _ = writeln!(out, "An idle stage process holds {rss:.1} MiB.");
     }
     let check = |ok: bool| if ok { "met" } else { "NOT met" };
     let worst_unit = report
@@ -380,12 +372,11 @@ fn render(report: &Report, args: &BenchArgs) -> String {
         args.rate,
         check(p99_hop <= 5.0)
     );
-    if report.idle_rss_mib > 0.0 {
+    if let Some(rss) = report.idle_rss_mib {
         let _ = writeln!(
             out,
-            "- an idle stage process ≤ 20 MiB: {:.1} MiB ({})",
-            report.idle_rss_mib,
-            check(report.idle_rss_mib <= 20.0)
+            "- an idle stage process ≤ 20 MiB: {rss:.1} MiB ({})",
+            check(rss <= 20.0)
         );
     }
     out
