@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::lineage::{header_value, Lineage};
 use crate::payload::write_bytes_as_json;
-use crate::steps::{http_client, StepError};
+use crate::steps::{http_client, HttpStep, StepError};
 
 /// What became of a message handed to a sink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,9 +30,7 @@ pub enum Sink {
         unit: String,
     },
     Http {
-        client: reqwest::Client,
-        url: reqwest::Url,
-        headers: reqwest::header::HeaderMap,
+        endpoint: HttpStep,
         /// See `steps::OUTSTANDING_CALLS`.
         turns: tokio::sync::Semaphore,
     },
@@ -55,10 +53,7 @@ impl Sink {
                 unit: unit.to_string(),
             },
             SinkConfig::Http { url, headers } => Sink::Http {
-                client: http_client()?,
-                url: reqwest::Url::parse(url)
-                    .map_err(|e| anyhow::anyhow!("`{url}` is not a URL: {e}"))?,
-                headers: crate::steps::parse_headers(headers)?,
+                endpoint: HttpStep::new(http_client()?, url, headers)?,
                 turns: tokio::sync::Semaphore::new(crate::steps::OUTSTANDING_CALLS),
             },
         })
@@ -95,14 +90,9 @@ impl Sink {
                     })?;
                 Ok(Written::New)
             }
-            Sink::Http {
-                client,
-                url,
-                headers,
-                turns,
-            } => {
+            Sink::Http { endpoint, turns } => {
                 let _turn = turns.acquire().await.ok();
-                crate::steps::post(client, url, headers, payload, lineage).await?;
+                endpoint.post(payload, lineage).await?;
                 Ok(Written::New)
             }
         }

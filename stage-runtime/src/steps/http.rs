@@ -25,7 +25,7 @@ pub fn http_client() -> anyhow::Result<reqwest::Client> {
 }
 
 /// Headers a user configured, checked once at start-up.
-pub fn parse_headers(pairs: &[(String, String)]) -> anyhow::Result<HeaderMap> {
+fn parse_headers(pairs: &[(String, String)]) -> anyhow::Result<HeaderMap> {
     let mut map = HeaderMap::new();
     for (name, value) in pairs {
         let name = HeaderName::from_str(name)
@@ -52,19 +52,22 @@ impl HttpStep {
     }
 
     pub async fn call(&self, item: Payload, lineage: &Lineage) -> Result<Vec<Payload>, StepError> {
-        let body = item.into_bytes();
-        let response = post(&self.client, &self.url, &self.headers, body, lineage).await?;
+        let response = self.post(item.into_bytes(), lineage).await?;
         if response.is_empty() {
             Ok(Vec::new())
         } else {
             Ok(vec![Payload::Bytes(response)])
         }
     }
+
+    /// POSTs `body` and returns the response body of a 2xx answer. Server errors, throttling and
+    /// network trouble are worth retrying; other refusals are not.
+    pub async fn post(&self, body: Bytes, lineage: &Lineage) -> Result<Bytes, StepError> {
+        post(&self.client, &self.url, &self.headers, body, lineage).await
+    }
 }
 
-/// POSTs `body` and returns the response body of a 2xx answer. Server errors, throttling and network
-/// trouble are worth retrying; other refusals are not.
-pub async fn post(
+async fn post(
     client: &reqwest::Client,
     url: &reqwest::Url,
     headers: &HeaderMap,

@@ -14,7 +14,7 @@ use crate::lineage::Lineage;
 use crate::payload::Payload;
 
 pub use exec::ExecStep;
-pub use http::{http_client, parse_headers, post, HttpStep};
+pub use http::{http_client, HttpStep};
 
 /// Why one attempt of a step failed.
 #[derive(Clone, Debug, PartialEq)]
