@@ -72,23 +72,34 @@ impl ExecStep {
 
     pub async fn call(&self, item: &Payload, lineage: &Lineage) -> Reply {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let line = request_line(id, item, lineage);
+        let mut line = request_line(id, item, lineage);
         let mut writer = self.writer.clone();
-        let stdin = match writer.wait_for(|w| w.is_some()).await {
-            Ok(w) => w.clone(),
-            Err(_) => return Err(child_exited("the handler was stopped")),
+        let rx = loop {
+            let stdin = match writer.wait_for(|w| w.is_some()).await {
+                Ok(w) => w.clone(),
+                Err(_) => None,
+            };
+            let Some(stdin) = stdin else {
+                return Err(child_exited("the handler was stopped"));
+            };
+            let (tx, rx) = oneshot::channel();
+            // Register before sending: when the child dies, everything registered is failed after its
+            // stdin is gone, so a request is either answered, failed, or refused by `send` below.
+            lock(&self.shared.pending).insert(id, tx);
+            match stdin.send(line) {
+                Ok(()) => break rx,
+                Err(refused) => {
+                    lock(&self.shared.pending).remove(&id);
+                    // The child's stdin is gone (it exited, or stopped reading) and the supervisor has
+                    // not replaced it yet. The message never reached that child, so it is not to blame
+                    // and must not spend its retries: wait for the next child instead.
+                    line = refused.0;
+                    if writer.changed().await.is_err() {
+                        return Err(child_exited("the handler was stopped"));
+                    }
+                }
+            }
         };
-        let Some(stdin) = stdin else {
-            return Err(child_exited("the handler was stopped"));
-        };
-        let (tx, rx) = oneshot::channel();
-        // Register before sending: when the child dies, everything registered is failed after its
-        // stdin is gone, so a request is either answered, failed, or refused by `send` below.
-        lock(&self.shared.pending).insert(id, tx);
-        if stdin.send(line).is_err() {
-            lock(&self.shared.pending).remove(&id);
-            return Err(child_exited("the handler exited"));
-        }
         let _guard = ForgetOnDrop {
             pending: &self.shared.pending,
             id,
@@ -249,7 +260,7 @@ async fn run_child(
         return "its pipes could not be opened".to_string();
     };
     let (line_tx, mut line_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         let mut stdin = BufWriter::new(stdin);
         while let Some(line) = line_rx.recv().await {
             if stdin.write_all(&line).await.is_err() {
@@ -270,13 +281,29 @@ async fn run_child(
 
     let mut lines = BufReader::new(stdout).split(b'\n');
     let mut complaints = 0u32;
-    while let Ok(Some(line)) = lines.next_segment().await {
-        dispatch(shared, &line, &mut complaints);
+    let mut writing = true;
+    loop {
+        tokio::select! {
+            line = lines.next_segment() => match line {
+                Ok(Some(line)) => dispatch(shared, &line, &mut complaints),
+                _ => break,
+            },
+            _ = &mut writer, if writing => {
+                // Its stdin is closed: it died, or it stopped reading and can never take another
+                // message. Stop offering it work, and make sure it goes, so that the messages it
+                // holds are retried on the next child rather than waiting for this one forever.
+                writing = false;
+                writer_tx.send_replace(None);
+                let _ = child.start_kill();
+            }
+        }
     }
     // Refuse new requests first, then fail the ones in flight: see `ExecStep::call`.
     writer_tx.send_replace(None);
-    writer.abort();
-    let _ = writer.await;
+    if writing {
+        writer.abort();
+        let _ = writer.await;
+    }
     match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
         Ok(Ok(status)) => status.to_string(),
         Ok(Err(e)) => format!("unknown ({e})"),

@@ -375,6 +375,53 @@ mod tests {
         assert_eq!(text(vec![f.failure.item.clone()]), vec!["2"]);
     }
 
+    /// A message sent while the child's stdin is already gone, before the child has been replaced,
+    /// never reached a child: it waits for the next one instead of spending its retries at once and
+    /// being dead-lettered (which lost a message in CI). A child that stops reading but lingers is
+    /// stopped, so what it holds is retried now, not whenever it chooses to exit.
+    #[tokio::test]
+    async fn messages_wait_for_a_new_child_when_the_old_one_stops_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let first_life = dir.path().join("first-life");
+        // First life: close stdin and linger. Later lives: echo.
+        let code = "import json, os, sys, time\n\
+                    if not os.path.exists(sys.argv[1]):\n    open(sys.argv[1], 'w').close()\n    os.close(0)\n    time.sleep(30)\n    sys.exit(0)\n\
+                    for line in sys.stdin:\n    m = json.loads(line)\n    print(json.dumps({'id': m['id'], 'outputs': [m['data']]}), flush=True)\n";
+        let s = step(
+            StepKind::Exec {
+                command: vec![
+                    "python3".into(),
+                    "-c".into(),
+                    code.into(),
+                    first_life.display().to_string(),
+                ],
+                env: Vec::new(),
+            },
+            None,
+            1,
+        );
+        while !first_life.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let the child close its stdin.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let lineage = lineage();
+        let (first, second) = tokio::time::timeout(Duration::from_secs(10), async {
+            // The first write finds the pipe closed; the second comes while the child still lingers.
+            let first = s.run(Payload::Bytes("1".into()), &lineage);
+            let second = async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                s.run(Payload::Bytes("2".into()), &lineage).await
+            };
+            tokio::join!(first, second)
+        })
+        .await
+        .expect("the messages waited for the lingering child instead of a new one");
+        assert_eq!(text(first.unwrap()), vec!["1"]);
+        assert_eq!(text(second.unwrap()), vec!["2"]);
+        s.shutdown().await;
+    }
+
     #[tokio::test]
     async fn passthrough_and_sleep_keep_the_message() {
         for kind in [StepKind::Passthrough, StepKind::Sleep { ms: 1 }] {
