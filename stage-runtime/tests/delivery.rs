@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{handler, harness, header, json_lines, terminate};
+use common::{handler, harness, header, json_lines, settled_reports, terminate};
 use futures::StreamExt;
 use switchyard_crds::unit::headers;
 
@@ -236,12 +236,17 @@ async fn a_switcher_with_three_replicas_shares_the_load() {
     for replica in ["a", "b", "c"] {
         h.spawn("work", replica);
     }
+    // The run lasts about 250 ms: a replica that starts later than that would get nothing.
+    h.wait_for_pullers("work", 3, LIMIT).await;
     h.start("src");
     let lines = h.wait_for_lines(&h.path("out.jsonl"), 300, LIMIT).await;
     h.wait_until_drained(LIMIT).await;
     h.stop().await;
     assert_eq!(lines.len(), 300);
-    let reports = stats.lock().unwrap().clone();
+    let reports = settled_reports(&stats, Duration::from_secs(10), |r| {
+        r.len() == 3 && r.values().map(|s| s.processed).sum::<u64>() >= 300
+    })
+    .await;
     let processed: Vec<(String, u64)> = reports
         .iter()
         .map(|(r, s)| (r.clone(), s.processed))
@@ -373,7 +378,10 @@ async fn sigterm_finishes_and_acknowledges_what_is_in_flight() {
     assert_eq!(seqs.len(), 100);
     assert_eq!(lines.len(), 100);
     // What the first replica was working on, it finished and acknowledged: nothing was done twice.
-    let reports = stats.lock().unwrap().clone();
+    let reports = settled_reports(&stats, Duration::from_secs(10), |r| {
+        r.len() == 2 && r.values().map(|s| s.processed).sum::<u64>() >= 100
+    })
+    .await;
     let processed: Vec<u64> = reports.values().map(|r| r.processed).collect();
     assert_eq!(processed.iter().sum::<u64>(), 100, "{reports:?}");
 }

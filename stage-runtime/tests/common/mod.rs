@@ -220,11 +220,8 @@ impl Harness {
     }
 
     /// Keeps the latest stats report of every replica of `unit`, from now on.
-    pub async fn watch_stats(
-        &self,
-        unit: &str,
-    ) -> std::sync::Arc<std::sync::Mutex<BTreeMap<String, StatsReport>>> {
-        let reports = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    pub async fn watch_stats(&self, unit: &str) -> Reports {
+        let reports = Reports::default();
         let mut sub = self
             .client
             .subscribe(self.config(unit).stats_subject)
@@ -240,6 +237,29 @@ impl Harness {
             }
         });
         reports
+    }
+
+    /// Waits until `replicas` pull requests wait on `unit`'s consumer: every replica is ready to take
+    /// work, so none misses a short run because it started late.
+    pub async fn wait_for_pullers(&self, unit: &str, replicas: usize, limit: Duration) {
+        let durable = self.config(unit).input.expect("a unit that reads").durable;
+        let stream = self
+            .js
+            .get_stream(&self.layout.nats.stream.name)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        loop {
+            let waiting = stream.consumer_info(&durable).await.unwrap().num_waiting;
+            if waiting >= replicas {
+                return;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{waiting} of {replicas} replicas of {unit} pull after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Stops every unit gracefully, in-process ones and processes alike.
@@ -268,6 +288,26 @@ impl Drop for Harness {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+pub type Reports = std::sync::Arc<std::sync::Mutex<BTreeMap<String, StatsReport>>>;
+
+/// The reports of `watch_stats` once `done` holds of them, or as they are after `limit`. A replica's
+/// last report is sent as it exits and reaches the test a moment later: read right after `stop`, the
+/// reports can still be the ones from a second before.
+pub async fn settled_reports(
+    reports: &Reports,
+    limit: Duration,
+    done: impl Fn(&BTreeMap<String, StatsReport>) -> bool,
+) -> BTreeMap<String, StatsReport> {
+    let started = Instant::now();
+    loop {
+        let now = reports.lock().unwrap().clone();
+        if done(&now) || started.elapsed() >= limit {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
