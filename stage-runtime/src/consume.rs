@@ -212,14 +212,19 @@ impl Worker {
         };
         let count = messages.len() as u64;
         Stats::add(&self.stats.in_flight, count);
-        let result = self
-            .with_progress(messages, async {
+        // The work is pinned here and lent to `with_progress`: handed over by value, it would be
+        // stored twice in this future (rust-lang/rust#62958), and every message's future is moved
+        // into the in-flight set as it starts, so its size is copied per message.
+        let result = {
+            let processing = async {
                 match &work {
                     Work::One(m) => self.process_one(m).await,
                     Work::Batch(ms) => self.process_batch(ms).await,
                 }
-            })
-            .await;
+            };
+            tokio::pin!(processing);
+            self.with_progress(messages, processing).await
+        };
         match result {
             Ok(()) => {
                 for m in messages {
@@ -251,7 +256,9 @@ impl Worker {
                 out = &mut work => return out,
                 _ = &mut beat => {
                     for m in messages {
-                        let _ = m.ack_with(AckKind::Progress).await;
+                        // Boxed: this runs once in `progress_every`, and an acknowledgement's future
+                        // would otherwise add its size to every message's future.
+                        let _ = Box::pin(m.ack_with(AckKind::Progress)).await;
                     }
                     beat.as_mut().reset(tokio::time::Instant::now() + self.progress_every);
                 }

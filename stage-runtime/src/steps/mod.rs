@@ -240,7 +240,9 @@ impl Step {
                 out.extend(outputs.into_iter().map(Payload::Json));
             }
             Runner::Exec(exec) => out.extend(exec.call(&item, lineage).await?),
-            Runner::Http(http) => out.extend(http.call(item, lineage).await?),
+            // Boxed: an HTTP request's future is large, and unboxed it would make every step's
+            // future (and so every message's) as large, whatever the step's kind.
+            Runner::Http(http) => out.extend(Box::pin(http.call(item, lineage)).await?),
         }
         Ok(())
     }
