@@ -75,10 +75,11 @@ impl ExecStep {
         let mut line = request_line(id, item, lineage);
         let mut writer = self.writer.clone();
         let rx = loop {
-            let stdin = match writer.wait_for(|w| w.is_some()).await {
-                Ok(w) => w.clone(),
-                Err(_) => None,
-            };
+            let stdin = writer
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|w| w.clone());
             let Some(stdin) = stdin else {
                 return Err(child_exited("the handler was stopped"));
             };
