@@ -35,7 +35,7 @@ pub struct PipelineSpec {
     #[schemars(length(min = 1, max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub sources: Vec<Source>,
     /// The stages messages flow through.
-    #[schemars(length(max = 256), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub stages: Vec<Stage>,
     /// Where messages end up. One or more; by default a sink reads the last top-level stage.
     #[serde(default)]
@@ -84,7 +84,7 @@ pub enum DeletionPolicy {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "[has(self.generator), has(self.http), has(self.timer), has(self.cron), has(self.nats), has(self.file)].filter(k, k).size() == 1",
+    "rule": "(has(self.generator) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.timer) ? 1 : 0) + (has(self.cron) ? 1 : 0) + (has(self.nats) ? 1 : 0) + (has(self.file) ? 1 : 0) == 1",
     "message": "a source needs exactly one of generator, http, timer, cron, nats, file"
 }]))]
 pub struct Source {
@@ -164,7 +164,7 @@ pub struct FileSource {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "[has(self.stages), has(self.jq), has(self.exec), has(self.http), has(self.sleep), has(self.passthrough)].filter(k, k).size() == 1",
+    "rule": "(has(self.stages) ? 1 : 0) + (has(self.jq) ? 1 : 0) + (has(self.exec) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.sleep) ? 1 : 0) + (has(self.passthrough) ? 1 : 0) == 1",
     "message": "a stage needs exactly one of stages (a group), jq, exec, http, sleep, passthrough"
 }]))]
 pub struct Stage {
@@ -218,8 +218,8 @@ pub struct Stage {
     pub tolerations: Option<Vec<Toleration>>,
 }
 
-/// Kubernetes structural schemas cannot refer to themselves, so nested stages are left open in the CRD;
-/// the operator validates them (an invalid nested stage gives `Ready=False`, reason `InvalidSpec`).
+/// A placeholder: a structural schema cannot refer to itself, so `crd::crd()` replaces it with the
+/// stage's own schema, level by level, down to `crd::MAX_STAGE_DEPTH`.
 fn nested_stages_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "array",
@@ -344,7 +344,7 @@ pub struct Batch {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "[has(self.file), has(self.log), has(self.nats), has(self.http)].filter(k, k).size() == 1",
+    "rule": "(has(self.file) ? 1 : 0) + (has(self.log) ? 1 : 0) + (has(self.nats) ? 1 : 0) + (has(self.http) ? 1 : 0) == 1",
     "message": "a sink needs exactly one of file, log, nats, http"
 }]))]
 pub struct Sink {
@@ -441,8 +441,8 @@ pub struct UnitStatus {
 
 /// The CustomResourceDefinition as YAML, exactly as checked in under `crds/` and in the Helm chart.
 pub fn crd_yaml() -> Result<String, serde_norway::Error> {
-    use kube::CustomResourceExt;
-    let body = serde_norway::to_string(&Pipeline::crd())?;
+    let crd = crate::crd::crd().map_err(<serde_norway::Error as serde::ser::Error>::custom)?;
+    let body = serde_norway::to_string(&crd)?;
     Ok(format!(
         "# Generated from crds/src/pipeline.rs by `switchyard crd`; do not edit by hand.\n{body}"
     ))

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
+use crate::crd::{MAX_STAGES_PER_GROUP, MAX_STAGE_DEPTH, MAX_TOP_LEVEL_STAGES};
 use crate::jq::JqFilter;
 use crate::pipeline::{Pipeline, Sink, Source, Stage};
 use crate::topology::{self, Topology};
@@ -120,10 +121,16 @@ pub fn analyze(pipeline: &Pipeline) -> Result<Topology, Vec<Problem>> {
         claim(&mut problems, &source.name, path.clone());
         check_source(&mut problems, &path, source);
     }
+    if spec.stages.len() > MAX_TOP_LEVEL_STAGES {
+        problems.push(Problem::at(
+            "stages",
+            format!("the Pipeline has {} top-level stages and may have at most {MAX_TOP_LEVEL_STAGES}: group some of them", spec.stages.len()),
+        ));
+    }
     for (i, stage) in spec.stages.iter().enumerate() {
         let path = format!("stages[{i}] {}", stage.name);
         claim(&mut problems, &stage.name, path.clone());
-        check_stage(&mut problems, &path, stage, true);
+        check_stage(&mut problems, &path, stage, 1);
     }
     if spec.sinks.is_empty() {
         problems.push(Problem::at(
@@ -324,9 +331,11 @@ fn check_url(problems: &mut Vec<Problem>, path: &str, field: &str, url: &str) {
 
 const STEP_KINDS: &str = "jq, exec, http, sleep, passthrough, or nested stages";
 
-/// `is_unit` is true for a top-level stage or a switcher: the stages that become their own unit.
-fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, top_level: bool) {
+/// `depth` is 1 for a top-level stage, 2 for a stage in its group, and so on; `is_unit` is true for a
+/// top-level stage or a switcher: the stages that become their own unit.
+fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, depth: usize) {
     check_name(problems, path, &stage.name);
+    let top_level = depth == 1;
     let is_unit = top_level || stage.switcher.is_some();
     let mut kinds = Vec::new();
     if let Some(children) = &stage.stages {
@@ -337,6 +346,22 @@ fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, top_level
                 "the group has no stages: add at least one, or make this stage a step",
             ));
         }
+        if depth >= MAX_STAGE_DEPTH && !children.is_empty() {
+            problems.push(Problem::at(
+                path,
+                format!("stages nest at most {MAX_STAGE_DEPTH} levels deep and this group is at level {depth}: move its stages up a level, or into a top-level stage of their own"),
+            ));
+        } else if !top_level && children.len() > MAX_STAGES_PER_GROUP {
+            problems.push(Problem::at(
+                path,
+                format!("the group has {} stages and a nested group holds at most {MAX_STAGES_PER_GROUP}: split it into groups", children.len()),
+            ));
+        }
+        let children = if depth >= MAX_STAGE_DEPTH {
+            &children[..0]
+        } else {
+            &children[..]
+        };
         let mut seen = BTreeSet::new();
         for (i, child) in children.iter().enumerate() {
             let child_path = format!("{path} > stages[{i}] {}", child.name);
@@ -346,7 +371,7 @@ fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, top_level
                     format!("another stage in this group is already named `{}`: give each stage of a group its own name", child.name),
                 ));
             }
-            check_stage(problems, &child_path, child, false);
+            check_stage(problems, &child_path, child, depth + 1);
         }
     }
     if let Some(filter) = &stage.jq {

@@ -172,6 +172,12 @@ pub fn decide(
         let desired = clamp(now);
         return moved(current, desired, why_up(policy, latest));
     }
+    if now < current && current == policy.min {
+        return hold(
+            current,
+            format!("at minReplicas {}: the load needs no more", policy.min),
+        );
+    }
     if now < current && !within_tolerance {
         // Down only to the most the window needed; a window not yet full holds.
         let covered = samples.first().is_some_and(|first| {

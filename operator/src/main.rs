@@ -61,6 +61,10 @@ enum Command {
         /// Namespace of the Lease (default: POD_NAMESPACE).
         #[arg(long, env = "SWITCHYARD_LEASE_NAMESPACE")]
         lease_namespace: Option<String>,
+        /// How long a deleted Pipeline waits for its NATS stream to be reachable before it is deleted
+        /// without it (a Warning Event names what was left behind).
+        #[arg(long, env = "SWITCHYARD_CLEANUP_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+        cleanup_timeout: std::time::Duration,
         /// Log format.
         #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
             metrics_addr,
             leader_election,
             lease_namespace,
+            cleanup_timeout,
             log_format,
         } => operator(
             controller::OperatorOptions {
@@ -110,6 +115,7 @@ fn main() -> ExitCode {
                 leader_election,
                 lease_namespace,
                 instance: None,
+                cleanup_timeout,
             },
             &log_format,
         ),

@@ -82,6 +82,13 @@ pub struct UnitPlan {
     pub deployment: Deployment,
 }
 
+impl UnitPlan {
+    /// A switcher's replicas belong to the autoscaler.
+    pub fn is_switcher(&self) -> bool {
+        self.kind == "switcher"
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Replicas {
     pub min: u32,

@@ -83,6 +83,7 @@ async fn the_operator_drives_a_pipeline_from_apply_to_ready_to_deleted() {
         leader_election: false,
         lease_namespace: None,
         instance: Some("test".into()),
+        cleanup_timeout: controller::runner::DEFAULT_CLEANUP_TIMEOUT,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let operator = tokio::spawn(controller::run_with(api.client(), options, async move {
@@ -108,7 +109,8 @@ async fn the_operator_drives_a_pipeline_from_apply_to_ready_to_deleted() {
     for name in api.names(DEPLOYMENTS, "default") {
         api.update(DEPLOYMENTS, "default", &name, |d| {
             let replicas = d["spec"]["replicas"].clone();
-            d["status"] = json!({"replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas});
+            let generation = d["metadata"]["generation"].clone();
+            d["status"] = json!({"observedGeneration": generation, "replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas, "availableReplicas": replicas});
         });
     }
     eventually("Ready=True", || {
@@ -164,6 +166,7 @@ async fn the_operator_scales_a_switcher_through_its_deployments_scale_and_report
         leader_election: false,
         lease_namespace: None,
         instance: Some("test".into()),
+        cleanup_timeout: controller::runner::DEFAULT_CLEANUP_TIMEOUT,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let operator = tokio::spawn(controller::run_with(api.client(), options, async move {

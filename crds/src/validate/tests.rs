@@ -331,3 +331,32 @@ fn problems_print_with_line_then_path() {
     };
     assert_eq!(p.to_string(), "line 4: stages[0] a: broken");
 }
+
+#[test]
+fn stages_nest_no_deeper_and_no_wider_than_the_crd_holds() {
+    // Level 4 may hold only steps: a group there would be cut off by the API server.
+    let deep = spec(&format!(
+        "{SOURCE_AND_SINK}  stages:\n    - name: a\n      stages:\n        - name: b\n          stages:\n            - name: c\n              stages:\n                - name: d\n                  stages: [{{name: e, passthrough: {{}}}}]\n"
+    ));
+    assert_has(
+        &problems(&deep),
+        "stages[0] a > stages[0] b > stages[0] c > stages[0] d",
+        "stages nest at most 4 levels deep",
+    );
+    let steps: Vec<String> = (0..=crate::crd::MAX_STAGES_PER_GROUP)
+        .map(|i| format!("{{name: s{i}, passthrough: {{}}}}"))
+        .collect();
+    let wide = spec(&format!(
+        "{SOURCE_AND_SINK}  stages:\n    - name: a\n      stages:\n        - name: b\n          stages: [{}]\n",
+        steps.join(", ")
+    ));
+    assert_has(
+        &problems(&wide),
+        "stages[0] a > stages[0] b",
+        "a nested group holds at most 16",
+    );
+    let fine = spec(&format!(
+        "{SOURCE_AND_SINK}  stages:\n    - name: a\n      stages:\n        - name: b\n          stages:\n            - name: c\n              stages: [{{name: d, passthrough: {{}}}}]\n"
+    ));
+    assert_eq!(problems(&fine), Vec::<String>::new());
+}

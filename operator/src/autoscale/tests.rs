@@ -315,3 +315,17 @@ fn the_window_fills_whatever_the_spacing_of_the_samples() {
     assert_eq!(current, 1, "an idle switcher goes back to its minimum");
     assert_eq!(downs, 1);
 }
+
+#[test]
+fn an_idle_switcher_at_min_replicas_does_not_claim_to_wait_for_a_scale_down() {
+    let p = policy(1, 4);
+    let idle = [Sample {
+        at: Duration::from_secs(1),
+        lag: 0,
+        busy: 0.0,
+        rate: 0.0,
+    }];
+    let decision = decide(&p, 1, &idle, None);
+    assert_eq!(decision.change, Change::Hold);
+    assert_eq!(decision.reason, "at minReplicas 1: the load needs no more");
+}

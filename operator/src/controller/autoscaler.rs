@@ -1,26 +1,32 @@
 //! The operator's autoscaler: once a reporting interval, every switcher of every Pipeline is sampled
 //! (its consumer's lag from NATS, its replicas' utilization and rate from their reports, its readers'
 //! lag for downstream pressure), the pure `autoscale::decide` says how many replicas it needs, and a
-//! change is applied through the Deployment's scale subresource, recorded for the status and told in
-//! an Event.
+//! change is applied through the Deployment's scale subresource (with its own field manager), recorded
+//! for the status and told in an Event.
+//!
+//! Pipelines are scaled independently of each other: each pass starts every Pipeline that is not still
+//! busy with the previous one, so one whose NATS server does not answer holds up only itself. Replicas
+//! come from the Deployment cache, not from a request per switcher.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::Store;
-use kube::{Api, ResourceExt};
-use switchyard_crds::layout::layout;
+use kube::{Api, Resource};
+use switchyard_crds::layout::{layout, Layout};
+use switchyard_crds::topology::Topology;
 use switchyard_crds::validate::analyze;
 use switchyard_crds::Pipeline;
 
-use super::Context;
+use super::{lock, Context, SCALE_FIELD_MANAGER};
 use crate::autoscale::{self, Policy, Window};
 use crate::plan;
+
+/// Longest one Pipeline's scaling step may take before it is abandoned for this pass.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The latest decision for one switcher.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,13 +42,19 @@ pub fn key(namespace: &str, pipeline: &str, unit: &str) -> String {
     format!("{namespace}/{pipeline}/{unit}")
 }
 
+/// A Pipeline's analysis, kept while its generation stays the same.
+type Analysis = Arc<(Topology, Layout)>;
+
 pub struct Autoscaler {
     ctx: Arc<Context>,
     started: Instant,
     reports: crate::reports::Reports,
     /// NATS servers whose stats subjects are subscribed to.
-    listening: HashSet<String>,
-    windows: HashMap<String, Window>,
+    listening: tokio::sync::Mutex<HashSet<String>>,
+    windows: Mutex<HashMap<String, Window>>,
+    analyses: Mutex<HashMap<String, (Option<i64>, Analysis)>>,
+    /// Pipelines whose step of an earlier pass is still running.
+    busy: Mutex<HashSet<String>>,
 }
 
 impl Autoscaler {
@@ -51,17 +63,15 @@ impl Autoscaler {
             ctx,
             started: Instant::now(),
             reports: crate::reports::Reports::default(),
-            listening: HashSet::new(),
-            windows: HashMap::new(),
+            listening: tokio::sync::Mutex::new(HashSet::new()),
+            windows: Mutex::new(HashMap::new()),
+            analyses: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashSet::new()),
         }
     }
 
     /// Scales every switcher once a reporting interval until `stop` is set.
-    pub async fn run(
-        mut self,
-        pipelines: Store<Pipeline>,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(switchyard_stage::stats::REPORT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -69,32 +79,68 @@ impl Autoscaler {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            for pipeline in pipelines.state() {
-                self.step(&pipeline).await;
+            for object in self.ctx.caches.pipelines.state() {
+                let Ok(pipeline) = object.0.as_ref() else {
+                    continue;
+                };
+                let uid = pipeline.metadata.uid.clone().unwrap_or_default();
+                if pipeline.metadata.deletion_timestamp.is_some()
+                    || !lock(&self.busy).insert(uid.clone())
+                {
+                    continue;
+                }
+                let this = self.clone();
+                let pipeline = pipeline.clone();
+                tokio::spawn(async move {
+                    this.step(&pipeline).await;
+                    lock(&this.busy).remove(&uid);
+                });
             }
+            self.forget_gone();
         }
     }
 
     /// One interval for one Pipeline.
-    pub async fn step(&mut self, pipeline: &Pipeline) {
-        if pipeline.metadata.deletion_timestamp.is_some() {
-            return;
-        }
-        if let Err(e) = self.scale(pipeline).await {
-            tracing::debug!(pipeline = %pipeline.name_any(), "not scaling this interval: {e}");
+    pub async fn step(&self, pipeline: &Pipeline) {
+        match tokio::time::timeout(STEP_TIMEOUT, self.scale(pipeline)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(pipeline = %pipeline.metadata.name.as_deref().unwrap_or_default(), "not scaling this interval: {e}")
+            }
+            Err(_) => {
+                tracing::debug!(pipeline = %pipeline.metadata.name.as_deref().unwrap_or_default(), "not scaling this interval: no answer within {STEP_TIMEOUT:?}")
+            }
         }
     }
 
-    async fn scale(&mut self, pipeline: &Pipeline) -> Result<(), String> {
+    /// The topology and layout of a Pipeline, analysed once per generation; None: nothing to scale.
+    fn analysis(&self, pipeline: &Pipeline) -> Option<Analysis> {
+        let uid = pipeline.metadata.uid.clone().unwrap_or_default();
+        let generation = pipeline.metadata.generation;
+        if let Some((seen, analysis)) = lock(&self.analyses).get(&uid) {
+            if *seen == generation {
+                return Some(analysis.clone());
+            }
+        }
         // An invalid spec is the reconcile's to report; there is nothing to scale.
-        let Ok(topology) = analyze(pipeline) else {
+        let topology = analyze(pipeline).ok()?;
+        let layout = layout(&topology, &pipeline.spec).ok()?;
+        let analysis = Arc::new((topology, layout));
+        lock(&self.analyses).insert(uid, (generation, analysis.clone()));
+        Some(analysis)
+    }
+
+    async fn scale(&self, pipeline: &Pipeline) -> Result<(), String> {
+        let Some(analysis) = self.analysis(pipeline) else {
             return Ok(());
         };
+        let (topology, layout) = analysis.as_ref();
         if topology.units.iter().all(|u| u.switcher.is_none()) {
             return Ok(());
         }
-        let layout = layout(&topology, &pipeline.spec).map_err(|p| format!("{p:?}"))?;
-        let js = super::nats_for(&self.ctx, pipeline).await?;
+        let js = super::resolve::nats(&self.ctx, &topology.namespace, &pipeline.spec)
+            .await
+            .map_err(|e| e.to_string())?;
         self.listen(pipeline, &js).await?;
         let mut lags = HashMap::new();
         for consumer in &layout.nats.consumers {
@@ -105,92 +151,106 @@ impl Autoscaler {
                 lags.insert(consumer.durable.clone(), lag);
             }
         }
-        let namespace = topology.namespace.clone();
-        let deployments: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), &namespace);
-        let at = self.started.elapsed();
         for unit in topology.units.iter().filter(|u| u.switcher.is_some()) {
-            let Some(switcher) = &unit.switcher else {
-                continue;
-            };
-            let Some(&lag) = lags.get(&unit.name) else {
-                continue;
-            };
-            let name = plan::object_name(&topology.pipeline, &unit.name);
-            // Not applied yet: the reconcile creates it at minReplicas.
-            let Some(deployment) = deployments
-                .get_opt(&name)
-                .await
-                .map_err(|e| e.to_string())?
-            else {
-                continue;
-            };
-            let current = deployment
-                .spec
-                .as_ref()
-                .and_then(|s| s.replicas)
-                .unwrap_or(1)
-                .max(0) as u32;
-            let policy = Policy::of(switcher);
-            let k = key(&namespace, &topology.pipeline, &unit.name);
-            let fresh = self.reports.fresh(&k);
-            let window = self.windows.entry(k.clone()).or_default();
-            window.push(autoscale::sample(at, lag, &fresh), policy.stabilization);
-            let pressure = autoscale::downstream_pressure(
-                &topology,
-                &layout.nats.consumers,
-                &unit.name,
-                &lags,
-            );
-            let decision =
-                autoscale::decide(&policy, current, &window.samples(), pressure.as_ref());
-            let previous = self.ctx.scale_record(&k);
-            let record = if decision.desired != current {
-                deployments
-                    .patch_scale(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(serde_json::json!({"spec": {"replicas": decision.desired}})),
-                    )
-                    .await
-                    .map_err(|e| format!("cannot scale {name}: {e}"))?;
-                super::publish(
-                    &self.ctx,
-                    pipeline,
-                    EventType::Normal,
-                    "Scaled",
-                    format!("{}: {}", unit.name, decision.reason),
-                )
-                .await;
-                tracing::info!(pipeline = %topology.pipeline, unit = %unit.name, "{}", decision.reason);
-                ScaleRecord {
-                    desired: decision.desired,
-                    last_scale_time: Some(super::now()),
-                    reason: decision.reason,
-                }
-            } else {
-                ScaleRecord {
-                    desired: current,
-                    last_scale_time: previous.as_ref().and_then(|p| p.last_scale_time.clone()),
-                    // A hold says why; a scale's reason stays until the next change or hold.
-                    reason: decision.reason,
-                }
-            };
-            if previous.as_ref() != Some(&record) {
-                // The reconcile writes it into the status: at once after a scale (the Deployment's
-                // watch brings the Pipeline back), within REFRESH_SWITCHERS for a hold.
-                self.ctx
-                    .scaling
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(k, record);
+            if let Some(&lag) = lags.get(&unit.name) {
+                self.scale_unit(pipeline, topology, layout, &unit.name, lag, &lags)
+                    .await?;
             }
+        }
+        Ok(())
+    }
+
+    async fn scale_unit(
+        &self,
+        pipeline: &Pipeline,
+        topology: &Topology,
+        layout: &Layout,
+        unit: &str,
+        lag: u64,
+        lags: &HashMap<String, u64>,
+    ) -> Result<(), String> {
+        let Some(switcher) = topology
+            .units
+            .iter()
+            .find(|u| u.name == unit)
+            .and_then(|u| u.switcher.as_ref())
+        else {
+            return Ok(());
+        };
+        let namespace = &topology.namespace;
+        let name = plan::object_name(&topology.pipeline, unit);
+        // Not applied yet: the reconcile creates it at minReplicas.
+        let Some(deployment) = self.ctx.caches.deployment(namespace, &name) else {
+            return Ok(());
+        };
+        let current = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1)
+            .max(0) as u32;
+        let policy = Policy::of(switcher);
+        let k = key(namespace, &topology.pipeline, unit);
+        let fresh = self.reports.fresh(&k);
+        let samples = {
+            let mut windows = lock(&self.windows);
+            let window = windows.entry(k.clone()).or_default();
+            window.push(
+                autoscale::sample(self.started.elapsed(), lag, &fresh),
+                policy.stabilization,
+            );
+            window.samples()
+        };
+        let pressure = autoscale::downstream_pressure(topology, &layout.nats.consumers, unit, lags);
+        let decision = autoscale::decide(&policy, current, &samples, pressure.as_ref());
+        let previous = self.ctx.scale_record(&k);
+        let record = if decision.desired != current {
+            let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+                Api::namespaced(self.ctx.client.clone(), namespace);
+            deployments
+                .patch_scale(
+                    &name,
+                    &PatchParams {
+                        field_manager: Some(SCALE_FIELD_MANAGER.to_string()),
+                        ..PatchParams::default()
+                    },
+                    &Patch::Merge(serde_json::json!({"spec": {"replicas": decision.desired}})),
+                )
+                .await
+                .map_err(|e| format!("cannot scale {name}: {e}"))?;
+            super::publish(
+                &self.ctx,
+                &pipeline.metadata,
+                EventType::Normal,
+                "Scaled",
+                format!("{unit}: {}", decision.reason),
+            )
+            .await;
+            tracing::info!(pipeline = %topology.pipeline, %unit, "{}", decision.reason);
+            ScaleRecord {
+                desired: decision.desired,
+                last_scale_time: Some(super::now()),
+                reason: decision.reason,
+            }
+        } else {
+            ScaleRecord {
+                desired: current,
+                last_scale_time: previous.as_ref().and_then(|p| p.last_scale_time.clone()),
+                // A hold says why; a scale's reason stays until the next change or hold.
+                reason: decision.reason,
+            }
+        };
+        if previous.as_ref() != Some(&record) {
+            // The reconcile writes it into the status: at once after a scale (the Deployment's watch
+            // brings the Pipeline back), at its next refresh for a hold.
+            lock(&self.ctx.scaling).insert(k, record);
         }
         Ok(())
     }
 
     /// Subscribes once per NATS server to every unit's reports.
     async fn listen(
-        &mut self,
+        &self,
         pipeline: &Pipeline,
         js: &async_nats::jetstream::Context,
     ) -> Result<(), String> {
@@ -200,7 +260,8 @@ impl Autoscaler {
             .as_ref()
             .and_then(|n| n.url.clone())
             .unwrap_or_else(|| self.ctx.settings.nats_url.clone());
-        if self.listening.contains(&url) {
+        let mut listening = self.listening.lock().await;
+        if listening.contains(&url) {
             return Ok(());
         }
         self.reports
@@ -217,7 +278,40 @@ impl Autoscaler {
             )
             .await
             .map_err(|e| format!("{e:#} at {url}"))?;
-        self.listening.insert(url);
+        listening.insert(url);
         Ok(())
+    }
+
+    /// Drops the windows and analyses of Pipelines that are gone.
+    fn forget_gone(&self) {
+        let live: HashSet<(String, String)> = self
+            .ctx
+            .caches
+            .pipelines
+            .state()
+            .iter()
+            .map(|p| {
+                let meta = p.meta();
+                (
+                    meta.namespace.clone().unwrap_or_default(),
+                    meta.name.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let uids: HashSet<String> = self
+            .ctx
+            .caches
+            .pipelines
+            .state()
+            .iter()
+            .filter_map(|p| p.meta().uid.clone())
+            .collect();
+        lock(&self.windows).retain(|k, _| {
+            let mut parts = k.splitn(3, '/');
+            let ns = parts.next().unwrap_or_default().to_string();
+            let name = parts.next().unwrap_or_default().to_string();
+            live.contains(&(ns, name))
+        });
+        lock(&self.analyses).retain(|uid, _| uids.contains(uid));
     }
 }

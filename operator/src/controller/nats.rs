@@ -1,48 +1,103 @@
 //! NATS from the operator's side: one connection per server (and credentials), reused across
 //! reconciles, and what the operator reads there for status.
+//!
+//! Every call is bounded in time, and connecting to one server never waits on another: a server that
+//! accepts connections but never answers slows only the Pipelines that use it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use switchyard_crds::layout::{NatsLayout, DEAD_LETTER_CONSUMER};
-use tokio::sync::Mutex;
+
+/// Longest a connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest one step's work against NATS (declaring the stream and consumers, reading lag) may take.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("the NATS credentials are not usable: {0}")]
+    BadCredentials(String),
+    #[error("cannot reach NATS at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("NATS did not answer within {}s while {doing}", .after.as_secs())]
+    Timeout { doing: String, after: Duration },
+    #[error("NATS refused {doing}: {message}")]
+    Refused { doing: String, message: String },
+}
+
+type Key = (String, Option<String>);
+type Slot = Arc<tokio::sync::Mutex<Option<async_nats::Client>>>;
 
 #[derive(Default)]
 pub struct NatsPool {
-    clients: Mutex<HashMap<(String, Option<String>), async_nats::Client>>,
+    /// One slot per server and credentials; the map's lock is held only to find the slot.
+    slots: std::sync::Mutex<HashMap<Key, Slot>>,
 }
 
 impl NatsPool {
-    /// A JetStream context for `url`, connecting on first use. A server that does not answer within a
-    /// few seconds is an error, so a reconcile never hangs on it.
+    /// A JetStream context for `url`, connecting on first use (or after the connection was lost).
     pub async fn jetstream(
         &self,
         url: &str,
         credentials: Option<String>,
-    ) -> Result<jetstream::Context, String> {
+    ) -> Result<jetstream::Context, NatsError> {
         let key = (url.to_string(), credentials.clone());
-        let mut clients = self.clients.lock().await;
-        if let Some(client) = clients.get(&key) {
-            if client.connection_state() == async_nats::connection::State::Connected {
-                return Ok(switchyard_stage::jetstream_context(client.clone()));
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        let mut client = slot.lock().await;
+        if let Some(c) = client.as_ref() {
+            if c.connection_state() == async_nats::connection::State::Connected {
+                return Ok(switchyard_stage::jetstream_context(c.clone()));
             }
         }
         let mut options = async_nats::ConnectOptions::new()
             .name("switchyard-operator")
-            .connection_timeout(Duration::from_secs(3))
+            .connection_timeout(CONNECT_TIMEOUT)
             .request_timeout(Some(Duration::from_secs(5)));
         if let Some(creds) = &credentials {
             options = options
                 .credentials(creds)
-                .map_err(|e| format!("the NATS credentials are not usable: {e}"))?;
+                .map_err(|e| NatsError::BadCredentials(e.to_string()))?;
         }
-        let client = options
-            .connect(url)
+        let unreachable = |message: String| NatsError::Unreachable {
+            url: url.to_string(),
+            message,
+        };
+        // The connection timeout covers the TCP connect; a server that accepts and then stays silent
+        // is bounded here.
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT * 2, options.connect(url))
             .await
-            .map_err(|e| format!("cannot reach NATS at {url}: {e}"))?;
-        clients.insert(key, client.clone());
-        Ok(switchyard_stage::jetstream_context(client))
+            .map_err(|_| unreachable("no answer to the connection handshake".to_string()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        *client = Some(connected.clone());
+        Ok(switchyard_stage::jetstream_context(connected))
+    }
+}
+
+/// Runs `work` against NATS within `OPERATION_TIMEOUT`.
+pub async fn bounded<T, E: std::fmt::Display>(
+    doing: &str,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, NatsError> {
+    match tokio::time::timeout(OPERATION_TIMEOUT, work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(NatsError::Refused {
+            doing: doing.to_string(),
+            message: format!("{e:#}"),
+        }),
+        Err(_) => Err(NatsError::Timeout {
+            doing: doing.to_string(),
+            after: OPERATION_TIMEOUT,
+        }),
     }
 }
 
@@ -55,6 +110,18 @@ pub struct NatsObservation {
 }
 
 pub async fn observe(
+    js: &jetstream::Context,
+    layout: &NatsLayout,
+    dead_letter_subjects: &BTreeMap<String, String>,
+) -> Result<NatsObservation, NatsError> {
+    bounded(
+        "reading lag and dead letters",
+        observe_unbounded(js, layout, dead_letter_subjects),
+    )
+    .await
+}
+
+async fn observe_unbounded(
     js: &jetstream::Context,
     layout: &NatsLayout,
     dead_letter_subjects: &BTreeMap<String, String>,
@@ -102,4 +169,48 @@ fn dead_letter_filter(layout: &NatsLayout) -> String {
         .find(|c| c.durable == DEAD_LETTER_CONSUMER)
         .and_then(|c| c.filter_subjects.first().cloned())
         .unwrap_or_else(|| ">".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_is_an_error_within_the_bound_and_blocks_no_other() {
+        // Accepts connections and never says a word, like a wrong port behind a proxy.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("nats://{}", silent.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+            }
+        });
+        let pool = Arc::new(NatsPool::default());
+        let started = std::time::Instant::now();
+        let silent_attempt = {
+            let pool = pool.clone();
+            let url = url.clone();
+            tokio::spawn(async move { pool.jetstream(&url, None).await.map(|_| ()) })
+        };
+        // Another server (closed port: refused at once) is not held up behind the silent one.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let other = pool.jetstream(&format!("nats://{closed}"), None).await;
+        assert!(other.is_err());
+        assert!(
+            started.elapsed() < CONNECT_TIMEOUT,
+            "the other server waited {:?}",
+            started.elapsed()
+        );
+        let silent_result = silent_attempt.await.unwrap();
+        assert!(
+            matches!(silent_result, Err(NatsError::Unreachable { .. })),
+            "{silent_result:?}"
+        );
+        assert!(started.elapsed() <= CONNECT_TIMEOUT * 2 + Duration::from_secs(1));
+        held.abort();
+    }
 }

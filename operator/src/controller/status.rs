@@ -25,6 +25,13 @@ pub enum Outcome {
     Invalid { problems: Vec<String> },
     /// The spec is fine but NATS could not be reached or refused the stream.
     NatsUnavailable { message: String },
+    /// A step of the reconcile failed; `reason` is the conditions' reason. `retrying`: the reconcile
+    /// tries again by itself (a passing fault) rather than waiting for the user to act.
+    Failed {
+        reason: &'static str,
+        message: String,
+        retrying: bool,
+    },
     /// Everything was applied.
     Applied,
 }
@@ -35,6 +42,11 @@ pub struct UnitObservation {
     pub deployment: String,
     pub desired: i32,
     pub ready: i32,
+    /// Replicas that run the current pod template.
+    pub updated: i32,
+    /// The Deployment controller has seen the latest spec, every replica runs it, no old one is left
+    /// and all are available: what `kubectl rollout status` waits for.
+    pub rolled_out: bool,
     /// Why the Deployment's rollout failed (its Progressing condition said ProgressDeadlineExceeded).
     pub rollout_failed: Option<String>,
     pub lag: Option<u64>,
@@ -46,8 +58,66 @@ pub struct UnitObservation {
 
 impl UnitObservation {
     fn is_ready(&self) -> bool {
-        self.ready >= self.desired
+        self.rolled_out && self.ready >= self.desired
     }
+
+    fn progress(&self) -> String {
+        if self.ready < self.desired {
+            format!("{} ({}/{} ready)", self.name, self.ready, self.desired)
+        } else if self.updated < self.desired {
+            format!("{} ({}/{} updated)", self.name, self.updated, self.desired)
+        } else {
+            format!("{} (rolling out: old replicas still running)", self.name)
+        }
+    }
+}
+
+/// Minimum time between two status writes that differ only in figures (lag, counts, messages);
+/// a change of a condition, phase or replicas is written at once.
+pub const FIGURES_REFRESH: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Whether `next` must be written now, given what the Pipeline has and how long ago the operator last
+/// wrote its status (None: not since it started).
+pub fn needs_write(
+    previous: Option<&PipelineStatus>,
+    next: &PipelineStatus,
+    since_last_write: Option<std::time::Duration>,
+) -> bool {
+    let Some(previous) = previous else {
+        return true;
+    };
+    if previous == next {
+        return false;
+    }
+    if shape(previous) != shape(next) {
+        return true;
+    }
+    since_last_write.is_none_or(|t| t >= FIGURES_REFRESH)
+}
+
+/// What a status says, without its figures.
+fn shape(s: &PipelineStatus) -> impl PartialEq + '_ {
+    (
+        s.observed_generation,
+        &s.phase,
+        &s.units_summary,
+        s.conditions
+            .iter()
+            .map(|c| (&c.type_, &c.status, &c.reason, c.observed_generation))
+            .collect::<Vec<_>>(),
+        s.units
+            .iter()
+            .map(|u| {
+                (
+                    &u.name,
+                    u.desired_replicas,
+                    u.ready_replicas,
+                    &u.last_scale_time,
+                    &u.last_scale_reason,
+                )
+            })
+            .collect::<Vec<_>>(),
+    )
 }
 
 pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time) -> PipelineStatus {
@@ -72,6 +142,21 @@ pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time)
         }
     };
     let applied = obs.outcome == Outcome::Applied;
+    if !applied {
+        // Nothing new was observed: the units keep what was last known of them.
+        if let Some(previous) = previous {
+            return PipelineStatus {
+                observed_generation: obs.generation,
+                phase: Some(phase.to_string()),
+                conditions: vec![
+                    condition(ready),
+                    condition(progressing),
+                    condition(degraded),
+                ],
+                ..previous.clone()
+            };
+        }
+    }
     let ready_units = obs.units.iter().filter(|u| u.is_ready()).count();
     PipelineStatus {
         observed_generation: obs.generation,
@@ -142,6 +227,25 @@ fn conditions(obs: &Observation) -> (Cond<'static>, Cond<'static>, Cond<'static>
                 "Waiting",
             )
         }
+        Outcome::Failed {
+            reason,
+            message,
+            retrying,
+        } => {
+            let (progressing, message) = if *retrying {
+                let message = format!("{message}; retrying with backoff");
+                ((PROGRESSING, true, "Retrying", message.clone()), message)
+            } else {
+                let waiting = "waiting for a change".to_string();
+                ((PROGRESSING, false, *reason, waiting), message.clone())
+            };
+            (
+                (READY, false, *reason, message.clone()),
+                progressing,
+                (DEGRADED, true, *reason, message.clone()),
+                if *retrying { "Waiting" } else { "Failed" },
+            )
+        }
         Outcome::Applied => applied_conditions(obs),
     }
 }
@@ -153,7 +257,7 @@ fn applied_conditions(
         .units
         .iter()
         .filter(|u| !u.is_ready())
-        .map(|u| format!("{} ({}/{} ready)", u.name, u.ready, u.desired))
+        .map(UnitObservation::progress)
         .collect();
     let failed: Vec<String> = obs
         .units
@@ -263,6 +367,8 @@ mod tests {
             deployment: format!("p-{name}"),
             desired,
             ready,
+            updated: desired,
+            rolled_out: ready >= desired,
             lag: Some(3),
             ..UnitObservation::default()
         }
@@ -436,5 +542,62 @@ mod tests {
             after.units[0].last_scale_reason.as_deref(),
             Some("lag 500 over target")
         );
+    }
+
+    #[test]
+    fn a_ready_unit_whose_new_replicas_are_not_all_up_is_still_rolling_out() {
+        // After a change of env: the old pod is ready, the new one Pending.
+        let mut machines = unit("machines", 1, 1);
+        machines.rolled_out = false;
+        let s = compute(None, &observe(Outcome::Applied, vec![machines]), &at(10));
+        assert_eq!(get(&s, READY).status, "False");
+        assert_eq!(get(&s, PROGRESSING).status, "True");
+        assert!(get(&s, READY)
+            .message
+            .contains("old replicas still running"));
+        assert_eq!(s.phase.as_deref(), Some("Deploying"));
+    }
+
+    #[test]
+    fn a_failure_keeps_the_units_last_known_state_and_says_why() {
+        let before = compute(
+            None,
+            &observe(Outcome::Applied, vec![unit("a", 2, 2)]),
+            &at(10),
+        );
+        let failed = Outcome::Failed {
+            reason: "NameConflict",
+            message: "ConfigMap a-b-c belongs to Pipeline a".into(),
+            retrying: false,
+        };
+        let s = compute(Some(&before), &observe(failed, vec![]), &at(20));
+        assert_eq!(get(&s, READY).reason, "NameConflict");
+        assert_eq!(get(&s, PROGRESSING).status, "False");
+        assert_eq!(get(&s, DEGRADED).status, "True");
+        assert_eq!(s.units, before.units);
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+    }
+
+    #[test]
+    fn figures_alone_are_written_at_a_bounded_rate_and_changes_at_once() {
+        let a = compute(
+            None,
+            &observe(Outcome::Applied, vec![unit("a", 1, 1)]),
+            &at(10),
+        );
+        let mut busier = observe(Outcome::Applied, vec![unit("a", 1, 1)]);
+        busier.units[0].lag = Some(900);
+        let b = compute(Some(&a), &busier, &at(11));
+        let soon = Some(std::time::Duration::from_secs(1));
+        assert!(!needs_write(Some(&a), &b, soon));
+        assert!(needs_write(Some(&a), &b, Some(FIGURES_REFRESH)));
+        assert!(needs_write(Some(&a), &b, None));
+        assert!(!needs_write(Some(&a), &a, None));
+        let c = compute(
+            Some(&a),
+            &observe(Outcome::Applied, vec![unit("a", 2, 1)]),
+            &at(12),
+        );
+        assert!(needs_write(Some(&a), &c, soon));
     }
 }

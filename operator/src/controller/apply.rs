@@ -1,0 +1,606 @@
+//! Apply: the Pipeline's stream and consumers in NATS, then each unit's ConfigMap and Deployment
+//! (server-side apply, one field manager, owner references), and the pruning of units that left the spec.
+//!
+//! An object is sent only when it would change: each carries the hash of what was last applied, and an
+//! object whose cached hash matches is left alone (a periodic resync re-sends everything, to repair
+//! edits made behind the operator's back). An object that exists and belongs to anything but this
+//! Pipeline is never touched: that is a `NameConflict`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use switchyard_crds::Pipeline;
+
+use super::nats::{self, NatsError};
+use super::resolve::namespace_terminating;
+use super::{autoscaler, Context, FIELD_MANAGER};
+use crate::plan::{self, Plan, UnitPlan, LABEL_PIPELINE};
+
+/// Annotation on every applied object: the hash of what the operator last applied.
+pub const ANNOTATION_APPLIED: &str = "switchyard.dev/applied-hash";
+/// Everything is applied again this often (spread over ten more minutes per Pipeline).
+pub const RESYNC: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot set up the Pipeline's stream and consumers: {0}")]
+    Nats(#[source] NatsError),
+    #[error("{kind} {namespace}/{name} already exists and belongs to {owner}; the operator never takes over another's object: rename this Pipeline or the stage")]
+    NameConflict {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        owner: String,
+    },
+    #[error("the API server refused {kind} {name}: {source}")]
+    Refused {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("namespace {namespace} is being deleted: nothing more is created in it")]
+    NamespaceTerminating { namespace: String },
+}
+
+/// Who an existing object belongs to, as far as this Pipeline is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ownership {
+    Absent,
+    Ours,
+    /// Someone else's, described for a person.
+    Other(String),
+}
+
+/// Pure: who owns an object with `meta` (None: it does not exist), seen from the Pipeline `uid`.
+pub fn ownership(meta: Option<&ObjectMeta>, uid: &str) -> Ownership {
+    let Some(meta) = meta else {
+        return Ownership::Absent;
+    };
+    let controller = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true));
+    match controller {
+        Some(r) if r.uid == uid => Ownership::Ours,
+        Some(r) => Ownership::Other(format!("{} {}", r.kind, r.name)),
+        None => Ownership::Other("no Pipeline (it was created by someone else)".to_string()),
+    }
+}
+
+/// Pure: whether an existing object already holds what `hash` describes.
+pub fn up_to_date(meta: &ObjectMeta, hash: &str) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_APPLIED))
+        .is_some_and(|h| h == hash)
+}
+
+/// A stable hash of what is applied (FNV-1a over its JSON).
+fn hash_of(object: &impl Serialize) -> String {
+    let text = serde_json::to_string(object).unwrap_or_default();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+fn annotate(meta: &mut ObjectMeta, hash: &str) {
+    meta.annotations
+        .get_or_insert_with(Default::default)
+        .insert(ANNOTATION_APPLIED.to_string(), hash.to_string());
+}
+
+/// In-process claims on object names, so that two Pipelines reconciled at the same moment cannot both
+/// create one name before either appears in a cache.
+#[derive(Default)]
+pub struct Claims {
+    names: std::sync::Mutex<HashMap<ClaimedName, Claimant>>,
+}
+
+/// (kind, namespace, name)
+type ClaimedName = (&'static str, String, String);
+/// (the Pipeline's uid, its name)
+type Claimant = (String, String);
+
+impl Claims {
+    fn claim(
+        &self,
+        kind: &'static str,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        pipeline: &str,
+    ) -> Result<(), String> {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (kind, namespace.to_string(), name.to_string());
+        match names.get(&key) {
+            Some((holder, holder_name)) if holder != uid => Err(format!("Pipeline {holder_name}")),
+            _ => {
+                names.insert(key, (uid.to_string(), pipeline.to_string()));
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets what `uid` claimed, except the names in `keep`.
+    pub fn release(&self, uid: &str, keep: &[String]) {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        names.retain(|(_, _, name), (holder, _)| holder != uid || keep.contains(name));
+    }
+}
+
+/// When each Pipeline last had everything re-sent.
+#[derive(Default)]
+pub struct Resyncs {
+    last: std::sync::Mutex<HashMap<String, Instant>>,
+}
+
+impl Resyncs {
+    /// Whether `uid` is due for a full apply; the first look only starts its clock, so that an
+    /// operator restart re-sends nothing that is current.
+    fn due(&self, uid: &str) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let jitter = Duration::from_secs(hash_of(&uid).bytes().map(u64::from).sum::<u64>() % 600);
+        match last.get(uid) {
+            None => {
+                last.insert(uid.to_string(), Instant::now());
+                false
+            }
+            Some(at) if at.elapsed() >= RESYNC + jitter => {
+                last.insert(uid.to_string(), Instant::now());
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    pub fn forget(&self, uid: &str) {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
+    }
+}
+
+pub async fn nats_objects(
+    js: &async_nats::jetstream::Context,
+    plan: &Plan,
+) -> Result<(), ApplyError> {
+    nats::bounded(
+        "declaring the stream, bucket and consumers",
+        switchyard_stage::admin::apply(js, &plan.nats),
+    )
+    .await
+    .map_err(ApplyError::Nats)
+}
+
+/// What applying changed, for Events, and every unit's Deployment as it now stands.
+#[derive(Default)]
+pub struct Applied {
+    pub deployments: BTreeMap<String, Arc<Deployment>>,
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
+/// The facts one reconcile's applies share.
+struct Target<'a> {
+    ctx: &'a Context,
+    namespace: &'a str,
+    pipeline: &'a str,
+    uid: &'a str,
+    resync: bool,
+    checked_namespace: std::sync::atomic::AtomicBool,
+}
+
+pub async fn kubernetes_objects(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    plan: &Plan,
+) -> Result<Applied, ApplyError> {
+    let uid = pipeline.metadata.uid.clone().unwrap_or_default();
+    let target = Target {
+        ctx,
+        namespace: &plan.namespace,
+        pipeline: &plan.pipeline,
+        uid: &uid,
+        resync: ctx.resyncs.due(&uid),
+        checked_namespace: std::sync::atomic::AtomicBool::new(false),
+    };
+    let mut applied = Applied::default();
+    for unit in &plan.units {
+        let name = plan::object_name(&plan.pipeline, &unit.name);
+        let config_map = ctx
+            .caches
+            .config_map(&plan.namespace, &name)
+            .map(|c| c.metadata.clone());
+        target
+            .apply(&name, unit.config_map.clone(), config_map, &mut applied)
+            .await?;
+        let deployment = target.deployment(unit, &name, &mut applied).await?;
+        applied.deployments.insert(unit.name.clone(), deployment);
+    }
+    let wanted: Vec<String> = plan
+        .units
+        .iter()
+        .map(|u| plan::object_name(&plan.pipeline, &u.name))
+        .collect();
+    ctx.claims.release(&uid, &wanted);
+    prune(ctx, pipeline, plan, &wanted, &mut applied).await?;
+    Ok(applied)
+}
+
+impl Target<'_> {
+    async fn deployment(
+        &self,
+        unit: &UnitPlan,
+        name: &str,
+        applied: &mut Applied,
+    ) -> Result<Arc<Deployment>, ApplyError> {
+        let cached = self.ctx.caches.deployment(self.namespace, name);
+        let mut desired = unit.deployment.clone();
+        if unit.is_switcher() {
+            // The autoscaler owns a switcher's replicas: apply what it decided, or keep what runs.
+            let running = cached
+                .as_ref()
+                .and_then(|d| d.spec.as_ref())
+                .and_then(|s| s.replicas);
+            let decided = self
+                .ctx
+                .scale_record(&autoscaler::key(self.namespace, self.pipeline, &unit.name))
+                .map(|r| r.desired as i32);
+            let replicas = decided
+                .or(running)
+                .unwrap_or(unit.replicas.min as i32)
+                .clamp(unit.replicas.min as i32, unit.replicas.max as i32);
+            if let Some(spec) = desired.spec.as_mut() {
+                spec.replicas = Some(replicas);
+            }
+        }
+        let meta = cached.as_ref().map(|d| d.metadata.clone());
+        match self.apply(name, desired, meta, applied).await? {
+            Some(fresh) => Ok(Arc::new(fresh)),
+            None => match cached {
+                Some(cached) => Ok(cached),
+                // Known current from a direct read (the caches are not running): read it for its status.
+                None => self
+                    .get::<Deployment>(name)
+                    .await
+                    .map(|d| Arc::new(d.unwrap_or_default())),
+            },
+        }
+    }
+
+    /// Applies `desired` unless the object is already current; returns the object if it was sent.
+    async fn apply<K>(
+        &self,
+        name: &str,
+        mut desired: K,
+        cached: Option<ObjectMeta>,
+        applied: &mut Applied,
+    ) -> Result<Option<K>, ApplyError>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let kind = kind_name::<K>();
+        let hash = hash_of(&without_replicas(&desired));
+        let existing = match cached {
+            Some(meta) => Some(meta),
+            None => self.get::<K>(name).await?.map(|o| o.meta().clone()),
+        };
+        match ownership(existing.as_ref(), self.uid) {
+            Ownership::Other(owner) => return Err(self.conflict(kind, name, owner)),
+            Ownership::Absent => self.refuse_if_terminating().await?,
+            Ownership::Ours => {}
+        }
+        self.ctx
+            .claims
+            .claim(kind, self.namespace, name, self.uid, self.pipeline)
+            .map_err(|owner| self.conflict(kind, name, owner))?;
+        if existing.as_ref().is_some_and(|m| up_to_date(m, &hash)) && !self.resync {
+            return Ok(None);
+        }
+        annotate(desired.meta_mut(), &hash);
+        let api: Api<K> = Api::namespaced(self.ctx.client.clone(), self.namespace);
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let after = api
+            .patch(name, &params, &Patch::Apply(&desired))
+            .await
+            .map_err(|source| self.refused(kind, name, source))?;
+        self.ctx.metrics.applied(kind);
+        let note = format!("{kind} {name}");
+        match existing {
+            None => applied.created.push(note),
+            Some(before) if before.resource_version != after.meta().resource_version => {
+                applied.updated.push(note)
+            }
+            Some(_) => {}
+        }
+        Ok(Some(after))
+    }
+
+    async fn get<K>(&self, name: &str) -> Result<Option<K>, ApplyError>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::namespaced(self.ctx.client.clone(), self.namespace);
+        api.get_opt(name)
+            .await
+            .map_err(|source| self.refused(kind_name::<K>(), name, source))
+    }
+
+    /// Before the first creation of a reconcile: a namespace being deleted gets nothing new.
+    async fn refuse_if_terminating(&self) -> Result<(), ApplyError> {
+        if self
+            .checked_namespace
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(());
+        }
+        if namespace_terminating(self.ctx, self.namespace).await {
+            return Err(ApplyError::NamespaceTerminating {
+                namespace: self.namespace.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn conflict(&self, kind: &'static str, name: &str, owner: String) -> ApplyError {
+        ApplyError::NameConflict {
+            kind,
+            namespace: self.namespace.to_string(),
+            name: name.to_string(),
+            owner,
+        }
+    }
+
+    fn refused(&self, kind: &'static str, name: &str, source: kube::Error) -> ApplyError {
+        if is_namespace_terminating(&source) {
+            return ApplyError::NamespaceTerminating {
+                namespace: self.namespace.to_string(),
+            };
+        }
+        ApplyError::Refused {
+            kind,
+            name: name.to_string(),
+            source,
+        }
+    }
+}
+
+/// A switcher's replicas are the autoscaler's: they do not make the Deployment differ from its plan.
+fn without_replicas<K: Serialize>(object: &K) -> serde_json::Value {
+    let mut value = serde_json::to_value(object).unwrap_or_default();
+    if let Some(spec) = value.get_mut("spec").and_then(|s| s.as_object_mut()) {
+        spec.remove("replicas");
+    }
+    value
+}
+
+fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "Deployment" => "Deployment",
+        "ConfigMap" => "ConfigMap",
+        _ => "object",
+    }
+}
+
+/// The API server's answer to a create in a namespace being deleted.
+pub fn is_namespace_terminating(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => {
+            status.code == 403
+                && (status.message.contains("because it is being terminated")
+                    || status.details.as_ref().is_some_and(|d| {
+                        d.causes.iter().any(|c| c.reason == "NamespaceTerminating")
+                    }))
+        }
+        _ => false,
+    }
+}
+
+/// Deletes the Deployments and ConfigMaps of this Pipeline whose units left the spec.
+async fn prune(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    wanted: &[String],
+    applied: &mut Applied,
+) -> Result<(), ApplyError> {
+    let uid = pipeline.metadata.uid.clone().unwrap_or_default();
+    let (deployments, config_maps) = owned_names(ctx, plan, &uid).await?;
+    let params = DeleteParams::background();
+    for name in deployments.iter().filter(|n| !wanted.contains(n)) {
+        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &plan.namespace);
+        gone_is_fine(api.delete(name, &params).await.map(|_| ()))
+            .map_err(|source| refused("Deployment", name, source))?;
+        applied.deleted.push(format!("Deployment {name}"));
+    }
+    for name in config_maps.iter().filter(|n| !wanted.contains(n)) {
+        let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &plan.namespace);
+        gone_is_fine(api.delete(name, &params).await.map(|_| ()))
+            .map_err(|source| refused("ConfigMap", name, source))?;
+        applied.deleted.push(format!("ConfigMap {name}"));
+    }
+    Ok(())
+}
+
+fn refused(kind: &'static str, name: &str, source: kube::Error) -> ApplyError {
+    ApplyError::Refused {
+        kind,
+        name: name.to_string(),
+        source,
+    }
+}
+
+fn gone_is_fine(result: Result<(), kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other,
+    }
+}
+
+/// Names of the Deployments and ConfigMaps this Pipeline owns: from the caches when they run, else
+/// listed by label (the label alone could be anybody's, so ownership is checked too).
+async fn owned_names(
+    ctx: &Context,
+    plan: &Plan,
+    uid: &str,
+) -> Result<(Vec<String>, Vec<String>), ApplyError> {
+    let ours = |meta: &ObjectMeta| {
+        meta.namespace.as_deref() == Some(plan.namespace.as_str())
+            && ownership(Some(meta), uid) == Ownership::Ours
+    };
+    if ctx.caches.live {
+        let deployments = ctx
+            .caches
+            .deployments
+            .state()
+            .iter()
+            .filter(|d| ours(&d.metadata))
+            .map(|d| d.name_any())
+            .collect();
+        let config_maps = ctx
+            .caches
+            .config_maps
+            .state()
+            .iter()
+            .filter(|c| ours(&c.metadata))
+            .map(|c| c.name_any())
+            .collect();
+        return Ok((deployments, config_maps));
+    }
+    let selector = ListParams::default().labels(&format!("{LABEL_PIPELINE}={}", plan.pipeline));
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &plan.namespace);
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &plan.namespace);
+    let listed_deployments = deployments
+        .list(&selector)
+        .await
+        .map_err(|source| refused("Deployment", "(list)", source))?;
+    let listed_config_maps = config_maps
+        .list(&selector)
+        .await
+        .map_err(|source| refused("ConfigMap", "(list)", source))?;
+    Ok((
+        listed_deployments
+            .items
+            .iter()
+            .filter(|d| ours(&d.metadata))
+            .map(|d| d.name_any())
+            .collect(),
+        listed_config_maps
+            .items
+            .iter()
+            .filter(|c| ours(&c.metadata))
+            .map(|c| c.name_any())
+            .collect(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    fn owned_by(uid: &str, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            owner_references: Some(vec![OwnerReference {
+                api_version: "switchyard.dev/v1alpha1".into(),
+                kind: "Pipeline".into(),
+                name: name.into(),
+                uid: uid.into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    #[test]
+    fn another_pipelines_object_is_a_conflict_that_names_it() {
+        assert_eq!(ownership(None, "u1"), Ownership::Absent);
+        assert_eq!(ownership(Some(&owned_by("u1", "a")), "u1"), Ownership::Ours);
+        assert_eq!(
+            ownership(Some(&owned_by("u2", "a-b")), "u1"),
+            Ownership::Other("Pipeline a-b".into())
+        );
+        assert!(matches!(
+            ownership(Some(&ObjectMeta::default()), "u1"),
+            Ownership::Other(_)
+        ));
+    }
+
+    #[test]
+    fn an_object_is_current_when_its_hash_matches() {
+        let mut meta = owned_by("u1", "a");
+        assert!(!up_to_date(&meta, "abc"));
+        annotate(&mut meta, "abc");
+        assert!(up_to_date(&meta, "abc"));
+        assert!(!up_to_date(&meta, "abd"));
+    }
+
+    #[test]
+    fn replicas_do_not_change_a_deployments_hash() {
+        let a = serde_json::json!({"spec": {"replicas": 1, "template": {"x": 1}}});
+        let b = serde_json::json!({"spec": {"replicas": 7, "template": {"x": 1}}});
+        let c = serde_json::json!({"spec": {"replicas": 7, "template": {"x": 2}}});
+        assert_eq!(
+            hash_of(&without_replicas(&a)),
+            hash_of(&without_replicas(&b))
+        );
+        assert_ne!(
+            hash_of(&without_replicas(&b)),
+            hash_of(&without_replicas(&c))
+        );
+    }
+
+    #[test]
+    fn the_first_claim_on_a_name_wins_until_released() {
+        let claims = Claims::default();
+        assert!(claims.claim("ConfigMap", "ns", "a-b-c", "u1", "a").is_ok());
+        assert!(claims.claim("ConfigMap", "ns", "a-b-c", "u1", "a").is_ok());
+        assert_eq!(
+            claims.claim("ConfigMap", "ns", "a-b-c", "u2", "a-b"),
+            Err("Pipeline a".into())
+        );
+        assert!(claims
+            .claim("Deployment", "ns", "a-b-c", "u2", "a-b")
+            .is_ok());
+        claims.release("u1", &[]);
+        assert!(claims
+            .claim("ConfigMap", "ns", "a-b-c", "u2", "a-b")
+            .is_ok());
+    }
+
+    #[test]
+    fn a_resync_is_due_only_after_the_interval() {
+        let resyncs = Resyncs::default();
+        assert!(!resyncs.due("u1"));
+        assert!(!resyncs.due("u1"));
+        resyncs.last.lock().unwrap().insert(
+            "u1".into(),
+            Instant::now() - RESYNC - Duration::from_secs(601),
+        );
+        assert!(resyncs.due("u1"));
+        assert!(!resyncs.due("u1"));
+    }
+}

@@ -1,0 +1,305 @@
+//! One reconcile of one Pipeline, as named steps: finalizer → validate → resolve references → apply
+//! (NATS, then Kubernetes objects) → observe → status. Each step has its own error type; `report` is the
+//! one place where a failure becomes conditions, an Event and a metric label.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource};
+use serde_json::json;
+use switchyard_crds::{Pipeline, PipelineSpec, PipelineStatus};
+
+use super::apply::{self, Applied};
+use super::caches::PipelineObject;
+use super::errors::{Error, FinalizerError, Next, StatusError, ValidateError};
+use super::status::{self, Observation, Outcome, UnitObservation};
+use super::{
+    cleanup, observe, resolve, Context, FIELD_MANAGER, FINALIZER, REFRESH, REFRESH_SWITCHERS,
+};
+use crate::plan::{self, Plan};
+
+pub fn key(meta: &ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The controller's entry point.
+pub async fn reconcile(object: Arc<PipelineObject>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let meta = object.meta();
+    let result = if meta.deletion_timestamp.is_some() {
+        finalize(&ctx, meta, object.0.as_ref().ok().map(|p| &p.spec)).await
+    } else {
+        match ensure_finalizer(&ctx, meta).await {
+            Err(e) => Err(e.into()),
+            Ok(()) => match &object.0 {
+                Ok(pipeline) => reconcile_pipeline(pipeline, &ctx).await,
+                Err(invalid) => Err(ValidateError::Decode(invalid.error.clone()).into()),
+            },
+        }
+    };
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    let previous = object.0.as_ref().ok().and_then(|p| p.status.as_ref());
+    match result {
+        Ok(action) => {
+            ctx.failures().remove(&key(meta));
+            ctx.metrics.count("ok");
+            Ok(action)
+        }
+        Err(error) => {
+            report(&ctx, meta, previous, &error).await;
+            match error.next() {
+                Next::Retry => Err(error),
+                Next::Recheck(after) => Ok(Action::requeue(after)),
+                Next::AwaitChange => Ok(Action::await_change()),
+            }
+        }
+    }
+}
+
+/// Wait before retrying a Pipeline that failed `failures` times in a row: 2 s, doubling, at most 5 min.
+pub fn retry_delay(failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(8);
+    (Duration::from_secs(2) * 2u32.pow(exponent)).min(Duration::from_secs(300))
+}
+
+pub fn error_policy(object: Arc<PipelineObject>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = {
+        let mut all = ctx.failures();
+        let n = all.entry(key(object.meta())).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let delay = retry_delay(failures);
+    tracing::warn!(pipeline = %key(object.meta()), failures, ?delay, "reconcile failed: {}", super::errors::error_chain(error));
+    Action::requeue(delay)
+}
+
+/// The steps for a Pipeline that decodes.
+async fn reconcile_pipeline(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
+    let plan = plan::plan(pipeline, &ctx.settings).map_err(ValidateError::Invalid)?;
+    let js = resolve::nats(ctx, &plan.namespace, &pipeline.spec).await?;
+    apply::nats_objects(&js, &plan).await?;
+    let applied = apply::kubernetes_objects(ctx, pipeline, &plan).await?;
+    announce(ctx, &pipeline.metadata, &applied).await;
+    let figures = observe::nats_figures(&js, &plan, &key(&pipeline.metadata)).await;
+    let units = observe::units(ctx, &plan, &applied.deployments, &figures);
+    ctx.metrics
+        .record_units(&plan.namespace, &plan.pipeline, &units);
+    update_status(ctx, pipeline, &plan, units).await?;
+    // Switchers change often: refresh their status (lag, why they hold) sooner.
+    Ok(Action::requeue(
+        if plan.units.iter().any(|u| u.is_switcher()) {
+            REFRESH_SWITCHERS
+        } else {
+            REFRESH
+        },
+    ))
+}
+
+async fn update_status(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    units: Vec<UnitObservation>,
+) -> Result<(), StatusError> {
+    let observation = Observation {
+        generation: pipeline.metadata.generation,
+        outcome: Outcome::Applied,
+        units,
+        dead_letter_subject: plan
+            .units
+            .first()
+            .map(|u| u.dead_letters.clone())
+            .unwrap_or_default(),
+    };
+    let previous = pipeline.status.as_ref();
+    let next = status::compute(previous, &observation, &super::now());
+    let became_ready = is_ready(Some(&next)) && !is_ready(previous);
+    write_status(ctx, &pipeline.metadata, previous, next).await?;
+    if became_ready {
+        let note = format!("all {} units are ready", plan.units.len());
+        super::publish(ctx, &pipeline.metadata, EventType::Normal, "Ready", note).await;
+    }
+    Ok(())
+}
+
+fn is_ready(status: Option<&PipelineStatus>) -> bool {
+    status
+        .and_then(|s| status::condition(s, status::READY))
+        .is_some_and(|c| c.status == "True")
+}
+
+/// Writes the status if it must be written now (see `status::needs_write`); returns whether it did.
+async fn write_status(
+    ctx: &Context,
+    meta: &ObjectMeta,
+    previous: Option<&PipelineStatus>,
+    next: PipelineStatus,
+) -> Result<bool, StatusError> {
+    let object_key = key(meta);
+    let since = ctx.status_written(&object_key);
+    if !status::needs_write(previous, &next, since) {
+        return Ok(false);
+    }
+    let api: Api<PipelineObject> = Api::namespaced(
+        ctx.client.clone(),
+        meta.namespace.as_deref().unwrap_or_default(),
+    );
+    // Server-side apply of the status needs the object's type, or the API server cannot tell what it is.
+    let patch = json!({
+        "apiVersion": Pipeline::api_version(&()),
+        "kind": Pipeline::kind(&()),
+        "status": next,
+    });
+    api.patch_status(
+        meta.name.as_deref().unwrap_or_default(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(StatusError::Write)?;
+    ctx.mark_status_written(&object_key);
+    ctx.metrics.status_written();
+    Ok(true)
+}
+
+/// The one place where a failure reaches the Pipeline: its conditions, a Warning Event when they
+/// change, and the error metric.
+async fn report(
+    ctx: &Context,
+    meta: &ObjectMeta,
+    previous: Option<&PipelineStatus>,
+    error: &Error,
+) {
+    ctx.metrics.count("error");
+    ctx.metrics.error(error.metric_label());
+    let Some(reason) = error.condition_reason() else {
+        tracing::info!(pipeline = %key(meta), "{}", super::errors::error_chain(error));
+        return;
+    };
+    let problems = error.problems();
+    let outcome = match error {
+        Error::Validate(_) => Outcome::Invalid {
+            problems: problems.clone(),
+        },
+        other => Outcome::Failed {
+            reason,
+            message: problems.join("; "),
+            retrying: other.next() == Next::Retry,
+        },
+    };
+    let observation = Observation {
+        generation: meta.generation,
+        outcome,
+        units: Vec::new(),
+        dead_letter_subject: String::new(),
+    };
+    let next = status::compute(previous, &observation, &super::now());
+    let changed = status::condition(&next, status::READY).map(|c| (&c.reason, &c.message))
+        != previous
+            .and_then(|p| status::condition(p, status::READY))
+            .map(|c| (&c.reason, &c.message));
+    if let Err(e) = write_status(ctx, meta, previous, next).await {
+        tracing::warn!(pipeline = %key(meta), "{e}");
+    }
+    if changed {
+        super::publish(ctx, meta, EventType::Warning, reason, problems.join("; ")).await;
+    }
+}
+
+/// One Event per kind of change, naming the objects, rather than one per object.
+async fn announce(ctx: &Context, meta: &ObjectMeta, applied: &Applied) {
+    for (reason, objects) in [
+        ("Created", &applied.created),
+        ("Updated", &applied.updated),
+        ("Deleted", &applied.deleted),
+    ] {
+        if !objects.is_empty() {
+            let note = if reason == "Deleted" {
+                format!(
+                    "{}: their units are no longer in the spec",
+                    objects.join(", ")
+                )
+            } else {
+                objects.join(", ")
+            };
+            super::publish(ctx, meta, EventType::Normal, reason, note).await;
+        }
+    }
+}
+
+/// Adds the finalizer, guarded by the object's resourceVersion so that a concurrent change is not lost.
+async fn ensure_finalizer(ctx: &Context, meta: &ObjectMeta) -> Result<(), FinalizerError> {
+    let mut finalizers = meta.finalizers.clone().unwrap_or_default();
+    if finalizers.iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    finalizers.push(FINALIZER.to_string());
+    set_finalizers(ctx, meta, finalizers)
+        .await
+        .map_err(FinalizerError::Add)
+}
+
+/// A merge patch of the finalizers that carries the resourceVersion they were read at: the API server
+/// refuses it (409) if the object changed meanwhile, and the reconcile runs again.
+async fn set_finalizers(
+    ctx: &Context,
+    meta: &ObjectMeta,
+    finalizers: Vec<String>,
+) -> Result<(), kube::Error> {
+    let patch =
+        json!({"metadata": {"resourceVersion": meta.resource_version, "finalizers": finalizers}});
+    let api: Api<PipelineObject> = Api::namespaced(
+        ctx.client.clone(),
+        meta.namespace.as_deref().unwrap_or_default(),
+    );
+    api.patch(
+        meta.name.as_deref().unwrap_or_default(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// A deleted Pipeline: clean its data up, then let it go.
+async fn finalize(
+    ctx: &Context,
+    meta: &ObjectMeta,
+    spec: Option<&PipelineSpec>,
+) -> Result<Action, Error> {
+    let finalizers = meta.finalizers.clone().unwrap_or_default();
+    if !finalizers.iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    cleanup::cleanup(ctx, meta, spec).await?;
+    let rest = finalizers.into_iter().filter(|f| f != FINALIZER).collect();
+    match set_finalizers(ctx, meta, rest).await {
+        Ok(()) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(FinalizerError::Remove(e).into()),
+    }
+    ctx.forget(meta);
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_and_cap() {
+        let delays: Vec<u64> = (1..=10).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, vec![2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+    }
+}

@@ -1,0 +1,124 @@
+//! Resolve references: the NATS server a Pipeline uses, with the credentials its Secret holds.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::Api;
+use switchyard_crds::PipelineSpec;
+
+use super::nats::NatsError;
+use super::{Context, CREDENTIALS_KEY};
+
+/// A credentials Secret is read again after this long, so that a rotated one is picked up without
+/// one API request per reconcile.
+pub const CREDENTIALS_TTL: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("the NATS credentials Secret {namespace}/{secret} does not exist: create it with a `{CREDENTIALS_KEY}` key, or change spec.nats.credentialsSecret")]
+    SecretMissing { namespace: String, secret: String },
+    #[error("cannot read the NATS credentials Secret {namespace}/{secret}: {source}")]
+    SecretUnreadable {
+        namespace: String,
+        secret: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("Secret {namespace}/{secret} has no `{CREDENTIALS_KEY}` key (or it is not text): put the NATS credentials file there")]
+    SecretWithoutCredentials { namespace: String, secret: String },
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+}
+
+impl ResolveError {
+    pub fn is_missing_secret(&self) -> bool {
+        matches!(self, ResolveError::SecretMissing { .. })
+    }
+}
+
+#[derive(Default)]
+pub struct CredentialsCache {
+    entries: std::sync::Mutex<HashMap<(String, String), (Instant, String)>>,
+}
+
+impl CredentialsCache {
+    fn get(&self, key: &(String, String)) -> Option<String> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < CREDENTIALS_TTL)
+            .map(|(_, creds)| creds.clone())
+    }
+
+    fn put(&self, key: (String, String), creds: String) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.insert(key, (Instant::now(), creds));
+    }
+}
+
+/// The NATS server of a Pipeline in `namespace`, connected.
+pub async fn nats(
+    ctx: &Context,
+    namespace: &str,
+    spec: &PipelineSpec,
+) -> Result<async_nats::jetstream::Context, ResolveError> {
+    let nats = spec.nats.as_ref();
+    let url = nats
+        .and_then(|n| n.url.clone())
+        .unwrap_or_else(|| ctx.settings.nats_url.clone());
+    let credentials = match nats.and_then(|n| n.credentials_secret.as_deref()) {
+        None => None,
+        Some(secret) => Some(credentials(ctx, namespace, secret).await?),
+    };
+    Ok(ctx.nats.jetstream(&url, credentials).await?)
+}
+
+async fn credentials(ctx: &Context, namespace: &str, secret: &str) -> Result<String, ResolveError> {
+    let key = (namespace.to_string(), secret.to_string());
+    if let Some(creds) = ctx.credentials.get(&key) {
+        return Ok(creds);
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let found = secrets
+        .get_opt(secret)
+        .await
+        .map_err(|source| ResolveError::SecretUnreadable {
+            namespace: namespace.to_string(),
+            secret: secret.to_string(),
+            source,
+        })?
+        .ok_or_else(|| ResolveError::SecretMissing {
+            namespace: namespace.to_string(),
+            secret: secret.to_string(),
+        })?;
+    let creds = found
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CREDENTIALS_KEY))
+        .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
+        .ok_or_else(|| ResolveError::SecretWithoutCredentials {
+            namespace: namespace.to_string(),
+            secret: secret.to_string(),
+        })?;
+    ctx.credentials.put(key, creds.clone());
+    Ok(creds)
+}
+
+/// Whether `namespace` is being deleted. Asked only before creating objects and while cleaning up, so
+/// it costs no request on an ordinary reconcile; unknown (no permission, a passing error) is false.
+pub async fn namespace_terminating(ctx: &Context, namespace: &str) -> bool {
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    match namespaces.get_opt(namespace).await {
+        Ok(Some(ns)) => {
+            ns.metadata.deletion_timestamp.is_some()
+                || ns.status.and_then(|s| s.phase).as_deref() == Some("Terminating")
+        }
+        // Not found: nothing to tell (a fake or restricted API); a create there fails on its own.
+        Ok(None) => false,
+        Err(e) => {
+            tracing::debug!(%namespace, "cannot tell whether the namespace is terminating: {e}");
+            false
+        }
+    }
+}
