@@ -105,17 +105,36 @@ fn drop_unknown_formats_and_impossible_defaults(node: &mut Value) {
     }
 }
 
+/// Drops a format the API server does not know; an unsigned one leaves its bound behind, so that the
+/// API server refuses what the operator could not decode.
 fn drop_unknown_format(map: &mut Map<String, Value>) {
     let numeric = matches!(
         map.get("type").and_then(Value::as_str),
         Some("integer" | "number")
     );
-    let known = map
+    let format = map
         .get("format")
         .and_then(Value::as_str)
-        .is_some_and(|f| KNOWN_NUMBER_FORMATS.contains(&f));
-    if numeric && !known {
-        map.remove("format");
+        .unwrap_or_default()
+        .to_string();
+    if !numeric || format.is_empty() || KNOWN_NUMBER_FORMATS.contains(&format.as_str()) {
+        return;
+    }
+    map.remove("format");
+    let maximum = match format.as_str() {
+        "uint8" => Some(u64::from(u8::MAX)),
+        "uint16" => Some(u64::from(u16::MAX)),
+        "uint32" => Some(u64::from(u32::MAX)),
+        _ => None,
+    };
+    if let Some(maximum) = maximum {
+        let tighter = map
+            .get("maximum")
+            .and_then(Value::as_f64)
+            .is_some_and(|m| m <= maximum as f64);
+        if !tighter {
+            map.insert("maximum".to_string(), json!(maximum));
+        }
     }
 }
 
@@ -192,6 +211,7 @@ mod tests {
             stage = &stage["properties"]["stages"]["items"];
         }
         assert_eq!(stage["properties"]["concurrency"]["type"], "integer");
+        assert_eq!(stage["properties"]["concurrency"]["maximum"], u32::MAX);
         assert_eq!(stage["properties"]["stages"]["maxItems"], 0);
     }
 }

@@ -46,7 +46,9 @@ fn find_binary(variable: &str, name: &str, also_on_path: bool) -> Result<PathBuf
             Err(format!("{variable}={} is not a file", path.display()))
         };
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let local = home.join(".local/kube/bin").join(name);
     if local.is_file() {
         return Ok(local);
@@ -105,16 +107,48 @@ fn make_keys(dir: &Path) {
     )
     .expect("write san.cnf");
     openssl(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-        "-subj", "/CN=switchyard-test-ca", "-days", "2",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=switchyard-test-ca",
+        "-days",
+        "2",
     ]);
     openssl(&[
-        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "serving.key", "-out", "serving.csr",
-        "-subj", "/CN=127.0.0.1",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "serving.key",
+        "-out",
+        "serving.csr",
+        "-subj",
+        "/CN=127.0.0.1",
     ]);
     openssl(&[
-        "x509", "-req", "-in", "serving.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "serving.crt", "-days", "2", "-extfile", "san.cnf",
+        "x509",
+        "-req",
+        "-in",
+        "serving.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "serving.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
     ]);
     openssl(&["genrsa", "-out", "sa.key", "2048"]);
     openssl(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
@@ -160,11 +194,19 @@ impl ControlPlane {
             "etcd",
             Command::new(&binaries.etcd)
                 .arg(format!("--data-dir={}", d.join("etcd").display()))
-                .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_client}"))
-                .arg(format!("--advertise-client-urls=http://127.0.0.1:{etcd_client}"))
+                .arg(format!(
+                    "--listen-client-urls=http://127.0.0.1:{etcd_client}"
+                ))
+                .arg(format!(
+                    "--advertise-client-urls=http://127.0.0.1:{etcd_client}"
+                ))
                 .arg(format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"))
-                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"))
-                .arg(format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer}"))
+                .arg(format!(
+                    "--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"
+                ))
+                .arg(format!(
+                    "--initial-cluster=default=http://127.0.0.1:{etcd_peer}"
+                ))
                 .arg("--unsafe-no-fsync")
                 .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH),
             &d.join("etcd.log"),
@@ -180,22 +222,44 @@ impl ControlPlane {
             .arg("--advertise-address=127.0.0.1")
             .arg(format!("--secure-port={port}"))
             .arg(format!("--cert-dir={}", d.join("certs").display()))
-            .arg(format!("--tls-cert-file={}", d.join("serving.crt").display()))
-            .arg(format!("--tls-private-key-file={}", d.join("serving.key").display()))
+            .arg(format!(
+                "--tls-cert-file={}",
+                d.join("serving.crt").display()
+            ))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                d.join("serving.key").display()
+            ))
             .arg(format!("--client-ca-file={}", d.join("ca.crt").display()))
-            .arg(format!("--service-account-key-file={}", d.join("sa.pub").display()))
-            .arg(format!("--service-account-signing-key-file={}", d.join("sa.key").display()))
+            .arg(format!(
+                "--service-account-key-file={}",
+                d.join("sa.pub").display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                d.join("sa.key").display()
+            ))
             .arg("--service-account-issuer=https://kubernetes.default.svc")
-            .arg(format!("--token-auth-file={}", d.join("tokens.csv").display()))
+            .arg(format!(
+                "--token-auth-file={}",
+                d.join("tokens.csv").display()
+            ))
             .arg("--authorization-mode=RBAC")
             .arg("--disable-admission-plugins=ServiceAccount")
             .arg("--enable-admission-plugins=OwnerReferencesPermissionEnforcement")
             .arg("--service-cluster-ip-range=10.0.0.0/24")
-            .arg(format!("--audit-policy-file={}", d.join("audit-policy.yaml").display()))
+            .arg(format!(
+                "--audit-policy-file={}",
+                d.join("audit-policy.yaml").display()
+            ))
             .arg(format!("--audit-log-path={}", audit_log.display()))
             .arg("--audit-log-maxsize=1000")
             .args(&options.extra_apiserver_args);
-        processes.push(spawn("kube-apiserver", &mut apiserver, &d.join("apiserver.log")));
+        processes.push(spawn(
+            "kube-apiserver",
+            &mut apiserver,
+            &d.join("apiserver.log"),
+        ));
 
         let ca_file = d.join("ca.crt");
         let admin_kubeconfig = d.join("admin.kubeconfig");
@@ -218,7 +282,10 @@ impl ControlPlane {
                 .arg(format!("--kubeconfig={}", plane.admin_kubeconfig.display()))
                 .arg("--controllers=*")
                 .arg("--use-service-account-credentials=false")
-                .arg(format!("--service-account-private-key-file={}", d.join("sa.key").display()))
+                .arg(format!(
+                    "--service-account-private-key-file={}",
+                    d.join("sa.key").display()
+                ))
                 .arg(format!("--root-ca-file={}", d.join("ca.crt").display()))
                 .arg("--leader-elect=false")
                 .arg("--bind-address=127.0.0.1")
@@ -328,8 +395,7 @@ impl Drop for ControlPlane {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if std::thread::panicking() || std::env::var_os("SWITCHYARD_KEEP_CONTROL_PLANE").is_some()
-        {
+        if std::thread::panicking() || std::env::var_os("SWITCHYARD_KEEP_CONTROL_PLANE").is_some() {
             let kept = self.dir.path().to_path_buf();
             eprintln!("control plane logs kept in {}", kept.display());
             std::mem::forget(std::mem::replace(

@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: the workspace's binaries, copies of the examples, and the
 //! processes a run starts.
 
+pub mod control_plane;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -141,8 +141,7 @@ async fn give_up_or_retry(
             Duration::try_from(elapsed).unwrap_or_default()
         })
         .unwrap_or_default();
-    let secret_missing =
-        matches!(&error, CleanupError::Unreachable { source, .. } if source.is_missing_secret());
+    let secret_missing = matches!(&error, CleanupError::Unreachable { source, .. } if source.is_secret_unavailable());
     let terminating = namespace_terminating(ctx, namespace).await;
     match verdict(
         deleted_for,
@@ -152,7 +151,7 @@ async fn give_up_or_retry(
     ) {
         Verdict::LetGo => {
             let why = if terminating && secret_missing {
-                "its namespace is being deleted and the credentials Secret is already gone"
+                "its namespace is being deleted and the credentials Secret is gone or no longer readable"
                     .to_string()
             } else {
                 format!(

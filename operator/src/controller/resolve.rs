@@ -32,8 +32,17 @@ pub enum ResolveError {
 }
 
 impl ResolveError {
-    pub fn is_missing_secret(&self) -> bool {
-        matches!(self, ResolveError::SecretMissing { .. })
+    /// The Secret is gone, or no longer readable (in a namespace being deleted, the operator's
+    /// RoleBinding there can go first).
+    pub fn is_secret_unavailable(&self) -> bool {
+        match self {
+            ResolveError::SecretMissing { .. } => true,
+            ResolveError::SecretUnreadable {
+                source: kube::Error::Api(status),
+                ..
+            } => status.code == 403,
+            _ => false,
+        }
     }
 }
 

@@ -228,6 +228,8 @@ async fn lead(
         _ = stop.wait_for(|s| *s) => return Ok(None),
     }
     tracing::info!(%instance, "leading");
+    // The leader is ready once it can list Pipelines (the watch says so).
+    let _ = ready.send(false);
     Ok(Some(Some((is_leader, task))))
 }
 

@@ -1,0 +1,712 @@
+//! Each finding of the operator's first meeting with a real API server, as a scenario that failed then.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{
+    condition_of, pipeline_yaml, succeeded, switcher_yaml, text, wait_for, Suite,
+};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn ready(suite: &Suite, ns: &str, name: &str) -> Option<String> {
+    suite
+        .condition(ns, name, "Ready")
+        .map(|(status, reason, _)| format!("{status}/{reason}"))
+}
+
+/// The CRD as shipped: helm installed it on a clean cluster (in `install`, with no warning); a user who
+/// upgrades it with server-side apply, as the README says, gets no warning either.
+pub fn the_crd_installs_without_warnings(suite: &Suite) {
+    suite.install("crd");
+    let crd = suite.repo.join("crds/switchyard.dev_pipelines.yaml");
+    let out = succeeded(
+        "kubectl apply --server-side",
+        suite.kubectl(&["apply", "--server-side", "-f", &crd.display().to_string()]),
+    );
+    let stderr = text(&out.stderr);
+    assert!(stderr.trim().is_empty(), "the API server warned: {stderr}");
+    let established = suite.json(&["get", "crd", "pipelines.switchyard.dev"]);
+    assert!(
+        established["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Established" && c["status"] == "True"),
+        "{established}"
+    );
+}
+
+pub fn every_example_reconciles_to_ready(suite: &Suite) {
+    let install = suite.install("examples");
+    let operator = suite.start_operator(&install, &[]);
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(suite.repo.join("examples"))
+        .expect("examples")
+        .flatten()
+    {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let yaml = std::fs::read_to_string(&path).expect("read an example");
+            let value: Value = serde_norway::from_str(&yaml).expect("an example parses");
+            names.push(
+                value["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+            succeeded(
+                "kubectl apply of an example",
+                suite.kubectl(&["apply", "-n", "examples", "-f", &path.display().to_string()]),
+            );
+        }
+    }
+    assert!(names.len() >= 4, "{names:?}");
+    for name in &names {
+        wait_for(MINUTE, &format!("{name}'s units"), || {
+            ready(suite, "examples", name).as_deref() == Some("False/UnitsNotReady")
+        });
+    }
+    // With OwnerReferencesPermissionEnforcement on, owner references with blockOwnerDeletion were
+    // accepted: every object is there, owned by its Pipeline.
+    let deployments = suite.json(&["get", "deployments", "-n", "examples"]);
+    for d in deployments["items"].as_array().into_iter().flatten() {
+        assert_eq!(
+            d["metadata"]["ownerReferences"][0]["blockOwnerDeletion"],
+            true
+        );
+    }
+    wait_for(MINUTE, "every example Ready", || {
+        suite.mark_pods_ready("examples");
+        names
+            .iter()
+            .all(|n| ready(suite, "examples", n).as_deref() == Some("True/AllUnitsReady"))
+    });
+    for name in &names {
+        succeeded(
+            "kubectl wait",
+            suite.kubectl(&[
+                "wait",
+                "-n",
+                "examples",
+                "--for=condition=Ready",
+                &format!("pipeline/{name}"),
+                "--timeout=5s",
+            ]),
+        );
+    }
+    drop(operator);
+}
+
+pub fn typos_and_wrong_types_are_rejected_at_every_level(suite: &Suite) {
+    suite.install("typos");
+    let nested = |leaf: &str| {
+        pipeline_yaml(
+            "typos",
+            "typo",
+            &format!("    - name: a\n      stages:\n        - name: b\n          stages:\n            - {{name: c, passthrough: {{}}, {leaf}}}"),
+        )
+    };
+    let typo = suite.apply(&nested("tymeout: 3s"));
+    assert!(!typo.status.success());
+    assert!(
+        text(&typo.stderr).contains("unknown field \"spec.stages[0].stages[0].stages[0].tymeout\""),
+        "{}",
+        text(&typo.stderr)
+    );
+    let wrong_type = suite.apply(&nested("concurrency: \"8\""));
+    assert!(!wrong_type.status.success());
+    assert!(
+        text(&wrong_type.stderr).contains("concurrency in body must be of type integer"),
+        "{}",
+        text(&wrong_type.stderr)
+    );
+    let two_kinds = suite.apply(&nested("jq: ."));
+    assert!(
+        text(&two_kinds.stderr).contains("a stage needs exactly one of"),
+        "{}",
+        text(&two_kinds.stderr)
+    );
+    let too_deep = pipeline_yaml(
+        "typos",
+        "deep",
+        "    - name: a\n      stages:\n        - name: b\n          stages:\n            - name: c\n              stages:\n                - name: d\n                  stages: [{name: e, passthrough: {}}]",
+    );
+    assert!(!suite.apply(&too_deep).status.success());
+    succeeded(
+        "a valid nested Pipeline",
+        suite.apply(&nested("timeout: 3s")),
+    );
+}
+
+/// Swaps in a CRD without the bound on `concurrency` of a top-level stage, as an older CRD had,
+/// creates `yaml` through it, and puts the shipped CRD back: the object stays stored, and the
+/// operator cannot decode it.
+fn create_undecodable(suite: &Suite, yaml: &str) {
+    let crd_path = suite.repo.join("crds/switchyard.dev_pipelines.yaml");
+    let shipped: Value =
+        serde_norway::from_str(&std::fs::read_to_string(&crd_path).expect("the CRD"))
+            .expect("CRD YAML");
+    let mut loose = shipped.clone();
+    let stage = &mut loose["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+        ["spec"]["properties"]["stages"]["items"];
+    stage["properties"]["concurrency"]
+        .as_object_mut()
+        .expect("concurrency's schema")
+        .remove("maximum");
+    let apply_crd = |crd: &Value| {
+        succeeded(
+            "swap the CRD",
+            suite.plane.kubectl_with_input(
+                &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+                &crd.to_string(),
+            ),
+        );
+        // The API server takes a moment to serve the new schema.
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    apply_crd(&loose);
+    wait_for(MINUTE, "the loose CRD to take", || {
+        suite.apply(yaml).status.success()
+    });
+    apply_crd(&shipped);
+}
+
+pub fn a_pipeline_that_cannot_be_decoded_is_isolated(suite: &Suite) {
+    let install = suite.install("decode");
+    let bad = pipeline_yaml(
+        "decode",
+        "bad",
+        "    - {name: a, passthrough: {}, concurrency: 99999999999}",
+    );
+    create_undecodable(suite, &bad);
+    suite.apply_ok(&switcher_yaml("decode", "good", ""));
+    // A fresh start lists the bad one with the rest.
+    let operator = suite.start_operator(&install, &[]);
+    wait_for(MINUTE, "the good Pipeline reconciled", || {
+        ready(suite, "decode", "good").as_deref() == Some("False/UnitsNotReady")
+    });
+    wait_for(MINUTE, "the bad Pipeline reported", || {
+        ready(suite, "decode", "bad").as_deref() == Some("False/InvalidSpec")
+    });
+    let (_, _, message) = suite
+        .condition("decode", "bad", "Ready")
+        .unwrap_or_default();
+    assert!(
+        message.contains("cannot be read") && message.to_lowercase().contains("expected u32"),
+        "{message}"
+    );
+    assert!(suite.has_event("decode", "InvalidSpec", "cannot be read"));
+    assert_eq!(operator.get("/readyz").0, 200);
+    // One that arrives while the operator runs is isolated the same way, and the good one goes on.
+    let worse = pipeline_yaml(
+        "decode",
+        "worse",
+        "    - {name: a, passthrough: {}, concurrency: 88888888888}",
+    );
+    create_undecodable(suite, &worse);
+    wait_for(MINUTE, "the second bad Pipeline reported", || {
+        ready(suite, "decode", "worse").as_deref() == Some("False/InvalidSpec")
+    });
+    suite.mark_pods_ready("decode");
+    wait_for(MINUTE, "the good Pipeline Ready", || {
+        suite.mark_pods_ready("decode");
+        ready(suite, "decode", "good").as_deref() == Some("True/AllUnitsReady")
+    });
+    // Deleting an undecodable Pipeline still runs its cleanup and lets it go.
+    suite.kubectl_ok(&["delete", "pipeline", "bad", "-n", "decode", "--wait=false"]);
+    wait_for(MINUTE, "the bad Pipeline deleted", || {
+        suite.pipeline("decode", "bad").is_null()
+    });
+}
+
+pub fn readyz_fails_while_pipelines_cannot_be_listed(suite: &Suite) {
+    let install = suite.install("readyz");
+    let role = format!("sy-{}-switchyard-pipelines", install.namespace);
+    let rules = suite.json(&["get", "clusterrole", &role])["rules"].clone();
+    let without_pipelines: Vec<Value> = rules
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["resources"] != json!(["pipelines"]))
+        .cloned()
+        .collect();
+    let patch = |rules: &Value| {
+        suite.kubectl_ok(&[
+            "patch",
+            "clusterrole",
+            &role,
+            "--type=merge",
+            "-p",
+            &json!({"rules": rules}).to_string(),
+        ]);
+    };
+    patch(&json!(without_pipelines));
+    let operator = suite.start_operator(&install, &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        operator.get("/readyz").0,
+        503,
+        "ready while Pipelines cannot be listed"
+    );
+    assert_eq!(operator.get("/healthz").0, 200);
+    patch(&rules);
+    wait_for(MINUTE, "/readyz once Pipelines can be listed", || {
+        operator.get("/readyz").0 == 200
+    });
+}
+
+pub fn status_writes_do_not_drive_reconciles(suite: &Suite) {
+    let install = suite.install("hotloop");
+    let operator = suite.start_operator(&install, &[]);
+    // Scaling would be a legitimate reason to reconcile: keep this switcher where it is.
+    let yaml = pipeline_yaml(
+        "hotloop",
+        "busy",
+        "    - name: work\n      switcher: {minReplicas: 1, maxReplicas: 1}\n      passthrough: {}",
+    );
+    suite.apply_ok(&yaml);
+    wait_for(MINUTE, "the Pipeline reconciled", || {
+        ready(suite, "hotloop", "busy").is_some()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let window = Duration::from_secs(60);
+    let (reconciles, writes, applies) = (
+        operator.metric("switchyard_reconciles_total"),
+        operator.metric("switchyard_status_writes_total"),
+        operator.metric("switchyard_applies_total"),
+    );
+    let requests_before = suite.operator_requests(&install).len();
+    // 20 messages a second into the switcher's input, which nothing consumes: its lag keeps changing.
+    runtime.block_on(async {
+        let js = suite.jetstream().await;
+        let started = Instant::now();
+        let mut n = 0u64;
+        while started.elapsed() < window {
+            n += 1;
+            let _ = js
+                .publish(
+                    "switchyard.hotloop.busy.data.src",
+                    format!("{{\"n\": {n}}}").into(),
+                )
+                .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let reconciles = operator.metric("switchyard_reconciles_total") - reconciles;
+    let writes = operator.metric("switchyard_status_writes_total") - writes;
+    let applies = operator.metric("switchyard_applies_total") - applies;
+    let requests = &suite.operator_requests(&install)[requests_before..];
+    let object_writes = requests
+        .iter()
+        .filter(|e| {
+            matches!(
+                e["objectRef"]["resource"].as_str(),
+                Some("configmaps" | "deployments")
+            )
+        })
+        .filter(|e| e["verb"] != "get" && e["verb"] != "list" && e["verb"] != "watch")
+        .count();
+    println!("  in 60s at 20 msg/s: {reconciles} reconciles, {writes} status writes, {applies} applies, {object_writes} ConfigMap/Deployment writes, {} API requests", requests.len());
+    let lag = suite.pipeline("hotloop", "busy")["status"]["lag"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(lag > 0, "the lag reached the status");
+    assert!(reconciles <= 10.0, "{reconciles} reconciles in a minute");
+    assert!(writes <= 10.0, "{writes} status writes in a minute");
+    assert_eq!(applies, 0.0);
+    assert_eq!(object_writes, 0);
+}
+
+pub fn a_deleted_namespace_is_never_stranded(suite: &Suite) {
+    let install = suite.install("doomed");
+    suite.apply_ok(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: creds, namespace: doomed}\nstringData: {nats.creds: not-used-here}\n",
+    );
+    let mut yaml = switcher_yaml("doomed", "p", "");
+    yaml.push_str("  nats: {credentialsSecret: creds}\n");
+    suite.apply_ok(&yaml);
+    let operator = suite.start_operator(&install, &[]);
+    wait_for(MINUTE, "the finalizer", || {
+        suite.pipeline("doomed", "p")["metadata"]["finalizers"][0] == "switchyard.dev/cleanup"
+    });
+    operator.stop();
+    // With the operator down, the Secret goes first and the namespace after it.
+    suite.kubectl_ok(&["delete", "secret", "creds", "-n", "doomed"]);
+    suite.kubectl_ok(&["delete", "namespace", "doomed", "--wait=false"]);
+    let restarted = Instant::now();
+    let since = suite.operator_requests(&install).len();
+    let operator = suite.start_operator(&install, &[]);
+    let took = wait_for(Duration::from_secs(90), "the namespace gone", || {
+        suite.kubectl(&["get", "namespace", "doomed"]).status.code() == Some(1)
+    });
+    println!(
+        "  namespace gone {:.1}s after the operator came back",
+        took.as_secs_f64()
+    );
+    let requests = &suite.operator_requests(&install)[since..];
+    let created: Vec<&Value> = requests
+        .iter()
+        .filter(|e| e["objectRef"]["namespace"] == "doomed")
+        .filter(|e| {
+            matches!(
+                e["objectRef"]["resource"].as_str(),
+                Some("configmaps" | "deployments")
+            )
+        })
+        .filter(|e| matches!(e["verb"].as_str(), Some("create" | "patch" | "update")))
+        .collect();
+    assert!(
+        created.is_empty(),
+        "the operator tried to create in a terminating namespace: {created:?}"
+    );
+    let warned = requests.iter().any(|e| {
+        e["objectRef"]["resource"] == "events"
+            && e["objectRef"]["namespace"] == "doomed"
+            && e["verb"] == "create"
+    });
+    assert!(
+        warned || operator.log_text().contains("CleanupAbandoned"),
+        "no Warning Event"
+    );
+    assert!(restarted.elapsed() < Duration::from_secs(90));
+}
+
+pub fn unreachable_nats_ends_cleanup_after_the_timeout(suite: &Suite) {
+    let install = suite.install("unreachable");
+    let closed = switchyard_e2e::control_plane::free_port();
+    let mut yaml = switcher_yaml("unreachable", "p", "");
+    yaml.push_str(&format!("  nats: {{url: \"nats://127.0.0.1:{closed}\"}}\n"));
+    suite.apply_ok(&yaml);
+    let _operator = suite.start_operator(&install, &["--cleanup-timeout=10s"]);
+    wait_for(MINUTE, "NatsUnavailable", || {
+        ready(suite, "unreachable", "p").as_deref() == Some("False/NatsUnavailable")
+    });
+    suite.kubectl_ok(&[
+        "delete",
+        "pipeline",
+        "p",
+        "-n",
+        "unreachable",
+        "--wait=false",
+    ]);
+    let took = wait_for(MINUTE, "the Pipeline deleted", || {
+        suite.pipeline("unreachable", "p").is_null()
+    });
+    println!(
+        "  deleted {:.1}s after the request, with NATS unreachable",
+        took.as_secs_f64()
+    );
+    assert!(took >= Duration::from_secs(8), "let go before the timeout");
+    assert!(suite.has_event(
+        "unreachable",
+        "CleanupAbandoned",
+        "switchyard_unreachable_p"
+    ));
+}
+
+pub fn names_never_collide_across_pipelines(suite: &Suite) {
+    let install = suite.install("names");
+    let _operator = suite.start_operator(&install, &[]);
+    suite.apply_ok(&pipeline_yaml(
+        "names",
+        "a",
+        "    - {name: b-c, passthrough: {}}",
+    ));
+    wait_for(MINUTE, "a's objects", || {
+        ready(suite, "names", "a").is_some()
+    });
+    suite.apply_ok(&pipeline_yaml(
+        "names",
+        "a-b",
+        "    - {name: c, passthrough: {}}",
+    ));
+    wait_for(MINUTE, "a-b's NameConflict", || {
+        ready(suite, "names", "a-b").as_deref() == Some("False/NameConflict")
+    });
+    let (_, _, message) = suite.condition("names", "a-b", "Ready").unwrap_or_default();
+    assert!(
+        message.contains("a-b-c") && message.contains("Pipeline a"),
+        "{message}"
+    );
+    assert!(suite.has_event("names", "NameConflict", "a-b-c"));
+    let owner = |kind: &str| suite.json(&["get", kind, "a-b-c", "-n", "names"])["metadata"].clone();
+    let before = (owner("configmap"), owner("deployment"));
+    std::thread::sleep(Duration::from_secs(20));
+    let after = (owner("configmap"), owner("deployment"));
+    for (b, a) in [(&before.0, &after.0), (&before.1, &after.1)] {
+        assert_eq!(a["ownerReferences"][0]["name"], "a");
+        assert_eq!(
+            a["resourceVersion"], b["resourceVersion"],
+            "the object changed hands"
+        );
+    }
+    assert!(ready(suite, "names", "a").is_some_and(|r| !r.ends_with("NameConflict")));
+}
+
+pub fn ready_follows_the_rollout(suite: &Suite) {
+    let install = suite.install("rollout");
+    let _operator = suite.start_operator(&install, &[]);
+    suite.apply_ok(&switcher_yaml("rollout", "p", ""));
+    wait_for(MINUTE, "Ready", || {
+        suite.mark_pods_ready("rollout");
+        ready(suite, "rollout", "p").as_deref() == Some("True/AllUnitsReady")
+    });
+    suite.kubectl_ok(&[
+        "patch", "pipeline", "p", "-n", "rollout", "--type=json", "-p",
+        r#"[{"op": "add", "path": "/spec/stages/0/env", "value": [{"name": "COLOUR", "value": "blue"}]}]"#,
+    ]);
+    let generation = suite.pipeline("rollout", "p")["metadata"]["generation"]
+        .as_i64()
+        .unwrap_or(0);
+    wait_for(MINUTE, "the new generation observed", || {
+        let p = suite.pipeline("rollout", "p");
+        p["status"]["observedGeneration"].as_i64() == Some(generation)
+            && condition_of(&p, "Ready").is_some_and(|(s, _, _)| s == "False")
+    });
+    let p = suite.pipeline("rollout", "p");
+    let (progressing, reason, message) = condition_of(&p, "Progressing").unwrap_or_default();
+    assert_eq!(
+        (progressing.as_str(), reason.as_str()),
+        ("True", "RollingOut"),
+        "{message}"
+    );
+    let waited = suite.kubectl(&[
+        "wait",
+        "-n",
+        "rollout",
+        "--for=condition=Ready",
+        "pipeline/p",
+        "--timeout=3s",
+    ]);
+    assert!(
+        !waited.status.success(),
+        "kubectl wait passed a rollout in progress"
+    );
+    wait_for(MINUTE, "Ready again once the new pod is up", || {
+        suite.mark_pods_ready("rollout");
+        ready(suite, "rollout", "p").as_deref() == Some("True/AllUnitsReady")
+    });
+}
+
+pub fn apply_failures_reach_the_status(suite: &Suite) {
+    let install = suite.install("refused");
+    let _operator = suite.start_operator(&install, &[]);
+    suite.apply_ok(&pipeline_yaml(
+        "refused",
+        "p",
+        "    - {name: a, passthrough: {}, resources: {requests: {cpu: \"2\"}, limits: {cpu: \"1\"}}}",
+    ));
+    wait_for(MINUTE, "ApplyFailed", || {
+        ready(suite, "refused", "p").as_deref() == Some("False/ApplyFailed")
+    });
+    let (_, _, message) = suite.condition("refused", "p", "Ready").unwrap_or_default();
+    assert!(
+        message.contains("Deployment p-a") && message.contains("less than or equal to cpu limit"),
+        "{message}"
+    );
+    assert!(suite.has_event("refused", "ApplyFailed", "p-a"));
+}
+
+/// Publishes `count` messages into a unit's input.
+fn backlog(suite: &Suite, subject: &str, count: usize) {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let js = suite.jetstream().await;
+        let mut acks = Vec::new();
+        for n in 0..count {
+            acks.push(
+                js.publish(subject.to_string(), format!("{{\"n\": {n}}}").into())
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for ack in acks {
+            ack.await.expect("stored");
+        }
+    });
+}
+
+fn replicas(suite: &Suite, ns: &str, deployment: &str) -> i64 {
+    suite.json(&["get", "deployment", deployment, "-n", ns])["spec"]["replicas"]
+        .as_i64()
+        .unwrap_or(-1)
+}
+
+pub fn scaling_has_its_own_field_manager_and_says_why(suite: &Suite) {
+    let install = suite.install("scaling");
+    let operator = suite.start_operator(&install, &[]);
+    suite.apply_ok(&switcher_yaml("scaling", "idle", ""));
+    suite.apply_ok(&switcher_yaml("scaling", "busy", ""));
+    wait_for(MINUTE, "the switchers", || {
+        replicas(suite, "scaling", "busy-work") == 1
+    });
+    // Idle at minReplicas: it says so, not that it waits to scale down.
+    wait_for(MINUTE, "the idle switcher's reason", || {
+        suite.pipeline("scaling", "idle")["status"]["units"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|u| {
+                u["name"] == "work"
+                    && u["lastScaleReason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("at minReplicas"))
+            })
+    });
+    backlog(suite, "switchyard.scaling.busy.data.src", 1000);
+    let took = wait_for(MINUTE, "busy scaled up", || {
+        replicas(suite, "scaling", "busy-work") == 4
+    });
+    println!(
+        "  a backlog of 1,000 scaled the switcher in {:.1}s",
+        took.as_secs_f64()
+    );
+    let managers = suite.json(&[
+        "get",
+        "deployment",
+        "busy-work",
+        "-n",
+        "scaling",
+        "--show-managed-fields",
+    ])["metadata"]["managedFields"]
+        .clone();
+    assert!(
+        managers
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["manager"] == "switchyard-autoscaler" && m["subresource"] == "scale"),
+        "{managers}"
+    );
+    let series = "switchyard_unit_lag{namespace=\"scaling\",pipeline=\"busy\"";
+    wait_for(MINUTE, "busy's metric series", || {
+        operator.get("/metrics").1.contains(series)
+    });
+    suite.kubectl_ok(&["delete", "pipeline", "busy", "-n", "scaling"]);
+    wait_for(MINUTE, "busy's series gone", || {
+        !operator.get("/metrics").1.contains("pipeline=\"busy\"")
+    });
+}
+
+pub fn a_silent_nats_server_slows_only_its_own_pipelines(suite: &Suite) {
+    let install = suite.install("silent");
+    // Accepts connections and never says a word.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let silent = listener.local_addr().expect("its address");
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for socket in listener.incoming().take(200).flatten() {
+            held.push(socket);
+        }
+    });
+    let _operator = suite.start_operator(&install, &[]);
+    for i in 0..3 {
+        let mut yaml = switcher_yaml("silent", &format!("mute-{i}"), "");
+        yaml.push_str(&format!("  nats: {{url: \"nats://{silent}\"}}\n"));
+        suite.apply_ok(&yaml);
+    }
+    suite.apply_ok(&switcher_yaml("silent", "loud", ""));
+    wait_for(MINUTE, "loud reconciled", || {
+        ready(suite, "silent", "loud").is_some()
+    });
+    wait_for(MINUTE, "loud's switcher", || {
+        replicas(suite, "silent", "loud-work") == 1
+    });
+    backlog(suite, "switchyard.silent.loud.data.src", 1000);
+    let took = wait_for(MINUTE, "loud scaled up", || {
+        replicas(suite, "silent", "loud-work") == 4
+    });
+    println!(
+        "  with three Pipelines on a silent NATS server, a backlog scaled another in {:.1}s",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "scaling waited on the silent server: {took:?}"
+    );
+    wait_for(MINUTE, "the silent ones reported", || {
+        (0..3).all(|i| {
+            ready(suite, "silent", &format!("mute-{i}")).as_deref() == Some("False/NatsUnavailable")
+        })
+    });
+    drop(holder);
+}
+
+pub fn many_pipelines(suite: &Suite) {
+    let count: usize = std::env::var("SWITCHYARD_SCALE_PIPELINES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100);
+    let install = suite.install("many");
+    let operator = suite.start_operator(&install, &[]);
+    let yaml: Vec<String> = (0..count)
+        .map(|i| switcher_yaml("many", &format!("p{i}"), ""))
+        .collect();
+    let file = suite.plane.dir.path().join("many.yaml");
+    std::fs::write(&file, yaml.join("---\n")).expect("write many.yaml");
+    let started = Instant::now();
+    succeeded(
+        "kubectl apply",
+        suite.kubectl(&["apply", "-f", &file.display().to_string()]),
+    );
+    let with_status = || {
+        suite.json(&["get", "pipelines", "-n", "many"])["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter(|p| p["status"]["observedGeneration"].is_i64())
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let settle = wait_for(
+        Duration::from_secs(300),
+        "every Pipeline with a status",
+        || with_status() == count,
+    );
+    let rss_settled = operator.rss_mib();
+    println!("  {count} Pipelines: all with a status {:.1}s after the apply ({:.1}s after the first); operator RSS {rss_settled:.0} MiB", settle.as_secs_f64(), started.elapsed().as_secs_f64());
+    // Idle: let the creations' echoes pass, then count a minute.
+    std::thread::sleep(Duration::from_secs(20));
+    let (reconciles, applies, writes) = (
+        operator.metric("switchyard_reconciles_total"),
+        operator.metric("switchyard_applies_total"),
+        operator.metric("switchyard_status_writes_total"),
+    );
+    let since = suite.operator_requests(&install).len();
+    std::thread::sleep(MINUTE);
+    let requests = suite.operator_requests(&install)[since..].to_vec();
+    let throttled = suite
+        .operator_requests(&install)
+        .iter()
+        .filter(|e| e["responseStatus"]["code"] == 429)
+        .count();
+    let reconciles = operator.metric("switchyard_reconciles_total") - reconciles;
+    let applies = operator.metric("switchyard_applies_total") - applies;
+    let writes = operator.metric("switchyard_status_writes_total") - writes;
+    let rss = operator.rss_mib();
+    println!("  idle minute: {} API requests, {reconciles} reconciles, {applies} applies, {writes} status writes; {throttled} requests throttled in all; RSS {rss:.0} MiB", requests.len());
+    let subject = format!("switchyard.many.p{}.data.src", count / 2);
+    let deployment = format!("p{}-work", count / 2);
+    backlog(suite, &subject, 1000);
+    let took = wait_for(MINUTE, "a switcher scaled up", || {
+        replicas(suite, "many", &deployment) == 4
+    });
+    println!(
+        "  a backlog of 1,000 scaled one of {count} switchers in {:.1}s",
+        took.as_secs_f64()
+    );
+    assert!(
+        requests.len() < 100,
+        "{} requests in an idle minute",
+        requests.len()
+    );
+    assert_eq!(applies, 0.0);
+    assert_eq!(throttled, 0);
+    assert!(rss < 200.0, "RSS {rss:.0} MiB");
+    suite.kubectl_ok(&["delete", "namespace", "many", "--wait=false"]);
+}
