@@ -205,33 +205,8 @@ impl Autoscaler {
         let decision = autoscale::decide(&policy, current, &samples, pressure.as_ref());
         let previous = self.ctx.scale_record(&k);
         let record = if decision.desired != current {
-            let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
-                Api::namespaced(self.ctx.client.clone(), namespace);
-            deployments
-                .patch_scale(
-                    &name,
-                    &PatchParams {
-                        field_manager: Some(SCALE_FIELD_MANAGER.to_string()),
-                        ..PatchParams::default()
-                    },
-                    &Patch::Merge(serde_json::json!({"spec": {"replicas": decision.desired}})),
-                )
-                .await
-                .map_err(|e| format!("cannot scale {name}: {e}"))?;
-            super::publish(
-                &self.ctx,
-                &pipeline.metadata,
-                EventType::Normal,
-                "Scaled",
-                format!("{unit}: {}", decision.reason),
-            )
-            .await;
-            tracing::info!(pipeline = %topology.pipeline, %unit, "{}", decision.reason);
-            ScaleRecord {
-                desired: decision.desired,
-                last_scale_time: Some(super::now()),
-                reason: decision.reason,
-            }
+            self.resize(pipeline, namespace, &name, unit, decision)
+                .await?
         } else {
             ScaleRecord {
                 desired: current,
@@ -246,6 +221,43 @@ impl Autoscaler {
             lock(&self.ctx.scaling).insert(k, record);
         }
         Ok(())
+    }
+
+    /// Sets a switcher's replicas through its Deployment's scale subresource, and tells it in an Event.
+    async fn resize(
+        &self,
+        pipeline: &Pipeline,
+        namespace: &str,
+        deployment: &str,
+        unit: &str,
+        decision: autoscale::Decision,
+    ) -> Result<ScaleRecord, String> {
+        let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+            Api::namespaced(self.ctx.client.clone(), namespace);
+        let params = PatchParams {
+            field_manager: Some(SCALE_FIELD_MANAGER.to_string()),
+            ..PatchParams::default()
+        };
+        let patch = Patch::Merge(serde_json::json!({"spec": {"replicas": decision.desired}}));
+        deployments
+            .patch_scale(deployment, &params, &patch)
+            .await
+            .map_err(|e| format!("cannot scale {deployment}: {e}"))?;
+        let note = format!("{unit}: {}", decision.reason);
+        super::publish(
+            &self.ctx,
+            &pipeline.metadata,
+            EventType::Normal,
+            "Scaled",
+            note,
+        )
+        .await;
+        tracing::info!(pipeline = %pipeline.metadata.name.as_deref().unwrap_or_default(), %unit, "{}", decision.reason);
+        Ok(ScaleRecord {
+            desired: decision.desired,
+            last_scale_time: Some(super::now()),
+            reason: decision.reason,
+        })
     }
 
     /// Subscribes once per NATS server to every unit's reports.

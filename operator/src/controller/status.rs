@@ -268,75 +268,7 @@ fn applied_conditions(
                 .map(|m| format!("{}: {m}", u.name))
         })
         .collect();
-    let dead: Vec<String> = obs
-        .units
-        .iter()
-        .filter(|u| u.dead_lettered > 0)
-        .map(|u| format!("{} {}", u.name, u.dead_lettered))
-        .collect();
-    let dead_total: u64 = obs.units.iter().map(|u| u.dead_lettered).sum();
     let total = obs.units.len();
-
-    let ready = if not_ready.is_empty() {
-        (
-            READY,
-            true,
-            "AllUnitsReady",
-            format!("all {total} units are ready"),
-        )
-    } else {
-        (
-            READY,
-            false,
-            "UnitsNotReady",
-            format!(
-                "{} of {total} units are not ready: {}",
-                not_ready.len(),
-                not_ready.join(", ")
-            ),
-        )
-    };
-    let progressing = if not_ready.is_empty() {
-        (
-            PROGRESSING,
-            false,
-            "RolloutComplete",
-            format!("all {total} units are rolled out"),
-        )
-    } else if !failed.is_empty() {
-        (PROGRESSING, false, "RolloutFailed", failed.join("; "))
-    } else {
-        (
-            PROGRESSING,
-            true,
-            "RollingOut",
-            format!("waiting for {}", not_ready.join(", ")),
-        )
-    };
-    let degraded = if !failed.is_empty() {
-        (
-            DEGRADED,
-            true,
-            "RolloutFailed",
-            format!(
-                "{}; see `kubectl describe deployment` for the unit",
-                failed.join("; ")
-            ),
-        )
-    } else if dead_total > 0 {
-        (
-            DEGRADED,
-            true,
-            "DeadLetters",
-            format!(
-                "{dead_total} messages were dead-lettered ({}); they wait on {} with their errors in headers",
-                dead.join(", "),
-                obs.dead_letter_subject
-            ),
-        )
-    } else {
-        (DEGRADED, false, "AsExpected", "no failures".to_string())
-    };
     let phase = if !failed.is_empty() {
         "Degraded"
     } else if not_ready.is_empty() {
@@ -344,7 +276,64 @@ fn applied_conditions(
     } else {
         "Deploying"
     };
-    (ready, progressing, degraded, phase)
+    (
+        ready_condition(&not_ready, total),
+        progressing_condition(&not_ready, &failed, total),
+        degraded_condition(obs, &failed),
+        phase,
+    )
+}
+
+fn ready_condition(not_ready: &[String], total: usize) -> Cond<'static> {
+    if not_ready.is_empty() {
+        let message = format!("all {total} units are ready");
+        (READY, true, "AllUnitsReady", message)
+    } else {
+        let message = format!(
+            "{} of {total} units are not ready: {}",
+            not_ready.len(),
+            not_ready.join(", ")
+        );
+        (READY, false, "UnitsNotReady", message)
+    }
+}
+
+fn progressing_condition(not_ready: &[String], failed: &[String], total: usize) -> Cond<'static> {
+    if not_ready.is_empty() {
+        let message = format!("all {total} units are rolled out");
+        (PROGRESSING, false, "RolloutComplete", message)
+    } else if !failed.is_empty() {
+        (PROGRESSING, false, "RolloutFailed", failed.join("; "))
+    } else {
+        let message = format!("waiting for {}", not_ready.join(", "));
+        (PROGRESSING, true, "RollingOut", message)
+    }
+}
+
+fn degraded_condition(obs: &Observation, failed: &[String]) -> Cond<'static> {
+    let dead: Vec<String> = obs
+        .units
+        .iter()
+        .filter(|u| u.dead_lettered > 0)
+        .map(|u| format!("{} {}", u.name, u.dead_lettered))
+        .collect();
+    let dead_total: u64 = obs.units.iter().map(|u| u.dead_lettered).sum();
+    if !failed.is_empty() {
+        let message = format!(
+            "{}; see `kubectl describe deployment` for the unit",
+            failed.join("; ")
+        );
+        (DEGRADED, true, "RolloutFailed", message)
+    } else if dead_total > 0 {
+        let message = format!(
+            "{dead_total} messages were dead-lettered ({}); they wait on {} with their errors in headers",
+            dead.join(", "),
+            obs.dead_letter_subject
+        );
+        (DEGRADED, true, "DeadLetters", message)
+    } else {
+        (DEGRADED, false, "AsExpected", "no failures".to_string())
+    }
 }
 
 /// The condition of `type_`, if set.
