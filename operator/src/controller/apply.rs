@@ -305,6 +305,15 @@ impl Target<'_> {
             None => self.get::<K>(name).await?.map(|o| o.meta().clone()),
         };
         match ownership(existing.as_ref(), self.uid) {
+            Ownership::Other(owner) if owner == format!("Pipeline {}", self.pipeline) => {
+                // A Pipeline deleted and created again: the old one's objects are still being
+                // garbage-collected, and the reconcile looks again once they are gone.
+                let owner = format!(
+                    "an earlier Pipeline named {}, whose objects Kubernetes is still deleting",
+                    self.pipeline
+                );
+                return Err(self.conflict(kind, name, owner));
+            }
             Ownership::Other(owner) => return Err(self.conflict(kind, name, owner)),
             Ownership::Absent => self.refuse_if_terminating().await?,
             Ownership::Ours => {}
