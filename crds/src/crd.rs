@@ -211,7 +211,10 @@ mod tests {
             stage = &stage["properties"]["stages"]["items"];
         }
         assert_eq!(stage["properties"]["concurrency"]["type"], "integer");
-        assert_eq!(stage["properties"]["concurrency"]["maximum"], u32::MAX);
+        assert_eq!(
+            stage["properties"]["concurrency"]["maximum"].as_f64(),
+            Some(f64::from(u32::MAX))
+        );
         assert_eq!(stage["properties"]["stages"]["maxItems"], 0);
     }
 }

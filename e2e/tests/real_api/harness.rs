@@ -49,16 +49,8 @@ pub fn succeeded(what: &str, output: Output) -> Output {
 }
 
 /// Waits for `done`, failing after `limit`; returns how long it took.
-pub fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < limit,
-            "{what} did not happen within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    started.elapsed()
+pub fn wait_for(limit: Duration, what: &str, done: impl FnMut() -> bool) -> Duration {
+    switchyard_e2e::wait_polling(limit, Duration::from_millis(200), what, done)
 }
 
 impl Suite {
