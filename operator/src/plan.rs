@@ -61,8 +61,7 @@ pub struct Plan {
 #[serde(rename_all = "camelCase")]
 pub struct UnitPlan {
     pub name: String,
-    /// source, group, switcher or sink.
-    pub kind: String,
+    pub kind: UnitType,
     /// Where the unit comes from in the Pipeline.
     pub from: String,
     /// The stages that run together in this unit's process, in flow order.
@@ -85,7 +84,41 @@ pub struct UnitPlan {
 impl UnitPlan {
     /// A switcher's replicas belong to the autoscaler.
     pub fn is_switcher(&self) -> bool {
-        self.kind == "switcher"
+        self.kind == UnitType::Switcher
+    }
+}
+
+/// What a unit is, as `plan`, `run` and the status name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnitType {
+    Source,
+    Group,
+    Switcher,
+    Sink,
+}
+
+impl UnitType {
+    pub const ALL: [UnitType; 4] = [
+        UnitType::Source,
+        UnitType::Group,
+        UnitType::Switcher,
+        UnitType::Sink,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnitType::Source => "source",
+            UnitType::Group => "group",
+            UnitType::Switcher => "switcher",
+            UnitType::Sink => "sink",
+        }
+    }
+}
+
+impl std::fmt::Display for UnitType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
@@ -143,7 +176,7 @@ pub fn plan(pipeline: &Pipeline, settings: &PlanSettings) -> Result<Plan, Vec<Pr
             };
             UnitPlan {
                 name: unit.name.clone(),
-                kind: kind_of(unit).to_string(),
+                kind: type_of(unit),
                 from: unit.spec_path.clone(),
                 steps: unit.steps.iter().map(|s| s.path.clone()).collect(),
                 replicas: replicas_of(unit),
@@ -168,13 +201,12 @@ pub fn plan(pipeline: &Pipeline, settings: &PlanSettings) -> Result<Plan, Vec<Pr
     })
 }
 
-/// What a unit is, as `plan`, `run` and the status name it: source, group, switcher or sink.
-pub fn kind_of(unit: &Unit) -> &'static str {
+pub fn type_of(unit: &Unit) -> UnitType {
     match unit.kind {
-        UnitKind::Source(_) => "source",
-        UnitKind::Sink(_) => "sink",
-        UnitKind::Process if unit.switcher.is_some() => "switcher",
-        UnitKind::Process => "group",
+        UnitKind::Source(_) => UnitType::Source,
+        UnitKind::Sink(_) => UnitType::Sink,
+        UnitKind::Process if unit.switcher.is_some() => UnitType::Switcher,
+        UnitKind::Process => UnitType::Group,
     }
 }
 

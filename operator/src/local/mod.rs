@@ -24,7 +24,7 @@ use switchyard_stage::admin;
 use switchyard_stage::embedded::{NatsServer, INSTALL_HINT};
 
 use crate::load::{load, LoadError};
-use crate::plan::replicas_of;
+use crate::plan::{replicas_of, UnitType};
 use crate::reports::Reports;
 pub use progress::ProgressMode;
 use progress::{Display, Row};
@@ -227,12 +227,9 @@ fn totals(stats: &Reports, unit: &str) -> StatsReport {
     sum
 }
 
-fn kind_of(topology: &Topology, unit: &str) -> String {
-    topology
-        .unit(unit)
-        .map(crate::plan::kind_of)
-        .unwrap_or("unit")
-        .to_string()
+/// Every unit of a layout comes from its topology, so the lookup always finds it.
+fn kind_of(topology: &Topology, unit: &str) -> Option<UnitType> {
+    topology.unit(unit).map(crate::plan::type_of)
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -619,10 +616,10 @@ fn summarize(
             t.published = t.published.max(exact);
         }
         let kind = kind_of(&prepared.topology, &config.unit);
-        match kind.as_str() {
-            "source" => from_sources += t.processed,
-            "sink" => at_sinks += t.published,
-            _ => {}
+        match kind {
+            Some(UnitType::Source) => from_sources += t.processed,
+            Some(UnitType::Sink) => at_sinks += t.published,
+            Some(UnitType::Group | UnitType::Switcher) | None => {}
         }
         dead += t.dead_lettered;
         let processes = supervisor.units.iter().find(|u| u.unit == config.unit);

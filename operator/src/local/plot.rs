@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use super::scaling::Point;
 use super::summary::Summary;
+use crate::plan::UnitType;
 
 const WIDTH: f64 = 960.0;
 const PANEL: f64 = 150.0;
@@ -85,8 +86,8 @@ fn panel(svg: &mut String, summary: &Summary, unit: &str, points: &[Point], top:
         .units
         .iter()
         .find(|u| u.name == unit)
-        .map(|u| u.kind.as_str())
-        .unwrap_or("unit");
+        .and_then(|u| u.kind)
+        .map_or("unit", UnitType::as_str);
     let title = match summary.switchers.get(unit) {
         Some(s) => format!(
             "{unit} ({kind}: {}..{} replicas, target lag {} per replica)",

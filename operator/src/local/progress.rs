@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::plan::UnitType;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProgressMode {
     /// Bars on a terminal, plain lines otherwise.
@@ -18,7 +20,7 @@ pub enum ProgressMode {
 #[derive(Clone, Debug, Default)]
 pub struct Row {
     pub unit: String,
-    pub kind: String,
+    pub kind: Option<UnitType>,
     pub replicas: usize,
     /// Inputs finished (for a source: messages stored).
     pub processed: u64,
@@ -142,12 +144,13 @@ fn heading(width: usize) -> String {
 }
 
 fn format_row(row: &Row, width: usize) -> String {
-    let input = match (row.kind.as_str(), row.total) {
-        ("source", Some(total)) => format!("{}/{}", thousands(row.processed), thousands(total)),
-        ("source", None) => "-".to_string(),
-        _ => thousands(row.processed),
+    let source = row.kind == Some(UnitType::Source);
+    let input = match (source, row.total) {
+        (true, Some(total)) => format!("{}/{}", thousands(row.processed), thousands(total)),
+        (true, None) => "-".to_string(),
+        (false, _) => thousands(row.processed),
     };
-    let output = if row.kind == "source" {
+    let output = if source {
         thousands(row.processed)
     } else {
         thousands(row.published)
@@ -157,7 +160,7 @@ fn format_row(row: &Row, width: usize) -> String {
     format!(
         "{:<width$}  {:<8} {:>4} {:>15} {:>10} {:>8} {:>6}{state}",
         row.unit,
-        row.kind,
+        row.kind.map_or("-", UnitType::as_str),
         row.replicas,
         input,
         output,
@@ -195,7 +198,7 @@ mod tests {
     fn rows_line_up() {
         let row = Row {
             unit: "person".into(),
-            kind: "group".into(),
+            kind: Some(UnitType::Group),
             replicas: 1,
             processed: 1500,
             published: 1500,

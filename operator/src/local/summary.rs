@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::progress::thousands;
 use super::scaling::{Point, ScaleEvent, SwitcherSettings};
+use crate::plan::UnitType;
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -41,7 +42,7 @@ pub struct Summary {
 #[serde(rename_all = "camelCase")]
 pub struct UnitSummary {
     pub name: String,
-    pub kind: String,
+    pub kind: Option<UnitType>,
     pub most_replicas: usize,
     pub processed: u64,
     pub published: u64,
@@ -81,12 +82,13 @@ impl Summary {
             "unit", "kind", "replicas", "in", "out", "dead-lettered", "restarts"
         );
         for u in &self.units {
-            let input = if u.kind == "source" {
+            let source = u.kind == Some(UnitType::Source);
+            let input = if source {
                 "-".to_string()
             } else {
                 thousands(u.processed)
             };
-            let output = if u.kind == "source" {
+            let output = if source {
                 thousands(u.processed)
             } else {
                 thousands(u.published)
@@ -95,7 +97,7 @@ impl Summary {
                 out,
                 "  {:<width$}  {:<8} {:>8} {:>10} {:>10} {:>13} {:>8}",
                 u.name,
-                u.kind,
+                u.kind.map_or("-", UnitType::as_str),
                 u.most_replicas,
                 input,
                 output,
