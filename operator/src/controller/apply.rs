@@ -109,6 +109,18 @@ pub struct Claims {
     names: std::sync::Mutex<HashMap<ClaimedName, Claimant>>,
 }
 
+/// The Pipeline that claimed a name first.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClaimedBy {
+    pub pipeline: String,
+}
+
+impl std::fmt::Display for ClaimedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pipeline {}", self.pipeline)
+    }
+}
+
 /// (kind, namespace, name)
 type ClaimedName = (&'static str, String, String);
 /// (the Pipeline's uid, its name)
@@ -122,11 +134,13 @@ impl Claims {
         name: &str,
         uid: &str,
         pipeline: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), ClaimedBy> {
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
         let key = (kind, namespace.to_string(), name.to_string());
         match names.get(&key) {
-            Some((holder, holder_name)) if holder != uid => Err(format!("Pipeline {holder_name}")),
+            Some((holder, holder_name)) if holder != uid => Err(ClaimedBy {
+                pipeline: holder_name.clone(),
+            }),
             _ => {
                 names.insert(key, (uid.to_string(), pipeline.to_string()));
                 Ok(())
@@ -321,7 +335,7 @@ impl Target<'_> {
         self.ctx
             .claims
             .claim(kind, self.namespace, name, self.uid, self.pipeline)
-            .map_err(|owner| self.conflict(kind, name, owner))?;
+            .map_err(|owner| self.conflict(kind, name, owner.to_string()))?;
         if existing.as_ref().is_some_and(|m| up_to_date(m, &hash)) && !self.resync {
             return Ok(None);
         }
@@ -589,7 +603,9 @@ mod tests {
         assert!(claims.claim("ConfigMap", "ns", "a-b-c", "u1", "a").is_ok());
         assert_eq!(
             claims.claim("ConfigMap", "ns", "a-b-c", "u2", "a-b"),
-            Err("Pipeline a".into())
+            Err(ClaimedBy {
+                pipeline: "a".into()
+            })
         );
         assert!(claims
             .claim("Deployment", "ns", "a-b-c", "u2", "a-b")

@@ -28,6 +28,20 @@ use crate::plan;
 /// Longest one Pipeline's scaling step may take before it is abandoned for this pass.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
+#[derive(Debug, thiserror::Error)]
+pub enum ScaleError {
+    #[error(transparent)]
+    Resolve(#[from] super::resolve::ResolveError),
+    #[error("cannot subscribe to unit reports at {url}: {message}")]
+    Reports { url: String, message: String },
+    #[error("cannot scale {deployment}: {source}")]
+    Scale {
+        deployment: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
 /// The latest decision for one switcher.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScaleRecord {
@@ -130,7 +144,7 @@ impl Autoscaler {
         Some(analysis)
     }
 
-    async fn scale(&self, pipeline: &Pipeline) -> Result<(), String> {
+    async fn scale(&self, pipeline: &Pipeline) -> Result<(), ScaleError> {
         let Some(analysis) = self.analysis(pipeline) else {
             return Ok(());
         };
@@ -138,9 +152,7 @@ impl Autoscaler {
         if topology.units.iter().all(|u| u.switcher.is_none()) {
             return Ok(());
         }
-        let js = super::resolve::nats(&self.ctx, &topology.namespace, &pipeline.spec)
-            .await
-            .map_err(|e| e.to_string())?;
+        let js = super::resolve::nats(&self.ctx, &topology.namespace, &pipeline.spec).await?;
         self.listen(pipeline, &js).await?;
         let mut lags = HashMap::new();
         for consumer in &layout.nats.consumers {
@@ -168,7 +180,7 @@ impl Autoscaler {
         unit: &str,
         lag: u64,
         lags: &HashMap<String, u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ScaleError> {
         let Some(switcher) = topology
             .units
             .iter()
@@ -231,7 +243,7 @@ impl Autoscaler {
         deployment: &str,
         unit: &str,
         decision: autoscale::Decision,
-    ) -> Result<ScaleRecord, String> {
+    ) -> Result<ScaleRecord, ScaleError> {
         let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
             Api::namespaced(self.ctx.client.clone(), namespace);
         let params = PatchParams {
@@ -242,7 +254,10 @@ impl Autoscaler {
         deployments
             .patch_scale(deployment, &params, &patch)
             .await
-            .map_err(|e| format!("cannot scale {deployment}: {e}"))?;
+            .map_err(|source| ScaleError::Scale {
+                deployment: deployment.to_string(),
+                source,
+            })?;
         let note = format!("{unit}: {}", decision.reason);
         super::publish(
             &self.ctx,
@@ -265,7 +280,7 @@ impl Autoscaler {
         &self,
         pipeline: &Pipeline,
         js: &async_nats::jetstream::Context,
-    ) -> Result<(), String> {
+    ) -> Result<(), ScaleError> {
         let url = pipeline
             .spec
             .nats
@@ -289,7 +304,10 @@ impl Autoscaler {
                 },
             )
             .await
-            .map_err(|e| format!("{e:#} at {url}"))?;
+            .map_err(|e| ScaleError::Reports {
+                url: url.clone(),
+                message: format!("{e:#}"),
+            })?;
         listening.insert(url);
         Ok(())
     }

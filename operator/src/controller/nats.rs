@@ -114,44 +114,55 @@ pub async fn observe(
     layout: &NatsLayout,
     dead_letter_subjects: &BTreeMap<String, String>,
 ) -> Result<NatsObservation, NatsError> {
-    bounded(
-        "reading lag and dead letters",
+    let doing = "reading lag and dead letters";
+    tokio::time::timeout(
+        OPERATION_TIMEOUT,
         observe_unbounded(js, layout, dead_letter_subjects),
     )
     .await
+    .unwrap_or_else(|_| {
+        Err(NatsError::Timeout {
+            doing: doing.to_string(),
+            after: OPERATION_TIMEOUT,
+        })
+    })
+}
+
+fn refused(doing: String) -> impl FnOnce(String) -> NatsError {
+    move |message| NatsError::Refused { doing, message }
 }
 
 async fn observe_unbounded(
     js: &jetstream::Context,
     layout: &NatsLayout,
     dead_letter_subjects: &BTreeMap<String, String>,
-) -> Result<NatsObservation, String> {
+) -> Result<NatsObservation, NatsError> {
     let stream = js
         .get_stream(&layout.stream.name)
         .await
-        .map_err(|e| format!("cannot read stream {}: {e}", layout.stream.name))?;
+        .map_err(|e| refused(format!("reading stream {}", layout.stream.name))(e.to_string()))?;
     let mut observation = NatsObservation::default();
     for consumer in &layout.consumers {
         if consumer.durable == DEAD_LETTER_CONSUMER {
             continue;
         }
-        let info = stream
-            .consumer_info(&consumer.durable)
-            .await
-            .map_err(|e| format!("cannot read consumer {}: {e}", consumer.durable))?;
+        let info = stream.consumer_info(&consumer.durable).await.map_err(|e| {
+            refused(format!("reading consumer {}", consumer.durable))(e.to_string())
+        })?;
         observation.lag.insert(
             consumer.durable.clone(),
             info.num_pending + info.num_ack_pending as u64,
         );
     }
     // Dead letters wait in the stream (their own consumer keeps them): count them per subject.
+    let counting = || refused("counting dead letters".to_string());
     let mut counts = stream
         .info_with_subjects(dead_letter_filter(layout))
         .await
-        .map_err(|e| format!("cannot count dead letters: {e}"))?;
+        .map_err(|e| counting()(e.to_string()))?;
     let mut per_subject: HashMap<String, u64> = HashMap::new();
     while let Some(entry) = futures::StreamExt::next(&mut counts).await {
-        let (subject, count) = entry.map_err(|e| format!("cannot count dead letters: {e}"))?;
+        let (subject, count) = entry.map_err(|e| counting()(e.to_string()))?;
         per_subject.insert(subject, count as u64);
     }
     for (unit, subject) in dead_letter_subjects {
