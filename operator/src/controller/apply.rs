@@ -14,7 +14,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use switchyard_crds::Pipeline;
@@ -451,18 +451,32 @@ async fn prune(
 ) -> Result<(), ApplyError> {
     let uid = pipeline.metadata.uid.clone().unwrap_or_default();
     let (deployments, config_maps) = owned_names(ctx, plan, &uid).await?;
-    let params = DeleteParams::background();
-    for name in deployments.iter().filter(|n| !wanted.contains(n)) {
-        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &plan.namespace);
-        gone_is_fine(api.delete(name, &params).await.map(|_| ()))
-            .map_err(|source| refused("Deployment", name, source))?;
-        applied.deleted.push(format!("Deployment {name}"));
-    }
-    for name in config_maps.iter().filter(|n| !wanted.contains(n)) {
-        let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &plan.namespace);
-        gone_is_fine(api.delete(name, &params).await.map(|_| ()))
-            .map_err(|source| refused("ConfigMap", name, source))?;
-        applied.deleted.push(format!("ConfigMap {name}"));
+    delete_unwanted::<Deployment>(ctx, &plan.namespace, &deployments, wanted, applied).await?;
+    delete_unwanted::<ConfigMap>(ctx, &plan.namespace, &config_maps, wanted, applied).await
+}
+
+async fn delete_unwanted<K>(
+    ctx: &Context,
+    namespace: &str,
+    names: &[String],
+    wanted: &[String],
+    applied: &mut Applied,
+) -> Result<(), ApplyError>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
+    let kind = kind_name::<K>();
+    for name in names.iter().filter(|n| !wanted.contains(n)) {
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(source) => return Err(refused(kind, name, source)),
+        }
+        applied.deleted.push(format!("{kind} {name}"));
     }
     Ok(())
 }
@@ -475,11 +489,14 @@ fn refused(kind: &'static str, name: &str, source: kube::Error) -> ApplyError {
     }
 }
 
-fn gone_is_fine(result: Result<(), kube::Error>) -> Result<(), kube::Error> {
-    match result {
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        other => other,
-    }
+fn names_of<'a, K: Resource + 'a>(
+    objects: impl Iterator<Item = &'a K>,
+    ours: &dyn Fn(&ObjectMeta) -> bool,
+) -> Vec<String> {
+    objects
+        .filter(|o| ours(o.meta()))
+        .filter_map(|o| o.meta().name.clone())
+        .collect()
 }
 
 /// Names of the Deployments and ConfigMaps this Pipeline owns: from the caches when they run, else
@@ -494,23 +511,12 @@ async fn owned_names(
             && ownership(Some(meta), uid) == Ownership::Ours
     };
     if ctx.caches.live {
-        let deployments = ctx
-            .caches
-            .deployments
-            .state()
-            .iter()
-            .filter(|d| ours(&d.metadata))
-            .map(|d| d.name_any())
-            .collect();
-        let config_maps = ctx
-            .caches
-            .config_maps
-            .state()
-            .iter()
-            .filter(|c| ours(&c.metadata))
-            .map(|c| c.name_any())
-            .collect();
-        return Ok((deployments, config_maps));
+        let deployments = ctx.caches.deployments.state();
+        let config_maps = ctx.caches.config_maps.state();
+        return Ok((
+            names_of(deployments.iter().map(|d| d.as_ref()), &ours),
+            names_of(config_maps.iter().map(|c| c.as_ref()), &ours),
+        ));
     }
     let selector = ListParams::default().labels(&format!("{LABEL_PIPELINE}={}", plan.pipeline));
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &plan.namespace);
@@ -524,18 +530,8 @@ async fn owned_names(
         .await
         .map_err(|source| refused("ConfigMap", "(list)", source))?;
     Ok((
-        listed_deployments
-            .items
-            .iter()
-            .filter(|d| ours(&d.metadata))
-            .map(|d| d.name_any())
-            .collect(),
-        listed_config_maps
-            .items
-            .iter()
-            .filter(|c| ours(&c.metadata))
-            .map(|c| c.name_any())
-            .collect(),
+        names_of(listed_deployments.items.iter(), &ours),
+        names_of(listed_config_maps.items.iter(), &ours),
     ))
 }
 
