@@ -41,6 +41,11 @@ pub const SINK_RETRY: RetryConfig = RetryConfig {
     max_backoff_ms: 10_000,
 };
 
+/// The name of a unit's Kubernetes objects (its Deployment and ConfigMap).
+pub fn object_name(pipeline: &str, unit: &str) -> String {
+    format!("{pipeline}-{unit}")
+}
+
 /// The names of everything a Pipeline owns in NATS. Namespace and pipeline are DNS labels, so `_` and `.`
 /// cannot occur in them and the names of two pipelines never collide.
 #[derive(Clone, Debug, PartialEq, Eq)]

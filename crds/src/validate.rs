@@ -614,7 +614,7 @@ fn check_units(problems: &mut Vec<Problem>, pipeline: &str, topology: &Topology)
                 ),
             ));
         }
-        let object = format!("{pipeline}-{}", unit.name);
+        let object = crate::layout::object_name(pipeline, &unit.name);
         if object.len() > MAX_OBJECT_NAME {
             problems.push(Problem::at(
                 &unit.spec_path,

@@ -250,9 +250,7 @@ pub fn config_text(config: &UnitConfig) -> String {
     serde_json::to_string_pretty(config).unwrap_or_default()
 }
 
-pub fn object_name(pipeline: &str, unit: &str) -> String {
-    format!("{pipeline}-{unit}")
-}
+pub use switchyard_crds::layout::object_name;
 
 struct ObjectsFor<'a> {
     topology: &'a Topology,

@@ -186,7 +186,8 @@ struct LedgerWriter {
     order: VecDeque<String>,
 }
 
-fn ledger_path(path: &Path) -> PathBuf {
+/// Where the ledger of the file sink writing `path` is kept (local mode removes it with a fresh run).
+pub fn ledger_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

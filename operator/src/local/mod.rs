@@ -302,19 +302,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             let file = prepared.base_dir.join(path);
             if !args.append {
                 remove_if_present(&file)?;
-                remove_if_present(&ledger_of(&file))?;
+                remove_if_present(&switchyard_stage::sink::ledger_path(&file))?;
             }
             sink_files.push(file.display().to_string());
         }
     }
-    for unit in &prepared.topology.units {
-        if let UnitKind::Source(source) = &unit.kind {
-            let finite = source.generator.as_ref().is_some_and(|g| g.count.is_some())
-                || source.file.is_some();
-            if !finite {
+    for config in &prepared.layout.units {
+        if let UnitRole::Source { source, .. } = &config.role {
+            if !source.is_finite() {
                 display.note(&format!(
                     "source `{}` has no end: press Ctrl-C to stop",
-                    unit.name
+                    config.unit
                 ));
             }
         }
@@ -534,7 +532,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if completed {
         // A sink's ledger only means something to the stream it was kept for, which ends with the run.
         for file in &summary.sink_files {
-            remove_if_present(&ledger_of(Path::new(file)))?;
+            remove_if_present(&switchyard_stage::sink::ledger_path(Path::new(file)))?;
         }
     }
     print!("{}", summary.render());
@@ -688,14 +686,6 @@ fn remove_if_present(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// The file sink's ledger (see the stage runtime's file sink).
-fn ledger_of(file: &Path) -> PathBuf {
-    let name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    file.with_file_name(format!(".{name}.sy-ledger"))
-}
 
 /// Dead letters live in the run's stream, which a private server takes with it: save them beside the
 /// Pipeline file, one JSON line each with its error and origin.
