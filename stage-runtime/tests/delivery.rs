@@ -352,7 +352,12 @@ async fn sigterm_finishes_and_acknowledges_what_is_in_flight() {
     h.start("src");
     h.start("out");
     h.spawn("slow", "first");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Terminate it mid-work: some messages finished, others in its hands.
+    settled_reports(&stats, LIMIT, |r| {
+        r.get("first")
+            .is_some_and(|s| s.processed >= 10 && s.in_flight > 0)
+    })
+    .await;
     let mut first = h.take_process(0);
     let started = std::time::Instant::now();
     terminate(&mut first);

@@ -686,7 +686,6 @@ fn remove_if_present(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-
 /// Dead letters live in the run's stream, which a private server takes with it: save them beside the
 /// Pipeline file, one JSON line each with its error and origin.
 async fn save_dead_letters(
