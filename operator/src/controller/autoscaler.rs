@@ -21,6 +21,7 @@ use switchyard_crds::topology::Topology;
 use switchyard_crds::validate::analyze;
 use switchyard_crds::Pipeline;
 
+use super::caches::PipelineObject;
 use super::{lock, Context, SCALE_FIELD_MANAGER};
 use crate::autoscale::{self, Policy, Window};
 use crate::plan;
@@ -93,7 +94,8 @@ impl Autoscaler {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            for object in self.ctx.caches.pipelines.state() {
+            let pipelines = self.ctx.caches.pipelines.state();
+            for object in &pipelines {
                 let Ok(pipeline) = object.0.as_ref() else {
                     continue;
                 };
@@ -110,7 +112,7 @@ impl Autoscaler {
                     lock(&this.busy).remove(&uid);
                 });
             }
-            self.forget_gone();
+            self.forget_gone(&pipelines);
         }
     }
 
@@ -313,35 +315,20 @@ impl Autoscaler {
     }
 
     /// Drops the windows and analyses of Pipelines that are gone.
-    fn forget_gone(&self) {
-        let live: HashSet<(String, String)> = self
-            .ctx
-            .caches
-            .pipelines
-            .state()
+    fn forget_gone(&self, pipelines: &[Arc<PipelineObject>]) {
+        let live: HashSet<String> = pipelines
             .iter()
-            .map(|p| {
-                let meta = p.meta();
-                (
-                    meta.namespace.clone().unwrap_or_default(),
-                    meta.name.clone().unwrap_or_default(),
-                )
-            })
+            .map(|p| super::reconcile::key(p.meta()))
             .collect();
-        let uids: HashSet<String> = self
-            .ctx
-            .caches
-            .pipelines
-            .state()
+        let uids: HashSet<&str> = pipelines
             .iter()
-            .filter_map(|p| p.meta().uid.clone())
+            .filter_map(|p| p.meta().uid.as_deref())
             .collect();
+        // Window keys are `namespace/pipeline/unit`.
         lock(&self.windows).retain(|k, _| {
-            let mut parts = k.splitn(3, '/');
-            let ns = parts.next().unwrap_or_default().to_string();
-            let name = parts.next().unwrap_or_default().to_string();
-            live.contains(&(ns, name))
+            k.rsplit_once('/')
+                .is_some_and(|(pipeline, _)| live.contains(pipeline))
         });
-        lock(&self.analyses).retain(|uid, _| uids.contains(uid));
+        lock(&self.analyses).retain(|uid, _| uids.contains(uid.as_str()));
     }
 }
