@@ -235,7 +235,7 @@ fn owner_reference(pipeline: &Pipeline) -> Option<OwnerReference> {
 }
 
 /// A stable checksum of the unit's configuration (FNV-1a, 64 bits): only needs to change when it does.
-fn checksum(text: &str) -> String {
+pub fn checksum(text: &str) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in text.bytes() {
         hash ^= u64::from(byte);

@@ -85,15 +85,9 @@ pub fn up_to_date(meta: &ObjectMeta, hash: &str) -> bool {
         .is_some_and(|h| h == hash)
 }
 
-/// A stable hash of what is applied (FNV-1a over its JSON).
+/// A stable hash of what is applied: the plan's checksum over its JSON.
 fn hash_of(object: &impl Serialize) -> String {
-    let text = serde_json::to_string(object).unwrap_or_default();
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    plan::checksum(&serde_json::to_string(object).unwrap_or_default())
 }
 
 fn annotate(meta: &mut ObjectMeta, hash: &str) {
@@ -166,7 +160,8 @@ impl Resyncs {
     /// operator restart re-sends nothing that is current.
     fn due(&self, uid: &str) -> bool {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let jitter = Duration::from_secs(hash_of(&uid).bytes().map(u64::from).sum::<u64>() % 600);
+        let spread = u64::from_str_radix(&plan::checksum(uid), 16).unwrap_or_default();
+        let jitter = Duration::from_secs(spread % 600);
         match last.get(uid) {
             None => {
                 last.insert(uid.to_string(), Instant::now());
@@ -236,10 +231,10 @@ pub async fn kubernetes_objects(
     let mut applied = Applied::default();
     for unit in &plan.units {
         let name = plan::object_name(&plan.pipeline, &unit.name);
-        let config_map = ctx
-            .caches
-            .config_map(&plan.namespace, &name)
-            .map(|c| c.metadata.clone());
+        let config_map = match ctx.caches.config_map(&plan.namespace, &name) {
+            Some(cached) => Some(cached.metadata.clone()),
+            None => target.get::<ConfigMap>(&name).await?.map(|c| c.metadata),
+        };
         target
             .apply(&name, unit.config_map.clone(), config_map, &mut applied)
             .await?;
@@ -263,7 +258,11 @@ impl Target<'_> {
         name: &str,
         applied: &mut Applied,
     ) -> Result<Arc<Deployment>, ApplyError> {
-        let cached = self.ctx.caches.deployment(self.namespace, name);
+        // Not cached: one read serves the ownership check and, if nothing is sent, the status.
+        let cached = match self.ctx.caches.deployment(self.namespace, name) {
+            Some(cached) => Some(cached),
+            None => self.get::<Deployment>(name).await?.map(Arc::new),
+        };
         let mut desired = unit.deployment.clone();
         if unit.is_switcher() {
             // The autoscaler owns a switcher's replicas: apply what it decided, or keep what runs.
@@ -284,25 +283,21 @@ impl Target<'_> {
             }
         }
         let meta = cached.as_ref().map(|d| d.metadata.clone());
-        match self.apply(name, desired, meta, applied).await? {
-            Some(fresh) => Ok(Arc::new(fresh)),
-            None => match cached {
-                Some(cached) => Ok(cached),
-                // Known current from a direct read (the caches are not running): read it for its status.
-                None => self
-                    .get::<Deployment>(name)
-                    .await
-                    .map(|d| Arc::new(d.unwrap_or_default())),
-            },
+        match (self.apply(name, desired, meta, applied).await?, cached) {
+            (Some(fresh), _) => Ok(Arc::new(fresh)),
+            (None, Some(cached)) => Ok(cached),
+            // Nothing is skipped that does not exist.
+            (None, None) => Ok(Arc::default()),
         }
     }
 
     /// Applies `desired` unless the object is already current; returns the object if it was sent.
+    /// `existing`: the object's metadata as the cache or a read found it (None: it does not exist).
     async fn apply<K>(
         &self,
         name: &str,
         mut desired: K,
-        cached: Option<ObjectMeta>,
+        existing: Option<ObjectMeta>,
         applied: &mut Applied,
     ) -> Result<Option<K>, ApplyError>
     where
@@ -314,10 +309,6 @@ impl Target<'_> {
     {
         let kind = kind_name::<K>();
         let hash = hash_of(&without_replicas(&desired));
-        let existing = match cached {
-            Some(meta) => Some(meta),
-            None => self.get::<K>(name).await?.map(|o| o.meta().clone()),
-        };
         match ownership(existing.as_ref(), self.uid) {
             Ownership::Other(owner) if owner == format!("Pipeline {}", self.pipeline) => {
                 // A Pipeline deleted and created again: the old one's objects are still being
@@ -402,11 +393,7 @@ impl Target<'_> {
                 namespace: self.namespace.to_string(),
             };
         }
-        ApplyError::Refused {
-            kind,
-            name: name.to_string(),
-            source,
-        }
+        refused(kind, name, source)
     }
 }
 

@@ -19,7 +19,7 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 use super::caches::{self, Caches, PipelineObject};
-use super::{autoscaler, cleanup, Context, FIELD_MANAGER};
+use super::{autoscaler, Context, FIELD_MANAGER};
 use crate::metrics::Metrics;
 use crate::plan::PlanSettings;
 
@@ -289,6 +289,3 @@ async fn shutdown_signal() {
         }
     }
 }
-
-/// Default of `--cleanup-timeout`.
-pub const DEFAULT_CLEANUP_TIMEOUT: Duration = cleanup::DEFAULT_CLEANUP_TIMEOUT;
