@@ -6,12 +6,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::{PipelineSpec, Sink, Source};
+use crate::kinds::Kinds;
+use crate::pipeline::{PipelineSpec, StepKind};
 use crate::topology::{Step, Topology, Unit, UnitKind};
-use crate::unit::{
-    BatchConfig, ConsumerConfig, RetryConfig, SinkConfig, SourceConfig, StepConfig, StepKind,
-    UnitConfig, UnitRole,
-};
+use crate::unit::{BatchConfig, ConsumerConfig, RetryConfig, StepConfig, UnitConfig, UnitRole};
 use crate::validate::{parse_duration, Problem};
 
 /// Input messages in flight per replica when a stage does not say. High, because for fast steps
@@ -32,8 +30,6 @@ pub const DEFAULT_BATCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Name of the consumer that holds dead letters in the stream until someone deals with them. Unit names
 /// are DNS labels, so it can never clash with a unit's consumer.
 pub const DEAD_LETTER_CONSUMER: &str = "_dead_letters";
-/// Payload of generated messages when the source does not give one.
-pub const DEFAULT_PAYLOAD: &str = r#"{"seq": {{seq}}}"#;
 /// Sinks retry a failed write this often before dead-lettering the message.
 pub const SINK_RETRY: RetryConfig = RetryConfig {
     max_attempts: 5,
@@ -240,11 +236,11 @@ fn role_for(names: &Names, unit: &Unit) -> Result<UnitRole, Vec<Problem>> {
     let concurrency = unit.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
     match &unit.kind {
         UnitKind::Source(source) => Ok(UnitRole::Source {
-            source: source_config(source, &unit.spec_path)?,
+            source: the_kind(&source.kind, &unit.spec_path, "source")?,
             checkpoint_bucket: names.checkpoint_bucket(),
         }),
         UnitKind::Sink(sink) => Ok(UnitRole::Sink {
-            sink: sink_config(sink),
+            sink: the_kind(&sink.kind, &unit.spec_path, "sink")?,
             retry: SINK_RETRY,
             concurrency,
         }),
@@ -300,103 +296,34 @@ fn duration_ms(path: &str, field: &str, text: &str) -> Result<u64, Problem> {
         .map_err(|e| Problem::at(path, format!("{field}: {e}")))
 }
 
-fn source_config(source: &Source, path: &str) -> Result<SourceConfig, Vec<Problem>> {
-    let payload = |p: &Option<String>| p.clone().unwrap_or_else(|| DEFAULT_PAYLOAD.to_string());
-    if let Some(g) = &source.generator {
-        return Ok(SourceConfig::Generator {
-            count: g.count,
-            rate_per_second: g.rate_per_second,
-            payload: payload(&g.payload),
-        });
-    }
-    if let Some(h) = &source.http {
-        return Ok(SourceConfig::Http {
-            port: h.port,
-            path: h.path.clone().unwrap_or_else(|| "/".to_string()),
-        });
-    }
-    if let Some(t) = &source.timer {
-        return Ok(SourceConfig::Timer {
-            interval_ms: duration_ms(path, "timer.interval", &t.interval).map_err(|p| vec![p])?,
-            payload: payload(&t.payload),
-        });
-    }
-    if let Some(c) = &source.cron {
-        return Ok(SourceConfig::Cron {
-            schedule: c.schedule.clone(),
-            payload: payload(&c.payload),
-        });
-    }
-    if let Some(n) = &source.nats {
-        return Ok(SourceConfig::Nats {
-            subject: n.subject.clone(),
-        });
-    }
-    if let Some(f) = &source.file {
-        return Ok(SourceConfig::File {
-            path: f.path.clone(),
-        });
-    }
-    Err(vec![Problem::at(path, "the source has no kind")])
-}
-
-fn sink_config(sink: &Sink) -> SinkConfig {
-    let pairs = |h: &Option<std::collections::BTreeMap<String, String>>| -> Vec<(String, String)> {
-        h.iter()
-            .flatten()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    };
-    if let Some(f) = &sink.file {
-        SinkConfig::File {
-            path: f.path.clone(),
-        }
-    } else if let Some(n) = &sink.nats {
-        SinkConfig::Nats {
-            subject: n.subject.clone(),
-        }
-    } else if let Some(h) = &sink.http {
-        SinkConfig::Http {
-            url: h.url.clone(),
-            headers: pairs(&h.headers),
-        }
-    } else {
-        SinkConfig::Log
-    }
+/// The one kind a source or sink was given; validation has reported any other case.
+fn the_kind<K: Clone>(kinds: &Kinds<K>, path: &str, holder: &str) -> Result<K, Vec<Problem>> {
+    kinds.one().cloned().ok_or_else(|| {
+        vec![Problem::at(
+            path,
+            format!("the {holder} needs exactly one kind: run `switchyard validate` for details"),
+        )]
+    })
 }
 
 fn step_config(step: &Step) -> Result<StepConfig, Problem> {
     let stage = &step.stage;
     let path = step.spec_path.as_str();
-    let kind = if let Some(filter) = &stage.jq {
-        StepKind::Jq {
-            filter: filter.clone(),
+    let kind = stage.step.one().cloned().ok_or_else(|| {
+        Problem::at(
+            path,
+            "the stage needs exactly one step kind: run `switchyard validate` for details",
+        )
+    })?;
+    let env = match kind {
+        StepKind::Exec(_) => step
+            .env
+            .iter()
+            .filter_map(|e| e.value.as_ref().map(|v| (e.name.clone(), v.clone())))
+            .collect(),
+        StepKind::Jq(_) | StepKind::Http(_) | StepKind::Sleep(_) | StepKind::Passthrough(_) => {
+            Vec::new()
         }
-    } else if let Some(exec) = &stage.exec {
-        StepKind::Exec {
-            command: exec.command.clone(),
-            env: step
-                .env
-                .iter()
-                .filter_map(|e| e.value.as_ref().map(|v| (e.name.clone(), v.clone())))
-                .collect(),
-        }
-    } else if let Some(http) = &stage.http {
-        StepKind::Http {
-            url: http.url.clone(),
-            headers: http
-                .headers
-                .iter()
-                .flatten()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        }
-    } else if let Some(sleep) = &stage.sleep {
-        StepKind::Sleep {
-            ms: duration_ms(path, "sleep", sleep)?,
-        }
-    } else {
-        StepKind::Passthrough
     };
     let timeout_ms = step
         .timeout
@@ -423,6 +350,7 @@ fn step_config(step: &Step) -> Result<StepConfig, Problem> {
     Ok(StepConfig {
         path: step.path.clone(),
         kind,
+        env,
         timeout_ms,
         retry,
     })

@@ -4,6 +4,7 @@
 
 pub mod crd;
 pub mod jq;
+pub mod kinds;
 pub mod layout;
 pub mod pipeline;
 pub mod topology;

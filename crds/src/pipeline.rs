@@ -1,16 +1,20 @@
 //! The `Pipeline` custom resource: what a user writes.
 //!
-//! Every "exactly one of" choice (a source's kind, a stage's step kind, a sink's kind) is a set of optional
-//! fields rather than a Rust enum, so that a file naming two kinds, or none, still parses and `validate` can
-//! explain the problem with the stage's path instead of failing on an opaque serde error.
+//! Every "exactly one of" choice (a source's kind, a stage's step kind, a sink's kind) is one enum,
+//! written as its variant's key beside the holder's other fields (`jq: '.x'`, `file: {path: out}`); see
+//! [`crate::kinds`] for how a file naming two kinds, or none, still parses so that `validate` can explain
+//! the problem with the stage's path.
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::kinds::{self, Kinds, KindsSchema};
 
 /// A declarative data pipeline: sources feed nested stages, whose output reaches sinks.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -82,27 +86,40 @@ pub enum DeletionPolicy {
 
 /// A source of messages. Exactly one of the kinds must be set.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "(has(self.generator) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.timer) ? 1 : 0) + (has(self.cron) ? 1 : 0) + (has(self.nats) ? 1 : 0) + (has(self.file) ? 1 : 0) == 1",
-    "message": "a source needs exactly one of generator, http, timer, cron, nats, file"
-}]))]
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "Source", transform = KindsSchema::<SourceKind> { holder: "a source", also: &[], kind: PhantomData })]
 pub struct Source {
     #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub generator: Option<GeneratorSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<HttpSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timer: Option<TimerSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cron: Option<CronSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nats: Option<NatsSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<FileSource>,
+    /// Written as its key beside `name`; see [`crate::kinds`].
+    #[serde(skip)]
+    pub kind: Kinds<SourceKind>,
 }
+
+/// The kinds of source.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SourceKind {
+    Generator(GeneratorSource),
+    Http(HttpSource),
+    Timer(TimerSource),
+    Cron(CronSource),
+    Nats(NatsSource),
+    File(FileSource),
+}
+
+impl SourceKind {
+    /// A finite source ends by itself; `switchyard run` exits once every source has and all is drained.
+    pub fn is_finite(&self) -> bool {
+        matches!(
+            self,
+            SourceKind::Generator(GeneratorSource { count: Some(_), .. }) | SourceKind::File(_)
+        )
+    }
+}
+
+/// The message a generator, timer or cron source sends when it has no `payload`.
+pub const DEFAULT_PAYLOAD: &str = r#"{"seq": {{seq}}}"#;
 
 /// Generates messages: `count` of them (or forever), at `ratePerSecond` (or as fast as possible).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
@@ -159,14 +176,11 @@ pub struct FileSource {
     pub path: String,
 }
 
-/// A stage: a step (exactly one of `jq`, `exec`, `http`, `sleep`, `passthrough`) or a group (`stages`),
-/// optionally made its own scalable unit with `switcher`.
+/// A stage: a step (exactly one of the step kinds below) or a group (`stages`), optionally made its own
+/// scalable unit with `switcher`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "(has(self.stages) ? 1 : 0) + (has(self.jq) ? 1 : 0) + (has(self.exec) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.sleep) ? 1 : 0) + (has(self.passthrough) ? 1 : 0) == 1",
-    "message": "a stage needs exactly one of stages (a group), jq, exec, http, sleep, passthrough"
-}]))]
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "Stage", transform = KindsSchema::<StepKind> { holder: "a stage", also: &[("stages", "stages (a group)")], kind: PhantomData })]
 pub struct Stage {
     #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
@@ -176,18 +190,9 @@ pub struct Stage {
     pub stages: Option<Vec<Stage>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switcher: Option<Switcher>,
-    /// A jq filter over the JSON message: zero, one or many outputs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jq: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exec: Option<ExecStep>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<HttpStep>,
-    /// A fixed delay, for example `5ms`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sleep: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub passthrough: Option<Passthrough>,
+    /// Written as its key beside the stage's other fields; see [`crate::kinds`].
+    #[serde(skip)]
+    pub step: Kinds<StepKind>,
     /// Stages or sources this stage reads (top-level stages only). Default: the previous stage, or every
     /// source for the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,6 +292,19 @@ fn default_target_utilization() -> u32 {
     80
 }
 
+/// The kinds of step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StepKind {
+    /// A jq filter over the JSON message: zero, one or many outputs.
+    Jq(String),
+    Exec(ExecStep),
+    Http(HttpStep),
+    /// A fixed delay, for example `5ms`.
+    Sleep(String),
+    Passthrough(Passthrough),
+}
+
 /// A long-lived child process speaking the line protocol.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -342,26 +360,57 @@ pub struct Batch {
 
 /// A destination. Exactly one of the kinds must be set.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "(has(self.file) ? 1 : 0) + (has(self.log) ? 1 : 0) + (has(self.nats) ? 1 : 0) + (has(self.http) ? 1 : 0) == 1",
-    "message": "a sink needs exactly one of file, log, nats, http"
-}]))]
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "Sink", transform = KindsSchema::<SinkKind> { holder: "a sink", also: &[], kind: PhantomData })]
 pub struct Sink {
     #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     /// Stages (or sources) this sink reads. Default: the last top-level stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<FileSink>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log: Option<LogSink>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nats: Option<NatsSink>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<HttpSink>,
+    /// Written as its key beside `name`; see [`crate::kinds`].
+    #[serde(skip)]
+    pub kind: Kinds<SinkKind>,
 }
+
+/// The kinds of sink.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SinkKind {
+    File(FileSink),
+    Log(LogSink),
+    Nats(NatsSink),
+    Http(HttpSink),
+}
+
+/// Serde for the holders of a kind: their own fields through the `remote = "Self"` derive, their kinds
+/// through [`crate::kinds`].
+macro_rules! holds_kinds {
+    ($holder:ident, $field:ident) => {
+        impl<'de> Deserialize<'de> for $holder {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let (mut holder, kinds) =
+                    kinds::deserialize_sifted(deserializer, |sifted| $holder::deserialize(sifted))?;
+                holder.$field = kinds;
+                Ok(holder)
+            }
+        }
+
+        impl Serialize for $holder {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                kinds::serialize_with(
+                    serializer,
+                    |fields| $holder::serialize(self, fields),
+                    &self.$field,
+                )
+            }
+        }
+    };
+}
+
+holds_kinds!(Source, kind);
+holds_kinds!(Stage, step);
+holds_kinds!(Sink, kind);
 
 /// Appends one JSON line per message; every message appears exactly once, also across restarts.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]

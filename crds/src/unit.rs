@@ -1,9 +1,13 @@
 //! The configuration one unit's `switchyard-stage` process runs from.
 //!
-//! The operator (or `switchyard run`) writes it; the stage runtime reads it. Durations are already parsed
-//! into milliseconds and names resolved into subjects, so the runtime never re-interprets the Pipeline.
+//! The operator (or `switchyard run`) writes it; the stage runtime reads it. Names are resolved into
+//! subjects and the unit's own settings (timeouts, retries, batches) into numbers; a source, step or sink
+//! keeps its kind as the Pipeline gives it, already validated, so that a new kind is declared in one
+//! place.
 
 use serde::{Deserialize, Serialize};
+
+use crate::pipeline::{SinkKind, SourceKind, StepKind};
 
 /// Header names every message carries; the runtime sets them and `run` reads them.
 pub mod headers {
@@ -61,7 +65,7 @@ pub struct ConsumerConfig {
 pub enum UnitRole {
     #[serde(rename_all = "camelCase")]
     Source {
-        source: SourceConfig,
+        source: SourceKind,
         /// Key-value bucket where the source records how far it got, so that a restart resumes there.
         checkpoint_bucket: String,
     },
@@ -76,7 +80,7 @@ pub enum UnitRole {
     },
     #[serde(rename_all = "camelCase")]
     Sink {
-        sink: SinkConfig,
+        sink: SinkKind,
         /// How often a failed write is tried before the message goes to the dead-letter subject.
         retry: RetryConfig,
         concurrency: u32,
@@ -84,77 +88,18 @@ pub enum UnitRole {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase", tag = "type")]
-pub enum SourceConfig {
-    Generator {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        count: Option<u64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        rate_per_second: Option<f64>,
-        payload: String,
-    },
-    Http {
-        port: u16,
-        path: String,
-    },
-    Timer {
-        interval_ms: u64,
-        payload: String,
-    },
-    Cron {
-        schedule: String,
-        payload: String,
-    },
-    Nats {
-        subject: String,
-    },
-    File {
-        path: String,
-    },
-}
-
-impl SourceConfig {
-    /// A finite source ends by itself; `switchyard run` exits once every source has and all is drained.
-    pub fn is_finite(&self) -> bool {
-        matches!(
-            self,
-            SourceConfig::Generator { count: Some(_), .. } | SourceConfig::File { .. }
-        )
-    }
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StepConfig {
     /// Where the step is in the Pipeline, for errors and dead-letter headers: `machines > wash`.
     pub path: String,
+    /// As the Pipeline gives it; validation has checked it.
     pub kind: StepKind,
+    /// Literal environment variables for a child process (the stage's `env` values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<(String, String)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     pub retry: RetryConfig,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase", tag = "type")]
-pub enum StepKind {
-    Jq {
-        filter: String,
-    },
-    Exec {
-        command: Vec<String>,
-        /// Literal environment variables for the child (from the stage's `env` values).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        env: Vec<(String, String)>,
-    },
-    Http {
-        url: String,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        headers: Vec<(String, String)>,
-    },
-    Sleep {
-        ms: u64,
-    },
-    Passthrough,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,23 +138,6 @@ impl RetryConfig {
 pub struct BatchConfig {
     pub size: u32,
     pub timeout_ms: u64,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase", tag = "type")]
-pub enum SinkConfig {
-    File {
-        path: String,
-    },
-    Log,
-    Nats {
-        subject: String,
-    },
-    Http {
-        url: String,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        headers: Vec<(String, String)>,
-    },
 }
 
 /// What a stage process reports on its stats subject, about once a second. Counters run from the
@@ -274,7 +202,8 @@ mod tests {
             role: UnitRole::Process {
                 steps: vec![StepConfig {
                     path: "u > a".into(),
-                    kind: StepKind::Jq { filter: ".".into() },
+                    kind: StepKind::Jq(".".into()),
+                    env: vec![("A".into(), "1".into())],
                     timeout_ms: Some(5),
                     retry: RetryConfig::default(),
                 }],

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use crate::crd::{MAX_STAGES_PER_GROUP, MAX_STAGE_DEPTH, MAX_TOP_LEVEL_STAGES};
 use crate::jq::JqFilter;
-use crate::pipeline::{Pipeline, Sink, Source, Stage};
+use crate::kinds;
+use crate::pipeline::{Pipeline, Sink, SinkKind, Source, SourceKind, Stage, StepKind};
 use crate::topology::{self, Topology};
 
 /// Longest name Kubernetes accepts for a label value, and so for the objects we derive from unit names.
@@ -112,7 +113,10 @@ pub fn analyze(pipeline: &Pipeline) -> Result<Topology, Vec<Problem>> {
     if spec.sources.is_empty() {
         problems.push(Problem::at(
             "sources",
-            "the Pipeline has no sources: add at least one (generator, http, timer, cron, nats or file)",
+            format!(
+                "the Pipeline has no sources: add at least one ({})",
+                kinds::or_list(kinds::names::<SourceKind>())
+            ),
         ));
     }
     for (i, source) in spec.sources.iter().enumerate() {
@@ -135,7 +139,10 @@ pub fn analyze(pipeline: &Pipeline) -> Result<Topology, Vec<Problem>> {
     if spec.sinks.is_empty() {
         problems.push(Problem::at(
             "sinks",
-            "the Pipeline has no sinks: add at least one (file, log, nats or http)",
+            format!(
+                "the Pipeline has no sinks: add at least one ({})",
+                kinds::or_list(kinds::names::<SinkKind>())
+            ),
         ));
     }
     for (i, sink) in spec.sinks.iter().enumerate() {
@@ -208,8 +215,9 @@ fn check_duration(problems: &mut Vec<Problem>, path: &str, field: &str, value: &
     }
 }
 
-fn exactly_one(problems: &mut Vec<Problem>, path: &str, what: &str, set: &[&str], all: &str) {
-    match set {
+/// Reports a holder given no kind or several; `names` are the kinds given, `all` every kind it may have.
+fn exactly_one(problems: &mut Vec<Problem>, path: &str, what: &str, names: &[&str], all: &str) {
+    match names {
         [_] => {}
         [] => problems.push(Problem::at(
             path,
@@ -230,91 +238,111 @@ fn exactly_one(problems: &mut Vec<Problem>, path: &str, what: &str, set: &[&str]
 }
 
 fn check_source(problems: &mut Vec<Problem>, path: &str, source: &Source) {
-    let mut kinds = Vec::new();
-    if let Some(g) = &source.generator {
-        kinds.push("generator");
-        if let Some(rate) = g.rate_per_second {
-            if !(rate > 0.0 && rate.is_finite()) {
-                problems.push(Problem::at(path, format!("generator.ratePerSecond {rate} must be a positive number (or leave it out to generate as fast as possible)")));
+    for kind in source.kind.iter() {
+        check_source_kind(problems, path, kind);
+    }
+    let all = kinds::names::<SourceKind>().join(", ");
+    exactly_one(problems, path, "the source", &source.kind.names(), &all);
+}
+
+fn check_source_kind(problems: &mut Vec<Problem>, path: &str, kind: &SourceKind) {
+    match kind {
+        SourceKind::Generator(g) => {
+            if let Some(rate) = g.rate_per_second {
+                if !(rate > 0.0 && rate.is_finite()) {
+                    problems.push(Problem::at(path, format!("generator.ratePerSecond {rate} must be a positive number (or leave it out to generate as fast as possible)")));
+                }
             }
         }
-    }
-    if let Some(h) = &source.http {
-        kinds.push("http");
-        if h.port == 0 {
-            problems.push(Problem::at(path, "http.port must be between 1 and 65535"));
+        SourceKind::Http(h) => {
+            if h.port == 0 {
+                problems.push(Problem::at(path, "http.port must be between 1 and 65535"));
+            }
+            if let Some(p) = &h.path {
+                if !p.starts_with('/') {
+                    problems.push(Problem::at(
+                        path,
+                        format!("http.path `{p}` must start with '/'"),
+                    ));
+                }
+            }
         }
-        if let Some(p) = &h.path {
-            if !p.starts_with('/') {
+        SourceKind::Timer(t) => check_duration(problems, path, "timer.interval", &t.interval),
+        SourceKind::Cron(c) => {
+            if let Err(e) = c.schedule.parse::<croner::Cron>() {
+                problems.push(Problem::at(path, format!("cron.schedule `{}` is not a cron schedule ({e}): use five fields, minute hour day-of-month month day-of-week, such as `*/5 * * * *` (or six, with seconds first)", c.schedule)));
+            }
+        }
+        SourceKind::Nats(n) => {
+            if n.subject.trim().is_empty() {
                 problems.push(Problem::at(
                     path,
-                    format!("http.path `{p}` must start with '/'"),
+                    "nats.subject is empty: name the subject to consume",
+                ));
+            }
+        }
+        SourceKind::File(f) => {
+            if f.path.trim().is_empty() {
+                problems.push(Problem::at(
+                    path,
+                    "file.path is empty: name a JSON-lines file or a folder of them",
                 ));
             }
         }
     }
-    if let Some(t) = &source.timer {
-        kinds.push("timer");
-        check_duration(problems, path, "timer.interval", &t.interval);
-    }
-    if let Some(c) = &source.cron {
-        kinds.push("cron");
-        if let Err(e) = c.schedule.parse::<croner::Cron>() {
-            problems.push(Problem::at(path, format!("cron.schedule `{}` is not a cron schedule ({e}): use five fields, minute hour day-of-month month day-of-week, such as `*/5 * * * *` (or six, with seconds first)", c.schedule)));
-        }
-    }
-    if let Some(n) = &source.nats {
-        kinds.push("nats");
-        if n.subject.trim().is_empty() {
-            problems.push(Problem::at(
-                path,
-                "nats.subject is empty: name the subject to consume",
-            ));
-        }
-    }
-    if let Some(f) = &source.file {
-        kinds.push("file");
-        if f.path.trim().is_empty() {
-            problems.push(Problem::at(
-                path,
-                "file.path is empty: name a JSON-lines file or a folder of them",
-            ));
-        }
-    }
-    exactly_one(
-        problems,
-        path,
-        "the source",
-        &kinds,
-        "generator, http, timer, cron, nats, file",
-    );
 }
 
 fn check_sink(problems: &mut Vec<Problem>, path: &str, sink: &Sink) {
-    let mut kinds = Vec::new();
-    if let Some(f) = &sink.file {
-        kinds.push("file");
-        if f.path.trim().is_empty() {
-            problems.push(Problem::at(
-                path,
-                "file.path is empty: name the file to write",
-            ));
+    for kind in sink.kind.iter() {
+        check_sink_kind(problems, path, kind);
+    }
+    let all = kinds::names::<SinkKind>().join(", ");
+    exactly_one(problems, path, "the sink", &sink.kind.names(), &all);
+}
+
+fn check_sink_kind(problems: &mut Vec<Problem>, path: &str, kind: &SinkKind) {
+    match kind {
+        SinkKind::File(f) => {
+            if f.path.trim().is_empty() {
+                problems.push(Problem::at(
+                    path,
+                    "file.path is empty: name the file to write",
+                ));
+            }
         }
-    }
-    if sink.log.is_some() {
-        kinds.push("log");
-    }
-    if let Some(n) = &sink.nats {
-        kinds.push("nats");
-        if !is_valid_subject(&n.subject) {
-            problems.push(Problem::at(path, format!("nats.subject `{}` is not a subject to publish to: use dot-separated tokens without wildcards", n.subject)));
+        SinkKind::Log(_) => {}
+        SinkKind::Nats(n) => {
+            if !is_valid_subject(&n.subject) {
+                problems.push(Problem::at(path, format!("nats.subject `{}` is not a subject to publish to: use dot-separated tokens without wildcards", n.subject)));
+            }
         }
+        SinkKind::Http(h) => check_url(problems, path, "http.url", &h.url),
     }
-    if let Some(h) = &sink.http {
-        kinds.push("http");
-        check_url(problems, path, "http.url", &h.url);
+}
+
+fn check_step_kind(problems: &mut Vec<Problem>, path: &str, kind: &StepKind) {
+    match kind {
+        StepKind::Jq(filter) => {
+            if let Err(e) = JqFilter::compile(filter) {
+                problems.push(Problem::at(
+                    path,
+                    format!("the jq filter `{filter}` does not compile: {e}"),
+                ));
+            }
+        }
+        StepKind::Exec(exec) => {
+            if exec.command.first().is_none_or(|c| c.trim().is_empty()) {
+                problems.push(Problem::at(path, "exec.command is empty: give the program and its arguments, such as [\"python3\", \"handler.py\"]"));
+            }
+        }
+        StepKind::Http(http) => check_url(problems, path, "http.url", &http.url),
+        StepKind::Sleep(sleep) => {
+            if let Err(e) = parse_duration(sleep) {
+                problems.push(Problem::at(path, format!("sleep: {e}")));
+            }
+        }
+        StepKind::Passthrough(_) => {}
     }
-    exactly_one(problems, path, "the sink", &kinds, "file, log, nats, http");
 }
 
 fn check_url(problems: &mut Vec<Problem>, path: &str, field: &str, url: &str) {
@@ -328,8 +356,6 @@ fn check_url(problems: &mut Vec<Problem>, path: &str, field: &str, url: &str) {
         ));
     }
 }
-
-const STEP_KINDS: &str = "jq, exec, http, sleep, passthrough, or nested stages";
 
 /// `depth` is 1 for a top-level stage, 2 for a stage in its group, and so on; `is_unit` is true for a
 /// top-level stage or a switcher: the stages that become their own unit.
@@ -374,35 +400,15 @@ fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, depth: us
             check_stage(problems, &child_path, child, depth + 1);
         }
     }
-    if let Some(filter) = &stage.jq {
-        kinds.push("jq");
-        if let Err(e) = JqFilter::compile(filter) {
-            problems.push(Problem::at(
-                path,
-                format!("the jq filter `{filter}` does not compile: {e}"),
-            ));
-        }
+    for kind in stage.step.iter() {
+        check_step_kind(problems, path, kind);
     }
-    if let Some(exec) = &stage.exec {
-        kinds.push("exec");
-        if exec.command.first().is_none_or(|c| c.trim().is_empty()) {
-            problems.push(Problem::at(path, "exec.command is empty: give the program and its arguments, such as [\"python3\", \"handler.py\"]"));
-        }
-    }
-    if let Some(http) = &stage.http {
-        kinds.push("http");
-        check_url(problems, path, "http.url", &http.url);
-    }
-    if let Some(sleep) = &stage.sleep {
-        kinds.push("sleep");
-        if let Err(e) = parse_duration(sleep) {
-            problems.push(Problem::at(path, format!("sleep: {e}")));
-        }
-    }
-    if stage.passthrough.is_some() {
-        kinds.push("passthrough");
-    }
-    exactly_one(problems, path, "the stage", &kinds, STEP_KINDS);
+    kinds.extend(stage.step.names());
+    let all = format!(
+        "{}, or nested stages",
+        kinds::names::<StepKind>().join(", ")
+    );
+    exactly_one(problems, path, "the stage", &kinds, &all);
 
     if let Some(timeout) = &stage.timeout {
         check_duration(problems, path, "timeout", timeout);

@@ -19,9 +19,10 @@ use kube::Resource;
 use serde::Serialize;
 use switchyard_crds::layout::{layout, NatsLayout};
 use switchyard_crds::topology::{Topology, Unit, UnitKind};
-use switchyard_crds::unit::{SourceConfig, UnitConfig, UnitRole};
+use switchyard_crds::unit::{UnitConfig, UnitRole};
 use switchyard_crds::validate::{analyze, Problem};
 use switchyard_crds::Pipeline;
+use switchyard_crds::{HttpSource, SourceKind};
 
 /// What the plan needs besides the Pipeline: facts about the installation.
 #[derive(Clone, Debug)]
@@ -385,7 +386,7 @@ impl ObjectsFor<'_> {
             ..ContainerPort::default()
         }];
         if let UnitRole::Source {
-            source: SourceConfig::Http { port, .. },
+            source: SourceKind::Http(HttpSource { port, .. }),
             ..
         } = &self.config.role
         {

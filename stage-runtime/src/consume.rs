@@ -8,7 +8,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind, Message};
 use async_nats::Subject;
 use bytes::Bytes;
@@ -20,16 +19,47 @@ use tokio::sync::watch;
 
 use crate::lineage::{dead_letter_headers, names, owned_header_value, Lineage};
 use crate::payload::Payload;
-use crate::sink::{Sink, Written};
+use crate::retry::{GaveUp, Retrying};
+use crate::sinks::{Sink, Written};
 use crate::stats::Stats;
-use crate::steps::{Failure, Step, StepError, StepFailure};
+use crate::steps::{Failure, Step, StepFailure};
 
 /// Where a unit's results go.
 pub enum Output {
     /// Published to the unit's output subject, for the units downstream.
     Publish(Subject),
     /// Written by a sink, retried per `retry` before being dead-lettered.
-    Sink { sink: Box<Sink>, retry: RetryConfig },
+    Sink {
+        sink: Box<dyn Sink>,
+        retry: RetryConfig,
+    },
+}
+
+/// Why a unit could not read its input or store what it made of it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("cannot open stream {stream}: {source}")]
+    Stream {
+        stream: String,
+        source: jetstream::context::GetStreamError,
+    },
+    #[error("cannot create consumer {durable}: {source}")]
+    CreateConsumer {
+        durable: String,
+        source: jetstream::stream::ConsumerError,
+    },
+    #[error("cannot pull from consumer {durable}: {source}")]
+    Pull {
+        durable: String,
+        source: jetstream::consumer::StreamError,
+    },
+    #[error("cannot publish to {subject}: {source}")]
+    Publish {
+        subject: Subject,
+        source: jetstream::context::PublishError,
+    },
+    #[error("a publish was not acknowledged by JetStream: {0}")]
+    Unacknowledged(jetstream::context::PublishError),
 }
 
 pub struct Worker {
@@ -82,7 +112,7 @@ impl Worker {
         &self,
         consumer_config: &ConsumerConfig,
         mut shutdown: watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ConsumeError> {
         let mut messages = None;
         let mut in_flight = FuturesUnordered::new();
         let mut batch: Vec<Message> = Vec::new();
@@ -106,7 +136,7 @@ impl Worker {
                             .store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(e) => {
-                        tracing::warn!("{e:#}; trying again in {reopen_delay:?}");
+                        tracing::warn!("{e}; trying again in {reopen_delay:?}");
                         reopen_at = tokio::time::Instant::now() + reopen_delay;
                         reopen_delay = (reopen_delay * 2).min(REOPEN_MAX);
                     }
@@ -176,12 +206,15 @@ impl Worker {
     }
 
     /// Opens the unit's consumer, creating it when it is missing (a NATS server that lost its state).
-    async fn open(&self, config: &ConsumerConfig) -> anyhow::Result<PullStream> {
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .with_context(|| format!("cannot open stream {}", self.stream))?;
+    async fn open(&self, config: &ConsumerConfig) -> Result<PullStream, ConsumeError> {
+        let stream =
+            self.js
+                .get_stream(&self.stream)
+                .await
+                .map_err(|source| ConsumeError::Stream {
+                    stream: self.stream.clone(),
+                    source,
+                })?;
         let consumer: PullConsumer = match stream.get_consumer(&config.durable).await {
             Ok(c) => c,
             Err(e) => {
@@ -192,7 +225,10 @@ impl Worker {
                 stream
                     .create_consumer(crate::admin::consumer_config(config))
                     .await
-                    .with_context(|| format!("cannot create consumer {}", config.durable))?
+                    .map_err(|source| ConsumeError::CreateConsumer {
+                        durable: config.durable.clone(),
+                        source,
+                    })?
             }
         };
         consumer
@@ -202,7 +238,10 @@ impl Worker {
             .heartbeat(Duration::from_secs(5))
             .messages()
             .await
-            .with_context(|| format!("cannot pull from consumer {}", config.durable))
+            .map_err(|source| ConsumeError::Pull {
+                durable: config.durable.clone(),
+                source,
+            })
     }
 
     async fn work(&self, work: Work) {
@@ -235,7 +274,7 @@ impl Worker {
                 Stats::add(&self.stats.processed, count);
             }
             Err(e) => {
-                tracing::warn!("{e:#}; the input will be delivered again");
+                tracing::warn!("{e}; the input will be delivered again");
                 for m in messages {
                     let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 }
@@ -266,7 +305,7 @@ impl Worker {
         }
     }
 
-    async fn process_one(&self, message: &Message) -> anyhow::Result<()> {
+    async fn process_one(&self, message: &Message) -> Result<(), ConsumeError> {
         let (stream_seq, delivered) = match message.info() {
             Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
             Err(_) => (0, 1),
@@ -292,7 +331,7 @@ impl Worker {
     }
 
     /// A batch is one JSON array of its messages; it carries the first message's ancestry.
-    async fn process_batch(&self, messages: &[Message]) -> anyhow::Result<()> {
+    async fn process_batch(&self, messages: &[Message]) -> Result<(), ConsumeError> {
         let Some(first) = messages.first() else {
             return Ok(());
         };
@@ -320,7 +359,7 @@ impl Worker {
         lineage: &Lineage,
         outputs: Vec<Payload>,
         mut failures: Vec<StepFailure>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ConsumeError> {
         let mut acks = Vec::new();
         match &self.output {
             Output::Publish(subject) => {
@@ -352,7 +391,7 @@ impl Worker {
             Output::Sink { sink, retry } => {
                 for output in outputs {
                     match self
-                        .write_with_retry(sink, retry, lineage, output.into_bytes())
+                        .write_with_retry(sink.as_ref(), retry, lineage, output.into_bytes())
                         .await
                     {
                         Ok(Written::New) => Stats::add(&self.stats.published, 1),
@@ -391,8 +430,7 @@ impl Worker {
                 .await?;
         }
         for ack in acks {
-            ack.await
-                .context("a publish was not acknowledged by JetStream")?;
+            ack.await.map_err(ConsumeError::Unacknowledged)?;
         }
         Stats::add(&self.stats.dead_lettered, dead);
         Ok(())
@@ -403,46 +441,44 @@ impl Worker {
         acks: &mut Vec<jetstream::context::PublishAckFuture>,
         subject: &Subject,
         publish: jetstream::message::PublishMessage,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ConsumeError> {
         if acks.len() >= PUBLISH_WINDOW {
             for ack in acks.drain(..) {
-                ack.await
-                    .context("a publish was not acknowledged by JetStream")?;
+                ack.await.map_err(ConsumeError::Unacknowledged)?;
             }
         }
         let ack = self
             .js
             .send_publish(subject.clone(), publish)
             .await
-            .with_context(|| format!("cannot publish to {subject}"))?;
+            .map_err(|source| ConsumeError::Publish {
+                subject: subject.clone(),
+                source,
+            })?;
         acks.push(ack);
         Ok(())
     }
 
     async fn write_with_retry(
         &self,
-        sink: &Sink,
+        sink: &dyn Sink,
         retry: &RetryConfig,
         lineage: &Lineage,
         payload: Bytes,
     ) -> Result<Written, Failure> {
-        let mut attempt = 1;
+        let mut retry = Retrying::new(retry, &self.unit);
         loop {
-            let error: StepError = match sink.write(lineage, payload.clone()).await {
+            let error = match sink.write(lineage, payload.clone()).await {
                 Ok(written) => return Ok(written),
                 Err(e) => e,
             };
-            if error.retryable && attempt < retry.max_attempts {
-                tracing::warn!(sink = %self.unit, attempt, "writing failed: {}; retrying", error.message);
-                tokio::time::sleep(retry.delay_after(attempt)).await;
-                attempt += 1;
-                continue;
+            if let Err(GaveUp { error, attempts }) = retry.after(error).await {
+                return Err(Failure {
+                    item: Payload::Bytes(payload),
+                    error: error.message,
+                    attempts,
+                });
             }
-            return Err(Failure {
-                item: Payload::Bytes(payload),
-                error: error.message,
-                attempts: attempt,
-            });
         }
     }
 }

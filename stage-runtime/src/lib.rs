@@ -7,11 +7,13 @@
 pub mod admin;
 pub mod consume;
 pub mod embedded;
+pub mod http;
 pub mod lineage;
 pub mod os;
 pub mod payload;
-pub mod sink;
-pub mod source;
+pub mod retry;
+pub mod sinks;
+pub mod sources;
 pub mod stats;
 pub mod steps;
 
@@ -20,13 +22,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_nats::jetstream;
 use switchyard_crds::unit::{UnitConfig, UnitRole};
 use tokio::sync::watch;
 
 use crate::consume::{Output, Worker};
-use crate::source::SourceUnit;
+use crate::sources::SourceUnit;
 use crate::stats::Stats;
 
 /// How to reach NATS and who this process is.
@@ -42,13 +43,49 @@ pub struct RunOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// Why a unit stopped before it was told to.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot read NATS credentials from {}: {source}", path.display())]
+    Credentials {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot reach NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("stopped while waiting for {0}")]
+    StoppedWaiting(String),
+    #[error("the unit config of {role} has no {field}")]
+    Config {
+        role: &'static str,
+        field: &'static str,
+    },
+    #[error(
+        "stopped before the source finished ({0} stored); a restart resumes from its checkpoint"
+    )]
+    SourceUnfinished(u64),
+    #[error(transparent)]
+    Source(#[from] sources::SourceError),
+    #[error(transparent)]
+    Sink(#[from] sinks::SinkError),
+    #[error(transparent)]
+    Step(#[from] steps::BuildError),
+    #[error(transparent)]
+    Endpoint(#[from] http::EndpointError),
+    #[error(transparent)]
+    Consume(#[from] consume::ConsumeError),
+}
+
 /// Connects to NATS, retrying until it answers or `shutdown` is set. After that the client reconnects
 /// by itself.
 pub async fn connect(
     options: &RunOptions,
     name: &str,
     shutdown: &watch::Receiver<bool>,
-) -> anyhow::Result<async_nats::Client> {
+) -> Result<async_nats::Client, RunError> {
     let mut delay = Duration::from_millis(200);
     loop {
         let mut connect =
@@ -61,15 +98,23 @@ pub async fn connect(
                     }
                 });
         if let Some(creds) = &options.credentials {
-            connect = connect.credentials_file(creds).await.with_context(|| {
-                format!("cannot read NATS credentials from {}", creds.display())
-            })?;
+            connect =
+                connect
+                    .credentials_file(creds)
+                    .await
+                    .map_err(|source| RunError::Credentials {
+                        path: creds.clone(),
+                        source,
+                    })?;
         }
         match connect.connect(options.nats_url.as_str()).await {
             Ok(client) => return Ok(client),
             Err(e) => {
                 if *shutdown.borrow() {
-                    anyhow::bail!("cannot reach NATS at {}: {e}", options.nats_url);
+                    return Err(RunError::Connect {
+                        url: options.nats_url.clone(),
+                        source: e,
+                    });
                 }
                 tracing::warn!(
                     "cannot reach NATS at {}: {e}; trying again in {delay:?}",
@@ -95,7 +140,7 @@ pub async fn run_unit(
     config: UnitConfig,
     options: RunOptions,
     shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let name = format!(
         "switchyard-stage {}/{} {}",
         config.pipeline, config.unit, options.replica
@@ -152,7 +197,7 @@ async fn run_role(
     js: &jetstream::Context,
     stats: &Arc<Stats>,
     mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let (steps, output, batch, concurrency) = match &config.role {
         UnitRole::Source {
             source,
@@ -162,11 +207,11 @@ async fn run_role(
                 js.get_key_value(checkpoint_bucket.clone())
             })
             .await?;
-            let output = config
-                .output_subject
-                .clone()
-                .context("the unit config of a source has no outputSubject")?;
-            let mut unit = SourceUnit {
+            let output = config.output_subject.clone().ok_or(RunError::Config {
+                role: "a source",
+                field: "outputSubject",
+            })?;
+            let unit = SourceUnit {
                 name: config.unit.clone(),
                 js: js.clone(),
                 client: client.clone(),
@@ -180,14 +225,13 @@ async fn run_role(
                 ),
             };
             stats.ready.store(true, Ordering::Relaxed);
-            unit.run(source).await?;
+            sources::run(source, &unit).await?;
             let stopped_early = *shutdown.borrow();
             if source.is_finite() && stopped_early && options.exit_when_done {
                 // In local mode a clean exit means "finished": a source stopped halfway must not say so.
-                anyhow::bail!(
-                    "stopped before the source finished ({} stored); a restart resumes from its checkpoint",
-                    stats.processed.load(Ordering::Relaxed)
-                );
+                return Err(RunError::SourceUnfinished(
+                    stats.processed.load(Ordering::Relaxed),
+                ));
             }
             if source.is_finite() && !stopped_early {
                 stats.finished.store(true, Ordering::Relaxed);
@@ -206,15 +250,15 @@ async fn run_role(
             batch,
             concurrency,
         } => {
-            let output = config
-                .output_subject
-                .clone()
-                .context("the unit config of a process unit has no outputSubject")?;
+            let output = config.output_subject.clone().ok_or(RunError::Config {
+                role: "a process unit",
+                field: "outputSubject",
+            })?;
             let http = steps::http_client()?;
             let steps = steps
                 .iter()
                 .map(|s| steps::Step::build(s, &http))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+                .collect::<Result<Vec<_>, _>>()?;
             (steps, Output::Publish(output.into()), *batch, *concurrency)
         }
         UnitRole::Sink {
@@ -232,18 +276,17 @@ async fn run_role(
                 .created
                 .unix_timestamp_nanos()
                 .to_string();
-            let sink = sink::Sink::open(&config.unit, sink, client, &instance)?;
             let output = Output::Sink {
-                sink: Box::new(sink),
+                sink: sinks::open(&config.unit, sink, client, &instance)?,
                 retry: *retry,
             };
             (Vec::new(), output, None, *concurrency)
         }
     };
-    let input = config
-        .input
-        .as_ref()
-        .context("the unit config of a unit that reads has no input")?;
+    let input = config.input.as_ref().ok_or(RunError::Config {
+        role: "a unit that reads",
+        field: "input",
+    })?;
     let worker = Worker {
         unit: config.unit.clone(),
         stream: config.stream.clone(),
@@ -261,7 +304,7 @@ async fn run_role(
     for step in &worker.steps {
         step.shutdown().await;
     }
-    result
+    Ok(result?)
 }
 
 /// Resolves once `shutdown` is set (or its sender is gone).
@@ -275,7 +318,7 @@ async fn wait_for<T, E, F, Fut>(
     shutdown: &mut watch::Receiver<bool>,
     what: &str,
     mut get: F,
-) -> anyhow::Result<T>
+) -> Result<T, RunError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
@@ -289,7 +332,7 @@ where
                 tracing::warn!("cannot open {what}: {e}; trying again in {delay:?}");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = crate::stopped(shutdown) => anyhow::bail!("stopped while waiting for {what}"),
+                    _ = crate::stopped(shutdown) => return Err(RunError::StoppedWaiting(what.to_string())),
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }

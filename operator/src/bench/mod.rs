@@ -784,7 +784,8 @@ async fn time_chain(
 
 /// Times chains of in-process steps on one message after another, as a unit runs them.
 async fn step_costs(sizes: &[usize]) -> anyhow::Result<StepCosts> {
-    use switchyard_crds::unit::{RetryConfig, StepConfig, StepKind};
+    use switchyard_crds::unit::{RetryConfig, StepConfig};
+    use switchyard_crds::StepKind;
     use switchyard_stage::steps::{http_client, Step};
     let http = http_client()?;
     let build = |kind: StepKind| {
@@ -792,21 +793,20 @@ async fn step_costs(sizes: &[usize]) -> anyhow::Result<StepCosts> {
             &StepConfig {
                 path: "bench".into(),
                 kind,
+                env: Vec::new(),
                 timeout_ms: None,
                 retry: RetryConfig::default(),
             },
             &http,
         )
     };
-    let one = vec![build(StepKind::Passthrough)?];
+    let one = vec![build(StepKind::Passthrough(Default::default()))?];
     let three = vec![
-        build(StepKind::Passthrough)?,
-        build(StepKind::Passthrough)?,
-        build(StepKind::Passthrough)?,
+        build(StepKind::Passthrough(Default::default()))?,
+        build(StepKind::Passthrough(Default::default()))?,
+        build(StepKind::Passthrough(Default::default()))?,
     ];
-    let jq = vec![build(StepKind::Jq {
-        filter: ". + {ok: true}".into(),
-    })?];
+    let jq = vec![build(StepKind::Jq(". + {ok: true}".into()))?];
     let lineage = Lineage::at_source("feed", "1".into(), "feed:1".into());
     const ROUNDS: u32 = 200_000;
     let mut runs = Vec::new();

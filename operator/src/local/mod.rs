@@ -16,10 +16,11 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use switchyard_crds::layout::{layout, Layout, Names, DEAD_LETTER_CONSUMER};
 use switchyard_crds::topology::{Topology, UnitKind};
-use switchyard_crds::unit::{
-    headers, SinkConfig, SourceConfig, StatsReport, StepKind, UnitConfig, UnitRole,
-};
+use switchyard_crds::unit::{headers, StatsReport, UnitConfig, UnitRole};
 use switchyard_crds::validate::analyze;
+use switchyard_crds::{
+    ExecStep, FileSink, FileSource, GeneratorSource, SinkKind, SourceKind, StepKind,
+};
 use switchyard_stage::admin;
 use switchyard_stage::embedded::{NatsServer, INSTALL_HINT};
 
@@ -122,7 +123,7 @@ fn preflight(prepared: &Prepared) -> Vec<String> {
         match &config.role {
             UnitRole::Process { steps, .. } => {
                 for step in steps {
-                    if let StepKind::Exec { command, .. } = &step.kind {
+                    if let StepKind::Exec(ExecStep { command }) = &step.kind {
                         let Some(program) = command.first() else {
                             continue;
                         };
@@ -156,7 +157,7 @@ fn preflight(prepared: &Prepared) -> Vec<String> {
                 }
             }
             UnitRole::Source {
-                source: SourceConfig::File { path },
+                source: SourceKind::File(FileSource { path }),
                 ..
             } if !prepared.base_dir.join(path).exists() => {
                 problems.push(format!(
@@ -295,14 +296,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut sink_files = Vec::new();
     for config in &prepared.layout.units {
         if let UnitRole::Sink {
-            sink: SinkConfig::File { path },
+            sink: SinkKind::File(FileSink { path }),
             ..
         } = &config.role
         {
             let file = prepared.base_dir.join(path);
             if !args.append {
                 remove_if_present(&file)?;
-                remove_if_present(&switchyard_stage::sink::ledger_path(&file))?;
+                remove_if_present(&switchyard_stage::sinks::ledger_path(&file))?;
             }
             sink_files.push(file.display().to_string());
         }
@@ -386,7 +387,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .filter_map(|u| match &u.role {
             UnitRole::Source {
-                source: SourceConfig::Generator { count: Some(c), .. },
+                source: SourceKind::Generator(GeneratorSource { count: Some(c), .. }),
                 ..
             } => Some((u.unit.clone(), *c)),
             _ => None,
@@ -532,7 +533,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if completed {
         // A sink's ledger only means something to the stream it was kept for, which ends with the run.
         for file in &summary.sink_files {
-            remove_if_present(&switchyard_stage::sink::ledger_path(Path::new(file)))?;
+            remove_if_present(&switchyard_stage::sinks::ledger_path(Path::new(file)))?;
         }
     }
     print!("{}", summary.render());
@@ -659,9 +660,10 @@ fn exact_count(
 ) -> Option<u64> {
     match &config.role {
         UnitRole::Source {
-            source: SourceConfig::Generator {
-                count: Some(count), ..
-            },
+            source:
+                SourceKind::Generator(GeneratorSource {
+                    count: Some(count), ..
+                }),
             ..
         } => supervisor
             .units
@@ -669,7 +671,7 @@ fn exact_count(
             .any(|u| u.unit == config.unit && u.finished)
             .then_some(*count),
         UnitRole::Sink {
-            sink: SinkConfig::File { path },
+            sink: SinkKind::File(FileSink { path }),
             ..
         } if !append => std::fs::read(prepared.base_dir.join(path))
             .ok()

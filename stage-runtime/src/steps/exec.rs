@@ -18,9 +18,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::StepError;
+use super::{BuildError, Handler};
 use crate::lineage::Lineage;
 use crate::payload::Payload;
+use crate::retry::StepError;
 
 type Reply = Result<Vec<Payload>, StepError>;
 
@@ -49,9 +50,11 @@ impl ExecStep {
         path: &str,
         command: &[String],
         env: &[(String, String)],
-    ) -> anyhow::Result<ExecStep> {
+    ) -> Result<ExecStep, BuildError> {
         if command.is_empty() {
-            anyhow::bail!("step {path}: exec.command is empty");
+            return Err(BuildError::Settings(format!(
+                "step {path}: exec.command is empty"
+            )));
         }
         let shared = Arc::new(Shared {
             path: path.to_string(),
@@ -380,6 +383,26 @@ fn fail_pending(shared: &Shared) {
     let drained: Vec<_> = lock(&shared.pending).drain().collect();
     for (_, tx) in drained {
         let _ = tx.send(Err(child_exited("the handler exited while working on it")));
+    }
+}
+
+impl Handler for ExecStep {
+    async fn handle(
+        &self,
+        item: Payload,
+        lineage: &Lineage,
+        out: &mut Vec<Payload>,
+    ) -> Result<(), StepError> {
+        out.extend(self.call(&item, lineage).await?);
+        Ok(())
+    }
+
+    fn hands_off(&self) -> bool {
+        true
+    }
+
+    async fn shutdown(&self) {
+        ExecStep::shutdown(self).await;
     }
 }
 

@@ -1,47 +1,116 @@
-//! The steps of a unit, run in-process in flow order, each with its timeout and retry policy.
+//! The steps of a unit, run in-process in flow order, each with its timeout and retry policy. One file
+//! per kind of step, each a [`Handler`]; `Step` adds what every kind shares (timeout, retries, turns).
 
 mod exec;
 mod http;
+mod jq;
+mod passthrough;
+mod sleep;
 
+use std::future::Future;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use switchyard_crds::jq::JqFilter;
-use switchyard_crds::unit::{RetryConfig, StepConfig, StepKind};
+use switchyard_crds::unit::{RetryConfig, StepConfig};
+use switchyard_crds::StepKind;
 use tokio::sync::Semaphore;
 
 use crate::lineage::Lineage;
 use crate::payload::Payload;
+use crate::retry::{GaveUp, Retrying};
 
-pub use exec::ExecStep;
-pub use http::{http_client, HttpStep};
+pub use crate::http::http_client;
+pub use crate::retry::StepError;
 
-/// Why one attempt of a step failed.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepError {
-    pub message: String,
-    /// Worth another attempt: the same input might succeed later (a handler's error, a 503), unlike a
-    /// jq error on the same JSON.
-    pub retryable: bool,
-    /// The exec child died while it held the message: the message is not to blame, so this does not use
-    /// up an attempt.
-    pub child_exited: bool,
+/// What one kind of step does with one message. Timeouts, retries and turn-taking are `Step`'s.
+pub trait Handler {
+    /// Appends the outputs made of `item` to `out` (nothing when it fails).
+    fn handle(
+        &self,
+        item: Payload,
+        lineage: &Lineage,
+        out: &mut Vec<Payload>,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// True for handlers that pass messages on to somebody else (a child, a web service): they get at
+    /// most `OUTSTANDING_CALLS` at a time.
+    fn hands_off(&self) -> bool {
+        false
+    }
+
+    /// Stops what the handler runs beside the unit (an exec child) once no more messages will come.
+    fn shutdown(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
-impl StepError {
-    pub fn permanent(message: impl Into<String>) -> StepError {
-        StepError {
-            message: message.into(),
-            retryable: false,
-            child_exited: false,
+/// Why a step cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The step's settings cannot be used (validation catches these before a unit runs).
+    #[error("{0}")]
+    Settings(String),
+    #[error(transparent)]
+    Endpoint(#[from] crate::http::EndpointError),
+}
+
+/// A step's handler. An enum rather than a boxed trait object: a step runs for every message, and this
+/// keeps each call free of an allocation.
+enum Runner {
+    Jq(jq::JqStep),
+    Exec(exec::ExecStep),
+    Http(http::HttpStep),
+    Sleep(sleep::SleepStep),
+    Passthrough(passthrough::Passthrough),
+}
+
+impl Runner {
+    fn build(config: &StepConfig, http: &reqwest::Client) -> Result<Runner, BuildError> {
+        let path = config.path.as_str();
+        Ok(match &config.kind {
+            StepKind::Jq(filter) => Runner::Jq(jq::JqStep::new(path, filter)?),
+            StepKind::Exec(settings) => {
+                Runner::Exec(exec::ExecStep::start(path, &settings.command, &config.env)?)
+            }
+            StepKind::Http(settings) => Runner::Http(http::HttpStep::new(settings, http)?),
+            StepKind::Sleep(delay) => Runner::Sleep(sleep::SleepStep::new(path, delay)?),
+            StepKind::Passthrough(_) => Runner::Passthrough(passthrough::Passthrough),
+        })
+    }
+
+    fn hands_off(&self) -> bool {
+        match self {
+            Runner::Jq(h) => h.hands_off(),
+            Runner::Exec(h) => h.hands_off(),
+            Runner::Http(h) => h.hands_off(),
+            Runner::Sleep(h) => h.hands_off(),
+            Runner::Passthrough(h) => h.hands_off(),
         }
     }
 
-    pub fn transient(message: impl Into<String>) -> StepError {
-        StepError {
-            message: message.into(),
-            retryable: true,
-            child_exited: false,
+    async fn handle(
+        &self,
+        item: Payload,
+        lineage: &Lineage,
+        out: &mut Vec<Payload>,
+    ) -> Result<(), StepError> {
+        match self {
+            Runner::Jq(h) => h.handle(item, lineage, out).await,
+            Runner::Exec(h) => h.handle(item, lineage, out).await,
+            // Boxed: an HTTP request's future is large, and unboxed it would make every step's
+            // future (and so every message's) as large, whatever the step's kind.
+            Runner::Http(h) => Box::pin(h.handle(item, lineage, out)).await,
+            Runner::Sleep(h) => h.handle(item, lineage, out).await,
+            Runner::Passthrough(h) => h.handle(item, lineage, out).await,
+        }
+    }
+
+    async fn shutdown(&self) {
+        match self {
+            Runner::Jq(h) => h.shutdown().await,
+            Runner::Exec(h) => h.shutdown().await,
+            Runner::Http(h) => h.shutdown().await,
+            Runner::Sleep(h) => h.shutdown().await,
+            Runner::Passthrough(h) => h.shutdown().await,
         }
     }
 }
@@ -102,10 +171,6 @@ pub async fn run_chain(steps: &[Step], input: Payload, lineage: &Lineage) -> Cha
     }
 }
 
-/// How often a message whose exec child died under it is tried again on the restarted child before it
-/// counts as a failed attempt: a message that kills its handler every time must not loop forever.
-const CHILD_EXIT_RETRIES: u32 = 3;
-
 /// Messages one exec child or one HTTP endpoint holds at a time. A unit keeps `concurrency` (512 by
 /// default) messages in flight; handed to a handler that works one at a time, the last would wait
 /// 511 handler-times and fail a timeout set for one, and a user's web service would see 512
@@ -123,34 +188,11 @@ pub struct Step {
     turns: Option<Semaphore>,
 }
 
-enum Runner {
-    Jq(JqFilter),
-    Exec(ExecStep),
-    Http(HttpStep),
-    Sleep(Duration),
-    Passthrough,
-}
-
 impl Step {
-    pub fn build(config: &StepConfig, http: &reqwest::Client) -> anyhow::Result<Step> {
-        let runner = match &config.kind {
-            StepKind::Jq { filter } => Runner::Jq(
-                JqFilter::compile(filter)
-                    .map_err(anyhow::Error::msg)
-                    .with_context(|| {
-                        format!("step {}: the jq filter does not compile", config.path)
-                    })?,
-            ),
-            StepKind::Exec { command, env } => {
-                Runner::Exec(ExecStep::start(&config.path, command, env)?)
-            }
-            StepKind::Http { url, headers } => {
-                Runner::Http(HttpStep::new(http.clone(), url, headers)?)
-            }
-            StepKind::Sleep { ms } => Runner::Sleep(Duration::from_millis(*ms)),
-            StepKind::Passthrough => Runner::Passthrough,
-        };
-        let turns = matches!(runner, Runner::Exec(_) | Runner::Http(_))
+    pub fn build(config: &StepConfig, http: &reqwest::Client) -> Result<Step, BuildError> {
+        let runner = Runner::build(config, http)?;
+        let turns = runner
+            .hands_off()
             .then(|| Semaphore::new(OUTSTANDING_CALLS));
         Ok(Step {
             path: config.path.clone(),
@@ -175,83 +217,51 @@ impl Step {
         lineage: &Lineage,
         out: &mut Vec<Payload>,
     ) -> Result<(), Failure> {
-        let mut attempt = 1;
-        let mut child_exits = 0;
+        let mut retry = Retrying::new(&self.retry, &self.path);
         loop {
-            let result = {
-                // Held for this attempt only, not while backing off before the next.
-                let _turn = match &self.turns {
-                    Some(turns) => turns.acquire().await.ok(),
-                    None => None,
-                };
-                match self.timeout {
-                    None => self.run_once(item.clone(), lineage, out).await,
-                    Some(limit) => {
-                        tokio::time::timeout(limit, self.run_once(item.clone(), lineage, out))
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(StepError::transient(format!(
-                                    "timed out after {}",
-                                    humanize(limit)
-                                )))
-                            })
-                    }
-                }
-            };
-            let error = match result {
+            let error = match self.attempt(item.clone(), lineage, out).await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
-            if error.child_exited && child_exits < CHILD_EXIT_RETRIES {
-                child_exits += 1;
-                tracing::debug!(step = %self.path, "handler exited while holding a message; trying it again");
-                continue;
+            if let Err(GaveUp { error, attempts }) = retry.after(error).await {
+                return Err(Failure {
+                    item,
+                    error: error.message,
+                    attempts,
+                });
             }
-            if error.retryable && attempt < self.retry.max_attempts {
-                let delay = self.retry.delay_after(attempt);
-                tracing::debug!(step = %self.path, attempt, error = %error.message, ?delay, "step failed; retrying");
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-                continue;
-            }
-            return Err(Failure {
-                item,
-                error: error.message,
-                attempts: attempt,
-            });
         }
     }
 
-    async fn run_once(
+    /// One attempt, within the step's timeout.
+    async fn attempt(
         &self,
         item: Payload,
         lineage: &Lineage,
         out: &mut Vec<Payload>,
     ) -> Result<(), StepError> {
-        match &self.runner {
-            Runner::Passthrough => out.push(item),
-            Runner::Sleep(d) => {
-                tokio::time::sleep(*d).await;
-                out.push(item);
-            }
-            Runner::Jq(filter) => {
-                let input = item.into_json().map_err(StepError::permanent)?;
-                let outputs = filter.run(input).map_err(StepError::permanent)?;
-                out.extend(outputs.into_iter().map(Payload::Json));
-            }
-            Runner::Exec(exec) => out.extend(exec.call(&item, lineage).await?),
-            // Boxed: an HTTP request's future is large, and unboxed it would make every step's
-            // future (and so every message's) as large, whatever the step's kind.
-            Runner::Http(http) => out.extend(Box::pin(http.call(item, lineage)).await?),
+        // Held for this attempt only, not while backing off before the next.
+        let _turn = match &self.turns {
+            Some(turns) => turns.acquire().await.ok(),
+            None => None,
+        };
+        let attempt = self.runner.handle(item, lineage, out);
+        match self.timeout {
+            None => attempt.await,
+            Some(limit) => tokio::time::timeout(limit, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StepError::transient(format!(
+                        "timed out after {}",
+                        humanize(limit)
+                    )))
+                }),
         }
-        Ok(())
     }
 
     /// Stops what the step runs beside the unit (an exec child) once no more messages will come.
     pub async fn shutdown(&self) {
-        if let Runner::Exec(exec) = &self.runner {
-            exec.shutdown().await;
-        }
+        self.runner.shutdown().await;
     }
 }
 
@@ -275,6 +285,7 @@ mod tests {
             &StepConfig {
                 path: "u > s".into(),
                 kind,
+                env: Vec::new(),
                 timeout_ms,
                 retry: RetryConfig {
                     max_attempts,
@@ -300,13 +311,7 @@ mod tests {
 
     #[tokio::test]
     async fn jq_gives_zero_one_or_many_outputs() {
-        let s = step(
-            StepKind::Jq {
-                filter: ".[] | select(. > 1)".into(),
-            },
-            None,
-            1,
-        );
+        let s = step(StepKind::Jq(".[] | select(. > 1)".into()), None, 1);
         let out = s
             .run(Payload::Bytes("[1,2,3]".into()), &lineage())
             .await
@@ -321,13 +326,7 @@ mod tests {
 
     #[tokio::test]
     async fn jq_errors_are_not_retried() {
-        let s = step(
-            StepKind::Jq {
-                filter: ".a".into(),
-            },
-            None,
-            5,
-        );
+        let s = step(StepKind::Jq(".a".into()), None, 5);
         let failure = s
             .run(Payload::Bytes("not json".into()), &lineage())
             .await
@@ -338,7 +337,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_step_that_takes_too_long_times_out_on_every_attempt() {
-        let s = step(StepKind::Sleep { ms: 200 }, Some(20), 3);
+        let s = step(StepKind::Sleep("200ms".into()), Some(20), 3);
         let started = std::time::Instant::now();
         let failure = s
             .run(Payload::Bytes("1".into()), &lineage())
@@ -352,21 +351,13 @@ mod tests {
     #[tokio::test]
     async fn a_chain_fans_out_and_keeps_failures_with_their_step() {
         let steps = vec![
+            step(StepKind::Jq(".[]".into()), None, 1),
             step(
-                StepKind::Jq {
-                    filter: ".[]".into(),
-                },
+                StepKind::Jq("if . == 2 then error(\"two\") else . * 10 end".into()),
                 None,
                 1,
             ),
-            step(
-                StepKind::Jq {
-                    filter: "if . == 2 then error(\"two\") else . * 10 end".into(),
-                },
-                None,
-                1,
-            ),
-            step(StepKind::Passthrough, None, 1),
+            step(StepKind::Passthrough(Default::default()), None, 1),
         ];
         let chained = run_chain(&steps, Payload::Bytes("[1,2,3]".into()), &lineage()).await;
         assert_eq!(text(chained.outputs), vec!["10", "30"]);
@@ -390,15 +381,14 @@ mod tests {
                     if not os.path.exists(sys.argv[1]):\n    open(sys.argv[1], 'w').close()\n    os.close(0)\n    time.sleep(30)\n    sys.exit(0)\n\
                     for line in sys.stdin:\n    m = json.loads(line)\n    print(json.dumps({'id': m['id'], 'outputs': [m['data']]}), flush=True)\n";
         let s = step(
-            StepKind::Exec {
+            StepKind::Exec(switchyard_crds::ExecStep {
                 command: vec![
                     "python3".into(),
                     "-c".into(),
                     code.into(),
                     first_life.display().to_string(),
                 ],
-                env: Vec::new(),
-            },
+            }),
             None,
             1,
         );
@@ -426,7 +416,10 @@ mod tests {
 
     #[tokio::test]
     async fn passthrough_and_sleep_keep_the_message() {
-        for kind in [StepKind::Passthrough, StepKind::Sleep { ms: 1 }] {
+        for kind in [
+            StepKind::Passthrough(Default::default()),
+            StepKind::Sleep("1ms".into()),
+        ] {
             let out = step(kind, None, 1)
                 .run(Payload::Bytes("x".into()), &lineage())
                 .await

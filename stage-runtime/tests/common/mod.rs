@@ -17,16 +17,16 @@ use switchyard_stage::embedded::NatsServer;
 use switchyard_stage::{admin, run_unit, RunOptions};
 use tokio::sync::watch;
 
+/// A unit running in this test, until it is told to stop.
+type UnitTask = tokio::task::JoinHandle<Result<(), switchyard_stage::RunError>>;
+
 pub struct Harness {
     pub nats: NatsServer,
     pub dir: tempfile::TempDir,
     pub layout: Layout,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
-    tasks: Vec<(
-        watch::Sender<bool>,
-        tokio::task::JoinHandle<anyhow::Result<()>>,
-    )>,
+    tasks: Vec<(watch::Sender<bool>, UnitTask)>,
     processes: Vec<Child>,
 }
 

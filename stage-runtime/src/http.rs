@@ -1,0 +1,132 @@
+//! POSTing a message to a user's endpoint: what the http step and the http sink share.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+
+use crate::lineage::Lineage;
+use crate::payload::is_json;
+use crate::retry::StepError;
+
+/// A user's URL and headers, checked once at start-up.
+pub struct Endpoint {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    headers: HeaderMap,
+}
+
+/// One client per process: it pools connections for every http step and sink.
+pub fn http_client() -> Result<reqwest::Client, EndpointError> {
+    // reqwest is built without a bundled crypto provider; use ring, which the NATS client uses too.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Ok(reqwest::Client::builder()
+        .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
+        .build()?)
+}
+
+/// Why an endpoint's settings cannot be used (validation catches most of these earlier).
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("`{url}` is not a URL: {reason}")]
+    Url { url: String, reason: String },
+    #[error("`{0}` is not an HTTP header name")]
+    HeaderName(String),
+    #[error("the value of header `{0}` is not valid")]
+    HeaderValue(String),
+    #[error("cannot set up the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+fn parse_headers(pairs: Option<&BTreeMap<String, String>>) -> Result<HeaderMap, EndpointError> {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs.into_iter().flatten() {
+        let header =
+            HeaderName::from_str(name).map_err(|_| EndpointError::HeaderName(name.clone()))?;
+        let value =
+            HeaderValue::from_str(value).map_err(|_| EndpointError::HeaderValue(name.clone()))?;
+        map.insert(header, value);
+    }
+    Ok(map)
+}
+
+impl Endpoint {
+    pub fn new(
+        client: reqwest::Client,
+        url: &str,
+        headers: Option<&BTreeMap<String, String>>,
+    ) -> Result<Endpoint, EndpointError> {
+        Ok(Endpoint {
+            client,
+            url: reqwest::Url::parse(url).map_err(|e| EndpointError::Url {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?,
+            headers: parse_headers(headers)?,
+        })
+    }
+
+    /// POSTs `body` and returns the response body of a 2xx answer. Server errors, throttling and
+    /// network trouble are worth retrying; other refusals are not.
+    pub async fn post(&self, body: Bytes, lineage: &Lineage) -> Result<Bytes, StepError> {
+        post(&self.client, &self.url, &self.headers, body, lineage).await
+    }
+}
+
+async fn post(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    headers: &HeaderMap,
+    body: Bytes,
+    lineage: &Lineage,
+) -> Result<Bytes, StepError> {
+    let content_type = if is_json(&body) {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    };
+    let mut request = client
+        .post(url.clone())
+        .headers(headers.clone())
+        .header(CONTENT_TYPE, content_type)
+        .header("Switchyard-Origin", lineage.origin.as_str())
+        .header("Switchyard-Origin-Seq", lineage.origin_seq.as_str());
+    if let Some(t) = &lineage.traceparent {
+        request = request.header("traceparent", t.as_str());
+    }
+    if let Some(t) = &lineage.tracestate {
+        request = request.header("tracestate", t.as_str());
+    }
+    let response = request
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| StepError::transient(format!("POST {url}: {}", error_chain(&e))))?;
+    let status = response.status();
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| StepError::transient(format!("POST {url}: reading the response: {e}")))?;
+    if status.is_success() {
+        return Ok(bytes);
+    }
+    let shown: String = String::from_utf8_lossy(&bytes).chars().take(300).collect();
+    let message = format!("POST {url} answered {status}: {shown}");
+    if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+        Err(StepError::transient(message))
+    } else {
+        Err(StepError::permanent(message))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

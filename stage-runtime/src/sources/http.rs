@@ -1,0 +1,95 @@
+//! The http source: the body of every POST to `path` on `port` becomes a message, stored before the
+//! request is answered.
+
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use async_nats::Subject;
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use switchyard_crds::unit::headers;
+use switchyard_crds::HttpSource as Settings;
+
+use super::{publish, Source, SourceError, SourceUnit};
+use crate::lineage::Lineage;
+use crate::stats::Stats;
+
+pub struct HttpSource<'a>(pub &'a Settings);
+
+struct Ingest {
+    name: String,
+    js: jetstream::Context,
+    subject: Subject,
+    stats: Arc<Stats>,
+}
+
+impl Source for HttpSource<'_> {
+    async fn run(&self, unit: &SourceUnit) -> Result<(), SourceError> {
+        use axum::routing::{get, post};
+        let port = self.0.port;
+        let path = self.0.path.as_deref().unwrap_or("/");
+        let max_body = unit.client.server_info().max_payload;
+        let state = Arc::new(Ingest {
+            name: unit.name.clone(),
+            js: unit.js.clone(),
+            subject: unit.subject.clone(),
+            stats: unit.stats.clone(),
+        });
+        let app = axum::Router::new()
+            .route(path, post(ingest))
+            .route("/healthz", get(|| async { "ok" }))
+            .layer(axum::extract::DefaultBodyLimit::max(max_body))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .map_err(|source| SourceError::Listen { port, source })?;
+        tracing::info!(port, path, "accepting POST requests");
+        let mut shutdown = unit.shutdown.clone();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                crate::stopped(&mut shutdown).await;
+            })
+            .await
+            .map_err(SourceError::Serve)
+    }
+}
+
+async fn ingest(
+    axum::extract::State(state): axum::extract::State<Arc<Ingest>>,
+    request_headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
+    let header = |name: &str| {
+        request_headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    // A client that sends an idempotency key may retry safely: the same key is stored once.
+    let key = header("Idempotency-Key")
+        .or_else(|| header(headers::MSG_ID))
+        .unwrap_or_else(|| nuid::next().as_str().to_string());
+    let mut lineage = Lineage::at_source(&state.name, key.clone(), format!("{}:{key}", state.name));
+    lineage.traceparent = header(headers::TRACEPARENT);
+    lineage.tracestate = header(headers::TRACESTATE);
+    let stored = async {
+        publish(&state.js, &state.subject, &lineage, body)
+            .await?
+            .await
+            .map_err(SourceError::Unacknowledged)
+    };
+    match stored.await {
+        Ok(ack) => {
+            Stats::add(&state.stats.processed, 1);
+            (
+                StatusCode::ACCEPTED,
+                serde_json::json!({"id": lineage.id, "duplicate": ack.duplicate}).to_string(),
+            )
+        }
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": format!("the message was not stored: {e}; try again")})
+                .to_string(),
+        ),
+    }
+}

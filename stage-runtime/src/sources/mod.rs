@@ -1,0 +1,377 @@
+//! Source units: they create messages and store them in the pipeline's stream. One file per kind of
+//! source; what they share (publishing in a window, checkpoints, waiting to be stopped) is here.
+//!
+//! Every message gets an id derived from what it is (the generator's sequence number, the file and line,
+//! the timer tick), so a source restarted from its last checkpoint republishes what was not yet
+//! checkpointed and JetStream drops what it already has.
+
+mod cron;
+mod file;
+mod generator;
+mod http;
+mod nats;
+mod timer;
+
+use std::collections::VecDeque;
+use std::future::{Future, IntoFuture};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishError, kv};
+use async_nats::Subject;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use switchyard_crds::SourceKind;
+use tokio::sync::watch;
+
+use crate::lineage::Lineage;
+use crate::stats::Stats;
+
+/// Publishes in flight at once: enough to keep the server busy, well below the client's limit.
+const WINDOW: usize = 1000;
+/// How often a source records how far it got, at most.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Why a source stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read the source's checkpoint: {0}")]
+    ReadCheckpoint(#[from] kv::EntryError),
+    #[error("cannot save the source's checkpoint: {0}")]
+    SaveCheckpoint(#[from] kv::PutError),
+    #[error("cannot publish to {subject}: {source}")]
+    Publish {
+        subject: Subject,
+        source: PublishError,
+    },
+    #[error("a publish was not acknowledged: {0}")]
+    Unacknowledged(PublishError),
+    /// The input of a file source is missing or unreadable.
+    #[error("cannot read {}: {source}{hint}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+        hint: String,
+    },
+    #[error("cannot listen on port {port}: {source}")]
+    Listen { port: u16, source: std::io::Error },
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+    #[error("cannot subscribe to {subject}: {source}")]
+    Subscribe {
+        subject: String,
+        source: async_nats::SubscribeError,
+    },
+    /// The source's settings cannot be used (validation catches these before a unit runs).
+    #[error("{0}")]
+    Settings(String),
+}
+
+impl SourceError {
+    /// A file source's input is not there: trying again will not help.
+    fn is_missing_input(&self) -> bool {
+        matches!(self, SourceError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+/// One kind of source.
+pub trait Source {
+    /// Publishes until the source is finished (finite sources) or the unit is asked to stop.
+    fn run(&self, unit: &SourceUnit) -> impl Future<Output = Result<(), SourceError>> + Send;
+}
+
+/// Runs the source `kind` as `unit`.
+pub async fn run(kind: &SourceKind, unit: &SourceUnit) -> Result<(), SourceError> {
+    match kind {
+        SourceKind::Generator(settings) => generator::Generator(settings).run(unit).await,
+        SourceKind::File(settings) => file::FileSource(settings).run(unit).await,
+        SourceKind::Timer(settings) => timer::Timer(settings).run(unit).await,
+        SourceKind::Cron(settings) => cron::Cron(settings).run(unit).await,
+        SourceKind::Http(settings) => http::HttpSource(settings).run(unit).await,
+        SourceKind::Nats(settings) => nats::NatsSource(settings).run(unit).await,
+    }
+}
+
+/// What every source needs: where to publish, where to checkpoint, and when to stop.
+pub struct SourceUnit {
+    pub name: String,
+    pub js: jetstream::Context,
+    pub client: async_nats::Client,
+    pub subject: Subject,
+    pub checkpoints: kv::Store,
+    pub stats: Arc<Stats>,
+    pub shutdown: watch::Receiver<bool>,
+    /// Prefix for names that must differ between pipelines (the NATS source's queue group).
+    pub queue_group: String,
+}
+
+impl SourceUnit {
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    fn checkpoint_key(&self) -> String {
+        format!("source.{}", self.name)
+    }
+
+    /// The message with the source-made `key` (a sequence number, `file:line`, a tick), ready to publish.
+    fn lineage(&self, key: String) -> Lineage {
+        let id = format!("{}:{key}", self.name);
+        Lineage::at_source(&self.name, key, id)
+    }
+
+    async fn load_checkpoint<T: for<'de> Deserialize<'de>>(
+        &self,
+    ) -> Result<Option<T>, SourceError> {
+        let entry = self.checkpoints.get(self.checkpoint_key()).await?;
+        Ok(match entry {
+            None => None,
+            Some(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(
+                        "ignoring an unreadable checkpoint ({e}); starting from the beginning"
+                    );
+                    None
+                }
+            },
+        })
+    }
+
+    async fn save_checkpoint<T: Serialize>(&self, checkpoint: &T) -> Result<(), SourceError> {
+        let bytes = serde_json::to_vec(checkpoint)
+            .map_err(|e| SourceError::Settings(format!("cannot encode a checkpoint: {e}")))?;
+        self.checkpoints
+            .put(self.checkpoint_key(), bytes.into())
+            .await?;
+        Ok(())
+    }
+
+    /// Sends one message to the stream; the returned future resolves when the stream has it.
+    async fn publish(
+        &self,
+        lineage: &Lineage,
+        payload: Bytes,
+    ) -> Result<PublishAckFuture, SourceError> {
+        publish(&self.js, &self.subject, lineage, payload).await
+    }
+
+    /// Publishes one message and waits until the stream has it.
+    async fn publish_stored(&self, lineage: &Lineage, payload: Bytes) -> Result<(), SourceError> {
+        self.publish(lineage, payload)
+            .await?
+            .await
+            .map_err(SourceError::Unacknowledged)?;
+        Stats::add(&self.stats.processed, 1);
+        Ok(())
+    }
+
+    /// Runs `attempt` until it succeeds, the unit stops, or it fails in a way retrying cannot fix;
+    /// each attempt resumes from the last checkpoint.
+    async fn resuming<F, Fut>(&self, mut attempt: F) -> Result<(), SourceError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), SourceError>>,
+    {
+        loop {
+            match attempt().await {
+                Ok(()) => return Ok(()),
+                Err(e) if !self.stopping() && !e.is_missing_input() => {
+                    tracing::warn!("{e}; resuming from the last checkpoint in 1s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sleeps; false when asked to stop meanwhile.
+    async fn sleep_or_stop(&self, wait: Duration) -> bool {
+        let mut shutdown = self.shutdown.clone();
+        if *shutdown.borrow() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            _ = shutdown.changed() => false,
+        }
+    }
+
+    /// Publishes one tick of a timer or cron source, retrying for a while: a tick lost to a NATS outage
+    /// is gone for good.
+    async fn fire(&self, seq: u64, template: &Template) {
+        let lineage = self.lineage(seq.to_string());
+        for attempt in 1..=5 {
+            match self.publish_stored(&lineage, template.render(seq)).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(attempt, "cannot store tick {seq}: {e}");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+            }
+        }
+        tracing::error!("tick {seq} was not stored after 5 attempts");
+    }
+}
+
+/// Sends one message with its lineage's headers; shared by every source, the HTTP handler included.
+async fn publish(
+    js: &jetstream::Context,
+    subject: &Subject,
+    lineage: &Lineage,
+    payload: Bytes,
+) -> Result<PublishAckFuture, SourceError> {
+    let message = jetstream::message::PublishMessage::build()
+        .headers(lineage.source_headers())
+        .payload(payload);
+    js.send_publish(subject.clone(), message)
+        .await
+        .map_err(|source| SourceError::Publish {
+            subject: subject.clone(),
+            source,
+        })
+}
+
+type AckFuture = <PublishAckFuture as IntoFuture>::IntoFuture;
+
+/// Publishes waiting for their acknowledgements, in publish order, each with what it stands for; the
+/// newest confirmed one is what a checkpoint may record.
+struct Window<T> {
+    pending: VecDeque<(T, AckFuture)>,
+    stats: Arc<Stats>,
+}
+
+impl<T> Window<T> {
+    fn new(stats: &Arc<Stats>) -> Window<T> {
+        Window {
+            pending: VecDeque::new(),
+            stats: stats.clone(),
+        }
+    }
+
+    /// Adds a publish and returns the newest item confirmed by now, if any; when the window is full,
+    /// waits for the oldest first.
+    async fn push(&mut self, item: T, ack: PublishAckFuture) -> Result<Option<T>, SourceError> {
+        use futures::FutureExt;
+        self.pending.push_back((item, ack.into_future()));
+        let mut confirmed = None;
+        while self.pending.len() > WINDOW {
+            if let Some((item, ack)) = self.pending.pop_front() {
+                ack.await.map_err(SourceError::Unacknowledged)?;
+                confirmed = Some(self.count(item));
+            }
+        }
+        while let Some((_, ack)) = self.pending.front_mut() {
+            match ack.now_or_never() {
+                None => break,
+                Some(result) => {
+                    result.map_err(SourceError::Unacknowledged)?;
+                    if let Some((item, _)) = self.pending.pop_front() {
+                        confirmed = Some(self.count(item));
+                    }
+                }
+            }
+        }
+        Ok(confirmed)
+    }
+
+    /// Waits for every publish; returns the newest item, if any was still pending.
+    async fn drain(&mut self) -> Result<Option<T>, SourceError> {
+        let mut confirmed = None;
+        while let Some((item, ack)) = self.pending.pop_front() {
+            ack.await.map_err(SourceError::Unacknowledged)?;
+            confirmed = Some(self.count(item));
+        }
+        Ok(confirmed)
+    }
+
+    fn count(&self, item: T) -> T {
+        Stats::add(&self.stats.processed, 1);
+        item
+    }
+}
+
+/// Records a source's progress at most every `CHECKPOINT_EVERY`, and at the end.
+struct Checkpointer<C> {
+    latest: Option<C>,
+    saved_at: std::time::Instant,
+}
+
+impl<C: Serialize> Checkpointer<C> {
+    fn new() -> Self {
+        Checkpointer {
+            latest: None,
+            saved_at: std::time::Instant::now(),
+        }
+    }
+
+    /// Notes how far the source got; saves it when the last save is long enough ago.
+    async fn advance(
+        &mut self,
+        unit: &SourceUnit,
+        confirmed: Option<C>,
+    ) -> Result<(), SourceError> {
+        if confirmed.is_some() {
+            self.latest = confirmed;
+        }
+        if self.saved_at.elapsed() >= CHECKPOINT_EVERY {
+            self.flush(unit).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, unit: &SourceUnit) -> Result<(), SourceError> {
+        if let Some(latest) = self.latest.take() {
+            unit.save_checkpoint(&latest).await?;
+            self.saved_at = std::time::Instant::now();
+        }
+        Ok(())
+    }
+}
+
+/// A payload with `{{seq}}` placeholders, split once.
+struct Template {
+    parts: Vec<String>,
+}
+
+impl Template {
+    fn new(text: &str) -> Template {
+        Template {
+            parts: text.split("{{seq}}").map(str::to_string).collect(),
+        }
+    }
+
+    /// The payload `settings` give, or the default one.
+    fn or_default(payload: &Option<String>) -> Template {
+        Template::new(
+            payload
+                .as_deref()
+                .unwrap_or(switchyard_crds::DEFAULT_PAYLOAD),
+        )
+    }
+
+    fn render(&self, seq: u64) -> Bytes {
+        let seq = seq.to_string();
+        let mut out = Vec::with_capacity(self.parts.iter().map(String::len).sum::<usize>() + 8);
+        for (i, part) in self.parts.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(seq.as_bytes());
+            }
+            out.extend_from_slice(part.as_bytes());
+        }
+        Bytes::from(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_number_every_message() {
+        let t = Template::new(r#"{"item": {{seq}}, "again": "{{seq}}"}"#);
+        assert_eq!(&t.render(17)[..], br#"{"item": 17, "again": "17"}"#);
+        assert_eq!(&Template::new("{}").render(1)[..], b"{}");
+    }
+}

@@ -1,0 +1,32 @@
+//! The jq step: a jq filter over the JSON message, with zero, one or many outputs.
+
+use switchyard_crds::jq::JqFilter;
+
+use super::{BuildError, Handler};
+use crate::lineage::Lineage;
+use crate::payload::Payload;
+use crate::retry::StepError;
+
+pub struct JqStep(JqFilter);
+
+impl JqStep {
+    pub fn new(path: &str, filter: &str) -> Result<JqStep, BuildError> {
+        JqFilter::compile(filter).map(JqStep).map_err(|e| {
+            BuildError::Settings(format!("step {path}: the jq filter does not compile: {e}"))
+        })
+    }
+}
+
+impl Handler for JqStep {
+    async fn handle(
+        &self,
+        item: Payload,
+        _: &Lineage,
+        out: &mut Vec<Payload>,
+    ) -> Result<(), StepError> {
+        let input = item.into_json().map_err(StepError::permanent)?;
+        let outputs = self.0.run(input).map_err(StepError::permanent)?;
+        out.extend(outputs.into_iter().map(Payload::Json));
+        Ok(())
+    }
+}

@@ -1,0 +1,33 @@
+//! The sleep step: holds each message for a fixed time, then passes it on.
+
+use std::time::Duration;
+
+use switchyard_crds::validate::parse_duration;
+
+use super::{BuildError, Handler};
+use crate::lineage::Lineage;
+use crate::payload::Payload;
+use crate::retry::StepError;
+
+pub struct SleepStep(Duration);
+
+impl SleepStep {
+    pub fn new(path: &str, delay: &str) -> Result<SleepStep, BuildError> {
+        parse_duration(delay)
+            .map(SleepStep)
+            .map_err(|e| BuildError::Settings(format!("step {path}: sleep: {e}")))
+    }
+}
+
+impl Handler for SleepStep {
+    async fn handle(
+        &self,
+        item: Payload,
+        _: &Lineage,
+        out: &mut Vec<Payload>,
+    ) -> Result<(), StepError> {
+        tokio::time::sleep(self.0).await;
+        out.push(item);
+        Ok(())
+    }
+}
