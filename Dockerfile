@@ -12,6 +12,9 @@ COPY Cargo.toml Cargo.lock ./
 COPY crds crds
 COPY stage-runtime stage-runtime
 COPY operator operator
+COPY local local
+COPY cli cli
+COPY bench bench
 COPY e2e e2e
 # Small binaries: no debug info in the image.
 ENV CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=true

@@ -6,6 +6,7 @@ pub mod crd;
 pub mod jq;
 pub mod kinds;
 pub mod layout;
+pub mod load;
 pub mod pipeline;
 pub mod topology;
 pub mod unit;

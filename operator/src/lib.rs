@@ -1,11 +1,8 @@
-//! The Switchyard operator and the `switchyard` command's machinery: the plan (what a Pipeline becomes),
-//! the controller that applies it in a cluster, and local mode (`switchyard run`).
+//! The Switchyard operator: the plan (what a Pipeline becomes in a cluster), the controller that applies
+//! it, and the autoscaling decision that both the controller and local mode (`switchyard-local`) take.
 
 pub mod autoscale;
-pub mod bench;
 pub mod controller;
-pub mod load;
-pub mod local;
 pub mod metrics;
 pub mod plan;
 pub mod reports;

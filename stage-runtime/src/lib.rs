@@ -9,6 +9,7 @@ pub mod consume;
 pub mod embedded;
 pub mod http;
 pub mod lineage;
+pub mod logging;
 pub mod os;
 pub mod payload;
 pub mod retry;

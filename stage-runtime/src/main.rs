@@ -49,7 +49,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_tracing(&args.log_format);
+    switchyard_stage::logging::init("info,async_nats=warn", args.log_format == "json");
     if let Some(dir) = &args.install_to {
         return match install(dir) {
             Ok(path) => {
@@ -135,18 +135,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
     run_unit(config, options, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use switchyard_operator::load::{self, load, LoadError};
+use switchyard_crds::load::{self, load, LoadError};
+use switchyard_local as local;
+use switchyard_operator::controller;
 use switchyard_operator::plan::{self, plan, render, Only, PlanSettings};
-use switchyard_operator::{controller, local};
 
 /// Switchyard runs declarative data pipelines: on Kubernetes through its operator, or on this machine.
 #[derive(Parser, Debug)]
@@ -69,11 +70,6 @@ enum Command {
         #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
     },
-    /// Measure throughput, latency and cost against the raw NATS limit, on a private nats-server.
-    Bench(switchyard_operator::bench::BenchArgs),
-    /// The raw loop `switchyard bench` compares against (run by it).
-    #[command(hide = true)]
-    BenchRaw(switchyard_operator::bench::raw::RawArgs),
     /// Print the Pipeline CustomResourceDefinition (as checked in under crds/ and in the Helm chart).
     Crd,
     /// Run a Pipeline on this machine: a private NATS server, one process per unit replica, live
@@ -93,8 +89,6 @@ fn main() -> ExitCode {
             nats_url,
         } => print_plan(&file, only, namespace, image, nats_url),
         Command::Run(args) => local::main(args),
-        Command::Bench(args) => switchyard_operator::bench::main(args),
-        Command::BenchRaw(args) => switchyard_operator::bench::raw::main(args),
         Command::Operator {
             nats_url,
             stage_image,
@@ -205,17 +199,7 @@ fn print_plan(
 }
 
 fn operator(options: controller::OperatorOptions, log_format: &str) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,async_nats=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    switchyard_stage::logging::init("info,kube=warn,async_nats=warn", log_format == "json");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

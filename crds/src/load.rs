@@ -3,8 +3,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use switchyard_crds::validate::{parse_pipeline, Problem};
-use switchyard_crds::Pipeline;
+use crate::validate::{parse_pipeline, Problem};
+use crate::Pipeline;
 
 /// Why a file could not be used: it could not be read, or it has problems.
 #[derive(Debug)]

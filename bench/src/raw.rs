@@ -1,8 +1,8 @@
 //! The raw limit: the least an async-nats program must do to move messages the way a unit does —
 //! pull batches from the unit's consumer, publish each message downstream with a message id, and
 //! acknowledge each input once the stream has acknowledged its output — written to be fast: pulls and
-//! publishes pipelined, nothing else. `switchyard bench` runs it as its own process
-//! (`switchyard bench-raw`), on one thread like a stage process.
+//! publishes pipelined, nothing else. `switchyard-bench` runs it as its own process
+//! (`switchyard-bench raw`), on one thread like a stage process.
 
 use std::path::PathBuf;
 
@@ -38,7 +38,7 @@ pub fn main(args: RawArgs) -> std::process::ExitCode {
     match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bench-raw: {e:#}");
+            eprintln!("switchyard-bench raw: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -1,4 +1,4 @@
-//! `switchyard bench` runs every scenario and reports each as a ratio to the raw limit measured in
+//! `switchyard-bench` runs every scenario and reports each as a ratio to the raw limit measured in
 //! the same run. Its figures are not checked here (timings are not test assertions); that it measures
 //! and reports them is.
 
@@ -7,7 +7,7 @@ use std::process::Command;
 
 #[test]
 fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_switchyard"));
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_switchyard-bench"));
     assert!(
         bin.with_file_name("switchyard-stage").is_file(),
         "switchyard-stage is not built: run `cargo build --workspace --bins` first (scripts/test does)"
@@ -16,7 +16,6 @@ fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
     let json = dir.path().join("bench.json");
     let output = Command::new(&bin)
         .args([
-            "bench",
             "--messages",
             "2000",
             "--repeat",

@@ -24,13 +24,14 @@ use switchyard_crds::{
 use switchyard_stage::admin;
 use switchyard_stage::embedded::{NatsServer, INSTALL_HINT};
 
-use crate::load::{load, LoadError};
-use crate::plan::{replicas_of, UnitType};
-use crate::reports::Reports;
+pub use progress::thousands;
 pub use progress::ProgressMode;
 use progress::{Display, Row};
 use summary::{Summary, UnitSummary};
 use supervisor::{Event, OutputLine, Supervisor};
+use switchyard_crds::load::{load, LoadError};
+use switchyard_operator::plan::{replicas_of, UnitType};
+use switchyard_operator::reports::Reports;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -61,12 +62,7 @@ pub struct RunArgs {
 }
 
 pub fn main(args: RunArgs) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    switchyard_stage::logging::init("warn", false);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -193,7 +189,7 @@ fn install_hint(program: &str) -> String {
 }
 
 /// `switchyard-stage` next to this program (how cargo and the release archive lay them out), or on PATH.
-pub(crate) fn locate_stage_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+pub fn locate_stage_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(path) = given {
         anyhow::ensure!(path.is_file(), "{} does not exist", path.display());
         return Ok(path);
@@ -230,7 +226,7 @@ fn totals(stats: &Reports, unit: &str) -> StatsReport {
 
 /// Every unit of a layout comes from its topology, so the lookup always finds it.
 fn kind_of(topology: &Topology, unit: &str) -> Option<UnitType> {
-    topology.unit(unit).map(crate::plan::type_of)
+    topology.unit(unit).map(switchyard_operator::plan::type_of)
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

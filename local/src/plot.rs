@@ -3,9 +3,9 @@
 
 use std::fmt::Write as _;
 
-use super::scaling::Point;
-use super::summary::Summary;
-use crate::plan::UnitType;
+use crate::scaling::Point;
+use crate::summary::Summary;
+use switchyard_operator::plan::UnitType;
 
 const WIDTH: f64 = 960.0;
 const PANEL: f64 = 150.0;

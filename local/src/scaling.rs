@@ -9,8 +9,8 @@ use switchyard_crds::layout::Layout;
 use switchyard_crds::topology::Topology;
 use switchyard_crds::unit::StatsReport;
 
-use super::supervisor::Supervisor;
-use crate::autoscale::{self, Policy, Window};
+use crate::supervisor::Supervisor;
+use switchyard_operator::autoscale::{self, Policy, Window};
 
 /// One scaling change.
 #[derive(Clone, Debug, Serialize)]

@@ -1,4 +1,4 @@
-//! `switchyard bench`: throughput, latency and cost of the stage runtime, each shown as a ratio to the
+//! The benchmark: throughput, latency and cost of the stage runtime, each shown as a ratio to the
 //! raw limit measured in the same run on the same nats-server — a minimal async-nats loop doing the
 //! work one unit does (fetch a batch, publish each message downstream and wait for the stream's
 //! acknowledgements, acknowledge the inputs).
@@ -8,9 +8,6 @@
 //! carrying their send time go in at a fixed moderate rate and are timed as they come out of the
 //! last unit. Cost: CPU seconds of the unit processes and of nats-server per 100,000 messages, and
 //! the units' peak resident memory.
-
-pub mod procfs;
-pub mod raw;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -26,7 +23,7 @@ use switchyard_stage::admin;
 use switchyard_stage::embedded::NatsServer;
 use switchyard_stage::lineage::Lineage;
 
-use crate::local::progress::thousands;
+use switchyard_local::thousands;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -117,7 +114,7 @@ fn scenarios() -> Vec<Scenario> {
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Result {
+pub struct ScenarioResult {
     pub scenario: String,
     pub title: String,
     pub size: usize,
@@ -141,7 +138,7 @@ pub struct Result {
 struct Report {
     machine: String,
     nats_server: String,
-    results: Vec<Result>,
+    results: Vec<ScenarioResult>,
     /// None when `--only` left out the passthrough scenario it is measured after.
     idle_rss_mib: Option<f64>,
     /// CPU microseconds per message an in-process step adds, from the unit runs (noisy); None without
@@ -166,14 +163,14 @@ pub fn main(args: BenchArgs) -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("switchyard bench: {e:#}");
+            eprintln!("switchyard-bench: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
 async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let stage_bin = crate::local::locate_stage_binary(args.stage_bin.clone())?;
+    let stage_bin = switchyard_local::locate_stage_binary(args.stage_bin.clone())?;
     let me = std::env::current_exe().context("cannot find this program")?;
     let server = NatsServer::start()?;
     let client = async_nats::connect(server.url()).await?;
@@ -183,7 +180,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let machine = machine();
     let nats_version = client.server_info().version.clone();
     eprintln!(
-        "switchyard bench: nats-server {nats_version} on {machine}; {} messages per throughput run, latency at {} msg/s for {:?}",
+        "switchyard-bench: nats-server {nats_version} on {machine}; {} messages per throughput run, latency at {} msg/s for {:?}",
         thousands(args.messages),
         args.rate,
         args.latency_for
@@ -242,7 +239,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 /// CPU microseconds per message an in-process step adds: a unit of three steps against a unit of one,
 /// per extra step, averaged over the sizes.
-fn step_cost(results: &[Result]) -> Option<f64> {
+fn step_cost(results: &[ScenarioResult]) -> Option<f64> {
     let cpu = |id: &str, size: usize| {
         results
             .iter()
@@ -257,7 +254,7 @@ fn step_cost(results: &[Result]) -> Option<f64> {
     (!costs.is_empty()).then(|| costs.iter().sum::<f64>() / costs.len() as f64)
 }
 
-fn row(r: &Result) -> String {
+fn row(r: &ScenarioResult) -> String {
     format!(
         "{:>5} B  {:<28} {:>9} msg/s  {:>5.2} × raw  p50 {:>6.2} ms  p99 {:>6.2} ms  CPU {:>5.2} s + nats {:>5.2} s /100k  RSS {:>5.1} MiB",
         r.size,
@@ -277,7 +274,7 @@ fn render(report: &Report, args: &BenchArgs) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nswitchyard bench on {}, nats-server {}; throughput over {} messages, latency at {} msg/s\n",
+        "\nswitchyard-bench on {}, nats-server {}; throughput over {} messages, latency at {} msg/s\n",
         report.machine,
         report.nats_server,
         thousands(args.messages),
@@ -449,7 +446,7 @@ impl Bench<'_> {
             std::fs::write(&path, serde_json::to_vec(config)?)?;
             let mut command = if scenario.raw {
                 let mut c = Command::new(self.me);
-                c.arg("bench-raw");
+                c.arg("raw");
                 c
             } else {
                 Command::new(self.stage_bin)
@@ -498,7 +495,7 @@ impl Bench<'_> {
         Ok(stream.consumer_info(consumer).await?.num_pending)
     }
 
-    async fn scenario(&self, scenario: &Scenario, size: usize) -> anyhow::Result<Result> {
+    async fn scenario(&self, scenario: &Scenario, size: usize) -> anyhow::Result<ScenarioResult> {
         let repeats = self.args.repeat.max(1);
         let mut runs = Vec::new();
         for run in 0..repeats {
@@ -513,7 +510,7 @@ impl Bench<'_> {
         runs.sort_by(|a, b| a.throughput.per_second.total_cmp(&b.throughput.per_second));
         let median = &runs[runs.len() / 2];
         let per_100k = |seconds: f64| seconds * 100_000.0 / median.throughput.counted as f64;
-        Ok(Result {
+        Ok(ScenarioResult {
             scenario: scenario.id.to_string(),
             title: scenario.title.to_string(),
             size,
@@ -577,7 +574,7 @@ impl Bench<'_> {
         };
         let peak_rss = pids
             .iter()
-            .filter_map(|pid| procfs::memory_mib(*pid, "VmHWM:"))
+            .filter_map(|pid| crate::procfs::memory_mib(*pid, "VmHWM:"))
             .fold(0.0, f64::max);
         stop(&mut children);
         admin::delete(self.js, &layout.nats).await?;
@@ -598,12 +595,12 @@ impl Bench<'_> {
         let limit = Duration::from_secs(60 + count / 1000);
         let cpu = |pids: &[u32]| {
             pids.iter()
-                .filter_map(|p| procfs::cpu_seconds(*p))
+                .filter_map(|p| crate::procfs::cpu_seconds(*p))
                 .sum::<f64>()
         };
         let handlers = || {
             pids.iter()
-                .flat_map(|p| procfs::children(*p))
+                .flat_map(|p| crate::procfs::children(*p))
                 .collect::<Vec<u32>>()
         };
         // Wait for the first output, then time the rest.
@@ -615,7 +612,7 @@ impl Bench<'_> {
                     n,
                     cpu(pids),
                     cpu(&handlers()),
-                    procfs::cpu_seconds(self.server.pid()).unwrap_or(0.0),
+                    crate::procfs::cpu_seconds(self.server.pid()).unwrap_or(0.0),
                 );
             }
             anyhow::ensure!(started.elapsed() < limit, "no output after {limit:?}");
@@ -631,7 +628,8 @@ impl Bench<'_> {
                     counted: counted.max(1),
                     unit_cpu: cpu(pids) - unit_cpu0,
                     handler_cpu: cpu(&handlers()) - handler_cpu0,
-                    server_cpu: procfs::cpu_seconds(self.server.pid()).unwrap_or(0.0) - server_cpu0,
+                    server_cpu: crate::procfs::cpu_seconds(self.server.pid()).unwrap_or(0.0)
+                        - server_cpu0,
                 });
             }
             anyhow::ensure!(
@@ -721,7 +719,7 @@ impl Bench<'_> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rss = children
             .first()
-            .and_then(|c| procfs::memory_mib(c.id(), "VmRSS:"))
+            .and_then(|c| crate::procfs::memory_mib(c.id(), "VmRSS:"))
             .unwrap_or(0.0);
         stop(&mut children);
         admin::delete(self.js, &layout.nats).await?;

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::progress::thousands;
-use super::scaling::{Point, ScaleEvent, SwitcherSettings};
-use crate::plan::UnitType;
+use crate::progress::thousands;
+use crate::scaling::{Point, ScaleEvent, SwitcherSettings};
+use switchyard_operator::plan::UnitType;
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]

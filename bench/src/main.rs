@@ -1,0 +1,40 @@
+//! `switchyard-bench`: throughput, latency and cost of the stage runtime against the raw NATS limit,
+//! on a private nats-server. Kept out of the `switchyard` command: users run pipelines, we measure.
+
+mod procfs;
+mod raw;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Measures Switchyard's stage runtime against the raw NATS limit, on a private nats-server.
+#[derive(Parser, Debug)]
+#[command(
+    name = "switchyard-bench",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    inner: Option<Inner>,
+    #[command(flatten)]
+    args: run::BenchArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Inner {
+    /// The raw loop the benchmark compares against (the benchmark runs it).
+    #[command(hide = true)]
+    Raw(raw::RawArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.inner {
+        Some(Inner::Raw(args)) => raw::main(args),
+        None => run::main(cli.args),
+    }
+}
