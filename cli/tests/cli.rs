@@ -232,6 +232,43 @@ fn run_keeps_good_messages_and_saves_dead_letters_with_their_errors() {
     assert!(!dir.path().join(".accepted.jsonl.sy-ledger").exists());
 }
 
+/// Each process of a run reports under a name of its own: sharing the host's name (a container sets
+/// HOSTNAME), three replicas of a switcher overwrote each other's counts and the summary showed a third
+/// of what they did.
+#[test]
+fn every_replica_counts_even_when_they_share_a_host_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("spread.yaml"),
+        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: spread}\nspec:\n  sources: [{name: numbers, generator: {count: 600}}]\n  stages:\n    - name: slow\n      switcher: {minReplicas: 3, maxReplicas: 3}\n      concurrency: 4\n      sleep: 5ms\n  sinks: [{name: out, file: {path: out.jsonl}}]\n",
+    )
+    .unwrap();
+    let output = switchyard()
+        .args([
+            "run",
+            "spread.yaml",
+            "--progress",
+            "lines",
+            "--summary-json",
+            "summary.json",
+        ])
+        .env("HOSTNAME", "one-host")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("summary.json")).unwrap()).unwrap();
+    let slow = summary["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "slow")
+        .unwrap();
+    assert_eq!(slow["mostReplicas"], 3, "{slow}");
+    assert_eq!(slow["processed"], 600, "{slow}");
+}
+
 #[test]
 fn run_computes_quadratic_roots_and_routes_equations_without_real_roots() {
     let dir = examples_copy();

@@ -162,6 +162,9 @@ pub struct StatsReport {
     /// True once a finite source has published everything.
     #[serde(default)]
     pub finished: bool,
+    /// The process's final report, sent as it exits.
+    #[serde(default)]
+    pub last: bool,
     /// Pending plus unacknowledged messages of the unit's consumer, as the consumer's leader reported
     /// it during the last interval (absent for sources, or when it could not be read).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -29,6 +29,9 @@ struct Replica {
     retiring: bool,
     /// Kept apart: the child forgets its pid once it has been reaped.
     pid: u32,
+    /// How the process names itself in its reports (`<unit>-<n>`): unique in the run, unlike the host
+    /// name the stage runtime would otherwise use.
+    name: String,
     started: Instant,
     log: PathBuf,
 }
@@ -198,12 +201,15 @@ impl Supervisor {
         let log = self
             .logs_dir
             .join(format!("{}-{}.log", unit.unit, unit.started));
+        let name = format!("{}-{}", unit.unit, unit.started);
         let unit = &self.units[index];
         let log_file = std::fs::File::create(&log)?;
         let mut command = Command::new(&self.stage_bin);
         command
             .arg("--config")
             .arg(&unit.config)
+            .arg("--replica")
+            .arg(&name)
             .arg("--nats-url")
             .arg(&self.nats_url)
             .arg("--exit-when-done")
@@ -247,6 +253,7 @@ impl Supervisor {
             child,
             retiring: false,
             pid: replica_id,
+            name,
             started: Instant::now(),
             log,
         });
@@ -288,7 +295,9 @@ impl Supervisor {
 
     /// Asks every process to stop (sources first, so nothing new comes in), then waits up to `grace`
     /// before killing what is left.
-    pub async fn stop_all(&mut self, grace: Duration) {
+    /// Returns the replicas that stopped by themselves within `grace` (the others are killed): each sent
+    /// a last report as it went.
+    pub async fn stop_all(&mut self, grace: Duration) -> Vec<String> {
         let order: Vec<usize> = (0..self.units.len())
             .filter(|&i| self.units[i].is_source)
             .chain((0..self.units.len()).filter(|&i| !self.units[i].is_source))
@@ -304,18 +313,21 @@ impl Supervisor {
             }
         }
         let deadline = Instant::now() + grace;
+        let mut stopped = Vec::new();
         for i in order {
             for replica in &mut self.units[i].replicas {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if tokio::time::timeout(left, replica.child.wait())
-                    .await
-                    .is_err()
-                {
-                    let _ = replica.child.kill().await;
+                match tokio::time::timeout(left, replica.child.wait()).await {
+                    Ok(Ok(status)) if status.success() => stopped.push(replica.name.clone()),
+                    Ok(_) => {}
+                    Err(_) => {
+                        let _ = replica.child.kill().await;
+                    }
                 }
             }
             self.units[i].replicas.clear();
         }
+        stopped
     }
 }
 

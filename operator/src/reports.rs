@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use futures::StreamExt;
 use switchyard_crds::unit::StatsReport;
 
@@ -14,6 +13,14 @@ pub const STALE: Duration = Duration::from_secs(3);
 
 /// A unit's replicas, each with its latest report and when it arrived.
 type Replicas = HashMap<String, (Instant, StatsReport)>;
+
+/// The reports could not be subscribed to.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot subscribe to unit reports on {subject}: {source}")]
+pub struct ListenError {
+    subject: String,
+    source: async_nats::SubscribeError,
+}
 
 /// Reports by key (a unit), then by replica.
 #[derive(Clone, Default)]
@@ -28,11 +35,15 @@ impl Reports {
         client: &async_nats::Client,
         subject: String,
         key_of: fn(&str, &StatsReport) -> Option<String>,
-    ) -> anyhow::Result<()> {
-        let mut subscription = client
-            .subscribe(subject.clone())
-            .await
-            .with_context(|| format!("cannot subscribe to unit reports on {subject}"))?;
+    ) -> Result<(), ListenError> {
+        let mut subscription =
+            client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|source| ListenError {
+                    subject: subject.clone(),
+                    source,
+                })?;
         let reports = self.clone();
         tokio::spawn(async move {
             while let Some(message) = subscription.next().await {
@@ -73,6 +84,15 @@ impl Reports {
             .iter()
             .map(|(key, replicas)| (key.clone(), alive(replicas)))
             .collect()
+    }
+
+    /// True once every replica in `replicas` has sent its last report (under any key).
+    pub fn have_last_reports(&self, replicas: &[String]) -> bool {
+        let all = self.lock();
+        replicas.iter().all(|name| {
+            all.values()
+                .any(|by_replica| by_replica.get(name).is_some_and(|(_, r)| r.last))
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Replicas>> {

@@ -3,10 +3,33 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use switchyard_crds::layout::NatsLayout;
 use switchyard_crds::unit::ConsumerConfig;
+
+/// Why the Pipeline's NATS objects could not be made (or removed) as its layout says.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("the layout names {what} `{value}`, which this runtime does not know")]
+    Unknown { what: &'static str, value: String },
+    #[error("cannot {action}: {source}")]
+    Nats {
+        action: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl AdminError {
+    /// Wraps a NATS error with what was being done.
+    fn nats<E: std::error::Error + Send + Sync + 'static>(
+        action: String,
+    ) -> impl FnOnce(E) -> AdminError {
+        move |e| AdminError::Nats {
+            action,
+            source: Box::new(e),
+        }
+    }
+}
 
 /// The JetStream configuration of a unit's durable pull consumer.
 pub fn consumer_config(config: &ConsumerConfig) -> consumer::pull::Config {
@@ -31,17 +54,21 @@ pub fn consumer_config(config: &ConsumerConfig) -> consumer::pull::Config {
     }
 }
 
-fn stream_config(layout: &NatsLayout) -> anyhow::Result<stream::Config> {
+fn stream_config(layout: &NatsLayout) -> Result<stream::Config, AdminError> {
+    let unknown = |what, value: &str| AdminError::Unknown {
+        what,
+        value: value.to_string(),
+    };
     let retention = match layout.stream.retention.as_str() {
         "interest" => stream::RetentionPolicy::Interest,
         "workqueue" => stream::RetentionPolicy::WorkQueue,
         "limits" => stream::RetentionPolicy::Limits,
-        other => anyhow::bail!("unknown retention policy `{other}`"),
+        other => return Err(unknown("the retention policy", other)),
     };
     let storage = match layout.stream.storage.as_str() {
         "file" => stream::StorageType::File,
         "memory" => stream::StorageType::Memory,
-        other => anyhow::bail!("unknown storage type `{other}`"),
+        other => return Err(unknown("the storage type", other)),
     };
     Ok(stream::Config {
         name: layout.stream.name.clone(),
@@ -56,26 +83,25 @@ fn stream_config(layout: &NatsLayout) -> anyhow::Result<stream::Config> {
 }
 
 /// Creates the stream, the checkpoint bucket and every consumer, or updates them in place.
-pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> anyhow::Result<()> {
+pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), AdminError> {
+    let name = &layout.stream.name;
     let config = stream_config(layout)?;
     js.create_or_update_stream(config)
         .await
-        .with_context(|| format!("cannot create or update stream {}", layout.stream.name))?;
+        .map_err(AdminError::nats(format!("create or update stream {name}")))?;
     ensure_checkpoint_bucket(js, &layout.checkpoint_bucket).await?;
     let stream = js
-        .get_stream(&layout.stream.name)
+        .get_stream(name)
         .await
-        .with_context(|| format!("cannot open stream {}", layout.stream.name))?;
+        .map_err(AdminError::nats(format!("open stream {name}")))?;
     for consumer in &layout.consumers {
         stream
             .create_consumer(consumer_config(consumer))
             .await
-            .with_context(|| {
-                format!(
-                    "cannot create or update consumer {} on stream {}",
-                    consumer.durable, layout.stream.name
-                )
-            })?;
+            .map_err(AdminError::nats(format!(
+                "create or update consumer {} on stream {name}",
+                consumer.durable
+            )))?;
     }
     // Consumers of units that are no longer in the layout would keep interest in messages nobody reads.
     let wanted: Vec<&str> = layout
@@ -87,22 +113,26 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> anyhow::Resu
     let mut stale = Vec::new();
     use futures::StreamExt;
     while let Some(name) = names.next().await {
-        let name =
-            name.with_context(|| format!("cannot list consumers of {}", layout.stream.name))?;
-        if !wanted.contains(&name.as_str()) {
-            stale.push(name);
+        let consumer = name.map_err(AdminError::nats(format!(
+            "list the consumers of {}",
+            layout.stream.name
+        )))?;
+        if !wanted.contains(&consumer.as_str()) {
+            stale.push(consumer);
         }
     }
-    for name in stale {
+    for consumer in stale {
         stream
-            .delete_consumer(&name)
+            .delete_consumer(&consumer)
             .await
-            .with_context(|| format!("cannot delete stale consumer {name}"))?;
+            .map_err(AdminError::nats(format!(
+                "delete stale consumer {consumer}"
+            )))?;
     }
     Ok(())
 }
 
-async fn ensure_checkpoint_bucket(js: &jetstream::Context, bucket: &str) -> anyhow::Result<()> {
+async fn ensure_checkpoint_bucket(js: &jetstream::Context, bucket: &str) -> Result<(), AdminError> {
     if js.get_key_value(bucket).await.is_ok() {
         return Ok(());
     }
@@ -114,13 +144,15 @@ async fn ensure_checkpoint_bucket(js: &jetstream::Context, bucket: &str) -> anyh
         ..Default::default()
     })
     .await
-    .with_context(|| format!("cannot create key-value bucket {bucket}"))?;
+    .map_err(AdminError::nats(format!(
+        "create key-value bucket {bucket}"
+    )))?;
     Ok(())
 }
 
 /// Deletes the stream (with every message and consumer in it) and the checkpoint bucket. Deleting what
 /// is already gone is not an error.
-pub async fn delete(js: &jetstream::Context, layout: &NatsLayout) -> anyhow::Result<()> {
+pub async fn delete(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), AdminError> {
     delete_named(js, &layout.stream.name, &layout.checkpoint_bucket).await
 }
 
@@ -129,17 +161,19 @@ pub async fn delete_named(
     js: &jetstream::Context,
     stream: &str,
     bucket: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), AdminError> {
     match js.delete_stream(stream).await {
         Ok(_) => {}
         Err(e) if is_not_found(&e.to_string()) => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot delete stream {stream}")),
+        Err(e) => return Err(AdminError::nats(format!("delete stream {stream}"))(e)),
     }
     match js.delete_key_value(bucket).await {
         Ok(_) => {}
         Err(e) if is_not_found(&e.to_string()) => {}
         Err(e) => {
-            return Err(e).with_context(|| format!("cannot delete key-value bucket {bucket}"))
+            return Err(AdminError::nats(format!(
+                "delete key-value bucket {bucket}"
+            ))(e))
         }
     }
     Ok(())

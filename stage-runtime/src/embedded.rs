@@ -6,7 +6,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+/// Why the private server could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("nats-server was not found on PATH: {INSTALL_HINT}")]
+    NotInstalled,
+    #[error("cannot {action}: {source}")]
+    Io {
+        action: String,
+        source: std::io::Error,
+    },
+    #[error("nats-server exited at start ({status}): {log}")]
+    Exited {
+        status: std::process::ExitStatus,
+        log: String,
+    },
+    #[error("nats-server did not accept connections within {limit:?}: {log}")]
+    NotReady { limit: Duration, log: String },
+}
+
+fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+    let action = action.into();
+    move |source| ServerError::Io { action, source }
+}
 
 pub struct NatsServer {
     child: Child,
@@ -38,20 +60,19 @@ fn is_executable(path: &Path) -> bool {
 
 impl NatsServer {
     /// Starts the `nats-server` found on PATH.
-    pub fn start() -> anyhow::Result<NatsServer> {
-        let binary = find_binary()
-            .with_context(|| format!("nats-server was not found on PATH: {INSTALL_HINT}"))?;
+    pub fn start() -> Result<NatsServer, ServerError> {
+        let binary = find_binary().ok_or(ServerError::NotInstalled)?;
         Self::start_binary(&binary)
     }
 
-    pub fn start_binary(binary: &Path) -> anyhow::Result<NatsServer> {
+    pub fn start_binary(binary: &Path) -> Result<NatsServer, ServerError> {
         let mut last_error = None;
         // Another process can take the port between our probe and the server's bind: try a few.
         for _ in 0..5 {
             let dir = tempfile::Builder::new()
                 .prefix("switchyard-nats-")
                 .tempdir()
-                .context("cannot create a temporary folder for the NATS store")?;
+                .map_err(io("create a temporary folder for the NATS store"))?;
             let port = free_port()?;
             let child = spawn(binary, port, dir.path())?;
             let mut server = NatsServer {
@@ -66,35 +87,38 @@ impl NatsServer {
                 Err(e) => last_error = Some(e),
             }
         }
-        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("nats-server did not start")))
+        Err(last_error.unwrap_or(ServerError::NotReady {
+            limit: READY_WITHIN,
+            log: String::new(),
+        }))
     }
 
     /// Stops the server and starts it again on the same port with the same store: a server restart,
     /// as clients see it.
-    pub fn restart(&mut self) -> anyhow::Result<()> {
+    pub fn restart(&mut self) -> Result<(), ServerError> {
         self.stop();
         self.child = spawn(&self.binary, self.port, self.dir.path())?;
         self.wait_until_ready(READY_WITHIN)
     }
 
-    fn wait_until_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
+    fn wait_until_ready(&mut self, limit: Duration) -> Result<(), ServerError> {
         let started = Instant::now();
         while started.elapsed() < limit {
             if let Ok(Some(status)) = self.child.try_wait() {
-                anyhow::bail!(
-                    "nats-server exited at start ({status}): {}",
-                    self.log_tail()
-                );
+                return Err(ServerError::Exited {
+                    status,
+                    log: self.log_tail(),
+                });
             }
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        anyhow::bail!(
-            "nats-server did not accept connections within {limit:?}: {}",
-            self.log_tail()
-        )
+        Err(ServerError::NotReady {
+            limit,
+            log: self.log_tail(),
+        })
     }
 
     pub fn url(&self) -> String {
@@ -145,12 +169,12 @@ impl Drop for NatsServer {
     }
 }
 
-fn spawn(binary: &Path, port: u16, dir: &Path) -> anyhow::Result<Child> {
+fn spawn(binary: &Path, port: u16, dir: &Path) -> Result<Child, ServerError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("nats-server.log"))
-        .context("cannot open the NATS server's log file")?;
+        .map_err(io("open the NATS server's log file"))?;
     let mut command = Command::new(binary);
     command
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
@@ -163,11 +187,10 @@ fn spawn(binary: &Path, port: u16, dir: &Path) -> anyhow::Result<Child> {
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     command
         .spawn()
-        .with_context(|| format!("cannot start {}", binary.display()))
+        .map_err(io(format!("start {}", binary.display())))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        TcpListener::bind(("127.0.0.1", 0)).context("cannot find a free loopback port")?;
-    Ok(listener.local_addr()?.port())
+fn free_port() -> Result<u16, ServerError> {
+    let find = || TcpListener::bind(("127.0.0.1", 0))?.local_addr();
+    Ok(find().map_err(io("find a free loopback port"))?.port())
 }

@@ -12,6 +12,7 @@ pub mod lineage;
 pub mod logging;
 pub mod os;
 pub mod payload;
+pub mod probes;
 pub mod retry;
 pub mod sinks;
 pub mod sources;
@@ -183,6 +184,7 @@ pub async fn run_unit(
     }
     let mut last = stats.report(&config.unit, &options.replica);
     last.concurrency = concurrency;
+    last.last = true;
     stats::publish(&client, &config.stats_subject, &last).await;
     // Acknowledgements are fire-and-forget publishes: send them before the process goes.
     if let Err(e) = client.flush().await {

@@ -219,46 +219,15 @@ pub async fn serve(
     pipeline: String,
     latest: Latest,
     stats: Arc<Stats>,
-) -> anyhow::Result<()> {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let text = latest
-                    .lock()
-                    .map(|l| render_metrics(&pipeline, &l))
-                    .unwrap_or_default();
-                async move {
-                    (
-                        [(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        text,
-                    )
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = stats.ready.load(Ordering::Relaxed);
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "starting")
-                    }
-                }
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-    axum::serve(listener, app).await?;
-    Ok(())
+) -> std::io::Result<()> {
+    let metrics = move || {
+        latest
+            .lock()
+            .map(|l| render_metrics(&pipeline, &l))
+            .unwrap_or_default()
+    };
+    let ready = move || stats.ready.load(Ordering::Relaxed);
+    crate::probes::serve(addr, metrics, ready, std::future::pending()).await
 }
 
 #[cfg(test)]

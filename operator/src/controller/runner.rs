@@ -44,10 +44,19 @@ pub struct OperatorOptions {
     pub cleanup_timeout: Duration,
 }
 
-pub async fn run(options: OperatorOptions) -> anyhow::Result<()> {
-    let client = Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!("cannot reach the Kubernetes API ({e}); in a pod the service account is used, elsewhere KUBECONFIG")
-    })?;
+/// Why the operator stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot reach the Kubernetes API ({0}); in a pod the service account is used, elsewhere KUBECONFIG")]
+    Kubernetes(kube::Error),
+    #[error("cannot take part in leader election: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("stopped before the Pipeline CRD appeared")]
+    StoppedWaitingForCrd,
+}
+
+pub async fn run(options: OperatorOptions) -> Result<(), RunError> {
+    let client = Client::try_default().await.map_err(RunError::Kubernetes)?;
     run_with(client, options, shutdown_signal()).await
 }
 
@@ -67,7 +76,7 @@ pub async fn run_with(
     client: Client,
     options: OperatorOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
     let (ready_tx, ready_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -202,7 +211,7 @@ async fn lead(
     instance: &str,
     ready: &watch::Sender<bool>,
     stop: &watch::Receiver<bool>,
-) -> anyhow::Result<Option<Leadership>> {
+) -> Result<Option<Leadership>, RunError> {
     if !options.leader_election {
         return Ok(Some(None));
     }
@@ -259,7 +268,7 @@ async fn stop_or_lost(stop: watch::Receiver<bool>, leadership: Leadership) {
 async fn wait_for_crd(
     api: &Api<PipelineObject>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     loop {
         match api.list_metadata(&ListParams::default().limit(1)).await {
             Ok(_) => return Ok(()),
@@ -270,7 +279,7 @@ async fn wait_for_crd(
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}
-            _ = stop.wait_for(|s| *s) => anyhow::bail!("stopped before the CRD appeared"),
+            _ = stop.wait_for(|s| *s) => return Err(RunError::StoppedWaitingForCrd),
         }
     }
 }

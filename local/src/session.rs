@@ -1,0 +1,316 @@
+//! A run in progress: the stage processes, their reports, the lag of every consumer, the autoscaler,
+//! and the progress view, until the sources are done and everything is drained (or Ctrl-C).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use switchyard_crds::layout::Names;
+use switchyard_crds::topology::{Unit, UnitKind};
+use switchyard_crds::unit::{StatsReport, UnitConfig, UnitRole};
+use switchyard_crds::{GeneratorSource, SourceKind};
+use switchyard_operator::plan::{replicas_of, type_of};
+use switchyard_operator::reports::Reports;
+use tokio::sync::mpsc;
+
+use crate::prepare::Prepared;
+use crate::progress::{Display, Row};
+use crate::scaling::LocalScaler;
+use crate::supervisor::{self, CrashLoop, Event, OutputLine, Supervisor};
+use crate::{RunError, RunNats};
+
+/// How often lags are read and the progress view redrawn.
+const REFRESH_EVERY: Duration = Duration::from_millis(300);
+/// How long a stopped run waits for the last reports of the processes that stopped cleanly.
+const LAST_REPORTS_WITHIN: Duration = Duration::from_secs(2);
+
+/// How a run that did not crash ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Every source finished and every consumer is empty.
+    Completed,
+    /// Ctrl-C.
+    Interrupted,
+}
+
+pub struct Session {
+    pub supervisor: Supervisor,
+    pub reports: Reports,
+    pub scaler: LocalScaler,
+    pub started: Instant,
+    /// Holds each unit's config and the processes' logs; kept when a unit crash-loops.
+    run_dir: tempfile::TempDir,
+    output: mpsc::UnboundedReceiver<OutputLine>,
+    stream: jetstream::stream::Stream,
+    lags: HashMap<String, u64>,
+    /// Units that read, in flow order, with their consumers.
+    consumers: Vec<(String, String)>,
+    /// What a generator with a count will have produced when it finishes.
+    totals_of_source: HashMap<String, u64>,
+}
+
+impl Session {
+    /// Listens for reports and starts every unit's processes, readers first, so that every consumer is
+    /// being pulled from before anything is produced.
+    pub async fn start(
+        prepared: &Prepared,
+        nats: &RunNats,
+        stage_bin: PathBuf,
+        verbose: bool,
+    ) -> Result<Session, RunError> {
+        let run_dir = tempfile::Builder::new()
+            .prefix(&format!("switchyard-run-{}-", prepared.name))
+            .tempdir()
+            .map_err(RunError::io("create the run's folder"))?;
+        let logs_dir = run_dir.path().join("logs");
+        std::fs::create_dir_all(&logs_dir).map_err(RunError::io("create the logs folder"))?;
+        let reports = Reports::default();
+        let names = Names::new(&prepared.topology.namespace, &prepared.name);
+        reports
+            .listen(&nats.client, names.all_stats_subjects(), |_, report| {
+                Some(report.unit.clone())
+            })
+            .await?;
+        nats.client
+            .flush()
+            .await
+            .map_err(RunError::nats("subscribe to the units' reports"))?;
+        let (output_tx, output) = mpsc::unbounded_channel::<OutputLine>();
+        let mut supervisor = Supervisor::new(
+            stage_bin,
+            nats.url.clone(),
+            prepared.base_dir.clone(),
+            logs_dir,
+            output_tx,
+            verbose,
+        );
+        let mut order: Vec<(&Unit, &UnitConfig)> = prepared
+            .topology
+            .units
+            .iter()
+            .zip(&prepared.layout.units)
+            .collect();
+        order.sort_by_key(|(u, _)| matches!(u.kind, UnitKind::Source(_)));
+        for (unit, config) in order {
+            let path = run_dir.path().join(format!("{}.json", unit.name));
+            let text = serde_json::to_vec_pretty(config)?;
+            std::fs::write(&path, text).map_err(RunError::io("write a unit's config"))?;
+            let finite =
+                matches!(&config.role, UnitRole::Source { source, .. } if source.is_finite());
+            let is_source = matches!(config.role, UnitRole::Source { .. });
+            // Switchers start at their minimum (perhaps zero); the autoscaler takes it from there.
+            let wanted = replicas_of(unit).min as usize;
+            supervisor.add(&unit.name, path, wanted, is_source, finite);
+        }
+        let stream = nats
+            .js
+            .get_stream(&prepared.layout.nats.stream.name)
+            .await
+            .map_err(RunError::nats("open the run's stream"))?;
+        Ok(Session {
+            supervisor,
+            reports,
+            scaler: LocalScaler::new(&prepared.topology),
+            started: Instant::now(),
+            run_dir,
+            output,
+            stream,
+            lags: HashMap::new(),
+            consumers: consumers_in_flow_order(prepared),
+            totals_of_source: totals_of_sources(prepared),
+        })
+    }
+
+    /// Keeps the units running and the view current until the run completes or is interrupted; a unit
+    /// that keeps failing ends it early.
+    pub async fn watch(
+        &mut self,
+        prepared: &Prepared,
+        display: &mut Display,
+    ) -> Result<Ending, CrashLoop> {
+        let mut last_refresh = Instant::now() - REFRESH_EVERY;
+        let mut last_scale = Instant::now();
+        let mut events = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        loop {
+            tokio::select! {
+                _ = &mut ctrl_c => {
+                    display.note("stopping: finishing the messages in flight (Ctrl-C again to force)");
+                    return Ok(Ending::Interrupted);
+                }
+                Some(line) = self.output.recv() => {
+                    display.output(&format!("[{}] {}", line.unit, line.line));
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            self.supervisor.poll(&mut events)?;
+            for Event::Restarted { unit, pid, status } in events.drain(..) {
+                display.note(&format!(
+                    "unit `{unit}`: process {pid} ended ({status}); restarting it, its messages will be delivered again"
+                ));
+            }
+            if last_refresh.elapsed() < REFRESH_EVERY {
+                continue;
+            }
+            last_refresh = Instant::now();
+            // Sources must be done before the pass starts: then a unit found empty, checked after all of
+            // its inputs were found empty, can never receive anything again.
+            let sources_done = self.supervisor.all_sources_finished();
+            let all_empty = self.read_lags().await;
+            if last_scale.elapsed() >= switchyard_stage::stats::REPORT_EVERY {
+                last_scale = Instant::now();
+                self.autoscale(prepared, display);
+            }
+            display.update(self.started.elapsed(), &self.rows(prepared));
+            if sources_done && all_empty {
+                return Ok(Ending::Completed);
+            }
+        }
+    }
+
+    /// Reads every consumer's lag; true when all of them are empty.
+    async fn read_lags(&mut self) -> bool {
+        let mut all_empty = true;
+        for (unit, durable) in &self.consumers {
+            match self.stream.consumer_info(durable).await {
+                Ok(info) => {
+                    let lag = info.num_pending + info.num_ack_pending as u64;
+                    all_empty &= lag == 0;
+                    self.lags.insert(unit.clone(), lag);
+                }
+                Err(e) => {
+                    all_empty = false;
+                    tracing::debug!("cannot read consumer {durable}: {e}");
+                }
+            }
+        }
+        all_empty
+    }
+
+    fn autoscale(&mut self, prepared: &Prepared, display: &mut Display) {
+        let notes = self.scaler.step(
+            self.started.elapsed(),
+            &prepared.topology,
+            &prepared.layout,
+            &self.lags,
+            &self.reports.fresh_all(),
+            &mut self.supervisor,
+        );
+        for note in notes {
+            display.note(&note);
+        }
+    }
+
+    /// Stops every process (Ctrl-C during the stop forces it when the run was interrupted), then waits
+    /// for the last reports of those that stopped cleanly, so that the summary counts everything.
+    pub async fn stop(&mut self, interrupted: bool, display: &mut Display) {
+        let stopped = {
+            let stopping = self.supervisor.stop_all(Duration::from_secs(30));
+            tokio::pin!(stopping);
+            tokio::select! {
+                stopped = &mut stopping => stopped,
+                _ = tokio::signal::ctrl_c(), if interrupted => {
+                    display.note("forcing the stop");
+                    Vec::new()
+                }
+            }
+        };
+        let deadline = Instant::now() + LAST_REPORTS_WITHIN;
+        while !self.reports.have_last_reports(&stopped) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops everything after a unit crash-looped and says why, keeping the logs.
+    pub async fn crashed(self, crash: CrashLoop) -> RunError {
+        let mut supervisor = self.supervisor;
+        supervisor.stop_all(Duration::from_secs(10)).await;
+        let logs = self.run_dir.keep();
+        let log = if crash.log.as_os_str().is_empty() {
+            String::new()
+        } else {
+            supervisor::tail(&crash.log, 15)
+        };
+        RunError::CrashLoop {
+            unit: crash.unit,
+            status: crash.status,
+            log,
+            logs: logs.join("logs"),
+        }
+    }
+
+    /// One row per unit. `replicas` counts running processes, or (once stopped) the most a unit had.
+    pub fn rows(&self, prepared: &Prepared) -> Vec<Row> {
+        prepared
+            .layout
+            .units
+            .iter()
+            .map(|config| {
+                let t = totals(&self.reports, &config.unit);
+                let processes = self.supervisor.units.iter().find(|u| u.unit == config.unit);
+                Row {
+                    unit: config.unit.clone(),
+                    kind: prepared.topology.unit(&config.unit).map(type_of),
+                    replicas: processes.map_or(0, |p| {
+                        if p.running() > 0 {
+                            p.running()
+                        } else {
+                            p.most_replicas
+                        }
+                    }),
+                    processed: t.processed,
+                    published: t.published,
+                    lag: self.lags.get(&config.unit).copied(),
+                    dead_lettered: t.dead_lettered,
+                    total: self.totals_of_source.get(&config.unit).copied(),
+                    finished: processes.is_some_and(|p| p.finished),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Sum of the latest report of every replica a unit has had.
+pub fn totals(reports: &Reports, unit: &str) -> StatsReport {
+    let mut sum = StatsReport::default();
+    for r in reports.latest(unit) {
+        sum.processed += r.processed;
+        sum.published += r.published;
+        sum.dead_lettered += r.dead_lettered;
+        sum.duplicates_skipped += r.duplicates_skipped;
+        sum.in_flight += r.in_flight;
+    }
+    sum
+}
+
+fn consumers_in_flow_order(prepared: &Prepared) -> Vec<(String, String)> {
+    prepared
+        .topology
+        .topological_order()
+        .iter()
+        .filter_map(|unit| {
+            let config = prepared.layout.units.iter().find(|c| c.unit == unit.name)?;
+            let input = config.input.as_ref()?;
+            Some((unit.name.clone(), input.durable.clone()))
+        })
+        .collect()
+}
+
+fn totals_of_sources(prepared: &Prepared) -> HashMap<String, u64> {
+    prepared
+        .layout
+        .units
+        .iter()
+        .filter_map(|u| match &u.role {
+            UnitRole::Source {
+                source: SourceKind::Generator(GeneratorSource { count: Some(c), .. }),
+                ..
+            } => Some((u.unit.clone(), *c)),
+            _ => None,
+        })
+        .collect()
+}
