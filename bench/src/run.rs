@@ -305,6 +305,14 @@ fn render(report: &Report, args: &BenchArgs) -> String {
             r.peak_rss_mib
         );
     }
+    render_notes(&mut out, report);
+    render_targets(&mut out, report, args);
+    out
+}
+
+/// The in-process step costs and the idle process's memory.
+fn render_notes(out: &mut String, report: &Report) {
+    use std::fmt::Write as _;
     let _ = writeln!(out);
     for run in &report.steps.runs {
         let _ = writeln!(
@@ -322,6 +330,11 @@ fn render(report: &Report, args: &BenchArgs) -> String {
     if let Some(rss) = report.idle_rss_mib {
         let _ = writeln!(out, "An idle stage process holds {rss:.1} MiB.");
     }
+}
+
+/// Each target the project set itself, met or not.
+fn render_targets(out: &mut String, report: &Report, args: &BenchArgs) {
+    use std::fmt::Write as _;
     let check = |ok: bool| if ok { "met" } else { "NOT met" };
     let worst_unit = report
         .results
@@ -376,7 +389,6 @@ fn render(report: &Report, args: &BenchArgs) -> String {
             check(rss <= 20.0)
         );
     }
-    out
 }
 
 fn machine() -> String {

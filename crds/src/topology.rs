@@ -228,6 +228,33 @@ fn new_unit(
     }
 }
 
+impl Unit {
+    /// A source or sink: a unit of its own with no steps, in the Pipeline's image.
+    fn edge(
+        name: &str,
+        kind: UnitKind,
+        spec_path: String,
+        inputs: Vec<String>,
+        spec: &crate::PipelineSpec,
+    ) -> Unit {
+        Unit {
+            name: name.to_string(),
+            kind,
+            spec_path,
+            inputs,
+            steps: Vec::new(),
+            switcher: None,
+            batch: None,
+            concurrency: None,
+            image: spec.image.clone(),
+            env: Vec::new(),
+            resources: None,
+            node_selector: None,
+            tolerations: None,
+        }
+    }
+}
+
 /// Builds the topology of a spec whose names and inputs are known to resolve.
 pub(crate) fn build(
     pipeline: &str,
@@ -239,21 +266,13 @@ pub(crate) fn build(
     let mut exit_of: BTreeMap<String, String> = BTreeMap::new();
     for (i, source) in spec.sources.iter().enumerate() {
         exit_of.insert(source.name.clone(), source.name.clone());
-        units.push(Unit {
-            name: source.name.clone(),
-            kind: UnitKind::Source(source.clone()),
-            spec_path: format!("sources[{i}] {}", source.name),
-            inputs: Vec::new(),
-            steps: Vec::new(),
-            switcher: None,
-            batch: None,
-            concurrency: None,
-            image: spec.image.clone(),
-            env: Vec::new(),
-            resources: None,
-            node_selector: None,
-            tolerations: None,
-        });
+        units.push(Unit::edge(
+            &source.name,
+            UnitKind::Source(source.clone()),
+            format!("sources[{i}] {}", source.name),
+            Vec::new(),
+            spec,
+        ));
     }
     let global = Inherited {
         image: spec.image.clone(),
@@ -296,24 +315,17 @@ pub(crate) fn build(
         None => all_sources,
     };
     for (i, sink) in spec.sinks.iter().enumerate() {
-        units.push(Unit {
-            name: sink.name.clone(),
-            kind: UnitKind::Sink(sink.clone()),
-            spec_path: format!("sinks[{i}] {}", sink.name),
-            inputs: match &sink.inputs {
-                Some(names) => resolve(names),
-                None => default_sink_input.clone(),
-            },
-            steps: Vec::new(),
-            switcher: None,
-            batch: None,
-            concurrency: None,
-            image: spec.image.clone(),
-            env: Vec::new(),
-            resources: None,
-            node_selector: None,
-            tolerations: None,
-        });
+        let inputs = match &sink.inputs {
+            Some(names) => resolve(names),
+            None => default_sink_input.clone(),
+        };
+        units.push(Unit::edge(
+            &sink.name,
+            UnitKind::Sink(sink.clone()),
+            format!("sinks[{i}] {}", sink.name),
+            inputs,
+            spec,
+        ));
     }
     (
         Topology {

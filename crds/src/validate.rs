@@ -7,7 +7,9 @@ use std::time::Duration;
 use crate::crd::{MAX_STAGES_PER_GROUP, MAX_STAGE_DEPTH, MAX_TOP_LEVEL_STAGES};
 use crate::jq::JqFilter;
 use crate::kinds;
-use crate::pipeline::{Pipeline, Sink, SinkKind, Source, SourceKind, Stage, StepKind};
+use crate::pipeline::{
+    Pipeline, Retry, Sink, SinkKind, Source, SourceKind, Stage, StepKind, Switcher,
+};
 use crate::topology::{self, Topology};
 
 /// Longest name Kubernetes accepts for a label value, and so for the objects we derive from unit names.
@@ -96,20 +98,38 @@ pub fn analyze(pipeline: &Pipeline) -> Result<Topology, Vec<Problem>> {
         .namespace
         .clone()
         .unwrap_or_else(|| "default".to_string());
-    let spec = &pipeline.spec;
+    check_spec(&mut problems, &pipeline.spec);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let (topology, _) = topology::build(&name, &namespace, &pipeline.spec);
+    check_units(&mut problems, &name, &topology);
+    if problems.is_empty() {
+        Ok(topology)
+    } else {
+        Err(problems)
+    }
+}
 
-    let mut top_names: BTreeMap<String, String> = BTreeMap::new();
-    let mut claim = |problems: &mut Vec<Problem>, name: &str, path: String| {
-        if let Some(first) = top_names.get(name) {
+/// Sources, top-level stages and sinks share one namespace of names; each name's first path.
+#[derive(Default)]
+struct TopNames(BTreeMap<String, String>);
+
+impl TopNames {
+    fn claim(&mut self, problems: &mut Vec<Problem>, name: &str, path: &str) {
+        if let Some(first) = self.0.get(name) {
             problems.push(Problem::at(
                 path,
                 format!("the name `{name}` is already used by {first}: sources, top-level stages and sinks need distinct names"),
             ));
         } else {
-            top_names.insert(name.to_string(), path);
+            self.0.insert(name.to_string(), path.to_string());
         }
-    };
+    }
+}
 
+fn check_spec(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
+    let mut names = TopNames::default();
     if spec.sources.is_empty() {
         problems.push(Problem::at(
             "sources",
@@ -121,9 +141,9 @@ pub fn analyze(pipeline: &Pipeline) -> Result<Topology, Vec<Problem>> {
     }
     for (i, source) in spec.sources.iter().enumerate() {
         let path = format!("sources[{i}] {}", source.name);
-        check_name(&mut problems, &path, &source.name);
-        claim(&mut problems, &source.name, path.clone());
-        check_source(&mut problems, &path, source);
+        check_name(problems, &path, &source.name);
+        names.claim(problems, &source.name, &path);
+        check_source(problems, &path, source);
     }
     if spec.stages.len() > MAX_TOP_LEVEL_STAGES {
         problems.push(Problem::at(
@@ -133,8 +153,8 @@ pub fn analyze(pipeline: &Pipeline) -> Result<Topology, Vec<Problem>> {
     }
     for (i, stage) in spec.stages.iter().enumerate() {
         let path = format!("stages[{i}] {}", stage.name);
-        claim(&mut problems, &stage.name, path.clone());
-        check_stage(&mut problems, &path, stage, 1);
+        names.claim(problems, &stage.name, &path);
+        check_stage(problems, &path, stage, 1);
     }
     if spec.sinks.is_empty() {
         problems.push(Problem::at(
@@ -147,27 +167,16 @@ pub fn analyze(pipeline: &Pipeline) -> Result<Topology, Vec<Problem>> {
     }
     for (i, sink) in spec.sinks.iter().enumerate() {
         let path = format!("sinks[{i}] {}", sink.name);
-        check_name(&mut problems, &path, &sink.name);
-        claim(&mut problems, &sink.name, path.clone());
-        check_sink(&mut problems, &path, sink);
+        check_name(problems, &path, &sink.name);
+        names.claim(problems, &sink.name, &path);
+        check_sink(problems, &path, sink);
     }
     if let Some(subject) = spec.dead_letter.as_ref().and_then(|d| d.subject.as_ref()) {
         if !is_valid_subject(subject) {
             problems.push(Problem::at("deadLetter.subject", format!("`{subject}` is not a NATS subject: use dot-separated tokens without spaces or wildcards")));
         }
     }
-    check_inputs(&mut problems, spec);
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-
-    let (topology, _) = topology::build(&name, &namespace, spec);
-    check_units(&mut problems, &name, &topology);
-    if problems.is_empty() {
-        Ok(topology)
-    } else {
-        Err(problems)
-    }
+    check_inputs(problems, spec);
 }
 
 fn check_name(problems: &mut Vec<Problem>, path: &str, name: &str) {
@@ -357,48 +366,16 @@ fn check_url(problems: &mut Vec<Problem>, path: &str, field: &str, url: &str) {
     }
 }
 
-/// `depth` is 1 for a top-level stage, 2 for a stage in its group, and so on; `is_unit` is true for a
-/// top-level stage or a switcher: the stages that become their own unit.
+/// `depth` is 1 for a top-level stage, 2 for a stage in its group, and so on.
 fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, depth: usize) {
     check_name(problems, path, &stage.name);
     let top_level = depth == 1;
+    // Top-level stages and switchers become units of their own.
     let is_unit = top_level || stage.switcher.is_some();
     let mut kinds = Vec::new();
     if let Some(children) = &stage.stages {
         kinds.push("stages");
-        if children.is_empty() {
-            problems.push(Problem::at(
-                path,
-                "the group has no stages: add at least one, or make this stage a step",
-            ));
-        }
-        if depth >= MAX_STAGE_DEPTH && !children.is_empty() {
-            problems.push(Problem::at(
-                path,
-                format!("stages nest at most {MAX_STAGE_DEPTH} levels deep and this group is at level {depth}: move its stages up a level, or into a top-level stage of their own"),
-            ));
-        } else if !top_level && children.len() > MAX_STAGES_PER_GROUP {
-            problems.push(Problem::at(
-                path,
-                format!("the group has {} stages and a nested group holds at most {MAX_STAGES_PER_GROUP}: split it into groups", children.len()),
-            ));
-        }
-        let children = if depth >= MAX_STAGE_DEPTH {
-            &children[..0]
-        } else {
-            &children[..]
-        };
-        let mut seen = BTreeSet::new();
-        for (i, child) in children.iter().enumerate() {
-            let child_path = format!("{path} > stages[{i}] {}", child.name);
-            if !seen.insert(child.name.as_str()) {
-                problems.push(Problem::at(
-                    &child_path,
-                    format!("another stage in this group is already named `{}`: give each stage of a group its own name", child.name),
-                ));
-            }
-            check_stage(problems, &child_path, child, depth + 1);
-        }
+        check_group(problems, path, children, depth);
     }
     for kind in stage.step.iter() {
         check_step_kind(problems, path, kind);
@@ -409,27 +386,11 @@ fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, depth: us
         kinds::names::<StepKind>().join(", ")
     );
     exactly_one(problems, path, "the stage", &kinds, &all);
-
     if let Some(timeout) = &stage.timeout {
         check_duration(problems, path, "timeout", timeout);
     }
     if let Some(retry) = &stage.retry {
-        if retry.max_attempts == 0 {
-            problems.push(Problem::at(
-                path,
-                "retry.maxAttempts must be at least 1 (it counts the first attempt)",
-            ));
-        }
-        if let Some(b) = &retry.backoff {
-            if let Err(e) = parse_duration(b) {
-                problems.push(Problem::at(path, format!("retry.backoff: {e}")));
-            }
-        }
-        if let Some(b) = &retry.max_backoff {
-            if let Err(e) = parse_duration(b) {
-                problems.push(Problem::at(path, format!("retry.maxBackoff: {e}")));
-            }
-        }
+        check_retry(problems, path, retry);
     }
     if let Some(batch) = &stage.batch {
         if !is_unit {
@@ -442,37 +403,8 @@ fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, depth: us
             check_duration(problems, path, "batch.timeout", t);
         }
     }
-    if let Some(sw) = &stage.switcher {
-        if sw.max_replicas == 0 {
-            problems.push(Problem::at(path, "switcher.maxReplicas must be at least 1"));
-        }
-        if sw.min_replicas > sw.max_replicas {
-            problems.push(Problem::at(
-                path,
-                format!(
-                    "switcher.minReplicas ({}) is greater than maxReplicas ({}): lower minReplicas or raise maxReplicas",
-                    sw.min_replicas, sw.max_replicas
-                ),
-            ));
-        }
-        if sw.target_lag_per_replica == 0 {
-            problems.push(Problem::at(
-                path,
-                "switcher.targetLagPerReplica must be at least 1",
-            ));
-        }
-        if !(1..=100).contains(&sw.target_utilization) {
-            problems.push(Problem::at(
-                path,
-                format!(
-                    "switcher.targetUtilization {} must be a percentage from 1 to 100",
-                    sw.target_utilization
-                ),
-            ));
-        }
-        if let Some(window) = &sw.scale_down_stabilization {
-            check_duration(problems, path, "switcher.scaleDownStabilization", window);
-        }
+    if let Some(switcher) = &stage.switcher {
+        check_switcher(problems, path, switcher);
     }
     if let Some(c) = stage.concurrency {
         if c == 0 {
@@ -492,58 +424,146 @@ fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, depth: us
     }
 }
 
-fn check_inputs(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
-    let sources: BTreeSet<&str> = spec.sources.iter().map(|s| s.name.as_str()).collect();
-    let stages: BTreeSet<&str> = spec.stages.iter().map(|s| s.name.as_str()).collect();
-    let known = |name: &str| sources.contains(name) || stages.contains(name);
-    let hint = || {
-        let mut names: Vec<&str> = sources.iter().chain(stages.iter()).copied().collect();
-        names.sort();
-        names.join(", ")
-    };
-    for (i, stage) in spec.stages.iter().enumerate() {
-        let path = format!("stages[{i}] {}", stage.name);
-        for input in stage.inputs.iter().flatten() {
-            if input == &stage.name {
-                problems.push(Problem::at(&path, "the stage names itself in inputs"));
-            } else if !known(input) {
-                problems.push(Problem::at(
-                    &path,
-                    format!(
-                        "inputs names `{input}`, which is no source or top-level stage; known: {}",
-                        hint()
-                    ),
-                ));
-            }
-        }
-        if stage.inputs.as_ref().is_some_and(|i| i.is_empty()) {
+/// The stages of the group at `path` (itself at `depth`): their number, nesting and names.
+fn check_group(problems: &mut Vec<Problem>, path: &str, children: &[Stage], depth: usize) {
+    if children.is_empty() {
+        problems.push(Problem::at(
+            path,
+            "the group has no stages: add at least one, or make this stage a step",
+        ));
+    }
+    if depth >= MAX_STAGE_DEPTH && !children.is_empty() {
+        problems.push(Problem::at(
+            path,
+            format!("stages nest at most {MAX_STAGE_DEPTH} levels deep and this group is at level {depth}: move its stages up a level, or into a top-level stage of their own"),
+        ));
+        return;
+    }
+    if depth > 1 && children.len() > MAX_STAGES_PER_GROUP {
+        problems.push(Problem::at(
+            path,
+            format!("the group has {} stages and a nested group holds at most {MAX_STAGES_PER_GROUP}: split it into groups", children.len()),
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, child) in children.iter().enumerate() {
+        let child_path = format!("{path} > stages[{i}] {}", child.name);
+        if !seen.insert(child.name.as_str()) {
             problems.push(Problem::at(
-                &path,
-                "inputs is empty: name at least one source or stage, or leave it out",
+                &child_path,
+                format!("another stage in this group is already named `{}`: give each stage of a group its own name", child.name),
             ));
         }
+        check_stage(problems, &child_path, child, depth + 1);
+    }
+}
+
+fn check_retry(problems: &mut Vec<Problem>, path: &str, retry: &Retry) {
+    if retry.max_attempts == 0 {
+        problems.push(Problem::at(
+            path,
+            "retry.maxAttempts must be at least 1 (it counts the first attempt)",
+        ));
+    }
+    for (field, value) in [
+        ("retry.backoff", &retry.backoff),
+        ("retry.maxBackoff", &retry.max_backoff),
+    ] {
+        if let Some(Err(e)) = value.as_deref().map(parse_duration) {
+            problems.push(Problem::at(path, format!("{field}: {e}")));
+        }
+    }
+}
+
+fn check_switcher(problems: &mut Vec<Problem>, path: &str, sw: &Switcher) {
+    if sw.max_replicas == 0 {
+        problems.push(Problem::at(path, "switcher.maxReplicas must be at least 1"));
+    }
+    if sw.min_replicas > sw.max_replicas {
+        problems.push(Problem::at(
+            path,
+            format!(
+                "switcher.minReplicas ({}) is greater than maxReplicas ({}): lower minReplicas or raise maxReplicas",
+                sw.min_replicas, sw.max_replicas
+            ),
+        ));
+    }
+    if sw.target_lag_per_replica == 0 {
+        problems.push(Problem::at(
+            path,
+            "switcher.targetLagPerReplica must be at least 1",
+        ));
+    }
+    if !(1..=100).contains(&sw.target_utilization) {
+        problems.push(Problem::at(
+            path,
+            format!(
+                "switcher.targetUtilization {} must be a percentage from 1 to 100",
+                sw.target_utilization
+            ),
+        ));
+    }
+    if let Some(window) = &sw.scale_down_stabilization {
+        check_duration(problems, path, "switcher.scaleDownStabilization", window);
+    }
+}
+
+fn check_inputs(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
+    let mut known: Vec<&str> = spec
+        .sources
+        .iter()
+        .map(|s| s.name.as_str())
+        .chain(spec.stages.iter().map(|s| s.name.as_str()))
+        .collect();
+    known.sort();
+    for (i, stage) in spec.stages.iter().enumerate() {
+        let path = format!("stages[{i}] {}", stage.name);
+        check_named_inputs(
+            problems,
+            &path,
+            stage.inputs.as_deref(),
+            &known,
+            Some(&stage.name),
+        );
     }
     for (i, sink) in spec.sinks.iter().enumerate() {
         let path = format!("sinks[{i}] {}", sink.name);
-        for input in sink.inputs.iter().flatten() {
-            if !known(input) {
-                problems.push(Problem::at(
-                    &path,
-                    format!(
-                        "inputs names `{input}`, which is no source or top-level stage; known: {}",
-                        hint()
-                    ),
-                ));
-            }
-        }
-        if sink.inputs.as_ref().is_some_and(|i| i.is_empty()) {
+        check_named_inputs(problems, &path, sink.inputs.as_deref(), &known, None);
+    }
+    check_cycles(problems, spec);
+}
+
+/// The `inputs` of the stage or sink at `path` (named `own`, for a stage) name what exists.
+fn check_named_inputs(
+    problems: &mut Vec<Problem>,
+    path: &str,
+    inputs: Option<&[String]>,
+    known: &[&str],
+    own: Option<&str>,
+) {
+    for input in inputs.into_iter().flatten() {
+        if Some(input.as_str()) == own {
+            problems.push(Problem::at(path, "the stage names itself in inputs"));
+        } else if !known.contains(&input.as_str()) {
             problems.push(Problem::at(
-                &path,
-                "inputs is empty: name at least one source or stage, or leave it out",
+                path,
+                format!(
+                    "inputs names `{input}`, which is no source or top-level stage; known: {}",
+                    known.join(", ")
+                ),
             ));
         }
     }
-    // Cycles among top-level stages (each stage depends on its inputs, or on the previous stage).
+    if inputs.is_some_and(<[String]>::is_empty) {
+        problems.push(Problem::at(
+            path,
+            "inputs is empty: name at least one source or stage, or leave it out",
+        ));
+    }
+}
+
+/// Cycles among top-level stages (each stage depends on its inputs, or on the previous stage).
+fn check_cycles(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
     let deps = |i: usize| -> Vec<usize> {
         let stage = &spec.stages[i];
         match &stage.inputs {

@@ -167,6 +167,54 @@ fn spawn(name: &'static str, command: &mut Command, log: &Path) -> (&'static str
 }
 
 /// Extra API server flags a suite can ask for.
+/// etcd on loopback, without fsync: the store of a test cluster.
+fn etcd_command(binary: &Path, d: &Path, client: u16) -> Command {
+    let peer = free_port();
+    let mut etcd = Command::new(binary);
+    etcd.arg(format!("--data-dir={}", d.join("etcd").display()))
+        .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+        .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+        .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+        .arg(format!(
+            "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+        ))
+        .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer}"))
+        .arg("--unsafe-no-fsync")
+        .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+    etcd
+}
+
+/// kube-apiserver as a cluster runs it: TLS, RBAC, tokens, an audit log of every request, and the
+/// owner-reference admission check.
+fn apiserver_command(binary: &Path, d: &Path, etcd_client: u16, port: u16) -> Command {
+    let file = |name: &str| d.join(name).display().to_string();
+    let mut apiserver = Command::new(binary);
+    apiserver
+        .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_client}"))
+        .arg("--bind-address=127.0.0.1")
+        .arg("--advertise-address=127.0.0.1")
+        .arg(format!("--secure-port={port}"))
+        .arg(format!("--cert-dir={}", file("certs")))
+        .arg(format!("--tls-cert-file={}", file("serving.crt")))
+        .arg(format!("--tls-private-key-file={}", file("serving.key")))
+        .arg(format!("--client-ca-file={}", file("ca.crt")))
+        .arg(format!("--service-account-key-file={}", file("sa.pub")))
+        .arg(format!(
+            "--service-account-signing-key-file={}",
+            file("sa.key")
+        ))
+        .arg("--service-account-issuer=https://kubernetes.default.svc")
+        .arg(format!("--token-auth-file={}", file("tokens.csv")))
+        .arg("--authorization-mode=RBAC")
+        .arg("--disable-admission-plugins=ServiceAccount")
+        .arg("--enable-admission-plugins=OwnerReferencesPermissionEnforcement")
+        .arg("--service-cluster-ip-range=10.0.0.0/24")
+        .arg(format!("--audit-policy-file={}", file("audit-policy.yaml")))
+        .arg(format!("--audit-log-path={}", file("audit.log")))
+        .arg("--audit-log-maxsize=1000");
+    apiserver
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     pub extra_apiserver_args: Vec<String>,
@@ -187,80 +235,18 @@ impl ControlPlane {
             "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  - level: Metadata\n",
         )
         .expect("write the audit policy");
-        let mut processes = Vec::new();
-
-        let (etcd_client, etcd_peer) = (free_port(), free_port());
-        processes.push(spawn(
+        let etcd_client = free_port();
+        let etcd = spawn(
             "etcd",
-            Command::new(&binaries.etcd)
-                .arg(format!("--data-dir={}", d.join("etcd").display()))
-                .arg(format!(
-                    "--listen-client-urls=http://127.0.0.1:{etcd_client}"
-                ))
-                .arg(format!(
-                    "--advertise-client-urls=http://127.0.0.1:{etcd_client}"
-                ))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"))
-                .arg(format!(
-                    "--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"
-                ))
-                .arg(format!(
-                    "--initial-cluster=default=http://127.0.0.1:{etcd_peer}"
-                ))
-                .arg("--unsafe-no-fsync")
-                .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH),
+            &mut etcd_command(&binaries.etcd, d, etcd_client),
             &d.join("etcd.log"),
-        ));
-
+        );
         let port = free_port();
         let url = format!("https://127.0.0.1:{port}");
         let audit_log = d.join("audit.log");
-        let mut apiserver = Command::new(&binaries.apiserver);
-        apiserver
-            .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_client}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--secure-port={port}"))
-            .arg(format!("--cert-dir={}", d.join("certs").display()))
-            .arg(format!(
-                "--tls-cert-file={}",
-                d.join("serving.crt").display()
-            ))
-            .arg(format!(
-                "--tls-private-key-file={}",
-                d.join("serving.key").display()
-            ))
-            .arg(format!("--client-ca-file={}", d.join("ca.crt").display()))
-            .arg(format!(
-                "--service-account-key-file={}",
-                d.join("sa.pub").display()
-            ))
-            .arg(format!(
-                "--service-account-signing-key-file={}",
-                d.join("sa.key").display()
-            ))
-            .arg("--service-account-issuer=https://kubernetes.default.svc")
-            .arg(format!(
-                "--token-auth-file={}",
-                d.join("tokens.csv").display()
-            ))
-            .arg("--authorization-mode=RBAC")
-            .arg("--disable-admission-plugins=ServiceAccount")
-            .arg("--enable-admission-plugins=OwnerReferencesPermissionEnforcement")
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
-            .arg(format!(
-                "--audit-policy-file={}",
-                d.join("audit-policy.yaml").display()
-            ))
-            .arg(format!("--audit-log-path={}", audit_log.display()))
-            .arg("--audit-log-maxsize=1000")
-            .args(&options.extra_apiserver_args);
-        processes.push(spawn(
-            "kube-apiserver",
-            &mut apiserver,
-            &d.join("apiserver.log"),
-        ));
-
+        let mut apiserver = apiserver_command(&binaries.apiserver, d, etcd_client, port);
+        apiserver.args(&options.extra_apiserver_args);
+        let apiserver = spawn("kube-apiserver", &mut apiserver, &d.join("apiserver.log"));
         let ca_file = d.join("ca.crt");
         let admin_kubeconfig = d.join("admin.kubeconfig");
         write_kubeconfig(&admin_kubeconfig, &url, &ca_file, ADMIN_TOKEN);
@@ -270,10 +256,9 @@ impl ControlPlane {
             admin_kubeconfig,
             audit_log,
             ca_file,
-            processes,
+            processes: vec![etcd, apiserver],
         };
         plane.wait_ready();
-
         let d = plane.dir.path().to_path_buf();
         let kcm_port = free_port();
         let kcm = spawn(

@@ -67,10 +67,6 @@ pub fn render(summary: &Summary) -> String {
 }
 
 fn panel(svg: &mut String, summary: &Summary, unit: &str, points: &[Point], top: f64, end: f64) {
-    let plot_width = WIDTH - LEFT - RIGHT;
-    let bottom = top + PANEL;
-    let has_lag = points.iter().any(|p| p.lag.is_some());
-    let max_lag = nice(points.iter().filter_map(|p| p.lag).max().unwrap_or(0) as f64).max(4.0);
     let limit = summary.switchers.get(unit).map(|s| s.max_replicas as usize);
     let max_replicas = points
         .iter()
@@ -79,127 +75,180 @@ fn panel(svg: &mut String, summary: &Summary, unit: &str, points: &[Point], top:
         .max()
         .unwrap_or(1)
         .max(1) as f64;
-    let x = |t: f64| LEFT + t / end * plot_width;
-    let y_lag = |lag: f64| bottom - lag / max_lag * PANEL;
-    let y_rep = |r: f64| bottom - r / (max_replicas + 0.5) * PANEL;
+    let scales = Scales {
+        top,
+        end,
+        max_lag: nice(points.iter().filter_map(|p| p.lag).max().unwrap_or(0) as f64).max(4.0),
+        max_replicas,
+    };
+    let _ = writeln!(
+        svg,
+        r#"<text x="{LEFT}" y="{:.1}" font-weight="bold">{}</text>"#,
+        top - 6.0,
+        escape(&title(summary, unit))
+    );
+    let _ = writeln!(
+        svg,
+        r##"<rect x="{LEFT}" y="{top:.1}" width="{:.1}" height="{PANEL}" fill="none" stroke="#9ca3af"/>"##,
+        scales.width()
+    );
+    scales.axes(svg, points.iter().any(|p| p.lag.is_some()));
+    if let Some(limit) = limit {
+        let yy = scales.y_replicas(limit as f64);
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="{REPLICA_COLOUR}" stroke-opacity="0.35" stroke-dasharray="1 3"/><text x="{:.1}" y="{:.1}" fill="{REPLICA_COLOUR}" fill-opacity="0.7" text-anchor="end">maxReplicas</text>"#,
+            LEFT + scales.width(),
+            LEFT + scales.width() - 4.0,
+            yy - 4.0
+        );
+    }
+    scales.lines(svg, points);
+    for event in summary.scale_events.iter().filter(|e| e.unit == unit) {
+        let _ = writeln!(
+            svg,
+            r#"<path d="M{:.1},{:.1} l-4,-7 h8 z" fill="{REPLICA_COLOUR}"><title>{:.1}s: {}</title></path>"#,
+            scales.x(event.t),
+            top - 1.0,
+            event.t,
+            escape(&event.reason)
+        );
+    }
+}
+
+fn title(summary: &Summary, unit: &str) -> String {
     let kind = summary
         .units
         .iter()
         .find(|u| u.name == unit)
         .and_then(|u| u.kind)
         .map_or("unit", UnitType::as_str);
-    let title = match summary.switchers.get(unit) {
+    match summary.switchers.get(unit) {
         Some(s) => format!(
             "{unit} ({kind}: {}..{} replicas, target lag {} per replica)",
             s.min_replicas, s.max_replicas, s.target_lag_per_replica
         ),
         None => format!("{unit} ({kind})"),
-    };
-    let _ = writeln!(
-        svg,
-        r#"<text x="{LEFT}" y="{:.1}" font-weight="bold">{}</text>"#,
-        top - 6.0,
-        escape(&title)
-    );
-    let _ = writeln!(
-        svg,
-        r##"<rect x="{LEFT}" y="{top:.1}" width="{plot_width:.1}" height="{PANEL}" fill="none" stroke="#9ca3af"/>"##
-    );
-    // Axes: lag on the left, replicas on the right, seconds below.
-    for k in 0..=4 {
-        let value = max_lag * f64::from(k) / 4.0;
-        let yy = y_lag(value);
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#e5e7eb"/>"##,
-            LEFT + plot_width,
-        );
-        if has_lag {
+    }
+}
+
+/// Where a panel puts time, lag and replicas.
+struct Scales {
+    top: f64,
+    end: f64,
+    max_lag: f64,
+    max_replicas: f64,
+}
+
+impl Scales {
+    fn width(&self) -> f64 {
+        WIDTH - LEFT - RIGHT
+    }
+
+    fn bottom(&self) -> f64 {
+        self.top + PANEL
+    }
+
+    fn x(&self, t: f64) -> f64 {
+        LEFT + t / self.end * self.width()
+    }
+
+    fn y_lag(&self, lag: f64) -> f64 {
+        self.bottom() - lag / self.max_lag * PANEL
+    }
+
+    fn y_replicas(&self, r: f64) -> f64 {
+        self.bottom() - r / (self.max_replicas + 0.5) * PANEL
+    }
+
+    /// Lag on the left, replicas on the right, seconds below.
+    fn axes(&self, svg: &mut String, has_lag: bool) {
+        for k in 0..=4 {
+            let value = self.max_lag * f64::from(k) / 4.0;
+            let yy = self.y_lag(value);
             let _ = writeln!(
                 svg,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="end" fill="{LAG_COLOUR}">{}</text>"#,
-                LEFT - 6.0,
-                yy + 4.0,
-                short(value)
+                r##"<line x1="{LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#e5e7eb"/>"##,
+                LEFT + self.width(),
+            );
+            if has_lag {
+                let _ = writeln!(
+                    svg,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="end" fill="{LAG_COLOUR}">{}</text>"#,
+                    LEFT - 6.0,
+                    yy + 4.0,
+                    short(value)
+                );
+            }
+        }
+        let step = ((self.max_replicas / 5.0).ceil()).max(1.0);
+        let mut r = 0.0;
+        while r <= self.max_replicas {
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" fill="{REPLICA_COLOUR}">{r:.0}</text>"#,
+                LEFT + self.width() + 6.0,
+                self.y_replicas(r) + 4.0
+            );
+            r += step;
+        }
+        for k in 0..=6 {
+            let t = self.end * f64::from(k) / 6.0;
+            let _ = writeln!(
+                svg,
+                r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#4b5563">{t:.0}s</text>"##,
+                self.x(t),
+                self.bottom() + 16.0
             );
         }
     }
-    let step = ((max_replicas / 5.0).ceil()).max(1.0);
-    let mut r = 0.0;
-    while r <= max_replicas {
-        let _ = writeln!(
-            svg,
-            r#"<text x="{:.1}" y="{:.1}" fill="{REPLICA_COLOUR}">{r:.0}</text>"#,
-            LEFT + plot_width + 6.0,
-            y_rep(r) + 4.0
-        );
-        r += step;
-    }
-    for k in 0..=6 {
-        let t = end * f64::from(k) / 6.0;
-        let _ = writeln!(
-            svg,
-            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#4b5563">{t:.0}s</text>"##,
-            x(t),
-            bottom + 16.0
-        );
-    }
-    if let Some(limit) = limit {
-        let yy = y_rep(limit as f64);
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{LEFT}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="{REPLICA_COLOUR}" stroke-opacity="0.35" stroke-dasharray="1 3"/><text x="{:.1}" y="{:.1}" fill="{REPLICA_COLOUR}" fill-opacity="0.7" text-anchor="end">maxReplicas</text>"#,
-            LEFT + plot_width,
-            LEFT + plot_width - 4.0,
-            yy - 4.0
-        );
-    }
-    let lag_points: Vec<String> = points
-        .iter()
-        .filter_map(|p| {
-            p.lag
-                .map(|lag| format!("{:.1},{:.1}", x(p.t), y_lag(lag as f64)))
-        })
-        .collect();
-    if !lag_points.is_empty() {
-        let _ = writeln!(
-            svg,
-            r#"<polyline fill="none" stroke="{LAG_COLOUR}" stroke-width="1.6" points="{}"/>"#,
-            lag_points.join(" ")
-        );
-    }
-    let steps = |value: fn(&Point) -> usize| -> String {
-        let mut out = Vec::new();
-        let mut previous: Option<usize> = None;
-        for p in points {
-            let v = value(p);
-            if let Some(prev) = previous {
-                out.push(format!("{:.1},{:.1}", x(p.t), y_rep(prev as f64)));
-            }
-            out.push(format!("{:.1},{:.1}", x(p.t), y_rep(v as f64)));
-            previous = Some(v);
+
+    /// The lag line, and the replicas running and wanted as steps.
+    fn lines(&self, svg: &mut String, points: &[Point]) {
+        let lag_points: Vec<String> = points
+            .iter()
+            .filter_map(|p| {
+                p.lag
+                    .map(|lag| format!("{:.1},{:.1}", self.x(p.t), self.y_lag(lag as f64)))
+            })
+            .collect();
+        if !lag_points.is_empty() {
+            let _ = writeln!(
+                svg,
+                r#"<polyline fill="none" stroke="{LAG_COLOUR}" stroke-width="1.6" points="{}"/>"#,
+                lag_points.join(" ")
+            );
         }
-        out.join(" ")
-    };
-    let _ = writeln!(
-        svg,
-        r#"<polyline fill="none" stroke="{REPLICA_COLOUR}" stroke-width="2" points="{}"/>"#,
-        steps(|p| p.replicas)
-    );
-    let _ = writeln!(
-        svg,
-        r#"<polyline fill="none" stroke="{REPLICA_COLOUR}" stroke-width="1.5" stroke-dasharray="4 3" points="{}"/>"#,
-        steps(|p| p.desired)
-    );
-    for event in summary.scale_events.iter().filter(|e| e.unit == unit) {
-        let xx = x(event.t);
+        let steps = |value: fn(&Point) -> usize| -> String {
+            let mut out = Vec::new();
+            let mut previous: Option<usize> = None;
+            for p in points {
+                let v = value(p);
+                if let Some(prev) = previous {
+                    out.push(format!(
+                        "{:.1},{:.1}",
+                        self.x(p.t),
+                        self.y_replicas(prev as f64)
+                    ));
+                }
+                out.push(format!(
+                    "{:.1},{:.1}",
+                    self.x(p.t),
+                    self.y_replicas(v as f64)
+                ));
+                previous = Some(v);
+            }
+            out.join(" ")
+        };
         let _ = writeln!(
             svg,
-            r#"<path d="M{:.1},{:.1} l-4,-7 h8 z" fill="{REPLICA_COLOUR}"><title>{:.1}s: {}</title></path>"#,
-            xx,
-            top - 1.0,
-            event.t,
-            escape(&event.reason)
+            r#"<polyline fill="none" stroke="{REPLICA_COLOUR}" stroke-width="2" points="{}"/>"#,
+            steps(|p| p.replicas)
+        );
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{REPLICA_COLOUR}" stroke-width="1.5" stroke-dasharray="4 3" points="{}"/>"#,
+            steps(|p| p.desired)
         );
     }
 }

@@ -113,7 +113,6 @@ pub fn decide(
     samples: &[Sample],
     downstream: Option<&Pressure>,
 ) -> Decision {
-    let clamp = |n: u32| n.clamp(policy.min, policy.max);
     let Some(latest) = samples.last() else {
         return match current.clamp(policy.min, policy.max) {
             n if n != current => moved(current, n, "outside minReplicas..maxReplicas".into()),
@@ -121,27 +120,12 @@ pub fn decide(
         };
     };
     if current == 0 {
-        return if latest.lag > 0 {
-            let desired = clamp(need(policy, latest).max(1));
-            moved(
-                current,
-                desired,
-                format!("woke from zero: {} messages waiting", latest.lag),
-            )
-        } else if policy.min > 0 {
-            moved(
-                current,
-                policy.min,
-                format!("minReplicas is {}", policy.min),
-            )
-        } else {
-            hold(0, "idle at zero replicas (minReplicas 0)".into())
-        };
+        return from_zero(policy, latest);
     }
     if current < policy.min || current > policy.max {
         return moved(
             current,
-            clamp(current),
+            current.clamp(policy.min, policy.max),
             format!(
                 "kept within minReplicas {}..maxReplicas {}",
                 policy.min, policy.max
@@ -152,25 +136,7 @@ pub fn decide(
     let within_tolerance =
         (f64::from(now) - f64::from(current)).abs() <= f64::from(current) * TOLERANCE;
     if now > current && !within_tolerance {
-        if current == policy.max {
-            return hold(
-                current,
-                format!("at maxReplicas {}: the load needs more", policy.max),
-            );
-        }
-        if let Some(p) =
-            downstream.filter(|p| p.lag as f64 >= p.limit as f64 * DOWNSTREAM_NEAR_LIMIT)
-        {
-            return hold(
-                current,
-                format!(
-                    "holding: downstream unit `{}` is near its limit, more replicas would only move the backlog there",
-                    p.unit
-                ),
-            );
-        }
-        let desired = clamp(now);
-        return moved(current, desired, why_up(policy, latest));
+        return up(policy, current, now, latest, downstream);
     }
     if now < current && current == policy.min {
         return hold(
@@ -179,34 +145,86 @@ pub fn decide(
         );
     }
     if now < current && !within_tolerance {
-        // Down only to the most the window needed; a window not yet full holds.
-        let covered = samples.first().is_some_and(|first| {
-            latest.at.saturating_sub(first.at) + Duration::from_millis(1) >= policy.stabilization
-        });
-        let window_need = samples.iter().map(|s| need(policy, s)).max().unwrap_or(now);
-        let desired = clamp(window_need);
-        if covered && desired < current {
-            return moved(
-                current,
-                desired,
-                format!(
-                    "the load fell: at most {window_need} replica{} needed over the last {}",
-                    if window_need == 1 { "" } else { "s" },
-                    humanize(policy.stabilization)
-                ),
-            );
-        }
-        if desired >= current || !covered {
-            return hold(
-                current,
-                format!(
-                    "waiting: scaling down needs {} of lower load",
-                    humanize(policy.stabilization)
-                ),
-            );
-        }
+        return down(policy, current, samples, latest);
     }
     hold(current, "steady: the replicas match the load".into())
+}
+
+/// A switcher at zero wakes for the first message waiting (or for its minimum).
+fn from_zero(policy: &Policy, latest: &Sample) -> Decision {
+    if latest.lag > 0 {
+        let desired = need(policy, latest).max(1).clamp(policy.min, policy.max);
+        moved(
+            0,
+            desired,
+            format!("woke from zero: {} messages waiting", latest.lag),
+        )
+    } else if policy.min > 0 {
+        moved(0, policy.min, format!("minReplicas is {}", policy.min))
+    } else {
+        hold(0, "idle at zero replicas (minReplicas 0)".into())
+    }
+}
+
+/// Up to what the load needs now, unless at the maximum or the unit downstream is near its limit.
+fn up(
+    policy: &Policy,
+    current: u32,
+    now: u32,
+    latest: &Sample,
+    downstream: Option<&Pressure>,
+) -> Decision {
+    if current == policy.max {
+        return hold(
+            current,
+            format!("at maxReplicas {}: the load needs more", policy.max),
+        );
+    }
+    if let Some(p) = downstream.filter(|p| p.lag as f64 >= p.limit as f64 * DOWNSTREAM_NEAR_LIMIT) {
+        return hold(
+            current,
+            format!(
+                "holding: downstream unit `{}` is near its limit, more replicas would only move the backlog there",
+                p.unit
+            ),
+        );
+    }
+    moved(
+        current,
+        now.clamp(policy.min, policy.max),
+        why_up(policy, latest),
+    )
+}
+
+/// Down only to the most the window needed; a window not yet full holds.
+fn down(policy: &Policy, current: u32, samples: &[Sample], latest: &Sample) -> Decision {
+    let covered = samples.first().is_some_and(|first| {
+        latest.at.saturating_sub(first.at) + Duration::from_millis(1) >= policy.stabilization
+    });
+    let window_need = samples
+        .iter()
+        .map(|s| need(policy, s))
+        .max()
+        .unwrap_or_else(|| need(policy, latest));
+    let desired = window_need.clamp(policy.min, policy.max);
+    if covered && desired < current {
+        return moved(
+            current,
+            desired,
+            format!(
+                "the load fell: at most {window_need} replica{} needed over the last {}",
+                if window_need == 1 { "" } else { "s" },
+                humanize(policy.stabilization)
+            ),
+        );
+    }
+    hold(
+        current,
+        format!(
+            "waiting: scaling down needs {} of lower load",
+            humanize(policy.stabilization)
+        ),
+    )
 }
 
 fn why_up(policy: &Policy, sample: &Sample) -> String {

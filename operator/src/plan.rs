@@ -314,6 +314,92 @@ impl ObjectsFor<'_> {
 
     fn deployment(&self) -> Deployment {
         let replicas = replicas_of(self.unit);
+        let annotations = BTreeMap::from([
+            (
+                ANNOTATION_CONFIG_CHECKSUM.to_string(),
+                checksum(&config_text(self.config)),
+            ),
+            ("prometheus.io/scrape".to_string(), "true".to_string()),
+            ("prometheus.io/port".to_string(), METRICS_PORT.to_string()),
+        ]);
+        Deployment {
+            metadata: self.metadata(),
+            spec: Some(DeploymentSpec {
+                replicas: Some(replicas.min as i32),
+                selector: LabelSelector {
+                    match_labels: Some(self.selector_labels()),
+                    ..LabelSelector::default()
+                },
+                strategy: Some(self.strategy()),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(self.labels()),
+                        annotations: Some(annotations),
+                        ..ObjectMeta::default()
+                    }),
+                    spec: Some(self.pod_spec()),
+                },
+                ..DeploymentSpec::default()
+            }),
+            ..Deployment::default()
+        }
+    }
+
+    /// A source or sink must never run twice at once; everything else rolls without a gap.
+    fn strategy(&self) -> DeploymentStrategy {
+        if replicas_of(self.unit).max == 1 && self.unit.switcher.is_none() {
+            DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..DeploymentStrategy::default()
+            }
+        } else {
+            DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::String("25%".into())),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }
+        }
+    }
+
+    /// The restricted pod: the runtime is copied in by an init container, so that a unit's own image
+    /// (with its handlers' language) runs it.
+    fn pod_spec(&self) -> PodSpec {
+        let (volumes, mounts) = self.volumes();
+        let install = Container {
+            name: "install-runtime".into(),
+            image: Some(self.settings.stage_image.clone()),
+            command: Some(vec!["/switchyard-stage".into()]),
+            args: Some(vec!["--install-to".into(), RUNTIME_DIR.into()]),
+            security_context: Some(restricted_container()),
+            volume_mounts: Some(vec![mount("runtime", RUNTIME_DIR, false)]),
+            ..Container::default()
+        };
+        PodSpec {
+            init_containers: Some(vec![install]),
+            containers: vec![self.stage_container(mounts)],
+            volumes: Some(volumes),
+            node_selector: self.unit.node_selector.clone(),
+            tolerations: self.unit.tolerations.clone(),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS_USER),
+                run_as_group: Some(RUN_AS_USER),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            // In-flight messages finish within 25 s of SIGTERM.
+            termination_grace_period_seconds: Some(30),
+            automount_service_account_token: Some(false),
+            ..PodSpec::default()
+        }
+    }
+
+    fn stage_container(&self, mounts: Vec<VolumeMount>) -> Container {
         // Validation ensures the steps of one unit agree on their image, if any names one.
         let image = self
             .unit
@@ -322,6 +408,33 @@ impl ObjectsFor<'_> {
             .find_map(|s| s.image.clone())
             .or_else(|| self.unit.image.clone())
             .unwrap_or_else(|| self.settings.stage_image.clone());
+        let probe = |path: &str, period: i32| Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some(path.into()),
+                port: IntOrString::String("metrics".into()),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(period),
+            ..Probe::default()
+        };
+        Container {
+            name: "stage".into(),
+            image: Some(image),
+            command: Some(vec![format!("{RUNTIME_DIR}/switchyard-stage")]),
+            working_dir: Some(WORK_DIR.into()),
+            env: Some(self.env()),
+            ports: Some(self.ports()),
+            // Ready once connected with its consumer open (or its source running).
+            readiness_probe: Some(probe("/readyz", 5)),
+            liveness_probe: Some(probe("/healthz", 10)),
+            resources: self.unit.resources.clone(),
+            security_context: Some(restricted_container()),
+            volume_mounts: Some(mounts),
+            ..Container::default()
+        }
+    }
+
+    fn env(&self) -> Vec<EnvVar> {
         let mut env = vec![
             env_value("SWITCHYARD_CONFIG", &format!("{CONFIG_DIR}/unit.json")),
             env_value("SWITCHYARD_NATS_URL", self.nats_url),
@@ -342,6 +455,18 @@ impl ObjectsFor<'_> {
                 ..EnvVar::default()
             },
         ];
+        if self.credentials.is_some() {
+            env.push(env_value(
+                "SWITCHYARD_NATS_CREDENTIALS",
+                &format!("{CREDENTIALS_DIR}/nats.creds"),
+            ));
+        }
+        env.extend(self.unit.env.iter().cloned());
+        env
+    }
+
+    /// The pod's volumes, and where the stage container mounts them.
+    fn volumes(&self) -> (Vec<Volume>, Vec<VolumeMount>) {
         let mut volumes = vec![
             Volume {
                 name: "config".into(),
@@ -364,10 +489,6 @@ impl ObjectsFor<'_> {
             mount("work", WORK_DIR, false),
         ];
         if let Some(secret) = self.credentials {
-            env.push(env_value(
-                "SWITCHYARD_NATS_CREDENTIALS",
-                &format!("{CREDENTIALS_DIR}/nats.creds"),
-            ));
             volumes.push(Volume {
                 name: "nats-credentials".into(),
                 secret: Some(SecretVolumeSource {
@@ -378,121 +499,25 @@ impl ObjectsFor<'_> {
             });
             mounts.push(mount("nats-credentials", CREDENTIALS_DIR, true));
         }
-        env.extend(self.unit.env.iter().cloned());
-        let mut ports = vec![ContainerPort {
-            name: Some("metrics".into()),
-            container_port: METRICS_PORT,
+        (volumes, mounts)
+    }
+
+    fn ports(&self) -> Vec<ContainerPort> {
+        let port = |name: &str, number: i32| ContainerPort {
+            name: Some(name.into()),
+            container_port: number,
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
-        }];
+        };
+        let mut ports = vec![port("metrics", METRICS_PORT)];
         if let UnitRole::Source {
-            source: SourceKind::Http(HttpSource { port, .. }),
+            source: SourceKind::Http(HttpSource { port: http, .. }),
             ..
         } = &self.config.role
         {
-            ports.push(ContainerPort {
-                name: Some("http".into()),
-                container_port: i32::from(*port),
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            });
+            ports.push(port("http", i32::from(*http)));
         }
-        let probe = |path: &str, period: i32| Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some(path.into()),
-                port: IntOrString::String("metrics".into()),
-                ..HTTPGetAction::default()
-            }),
-            period_seconds: Some(period),
-            ..Probe::default()
-        };
-        let main = Container {
-            name: "stage".into(),
-            image: Some(image),
-            command: Some(vec![format!("{RUNTIME_DIR}/switchyard-stage")]),
-            working_dir: Some(WORK_DIR.into()),
-            env: Some(env),
-            ports: Some(ports),
-            // Ready once connected with its consumer open (or its source running).
-            readiness_probe: Some(probe("/readyz", 5)),
-            liveness_probe: Some(probe("/healthz", 10)),
-            resources: self.unit.resources.clone(),
-            security_context: Some(restricted_container()),
-            volume_mounts: Some(mounts),
-            ..Container::default()
-        };
-        let install = Container {
-            name: "install-runtime".into(),
-            image: Some(self.settings.stage_image.clone()),
-            command: Some(vec!["/switchyard-stage".into()]),
-            args: Some(vec!["--install-to".into(), RUNTIME_DIR.into()]),
-            security_context: Some(restricted_container()),
-            volume_mounts: Some(vec![mount("runtime", RUNTIME_DIR, false)]),
-            ..Container::default()
-        };
-        let annotations = BTreeMap::from([
-            (
-                ANNOTATION_CONFIG_CHECKSUM.to_string(),
-                checksum(&config_text(self.config)),
-            ),
-            ("prometheus.io/scrape".to_string(), "true".to_string()),
-            ("prometheus.io/port".to_string(), METRICS_PORT.to_string()),
-        ]);
-        Deployment {
-            metadata: self.metadata(),
-            spec: Some(DeploymentSpec {
-                replicas: Some(replicas.min as i32),
-                selector: LabelSelector {
-                    match_labels: Some(self.selector_labels()),
-                    ..LabelSelector::default()
-                },
-                // A source or sink must never run twice at once; everything else rolls without a gap.
-                strategy: Some(if replicas.max == 1 && self.unit.switcher.is_none() {
-                    DeploymentStrategy {
-                        type_: Some("Recreate".into()),
-                        ..DeploymentStrategy::default()
-                    }
-                } else {
-                    DeploymentStrategy {
-                        type_: Some("RollingUpdate".into()),
-                        rolling_update: Some(RollingUpdateDeployment {
-                            max_surge: Some(IntOrString::String("25%".into())),
-                            max_unavailable: Some(IntOrString::Int(0)),
-                        }),
-                    }
-                }),
-                template: PodTemplateSpec {
-                    metadata: Some(ObjectMeta {
-                        labels: Some(self.labels()),
-                        annotations: Some(annotations),
-                        ..ObjectMeta::default()
-                    }),
-                    spec: Some(PodSpec {
-                        init_containers: Some(vec![install]),
-                        containers: vec![main],
-                        volumes: Some(volumes),
-                        node_selector: self.unit.node_selector.clone(),
-                        tolerations: self.unit.tolerations.clone(),
-                        security_context: Some(PodSecurityContext {
-                            run_as_non_root: Some(true),
-                            run_as_user: Some(RUN_AS_USER),
-                            run_as_group: Some(RUN_AS_USER),
-                            seccomp_profile: Some(SeccompProfile {
-                                type_: "RuntimeDefault".into(),
-                                ..SeccompProfile::default()
-                            }),
-                            ..PodSecurityContext::default()
-                        }),
-                        // In-flight messages finish within 25 s of SIGTERM.
-                        termination_grace_period_seconds: Some(30),
-                        automount_service_account_token: Some(false),
-                        ..PodSpec::default()
-                    }),
-                },
-                ..DeploymentSpec::default()
-            }),
-            ..Deployment::default()
-        }
+        ports
     }
 }
 

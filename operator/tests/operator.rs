@@ -1,6 +1,8 @@
 //! The whole operator loop — kube-runtime's Controller with its watches, the reconcile, the metrics
 //! endpoint and shutdown — against the in-process fake Kubernetes API and a real nats-server.
 
+// This suite drives the operator as a whole and needs only part of the fake API's helpers.
+#[allow(dead_code)]
 mod fake_api;
 
 use std::time::{Duration, Instant};

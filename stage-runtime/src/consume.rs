@@ -96,6 +96,82 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
 
 type PullStream = jetstream::consumer::pull::Stream;
 
+/// The pull stream, and when to open it again after it was lost.
+struct Pull {
+    messages: Option<PullStream>,
+    reopen_at: tokio::time::Instant,
+    /// Doubles with every failure to open, up to `REOPEN_MAX`.
+    reopen_delay: Duration,
+}
+
+impl Default for Pull {
+    fn default() -> Self {
+        Pull {
+            messages: None,
+            reopen_at: tokio::time::Instant::now(),
+            reopen_delay: REOPEN_FIRST,
+        }
+    }
+}
+
+impl Pull {
+    fn opened(&mut self, messages: PullStream) {
+        self.messages = Some(messages);
+        self.reopen_delay = REOPEN_FIRST;
+    }
+
+    /// The stream failed (or could not be opened): try again after a growing delay.
+    fn lost(&mut self) {
+        self.messages = None;
+        self.reopen_at = tokio::time::Instant::now() + self.reopen_delay;
+        self.reopen_delay = (self.reopen_delay * 2).min(REOPEN_MAX);
+    }
+
+    /// The stream ended (it expires now and then): open it again after the current delay.
+    fn ended(&mut self) {
+        self.messages = None;
+        self.reopen_at = tokio::time::Instant::now() + self.reopen_delay;
+    }
+}
+
+/// Gathers messages into batches for a batch stage; hands single messages on otherwise.
+struct Batcher {
+    size: Option<usize>,
+    timeout: Duration,
+    pending: Vec<Message>,
+    /// When the pending batch goes, full or not.
+    deadline: tokio::time::Instant,
+}
+
+impl Batcher {
+    fn new(config: Option<BatchConfig>) -> Batcher {
+        Batcher {
+            size: config.map(|b| b.size.max(1) as usize),
+            timeout: config
+                .map(|b| Duration::from_millis(b.timeout_ms))
+                .unwrap_or_default(),
+            pending: Vec::new(),
+            deadline: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The work `message` completes, if any: itself, or a full batch.
+    fn add(&mut self, message: Message) -> Option<Work> {
+        let Some(size) = self.size else {
+            return Some(Work::One(message));
+        };
+        if self.pending.is_empty() {
+            self.deadline = tokio::time::Instant::now() + self.timeout;
+        }
+        self.pending.push(message);
+        (self.pending.len() >= size).then(|| Work::Batch(self.take()))
+    }
+
+    fn take(&mut self) -> Vec<Message> {
+        std::mem::take(&mut self.pending)
+    }
+}
+
 /// The next message of the pull stream; never resolves while there is none.
 async fn next_message(
     messages: &mut Option<PullStream>,
@@ -113,84 +189,74 @@ impl Worker {
         consumer_config: &ConsumerConfig,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ConsumeError> {
-        let mut messages = None;
+        let mut pull = Pull::default();
+        let mut batch = Batcher::new(self.batch);
         let mut in_flight = FuturesUnordered::new();
-        let mut batch: Vec<Message> = Vec::new();
-        let batch_timeout = self
-            .batch
-            .map(|b| Duration::from_millis(b.timeout_ms))
-            .unwrap_or_default();
-        let batch_size = self.batch.map(|b| b.size.max(1) as usize);
-        let mut batch_deadline = tokio::time::Instant::now();
-        // The consumer is (re)opened at this time when there is no pull stream; failures back off.
-        let mut reopen_at = tokio::time::Instant::now();
-        let mut reopen_delay = REOPEN_FIRST;
         loop {
-            if messages.is_none() && tokio::time::Instant::now() >= reopen_at {
+            if pull.messages.is_none() && tokio::time::Instant::now() >= pull.reopen_at {
                 match self.open(consumer_config).await {
-                    Ok(m) => {
-                        messages = Some(m);
-                        reopen_delay = REOPEN_FIRST;
+                    Ok(messages) => {
+                        pull.opened(messages);
                         self.stats
                             .ready
                             .store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(e) => {
-                        tracing::warn!("{e}; trying again in {reopen_delay:?}");
-                        reopen_at = tokio::time::Instant::now() + reopen_delay;
-                        reopen_delay = (reopen_delay * 2).min(REOPEN_MAX);
+                        tracing::warn!("{e}; trying again in {:?}", pull.reopen_delay);
+                        pull.lost();
                     }
                 }
             }
-            let can_pull = messages.is_some() && in_flight.len() < self.concurrency;
+            let can_pull = pull.messages.is_some() && in_flight.len() < self.concurrency;
             tokio::select! {
                 biased;
                 _ = crate::stopped(&mut shutdown) => break,
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                _ = tokio::time::sleep_until(batch_deadline), if !batch.is_empty() => {
-                    in_flight.push(self.work(Work::Batch(std::mem::take(&mut batch))));
+                _ = tokio::time::sleep_until(batch.deadline), if !batch.pending.is_empty() => {
+                    in_flight.push(self.work(Work::Batch(batch.take())));
                 }
-                _ = tokio::time::sleep_until(reopen_at), if messages.is_none() => {}
-                next = next_message(&mut messages), if can_pull => match next {
-                    Some(Ok(message)) => match batch_size {
-                        None => in_flight.push(self.work(Work::One(message))),
-                        Some(size) => {
-                            if batch.is_empty() {
-                                batch_deadline = tokio::time::Instant::now() + batch_timeout;
-                            }
-                            batch.push(message);
-                            if batch.len() >= size {
-                                in_flight.push(self.work(Work::Batch(std::mem::take(&mut batch))));
-                            }
+                _ = tokio::time::sleep_until(pull.reopen_at), if pull.messages.is_none() => {}
+                next = next_message(&mut pull.messages), if can_pull => match next {
+                    Some(Ok(message)) => {
+                        if let Some(work) = batch.add(message) {
+                            in_flight.push(self.work(work));
                         }
-                    },
+                    }
                     Some(Err(e)) => {
                         // Covers the consumer being deleted or lost with a server restart: open it again
                         // (re-creating it if needed) instead of waiting on a pull that will never answer.
                         tracing::warn!("pulling from consumer {} failed: {e}; reopening it", consumer_config.durable);
-                        messages = None;
-                        reopen_at = tokio::time::Instant::now() + reopen_delay;
-                        reopen_delay = (reopen_delay * 2).min(REOPEN_MAX);
+                        pull.lost();
                     }
-                    None => {
-                        messages = None;
-                        reopen_at = tokio::time::Instant::now() + reopen_delay;
-                    }
+                    None => pull.ended(),
                 },
             }
         }
-        // Stop pulling: hand back what was fetched but not started, so other replicas get it now rather
-        // than after the acknowledgement deadline.
-        if let Some(mut stream) = messages.take() {
+        self.wind_down(pull, batch, in_flight).await;
+        Ok(())
+    }
+
+    /// Stops pulling, hands back what was fetched but not started (so other replicas get it now
+    /// rather than after the acknowledgement deadline), and finishes what is in flight.
+    async fn wind_down<F: Future<Output = ()>>(
+        &self,
+        mut pull: Pull,
+        mut batch: Batcher,
+        mut in_flight: FuturesUnordered<F>,
+    ) {
+        if let Some(mut stream) = pull.messages.take() {
             while let Some(Some(Ok(message))) = futures::FutureExt::now_or_never(stream.next()) {
                 let _ = message.ack_with(AckKind::Nak(None)).await;
             }
         }
-        if !batch.is_empty() {
-            in_flight.push(self.work(Work::Batch(std::mem::take(&mut batch))));
-        }
+        let last_batch = async {
+            if !batch.pending.is_empty() {
+                self.work(Work::Batch(batch.take())).await;
+            }
+        };
+        let rest = async { while in_flight.next().await.is_some() {} };
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while in_flight.next().await.is_some() {}
+            tokio::join!(last_batch, rest);
         })
         .await;
         if drained.is_err() {
@@ -202,7 +268,6 @@ impl Worker {
         if let Output::Sink { sink, .. } = &self.output {
             sink.flush().await;
         }
-        Ok(())
     }
 
     /// Opens the unit's consumer, creating it when it is missing (a NATS server that lost its state).
@@ -363,37 +428,15 @@ impl Worker {
         let mut acks = Vec::new();
         match &self.output {
             Output::Publish(subject) => {
-                let base = if outputs.is_empty() {
-                    None
-                } else {
-                    Some(lineage.headers_after(&self.unit))
-                };
-                let count = outputs.len() as u64;
-                let mut base = base;
-                for (index, output) in outputs.into_iter().enumerate() {
-                    // The last output takes the headers themselves; the others take copies.
-                    let mut map = if index + 1 == count as usize {
-                        base.take().unwrap_or_default()
-                    } else {
-                        base.clone().unwrap_or_default()
-                    };
-                    map.insert(
-                        names::MSG_ID,
-                        owned_header_value(lineage.output_id(&self.unit, index)),
-                    );
-                    let publish = jetstream::message::PublishMessage::build()
-                        .headers(map)
-                        .payload(output.into_bytes());
-                    self.publish_into(&mut acks, subject, publish).await?;
-                }
-                Stats::add(&self.stats.published, count);
+                self.publish_outputs(lineage, outputs, subject, &mut acks)
+                    .await?
             }
             Output::Sink { sink, retry } => {
                 for output in outputs {
-                    match self
+                    let written = self
                         .write_with_retry(sink.as_ref(), retry, lineage, output.into_bytes())
-                        .await
-                    {
+                        .await;
+                    match written {
                         Ok(Written::New) => Stats::add(&self.stats.published, 1),
                         Ok(Written::Duplicate) => Stats::add(&self.stats.duplicates_skipped, 1),
                         Err(failure) => failures.push(StepFailure {
@@ -407,33 +450,72 @@ impl Worker {
             }
         }
         let dead = failures.len() as u64;
-        for StepFailure {
-            stage,
-            step_index,
-            item_index,
-            failure,
-        } in failures
-        {
-            let id = lineage.dead_letter_id(&self.unit, step_index, item_index);
-            let map = dead_letter_headers(
-                lineage,
-                &self.unit,
-                &stage,
-                &failure.error,
-                failure.attempts,
-                &id,
-            );
-            let publish = jetstream::message::PublishMessage::build()
-                .headers(map)
-                .payload(failure.item.into_bytes());
-            self.publish_into(&mut acks, &self.dead_letter_subject, publish)
-                .await?;
+        for failure in failures {
+            self.dead_letter(lineage, failure, &mut acks).await?;
         }
         for ack in acks {
             ack.await.map_err(ConsumeError::Unacknowledged)?;
         }
         Stats::add(&self.stats.dead_lettered, dead);
         Ok(())
+    }
+
+    /// Publishes the outputs with ids derived from the input's, so a redelivery publishes the same ids.
+    async fn publish_outputs(
+        &self,
+        lineage: &Lineage,
+        outputs: Vec<Payload>,
+        subject: &Subject,
+        acks: &mut Vec<jetstream::context::PublishAckFuture>,
+    ) -> Result<(), ConsumeError> {
+        let count = outputs.len();
+        let mut base = (count > 0).then(|| lineage.headers_after(&self.unit));
+        for (index, output) in outputs.into_iter().enumerate() {
+            // The last output takes the headers themselves; the others take copies.
+            let mut map = if index + 1 == count {
+                base.take().unwrap_or_default()
+            } else {
+                base.clone().unwrap_or_default()
+            };
+            map.insert(
+                names::MSG_ID,
+                owned_header_value(lineage.output_id(&self.unit, index)),
+            );
+            let publish = jetstream::message::PublishMessage::build()
+                .headers(map)
+                .payload(output.into_bytes());
+            self.publish_into(acks, subject, publish).await?;
+        }
+        Stats::add(&self.stats.published, count as u64);
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        lineage: &Lineage,
+        failure: StepFailure,
+        acks: &mut Vec<jetstream::context::PublishAckFuture>,
+    ) -> Result<(), ConsumeError> {
+        let StepFailure {
+            stage,
+            step_index,
+            item_index,
+            failure,
+        } = failure;
+        let id = lineage.dead_letter_id(&self.unit, step_index, item_index);
+        let map = dead_letter_headers(
+            lineage,
+            &self.unit,
+            &stage,
+            &failure.error,
+            failure.attempts,
+            &id,
+        );
+        let publish = jetstream::message::PublishMessage::build()
+            .headers(map)
+            .payload(failure.item.into_bytes());
+        self.publish_into(acks, &self.dead_letter_subject, publish)
+            .await
     }
 
     async fn publish_into(

@@ -177,7 +177,32 @@ pub async fn run_unit(
             }
         })
     });
-    let result = run_role(&config, &options, &client, &js, &stats, shutdown.clone()).await;
+    let unit = Unit {
+        config: &config,
+        options: &options,
+        client: &client,
+        js: &js,
+        stats: &stats,
+    };
+    let result = match &config.role {
+        UnitRole::Source {
+            source,
+            checkpoint_bucket,
+        } => unit.run_source(source, checkpoint_bucket, shutdown).await,
+        UnitRole::Process {
+            steps,
+            batch,
+            concurrency,
+        } => {
+            unit.run_process(steps, *batch, *concurrency, shutdown)
+                .await
+        }
+        UnitRole::Sink {
+            sink,
+            retry,
+            concurrency,
+        } => unit.run_sink(sink, *retry, *concurrency, shutdown).await,
+    };
     reporter.abort();
     if let Some(server) = server {
         server.abort();
@@ -193,121 +218,161 @@ pub async fn run_unit(
     result
 }
 
-async fn run_role(
-    config: &UnitConfig,
-    options: &RunOptions,
-    client: &async_nats::Client,
-    js: &jetstream::Context,
-    stats: &Arc<Stats>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), RunError> {
-    let (steps, output, batch, concurrency) = match &config.role {
-        UnitRole::Source {
-            source,
-            checkpoint_bucket,
-        } => {
-            let checkpoints = wait_for(&mut shutdown, "the checkpoint bucket", || {
-                js.get_key_value(checkpoint_bucket.clone())
-            })
-            .await?;
-            let output = config.output_subject.clone().ok_or(RunError::Config {
-                role: "a source",
-                field: "outputSubject",
-            })?;
-            let unit = SourceUnit {
-                name: config.unit.clone(),
-                js: js.clone(),
-                client: client.clone(),
-                subject: output.into(),
-                checkpoints,
-                stats: stats.clone(),
-                shutdown: shutdown.clone(),
-                queue_group: format!(
-                    "switchyard.{}.{}.{}",
-                    config.namespace, config.pipeline, config.unit
-                ),
-            };
-            stats.ready.store(true, Ordering::Relaxed);
-            sources::run(source, &unit).await?;
-            let stopped_early = *shutdown.borrow();
-            if source.is_finite() && stopped_early && options.exit_when_done {
-                // In local mode a clean exit means "finished": a source stopped halfway must not say so.
-                return Err(RunError::SourceUnfinished(
-                    stats.processed.load(Ordering::Relaxed),
-                ));
-            }
-            if source.is_finite() && !stopped_early {
-                stats.finished.store(true, Ordering::Relaxed);
-                tracing::info!(
-                    published = stats.processed.load(Ordering::Relaxed),
-                    "source finished"
-                );
-                if !options.exit_when_done {
-                    crate::stopped(&mut shutdown).await;
-                }
-            }
+/// One unit's process: its config and its connections.
+struct Unit<'a> {
+    config: &'a UnitConfig,
+    options: &'a RunOptions,
+    client: &'a async_nats::Client,
+    js: &'a jetstream::Context,
+    stats: &'a Arc<Stats>,
+}
+
+impl Unit<'_> {
+    async fn run_source(
+        &self,
+        source: &switchyard_crds::SourceKind,
+        checkpoint_bucket: &str,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), RunError> {
+        let (config, stats) = (self.config, self.stats);
+        let checkpoints = wait_for(&mut shutdown, "the checkpoint bucket", || {
+            self.js.get_key_value(checkpoint_bucket.to_string())
+        })
+        .await?;
+        let output = config.output_subject.clone().ok_or(RunError::Config {
+            role: "a source",
+            field: "outputSubject",
+        })?;
+        let unit = SourceUnit {
+            name: config.unit.clone(),
+            js: self.js.clone(),
+            client: self.client.clone(),
+            subject: output.into(),
+            checkpoints,
+            stats: stats.clone(),
+            shutdown: shutdown.clone(),
+            queue_group: format!(
+                "switchyard.{}.{}.{}",
+                config.namespace, config.pipeline, config.unit
+            ),
+        };
+        stats.ready.store(true, Ordering::Relaxed);
+        sources::run(source, &unit).await?;
+        let stopped_early = *shutdown.borrow();
+        if !source.is_finite() {
             return Ok(());
         }
-        UnitRole::Process {
-            steps,
-            batch,
-            concurrency,
-        } => {
-            let output = config.output_subject.clone().ok_or(RunError::Config {
-                role: "a process unit",
-                field: "outputSubject",
-            })?;
-            let http = steps::http_client()?;
-            let steps = steps
-                .iter()
-                .map(|s| steps::Step::build(s, &http))
-                .collect::<Result<Vec<_>, _>>()?;
-            (steps, Output::Publish(output.into()), *batch, *concurrency)
+        if stopped_early && self.options.exit_when_done {
+            // In local mode a clean exit means "finished": a source stopped halfway must not say so.
+            return Err(RunError::SourceUnfinished(
+                stats.processed.load(Ordering::Relaxed),
+            ));
         }
-        UnitRole::Sink {
-            sink,
-            retry,
-            concurrency,
-        } => {
-            let stream = wait_for(&mut shutdown, "the pipeline's stream", || {
-                js.get_stream(config.stream.clone())
-            })
-            .await?;
-            // The stream's creation time names its life: a sink's ledger from an earlier life is void.
-            let instance = stream
-                .cached_info()
-                .created
-                .unix_timestamp_nanos()
-                .to_string();
-            let output = Output::Sink {
-                sink: sinks::open(&config.unit, sink, client, &instance)?,
-                retry: *retry,
-            };
-            (Vec::new(), output, None, *concurrency)
+        if !stopped_early {
+            stats.finished.store(true, Ordering::Relaxed);
+            tracing::info!(
+                published = stats.processed.load(Ordering::Relaxed),
+                "source finished"
+            );
+            if !self.options.exit_when_done {
+                crate::stopped(&mut shutdown).await;
+            }
         }
-    };
-    let input = config.input.as_ref().ok_or(RunError::Config {
-        role: "a unit that reads",
-        field: "input",
-    })?;
-    let worker = Worker {
-        unit: config.unit.clone(),
-        stream: config.stream.clone(),
-        js: js.clone(),
-        steps,
-        output,
-        dead_letter_subject: config.dead_letter_subject.as_str().into(),
-        stats: stats.clone(),
-        batch,
-        concurrency: concurrency.max(1) as usize,
-        progress_every: Duration::from_millis(input.ack_wait_ms / 3)
-            .max(Duration::from_millis(100)),
-    };
-    let result = worker.run(input, shutdown).await;
-    for step in &worker.steps {
-        step.shutdown().await;
+        Ok(())
     }
-    Ok(result?)
+
+    /// A process unit: its steps on every input, then publish downstream.
+    async fn run_process(
+        &self,
+        steps: &[switchyard_crds::unit::StepConfig],
+        batch: Option<switchyard_crds::unit::BatchConfig>,
+        concurrency: u32,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), RunError> {
+        let output = self.config.output_subject.clone().ok_or(RunError::Config {
+            role: "a process unit",
+            field: "outputSubject",
+        })?;
+        let http = steps::http_client()?;
+        let steps = steps
+            .iter()
+            .map(|s| steps::Step::build(s, &http))
+            .collect::<Result<Vec<_>, _>>()?;
+        let output = Output::Publish(output.into());
+        self.read(steps, output, batch, concurrency, shutdown).await
+    }
+
+    async fn run_sink(
+        &self,
+        sink: &switchyard_crds::SinkKind,
+        retry: switchyard_crds::unit::RetryConfig,
+        concurrency: u32,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), RunError> {
+        let output = Output::Sink {
+            sink: self.open_sink(sink, &mut shutdown).await?,
+            retry,
+        };
+        self.read(Vec::new(), output, None, concurrency, shutdown)
+            .await
+    }
+
+    /// Pulls the unit's input until `shutdown`, through `steps` to `output`.
+    async fn read(
+        &self,
+        steps: Vec<steps::Step>,
+        output: Output,
+        batch: Option<switchyard_crds::unit::BatchConfig>,
+        concurrency: u32,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), RunError> {
+        let config = self.config;
+        let input = config.input.as_ref().ok_or(RunError::Config {
+            role: "a unit that reads",
+            field: "input",
+        })?;
+        let worker = Worker {
+            unit: config.unit.clone(),
+            stream: config.stream.clone(),
+            js: self.js.clone(),
+            steps,
+            output,
+            dead_letter_subject: config.dead_letter_subject.as_str().into(),
+            stats: self.stats.clone(),
+            batch,
+            concurrency: concurrency.max(1) as usize,
+            progress_every: Duration::from_millis(input.ack_wait_ms / 3)
+                .max(Duration::from_millis(100)),
+        };
+        let result = worker.run(input, shutdown).await;
+        for step in &worker.steps {
+            step.shutdown().await;
+        }
+        Ok(result?)
+    }
+
+    async fn open_sink(
+        &self,
+        sink: &switchyard_crds::SinkKind,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Box<dyn sinks::Sink>, RunError> {
+        let stream = wait_for(shutdown, "the pipeline's stream", || {
+            self.js.get_stream(self.config.stream.clone())
+        })
+        .await?;
+        // The stream's creation time names its life: a sink's ledger from an earlier life is void.
+        let instance = stream
+            .cached_info()
+            .created
+            .unix_timestamp_nanos()
+            .to_string();
+        Ok(sinks::open(
+            &self.config.unit,
+            sink,
+            self.client,
+            &instance,
+        )?)
+    }
 }
 
 /// Resolves once `shutdown` is set (or its sender is gone).

@@ -3,8 +3,6 @@
 //! (approximated as a merge, since there is one field manager), merge and JSON patches, the status
 //! subresource, deletion with finalizers, and garbage collection of owned objects.
 
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -73,7 +71,6 @@ pub struct FakeApi {
 pub const PIPELINES: (&str, &str) = ("/apis/switchyard.dev/v1alpha1", "pipelines");
 pub const DEPLOYMENTS: (&str, &str) = ("/apis/apps/v1", "deployments");
 pub const CONFIG_MAPS: (&str, &str) = ("/api/v1", "configmaps");
-pub const SECRETS: (&str, &str) = ("/api/v1", "secrets");
 pub const EVENTS: (&str, &str) = ("/apis/events.k8s.io/v1", "events");
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -424,15 +421,16 @@ fn tokio_stream_of(receiver: broadcast::Receiver<Change>) -> impl futures::Strea
     })
 }
 
+/// What a request asks, read once.
+struct Call {
+    method: String,
+    path: String,
+    content_type: String,
+    selector: Option<String>,
+    body: Value,
+}
+
 async fn handle(store: Arc<Mutex<Store>>, request: Request<kube::client::Body>) -> Response<Body> {
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let content_type = request
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
     let selector = query(&request, "labelSelector");
     let watching = query(&request, "watch").is_some_and(|w| w == "true" || w == "1");
     let since: u64 = query(&request, "resourceVersion")
@@ -443,7 +441,15 @@ async fn handle(store: Arc<Mutex<Store>>, request: Request<kube::client::Body>) 
             .and_then(|v| v.parse().ok())
             .unwrap_or(290),
     );
-    let body = match request.into_body().collect().await {
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let content_type = request
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let bytes = match request.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => Bytes::new(),
     };
@@ -458,10 +464,10 @@ async fn handle(store: Arc<Mutex<Store>>, request: Request<kube::client::Body>) 
     if watching {
         return watch(&store, route, selector, since, timeout);
     }
-    let body_json: Value = if body.is_empty() {
+    let body = if bytes.is_empty() {
         Value::Null
     } else {
-        match serde_json::from_slice(&body).or_else(|_| serde_norway::from_slice(&body)) {
+        match serde_json::from_slice(&bytes).or_else(|_| serde_norway::from_slice(&bytes)) {
             Ok(v) => v,
             Err(e) => {
                 return respond(
@@ -471,193 +477,189 @@ async fn handle(store: Arc<Mutex<Store>>, request: Request<kube::client::Body>) 
             }
         }
     };
-    let namespace = route.namespace.clone().unwrap_or_default();
-    let key = |name: &str| {
-        (
-            route.prefix.clone(),
-            route.plural.clone(),
-            namespace.clone(),
-            name.to_string(),
-        )
+    let call = Call {
+        method,
+        path,
+        content_type,
+        selector,
+        body,
     };
-    match (method.as_str(), route.name.as_deref()) {
-        ("GET", None) => {
-            let items: Vec<Value> = store
-                .objects
-                .iter()
-                .filter(|(k, o)| {
-                    in_scope(&route, k) && selector.as_deref().is_none_or(|s| matches_labels(o, s))
-                })
-                .map(|(_, o)| o.clone())
-                .collect();
-            respond(
-                200,
-                &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": store.version.to_string()}, "items": items}),
-            )
-        }
-        ("GET", Some(name)) if route.subresource.as_deref() == Some("scale") => {
-            match store.objects.get(&key(name)) {
-                Some(o) => respond(200, &scale_of(o)),
-                None => respond(
-                    404,
-                    &status(
-                        404,
-                        "NotFound",
-                        &format!("{} \"{name}\" not found", route.plural),
-                    ),
-                ),
-            }
-        }
-        ("PATCH", Some(name)) if route.subresource.as_deref() == Some("scale") => {
-            let k = key(name);
-            let Some(replicas) = body_json["spec"]["replicas"].as_i64() else {
-                return respond(
-                    422,
-                    &status(422, "Invalid", "a scale patch sets spec.replicas"),
-                );
-            };
-            store.version += 1;
-            let version = store.version;
-            let Some(object) = store.objects.get_mut(&k) else {
-                return respond(
-                    404,
-                    &status(
-                        404,
-                        "NotFound",
-                        &format!("{} \"{name}\" not found", route.plural),
-                    ),
-                );
-            };
-            object["spec"]["replicas"] = json!(replicas);
-            object["metadata"]["resourceVersion"] = json!(version.to_string());
-            let object = object.clone();
-            store.changed(&k, "MODIFIED", &object);
-            respond(200, &scale_of(&object))
-        }
-        ("GET", Some(name)) => match store.objects.get(&key(name)) {
+    dispatch(&mut store, &route, &call)
+}
+
+fn dispatch(store: &mut Store, route: &Route, call: &Call) -> Response<Body> {
+    let scale = route.subresource.as_deref() == Some("scale");
+    match (call.method.as_str(), route.name.as_deref()) {
+        ("GET", None) => list(store, route, call.selector.as_deref()),
+        ("GET", Some(name)) => match store.objects.get(&route.key(name)) {
+            Some(o) if scale => respond(200, &scale_of(o)),
             Some(o) => respond(200, o),
-            None => respond(
-                404,
-                &status(
-                    404,
-                    "NotFound",
-                    &format!("{} \"{name}\" not found", route.plural),
-                ),
-            ),
+            None => not_found(route, name),
         },
+        ("PATCH", Some(name)) if scale => patch_scale(store, route, name, &call.body),
         ("POST", None) => {
-            let name = body_json["metadata"]["name"]
+            let name = call.body["metadata"]["name"]
                 .as_str()
                 .map(str::to_string)
                 .or_else(|| {
-                    body_json["metadata"]["generateName"]
+                    call.body["metadata"]["generateName"]
                         .as_str()
                         .map(|g| format!("{g}{}", store.uid + 1))
                 })
                 .unwrap_or_default();
-            let mut object = body_json.clone();
-            object["metadata"]["name"] = json!(name);
-            match create(&mut store, key(&name), object) {
-                Ok(o) => respond(201, &o),
-                Err(s) => respond(409, &s),
-            }
+            created(store, route, &name, &call.body)
         }
-        ("PATCH", Some(name)) => {
-            let k = key(name);
-            let is_status = route.subresource.as_deref() == Some("status");
-            if !store.objects.contains_key(&k) {
-                if content_type.starts_with("application/apply-patch") && !is_status {
-                    let mut object = body_json.clone();
-                    object["metadata"]["name"] = json!(name);
-                    return match create(&mut store, k, object) {
-                        Ok(o) => respond(201, &o),
-                        Err(s) => respond(409, &s),
-                    };
-                }
-                return respond(
-                    404,
-                    &status(
-                        404,
-                        "NotFound",
-                        &format!("{} \"{name}\" not found", route.plural),
-                    ),
-                );
-            }
-            let current = store.objects[&k].clone();
-            let mut next = current.clone();
-            let result = if content_type.starts_with("application/json-patch") {
-                serde_json::from_value::<json_patch::Patch>(body_json.clone())
-                    .map_err(|e| e.to_string())
-                    .map(|p| missing_is_null(&next, p))
-                    .and_then(|p| json_patch::patch(&mut next, &p).map_err(|e| e.to_string()))
-            } else {
-                // Apply, merge and strategic merge patches: a merge, for one field manager.
-                let mut patch = body_json.clone();
-                if let Some(obj) = patch.as_object_mut() {
-                    obj.remove("apiVersion");
-                    obj.remove("kind");
-                }
-                json_patch::merge(&mut next, &patch);
-                Ok(())
-            };
-            if let Err(e) = result {
-                return respond(
-                    422,
-                    &status(422, "Invalid", &format!("the patch does not apply: {e}")),
-                );
-            }
-            // The status subresource and the main resource do not change each other.
-            if is_status {
-                let status = next["status"].clone();
-                next = current.clone();
-                next["status"] = status;
-            } else if route.prefix.starts_with("/apis/switchyard.dev") {
-                next["status"] = current["status"].clone();
-                if next["status"].is_null() {
-                    if let Some(o) = next.as_object_mut() {
-                        o.remove("status");
-                    }
-                }
-            }
-            next["metadata"]["uid"] = current["metadata"]["uid"].clone();
-            if next.get("spec") != current.get("spec") {
-                bump_generation(&mut next);
-            }
-            if next != current {
-                store.version += 1;
-                next["metadata"]["resourceVersion"] = json!(store.version.to_string());
-            }
-            let finished = !next["metadata"]["deletionTimestamp"].is_null()
-                && next["metadata"]["finalizers"]
-                    .as_array()
-                    .is_none_or(|f| f.is_empty());
-            store.objects.insert(k.clone(), next.clone());
-            if next != current {
-                store.changed(&k, "MODIFIED", &next);
-            }
-            if finished {
-                delete(&mut store, k);
-            }
-            respond(200, &next)
-        }
-        ("DELETE", Some(name)) => match delete(&mut store, key(name)) {
+        ("PATCH", Some(name)) => patch(store, route, name, call),
+        ("DELETE", Some(name)) => match delete(store, route.key(name)) {
             Some(o) => respond(200, &o),
-            None => respond(
-                404,
-                &status(
-                    404,
-                    "NotFound",
-                    &format!("{} \"{name}\" not found", route.plural),
-                ),
-            ),
+            None => not_found(route, name),
         },
-        _ => respond(
+        (method, _) => respond(
             405,
             &status(
                 405,
                 "MethodNotAllowed",
-                &format!("{method} {path} is not supported here"),
+                &format!("{method} {} is not supported here", call.path),
             ),
         ),
     }
+}
+
+impl Route {
+    fn key(&self, name: &str) -> Key {
+        (
+            self.prefix.clone(),
+            self.plural.clone(),
+            self.namespace.clone().unwrap_or_default(),
+            name.to_string(),
+        )
+    }
+}
+
+fn not_found(route: &Route, name: &str) -> Response<Body> {
+    respond(
+        404,
+        &status(
+            404,
+            "NotFound",
+            &format!("{} \"{name}\" not found", route.plural),
+        ),
+    )
+}
+
+fn list(store: &Store, route: &Route, selector: Option<&str>) -> Response<Body> {
+    let items: Vec<Value> = store
+        .objects
+        .iter()
+        .filter(|(k, o)| in_scope(route, k) && selector.is_none_or(|s| matches_labels(o, s)))
+        .map(|(_, o)| o.clone())
+        .collect();
+    respond(
+        200,
+        &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": store.version.to_string()}, "items": items}),
+    )
+}
+
+/// Creates the object `body` describes under `name`.
+fn created(store: &mut Store, route: &Route, name: &str, body: &Value) -> Response<Body> {
+    let mut object = body.clone();
+    object["metadata"]["name"] = json!(name);
+    match create(store, route.key(name), object) {
+        Ok(o) => respond(201, &o),
+        Err(s) => respond(409, &s),
+    }
+}
+
+fn patch_scale(store: &mut Store, route: &Route, name: &str, body: &Value) -> Response<Body> {
+    let k = route.key(name);
+    let Some(replicas) = body["spec"]["replicas"].as_i64() else {
+        return respond(
+            422,
+            &status(422, "Invalid", "a scale patch sets spec.replicas"),
+        );
+    };
+    store.version += 1;
+    let version = store.version;
+    let Some(object) = store.objects.get_mut(&k) else {
+        return not_found(route, name);
+    };
+    object["spec"]["replicas"] = json!(replicas);
+    object["metadata"]["resourceVersion"] = json!(version.to_string());
+    let object = object.clone();
+    store.changed(&k, "MODIFIED", &object);
+    respond(200, &scale_of(&object))
+}
+
+/// Apply, merge, strategic merge and JSON patches; the status subresource and the main resource do
+/// not change each other.
+fn patch(store: &mut Store, route: &Route, name: &str, call: &Call) -> Response<Body> {
+    let k = route.key(name);
+    let is_status = route.subresource.as_deref() == Some("status");
+    let Some(current) = store.objects.get(&k).cloned() else {
+        if call.content_type.starts_with("application/apply-patch") && !is_status {
+            return created(store, route, name, &call.body);
+        }
+        return not_found(route, name);
+    };
+    let mut next = match patched(&current, call) {
+        Ok(next) => next,
+        Err(e) => {
+            return respond(
+                422,
+                &status(422, "Invalid", &format!("the patch does not apply: {e}")),
+            )
+        }
+    };
+    if is_status {
+        let status = next["status"].clone();
+        next = current.clone();
+        next["status"] = status;
+    } else if route.prefix.starts_with("/apis/switchyard.dev") {
+        next["status"] = current["status"].clone();
+        if next["status"].is_null() {
+            if let Some(o) = next.as_object_mut() {
+                o.remove("status");
+            }
+        }
+    }
+    next["metadata"]["uid"] = current["metadata"]["uid"].clone();
+    if next.get("spec") != current.get("spec") {
+        bump_generation(&mut next);
+    }
+    if next != current {
+        store.version += 1;
+        next["metadata"]["resourceVersion"] = json!(store.version.to_string());
+    }
+    let finished = !next["metadata"]["deletionTimestamp"].is_null()
+        && next["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(|f| f.is_empty());
+    store.objects.insert(k.clone(), next.clone());
+    if next != current {
+        store.changed(&k, "MODIFIED", &next);
+    }
+    if finished {
+        delete(store, k);
+    }
+    respond(200, &next)
+}
+
+/// `current` with the call's patch applied.
+fn patched(current: &Value, call: &Call) -> Result<Value, String> {
+    let mut next = current.clone();
+    if call.content_type.starts_with("application/json-patch") {
+        let patch = serde_json::from_value::<json_patch::Patch>(call.body.clone())
+            .map_err(|e| e.to_string())?;
+        let patch = missing_is_null(&next, patch);
+        json_patch::patch(&mut next, &patch).map_err(|e| e.to_string())?;
+    } else {
+        // Apply, merge and strategic merge patches: a merge, for one field manager.
+        let mut patch = call.body.clone();
+        if let Some(obj) = patch.as_object_mut() {
+            obj.remove("apiVersion");
+            obj.remove("kind");
+        }
+        json_patch::merge(&mut next, &patch);
+    }
+    Ok(next)
 }
