@@ -5,7 +5,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{handler, harness, json_lines};
+use common::{handler, harness, json_lines, settled_reports};
 use futures::StreamExt;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -395,7 +395,13 @@ spec:
         options,
         stopped,
     ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stop once it has stored something, and long before its 1,000 at 100 a second.
+    let stream = h.js.get_stream(&h.layout.nats.stream.name).await.unwrap();
+    let started = std::time::Instant::now();
+    while stream.get_info().await.unwrap().state.messages == 0 {
+        assert!(started.elapsed() < LIMIT, "the source stored nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.send(true).unwrap();
     let result = tokio::time::timeout(LIMIT, run).await.unwrap().unwrap();
     let error = result.expect_err("a source stopped halfway reported success");
@@ -431,11 +437,13 @@ spec:
     h.start("out");
     let addr = format!("127.0.0.1:{port}");
     h.spawn_with("work", "only", &["--metrics-addr", &addr]);
-    // One replica does 2 / 50ms = 40 a second, ten times less than comes in: a backlog builds.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let report = stats
-        .lock()
-        .unwrap()
+    // One replica does 2 / 50ms = 40 a second, ten times less than comes in: a backlog builds. Its
+    // figures are read once it has worked at that pace for a few report intervals.
+    let reports = settled_reports(&stats, LIMIT, |r| {
+        r.get("only").is_some_and(|r| r.processed >= 120)
+    })
+    .await;
+    let report = reports
         .get("only")
         .cloned()
         .expect("a report from the replica");

@@ -163,14 +163,20 @@ fn create_undecodable(suite: &Suite, yaml: &str) {
                 &crd.to_string(),
             ),
         );
-        // The API server takes a moment to serve the new schema.
-        std::thread::sleep(Duration::from_secs(2));
     };
     apply_crd(&loose);
     wait_for(MINUTE, "the loose CRD to take", || {
         suite.apply(yaml).status.success()
     });
     apply_crd(&shipped);
+    // The API server takes a moment to serve a new schema: until then it would still accept the object
+    // (a dry-run create fails only as a duplicate).
+    wait_for(MINUTE, "the shipped CRD to take", || {
+        let probe = suite
+            .plane
+            .kubectl_with_input(&["create", "--dry-run=server", "-f", "-"], yaml);
+        String::from_utf8_lossy(&probe.stderr).contains("concurrency")
+    });
 }
 
 pub fn a_pipeline_that_cannot_be_decoded_is_isolated(suite: &Suite) {

@@ -376,9 +376,9 @@ mod tests {
     async fn messages_wait_for_a_new_child_when_the_old_one_stops_reading() {
         let dir = tempfile::tempdir().unwrap();
         let first_life = dir.path().join("first-life");
-        // First life: close stdin and linger. Later lives: echo.
+        // First life: close stdin, say so with a file, and linger. Later lives: echo.
         let code = "import json, os, sys, time\n\
-                    if not os.path.exists(sys.argv[1]):\n    open(sys.argv[1], 'w').close()\n    os.close(0)\n    time.sleep(30)\n    sys.exit(0)\n\
+                    if not os.path.exists(sys.argv[1]):\n    os.close(0)\n    open(sys.argv[1], 'w').close()\n    time.sleep(30)\n    sys.exit(0)\n\
                     for line in sys.stdin:\n    m = json.loads(line)\n    print(json.dumps({'id': m['id'], 'outputs': [m['data']]}), flush=True)\n";
         let s = step(
             StepKind::Exec(switchyard_crds::ExecStep {
@@ -392,11 +392,10 @@ mod tests {
             None,
             1,
         );
+        // The file appears once the child's stdin is closed.
         while !first_life.exists() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Let the child close its stdin.
-        tokio::time::sleep(Duration::from_millis(200)).await;
         let lineage = lineage();
         let (first, second) = tokio::time::timeout(Duration::from_secs(10), async {
             // The first write finds the pipe closed; the second comes while the child still lingers.
