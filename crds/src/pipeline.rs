@@ -478,6 +478,7 @@ pub struct UnitStatus {
     pub ready_replicas: i32,
     #[serde(default)]
     pub lag: u64,
+    /// Inputs finished per second by the unit's live replicas, as they report it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<f64>,
     #[serde(default)]

@@ -33,8 +33,8 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ScaleError {
     #[error(transparent)]
     Resolve(#[from] super::resolve::ResolveError),
-    #[error("cannot subscribe to unit reports at {url}: {message}")]
-    Reports { url: String, message: String },
+    #[error(transparent)]
+    Reports(#[from] crate::reports::ListenError),
     #[error("cannot scale {deployment}: {source}")]
     Scale {
         deployment: String,
@@ -63,9 +63,6 @@ type Analysis = Arc<(Topology, Layout)>;
 pub struct Autoscaler {
     ctx: Arc<Context>,
     started: Instant,
-    reports: crate::reports::Reports,
-    /// NATS servers whose stats subjects are subscribed to.
-    listening: tokio::sync::Mutex<HashSet<String>>,
     windows: Mutex<HashMap<String, Window>>,
     analyses: Mutex<HashMap<String, (Option<i64>, Analysis)>>,
     /// Pipelines whose step of an earlier pass is still running.
@@ -77,8 +74,6 @@ impl Autoscaler {
         Autoscaler {
             ctx,
             started: Instant::now(),
-            reports: crate::reports::Reports::default(),
-            listening: tokio::sync::Mutex::new(HashSet::new()),
             windows: Mutex::new(HashMap::new()),
             analyses: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
@@ -155,7 +150,9 @@ impl Autoscaler {
             return Ok(());
         }
         let js = super::resolve::nats(&self.ctx, &topology.namespace, &pipeline.spec).await?;
-        self.listen(pipeline, &js).await?;
+        self.ctx
+            .listen_to_reports(&pipeline.spec, &js)
+            .await?;
         let mut lags = HashMap::new();
         for consumer in &layout.nats.consumers {
             if let Some(lag) =
@@ -205,7 +202,7 @@ impl Autoscaler {
             .max(0) as u32;
         let policy = Policy::of(switcher);
         let k = key(namespace, &topology.pipeline, unit);
-        let fresh = self.reports.fresh(&k);
+        let fresh = self.ctx.reports.fresh(&k);
         let samples = {
             let mut windows = lock(&self.windows);
             let window = windows.entry(k.clone()).or_default();
@@ -275,43 +272,6 @@ impl Autoscaler {
             last_scale_time: Some(super::now()),
             reason: decision.reason,
         })
-    }
-
-    /// Subscribes once per NATS server to every unit's reports.
-    async fn listen(
-        &self,
-        pipeline: &Pipeline,
-        js: &async_nats::jetstream::Context,
-    ) -> Result<(), ScaleError> {
-        let url = pipeline
-            .spec
-            .nats
-            .as_ref()
-            .and_then(|n| n.url.clone())
-            .unwrap_or_else(|| self.ctx.settings.nats_url.clone());
-        let mut listening = self.listening.lock().await;
-        if listening.contains(&url) {
-            return Ok(());
-        }
-        self.reports
-            .listen(
-                &js.client(),
-                "switchyard.*.*.stats.*".to_string(),
-                |subject, _| {
-                    // switchyard.<namespace>.<pipeline>.stats.<unit>
-                    match subject.split('.').collect::<Vec<_>>().as_slice() {
-                        [_, namespace, pipeline, _, unit] => Some(key(namespace, pipeline, unit)),
-                        _ => None,
-                    }
-                },
-            )
-            .await
-            .map_err(|e| ScaleError::Reports {
-                url: url.clone(),
-                message: format!("{e:#}"),
-            })?;
-        listening.insert(url);
-        Ok(())
     }
 
     /// Drops the windows and analyses of Pipelines that are gone.

@@ -70,6 +70,10 @@ pub struct Context {
     claims: apply::Claims,
     resyncs: apply::Resyncs,
     credentials: resolve::CredentialsCache,
+    /// Every unit's latest reports (rate, utilization), by `autoscaler::key`.
+    pub reports: crate::reports::Reports,
+    /// NATS servers whose stats subjects are subscribed to.
+    listening: tokio::sync::Mutex<std::collections::HashSet<String>>,
     /// Consecutive failures per Pipeline, for the retry back-off.
     failures: Mutex<HashMap<String, u32>>,
     /// When each Pipeline's status was last written.
@@ -103,9 +107,47 @@ impl Context {
             claims: apply::Claims::default(),
             resyncs: apply::Resyncs::default(),
             credentials: resolve::CredentialsCache::default(),
+            reports: crate::reports::Reports::default(),
+            listening: tokio::sync::Mutex::new(std::collections::HashSet::new()),
             failures: Mutex::new(HashMap::new()),
             status_writes: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Subscribes, once per NATS server, to the reports of every unit it carries.
+    pub async fn listen_to_reports(
+        &self,
+        spec: &switchyard_crds::PipelineSpec,
+        js: &async_nats::jetstream::Context,
+    ) -> Result<(), crate::reports::ListenError> {
+        let url = spec
+            .nats
+            .as_ref()
+            .and_then(|n| n.url.clone())
+            .unwrap_or_else(|| self.settings.nats_url.clone());
+        let mut listening = self.listening.lock().await;
+        if listening.contains(&url) {
+            return Ok(());
+        }
+        self.reports
+            .listen(&js.client(), "switchyard.*.*.stats.*".to_string(), |subject, _| {
+                // switchyard.<namespace>.<pipeline>.stats.<unit>
+                match subject.split('.').collect::<Vec<_>>().as_slice() {
+                    [_, namespace, pipeline, _, unit] => {
+                        Some(autoscaler::key(namespace, pipeline, unit))
+                    }
+                    _ => None,
+                }
+            })
+            .await?;
+        listening.insert(url);
+        Ok(())
+    }
+
+    /// Inputs finished per second by a unit's live replicas, to a tenth; None without a report.
+    pub fn rate(&self, namespace: &str, pipeline: &str, unit: &str) -> Option<f64> {
+        let fresh = self.reports.fresh(&autoscaler::key(namespace, pipeline, unit));
+        (!fresh.is_empty()).then(|| (fresh.iter().map(|r| r.rate).sum::<f64>() * 10.0).round() / 10.0)
     }
 
     pub fn scale_record(&self, key: &str) -> Option<autoscaler::ScaleRecord> {

@@ -93,6 +93,7 @@ pub fn units(
                 rolled_out: r.complete,
                 rollout_failed: r.failed,
                 lag: seen.lag.get(&u.name).copied(),
+                rate: ctx.rate(&plan.namespace, &plan.pipeline, &u.name),
                 dead_lettered: seen.dead_lettered.get(&u.name).copied().unwrap_or(0),
                 last_scale_time: scaled.as_ref().and_then(|r| r.last_scale_time.clone()),
                 last_scale_reason: scaled.map(|r| r.reason),

@@ -92,6 +92,9 @@ async fn reconcile_pipeline(pipeline: &Pipeline, ctx: &Context) -> Result<Action
     let applied = apply::kubernetes_objects(ctx, pipeline, &plan).await?;
     announce(ctx, &pipeline.metadata, &applied).await;
     let figures = observe::nats_figures(&js, &plan, &key(&pipeline.metadata)).await;
+    if let Err(e) = ctx.listen_to_reports(&pipeline.spec, &js).await {
+        tracing::warn!(pipeline = %key(&pipeline.metadata), "cannot read unit rates: {e}");
+    }
     let units = observe::units(ctx, &plan, &applied.deployments, &figures);
     ctx.metrics
         .record_units(&plan.namespace, &plan.pipeline, &units);

@@ -50,6 +50,8 @@ pub struct UnitObservation {
     /// Why the Deployment's rollout failed (its Progressing condition said ProgressDeadlineExceeded).
     pub rollout_failed: Option<String>,
     pub lag: Option<u64>,
+    /// Inputs finished per second, from the replicas' reports.
+    pub rate: Option<f64>,
     pub dead_lettered: u64,
     /// When the autoscaler last changed the replicas, and why it did (or why it holds).
     pub last_scale_time: Option<Time>,
@@ -179,7 +181,7 @@ pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time)
                     desired_replicas: u.desired,
                     ready_replicas: u.ready,
                     lag: u.lag.unwrap_or_default(),
-                    rate: before.and_then(|b| b.rate),
+                    rate: u.rate,
                     dead_lettered: u.dead_lettered,
                     last_scale_time: u
                         .last_scale_time
@@ -588,5 +590,23 @@ mod tests {
             &at(12),
         );
         assert!(needs_write(Some(&a), &c, soon));
+    }
+
+    #[test]
+    fn a_units_rate_is_shown_and_is_a_figure() {
+        let mut quiet = observe(Outcome::Applied, vec![unit("a", 1, 1)]);
+        quiet.units[0].rate = Some(40.5);
+        let a = compute(None, &quiet, &at(10));
+        assert_eq!(a.units[0].rate, Some(40.5));
+        let mut busier = observe(Outcome::Applied, vec![unit("a", 1, 1)]);
+        busier.units[0].rate = Some(120.0);
+        let b = compute(Some(&a), &busier, &at(11));
+        assert_eq!(b.units[0].rate, Some(120.0));
+        assert!(!needs_write(
+            Some(&a),
+            &b,
+            Some(std::time::Duration::from_secs(1))
+        ));
+        assert!(needs_write(Some(&a), &b, Some(FIGURES_REFRESH)));
     }
 }
