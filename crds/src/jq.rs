@@ -6,6 +6,29 @@ pub use jaq_json::Val;
 
 type Data = data::JustLut<Val>;
 
+/// What went wrong with a filter or its input, in words a person can act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JqError {
+    /// The filter does not compile: what is wrong, and where.
+    Compile(String),
+    /// The input is not JSON.
+    NotJson(String),
+    /// The filter failed on this input.
+    Run(String),
+}
+
+impl std::fmt::Display for JqError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JqError::Compile(why) => f.write_str(why),
+            JqError::NotJson(why) => write!(f, "not JSON: {why}"),
+            JqError::Run(why) => write!(f, "jq: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for JqError {}
+
 /// A compiled jq filter, ready to run on many inputs.
 pub struct JqFilter {
     filter: jaq_core::compile::Filter<jaq_core::Native<Data>>,
@@ -19,7 +42,7 @@ impl std::fmt::Debug for JqFilter {
 
 impl JqFilter {
     /// Compiles `code`; the error says what is wrong and where, in words a person can act on.
-    pub fn compile(code: &str) -> Result<JqFilter, String> {
+    pub fn compile(code: &str) -> Result<JqFilter, JqError> {
         let defs = jaq_core::defs()
             .chain(jaq_std::defs())
             .chain(jaq_json::defs());
@@ -30,7 +53,7 @@ impl JqFilter {
         let loader = Loader::new(defs);
         let modules = loader
             .load(&arena, File { code, path: () })
-            .map_err(|errs| describe_load_errors(code, errs))?;
+            .map_err(|errs| JqError::Compile(describe_load_errors(code, errs)))?;
         let filter = Compiler::default()
             .with_funs(funs)
             .compile(modules)
@@ -46,25 +69,25 @@ impl JqFilter {
                         ));
                     }
                 }
-                parts.join("; ")
+                JqError::Compile(parts.join("; "))
             })?;
         Ok(JqFilter { filter })
     }
 
     /// Runs the filter on one input; every output in order, or the first error.
-    pub fn run(&self, input: Val) -> Result<Vec<Val>, String> {
+    pub fn run(&self, input: Val) -> Result<Vec<Val>, JqError> {
         let ctx = Ctx::<Data>::new(&self.filter.lut, Vars::new([]));
         let mut outputs = Vec::new();
         for out in self.filter.id.run((ctx, input)).map(unwrap_valr) {
-            outputs.push(out.map_err(|e| format!("jq: {e}"))?);
+            outputs.push(out.map_err(|e| JqError::Run(e.to_string()))?);
         }
         Ok(outputs)
     }
 }
 
 /// Parses JSON bytes into a jq value.
-pub fn parse_json(bytes: &[u8]) -> Result<Val, String> {
-    jaq_json::read::parse_single(bytes).map_err(|e| format!("not JSON: {e}"))
+pub fn parse_json(bytes: &[u8]) -> Result<Val, JqError> {
+    jaq_json::read::parse_single(bytes).map_err(|e| JqError::NotJson(e.to_string()))
 }
 
 fn describe_load_errors(code: &str, errs: jaq_core::load::Errors<&str, ()>) -> String {
@@ -115,7 +138,9 @@ mod tests {
 
     #[test]
     fn syntax_errors_name_the_column() {
-        let err = JqFilter::compile(". + {worn: true").unwrap_err();
+        let err = JqFilter::compile(". + {worn: true")
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("closing brace") || err.contains("expected"),
             "{err}"
@@ -124,7 +149,7 @@ mod tests {
 
     #[test]
     fn undefined_functions_are_reported() {
-        let err = JqFilter::compile("nosuchfn(1)").unwrap_err();
+        let err = JqFilter::compile("nosuchfn(1)").unwrap_err().to_string();
         assert!(
             err.contains("undefined") && err.contains("nosuchfn"),
             "{err}"

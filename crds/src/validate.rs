@@ -206,10 +206,30 @@ fn is_valid_subject(subject: &str) -> bool {
             .all(|t| !t.is_empty() && !t.contains(['*', '>', ' ', '\t']))
 }
 
-/// Parses a duration such as `5ms`, `30s`, `1m`, for the field at `path`.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value.trim()).map_err(|e| {
-        format!("`{value}` is not a duration ({e}): write a number and a unit, such as 500ms, 30s or 2m")
+/// A duration that does not parse, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DurationError {
+    value: String,
+    reason: String,
+}
+
+impl fmt::Display for DurationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "`{}` is not a duration ({}): write a number and a unit, such as 500ms, 30s or 2m",
+            self.value, self.reason
+        )
+    }
+}
+
+impl std::error::Error for DurationError {}
+
+/// Parses a duration such as `5ms`, `30s`, `1m`.
+pub fn parse_duration(value: &str) -> Result<Duration, DurationError> {
+    humantime::parse_duration(value.trim()).map_err(|e| DurationError {
+        value: value.to_string(),
+        reason: e.to_string(),
     })
 }
 

@@ -37,13 +37,46 @@ pub struct ControlPlane {
 
 const ADMIN_TOKEN: &str = "switchyard-test-admin-token";
 
-fn find_binary(variable: &str, name: &str, also_on_path: bool) -> Result<PathBuf, String> {
+/// A control-plane program the suite needs and cannot find.
+#[derive(Debug)]
+pub enum MissingBinary {
+    /// The variable names something that is not a file.
+    NotAFile {
+        variable: String,
+        path: PathBuf,
+    },
+    NotFound {
+        variable: String,
+        name: String,
+    },
+}
+
+impl std::fmt::Display for MissingBinary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MissingBinary::NotAFile { variable, path } => {
+                write!(f, "{variable}={} is not a file", path.display())
+            }
+            MissingBinary::NotFound { variable, name } => {
+                write!(
+                    f,
+                    "no {name} (set {variable}, or put it in ~/.local/kube/bin)"
+                )
+            }
+        }
+    }
+}
+
+fn find_binary(variable: &str, name: &str, also_on_path: bool) -> Result<PathBuf, MissingBinary> {
     if let Some(path) = std::env::var_os(variable) {
         let path = PathBuf::from(path);
         return if path.is_file() {
             Ok(path)
         } else {
-            Err(format!("{variable}={} is not a file", path.display()))
+            Err(MissingBinary::NotAFile {
+                variable: variable.to_string(),
+                path,
+            })
         };
     }
     let home = std::env::var_os("HOME")
@@ -60,13 +93,14 @@ fn find_binary(variable: &str, name: &str, also_on_path: bool) -> Result<PathBuf
             }
         }
     }
-    Err(format!(
-        "no {name} (set {variable}, or put it in ~/.local/kube/bin)"
-    ))
+    Err(MissingBinary::NotFound {
+        variable: variable.to_string(),
+        name: name.to_string(),
+    })
 }
 
 impl Binaries {
-    pub fn find() -> Result<Binaries, String> {
+    pub fn find() -> Result<Binaries, MissingBinary> {
         Ok(Binaries {
             etcd: find_binary("ETCD", "etcd", true)?,
             apiserver: find_binary("KUBE_APISERVER", "kube-apiserver", false)?,

@@ -133,8 +133,8 @@ pub fn main(args: RunArgs) -> ExitCode {
 pub async fn run(args: RunArgs) -> Result<ExitCode, RunError> {
     let prepared = match prepare::prepare(&args.file) {
         Ok(p) => p,
-        Err(text) => {
-            eprint!("{text}");
+        Err(e) => {
+            eprint!("{e}");
             return Ok(ExitCode::FAILURE);
         }
     };

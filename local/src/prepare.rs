@@ -19,32 +19,76 @@ pub struct Prepared {
     pub base_dir: PathBuf,
 }
 
-/// Reads, checks and lays out the Pipeline in `file`; on failure, what to print, naming the file.
-pub fn prepare(file: &Path) -> Result<Prepared, String> {
-    let pipeline = load(file).map_err(|e| e.describe(file))?;
-    let topology = analyze(&pipeline).map_err(|p| LoadError::Invalid(p).describe(file))?;
-    let layout =
-        layout(&topology, &pipeline.spec).map_err(|p| LoadError::Invalid(p).describe(file))?;
+/// Why a Pipeline file cannot be run; shown as lines naming the file.
+#[derive(Debug)]
+pub enum PrepareError {
+    Invalid {
+        file: PathBuf,
+        error: LoadError,
+    },
+    Folder {
+        folder: PathBuf,
+        source: std::io::Error,
+    },
+    /// What would fail later, inside a stage process.
+    Preflight {
+        file: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+impl std::fmt::Display for PrepareError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrepareError::Invalid { file, error } => f.write_str(&error.describe(file)),
+            PrepareError::Folder { folder, source } => {
+                writeln!(
+                    f,
+                    "{}: cannot resolve the folder: {source}",
+                    folder.display()
+                )
+            }
+            PrepareError::Preflight { file, problems } => {
+                for p in problems {
+                    writeln!(f, "{}: {p}", file.display())?;
+                }
+                writeln!(
+                    f,
+                    "{}: cannot run: {} problem{}",
+                    file.display(),
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                )
+            }
+        }
+    }
+}
+
+/// Reads, checks and lays out the Pipeline in `file`.
+pub fn prepare(file: &Path) -> Result<Prepared, PrepareError> {
+    let invalid = |error| PrepareError::Invalid {
+        file: file.to_path_buf(),
+        error,
+    };
+    let pipeline = load(file).map_err(invalid)?;
+    let topology = analyze(&pipeline).map_err(|p| invalid(LoadError::Invalid(p)))?;
+    let layout = layout(&topology, &pipeline.spec).map_err(|p| invalid(LoadError::Invalid(p)))?;
     let folder = file
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let base_dir = folder
         .canonicalize()
-        .map_err(|e| format!("{}: cannot resolve the folder: {e}\n", folder.display()))?;
+        .map_err(|source| PrepareError::Folder {
+            folder: folder.to_path_buf(),
+            source,
+        })?;
     let problems = preflight(&topology, &layout, &base_dir);
     if !problems.is_empty() {
-        let mut text = String::new();
-        for p in &problems {
-            text.push_str(&format!("{}: {p}\n", file.display()));
-        }
-        text.push_str(&format!(
-            "{}: cannot run: {} problem{}\n",
-            file.display(),
-            problems.len(),
-            if problems.len() == 1 { "" } else { "s" }
-        ));
-        return Err(text);
+        return Err(PrepareError::Preflight {
+            file: file.to_path_buf(),
+            problems,
+        });
     }
     Ok(Prepared {
         name: topology.pipeline.clone(),

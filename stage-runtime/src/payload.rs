@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use serde::de::IgnoredAny;
-use switchyard_crds::jq::{parse_json, Val};
+use switchyard_crds::jq::{parse_json, JqError, Val};
 
 #[derive(Clone, Debug)]
 pub enum Payload {
@@ -13,7 +13,7 @@ pub enum Payload {
 
 impl Payload {
     /// The JSON value, parsing the bytes if needed.
-    pub fn into_json(self) -> Result<Val, String> {
+    pub fn into_json(self) -> Result<Val, JqError> {
         match self {
             Payload::Json(v) => Ok(v),
             Payload::Bytes(b) => parse_json(&b),

@@ -150,9 +150,7 @@ impl Autoscaler {
             return Ok(());
         }
         let js = super::resolve::nats(&self.ctx, &topology.namespace, &pipeline.spec).await?;
-        self.ctx
-            .listen_to_reports(&pipeline.spec, &js)
-            .await?;
+        self.ctx.listen_to_reports(&pipeline.spec, &js).await?;
         let mut lags = HashMap::new();
         for consumer in &layout.nats.consumers {
             if let Some(lag) =

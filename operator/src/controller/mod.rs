@@ -130,15 +130,19 @@ impl Context {
             return Ok(());
         }
         self.reports
-            .listen(&js.client(), "switchyard.*.*.stats.*".to_string(), |subject, _| {
-                // switchyard.<namespace>.<pipeline>.stats.<unit>
-                match subject.split('.').collect::<Vec<_>>().as_slice() {
-                    [_, namespace, pipeline, _, unit] => {
-                        Some(autoscaler::key(namespace, pipeline, unit))
+            .listen(
+                &js.client(),
+                "switchyard.*.*.stats.*".to_string(),
+                |subject, _| {
+                    // switchyard.<namespace>.<pipeline>.stats.<unit>
+                    match subject.split('.').collect::<Vec<_>>().as_slice() {
+                        [_, namespace, pipeline, _, unit] => {
+                            Some(autoscaler::key(namespace, pipeline, unit))
+                        }
+                        _ => None,
                     }
-                    _ => None,
-                }
-            })
+                },
+            )
             .await?;
         listening.insert(url);
         Ok(())
@@ -146,8 +150,11 @@ impl Context {
 
     /// Inputs finished per second by a unit's live replicas, to a tenth; None without a report.
     pub fn rate(&self, namespace: &str, pipeline: &str, unit: &str) -> Option<f64> {
-        let fresh = self.reports.fresh(&autoscaler::key(namespace, pipeline, unit));
-        (!fresh.is_empty()).then(|| (fresh.iter().map(|r| r.rate).sum::<f64>() * 10.0).round() / 10.0)
+        let fresh = self
+            .reports
+            .fresh(&autoscaler::key(namespace, pipeline, unit));
+        (!fresh.is_empty())
+            .then(|| (fresh.iter().map(|r| r.rate).sum::<f64>() * 10.0).round() / 10.0)
     }
 
     pub fn scale_record(&self, key: &str) -> Option<autoscaler::ScaleRecord> {

@@ -645,13 +645,12 @@ fn patch(store: &mut Store, route: &Route, name: &str, call: &Call) -> Response<
 }
 
 /// `current` with the call's patch applied.
-fn patched(current: &Value, call: &Call) -> Result<Value, String> {
+fn patched(current: &Value, call: &Call) -> Result<Value, Box<dyn std::error::Error>> {
     let mut next = current.clone();
     if call.content_type.starts_with("application/json-patch") {
-        let patch = serde_json::from_value::<json_patch::Patch>(call.body.clone())
-            .map_err(|e| e.to_string())?;
+        let patch = serde_json::from_value::<json_patch::Patch>(call.body.clone())?;
         let patch = missing_is_null(&next, patch);
-        json_patch::patch(&mut next, &patch).map_err(|e| e.to_string())?;
+        json_patch::patch(&mut next, &patch)?;
     } else {
         // Apply, merge and strategic merge patches: a merge, for one field manager.
         let mut patch = call.body.clone();

@@ -24,8 +24,9 @@ impl Handler for JqStep {
         _: &Lineage,
         out: &mut Vec<Payload>,
     ) -> Result<(), StepError> {
-        let input = item.into_json().map_err(StepError::permanent)?;
-        let outputs = self.0.run(input).map_err(StepError::permanent)?;
+        let failed = |e: switchyard_crds::jq::JqError| StepError::permanent(e.to_string());
+        let input = item.into_json().map_err(failed)?;
+        let outputs = self.0.run(input).map_err(failed)?;
         out.extend(outputs.into_iter().map(Payload::Json));
         Ok(())
     }
