@@ -25,19 +25,13 @@ const BATCH: usize = 500;
 const WINDOW: usize = 1000;
 
 pub fn main(args: RawArgs) -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
+    match switchyard_stage::logging::block_on(None, run(args)) {
+        Ok(Ok(())) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            std::process::ExitCode::FAILURE
         }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(Err(e)) => {
             eprintln!("switchyard-bench raw: {e:#}");
             std::process::ExitCode::FAILURE
         }

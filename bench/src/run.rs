@@ -149,20 +149,13 @@ struct Report {
 }
 
 pub fn main(args: BenchArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
+    match switchyard_stage::logging::block_on(Some(2), run(args)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(Err(e)) => {
             eprintln!("switchyard-bench: {e:#}");
             ExitCode::FAILURE
         }

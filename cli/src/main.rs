@@ -200,19 +200,14 @@ fn print_plan(
 
 fn operator(options: controller::OperatorOptions, log_format: &str) -> ExitCode {
     switchyard_stage::logging::init("info,kube=warn,async_nats=warn", log_format == "json");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    match switchyard_stage::logging::block_on(Some(workers), controller::run(options)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    match runtime.block_on(controller::run(options)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }

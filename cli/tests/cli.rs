@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use switchyard_e2e::{children_with, examples, examples_copy};
+
 fn switchyard() -> Command {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_switchyard"));
     let stage = bin.with_file_name("switchyard-stage");
@@ -14,34 +16,6 @@ fn switchyard() -> Command {
         stage.display()
     );
     Command::new(bin)
-}
-
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
-
-/// A copy of the examples, so runs write their files somewhere of their own.
-fn examples_copy() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    copy_dir(&examples(), dir.path());
-    dir
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else if entry
-            .path()
-            .extension()
-            .is_some_and(|e| e != "jsonl" || from.ends_with("data"))
-        {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -348,7 +322,7 @@ fn ctrl_c_stops_a_run_cleanly() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let stages = children_named(child.id(), "switchyard-stage");
+    let stages = children_with(child.id(), "switchyard-stage");
     assert_eq!(stages.len(), 3, "{stages:?}");
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
@@ -418,31 +392,4 @@ fn wait_with_limit(child: &mut std::process::Child, limit: Duration) -> std::pro
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Pids of the processes whose parent is `parent` and whose program is `name`.
-fn children_named(parent: u32, name: &str) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // The command name sits in parentheses and may hold spaces; the parent pid follows the state.
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let ppid: u32 = after
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        let comm = &stat[stat.find('(').unwrap_or(0) + 1..stat.rfind(')').unwrap_or(0)];
-        if ppid == parent && name.starts_with(comm) {
-            found.push(pid);
-        }
-    }
-    found
 }

@@ -110,20 +110,13 @@ pub struct RunArgs {
 
 pub fn main(args: RunArgs) -> ExitCode {
     switchyard_stage::logging::init("warn", false);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
+    match switchyard_stage::logging::block_on(Some(2), run(args)) {
+        Ok(Ok(code)) => code,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(code) => code,
-        Err(e) => {
+        Ok(Err(e)) => {
             eprintln!("switchyard run: {e}");
             ExitCode::FAILURE
         }

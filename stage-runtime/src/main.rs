@@ -64,19 +64,13 @@ fn main() -> std::process::ExitCode {
     }
     // One thread: the unit's loop and its NATS connection wake each other constantly, and across
     // threads every wake-up is a futex call and a context switch.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
+    match switchyard_stage::logging::block_on(None, run(args)) {
+        Ok(Ok(())) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            std::process::ExitCode::FAILURE
         }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
