@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::kinds::Kinds;
-use crate::pipeline::{PipelineSpec, StepKind};
+use crate::pipeline::PipelineSpec;
 use crate::topology::{Step, Topology, Unit, UnitKind};
 use crate::unit::{BatchConfig, ConsumerConfig, RetryConfig, StepConfig, UnitConfig, UnitRole};
 use crate::validate::{parse_duration, Problem};
@@ -315,16 +315,12 @@ fn step_config(step: &Step) -> Result<StepConfig, Problem> {
             "the stage needs exactly one step kind: run `switchyard validate` for details",
         )
     })?;
-    let env = match kind {
-        StepKind::Exec(_) => step
-            .env
-            .iter()
-            .filter_map(|e| e.value.as_ref().map(|v| (e.name.clone(), v.clone())))
-            .collect(),
-        StepKind::Jq(_) | StepKind::Http(_) | StepKind::Sleep(_) | StepKind::Passthrough(_) => {
-            Vec::new()
-        }
-    };
+    // Only a child process reads them, but the runtime decides that, not the layout.
+    let env = step
+        .env
+        .iter()
+        .filter_map(|e| e.value.as_ref().map(|v| (e.name.clone(), v.clone())))
+        .collect();
     let timeout_ms = step
         .timeout
         .as_deref()
