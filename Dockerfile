@@ -10,6 +10,7 @@ RUN apk add --no-cache musl-dev
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY crds crds
+COPY platform platform
 COPY stage-runtime stage-runtime
 COPY operator operator
 COPY local local

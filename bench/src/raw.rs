@@ -25,7 +25,7 @@ const BATCH: usize = 500;
 const WINDOW: usize = 1000;
 
 pub fn main(args: RawArgs) -> std::process::ExitCode {
-    match switchyard_stage::logging::block_on(None, run(args)) {
+    match switchyard_platform::logging::block_on(None, run(args)) {
         Ok(Ok(())) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -43,7 +43,7 @@ async fn run(args: RawArgs) -> anyhow::Result<()> {
     let input = config.input.context("the unit reads nothing")?;
     let output = config.output_subject.context("the unit writes nothing")?;
     let client = async_nats::connect(&args.nats_url).await?;
-    let js = switchyard_stage::jetstream_context(client.clone());
+    let js = switchyard_platform::nats::jetstream_context(client.clone());
     let stream = js.get_stream(&config.stream).await?;
     let consumer: PullConsumer = stream
         .get_consumer(&input.durable)

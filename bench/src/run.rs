@@ -19,8 +19,8 @@ use futures::StreamExt;
 use serde::Serialize;
 use switchyard_crds::layout::{layout, Layout};
 use switchyard_crds::validate::{analyze, parse_pipeline};
-use switchyard_stage::admin;
-use switchyard_stage::embedded::NatsServer;
+use switchyard_platform::admin;
+use switchyard_platform::embedded::NatsServer;
 use switchyard_stage::lineage::Lineage;
 
 use switchyard_local::thousands;
@@ -149,7 +149,7 @@ struct Report {
 }
 
 pub fn main(args: BenchArgs) -> ExitCode {
-    match switchyard_stage::logging::block_on(Some(2), run(args)) {
+    match switchyard_platform::logging::block_on(Some(2), run(args)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -167,7 +167,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let me = std::env::current_exe().context("cannot find this program")?;
     let server = NatsServer::start()?;
     let client = async_nats::connect(server.url()).await?;
-    let js = switchyard_stage::jetstream_context(client.clone());
+    let js = switchyard_platform::nats::jetstream_context(client.clone());
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("handler.py"), ECHO_HANDLER)?;
     let machine = machine();

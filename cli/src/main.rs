@@ -199,9 +199,9 @@ fn print_plan(
 }
 
 fn operator(options: controller::OperatorOptions, log_format: &str) -> ExitCode {
-    switchyard_stage::logging::init("info,kube=warn,async_nats=warn", log_format == "json");
+    switchyard_platform::logging::init("info,kube=warn,async_nats=warn", log_format == "json");
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    match switchyard_stage::logging::block_on(Some(workers), controller::run(options)) {
+    match switchyard_platform::logging::block_on(Some(workers), controller::run(options)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");

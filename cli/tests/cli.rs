@@ -290,7 +290,7 @@ fn run_prints_what_log_sinks_write() {
 #[test]
 fn run_uses_a_given_nats_server_and_starts_from_nothing() {
     let dir = examples_copy();
-    let server = switchyard_stage::embedded::NatsServer::start().unwrap();
+    let server = switchyard_platform::embedded::NatsServer::start().unwrap();
     for _ in 0..2 {
         run_to_end(&["exec-ruby.yaml", "--nats-url", &server.url()], dir.path());
         assert_eq!(lines(&dir.path().join("accepted.jsonl")).len(), 90);

@@ -140,6 +140,18 @@ pub struct BatchConfig {
     pub timeout_ms: u64,
 }
 
+/// How often a stage process reports: the autoscalers' clock.
+pub const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Where the file sink writing `path` keeps its ledger (local mode removes it with a fresh run).
+pub fn ledger_path(path: &std::path::Path) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.sy-ledger"))
+}
+
 /// What a stage process reports on its stats subject, about once a second. Counters run from the
 /// process's start; a reader sums the latest report of every replica.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

@@ -13,7 +13,7 @@ use switchyard_crds::unit::{headers, UnitConfig, UnitRole};
 use switchyard_crds::{FileSink, GeneratorSource, SinkKind, SourceKind};
 use switchyard_operator::plan::{type_of, UnitType};
 use switchyard_operator::reports::Reports;
-use switchyard_stage::admin;
+use switchyard_platform::admin;
 
 use crate::prepare::Prepared;
 use crate::session::{totals, Ending, Session};
@@ -57,7 +57,7 @@ pub async fn finish(
     if completed {
         // A sink's ledger only means something to the stream it was kept for, which ends with the run.
         for file in &summary.sink_files {
-            remove_if_present(&switchyard_stage::sinks::ledger_path(Path::new(file)))?;
+            remove_if_present(&switchyard_crds::unit::ledger_path(Path::new(file)))?;
         }
     }
     print!("{}", summary.render());

@@ -17,8 +17,8 @@ use std::process::ExitCode;
 
 use switchyard_crds::unit::UnitRole;
 use switchyard_crds::{FileSink, SinkKind};
-use switchyard_stage::admin::{self, AdminError};
-use switchyard_stage::embedded::{NatsServer, ServerError};
+use switchyard_platform::admin::{self, AdminError};
+use switchyard_platform::embedded::{NatsServer, ServerError};
 
 use prepare::Prepared;
 pub use progress::thousands;
@@ -109,8 +109,8 @@ pub struct RunArgs {
 }
 
 pub fn main(args: RunArgs) -> ExitCode {
-    switchyard_stage::logging::init("warn", false);
-    match switchyard_stage::logging::block_on(Some(2), run(args)) {
+    switchyard_platform::logging::init("warn", false);
+    match switchyard_platform::logging::block_on(Some(2), run(args)) {
         Ok(Ok(code)) => code,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -186,7 +186,7 @@ impl RunNats {
                 url: url.clone(),
                 source,
             })?;
-        let js = switchyard_stage::jetstream_context(client.clone());
+        let js = switchyard_platform::nats::jetstream_context(client.clone());
         if server.is_none() {
             // A run is a job: it starts from nothing, even on a server that saw this Pipeline before.
             admin::delete(&js, &prepared.layout.nats).await?;
@@ -223,7 +223,7 @@ fn start_sink_files(prepared: &Prepared, append: bool) -> Result<Vec<String>, Ru
             let file = prepared.base_dir.join(path);
             if !append {
                 remove_if_present(&file)?;
-                remove_if_present(&switchyard_stage::sinks::ledger_path(&file))?;
+                remove_if_present(&switchyard_crds::unit::ledger_path(&file))?;
             }
             files.push(file.display().to_string());
         }

@@ -161,7 +161,7 @@ impl Session {
             // its inputs were found empty, can never receive anything again.
             let sources_done = self.supervisor.all_sources_finished();
             let all_empty = self.read_lags().await;
-            if last_scale.elapsed() >= switchyard_stage::stats::REPORT_EVERY {
+            if last_scale.elapsed() >= switchyard_crds::unit::REPORT_EVERY {
                 last_scale = Instant::now();
                 self.autoscale(prepared, display);
             }

@@ -233,7 +233,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let render = move || metrics.render();
     let ready = move || *ready.borrow();
-    switchyard_stage::probes::serve(addr, render, ready, shutdown).await
+    switchyard_platform::probes::serve(addr, render, ready, shutdown).await
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use fake_api::{FakeApi, DEPLOYMENTS, PIPELINES};
 use serde_json::{json, Value};
 use switchyard_operator::controller::{self, OperatorOptions, FINALIZER};
 use switchyard_operator::plan::PlanSettings;
-use switchyard_stage::embedded::NatsServer;
+use switchyard_platform::embedded::NatsServer;
 
 fn laundry() -> Value {
     let mut value: Value =

@@ -11,7 +11,7 @@ use switchyard_crds::Pipeline;
 use switchyard_operator::controller::{self, status, Context, Error, FINALIZER};
 use switchyard_operator::metrics::Metrics;
 use switchyard_operator::plan::PlanSettings;
-use switchyard_stage::embedded::NatsServer;
+use switchyard_platform::embedded::NatsServer;
 
 struct World {
     api: FakeApi,

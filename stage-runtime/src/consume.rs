@@ -288,7 +288,7 @@ impl Worker {
                     config.durable
                 );
                 stream
-                    .create_consumer(crate::admin::consumer_config(config))
+                    .create_consumer(switchyard_platform::admin::consumer_config(config))
                     .await
                     .map_err(|source| ConsumeError::CreateConsumer {
                         durable: config.durable.clone(),

@@ -1,18 +1,13 @@
 //! The Switchyard stage runtime: one process runs one unit of a Pipeline — a source, a group of
 //! in-process steps (perhaps one replica of a switcher), or a sink — reading and writing NATS JetStream.
 //!
-//! The library also carries what every NATS-facing part of Switchyard shares: creating the Pipeline's
-//! stream and consumers (`admin`) and starting a private `nats-server` (`embedded`).
+//! What it shares with the other programs (NATS objects, the private server, logging, probes) is in
+//! `switchyard-platform`.
 
-pub mod admin;
 pub mod consume;
-pub mod embedded;
 pub mod http;
 pub mod lineage;
-pub mod logging;
-pub mod os;
 pub mod payload;
-pub mod probes;
 pub mod retry;
 pub mod sinks;
 pub mod sources;
@@ -129,14 +124,6 @@ pub async fn connect(
     }
 }
 
-/// A JetStream context sized for pipelined publishing.
-pub fn jetstream_context(client: async_nats::Client) -> jetstream::Context {
-    jetstream::ContextBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .max_ack_inflight(20_000)
-        .build(client)
-}
-
 /// Runs one unit until it is finished (a finite source in local mode) or `shutdown` is set.
 pub async fn run_unit(
     config: UnitConfig,
@@ -148,7 +135,7 @@ pub async fn run_unit(
         config.pipeline, config.unit, options.replica
     );
     let client = connect(&options, &name, &shutdown).await?;
-    let js = jetstream_context(client.clone());
+    let js = switchyard_platform::nats::jetstream_context(client.clone());
     let stats = Arc::new(Stats::default());
     let concurrency = match &config.role {
         UnitRole::Source { .. } => 0,

@@ -49,7 +49,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    switchyard_stage::logging::init("info,async_nats=warn", args.log_format == "json");
+    switchyard_platform::logging::init("info,async_nats=warn", args.log_format == "json");
     if let Some(dir) = &args.install_to {
         return match install(dir) {
             Ok(path) => {
@@ -64,7 +64,7 @@ fn main() -> std::process::ExitCode {
     }
     // One thread: the unit's loop and its NATS connection wake each other constantly, and across
     // threads every wake-up is a futex call and a context switch.
-    match switchyard_stage::logging::block_on(None, run(args)) {
+    match switchyard_platform::logging::block_on(None, run(args)) {
         Ok(Ok(())) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");

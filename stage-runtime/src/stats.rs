@@ -46,8 +46,6 @@ impl Stats {
     }
 }
 
-/// How often a report is pushed: the autoscaler's clock.
-pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// In-flight counts are sampled this often to average the utilization over an interval.
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
@@ -85,7 +83,7 @@ pub fn spawn_reporter(
             sample.tick().await;
             busy_sum += stats.in_flight.load(Ordering::Relaxed);
             samples += 1;
-            if since.elapsed() < REPORT_EVERY {
+            if since.elapsed() < switchyard_crds::unit::REPORT_EVERY {
                 continue;
             }
             let elapsed = since.elapsed().as_secs_f64();
@@ -100,7 +98,9 @@ pub fn spawn_reporter(
             }
             (busy_sum, samples) = (0, 0);
             report.lag = match &ctx.consumer {
-                Some(consumer) => read_lag(&ctx.js, &ctx.stream, consumer).await,
+                Some(consumer) => {
+                    switchyard_platform::nats::read_lag(&ctx.js, &ctx.stream, consumer).await
+                }
                 None => None,
             };
             if let Ok(mut l) = latest.lock() {
@@ -109,13 +109,6 @@ pub fn spawn_reporter(
             publish(&ctx.client, &ctx.subject, &report).await;
         }
     })
-}
-
-/// Pending plus unacknowledged messages, from the consumer's leader.
-pub async fn read_lag(js: &jetstream::Context, stream: &str, consumer: &str) -> Option<u64> {
-    let stream = js.get_stream(stream).await.ok()?;
-    let info = stream.consumer_info(consumer).await.ok()?;
-    Some(info.num_pending + info.num_ack_pending as u64)
 }
 
 /// One report, now (also the last one, before the process exits).
@@ -227,7 +220,7 @@ pub async fn serve(
             .unwrap_or_default()
     };
     let ready = move || stats.ready.load(Ordering::Relaxed);
-    crate::probes::serve(addr, metrics, ready, std::future::pending()).await
+    switchyard_platform::probes::serve(addr, metrics, ready, std::future::pending()).await
 }
 
 #[cfg(test)]

@@ -141,7 +141,7 @@ spec:
         } => checkpoint_bucket,
         other => panic!("not a source: {other:?}"),
     };
-    let js = switchyard_stage::jetstream_context(h.client.clone());
+    let js = switchyard_platform::nats::jetstream_context(h.client.clone());
     let started = std::time::Instant::now();
     loop {
         let saved = match js.get_key_value(&bucket).await {

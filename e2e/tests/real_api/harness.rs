@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchyard_e2e::control_plane::{free_port, ControlPlane};
-use switchyard_stage::embedded::NatsServer;
+use switchyard_platform::embedded::NatsServer;
 
 pub struct Suite {
     pub plane: ControlPlane,

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use switchyard_e2e::control_plane::{Binaries, ControlPlane, Options};
-use switchyard_stage::embedded::NatsServer;
+use switchyard_platform::embedded::NatsServer;
 
 type Scenario = (&'static str, fn(&harness::Suite));
 

@@ -189,7 +189,7 @@ pub async fn nats_objects(
 ) -> Result<(), ApplyError> {
     nats::bounded(
         "declaring the stream, bucket and consumers",
-        switchyard_stage::admin::apply(js, &plan.nats),
+        switchyard_platform::admin::apply(js, &plan.nats),
     )
     .await
     .map_err(ApplyError::Nats)

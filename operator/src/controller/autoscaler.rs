@@ -82,7 +82,7 @@ impl Autoscaler {
 
     /// Scales every switcher once a reporting interval until `stop` is set.
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(switchyard_stage::stats::REPORT_EVERY);
+        let mut tick = tokio::time::interval(switchyard_crds::unit::REPORT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -153,9 +153,12 @@ impl Autoscaler {
         self.ctx.listen_to_reports(&pipeline.spec, &js).await?;
         let mut lags = HashMap::new();
         for consumer in &layout.nats.consumers {
-            if let Some(lag) =
-                switchyard_stage::stats::read_lag(&js, &layout.nats.stream.name, &consumer.durable)
-                    .await
+            if let Some(lag) = switchyard_platform::nats::read_lag(
+                &js,
+                &layout.nats.stream.name,
+                &consumer.durable,
+            )
+            .await
             {
                 lags.insert(consumer.durable.clone(), lag);
             }

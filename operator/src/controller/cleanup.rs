@@ -101,7 +101,7 @@ pub async fn cleanup(
             })?;
         super::nats::bounded(
             "deleting the stream and bucket",
-            switchyard_stage::admin::delete_named(&js, &stream, &bucket),
+            switchyard_platform::admin::delete_named(&js, &stream, &bucket),
         )
         .await
         .map_err(|source| CleanupError::Refused {

