@@ -17,16 +17,21 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest one step's work against NATS (declaring the stream and consumers, reading lag) may take.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An error of the NATS client, whichever of its kinds.
+type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     #[error("the NATS credentials are not usable: {0}")]
-    BadCredentials(String),
-    #[error("cannot reach NATS at {url}: {message}")]
-    Unreachable { url: String, message: String },
+    BadCredentials(std::io::Error),
+    #[error("cannot reach NATS at {url}: {source}")]
+    Unreachable { url: String, source: Cause },
+    #[error("cannot reach NATS at {url}: no answer to the connection handshake")]
+    NoHandshake { url: String },
     #[error("NATS did not answer within {}s while {doing}", .after.as_secs())]
     Timeout { doing: String, after: Duration },
-    #[error("NATS refused {doing}: {message}")]
-    Refused { doing: String, message: String },
+    #[error("NATS refused {doing}: {source}")]
+    Refused { doing: String, source: Cause },
 }
 
 type Key = (String, Option<String>);
@@ -66,34 +71,32 @@ impl NatsPool {
         if let Some(creds) = &credentials {
             options = options
                 .credentials(creds)
-                .map_err(|e| NatsError::BadCredentials(e.to_string()))?;
+                .map_err(NatsError::BadCredentials)?;
         }
-        let unreachable = |message: String| NatsError::Unreachable {
-            url: url.to_string(),
-            message,
-        };
         // The connection timeout covers the TCP connect; a server that accepts and then stays silent
         // is bounded here.
         let connected = tokio::time::timeout(CONNECT_TIMEOUT * 2, options.connect(url))
             .await
-            .map_err(|_| unreachable("no answer to the connection handshake".to_string()))?
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|_| NatsError::NoHandshake {
+                url: url.to_string(),
+            })?
+            .map_err(|e| NatsError::Unreachable {
+                url: url.to_string(),
+                source: Box::new(e),
+            })?;
         *client = Some(connected.clone());
         Ok(switchyard_platform::nats::jetstream_context(connected))
     }
 }
 
 /// Runs `work` against NATS within `OPERATION_TIMEOUT`.
-pub async fn bounded<T, E: std::fmt::Display>(
+pub async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
     doing: &str,
     work: impl Future<Output = Result<T, E>>,
 ) -> Result<T, NatsError> {
     match tokio::time::timeout(OPERATION_TIMEOUT, work).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(NatsError::Refused {
-            doing: doing.to_string(),
-            message: format!("{e:#}"),
-        }),
+        Ok(Err(e)) => Err(refused(doing.to_string())(e)),
         Err(_) => Err(NatsError::Timeout {
             doing: doing.to_string(),
             after: OPERATION_TIMEOUT,
@@ -128,8 +131,13 @@ pub async fn observe(
     })
 }
 
-fn refused(doing: String) -> impl FnOnce(String) -> NatsError {
-    move |message| NatsError::Refused { doing, message }
+fn refused<E: std::error::Error + Send + Sync + 'static>(
+    doing: String,
+) -> impl FnOnce(E) -> NatsError {
+    move |e| NatsError::Refused {
+        doing,
+        source: Box::new(e),
+    }
 }
 
 async fn observe_unbounded(
@@ -140,29 +148,30 @@ async fn observe_unbounded(
     let stream = js
         .get_stream(&layout.stream.name)
         .await
-        .map_err(|e| refused(format!("reading stream {}", layout.stream.name))(e.to_string()))?;
+        .map_err(refused(format!("reading stream {}", layout.stream.name)))?;
     let mut observation = NatsObservation::default();
     for consumer in &layout.consumers {
         if consumer.durable == DEAD_LETTER_CONSUMER {
             continue;
         }
-        let info = stream.consumer_info(&consumer.durable).await.map_err(|e| {
-            refused(format!("reading consumer {}", consumer.durable))(e.to_string())
-        })?;
+        let info = stream
+            .consumer_info(&consumer.durable)
+            .await
+            .map_err(refused(format!("reading consumer {}", consumer.durable)))?;
         observation.lag.insert(
             consumer.durable.clone(),
             info.num_pending + info.num_ack_pending as u64,
         );
     }
     // Dead letters wait in the stream (their own consumer keeps them): count them per subject.
-    let counting = || refused("counting dead letters".to_string());
+    let counting = "counting dead letters".to_string();
     let mut counts = stream
         .info_with_subjects(dead_letter_filter(layout))
         .await
-        .map_err(|e| counting()(e.to_string()))?;
+        .map_err(refused(counting.clone()))?;
     let mut per_subject: HashMap<String, u64> = HashMap::new();
     while let Some(entry) = futures::StreamExt::next(&mut counts).await {
-        let (subject, count) = entry.map_err(|e| counting()(e.to_string()))?;
+        let (subject, count) = entry.map_err(refused(counting.clone()))?;
         per_subject.insert(subject, count as u64);
     }
     for (unit, subject) in dead_letter_subjects {
@@ -218,7 +227,10 @@ mod tests {
         );
         let silent_result = silent_attempt.await.unwrap();
         assert!(
-            matches!(silent_result, Err(NatsError::Unreachable { .. })),
+            matches!(
+                silent_result,
+                Err(NatsError::Unreachable { .. } | NatsError::NoHandshake { .. })
+            ),
             "{silent_result:?}"
         );
         assert!(started.elapsed() <= CONNECT_TIMEOUT * 2 + Duration::from_secs(1));
