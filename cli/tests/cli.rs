@@ -393,3 +393,146 @@ fn wait_with_limit(child: &mut std::process::Child, limit: Duration) -> std::pro
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A run in the background, its stderr (where notes go) in a file the test can read as it grows.
+struct Background {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl Background {
+    fn start(yaml: &str, extra: &[&str], env: &[(&str, &str)]) -> Background {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let child = switchyard()
+            .args(["run", "p.yaml", "--progress", "lines"])
+            .args(extra)
+            .envs(env.iter().copied())
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        Background { child, dir }
+    }
+
+    fn notes(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    fn wait_for_note(&self, words: &str) {
+        let started = Instant::now();
+        while !self.notes().contains(words) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no `{words}` in:\n{}",
+                self.notes()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_for_lines(&self, lines: usize) {
+        let out = self.dir.path().join("out.jsonl");
+        let started = Instant::now();
+        while std::fs::read_to_string(&out).map_or(0, |t| t.lines().count()) < lines {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "fewer than {lines} lines arrived:\n{}",
+                self.notes()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The `seq` of every line the sink wrote, sorted.
+    fn written(&self) -> Vec<u64> {
+        let mut seqs: Vec<u64> = lines(&self.dir.path().join("out.jsonl"))
+            .iter()
+            .map(|v| v["seq"].as_u64().unwrap())
+            .collect();
+        seqs.sort();
+        seqs
+    }
+}
+
+fn generator_yaml(count: u64, rate: u64) -> String {
+    format!(
+        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: outage}}\nspec:\n  sources: [{{name: numbers, generator: {{count: {count}, ratePerSecond: {rate}}}}}]\n  stages:\n    - name: work\n      switcher: {{minReplicas: 2, maxReplicas: 2}}\n      jq: '. + {{seen: true}}'\n  sinks: [{{name: out, file: {{path: out.jsonl}}}}]\n"
+    )
+}
+
+/// The run's own nats-server SIGKILLed mid-run: started again on its port and store, and every item
+/// reaches the sink once. Before, the run froze for good.
+#[test]
+fn a_killed_private_nats_server_is_started_again_and_nothing_is_lost() {
+    let mut run = Background::start(&generator_yaml(8000, 2000), &[], &[]);
+    run.wait_for_lines(1000);
+    let servers = children_with(run.child.id(), "nats-server");
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    let killed = Instant::now();
+    unsafe {
+        libc::kill(servers[0] as i32, libc::SIGKILL);
+    }
+    run.wait_for_note("nats-server is back after");
+    let status = wait_with_limit(&mut run.child, Duration::from_secs(90));
+    assert!(status.success(), "{}", run.notes());
+    println!(
+        "  run finished {:.1}s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+    assert_eq!(run.written(), (1..=8000).collect::<Vec<u64>>());
+}
+
+/// A server given with --nats-url that goes away: the run says so while it waits, and carries on, with
+/// nothing lost, once the server is back on its port and store.
+#[test]
+fn a_given_nats_server_that_goes_away_is_waited_for() {
+    let mut server = switchyard_platform::embedded::NatsServer::start().unwrap();
+    let url = server.url();
+    let mut run = Background::start(&generator_yaml(3000, 1000), &["--nats-url", &url], &[]);
+    run.wait_for_lines(500);
+    server.stop();
+    run.wait_for_note("has been unreachable for");
+    server.restart().unwrap();
+    run.wait_for_note("is reachable again");
+    let status = wait_with_limit(&mut run.child, Duration::from_secs(90));
+    assert!(status.success(), "{}", run.notes());
+    assert_eq!(run.written(), (1..=3000).collect::<Vec<u64>>());
+}
+
+/// SIGTERM while NATS is gone: the run and every process it started are gone within their grace.
+/// Before, the stage processes waited for NATS to take their last acknowledgements, forever.
+#[test]
+fn sigterm_stops_a_run_whose_nats_is_gone_and_nothing_outlives_it() {
+    let mut server = switchyard_platform::embedded::NatsServer::start().unwrap();
+    let url = server.url();
+    let mut run = Background::start(
+        &generator_yaml(1_000_000, 500),
+        &["--nats-url", &url],
+        &[("SWITCHYARD_STOP_GRACE", "2s")],
+    );
+    run.wait_for_lines(100);
+    let stages = children_with(run.child.id(), "switchyard-stage");
+    assert_eq!(stages.len(), 4, "{stages:?}");
+    server.stop();
+    run.wait_for_note("has been unreachable for");
+    let asked = Instant::now();
+    unsafe {
+        libc::kill(run.child.id() as i32, libc::SIGTERM);
+    }
+    // Well under the 30 s the run gives its units before it kills them.
+    let status = wait_with_limit(&mut run.child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(130), "{}", run.notes());
+    println!(
+        "  the run stopped {:.1}s after SIGTERM",
+        asked.elapsed().as_secs_f64()
+    );
+    for pid in stages {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "stage process {pid} outlived the run"
+        );
+    }
+}

@@ -32,11 +32,20 @@ pub async fn finish(
     sink_files: Vec<String>,
 ) -> Result<ExitCode, RunError> {
     let completed = ending == Ending::Completed;
+    let dead_letter_file = if nats.connected() {
+        save_dead_letters(&nats.js, prepared).await?
+    } else {
+        eprintln!(
+            "NATS at {} is unreachable: dead letters, if any, stay in its stream {}",
+            nats.url, prepared.layout.nats.stream.name
+        );
+        None
+    };
     let end = RunEnd {
         completed,
         wall,
         sink_files,
-        dead_letter_file: save_dead_letters(&nats.js, prepared).await?,
+        dead_letter_file,
         append: args.append,
     };
     let mut summary = summarize(prepared, &session.supervisor, &session.reports, end);
@@ -51,7 +60,7 @@ pub async fn finish(
         std::fs::write(path, plot::render(&summary))
             .map_err(RunError::io(format!("write {}", path.display())))?;
     }
-    if nats.server.is_none() && summary.dead_lettered == 0 {
+    if nats.server.is_none() && summary.dead_lettered == 0 && nats.connected() {
         admin::delete(&nats.js, &prepared.layout.nats).await?;
     }
     if completed {

@@ -11,6 +11,7 @@ mod scaling;
 mod session;
 mod summary;
 mod supervisor;
+mod watchdog;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -132,12 +133,16 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, RunError> {
         }
     };
     let stage_bin = locate_stage_binary(args.stage_bin.clone())?;
+    let mut signals =
+        watchdog::StopSignals::new().map_err(RunError::io("handle Ctrl-C and SIGTERM"))?;
     let mut display = Display::new(args.progress, prepared.layout.units.len());
-    let nats = RunNats::start(args.nats_url.as_deref(), &prepared, &mut display).await?;
+    let mut nats = RunNats::start(args.nats_url.as_deref(), &prepared, &mut display).await?;
     let sink_files = start_sink_files(&prepared, args.append)?;
     note_endless_sources(&prepared, &mut display);
     let mut session = Session::start(&prepared, &nats, stage_bin, args.verbose).await?;
-    let watched = session.watch(&prepared, &mut display).await;
+    let watched = session
+        .watch(&prepared, &mut nats, &mut signals, &mut display)
+        .await;
     let wall = session.started.elapsed();
     let ending = match watched {
         Ok(ending) => ending,
@@ -147,7 +152,11 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, RunError> {
         }
     };
     session
-        .stop(ending == session::Ending::Interrupted, &mut display)
+        .stop(
+            ending == session::Ending::Interrupted,
+            &mut signals,
+            &mut display,
+        )
         .await;
     display.finish(wall, &session.rows(&prepared));
     finish::finish(&args, &prepared, &nats, session, ending, wall, sink_files).await
@@ -208,6 +217,13 @@ impl RunNats {
             client,
             js,
         })
+    }
+}
+
+impl RunNats {
+    /// The run's own connection is up.
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
     }
 }
 

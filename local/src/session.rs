@@ -18,10 +18,13 @@ use crate::prepare::Prepared;
 use crate::progress::{Display, Row};
 use crate::scaling::LocalScaler;
 use crate::supervisor::{self, CrashLoop, Event, OutputLine, Supervisor};
+use crate::watchdog::{NatsWatch, StopSignals};
 use crate::{RunError, RunNats};
 
 /// How often lags are read and the progress view redrawn.
 const REFRESH_EVERY: Duration = Duration::from_millis(300);
+/// How long one reading of every consumer's lag may take.
+const LAGS_WITHIN: Duration = Duration::from_secs(2);
 /// How long a stopped run waits for the last reports of the processes that stopped cleanly.
 const LAST_REPORTS_WITHIN: Duration = Duration::from_secs(2);
 
@@ -38,6 +41,7 @@ pub struct Session {
     pub supervisor: Supervisor,
     pub reports: Reports,
     pub scaler: LocalScaler,
+    pub nats_watch: NatsWatch,
     pub started: Instant,
     /// Holds each unit's config and the processes' logs; kept when a unit crash-loops.
     run_dir: tempfile::TempDir,
@@ -112,6 +116,7 @@ impl Session {
             supervisor,
             reports,
             scaler: LocalScaler::new(&prepared.topology),
+            nats_watch: NatsWatch::default(),
             started: Instant::now(),
             run_dir,
             output,
@@ -127,17 +132,17 @@ impl Session {
     pub async fn watch(
         &mut self,
         prepared: &Prepared,
+        nats: &mut RunNats,
+        signals: &mut StopSignals,
         display: &mut Display,
     ) -> Result<Ending, CrashLoop> {
         let mut last_refresh = Instant::now() - REFRESH_EVERY;
         let mut last_scale = Instant::now();
         let mut events = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let ctrl_c = tokio::signal::ctrl_c();
-        tokio::pin!(ctrl_c);
         loop {
             tokio::select! {
-                _ = &mut ctrl_c => {
+                _ = signals.recv() => {
                     display.note("stopping: finishing the messages in flight (Ctrl-C again to force)");
                     return Ok(Ending::Interrupted);
                 }
@@ -147,6 +152,7 @@ impl Session {
                 }
                 _ = tick.tick() => {}
             }
+            self.nats_watch.check(nats, display);
             self.supervisor.poll(&mut events)?;
             for Event::Restarted { unit, pid, status } in events.drain(..) {
                 display.note(&format!(
@@ -160,7 +166,11 @@ impl Session {
             // Sources must be done before the pass starts: then a unit found empty, checked after all of
             // its inputs were found empty, can never receive anything again.
             let sources_done = self.supervisor.all_sources_finished();
-            let all_empty = self.read_lags().await;
+            // Reading lags from a server that is gone would hold the loop (and Ctrl-C) for a while.
+            let all_empty = nats.connected()
+                && tokio::time::timeout(LAGS_WITHIN, self.read_lags())
+                    .await
+                    .unwrap_or(false);
             if last_scale.elapsed() >= switchyard_crds::unit::REPORT_EVERY {
                 last_scale = Instant::now();
                 self.autoscale(prepared, display);
@@ -207,13 +217,18 @@ impl Session {
 
     /// Stops every process (Ctrl-C during the stop forces it when the run was interrupted), then waits
     /// for the last reports of those that stopped cleanly, so that the summary counts everything.
-    pub async fn stop(&mut self, interrupted: bool, display: &mut Display) {
+    pub async fn stop(
+        &mut self,
+        interrupted: bool,
+        signals: &mut StopSignals,
+        display: &mut Display,
+    ) {
         let stopped = {
             let stopping = self.supervisor.stop_all(Duration::from_secs(30));
             tokio::pin!(stopping);
             tokio::select! {
                 stopped = &mut stopping => stopped,
-                _ = tokio::signal::ctrl_c(), if interrupted => {
+                _ = signals.recv(), if interrupted => {
                     display.note("forcing the stop");
                     Vec::new()
                 }

@@ -226,7 +226,7 @@ impl Supervisor {
         if !self.verbose {
             command.env("SWITCHYARD_LOG", "info,async_nats=warn");
         }
-        switchyard_platform::os::die_with_parent(&mut command);
+        switchyard_platform::os::die_with_parent(command.as_std_mut());
         let mut child = command.spawn()?;
         if let Some(stdout) = child.stdout.take() {
             let sender = self.output.clone();

@@ -93,6 +93,11 @@ impl NatsServer {
         }))
     }
 
+    /// How the server ended, once it has (it was killed, or it crashed).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Stops the server and starts it again on the same port with the same store: a server restart,
     /// as clients see it.
     pub fn restart(&mut self) -> Result<(), ServerError> {
@@ -183,8 +188,9 @@ fn spawn(binary: &Path, port: u16, dir: &Path) -> Result<Child, ServerError> {
         .stdout(Stdio::null())
         .stderr(log);
     // Its own process group: Ctrl-C in a terminal reaches `switchyard run`, which stops the server
-    // last, after the stages have finished with it.
+    // last, after the stages have finished with it. Should the run itself be killed, so is the server.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    crate::os::die_with_parent(&mut command);
     command
         .spawn()
         .map_err(io(format!("start {}", binary.display())))

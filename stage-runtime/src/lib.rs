@@ -40,6 +40,9 @@ pub struct RunOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// How long a stopping process waits for NATS to take what it still has to send.
+const FINAL_FLUSH_WITHIN: Duration = Duration::from_secs(3);
+
 /// Why a unit stopped before it was told to.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -197,10 +200,18 @@ pub async fn run_unit(
     let mut last = stats.report(&config.unit, &options.replica);
     last.concurrency = concurrency;
     last.last = true;
-    stats::publish(&client, &config.stats_subject, &last).await;
-    // Acknowledgements are fire-and-forget publishes: send them before the process goes.
-    if let Err(e) = client.flush().await {
-        tracing::warn!("cannot flush the NATS connection: {e}");
+    // Acknowledgements are fire-and-forget publishes: send them (and the last report) before the
+    // process goes, unless NATS is gone, when waiting would keep the process forever.
+    let goodbye = async {
+        stats::publish(&client, &config.stats_subject, &last).await;
+        client.flush().await
+    };
+    match tokio::time::timeout(FINAL_FLUSH_WITHIN, goodbye).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("cannot flush the NATS connection: {e}"),
+        Err(_) => tracing::warn!(
+            "NATS did not take the last acknowledgements within {FINAL_FLUSH_WITHIN:?}; their messages are delivered again"
+        ),
     }
     result
 }

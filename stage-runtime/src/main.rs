@@ -42,6 +42,10 @@ struct Args {
     /// Serve /metrics (Prometheus), /healthz and /readyz here, such as 0.0.0.0:9090 (port 0: any).
     #[arg(long, env = "SWITCHYARD_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// After SIGTERM, the process finishes what it holds for at most this long, then exits anyway
+    /// (what it still held is delivered again). A second signal exits at once.
+    #[arg(long, env = "SWITCHYARD_STOP_GRACE", default_value = "28s", value_parser = humantime::parse_duration)]
+    stop_grace: std::time::Duration,
     /// Log format.
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -111,6 +115,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let grace = args.stop_grace;
     tokio::spawn(async move {
         tokio::select! {
             _ = terminate.recv() => {}
@@ -118,6 +123,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         tracing::info!("stopping: finishing the messages in flight");
         let _ = shutdown_tx.send(true);
+        // Stopping can hang on what it cannot reach (a NATS server that is gone): a stop is a stop.
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => tracing::warn!(
+                "not done within {grace:?}; exiting: what this process held is delivered again"
+            ),
+            _ = terminate.recv() => tracing::warn!("asked again; exiting now"),
+            _ = interrupt.recv() => tracing::warn!("asked again; exiting now"),
+        }
+        std::process::exit(1);
     });
     let options = RunOptions {
         nats_url: args.nats_url,

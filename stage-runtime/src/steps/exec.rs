@@ -250,7 +250,7 @@ fn spawn_child(shared: &Shared) -> std::io::Result<Child> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
-    switchyard_platform::os::die_with_parent(&mut command);
+    switchyard_platform::os::die_with_parent(command.as_std_mut());
     command.spawn()
 }
 
