@@ -360,3 +360,40 @@ fn stages_nest_no_deeper_and_no_wider_than_the_crd_holds() {
     ));
     assert_eq!(problems(&fine), Vec::<String>::new());
 }
+
+#[test]
+fn deep_nesting_is_refused_before_parsing_and_fast() {
+    // 60,000 nested stages in flow style (1.3 MB): the YAML reader takes minutes over this (its cost grows with
+    // the square of the depth); the check before it answers at once.
+    let levels = 60_000;
+    let text = spec(&format!(
+        "{SOURCE_AND_SINK}  stages: {}[{{name: b, passthrough: {{}}}}]{}\n",
+        "[{name: a, stages: ".repeat(levels),
+        "}]".repeat(levels)
+    ));
+    let started = std::time::Instant::now();
+    let err = parse_pipeline(&text).unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    assert!(err.message.contains("nest more than 128"), "{err}");
+    assert_eq!(err.line, Some(7));
+}
+
+#[test]
+fn brackets_in_quotes_and_comments_are_not_nesting() {
+    let deep = "[".repeat(200);
+    let text = spec(&format!(
+        "{SOURCE_AND_SINK}  # {deep}\n  stages: [{{name: a, jq: '.x | \"{deep}\"'}}]\n"
+    ));
+    let problem = parse_pipeline(&text).err();
+    assert!(problem.is_none(), "{problem:?}");
+}
+
+#[test]
+fn a_manifest_over_the_object_limit_is_refused() {
+    let text = spec(&format!(
+        "{SOURCE_AND_SINK}# {}\n",
+        "x".repeat(MAX_MANIFEST_BYTES)
+    ));
+    let err = parse_pipeline(&text).unwrap_err();
+    assert!(err.message.contains("at most"), "{err}");
+}
