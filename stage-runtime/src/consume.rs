@@ -76,7 +76,12 @@ pub struct Worker {
     /// Messages held longer than this get a progress acknowledgement, so JetStream does not redeliver
     /// them while they are still being worked on.
     pub progress_every: Duration,
+    /// The largest message the NATS server takes, headers included.
+    pub max_payload: usize,
 }
+
+/// Room left for a message's headers when its payload is measured against the server's limit.
+const HEADERS_ROOM: usize = 4096;
 
 /// Work for one future: a single input, or a batch of them.
 // The single message is the hot path: keep it inline rather than boxing it per message.
@@ -391,8 +396,48 @@ impl Worker {
             };
             return self.emit(&lineage, Vec::new(), vec![poisoned]).await;
         }
-        let chained = crate::steps::run_chain(&self.steps, input, &lineage).await;
-        self.emit(&lineage, chained.outputs, chained.failures).await
+        let chained = crate::steps::run_chain(&self.steps, input.clone(), &lineage).await;
+        let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
+        self.emit(&lineage, outputs, failures).await
+    }
+
+    /// An output the server cannot take would fail its publish on every delivery: its input goes to
+    /// the dead-letter subject at once instead, with the sizes.
+    fn oversized_to_dead_letters(
+        &self,
+        input: Payload,
+        chained: crate::steps::Chained,
+    ) -> (Vec<Payload>, Vec<StepFailure>) {
+        let mut failures = chained.failures;
+        if !matches!(self.output, Output::Publish(_)) {
+            return (chained.outputs, failures);
+        }
+        let limit = self.max_payload.saturating_sub(HEADERS_ROOM);
+        let outputs: Vec<Payload> = chained
+            .outputs
+            .into_iter()
+            .map(|p| Payload::Bytes(p.into_bytes()))
+            .collect();
+        let Some(size) = outputs.iter().map(Payload::size).find(|&n| n > limit) else {
+            return (outputs, failures);
+        };
+        failures.push(StepFailure {
+            stage: self
+                .steps
+                .last()
+                .map_or_else(|| self.unit.clone(), |s| s.path.clone()),
+            step_index: self.steps.len(),
+            item_index: 0,
+            failure: Failure {
+                item: input,
+                error: format!(
+                    "an output of {size} bytes is larger than the {} bytes the NATS server takes in one message (its max_payload, less {HEADERS_ROOM} for headers): the input is dead-lettered instead",
+                    self.max_payload
+                ),
+                attempts: 1,
+            },
+        });
+        (Vec::new(), failures)
     }
 
     /// A batch is one JSON array of its messages; it carries the first message's ancestry.
@@ -413,9 +458,10 @@ impl Worker {
             crate::payload::write_bytes_as_json(&m.payload, &mut array);
         }
         array.push(b']');
-        let chained =
-            crate::steps::run_chain(&self.steps, Payload::Bytes(array.into()), &lineage).await;
-        self.emit(&lineage, chained.outputs, chained.failures).await
+        let input = Payload::Bytes(array.into());
+        let chained = crate::steps::run_chain(&self.steps, input.clone(), &lineage).await;
+        let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
+        self.emit(&lineage, outputs, failures).await
     }
 
     /// Stores every output and dead letter; Ok only when all of them are stored.

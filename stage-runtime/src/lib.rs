@@ -341,6 +341,7 @@ impl Unit<'_> {
             concurrency: concurrency.max(1) as usize,
             progress_every: Duration::from_millis(input.ack_wait_ms / 3)
                 .max(Duration::from_millis(100)),
+            max_payload: self.client.server_info().max_payload,
         };
         let result = worker.run(input, shutdown).await;
         for step in &worker.steps {

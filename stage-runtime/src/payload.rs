@@ -20,6 +20,14 @@ impl Payload {
         }
     }
 
+    /// Its size in bytes; a JSON value is measured as it will be written.
+    pub fn size(&self) -> usize {
+        match self {
+            Payload::Bytes(b) => b.len(),
+            Payload::Json(v) => v.to_string().len(),
+        }
+    }
+
     pub fn into_bytes(self) -> Bytes {
         match self {
             Payload::Bytes(b) => b,

@@ -492,3 +492,40 @@ async fn a_slow_handler_s_queue_does_not_count_against_its_timeout() {
         "messages timed out while they waited for the handler"
     );
 }
+
+/// An output the NATS server cannot take (over its max_payload) used to fail its publish on every
+/// delivery until the message counted as poison, eleven deliveries later. Its input is dead-lettered at
+/// once now, with the sizes, and the rest flows on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_over_the_servers_limit_is_dead_lettered_at_once_with_the_sizes() {
+    let mut h = harness(&pipeline(
+        "huge",
+        r#"  sources: [{name: src, generator: {count: 4}}]
+  stages:
+    - name: work
+      stages:
+        - name: grow
+          jq: 'if .seq == 2 then [range(0; 400000)] else . end'
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    h.start_all();
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 3, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    let dead = h.dead_letters(1).await;
+    h.stop().await;
+    assert_eq!(lines.len(), 3);
+    assert_eq!(dead.len(), 1);
+    let m = &dead[0];
+    assert_eq!(header(m, headers::ORIGIN_SEQ), "2");
+    assert_eq!(header(m, headers::ATTEMPTS), "1");
+    assert_eq!(header(m, headers::FAILED_STAGE), "work > grow");
+    let error = header(m, headers::ERROR);
+    assert!(
+        error.contains("bytes is larger than the 1048576 bytes the NATS server takes"),
+        "{error}"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(body["seq"], 2);
+}

@@ -326,22 +326,16 @@ fn dispatch(shared: &Shared, line: &[u8], complaints: &mut u32) {
     let reply: ReplyLine = match serde_json::from_slice(trimmed) {
         Ok(r) => r,
         Err(e) => {
-            complain(
-                shared,
-                complaints,
-                trimmed,
-                &format!("it is not a reply ({e})"),
-            );
+            let why = format!("it is not a reply ({e})");
+            complain(shared, complaints, trimmed, &why);
+            fail_held(shared, trimmed, &why);
             return;
         }
     };
     let Some(id) = reply.id.number() else {
-        complain(
-            shared,
-            complaints,
-            trimmed,
-            "its id is not one the runtime sent",
-        );
+        let why = "its id is not one the runtime sent";
+        complain(shared, complaints, trimmed, why);
+        fail_held(shared, trimmed, why);
         return;
     };
     let result = match (reply.outputs, reply.error) {
@@ -370,13 +364,32 @@ fn dispatch(shared: &Shared, line: &[u8], complaints: &mut u32) {
     }
 }
 
-/// Handlers sometimes print debugging output on stdout; say what is wrong without flooding the log.
+/// Handlers sometimes print debugging output on stdout by mistake; say what is wrong without flooding
+/// the log.
 fn complain(shared: &Shared, complaints: &mut u32, line: &[u8], why: &str) {
     *complaints += 1;
     if *complaints <= 5 || complaints.is_power_of_two() {
-        let shown: String = String::from_utf8_lossy(line).chars().take(200).collect();
-        tracing::warn!(step = %shared.path, "ignoring a line from the handler: {why}: `{shown}`; a handler answers each request with one JSON line {{\"id\": ..., \"outputs\": [...]}} or {{\"id\": ..., \"error\": \"...\"}} and writes its own logs to stderr");
+        let shown = shown(line);
+        tracing::warn!(step = %shared.path, "a line from the handler is not a reply, {why}: `{shown}`; the messages it held fail this attempt; a handler answers each request with one JSON line {{\"id\": ..., \"outputs\": [...]}} or {{\"id\": ..., \"error\": \"...\"}} and writes its own logs to stderr");
     }
+}
+
+/// A line that is no reply cannot be matched to its message, so every message the child holds fails
+/// this attempt with it: the user sees the line instead of a timeout.
+fn fail_held(shared: &Shared, line: &[u8], why: &str) {
+    let drained: Vec<_> = lock(&shared.pending).drain().collect();
+    for (_, tx) in drained {
+        let _ = tx.send(Err(StepError::transient(format!(
+            "the handler of step {} wrote a line that is not a reply, {why}: `{}`",
+            shared.path,
+            shown(line)
+        ))));
+    }
+}
+
+/// The first 200 characters of a line, for messages.
+fn shown(line: &[u8]) -> String {
+    String::from_utf8_lossy(line).chars().take(200).collect()
 }
 
 fn fail_pending(shared: &Shared) {

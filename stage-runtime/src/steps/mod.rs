@@ -410,6 +410,37 @@ mod tests {
         s.shutdown().await;
     }
 
+    /// A handler that answers with something that is no reply: the message fails each attempt at once,
+    /// with the line in its error, instead of waiting for its timeout.
+    #[tokio::test]
+    async fn a_line_that_is_no_reply_fails_the_attempt_and_is_quoted() {
+        let code =
+            "import sys\nfor line in sys.stdin:\n    print('this is not json', flush=True)\n";
+        let s = step(
+            StepKind::Exec(switchyard_crds::ExecStep {
+                command: vec!["python3".into(), "-c".into(), code.into()],
+            }),
+            Some(3000),
+            2,
+        );
+        let started = std::time::Instant::now();
+        let failure = s
+            .run(Payload::Bytes("1".into()), &lineage())
+            .await
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "it waited for the timeout"
+        );
+        assert_eq!(failure.attempts, 2);
+        assert!(
+            failure.error.contains("step u > s") && failure.error.contains("`this is not json`"),
+            "{}",
+            failure.error
+        );
+        s.shutdown().await;
+    }
+
     #[tokio::test]
     async fn passthrough_and_sleep_keep_the_message() {
         for kind in [
