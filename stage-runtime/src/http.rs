@@ -104,6 +104,11 @@ async fn post(
         .await
         .map_err(|e| StepError::transient(format!("POST {url}: {}", error_chain(&e))))?;
     let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(retry_after);
     let bytes = response
         .bytes()
         .await
@@ -113,11 +118,26 @@ async fn post(
     }
     let shown: String = String::from_utf8_lossy(&bytes).chars().take(300).collect();
     let message = format!("POST {url} answered {status}: {shown}");
+    // A 4xx says the request itself is wrong, except a timeout (408) and throttling (429).
     if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
-        Err(StepError::transient(message))
+        Err(StepError {
+            retry_after,
+            ..StepError::transient(message)
+        })
     } else {
         Err(StepError::permanent(message))
     }
+}
+
+/// A `Retry-After` value: seconds, or an HTTP date.
+fn retry_after(value: &str) -> Option<std::time::Duration> {
+    if let Ok(seconds) = value.trim().parse::<u64>() {
+        return Some(std::time::Duration::from_secs(seconds));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(value.trim()).ok()?;
+    (when.with_timezone(&chrono::Utc) - chrono::Utc::now())
+        .to_std()
+        .ok()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -129,4 +149,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_seconds_or_a_date() {
+        assert_eq!(retry_after("7"), Some(std::time::Duration::from_secs(7)));
+        let soon = (chrono::Utc::now() + chrono::Duration::seconds(90)).to_rfc2822();
+        let wait = retry_after(&soon).unwrap();
+        assert!((80..=90).contains(&wait.as_secs()), "{wait:?}");
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            None,
+            "a date passed"
+        );
+        assert_eq!(retry_after("soon"), None);
+    }
 }

@@ -14,6 +14,8 @@ pub struct StepError {
     /// The exec child died while it held the message: the message is not to blame, so this does not use
     /// up an attempt.
     pub child_exited: bool,
+    /// How long the other side asked to be left alone (an HTTP `Retry-After`), instead of the backoff.
+    pub retry_after: Option<Duration>,
 }
 
 impl StepError {
@@ -22,6 +24,7 @@ impl StepError {
             message: message.into(),
             retryable: false,
             child_exited: false,
+            retry_after: None,
         }
     }
 
@@ -30,9 +33,13 @@ impl StepError {
             message: message.into(),
             retryable: true,
             child_exited: false,
+            retry_after: None,
         }
     }
 }
+
+/// The longest `Retry-After` honoured: a message is held (and kept from redelivery) meanwhile.
+const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// How often a message whose exec child died under it is tried again on the restarted child before it
 /// counts as a failed attempt: a message that kills its handler every time must not loop forever.
@@ -75,7 +82,10 @@ impl<'a> Retrying<'a> {
             return Ok(());
         }
         if error.retryable && self.attempts < self.policy.max_attempts {
-            let delay: Duration = self.policy.delay_after(self.attempts);
+            let delay = match error.retry_after {
+                Some(asked) => asked.min(LONGEST_RETRY_AFTER),
+                None => self.policy.delay_after(self.attempts),
+            };
             tracing::debug!(who = %self.who, attempt = self.attempts, error = %error.message, ?delay, "failed; retrying");
             tokio::time::sleep(delay).await;
             self.attempts += 1;

@@ -538,3 +538,89 @@ spec:
         );
     }
 }
+
+/// A server that answers `first` to the first request and 200 with the body to every later one.
+async fn answering_first(first: (u16, Option<&'static str>)) -> (String, Arc<Mutex<usize>>) {
+    let calls = Arc::new(Mutex::new(0usize));
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::post(
+                move |axum::extract::State(calls): axum::extract::State<Arc<Mutex<usize>>>,
+                      body: String| async move {
+                    let n = {
+                        let mut calls = calls.lock().unwrap();
+                        *calls += 1;
+                        *calls
+                    };
+                    let mut response = axum::http::Response::builder();
+                    if n == 1 {
+                        response = response.status(first.0);
+                        if let Some(after) = first.1 {
+                            response = response.header("Retry-After", after);
+                        }
+                        return response.body(axum::body::Body::from("not now")).unwrap();
+                    }
+                    response
+                        .status(200)
+                        .body(axum::body::Body::from(body))
+                        .unwrap()
+                },
+            ),
+        )
+        .with_state(calls.clone());
+    (format!("{}/", serve(app).await), calls)
+}
+
+fn http_step(url: &str) -> switchyard_stage::steps::Step {
+    use switchyard_crds::unit::{RetryConfig, StepConfig};
+    switchyard_stage::steps::Step::build(
+        &StepConfig {
+            path: "u > web".into(),
+            kind: switchyard_crds::StepKind::Http(switchyard_crds::HttpStep {
+                url: url.into(),
+                headers: None,
+            }),
+            env: Vec::new(),
+            timeout_ms: None,
+            retry: RetryConfig {
+                max_attempts: 3,
+                backoff_ms: 5,
+                max_backoff_ms: 10,
+            },
+        },
+        &switchyard_stage::steps::http_client().unwrap(),
+    )
+    .unwrap()
+}
+
+/// 503 with `Retry-After: 1` waits a second, not the 5 ms backoff; a 400 is final at once; a 429 is
+/// worth another attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_answers_decide_retries_and_retry_after_is_honoured() {
+    use switchyard_stage::lineage::Lineage;
+    use switchyard_stage::payload::Payload;
+    let lineage = Lineage::at_source("s", "1".into(), "s:1".into());
+    let item = || Payload::Bytes("{\"n\":1}".into());
+
+    let (url, calls) = answering_first((503, Some("1"))).await;
+    let started = std::time::Instant::now();
+    let out = http_step(&url).run(item(), &lineage).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(*calls.lock().unwrap(), 2);
+
+    let (url, calls) = answering_first((400, None)).await;
+    let failure = http_step(&url).run(item(), &lineage).await.unwrap_err();
+    assert_eq!(failure.attempts, 1);
+    assert!(failure.error.contains("400"), "{}", failure.error);
+    assert_eq!(*calls.lock().unwrap(), 1);
+
+    let (url, calls) = answering_first((429, None)).await;
+    http_step(&url).run(item(), &lineage).await.unwrap();
+    assert_eq!(*calls.lock().unwrap(), 2);
+}

@@ -147,6 +147,7 @@ fn child_exited(message: &str) -> StepError {
         message: message.to_string(),
         retryable: true,
         child_exited: true,
+        retry_after: None,
     }
 }
 
