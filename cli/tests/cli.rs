@@ -536,3 +536,37 @@ fn sigterm_stops_a_run_whose_nats_is_gone_and_nothing_outlives_it() {
         );
     }
 }
+
+/// A file sink that cannot write where it is told fails the run at the start, naming the path, rather
+/// than inside a stage process, message after message.
+#[test]
+fn unusable_file_paths_are_found_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("a-folder")).unwrap();
+    std::fs::write(dir.path().join("a-file"), "").unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: paths}\nspec:\n  sources: [{name: lines, file: {path: missing.jsonl}}]\n  stages: [{name: copy, passthrough: {}}]\n  sinks:\n    - {name: one, file: {path: a-folder}}\n    - {name: two, file: {path: a-file/out.jsonl}}\n",
+    )
+    .unwrap();
+    let output = switchyard()
+        .args(["run", "p.yaml", "--progress", "none"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("sources[0] lines: file source `missing.jsonl` is not in"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("sinks[0] one: file sink `a-folder` is a folder"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("sinks[1] two: file sink `a-file/out.jsonl`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("cannot run: 3 problems"), "{stderr}");
+}

@@ -8,7 +8,7 @@ use switchyard_crds::load::{load, LoadError};
 use switchyard_crds::topology::Topology;
 use switchyard_crds::unit::UnitRole;
 use switchyard_crds::validate::analyze;
-use switchyard_crds::{ExecStep, FileSource, SourceKind, StepKind};
+use switchyard_crds::{ExecStep, FileSink, FileSource, SinkKind, SourceKind, StepKind};
 
 /// Everything a run needs to know about its Pipeline.
 pub struct Prepared {
@@ -98,60 +98,114 @@ pub fn prepare(file: &Path) -> Result<Prepared, PrepareError> {
     })
 }
 
-/// What would only fail later, inside a stage process: missing programs and input files.
+/// What would only fail later, inside a stage process: missing programs, input files that cannot be
+/// read, output files that cannot be written.
 fn preflight(topology: &Topology, layout: &Layout, base_dir: &Path) -> Vec<String> {
     let mut problems = Vec::new();
     for (unit, config) in topology.units.iter().zip(&layout.units) {
-        match &config.role {
-            UnitRole::Process { steps, .. } => {
-                for step in steps {
-                    if let StepKind::Exec(ExecStep { command }) = &step.kind {
-                        let Some(program) = command.first() else {
-                            continue;
-                        };
-                        if !program_exists(program, base_dir) {
-                            problems.push(format!(
-                                "{}: step `{}` runs `{program}`, which is {}: {}",
-                                unit.spec_path,
-                                step.path,
-                                if program.contains('/') {
-                                    "not there"
-                                } else {
-                                    "not on PATH"
-                                },
-                                install_hint(program)
-                            ));
-                        }
-                        for arg in command.iter().skip(1) {
-                            let looks_like_script = [".py", ".rb", ".js", ".sh", ".pl"]
-                                .iter()
-                                .any(|e| arg.ends_with(e));
-                            if looks_like_script && !base_dir.join(arg).exists() {
-                                problems.push(format!(
-                                    "{}: step `{}` names `{arg}`, which is not in {}",
-                                    unit.spec_path,
-                                    step.path,
-                                    base_dir.display()
-                                ));
-                            }
-                        }
+        let found = match &config.role {
+            UnitRole::Process { steps, .. } => steps
+                .iter()
+                .flat_map(|step| match &step.kind {
+                    StepKind::Exec(ExecStep { command }) => {
+                        exec_problems(&step.path, command, base_dir)
                     }
-                }
-            }
+                    _ => Vec::new(),
+                })
+                .collect(),
             UnitRole::Source {
                 source: SourceKind::File(FileSource { path }),
                 ..
-            } if !base_dir.join(path).exists() => {
-                problems.push(format!(
-                    "{}: file source `{path}` is not in {} (relative paths start in the Pipeline file's folder)",
-                    unit.spec_path,
-                    base_dir.display()
-                ));
-            }
-            _ => {}
+            } => input_problems(path, base_dir).into_iter().collect(),
+            UnitRole::Sink {
+                sink: SinkKind::File(FileSink { path }),
+                ..
+            } => output_problems(path, base_dir).into_iter().collect(),
+            _ => Vec::new(),
+        };
+        problems.extend(
+            found
+                .into_iter()
+                .map(|p| format!("{}: {p}", unit.spec_path)),
+        );
+    }
+    problems
+}
+
+fn exec_problems(step: &str, command: &[String], base_dir: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(program) = command.first() else {
+        return problems;
+    };
+    if !program_exists(program, base_dir) {
+        problems.push(format!(
+            "step `{step}` runs `{program}`, which is {}: {}",
+            if program.contains('/') {
+                "not there"
+            } else {
+                "not on PATH"
+            },
+            install_hint(program)
+        ));
+    }
+    for arg in command.iter().skip(1) {
+        let looks_like_script = [".py", ".rb", ".js", ".sh", ".pl"]
+            .iter()
+            .any(|e| arg.ends_with(e));
+        if looks_like_script && !base_dir.join(arg).exists() {
+            problems.push(format!(
+                "step `{step}` names `{arg}`, which is not in {}",
+                base_dir.display()
+            ));
         }
     }
     problems
+}
+
+/// A file source's file or folder must be there and readable.
+fn input_problems(path: &str, base_dir: &Path) -> Option<String> {
+    let full = base_dir.join(path);
+    let readable = if full.is_dir() {
+        std::fs::read_dir(&full).map(|_| ())
+    } else {
+        std::fs::File::open(&full).map(|_| ())
+    };
+    match readable {
+        Ok(()) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
+            "file source `{path}` is not in {} (relative paths start in the Pipeline file's folder)",
+            base_dir.display()
+        )),
+        Err(e) => Some(format!("file source `{path}` cannot be read: {e}")),
+    }
+}
+
+/// A file sink's file must be a file (or not there yet) in a folder this run can write.
+fn output_problems(path: &str, base_dir: &Path) -> Option<String> {
+    let full = base_dir.join(path);
+    if full.is_dir() {
+        return Some(format!(
+            "file sink `{path}` is a folder in {}: name a file",
+            base_dir.display()
+        ));
+    }
+    // The sink creates missing folders; the nearest one that exists must take new files.
+    let folder = full.ancestors().skip(1).find(|a| a.exists())?;
+    if !folder.is_dir() {
+        return Some(format!(
+            "file sink `{path}`: {} is not a folder",
+            folder.display()
+        ));
+    }
+    let probe = tempfile::Builder::new()
+        .prefix(".switchyard-write-check")
+        .tempfile_in(folder);
+    probe.err().map(|e| {
+        format!(
+            "file sink `{path}` cannot be written: {} does not take new files ({e})",
+            folder.display()
+        )
+    })
 }
 
 fn program_exists(program: &str, base_dir: &Path) -> bool {
