@@ -624,3 +624,48 @@ async fn http_answers_decide_retries_and_retry_after_is_honoured() {
     http_step(&url).run(item(), &lineage).await.unwrap();
     assert_eq!(*calls.lock().unwrap(), 2);
 }
+
+/// What a handler writes on stderr reaches the unit's log under the step's name, a bounded number of
+/// lines a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handlers_stderr_reaches_the_units_log_rate_limited() {
+    let mut h = harness(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {name: talk}
+spec:
+  sources: [{name: src, generator: {count: 3}}]
+  stages:
+    - name: work
+      stages:
+        - name: chatty
+          exec: {command: ["python3", "{dir}/chatty.py"]}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    )
+    .await;
+    handler(
+        &h,
+        "chatty.py",
+        "import json, sys\nfor i in range(500):\n    print(f'warming up {i}', file=sys.stderr, flush=True)\nfor line in sys.stdin:\n    m = json.loads(line)\n    print(f'working on {m[\"data\"][\"seq\"]}', file=sys.stderr, flush=True)\n    print(json.dumps({'id': m['id'], 'outputs': [m['data']]}), flush=True)\n",
+    );
+    h.start("src");
+    h.start("out");
+    h.spawn("work", "only");
+    h.wait_for_lines(&h.path("out.jsonl"), 3, LIMIT).await;
+    let started = std::time::Instant::now();
+    while !h.log_of("work", "only").contains("skipped") {
+        assert!(started.elapsed() < LIMIT, "{}", h.log_of("work", "only"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.stop().await;
+    let log = h.log_of("work", "only");
+    assert!(log.contains("work > chatty"), "{log}");
+    assert!(log.contains("warming up 0"), "{log}");
+    assert!(
+        !log.contains("warming up 499"),
+        "every line was logged:\n{log}"
+    );
+    assert!(log.contains("lines of the handler's stderr"), "{log}");
+}

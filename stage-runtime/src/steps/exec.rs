@@ -249,7 +249,7 @@ fn spawn_child(shared: &Shared) -> std::io::Result<Child> {
         .envs(shared.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .kill_on_drop(true);
     switchyard_platform::os::die_with_parent(command.as_std_mut());
     command.spawn()
@@ -264,6 +264,9 @@ async fn run_child(
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         return "its pipes could not be opened".to_string();
     };
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(forward_stderr(shared.path.clone(), stderr));
+    }
     let (line_tx, mut line_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let mut writer = tokio::spawn(async move {
         let mut stdin = BufWriter::new(stdin);
@@ -373,6 +376,46 @@ fn complain(shared: &Shared, complaints: &mut u32, line: &[u8], why: &str) {
         let shown = shown(line);
         tracing::warn!(step = %shared.path, "a line from the handler is not a reply, {why}: `{shown}`; the messages it held fail this attempt; a handler answers each request with one JSON line {{\"id\": ..., \"outputs\": [...]}} or {{\"id\": ..., \"error\": \"...\"}} and writes its own logs to stderr");
     }
+}
+
+/// Lines of a handler's stderr logged per second at most; a handler stuck in a loop of errors must not
+/// drown the unit's own log (or fill a node's disk).
+const STDERR_LINES_PER_SECOND: u32 = 50;
+/// Longest stderr line logged whole.
+const STDERR_LINE_CHARS: usize = 2000;
+
+/// The handler's stderr, line by line, in the unit's log under the step's name.
+async fn forward_stderr(step: String, stderr: tokio::process::ChildStderr) {
+    let mut lines = BufReader::new(stderr).split(b'\n');
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let (mut logged, mut skipped) = (0u32, 0u64);
+    let say_skipped = |skipped: u64| {
+        if skipped > 0 {
+            tracing::warn!(step = %step, "skipped {skipped} lines of the handler's stderr");
+        }
+    };
+    loop {
+        tokio::select! {
+            line = lines.next_segment() => {
+                let Ok(Some(line)) = line else { break };
+                if logged < STDERR_LINES_PER_SECOND {
+                    logged += 1;
+                    let text: String = String::from_utf8_lossy(&line)
+                        .chars()
+                        .take(STDERR_LINE_CHARS)
+                        .collect();
+                    tracing::info!(target: "handler", step = %step, "{}", text.trim_end());
+                } else {
+                    skipped += 1;
+                }
+            }
+            _ = second.tick() => {
+                say_skipped(skipped);
+                (logged, skipped) = (0, 0);
+            }
+        }
+    }
+    say_skipped(skipped);
 }
 
 /// A line that is no reply cannot be matched to its message, so every message the child holds fails
