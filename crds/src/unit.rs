@@ -27,6 +27,9 @@ pub mod headers {
     pub const FAILED_STAGE: &str = "Switchyard-Failed-Stage";
     pub const FAILED_UNIT: &str = "Switchyard-Failed-Unit";
     pub const ATTEMPTS: &str = "Switchyard-Attempts";
+    /// On the dead letters of messages that kept crashing their unit's process: how often JetStream
+    /// delivered them (the attempts stay within `retry.maxAttempts`).
+    pub const DELIVERIES: &str = "Switchyard-Deliveries";
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -237,6 +237,7 @@ async fn save_dead_letters(
                 "stage": get(headers::FAILED_STAGE),
                 "error": get(headers::ERROR),
                 "attempts": get(headers::ATTEMPTS).parse::<u64>().unwrap_or(0),
+                "deliveries": get(headers::DELIVERIES).parse::<u64>().ok(),
                 "origin": get(headers::ORIGIN),
                 "originSeq": get(headers::ORIGIN_SEQ),
                 "data": data,

@@ -386,7 +386,10 @@ impl Worker {
             let failure = Failure {
                 item: input,
                 error: format!("delivered {delivered} times without being acknowledged: the unit's process probably crashes on it"),
-                attempts: delivered as u32,
+                attempts: u32::try_from(delivered)
+                    .unwrap_or(u32::MAX)
+                    .min(self.allowed_attempts()),
+                deliveries: Some(delivered),
             };
             let poisoned = StepFailure {
                 stage: self.unit.clone(),
@@ -399,6 +402,14 @@ impl Worker {
         let chained = crate::steps::run_chain(&self.steps, input.clone(), &lineage).await;
         let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
         self.emit(&lineage, outputs, failures).await
+    }
+
+    /// The most attempts a message gets in this unit: its steps' (or its sink's) `retry.maxAttempts`.
+    fn allowed_attempts(&self) -> u32 {
+        match &self.output {
+            Output::Sink { retry, .. } => retry.max_attempts,
+            Output::Publish(_) => self.steps.iter().map(Step::max_attempts).max().unwrap_or(1),
+        }
     }
 
     /// An output the server cannot take would fail its publish on every delivery: its input goes to
@@ -435,6 +446,7 @@ impl Worker {
                     self.max_payload
                 ),
                 attempts: 1,
+                deliveries: None,
             },
         });
         (Vec::new(), failures)
@@ -554,7 +566,7 @@ impl Worker {
             &self.unit,
             &stage,
             &failure.error,
-            failure.attempts,
+            (failure.attempts, failure.deliveries),
             &id,
         );
         let publish = jetstream::message::PublishMessage::build()
@@ -605,6 +617,7 @@ impl Worker {
                     item: Payload::Bytes(payload),
                     error: error.message,
                     attempts,
+                    deliveries: None,
                 });
             }
         }

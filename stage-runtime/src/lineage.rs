@@ -18,6 +18,7 @@ pub mod names {
     pub const FAILED_STAGE: HeaderName = HeaderName::from_static(headers::FAILED_STAGE);
     pub const FAILED_UNIT: HeaderName = HeaderName::from_static(headers::FAILED_UNIT);
     pub const ATTEMPTS: HeaderName = HeaderName::from_static(headers::ATTEMPTS);
+    pub const DELIVERIES: HeaderName = HeaderName::from_static(headers::DELIVERIES);
 }
 
 /// What one input message says about its ancestry.
@@ -143,7 +144,7 @@ pub fn dead_letter_headers(
     unit: &str,
     stage: &str,
     error: &str,
-    attempts: u32,
+    (attempts, deliveries): (u32, Option<u64>),
     id: &str,
 ) -> HeaderMap {
     let mut map = lineage.headers_after(unit);
@@ -153,6 +154,9 @@ pub fn dead_letter_headers(
     map.insert(names::FAILED_STAGE, header_value(stage));
     map.insert(names::FAILED_UNIT, header_value(unit));
     map.insert(names::ATTEMPTS, HeaderValue::from(attempts.to_string()));
+    if let Some(deliveries) = deliveries {
+        map.insert(names::DELIVERIES, HeaderValue::from(deliveries.to_string()));
+    }
     map
 }
 
@@ -195,8 +199,9 @@ mod tests {
     #[test]
     fn line_breaks_in_errors_do_not_panic() {
         let l = Lineage::at_source("s", "1".into(), "s:1".into());
-        let map = dead_letter_headers(&l, "u", "u > x", "bad\nthing\r\n", 3, "id");
+        let map = dead_letter_headers(&l, "u", "u > x", "bad\nthing\r\n", (3, Some(11)), "id");
         assert_eq!(map.get(headers::ERROR).unwrap().as_str(), "bad thing  ");
         assert_eq!(map.get(headers::ATTEMPTS).unwrap().as_str(), "3");
+        assert_eq!(map.get(headers::DELIVERIES).unwrap().as_str(), "11");
     }
 }

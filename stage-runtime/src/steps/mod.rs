@@ -120,7 +120,10 @@ impl Runner {
 pub struct Failure {
     pub item: Payload,
     pub error: String,
+    /// Attempts made, at most the step's `retry.maxAttempts`.
     pub attempts: u32,
+    /// For a message that kept crashing its unit's process: how often it was delivered.
+    pub deliveries: Option<u64>,
 }
 
 /// An item that left the chain at a step, for the dead-letter subject.
@@ -251,9 +254,15 @@ impl Step {
                     item,
                     error: error.message,
                     attempts,
+                    deliveries: None,
                 });
             }
         }
+    }
+
+    /// Attempts a message gets here, the first included.
+    pub fn max_attempts(&self) -> u32 {
+        self.retry.max_attempts
     }
 
     /// Stops what the step runs beside the unit (an exec child) once no more messages will come.
