@@ -60,6 +60,8 @@ pub enum ConsumeError {
     },
     #[error("a publish was not acknowledged by JetStream: {0}")]
     Unacknowledged(jetstream::context::PublishError),
+    #[error(transparent)]
+    ConnectionLost(#[from] crate::acks::ConnectionLost),
 }
 
 pub struct Worker {
@@ -78,6 +80,8 @@ pub struct Worker {
     pub progress_every: Duration,
     /// The largest message the NATS server takes, headers included.
     pub max_payload: usize,
+    /// Lost connections so far: see `acks`.
+    pub disconnects: crate::Disconnects,
 }
 
 /// Room left for a message's headers when its payload is measured against the server's limit.
@@ -89,6 +93,13 @@ const HEADERS_ROOM: usize = 4096;
 enum Work {
     One(Message),
     Batch(Vec<Message>),
+}
+
+/// The publishes of one input awaiting their acknowledgements, and the disconnect count when the input
+/// began: a connection lost since then took their acknowledgements with it.
+struct Pending {
+    acks: Vec<jetstream::context::PublishAckFuture>,
+    epoch: u64,
 }
 
 /// Publishes outstanding at once for one input; more fan-out than this waits for the first acks.
@@ -483,7 +494,10 @@ impl Worker {
         outputs: Vec<Payload>,
         mut failures: Vec<StepFailure>,
     ) -> Result<(), ConsumeError> {
-        let mut acks = Vec::new();
+        let mut acks = Pending {
+            acks: Vec::new(),
+            epoch: *self.disconnects.borrow(),
+        };
         match &self.output {
             Output::Publish(subject) => {
                 self.publish_outputs(lineage, outputs, subject, &mut acks)
@@ -511,8 +525,8 @@ impl Worker {
         for failure in failures {
             self.dead_letter(lineage, failure, &mut acks).await?;
         }
-        for ack in acks {
-            ack.await.map_err(ConsumeError::Unacknowledged)?;
+        for ack in acks.acks {
+            self.settle(ack, acks.epoch).await?;
         }
         Stats::add(&self.stats.dead_lettered, dead);
         Ok(())
@@ -524,7 +538,7 @@ impl Worker {
         lineage: &Lineage,
         outputs: Vec<Payload>,
         subject: &Subject,
-        acks: &mut Vec<jetstream::context::PublishAckFuture>,
+        acks: &mut Pending,
     ) -> Result<(), ConsumeError> {
         let count = outputs.len();
         let mut base = (count > 0).then(|| lineage.headers_after(&self.unit));
@@ -552,7 +566,7 @@ impl Worker {
         &self,
         lineage: &Lineage,
         failure: StepFailure,
-        acks: &mut Vec<jetstream::context::PublishAckFuture>,
+        acks: &mut Pending,
     ) -> Result<(), ConsumeError> {
         let StepFailure {
             stage,
@@ -576,15 +590,27 @@ impl Worker {
             .await
     }
 
+    /// A publish's acknowledgement, or the lost connection that took it.
+    async fn settle(
+        &self,
+        ack: jetstream::context::PublishAckFuture,
+        epoch: u64,
+    ) -> Result<(), ConsumeError> {
+        crate::acks::acknowledged(ack, epoch, &self.disconnects)
+            .await?
+            .map_err(ConsumeError::Unacknowledged)?;
+        Ok(())
+    }
+
     async fn publish_into(
         &self,
-        acks: &mut Vec<jetstream::context::PublishAckFuture>,
+        acks: &mut Pending,
         subject: &Subject,
         publish: jetstream::message::PublishMessage,
     ) -> Result<(), ConsumeError> {
-        if acks.len() >= PUBLISH_WINDOW {
-            for ack in acks.drain(..) {
-                ack.await.map_err(ConsumeError::Unacknowledged)?;
+        if acks.acks.len() >= PUBLISH_WINDOW {
+            for ack in acks.acks.drain(..) {
+                self.settle(ack, acks.epoch).await?;
             }
         }
         let ack = self
@@ -595,7 +621,7 @@ impl Worker {
                 subject: subject.clone(),
                 source,
             })?;
-        acks.push(ack);
+        acks.acks.push(ack);
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 //! What it shares with the other programs (NATS objects, the private server, logging, probes) is in
 //! `switchyard-platform`.
 
+pub mod acks;
 pub mod consume;
 pub mod http;
 pub mod lineage;
@@ -79,22 +80,37 @@ pub enum RunError {
     Consume(#[from] consume::ConsumeError),
 }
 
+/// How many times the connection to NATS has been lost so far. What was published before a loss and
+/// not yet acknowledged never will be: whoever waits for such an acknowledgement gives up at once instead
+/// of at the request timeout.
+pub type Disconnects = watch::Receiver<u64>;
+
 /// Connects to NATS, retrying until it answers or `shutdown` is set. After that the client reconnects
 /// by itself.
 pub async fn connect(
     options: &RunOptions,
     name: &str,
     shutdown: &watch::Receiver<bool>,
-) -> Result<async_nats::Client, RunError> {
+) -> Result<(async_nats::Client, Disconnects), RunError> {
     let mut delay = Duration::from_millis(200);
+    let (lost_tx, lost) = watch::channel(0u64);
+    let lost_tx = Arc::new(lost_tx);
     loop {
+        let lost_tx = lost_tx.clone();
         let mut connect =
             async_nats::ConnectOptions::new()
                 .name(name)
-                .event_callback(|event| async move {
-                    match event {
-                        async_nats::Event::Connected => tracing::debug!("NATS connected"),
-                        other => tracing::info!("NATS: {other}"),
+                .event_callback(move |event| {
+                    let lost_tx = lost_tx.clone();
+                    async move {
+                        match event {
+                            async_nats::Event::Connected => tracing::debug!("NATS connected"),
+                            async_nats::Event::Disconnected => {
+                                lost_tx.send_modify(|n| *n += 1);
+                                tracing::info!("NATS: disconnected");
+                            }
+                            other => tracing::info!("NATS: {other}"),
+                        }
                     }
                 });
         if let Some(creds) = &options.credentials {
@@ -108,7 +124,7 @@ pub async fn connect(
                     })?;
         }
         match connect.connect(options.nats_url.as_str()).await {
-            Ok(client) => return Ok(client),
+            Ok(client) => return Ok((client, lost)),
             Err(e) => {
                 if *shutdown.borrow() {
                     return Err(RunError::Connect {
@@ -137,7 +153,7 @@ pub async fn run_unit(
         "switchyard-stage {}/{} {}",
         config.pipeline, config.unit, options.replica
     );
-    let client = connect(&options, &name, &shutdown).await?;
+    let (client, disconnects) = connect(&options, &name, &shutdown).await?;
     let js = switchyard_platform::nats::jetstream_context(client.clone());
     let stats = Arc::new(Stats::default());
     let concurrency = match &config.role {
@@ -173,6 +189,7 @@ pub async fn run_unit(
         client: &client,
         js: &js,
         stats: &stats,
+        disconnects: &disconnects,
     };
     let result = match &config.role {
         UnitRole::Source {
@@ -223,6 +240,7 @@ struct Unit<'a> {
     client: &'a async_nats::Client,
     js: &'a jetstream::Context,
     stats: &'a Arc<Stats>,
+    disconnects: &'a Disconnects,
 }
 
 impl Unit<'_> {
@@ -249,6 +267,7 @@ impl Unit<'_> {
             checkpoints,
             stats: stats.clone(),
             shutdown: shutdown.clone(),
+            disconnects: self.disconnects.clone(),
             queue_group: format!(
                 "switchyard.{}.{}.{}",
                 config.namespace, config.pipeline, config.unit
@@ -342,6 +361,7 @@ impl Unit<'_> {
             progress_every: Duration::from_millis(input.ack_wait_ms / 3)
                 .max(Duration::from_millis(100)),
             max_payload: self.client.server_info().max_payload,
+            disconnects: self.disconnects.clone(),
         };
         let result = worker.run(input, shutdown).await;
         for step in &worker.steps {

@@ -28,7 +28,7 @@ impl Source for FileSource<'_> {
 async fn read_files(unit: &SourceUnit, path: &Path) -> Result<(), SourceError> {
     let files = list_files(path).await?;
     let resume_at: Option<FileCheckpoint> = unit.load_checkpoint().await?;
-    let mut window = Window::new(&unit.stats);
+    let mut window = Window::new(unit);
     let mut checkpoints = Checkpointer::new();
     for file in &files {
         let name = file_name(file);

@@ -40,7 +40,7 @@ impl Generator<'_> {
         template: &Template,
     ) -> Result<(), SourceError> {
         let started = tokio::time::Instant::now();
-        let mut window = Window::new(&unit.stats);
+        let mut window = Window::new(unit);
         let mut checkpoints = Checkpointer::new();
         let mut seq = first;
         while self.0.count.is_none_or(|c| seq <= c) && !unit.stopping() {

@@ -47,6 +47,8 @@ pub enum SourceError {
     },
     #[error("a publish was not acknowledged: {0}")]
     Unacknowledged(PublishError),
+    #[error(transparent)]
+    ConnectionLost(#[from] crate::acks::ConnectionLost),
     /// The input of a file source is missing or unreadable.
     #[error("cannot read {}: {source}{hint}", path.display())]
     Read {
@@ -102,6 +104,8 @@ pub struct SourceUnit {
     pub checkpoints: kv::Store,
     pub stats: Arc<Stats>,
     pub shutdown: watch::Receiver<bool>,
+    /// Lost connections so far: see `acks`.
+    pub disconnects: crate::Disconnects,
     /// Prefix for names that must differ between pipelines (the NATS source's queue group).
     pub queue_group: String,
 }
@@ -235,18 +239,33 @@ async fn publish(
 
 type AckFuture = <PublishAckFuture as IntoFuture>::IntoFuture;
 
+/// A publish's acknowledgement, or the lost connection that took it.
+async fn settle(
+    ack: AckFuture,
+    epoch: u64,
+    disconnects: &crate::Disconnects,
+) -> Result<(), SourceError> {
+    crate::acks::acknowledged(ack, epoch, disconnects)
+        .await?
+        .map_err(SourceError::Unacknowledged)?;
+    Ok(())
+}
+
 /// Publishes waiting for their acknowledgements, in publish order, each with what it stands for; the
 /// newest confirmed one is what a checkpoint may record.
 struct Window<T> {
-    pending: VecDeque<(T, AckFuture)>,
+    /// Each publish with the disconnect count when it was made.
+    pending: VecDeque<(T, AckFuture, u64)>,
     stats: Arc<Stats>,
+    disconnects: crate::Disconnects,
 }
 
 impl<T> Window<T> {
-    fn new(stats: &Arc<Stats>) -> Window<T> {
+    fn new(unit: &SourceUnit) -> Window<T> {
         Window {
             pending: VecDeque::new(),
-            stats: stats.clone(),
+            stats: unit.stats.clone(),
+            disconnects: unit.disconnects.clone(),
         }
     }
 
@@ -254,20 +273,21 @@ impl<T> Window<T> {
     /// waits for the oldest first.
     async fn push(&mut self, item: T, ack: PublishAckFuture) -> Result<Option<T>, SourceError> {
         use futures::FutureExt;
-        self.pending.push_back((item, ack.into_future()));
+        let epoch = *self.disconnects.borrow();
+        self.pending.push_back((item, ack.into_future(), epoch));
         let mut confirmed = None;
         while self.pending.len() > WINDOW {
-            if let Some((item, ack)) = self.pending.pop_front() {
-                ack.await.map_err(SourceError::Unacknowledged)?;
+            if let Some((item, ack, epoch)) = self.pending.pop_front() {
+                settle(ack, epoch, &self.disconnects).await?;
                 confirmed = Some(self.count(item));
             }
         }
-        while let Some((_, ack)) = self.pending.front_mut() {
+        while let Some((_, ack, _)) = self.pending.front_mut() {
             match ack.now_or_never() {
                 None => break,
                 Some(result) => {
                     result.map_err(SourceError::Unacknowledged)?;
-                    if let Some((item, _)) = self.pending.pop_front() {
+                    if let Some((item, _, _)) = self.pending.pop_front() {
                         confirmed = Some(self.count(item));
                     }
                 }
@@ -279,8 +299,8 @@ impl<T> Window<T> {
     /// Waits for every publish; returns the newest item, if any was still pending.
     async fn drain(&mut self) -> Result<Option<T>, SourceError> {
         let mut confirmed = None;
-        while let Some((item, ack)) = self.pending.pop_front() {
-            ack.await.map_err(SourceError::Unacknowledged)?;
+        while let Some((item, ack, epoch)) = self.pending.pop_front() {
+            settle(ack, epoch, &self.disconnects).await?;
             confirmed = Some(self.count(item));
         }
         Ok(confirmed)
