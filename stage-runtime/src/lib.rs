@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use switchyard_crds::unit::{UnitConfig, UnitRole};
+use switchyard_crds::unit::{StatsReport, UnitConfig, UnitRole};
 use tokio::sync::watch;
 
 use crate::consume::{Output, Worker};
@@ -191,25 +191,7 @@ pub async fn run_unit(
         stats: &stats,
         disconnects: &disconnects,
     };
-    let result = match &config.role {
-        UnitRole::Source {
-            source,
-            checkpoint_bucket,
-        } => unit.run_source(source, checkpoint_bucket, shutdown).await,
-        UnitRole::Process {
-            steps,
-            batch,
-            concurrency,
-        } => {
-            unit.run_process(steps, *batch, *concurrency, shutdown)
-                .await
-        }
-        UnitRole::Sink {
-            sink,
-            retry,
-            concurrency,
-        } => unit.run_sink(sink, *retry, *concurrency, shutdown).await,
-    };
+    let result = unit.run(shutdown).await;
     reporter.abort();
     if let Some(server) = server {
         server.abort();
@@ -217,20 +199,24 @@ pub async fn run_unit(
     let mut last = stats.report(&config.unit, &options.replica);
     last.concurrency = concurrency;
     last.last = true;
-    // Acknowledgements are fire-and-forget publishes: send them (and the last report) before the
-    // process goes, unless NATS is gone, when waiting would keep the process forever.
-    let goodbye = async {
-        stats::publish(&client, &config.stats_subject, &last).await;
+    goodbye(&client, &config.stats_subject, &last).await;
+    result
+}
+
+/// Sends the last report and what is still buffered (acknowledgements are fire-and-forget publishes)
+/// before the process goes, unless NATS is gone, when waiting would keep the process forever.
+async fn goodbye(client: &async_nats::Client, subject: &str, last: &StatsReport) {
+    let flushed = async {
+        stats::publish(client, subject, last).await;
         client.flush().await
     };
-    match tokio::time::timeout(FINAL_FLUSH_WITHIN, goodbye).await {
+    match tokio::time::timeout(FINAL_FLUSH_WITHIN, flushed).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("cannot flush the NATS connection: {e}"),
         Err(_) => tracing::warn!(
             "NATS did not take the last acknowledgements within {FINAL_FLUSH_WITHIN:?}; their messages are delivered again"
         ),
     }
-    result
 }
 
 /// One unit's process: its config and its connections.
@@ -244,6 +230,29 @@ struct Unit<'a> {
 }
 
 impl Unit<'_> {
+    /// The unit's role, until it is finished or `shutdown` is set.
+    async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+        match &self.config.role {
+            UnitRole::Source {
+                source,
+                checkpoint_bucket,
+            } => self.run_source(source, checkpoint_bucket, shutdown).await,
+            UnitRole::Process {
+                steps,
+                batch,
+                concurrency,
+            } => {
+                self.run_process(steps, *batch, *concurrency, shutdown)
+                    .await
+            }
+            UnitRole::Sink {
+                sink,
+                retry,
+                concurrency,
+            } => self.run_sink(sink, *retry, *concurrency, shutdown).await,
+        }
+    }
+
     async fn run_source(
         &self,
         source: &switchyard_crds::SourceKind,
