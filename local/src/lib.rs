@@ -218,9 +218,7 @@ impl RunNats {
             js,
         })
     }
-}
 
-impl RunNats {
     /// The run's own connection is up.
     fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected

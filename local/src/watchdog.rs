@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::connection::State;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::progress::Display;
@@ -70,8 +69,7 @@ impl NatsWatch {
                 }
             }
         }
-        let connected = nats.client.connection_state() == State::Connected;
-        match (connected, self.unreachable) {
+        match (nats.connected(), self.unreachable) {
             (true, Some((since, _))) => {
                 display.note(&format!(
                     "NATS at {} is reachable again, after {:.1}s",

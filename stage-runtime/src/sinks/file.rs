@@ -84,8 +84,8 @@ mod tests {
     use std::fs::OpenOptions;
     use std::io::Write;
 
-    use super::super::ledger::ledger_path;
     use super::*;
+    use switchyard_crds::unit::ledger_path;
 
     async fn write_all(sink: &FileSink, items: &[(&str, &str)]) -> Vec<Written> {
         let mut out = Vec::new();

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use tokio::sync::oneshot;
 
-pub use switchyard_crds::unit::ledger_path;
+use switchyard_crds::unit::ledger_path;
 
 use super::Written;
 

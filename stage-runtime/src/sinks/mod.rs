@@ -14,8 +14,6 @@ use switchyard_crds::SinkKind;
 use crate::lineage::Lineage;
 use crate::retry::StepError;
 
-pub use ledger::ledger_path;
-
 /// What became of a message handed to a sink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Written {

@@ -11,7 +11,6 @@ use switchyard_crds::unit::headers;
 use switchyard_crds::HttpSource as Settings;
 
 use super::{publish, Source, SourceError, SourceUnit};
-use crate::lineage::Lineage;
 use crate::stats::Stats;
 
 pub struct HttpSource<'a>(pub &'a Settings);
@@ -69,7 +68,7 @@ async fn ingest(
     let key = header("Idempotency-Key")
         .or_else(|| header(headers::MSG_ID))
         .unwrap_or_else(|| nuid::next().as_str().to_string());
-    let mut lineage = Lineage::at_source(&state.name, key.clone(), format!("{}:{key}", state.name));
+    let mut lineage = super::lineage(&state.name, key);
     lineage.traceparent = header(headers::TRACEPARENT);
     lineage.tracestate = header(headers::TRACESTATE);
     let stored = async {

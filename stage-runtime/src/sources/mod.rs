@@ -119,10 +119,8 @@ impl SourceUnit {
         format!("source.{}", self.name)
     }
 
-    /// The message with the source-made `key` (a sequence number, `file:line`, a tick), ready to publish.
     fn lineage(&self, key: String) -> Lineage {
-        let id = format!("{}:{key}", self.name);
-        Lineage::at_source(&self.name, key, id)
+        lineage(&self.name, key)
     }
 
     async fn load_checkpoint<T: for<'de> Deserialize<'de>>(
@@ -217,6 +215,13 @@ impl SourceUnit {
         }
         tracing::error!("tick {seq} was not stored after 5 attempts");
     }
+}
+
+/// The message that source `name` made under `key` (a sequence number, `file:line`, a tick, a client's
+/// idempotency key): its id is `name:key`, so the same key is stored once.
+fn lineage(name: &str, key: String) -> Lineage {
+    let id = format!("{name}:{key}");
+    Lineage::at_source(name, key, id)
 }
 
 /// Sends one message with its lineage's headers; shared by every source, the HTTP handler included.

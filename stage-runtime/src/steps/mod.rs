@@ -19,7 +19,7 @@ use crate::payload::Payload;
 use crate::retry::{GaveUp, Retrying};
 
 pub use crate::http::http_client;
-pub use crate::retry::StepError;
+use crate::retry::StepError;
 
 /// What one kind of step does with one message. Timeouts, retries and turn-taking are `Step`'s.
 pub trait Handler {
