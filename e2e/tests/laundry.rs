@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use switchyard_e2e::{binary, children_with, examples_copy, line_count, wait_until};
 
 const ITEMS: u64 = 20_000;
-/// A killed process's messages come back after JetStream's acknowledgement deadline (30s).
+/// A killed process's messages come back after JetStream's acknowledgement deadline (10 s).
 const LIMIT: Duration = Duration::from_secs(300);
 
 fn start_laundry(dir: &Path) -> Child {
@@ -101,8 +101,9 @@ fn kill_one_process_of(unit: &str) {
         line_count(&closet) >= (ITEMS / 4) as usize
     });
     let needle = format!("/{unit}.json");
+    // A switcher may have scaled up by now: any one of its processes will do.
     let victims = children_with(child.id(), &needle);
-    assert_eq!(victims.len(), 1, "one process of {unit}: {victims:?}");
+    assert!(!victims.is_empty(), "no process of {unit}");
     unsafe {
         libc::kill(victims[0] as i32, libc::SIGKILL);
     }
