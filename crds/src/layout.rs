@@ -17,8 +17,10 @@ use crate::validate::{parse_duration, Problem};
 /// this big too: larger pull requests cost the server less per message.
 pub const DEFAULT_CONCURRENCY: u32 = 512;
 /// How long JetStream waits for an acknowledgement before it redelivers. Stage processes report progress
-/// on messages that take longer, so this bounds recovery after a crash, not processing time.
-pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// on messages that take longer (every third of it), so this bounds recovery after a crash or a lost
+/// NATS server — what a dead process held, or acknowledgements a dead server took with it, come back
+/// this much later — not processing time.
+pub const ACK_WAIT: Duration = Duration::from_secs(10);
 /// JetStream drops a publish whose message id it has stored within this window. It must exceed
 /// `ACK_WAIT`, so that a message redelivered after a crash republishes into the window.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
