@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use switchyard_e2e::run::{BackgroundRun, Tally};
 use switchyard_e2e::{children_with, examples, examples_copy};
 
 fn switchyard() -> Command {
@@ -394,69 +395,6 @@ fn wait_with_limit(child: &mut std::process::Child, limit: Duration) -> std::pro
     }
 }
 
-/// A run in the background, its stderr (where notes go) in a file the test can read as it grows.
-struct Background {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-}
-
-impl Background {
-    fn start(yaml: &str, extra: &[&str], env: &[(&str, &str)]) -> Background {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
-        let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        let child = switchyard()
-            .args(["run", "p.yaml", "--progress", "lines"])
-            .args(extra)
-            .envs(env.iter().copied())
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        Background { child, dir }
-    }
-
-    fn notes(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
-    }
-
-    fn wait_for_note(&self, words: &str) {
-        let started = Instant::now();
-        while !self.notes().contains(words) {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "no `{words}` in:\n{}",
-                self.notes()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_for_lines(&self, lines: usize) {
-        let out = self.dir.path().join("out.jsonl");
-        let started = Instant::now();
-        while std::fs::read_to_string(&out).map_or(0, |t| t.lines().count()) < lines {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "fewer than {lines} lines arrived:\n{}",
-                self.notes()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The `seq` of every line the sink wrote, sorted.
-    fn written(&self) -> Vec<u64> {
-        let mut seqs: Vec<u64> = lines(&self.dir.path().join("out.jsonl"))
-            .iter()
-            .map(|v| v["seq"].as_u64().unwrap())
-            .collect();
-        seqs.sort();
-        seqs
-    }
-}
-
 fn generator_yaml(count: u64, rate: u64) -> String {
     format!(
         "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: outage}}\nspec:\n  sources: [{{name: numbers, generator: {{count: {count}, ratePerSecond: {rate}}}}}]\n  stages:\n    - name: work\n      switcher: {{minReplicas: 2, maxReplicas: 2}}\n      jq: '. + {{seen: true}}'\n  sinks: [{{name: out, file: {{path: out.jsonl}}}}]\n"
@@ -467,22 +405,21 @@ fn generator_yaml(count: u64, rate: u64) -> String {
 /// reaches the sink once. Before, the run froze for good.
 #[test]
 fn a_killed_private_nats_server_is_started_again_and_nothing_is_lost() {
-    let mut run = Background::start(&generator_yaml(8000, 2000), &[], &[]);
-    run.wait_for_lines(1000);
-    let servers = children_with(run.child.id(), "nats-server");
-    assert_eq!(servers.len(), 1, "{servers:?}");
+    let mut run = BackgroundRun::start(&generator_yaml(8000, 2000), &[], &[]);
+    run.wait_for_lines("out.jsonl", 1000);
+    let server = run.nats_server_pid(None);
     let killed = Instant::now();
     unsafe {
-        libc::kill(servers[0] as i32, libc::SIGKILL);
+        libc::kill(server as i32, libc::SIGKILL);
     }
     run.wait_for_note("nats-server is back after");
-    let status = wait_with_limit(&mut run.child, Duration::from_secs(90));
+    let status = run.wait(Duration::from_secs(90));
     assert!(status.success(), "{}", run.notes());
     println!(
         "  run finished {:.1}s after the kill",
         killed.elapsed().as_secs_f64()
     );
-    assert_eq!(run.written(), (1..=8000).collect::<Vec<u64>>());
+    Tally::of(&run.path("out.jsonl"), "seq", 8000).assert_exactly_once(8000);
 }
 
 /// A server given with --nats-url that goes away: the run says so while it waits, and carries on, with
@@ -491,15 +428,15 @@ fn a_killed_private_nats_server_is_started_again_and_nothing_is_lost() {
 fn a_given_nats_server_that_goes_away_is_waited_for() {
     let mut server = switchyard_platform::embedded::NatsServer::start().unwrap();
     let url = server.url();
-    let mut run = Background::start(&generator_yaml(3000, 1000), &["--nats-url", &url], &[]);
-    run.wait_for_lines(500);
+    let mut run = BackgroundRun::start(&generator_yaml(3000, 1000), &["--nats-url", &url], &[]);
+    run.wait_for_lines("out.jsonl", 500);
     server.stop();
     run.wait_for_note("has been unreachable for");
     server.restart().unwrap();
     run.wait_for_note("is reachable again");
-    let status = wait_with_limit(&mut run.child, Duration::from_secs(90));
+    let status = run.wait(Duration::from_secs(90));
     assert!(status.success(), "{}", run.notes());
-    assert_eq!(run.written(), (1..=3000).collect::<Vec<u64>>());
+    Tally::of(&run.path("out.jsonl"), "seq", 3000).assert_exactly_once(3000);
 }
 
 /// SIGTERM while NATS is gone: the run and every process it started are gone within their grace.
@@ -508,12 +445,12 @@ fn a_given_nats_server_that_goes_away_is_waited_for() {
 fn sigterm_stops_a_run_whose_nats_is_gone_and_nothing_outlives_it() {
     let mut server = switchyard_platform::embedded::NatsServer::start().unwrap();
     let url = server.url();
-    let mut run = Background::start(
+    let mut run = BackgroundRun::start(
         &generator_yaml(1_000_000, 500),
         &["--nats-url", &url],
         &[("SWITCHYARD_STOP_GRACE", "2s")],
     );
-    run.wait_for_lines(100);
+    run.wait_for_lines("out.jsonl", 100);
     let stages = children_with(run.child.id(), "switchyard-stage");
     assert_eq!(stages.len(), 4, "{stages:?}");
     server.stop();
@@ -523,7 +460,7 @@ fn sigterm_stops_a_run_whose_nats_is_gone_and_nothing_outlives_it() {
         libc::kill(run.child.id() as i32, libc::SIGTERM);
     }
     // Well under the 30 s the run gives its units before it kills them.
-    let status = wait_with_limit(&mut run.child, Duration::from_secs(20));
+    let status = run.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(130), "{}", run.notes());
     println!(
         "  the run stopped {:.1}s after SIGTERM",
@@ -569,4 +506,103 @@ fn unusable_file_paths_are_found_before_anything_starts() {
         "{stderr}"
     );
     assert!(stderr.contains("cannot run: 3 problems"), "{stderr}");
+}
+
+/// A small Pipeline that goes through an exec handler, whose environment the test reads.
+const CREDENTIALS_YAML: &str = "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: guarded}\nspec:\n  sources: [{name: numbers, generator: {count: 300, ratePerSecond: 100}}]\n  stages:\n    - name: work\n      exec: {command: [python3, -c, \"import json, os, sys\\nopen('handler.env', 'w').write(repr(dict(os.environ)))\\nfor line in sys.stdin:\\n    m = json.loads(line)\\n    print(json.dumps({'id': m['id'], 'outputs': [m['data']]}), flush=True)\\n\"]}\n  sinks: [{name: out, file: {path: out.jsonl}}]\n";
+
+/// Every kind of NATS credentials works with a given server, and none of them is repeated anywhere:
+/// not in what the run prints, not in any process's log, not on any command line, and not in the
+/// environment of a handler (the user's code has no business with them).
+#[test]
+fn every_kind_of_nats_credentials_works_and_none_is_shown() {
+    use switchyard_e2e::secure::SecureNats;
+    let servers = [
+        ("token", SecureNats::token("tok-4e1b9d-never-shown")),
+        (
+            "user and password",
+            SecureNats::user("app", "pw-77c2e1-never-shown"),
+        ),
+        ("credentials file", SecureNats::jwt()),
+        ("TLS client certificate", SecureNats::tls()),
+    ];
+    for (kind, nats) in &servers {
+        // Without its credentials the server turns the run away, and the run says so at once.
+        std::fs::write(nats.dir.path().join("p.yaml"), CREDENTIALS_YAML).unwrap();
+        let refused = switchyard()
+            .args([
+                "run",
+                "p.yaml",
+                "--progress",
+                "none",
+                "--nats-url",
+                &nats.url(),
+            ])
+            .current_dir(nats.dir.path())
+            .env_remove("SWITCHYARD_NATS_TOKEN")
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "{kind}: ran without credentials");
+        assert!(
+            text(&refused.stderr).contains(&format!("cannot connect to NATS at {}", nats.url())),
+            "{kind}: {}",
+            text(&refused.stderr)
+        );
+
+        // A token or a password goes in the environment, as a user should pass a secret.
+        let (flags, env): (Vec<String>, Vec<(String, String)>) = match *kind {
+            "token" => (
+                Vec::new(),
+                vec![("SWITCHYARD_NATS_TOKEN".into(), nats.flags[1].clone())],
+            ),
+            "user and password" => (
+                nats.flags[..2].to_vec(),
+                vec![("SWITCHYARD_NATS_PASSWORD".into(), nats.flags[3].clone())],
+            ),
+            _ => (nats.flags.clone(), Vec::new()),
+        };
+        let mut args: Vec<String> = [
+            "--nats-url".to_string(),
+            nats.url(),
+            "--logs".into(),
+            "logs".into(),
+        ]
+        .to_vec();
+        args.extend(flags);
+        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env_refs: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut run = BackgroundRun::start(CREDENTIALS_YAML, &arg_refs, &env_refs);
+        run.wait_for_lines("out.jsonl", 50);
+        let mut command_lines = String::new();
+        for stage in children_with(run.child.id(), "switchyard-stage") {
+            command_lines += &switchyard_e2e::command_line(stage);
+            for handler in children_with(stage, "python3") {
+                command_lines += &switchyard_e2e::command_line(handler);
+            }
+        }
+        let status = run.wait(Duration::from_secs(120));
+        assert!(status.success(), "{kind}: {}", run.notes());
+        Tally::of(&run.path("out.jsonl"), "seq", 300).assert_exactly_once(300);
+        let mut shown = format!("{}{}{command_lines}", run.notes(), run.output());
+        shown += &std::fs::read_to_string(run.path("handler.env")).unwrap();
+        for log in std::fs::read_dir(run.path("logs")).unwrap().flatten() {
+            shown += &std::fs::read_to_string(log.path()).unwrap();
+        }
+        assert!(
+            shown.contains("switchyard-stage"),
+            "{kind}: the command lines were read"
+        );
+        for secret in &nats.secrets {
+            assert!(
+                !shown.contains(secret.as_str()),
+                "{kind}: `{secret}` was shown:\n{shown}"
+            );
+        }
+        let handler_env = std::fs::read_to_string(run.path("handler.env")).unwrap();
+        assert!(
+            !handler_env.contains("SWITCHYARD_NATS_"),
+            "{kind}: {handler_env}"
+        );
+    }
 }

@@ -200,7 +200,7 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
                 retention: "interest".to_string(),
                 storage: "file".to_string(),
                 duplicate_window_ms: DUPLICATE_WINDOW.as_millis() as u64,
-                replicas: 1,
+                replicas: spec.nats_replicas(),
             },
             checkpoint_bucket: names.checkpoint_bucket(),
             consumers,

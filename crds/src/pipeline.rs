@@ -64,9 +64,30 @@ pub struct PipelineSpec {
 pub struct NatsConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
-    /// Name of a Secret in the Pipeline's namespace holding a `nats.creds` key.
+    /// Name of a Secret in the Pipeline's namespace holding the credentials, under any of these keys:
+    /// `nats.creds` (a user JWT and nkey seed), `token`, `user` and `password`, `ca.crt` (the CA of
+    /// the server's certificate; turns TLS on), `tls.crt` and `tls.key` (a client certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+    /// Copies of the Pipeline's stream, checkpoint bucket and consumers the NATS cluster keeps: 1, 3 or
+    /// 5 (default 1). With 3, the pipeline goes on when one NATS server is lost, with 5 when two are;
+    /// the cluster needs at least that many JetStream servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = [1, 3, 5]))]
+    pub replicas: Option<u32>,
+}
+
+/// Replicas of a Pipeline's NATS objects, when `spec.nats.replicas` does not say.
+pub const DEFAULT_NATS_REPLICAS: u32 = 1;
+
+impl PipelineSpec {
+    /// `spec.nats.replicas`, or its default.
+    pub fn nats_replicas(&self) -> u32 {
+        self.nats
+            .as_ref()
+            .and_then(|n| n.replicas)
+            .unwrap_or(DEFAULT_NATS_REPLICAS)
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
@@ -141,6 +162,40 @@ pub struct HttpSource {
     pub port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// Largest request body taken, in bytes (default 1 MiB, and never more than the NATS server takes
+    /// in one message); a larger one is answered 413.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_body_bytes: Option<u32>,
+    /// Take only requests with `Authorization: Bearer <token>`; others are answered 401.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token: Option<BearerToken>,
+}
+
+/// Default of `http.maxBodyBytes`.
+pub const DEFAULT_MAX_BODY_BYTES: u32 = 1024 * 1024;
+
+/// Where an http source's token comes from: the unit's environment variable `env`, which in a cluster
+/// the operator sets from `secretKeyRef` (locally, export it before `switchyard run`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BearerToken {
+    /// The environment variable holding the token, such as `INGEST_TOKEN`.
+    #[schemars(length(min = 1), pattern(r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub env: String,
+    /// In a cluster: the key of a Secret in the Pipeline's namespace that holds the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the Pipeline's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1))]
+    pub key: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]

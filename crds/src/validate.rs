@@ -242,6 +242,11 @@ fn check_spec(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
             problems.push(Problem::at("deadLetter.subject", format!("`{subject}` is not a NATS subject: use dot-separated tokens without spaces or wildcards")));
         }
     }
+    if let Some(replicas) = spec.nats.as_ref().and_then(|n| n.replicas) {
+        if !matches!(replicas, 1 | 3 | 5) {
+            problems.push(Problem::at("nats.replicas", format!("{replicas} replicas cannot be had: JetStream keeps 1, 3 or 5 (a majority must survive a lost server)")));
+        }
+    }
     check_inputs(problems, spec);
 }
 
@@ -263,6 +268,14 @@ pub fn is_dns_label(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
         && bytes[0] != b'-'
         && bytes[bytes.len() - 1] != b'-'
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn is_valid_subject(subject: &str) -> bool {
@@ -359,6 +372,19 @@ fn check_source_kind(problems: &mut Vec<Problem>, path: &str, kind: &SourceKind)
                         path,
                         format!("http.path `{p}` must start with '/'"),
                     ));
+                }
+            }
+            if h.max_body_bytes == Some(0) {
+                problems.push(Problem::at(path, "http.maxBodyBytes must be at least 1"));
+            }
+            if let Some(token) = &h.bearer_token {
+                if !is_env_name(&token.env) {
+                    problems.push(Problem::at(path, format!("http.bearerToken.env `{}` is not an environment variable's name: use letters, digits and `_`, not starting with a digit", token.env)));
+                }
+                if let Some(r) = &token.secret_key_ref {
+                    if r.name.is_empty() || r.key.is_empty() {
+                        problems.push(Problem::at(path, "http.bearerToken.secretKeyRef needs the Secret's name and the key that holds the token"));
+                    }
                 }
             }
         }

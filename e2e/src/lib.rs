@@ -2,6 +2,8 @@
 //! processes a run starts.
 
 pub mod control_plane;
+pub mod run;
+pub mod secure;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -70,13 +72,17 @@ pub fn children_with(parent: u32, needle: &str) -> Vec<u32> {
             .nth(1)
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if ppid == parent && cmdline.contains(needle) {
+        if ppid == parent && command_line(pid).contains(needle) {
             found.push(pid);
         }
     }
     found
+}
+
+/// A process's command line, its arguments separated by spaces (and ending with one).
+pub fn command_line(pid: u32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&cmdline).replace('\0', " ")
 }
 
 /// Counts the lines of a file that is being written.

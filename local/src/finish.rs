@@ -60,7 +60,7 @@ pub async fn finish(
         std::fs::write(path, plot::render(&summary))
             .map_err(RunError::io(format!("write {}", path.display())))?;
     }
-    if nats.server.is_none() && summary.dead_lettered == 0 && nats.connected() {
+    if nats.servers.is_empty() && summary.dead_lettered == 0 && nats.connected() {
         admin::delete(&nats.js, &prepared.layout.nats).await?;
     }
     if completed {
@@ -102,11 +102,12 @@ fn summarize(
     let (mut from_sources, mut at_sinks, mut dead) = (0, 0, 0);
     for config in &prepared.layout.units {
         let mut t = totals(stats, &config.unit);
-        // A process killed mid-run takes its last second of counts with it. Where the truth can be read
-        // off (a generator that finished, a file a sink started afresh), use it.
+        // A process killed mid-run takes its last second of counts with it, and its successor counts
+        // again what it publishes anew from its checkpoint. Where the truth can be read off (a
+        // generator that finished, a file a sink started afresh), it replaces both.
         if let Some(exact) = exact_count(prepared, supervisor, config, append) {
-            t.processed = t.processed.max(exact);
-            t.published = t.published.max(exact);
+            t.processed = exact;
+            t.published = exact;
         }
         let kind = prepared.topology.unit(&config.unit).map(type_of);
         match kind {

@@ -7,6 +7,7 @@ mod finish;
 mod plot;
 mod prepare;
 mod progress;
+mod run_nats;
 mod scaling;
 mod session;
 mod summary;
@@ -16,15 +17,20 @@ mod watchdog;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser as _};
+
 use switchyard_crds::unit::UnitRole;
 use switchyard_crds::{FileSink, SinkKind};
-use switchyard_platform::admin::{self, AdminError};
-use switchyard_platform::embedded::{NatsServer, ServerError};
+use switchyard_platform::admin::AdminError;
+use switchyard_platform::credentials::{CredentialsError, NatsAuthArgs};
+use switchyard_platform::embedded::ServerError;
+use switchyard_platform::nats::ConnectSetupError;
 
 use prepare::Prepared;
 pub use progress::thousands;
 use progress::Display;
 pub use progress::ProgressMode;
+pub use run_nats::RunNats;
 use session::Session;
 
 /// Why a run could not start or go on.
@@ -36,6 +42,18 @@ pub enum RunError {
     Connect {
         url: String,
         source: async_nats::ConnectError,
+    },
+    #[error(transparent)]
+    ConnectSetup(#[from] ConnectSetupError),
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    #[error("{0}")]
+    Cluster(String),
+    #[error("nats-server {server} keeps exiting ({status}); its last words:\n{log}")]
+    NatsCrashLoop {
+        server: String,
+        status: String,
+        log: String,
     },
     #[error(transparent)]
     Admin(#[from] AdminError),
@@ -85,9 +103,17 @@ impl RunError {
 pub struct RunArgs {
     /// The Pipeline file. Relative paths in it (handlers, files) start in the file's folder.
     pub file: PathBuf,
-    /// Use this NATS server instead of starting one; the Pipeline's stream there is reset first.
-    #[arg(long)]
+    /// Use this NATS server instead of starting one (several, separated by commas, for the nodes of
+    /// a cluster); the Pipeline's stream there is reset first.
+    #[arg(long, conflicts_with = "nats_cluster")]
     pub nats_url: Option<String>,
+    /// Start a JetStream cluster of this many servers on loopback (1, 3 or 5) instead of one server,
+    /// and keep every node running. The Pipeline's stream keeps `spec.nats.replicas` copies, or one
+    /// per server. Default: `spec.nats.replicas`.
+    #[arg(long, value_name = "SERVERS", value_parser = PossibleValuesParser::new(["1", "3", "5"]).map(|s| s.parse::<usize>().unwrap_or(1)))]
+    pub nats_cluster: Option<usize>,
+    #[command(flatten)]
+    pub nats_auth: NatsAuthArgs,
     /// Append to the files of file sinks instead of starting them afresh.
     #[arg(long)]
     pub append: bool,
@@ -100,6 +126,10 @@ pub struct RunArgs {
     /// Let stage processes log at debug level (their logs are kept in the run's folder).
     #[arg(long)]
     pub verbose: bool,
+    /// Keep the stage processes' logs in this folder, one file per process (by default they are in a
+    /// temporary folder, removed after the run unless a unit kept failing).
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
     /// Write the run's summary as JSON here, with every unit's replicas and lag over time and the
     /// scaling decisions.
     #[arg(long, value_name = "FILE")]
@@ -125,7 +155,7 @@ pub fn main(args: RunArgs) -> ExitCode {
 }
 
 pub async fn run(args: RunArgs) -> Result<ExitCode, RunError> {
-    let prepared = match prepare::prepare(&args.file) {
+    let mut prepared = match prepare::prepare(&args.file) {
         Ok(p) => p,
         Err(e) => {
             eprint!("{e}");
@@ -136,10 +166,10 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, RunError> {
     let mut signals =
         watchdog::StopSignals::new().map_err(RunError::io("handle Ctrl-C and SIGTERM"))?;
     let mut display = Display::new(args.progress, prepared.layout.units.len());
-    let mut nats = RunNats::start(args.nats_url.as_deref(), &prepared, &mut display).await?;
+    let mut nats = RunNats::start(&args, &mut prepared, &mut display).await?;
     let sink_files = start_sink_files(&prepared, args.append)?;
     note_endless_sources(&prepared, &mut display);
-    let mut session = Session::start(&prepared, &nats, stage_bin, args.verbose).await?;
+    let mut session = Session::start(&prepared, &nats, stage_bin, &args).await?;
     let watched = session
         .watch(&prepared, &mut nats, &mut signals, &mut display)
         .await;
@@ -160,69 +190,6 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, RunError> {
         .await;
     display.finish(wall, &session.rows(&prepared));
     finish::finish(&args, &prepared, &nats, session, ending, wall, sink_files).await
-}
-
-/// The NATS a run uses: a private server it started, or one it was given.
-pub struct RunNats {
-    /// None when the run was given a server.
-    server: Option<NatsServer>,
-    url: String,
-    client: async_nats::Client,
-    js: async_nats::jetstream::Context,
-}
-
-impl RunNats {
-    /// Connects (starting a private server unless `given`) and creates the Pipeline's stream, bucket
-    /// and consumers; on a given server, what the Pipeline had there is deleted first.
-    async fn start(
-        given: Option<&str>,
-        prepared: &Prepared,
-        display: &mut Display,
-    ) -> Result<RunNats, RunError> {
-        let (server, url) = match given {
-            Some(url) => (None, url.to_string()),
-            None => {
-                let server = NatsServer::start()?;
-                let url = server.url();
-                (Some(server), url)
-            }
-        };
-        let client = async_nats::ConnectOptions::new()
-            .name("switchyard run")
-            .connect(url.as_str())
-            .await
-            .map_err(|source| RunError::Connect {
-                url: url.clone(),
-                source,
-            })?;
-        let js = switchyard_platform::nats::jetstream_context(client.clone());
-        if server.is_none() {
-            // A run is a job: it starts from nothing, even on a server that saw this Pipeline before.
-            admin::delete(&js, &prepared.layout.nats).await?;
-        }
-        admin::apply(&js, &prepared.layout.nats).await?;
-        display.note(&format!(
-            "{}: NATS at {url}{}; stream {}",
-            prepared.name,
-            if server.is_some() {
-                " (private, temporary)"
-            } else {
-                ""
-            },
-            prepared.layout.nats.stream.name
-        ));
-        Ok(RunNats {
-            server,
-            url,
-            client,
-            js,
-        })
-    }
-
-    /// The run's own connection is up.
-    fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
-    }
 }
 
 /// The files of file sinks, emptied (with their ledgers) unless the run appends.

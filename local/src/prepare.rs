@@ -8,13 +8,15 @@ use switchyard_crds::load::{load, LoadError};
 use switchyard_crds::topology::Topology;
 use switchyard_crds::unit::UnitRole;
 use switchyard_crds::validate::analyze;
-use switchyard_crds::{ExecStep, FileSink, FileSource, SinkKind, SourceKind, StepKind};
+use switchyard_crds::{ExecStep, FileSink, FileSource, HttpSource, SinkKind, SourceKind, StepKind};
 
 /// Everything a run needs to know about its Pipeline.
 pub struct Prepared {
     pub name: String,
     pub topology: Topology,
     pub layout: Layout,
+    /// `spec.nats.replicas` as the file says it (the layout holds its default when it does not).
+    pub nats_replicas: Option<u32>,
     /// The Pipeline file's folder: units run there, so relative paths mean the same as in the file.
     pub base_dir: PathBuf,
 }
@@ -94,6 +96,7 @@ pub fn prepare(file: &Path) -> Result<Prepared, PrepareError> {
         name: topology.pipeline.clone(),
         topology,
         layout,
+        nats_replicas: pipeline.spec.nats.as_ref().and_then(|n| n.replicas),
         base_dir,
     })
 }
@@ -121,6 +124,17 @@ fn preflight(topology: &Topology, layout: &Layout, base_dir: &Path) -> Vec<Strin
                 sink: SinkKind::File(FileSink { path }),
                 ..
             } => output_problems(path, base_dir).into_iter().collect(),
+            UnitRole::Source {
+                source:
+                    SourceKind::Http(HttpSource {
+                        bearer_token: Some(token),
+                        ..
+                    }),
+                ..
+            } if std::env::var(&token.env).map_or(true, |v| v.trim().is_empty()) => vec![format!(
+                "http.bearerToken.env names `{}`, which is not set: export it with the token before `switchyard run` (a Secret is read only in a cluster)",
+                token.env
+            )],
             _ => Vec::new(),
         };
         problems.extend(

@@ -18,8 +18,23 @@ use crate::prepare::Prepared;
 use crate::progress::{Display, Row};
 use crate::scaling::LocalScaler;
 use crate::supervisor::{self, CrashLoop, Event, OutputLine, Supervisor};
-use crate::watchdog::{NatsWatch, StopSignals};
-use crate::{RunError, RunNats};
+use crate::watchdog::{NatsWatch, ServerCrashLoop, StopSignals};
+use crate::{RunArgs, RunError, RunNats};
+
+/// Why a run had to end early.
+#[derive(Debug)]
+pub enum Failure {
+    /// A unit's processes keep dying.
+    Unit(CrashLoop),
+    /// One of the run's own NATS servers keeps exiting.
+    Server(ServerCrashLoop),
+}
+
+impl From<CrashLoop> for Failure {
+    fn from(crash: CrashLoop) -> Failure {
+        Failure::Unit(crash)
+    }
+}
 
 /// How often lags are read and the progress view redrawn.
 const REFRESH_EVERY: Duration = Duration::from_millis(300);
@@ -45,6 +60,8 @@ pub struct Session {
     pub started: Instant,
     /// Holds each unit's config and the processes' logs; kept when a unit crash-loops.
     run_dir: tempfile::TempDir,
+    /// Where the logs are kept when the run was told (`--logs`).
+    logs_dir: Option<PathBuf>,
     output: mpsc::UnboundedReceiver<OutputLine>,
     stream: jetstream::stream::Stream,
     lags: HashMap<String, u64>,
@@ -61,14 +78,20 @@ impl Session {
         prepared: &Prepared,
         nats: &RunNats,
         stage_bin: PathBuf,
-        verbose: bool,
+        args: &RunArgs,
     ) -> Result<Session, RunError> {
         let run_dir = tempfile::Builder::new()
             .prefix(&format!("switchyard-run-{}-", prepared.name))
             .tempdir()
             .map_err(RunError::io("create the run's folder"))?;
-        let logs_dir = run_dir.path().join("logs");
-        std::fs::create_dir_all(&logs_dir).map_err(RunError::io("create the logs folder"))?;
+        let logs_dir = args
+            .logs
+            .clone()
+            .unwrap_or_else(|| run_dir.path().join("logs"));
+        std::fs::create_dir_all(&logs_dir).map_err(RunError::io(format!(
+            "create the logs folder {}",
+            logs_dir.display()
+        )))?;
         let reports = Reports::default();
         let names = Names::new(&prepared.topology.namespace, &prepared.name);
         reports
@@ -84,10 +107,11 @@ impl Session {
         let mut supervisor = Supervisor::new(
             stage_bin,
             nats.url.clone(),
+            nats.auth.child_env(),
             prepared.base_dir.clone(),
             logs_dir,
             output_tx,
-            verbose,
+            args.verbose,
         );
         let mut order: Vec<(&Unit, &UnitConfig)> = prepared
             .topology
@@ -119,6 +143,7 @@ impl Session {
             nats_watch: NatsWatch::default(),
             started: Instant::now(),
             run_dir,
+            logs_dir: args.logs.clone(),
             output,
             stream,
             lags: HashMap::new(),
@@ -135,7 +160,7 @@ impl Session {
         nats: &mut RunNats,
         signals: &mut StopSignals,
         display: &mut Display,
-    ) -> Result<Ending, CrashLoop> {
+    ) -> Result<Ending, Failure> {
         let mut last_refresh = Instant::now() - REFRESH_EVERY;
         let mut last_scale = Instant::now();
         let mut events = Vec::new();
@@ -152,7 +177,9 @@ impl Session {
                 }
                 _ = tick.tick() => {}
             }
-            self.nats_watch.check(nats, display);
+            self.nats_watch
+                .check(nats, display)
+                .map_err(Failure::Server)?;
             self.supervisor.poll(&mut events)?;
             for Event::Restarted { unit, pid, status } in events.drain(..) {
                 display.note(&format!(
@@ -240,10 +267,24 @@ impl Session {
         }
     }
 
-    /// Stops everything after a unit crash-looped and says why, keeping the logs.
-    pub async fn crashed(self, crash: CrashLoop) -> RunError {
+    /// Stops everything after a unit or a server crash-looped and says why, keeping the units' logs.
+    pub async fn crashed(self, failure: Failure) -> RunError {
         let mut supervisor = self.supervisor;
         supervisor.stop_all(Duration::from_secs(10)).await;
+        let crash = match failure {
+            Failure::Unit(crash) => crash,
+            Failure::Server(ServerCrashLoop {
+                server,
+                status,
+                log,
+            }) => {
+                return RunError::NatsCrashLoop {
+                    server,
+                    status,
+                    log,
+                }
+            }
+        };
         let logs = self.run_dir.keep();
         let log = if crash.log.as_os_str().is_empty() {
             String::new()
@@ -254,7 +295,7 @@ impl Session {
             unit: crash.unit,
             status: crash.status,
             log,
-            logs: logs.join("logs"),
+            logs: self.logs_dir.unwrap_or_else(|| logs.join("logs")),
         }
     }
 

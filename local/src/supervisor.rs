@@ -70,6 +70,9 @@ pub struct Supervisor {
     pub units: Vec<UnitProcesses>,
     stage_bin: PathBuf,
     nats_url: String,
+    /// The NATS credentials, as environment variables: never on a command line, which every user of
+    /// the machine can read.
+    nats_env: Vec<(&'static str, String)>,
     work_dir: PathBuf,
     logs_dir: PathBuf,
     output: mpsc::UnboundedSender<OutputLine>,
@@ -88,6 +91,7 @@ impl Supervisor {
     pub fn new(
         stage_bin: PathBuf,
         nats_url: String,
+        nats_env: Vec<(&'static str, String)>,
         work_dir: PathBuf,
         logs_dir: PathBuf,
         output: mpsc::UnboundedSender<OutputLine>,
@@ -97,6 +101,7 @@ impl Supervisor {
             units: Vec::new(),
             stage_bin,
             nats_url,
+            nats_env,
             work_dir,
             logs_dir,
             output,
@@ -223,6 +228,10 @@ impl Supervisor {
             .kill_on_drop(true)
             // Ctrl-C reaches `switchyard run` only; it stops the units in order.
             .process_group(0);
+        for name in switchyard_platform::credentials::env::ALL {
+            command.env_remove(name);
+        }
+        command.envs(self.nats_env.iter().map(|(k, v)| (k, v)));
         if !self.verbose {
             command.env("SWITCHYARD_LOG", "info,async_nats=warn");
         }

@@ -34,38 +34,85 @@ impl StopSignals {
     }
 }
 
-/// Watches the run's NATS server.
+/// A private server that exits this soon after it was started counts towards a crash loop.
+const QUICK_EXIT: Duration = Duration::from_secs(10);
+/// Quick exits in a row after which the run gives up on a server instead of starting it forever.
+const SERVER_CRASH_LOOP: u32 = 5;
+
+/// Why the run cannot go on: one of its own servers will not stay up.
+#[derive(Debug)]
+pub struct ServerCrashLoop {
+    pub server: String,
+    pub status: String,
+    pub log: String,
+}
+
+/// What the watch knows of one private server.
+#[derive(Default, Clone)]
+struct ServerWatch {
+    /// Started again at this time and not yet taking connections.
+    coming_back: Option<Instant>,
+    quick_exits: u32,
+}
+
+/// Watches the run's NATS: its own servers (every node of a private cluster), and the connection.
 #[derive(Default)]
 pub struct NatsWatch {
     /// Since when the run's own connection has been down, and when that was last said.
     unreachable: Option<(Instant, Instant)>,
-    /// Times the private server was started again.
+    servers: Vec<ServerWatch>,
+    /// Times a private server was started again.
     pub restarts: u32,
 }
 
 impl NatsWatch {
-    /// Restarts a private server that exited, on its port and store, so that the units reconnect and
-    /// carry on; says how long NATS was unreachable, and keeps saying so while it is.
-    pub fn check(&mut self, nats: &mut RunNats, display: &mut Display) {
-        if let Some(server) = nats.server.as_mut() {
+    /// Starts a private server that exited again, on its port and store, so that the units reconnect
+    /// and carry on (without waiting for it: the rest of the run goes on meanwhile); says when it is
+    /// back, how long NATS was unreachable, and keeps saying so while it is.
+    pub fn check(
+        &mut self,
+        nats: &mut RunNats,
+        display: &mut Display,
+    ) -> Result<(), ServerCrashLoop> {
+        self.servers
+            .resize(nats.servers.len(), ServerWatch::default());
+        let cluster = nats.servers.len() > 1;
+        for (server, watch) in nats.servers.iter_mut().zip(&mut self.servers) {
+            let name = if cluster {
+                format!("nats-server {}", server.name())
+            } else {
+                "nats-server".to_string()
+            };
             if let Some(status) = server.exited() {
+                watch.quick_exits = if server.uptime() < QUICK_EXIT {
+                    watch.quick_exits + 1
+                } else {
+                    1
+                };
+                if watch.quick_exits >= SERVER_CRASH_LOOP {
+                    return Err(ServerCrashLoop {
+                        server: name,
+                        status: status.to_string(),
+                        log: server.log_tail(),
+                    });
+                }
                 display.note(&format!(
-                    "nats-server exited ({status}); starting it again on the same port and store"
+                    "{name} exited ({status}); starting it again on the same port and store"
                 ));
-                let started = Instant::now();
-                // Blocks this task for the server's start (well under a second): the units wait for
-                // it anyway.
-                match server.restart() {
-                    Ok(()) => {
-                        self.restarts += 1;
-                        display.note(&format!(
-                            "nats-server is back after {:.1}s; the units reconnect and carry on",
-                            started.elapsed().as_secs_f64()
-                        ));
+                match server.respawn() {
+                    Ok(()) => watch.coming_back = Some(Instant::now()),
+                    Err(e) => {
+                        display.note(&format!("cannot start {name} again ({e}); trying again"))
                     }
-                    Err(e) => display.note(&format!(
-                        "cannot start nats-server again ({e}); trying again"
-                    )),
+                }
+            } else if let Some(since) = watch.coming_back {
+                if server.accepting() {
+                    watch.coming_back = None;
+                    self.restarts += 1;
+                    display.note(&format!(
+                        "{name} is back after {:.1}s; the units reconnect and carry on",
+                        since.elapsed().as_secs_f64()
+                    ));
                 }
             }
         }
@@ -89,5 +136,6 @@ impl NatsWatch {
             }
             _ => {}
         }
+        Ok(())
     }
 }

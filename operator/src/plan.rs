@@ -10,8 +10,8 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
-    VolumeMount,
+    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -149,6 +149,10 @@ const RUN_AS_USER: i64 = 65532;
 pub fn plan(pipeline: &Pipeline, settings: &PlanSettings) -> Result<Plan, Vec<Problem>> {
     let topology = analyze(pipeline)?;
     let layout = layout(&topology, &pipeline.spec)?;
+    let problems = cluster_problems(&pipeline.spec);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
     let nats_url = pipeline
         .spec
         .nats
@@ -200,6 +204,25 @@ pub fn plan(pipeline: &Pipeline, settings: &PlanSettings) -> Result<Plan, Vec<Pr
         nats: layout.nats,
         units,
     })
+}
+
+/// What a local run can do but a cluster cannot: a token read from a variable that nothing in the
+/// unit's pod would set.
+fn cluster_problems(spec: &switchyard_crds::PipelineSpec) -> Vec<Problem> {
+    spec.sources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, source)| match source.kind.one() {
+            Some(SourceKind::Http(HttpSource {
+                bearer_token: Some(token),
+                ..
+            })) if token.secret_key_ref.is_none() => Some(Problem::at(
+                format!("sources[{i}] {}", source.name),
+                format!("http.bearerToken.env `{}` is set by nothing in a cluster: add http.bearerToken.secretKeyRef (the Secret and key that hold the token)", token.env),
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 pub fn type_of(unit: &Unit) -> UnitType {
@@ -456,10 +479,35 @@ impl ObjectsFor<'_> {
             },
         ];
         if self.credentials.is_some() {
+            // The runtime reads whichever keys the Secret has (token, nats.creds, ca.crt, …).
             env.push(env_value(
-                "SWITCHYARD_NATS_CREDENTIALS",
-                &format!("{CREDENTIALS_DIR}/nats.creds"),
+                switchyard_platform::credentials::env::DIR,
+                CREDENTIALS_DIR,
             ));
+        }
+        if let UnitRole::Source {
+            source:
+                SourceKind::Http(HttpSource {
+                    bearer_token: Some(token),
+                    ..
+                }),
+            ..
+        } = &self.config.role
+        {
+            if let Some(secret) = &token.secret_key_ref {
+                env.push(EnvVar {
+                    name: token.env.clone(),
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: secret.name.clone(),
+                            key: secret.key.clone(),
+                            optional: Some(false),
+                        }),
+                        ..EnvVarSource::default()
+                    }),
+                    ..EnvVar::default()
+                });
+            }
         }
         env.extend(self.unit.env.iter().cloned());
         env

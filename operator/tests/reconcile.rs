@@ -480,3 +480,171 @@ async fn lag_and_dead_letters_are_read_from_nats_into_the_status() {
     );
     assert!(message.contains("machines 1"), "{message}");
 }
+
+const SECRETS: (&str, &str) = ("/api/v1", "secrets");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_the_server_cannot_keep_are_refused_with_the_reason() {
+    let w = world();
+    let mut spec = laundry();
+    spec["spec"]["nats"] = json!({"replicas": 3});
+    w.api.create(PIPELINES, spec);
+    // Only a person can fix it (a cluster, or fewer replicas): looked at again later, not hammered.
+    settle(&w, "laundry").await.unwrap();
+    let (ready, reason, message) = condition(&w, "laundry", status::READY);
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "NatsReplicasUnavailable")
+    );
+    assert!(
+        message.contains("spec.nats.replicas is 3, but the NATS server")
+            && message.contains("is not part of a cluster")
+            && message.contains("lower spec.nats.replicas"),
+        "{message}"
+    );
+    assert!(!stream_exists(&w, "switchyard_default_laundry").await);
+}
+
+/// JetStream in a cluster that has just started answers once its leaders are elected.
+async fn wait_for_jetstream(url: &str) -> async_nats::jetstream::Context {
+    let servers = switchyard_platform::nats::server_addrs(url).unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(servers).await.unwrap());
+    let started = std::time::Instant::now();
+    while js.query_account().await.is_err() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    js
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_keeps_three_copies_of_the_stream_bucket_and_consumers() {
+    let cluster = switchyard_platform::embedded::NatsCluster::start(3).unwrap();
+    let w = world_with(Some(cluster.url()));
+    let js = wait_for_jetstream(&cluster.url()).await;
+    let mut spec = laundry();
+    spec["spec"]["nats"] = json!({"replicas": 3});
+    w.api.create(PIPELINES, spec);
+    // A cluster this young may still be placing its first streams: a failed pass is retried.
+    for _ in 0..10 {
+        if settle(&w, "laundry").await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let stream_info = |name: &'static str| {
+        let js = js.clone();
+        async move {
+            js.get_stream(name)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .info()
+                .await
+                .unwrap()
+                .clone()
+        }
+    };
+    let stream = stream_info("switchyard_default_laundry").await;
+    assert_eq!(stream.config.num_replicas, 3);
+    assert_eq!(stream.cluster.unwrap().replicas.len(), 2, "two followers");
+    let bucket = stream_info("KV_switchyard_default_laundry").await;
+    assert_eq!(bucket.config.num_replicas, 3);
+    let consumer = js
+        .get_stream("switchyard_default_laundry")
+        .await
+        .unwrap()
+        .consumer_info("machines")
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(consumer.cluster.unwrap().replicas.len(), 2, "as the stream");
+    let (_, reason, _) = condition(&w, "laundry", status::READY);
+    assert_ne!(reason, "NatsReplicasUnavailable");
+}
+
+/// A token-protected server, the token in the Pipeline's credentials Secret: the operator connects
+/// with it, and it appears nowhere a person or another program can read — not in the status, an
+/// Event, the objects applied, or the plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_the_secret_connects_and_is_shown_nowhere() {
+    let token = "tok-7f3a9c-never-shown";
+    let protected = NatsServer::start_with(&["--auth", token]).unwrap();
+    let w = world_with(Some(protected.url()));
+    let stored = secret("nats-auth", &[("token", token)]);
+    let token_in_base64 = stored["data"]["token"].as_str().unwrap().to_string();
+    w.api.create(SECRETS, stored);
+    let mut spec = laundry();
+    spec["spec"]["nats"] = json!({"credentialsSecret": "nats-auth"});
+    w.api.create(PIPELINES, spec.clone());
+    settle(&w, "laundry").await.unwrap();
+    let servers = switchyard_platform::nats::server_addrs(&protected.url()).unwrap();
+    let client = async_nats::ConnectOptions::with_token(token.to_string())
+        .connect(servers)
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    assert!(js.get_stream("switchyard_default_laundry").await.is_ok());
+    let (_, reason, _) = condition(&w, "laundry", status::READY);
+    assert_eq!(reason, "UnitsNotReady", "set up, waiting for pods");
+
+    let mut seen = Vec::new();
+    for kind in [PIPELINES, DEPLOYMENTS, CONFIG_MAPS, EVENTS] {
+        seen.extend(w.api.list(kind, "default"));
+    }
+    let everything = serde_json::to_string(&seen).unwrap();
+    assert!(everything.contains("nats-auth"), "the Secret is named");
+    assert!(!everything.contains(token) && !everything.contains(&token_in_base64));
+    let pipeline: Pipeline = serde_json::from_value(spec).unwrap();
+    let settings = PlanSettings {
+        stage_image: "switchyard:test".into(),
+        nats_url: protected.url(),
+    };
+    let plan = switchyard_operator::plan::plan(&pipeline, &settings).unwrap();
+    let rendered =
+        switchyard_operator::plan::render(&plan, switchyard_operator::plan::Only::All).unwrap();
+    assert!(!rendered.contains(token));
+}
+
+/// A wrong token: the condition says NATS refused, and does not repeat the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_reported_without_the_token() {
+    let protected = NatsServer::start_with(&["--auth", "the-right-one"]).unwrap();
+    let w = world_with(Some(protected.url()));
+    let wrong = "tok-wrong-5521";
+    w.api
+        .create(SECRETS, secret("nats-auth", &[("token", wrong)]));
+    let mut spec = laundry();
+    spec["spec"]["nats"] = json!({"credentialsSecret": "nats-auth"});
+    w.api.create(PIPELINES, spec);
+    let _ = settle(&w, "laundry").await;
+    let (ready, reason, message) = condition(&w, "laundry", status::READY);
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "NatsUnavailable")
+    );
+    assert!(message.contains("authorization"), "{message}");
+    let everything = serde_json::to_string(&w.api.list(EVENTS, "default")).unwrap() + &message;
+    assert!(!everything.contains(wrong));
+}
+
+/// A Secret holding `data`, as the API server stores it (values in base64).
+fn secret(name: &str, data: &[(&str, &str)]) -> Value {
+    use k8s_openapi::ByteString;
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    let mut value = serde_json::to_value(secret).unwrap();
+    value["apiVersion"] = json!("v1");
+    value["kind"] = json!("Secret");
+    value
+}

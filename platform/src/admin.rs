@@ -12,6 +12,13 @@ use switchyard_crds::unit::ConsumerConfig;
 pub enum AdminError {
     #[error("the layout names {what} `{value}`, which this runtime does not know")]
     Unknown { what: &'static str, value: String },
+    /// The server cannot keep as many copies as `spec.nats.replicas` asks for.
+    #[error("spec.nats.replicas is {replicas}, but {reason}: {advice}")]
+    Replicas {
+        replicas: u32,
+        reason: String,
+        advice: &'static str,
+    },
     #[error("cannot {action}: {source}")]
     Nats {
         action: String,
@@ -82,14 +89,57 @@ fn stream_config(layout: &NatsLayout) -> Result<stream::Config, AdminError> {
     })
 }
 
-/// Creates the stream, the checkpoint bucket and every consumer, or updates them in place.
+const REPLICAS_ADVICE: &str =
+    "run a JetStream cluster of at least that many servers, or lower spec.nats.replicas";
+
+/// Whether the server can keep `replicas` copies at all: a server that is not part of a cluster keeps
+/// one. Said before anything is created, in words a person can act on.
+pub fn check_replicas(client: &async_nats::Client, replicas: u32) -> Result<(), AdminError> {
+    if replicas <= 1 {
+        return Ok(());
+    }
+    let info = client.server_info();
+    if info.cluster.is_none() {
+        return Err(AdminError::Replicas {
+            replicas,
+            reason: format!(
+                "the NATS server {} is not part of a cluster and keeps one copy",
+                info.server_name
+            ),
+            advice: REPLICAS_ADVICE,
+        });
+    }
+    Ok(())
+}
+
+/// Creates the stream, the checkpoint bucket and every consumer, or updates them in place. Consumers
+/// keep as many copies as the stream (JetStream's default for a consumer that does not say).
 pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), AdminError> {
     let name = &layout.stream.name;
+    let replicas = layout.stream.replicas;
+    check_replicas(&js.client(), replicas)?;
     let config = stream_config(layout)?;
-    js.create_or_update_stream(config)
-        .await
-        .map_err(AdminError::nats(format!("create or update stream {name}")))?;
-    ensure_checkpoint_bucket(js, &layout.checkpoint_bucket).await?;
+    js.create_or_update_stream(config).await.map_err(|e| {
+        use async_nats::jetstream::context::CreateStreamErrorKind;
+        use async_nats::jetstream::ErrorCode;
+        let code = match e.kind() {
+            CreateStreamErrorKind::JetStream(js_error) => Some(js_error.error_code()),
+            _ => None,
+        };
+        match code {
+            Some(ErrorCode::INSUFFICIENT_RESOURCES | ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED) => {
+                AdminError::Replicas {
+                    replicas,
+                    reason: format!(
+                        "the NATS cluster cannot place {replicas} copies of stream {name} ({e})"
+                    ),
+                    advice: REPLICAS_ADVICE,
+                }
+            }
+            _ => AdminError::nats(format!("create or update stream {name}"))(e),
+        }
+    })?;
+    ensure_checkpoint_bucket(js, &layout.checkpoint_bucket, replicas).await?;
     let stream = js
         .get_stream(name)
         .await
@@ -132,20 +182,32 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), A
     Ok(())
 }
 
-async fn ensure_checkpoint_bucket(js: &jetstream::Context, bucket: &str) -> Result<(), AdminError> {
-    if js.get_key_value(bucket).await.is_ok() {
-        return Ok(());
+async fn ensure_checkpoint_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: u32,
+) -> Result<(), AdminError> {
+    if let Ok(store) = js.get_key_value(bucket).await {
+        let current = store
+            .status()
+            .await
+            .map(|s| s.info.config.num_replicas.max(1))
+            .unwrap_or(replicas as usize);
+        if current == replicas as usize {
+            return Ok(());
+        }
     }
-    js.create_key_value(kv::Config {
+    js.create_or_update_key_value(kv::Config {
         bucket: bucket.to_string(),
         description: "switchyard source checkpoints".to_string(),
         history: 1,
         storage: stream::StorageType::File,
+        num_replicas: replicas as usize,
         ..Default::default()
     })
     .await
     .map_err(AdminError::nats(format!(
-        "create key-value bucket {bucket}"
+        "create or update key-value bucket {bucket}"
     )))?;
     Ok(())
 }

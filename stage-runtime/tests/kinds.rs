@@ -385,7 +385,7 @@ spec:
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let options = switchyard_stage::RunOptions {
         nats_url: h.nats.url(),
-        credentials: None,
+        credentials: Default::default(),
         replica: "r".into(),
         exit_when_done: true,
         metrics_addr: None,
@@ -668,4 +668,67 @@ spec:
         "every line was logged:\n{log}"
     );
     assert!(log.contains("lines of the handler's stderr"), "{log}");
+}
+
+/// With `bearerToken`, only requests that carry the token are stored (401 otherwise); bodies over
+/// `maxBodyBytes` get 413. Nothing refused reaches the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_source_wants_its_token_and_bounds_its_bodies() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    // The variable's name is this test's own: no other test reads it.
+    std::env::set_var("SWITCHYARD_TEST_INGEST_TOKEN", "s3cret-ingest\n");
+    let yaml = format!(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: guarded}}
+spec:
+  sources:
+    - name: web
+      http: {{port: {port}, path: /ingest, maxBodyBytes: 1000, bearerToken: {{env: SWITCHYARD_TEST_INGEST_TOKEN}}}}
+  stages: [{{name: copy, passthrough: {{}}}}]
+  sinks: [{{name: out, file: {{path: "{{dir}}/out.jsonl"}}}}]
+"#
+    );
+    let mut h = harness(&yaml).await;
+    h.start_all();
+    let client = switchyard_stage::steps::http_client().unwrap();
+    let url = format!("http://127.0.0.1:{port}/ingest");
+    let post = |auth: Option<&'static str>, body: String| {
+        let mut request = client.post(&url).body(body);
+        if let Some(auth) = auth {
+            request = request.header("Authorization", auth);
+        }
+        request.send()
+    };
+    // The source may not listen yet: the first request is retried until it is answered.
+    let mut first = None;
+    for _ in 0..50 {
+        if let Ok(r) = post(None, "{\"i\": 0}".into()).await {
+            first = Some(r.status());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(first, Some(reqwest::StatusCode::UNAUTHORIZED));
+    let wrong = post(Some("Bearer s3cret-ingesT"), "{\"i\": 1}".into())
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let right = post(Some("Bearer s3cret-ingest"), "{\"i\": 2}".into())
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 202);
+    let large = format!("{{\"i\": 3, \"pad\": \"{}\"}}", "x".repeat(2000));
+    let too_large = post(Some("Bearer s3cret-ingest"), large).await.unwrap();
+    assert_eq!(too_large.status(), 413);
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 1, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    h.stop().await;
+    let values = json_lines(&lines);
+    assert_eq!(values.len(), 1, "{values:?}");
+    assert_eq!(values[0]["i"], 2);
 }

@@ -19,6 +19,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use switchyard_crds::Pipeline;
 
+use switchyard_platform::admin::AdminError;
+
 use super::nats::{self, NatsError};
 use super::resolve::namespace_terminating;
 use super::{autoscaler, Context, FIELD_MANAGER};
@@ -33,6 +35,9 @@ pub const RESYNC: Duration = Duration::from_secs(3600);
 pub enum ApplyError {
     #[error("cannot set up the Pipeline's stream and consumers: {0}")]
     Nats(#[source] NatsError),
+    /// The NATS it talks to cannot keep as many copies as `spec.nats.replicas` asks for.
+    #[error(transparent)]
+    Replicas(AdminError),
     #[error("{kind} {namespace}/{name} already exists and belongs to {owner}; the operator never takes over another's object: rename this Pipeline or the stage")]
     NameConflict {
         kind: &'static str,
@@ -187,12 +192,15 @@ pub async fn nats_objects(
     js: &async_nats::jetstream::Context,
     plan: &Plan,
 ) -> Result<(), ApplyError> {
-    nats::bounded(
-        "declaring the stream, bucket and consumers",
-        switchyard_platform::admin::apply(js, &plan.nats),
-    )
+    let declared = nats::bounded("declaring the stream, bucket and consumers", async {
+        match switchyard_platform::admin::apply(js, &plan.nats).await {
+            Err(e @ AdminError::Replicas { .. }) => Ok(Err(e)),
+            other => other.map(Ok),
+        }
+    })
     .await
-    .map_err(ApplyError::Nats)
+    .map_err(ApplyError::Nats)?;
+    declared.map_err(ApplyError::Replicas)
 }
 
 /// What applying changed, for Events, and every unit's Deployment as it now stands.

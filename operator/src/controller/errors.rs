@@ -72,6 +72,7 @@ impl Error {
             Error::Resolve(_) => "credentials",
             Error::Validate(_) => "invalid_spec",
             Error::Apply(ApplyError::Nats(_)) => "nats",
+            Error::Apply(ApplyError::Replicas(_)) => "nats_replicas",
             Error::Apply(ApplyError::NameConflict { .. }) => "name_conflict",
             Error::Apply(ApplyError::Refused { .. }) => "apply",
             Error::Apply(ApplyError::NamespaceTerminating { .. }) => "namespace_terminating",
@@ -88,6 +89,7 @@ impl Error {
             Error::Resolve(ResolveError::Nats(_)) | Error::Apply(ApplyError::Nats(_)) => {
                 "NatsUnavailable"
             }
+            Error::Apply(ApplyError::Replicas(_)) => "NatsReplicasUnavailable",
             Error::Resolve(_) => "CredentialsUnavailable",
             Error::Validate(_) => "InvalidSpec",
             Error::Apply(ApplyError::NameConflict { .. }) => "NameConflict",
@@ -104,9 +106,13 @@ impl Error {
             Error::Validate(_) | Error::Apply(ApplyError::NamespaceTerminating { .. }) => {
                 Next::AwaitChange
             }
-            Error::Apply(ApplyError::NameConflict { .. }) => Next::Recheck(CONFLICT_RECHECK),
+            Error::Apply(ApplyError::NameConflict { .. } | ApplyError::Replicas(_)) => {
+                Next::Recheck(CONFLICT_RECHECK)
+            }
             Error::Resolve(
-                ResolveError::SecretMissing { .. } | ResolveError::SecretWithoutCredentials { .. },
+                ResolveError::SecretMissing { .. }
+                | ResolveError::SecretWithoutCredentials { .. }
+                | ResolveError::SecretInvalid { .. },
             ) => Next::Recheck(CONFLICT_RECHECK),
             _ => Next::Retry,
         }

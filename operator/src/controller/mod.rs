@@ -53,8 +53,6 @@ pub const SCALE_FIELD_MANAGER: &str = "switchyard-autoscaler";
 pub const REFRESH: Duration = Duration::from_secs(30);
 /// The same for a Pipeline with switchers, whose status also says why they scale or hold.
 pub const REFRESH_SWITCHERS: Duration = Duration::from_secs(15);
-/// Key in a credentials Secret.
-pub const CREDENTIALS_KEY: &str = "nats.creds";
 
 pub struct Context {
     pub client: Client,

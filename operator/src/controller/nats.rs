@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use switchyard_crds::layout::{NatsLayout, DEAD_LETTER_CONSUMER};
+use switchyard_platform::credentials::NatsCredentials;
 
 /// Longest a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -23,7 +24,7 @@ type Cause = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     #[error("the NATS credentials are not usable: {0}")]
-    BadCredentials(std::io::Error),
+    BadCredentials(#[from] switchyard_platform::nats::ConnectSetupError),
     #[error("cannot reach NATS at {url}: {source}")]
     Unreachable { url: String, source: Cause },
     #[error("cannot reach NATS at {url}: no answer to the connection handshake")]
@@ -34,7 +35,7 @@ pub enum NatsError {
     Refused { doing: String, source: Cause },
 }
 
-type Key = (String, Option<String>);
+type Key = (String, NatsCredentials);
 type Slot = Arc<tokio::sync::Mutex<Option<async_nats::Client>>>;
 
 #[derive(Default)]
@@ -48,7 +49,7 @@ impl NatsPool {
     pub async fn jetstream(
         &self,
         url: &str,
-        credentials: Option<String>,
+        credentials: NatsCredentials,
     ) -> Result<jetstream::Context, NatsError> {
         let key = (url.to_string(), credentials.clone());
         let slot = self
@@ -64,18 +65,14 @@ impl NatsPool {
                 return Ok(switchyard_platform::nats::jetstream_context(c.clone()));
             }
         }
-        let mut options = async_nats::ConnectOptions::new()
-            .name("switchyard-operator")
-            .connection_timeout(CONNECT_TIMEOUT)
-            .request_timeout(Some(Duration::from_secs(5)));
-        if let Some(creds) = &credentials {
-            options = options
-                .credentials(creds)
-                .map_err(NatsError::BadCredentials)?;
-        }
+        let options =
+            switchyard_platform::nats::connect_options("switchyard-operator", &credentials)?
+                .connection_timeout(CONNECT_TIMEOUT)
+                .request_timeout(Some(Duration::from_secs(5)));
+        let servers = switchyard_platform::nats::server_addrs(url)?;
         // The connection timeout covers the TCP connect; a server that accepts and then stays silent
         // is bounded here.
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT * 2, options.connect(url))
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT * 2, options.connect(servers))
             .await
             .map_err(|_| NatsError::NoHandshake {
                 url: url.to_string(),
@@ -211,14 +208,20 @@ mod tests {
         let silent_attempt = {
             let pool = pool.clone();
             let url = url.clone();
-            tokio::spawn(async move { pool.jetstream(&url, None).await.map(|_| ()) })
+            tokio::spawn(async move {
+                pool.jetstream(&url, NatsCredentials::none())
+                    .await
+                    .map(|_| ())
+            })
         };
         // Another server (closed port: refused at once) is not held up behind the silent one.
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
-        let other = pool.jetstream(&format!("nats://{closed}"), None).await;
+        let other = pool
+            .jetstream(&format!("nats://{closed}"), NatsCredentials::none())
+            .await;
         assert!(other.is_err());
         assert!(
             started.elapsed() < CONNECT_TIMEOUT,

@@ -7,8 +7,10 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::Api;
 use switchyard_crds::PipelineSpec;
 
+use switchyard_platform::credentials::{keys, CredentialsError, NatsCredentials};
+
 use super::nats::NatsError;
-use super::{Context, CREDENTIALS_KEY};
+use super::Context;
 
 /// A credentials Secret is read again after this long, so that a rotated one is picked up without
 /// one API request per reconcile.
@@ -16,7 +18,7 @@ pub const CREDENTIALS_TTL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("the NATS credentials Secret {namespace}/{secret} does not exist: create it with a `{CREDENTIALS_KEY}` key, or change spec.nats.credentialsSecret")]
+    #[error("the NATS credentials Secret {namespace}/{secret} does not exist: create it (with `nats.creds`, `token`, `user` and `password`, or `ca.crt`, `tls.crt` and `tls.key`), or change spec.nats.credentialsSecret")]
     SecretMissing { namespace: String, secret: String },
     #[error("cannot read the NATS credentials Secret {namespace}/{secret}: {source}")]
     SecretUnreadable {
@@ -25,8 +27,15 @@ pub enum ResolveError {
         #[source]
         source: kube::Error,
     },
-    #[error("Secret {namespace}/{secret} has no `{CREDENTIALS_KEY}` key (or it is not text): put the NATS credentials file there")]
+    #[error("Secret {namespace}/{secret} holds no NATS credentials: give it one of the keys `{}`", keys::ALL.join("`, `"))]
     SecretWithoutCredentials { namespace: String, secret: String },
+    #[error("Secret {namespace}/{secret}: {source}")]
+    SecretInvalid {
+        namespace: String,
+        secret: String,
+        #[source]
+        source: CredentialsError,
+    },
     #[error(transparent)]
     Nats(#[from] NatsError),
 }
@@ -48,11 +57,11 @@ impl ResolveError {
 
 #[derive(Default)]
 pub struct CredentialsCache {
-    entries: std::sync::Mutex<HashMap<(String, String), (Instant, String)>>,
+    entries: std::sync::Mutex<HashMap<(String, String), (Instant, NatsCredentials)>>,
 }
 
 impl CredentialsCache {
-    fn get(&self, key: &(String, String)) -> Option<String> {
+    fn get(&self, key: &(String, String)) -> Option<NatsCredentials> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
             .get(key)
@@ -60,7 +69,7 @@ impl CredentialsCache {
             .map(|(_, creds)| creds.clone())
     }
 
-    fn put(&self, key: (String, String), creds: String) {
+    fn put(&self, key: (String, String), creds: NatsCredentials) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.insert(key, (Instant::now(), creds));
     }
@@ -77,13 +86,17 @@ pub async fn nats(
         .and_then(|n| n.url.clone())
         .unwrap_or_else(|| ctx.settings.nats_url.clone());
     let credentials = match nats.and_then(|n| n.credentials_secret.as_deref()) {
-        None => None,
-        Some(secret) => Some(credentials(ctx, namespace, secret).await?),
+        None => NatsCredentials::none(),
+        Some(secret) => credentials(ctx, namespace, secret).await?,
     };
     Ok(ctx.nats.jetstream(&url, credentials).await?)
 }
 
-async fn credentials(ctx: &Context, namespace: &str, secret: &str) -> Result<String, ResolveError> {
+async fn credentials(
+    ctx: &Context,
+    namespace: &str,
+    secret: &str,
+) -> Result<NatsCredentials, ResolveError> {
     let key = (namespace.to_string(), secret.to_string());
     if let Some(creds) = ctx.credentials.get(&key) {
         return Ok(creds);
@@ -101,15 +114,24 @@ async fn credentials(ctx: &Context, namespace: &str, secret: &str) -> Result<Str
             namespace: namespace.to_string(),
             secret: secret.to_string(),
         })?;
-    let creds = found
+    let data: std::collections::BTreeMap<String, Vec<u8>> = found
         .data
-        .as_ref()
-        .and_then(|d| d.get(CREDENTIALS_KEY))
-        .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
-        .ok_or_else(|| ResolveError::SecretWithoutCredentials {
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    let creds =
+        NatsCredentials::from_secret_data(&data).map_err(|source| ResolveError::SecretInvalid {
             namespace: namespace.to_string(),
             secret: secret.to_string(),
+            source,
         })?;
+    if creds.is_empty() {
+        return Err(ResolveError::SecretWithoutCredentials {
+            namespace: namespace.to_string(),
+            secret: secret.to_string(),
+        });
+    }
     ctx.credentials.put(key, creds.clone());
     Ok(creds)
 }

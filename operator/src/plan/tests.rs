@@ -208,6 +208,7 @@ fn credentials_come_from_the_named_secret() {
     pipeline.spec.nats = Some(switchyard_crds::NatsConfig {
         url: Some("nats://elsewhere:4222".into()),
         credentials_secret: Some("nats-creds".into()),
+        replicas: None,
     });
     let plan = plan(&pipeline, &PlanSettings::default()).unwrap();
     let pod = unit(&plan, "person")
@@ -229,8 +230,8 @@ fn credentials_come_from_the_named_secret() {
         Some("nats://elsewhere:4222")
     );
     assert_eq!(
-        value("SWITCHYARD_NATS_CREDENTIALS").as_deref(),
-        Some("/etc/switchyard/nats/nats.creds")
+        value("SWITCHYARD_NATS_CREDENTIALS_DIR").as_deref(),
+        Some("/etc/switchyard/nats")
     );
     let volumes = pod.volumes.unwrap();
     let secret = volumes
@@ -303,5 +304,47 @@ fn stage_pods_serve_metrics_and_are_ready_once_working() {
     assert_eq!(
         pod.metadata.unwrap().annotations.unwrap()["prometheus.io/scrape"],
         "true"
+    );
+}
+
+#[test]
+fn an_http_source_token_comes_from_its_secret_and_never_from_nowhere() {
+    let guarded = |token: &str| {
+        parse_pipeline(&format!(
+            "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: p, namespace: default}}\nspec:\n  sources: [{{name: web, http: {{port: 8080, bearerToken: {token}}}}}]\n  stages: [{{name: copy, passthrough: {{}}}}]\n  sinks: [{{name: out, log: {{}}}}]\n"
+        ))
+        .unwrap()
+    };
+    let with_secret = guarded("{env: INGEST_TOKEN, secretKeyRef: {name: ingest, key: token}}");
+    let planned = plan(&with_secret, &PlanSettings::default()).unwrap();
+    let pod = unit(&planned, "web")
+        .deployment
+        .spec
+        .clone()
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    let env = pod.containers[0].env.clone().unwrap();
+    let token = env.iter().find(|e| e.name == "INGEST_TOKEN").unwrap();
+    assert_eq!(token.value, None, "a reference, never the value");
+    let selector = token
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .unwrap();
+    assert_eq!(
+        (selector.name.as_str(), selector.key.as_str()),
+        ("ingest", "token")
+    );
+
+    let problems = plan(&guarded("{env: INGEST_TOKEN}"), &PlanSettings::default()).unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert!(
+        problems[0].to_string().contains(
+            "sources[0] web: http.bearerToken.env `INGEST_TOKEN` is set by nothing in a cluster"
+        ),
+        "{}",
+        problems[0]
     );
 }

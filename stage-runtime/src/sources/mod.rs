@@ -58,6 +58,8 @@ pub enum SourceError {
     },
     #[error("cannot listen on port {port}: {source}")]
     Listen { port: u16, source: std::io::Error },
+    #[error("http.bearerToken.env names {var}, which is not set (or empty) in this unit's environment: {hint}")]
+    MissingToken { var: String, hint: &'static str },
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
     #[error("cannot subscribe to {subject}: {source}")]

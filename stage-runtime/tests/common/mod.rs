@@ -70,7 +70,7 @@ impl Harness {
     fn options(&self, replica: &str) -> RunOptions {
         RunOptions {
             nats_url: self.nats.url(),
-            credentials: None,
+            credentials: Default::default(),
             replica: replica.to_string(),
             // In-process units idle once finished, and stop when the test says.
             exit_when_done: false,

@@ -1,0 +1,367 @@
+//! NATS outages through `switchyard run`, with nothing lost and nothing doubled at the sinks:
+//!
+//! - a three-node cluster (`--nats-cluster 3`, R3) whose stream leader is SIGKILLed mid-run, and one
+//!   whose follower hangs (SIGSTOP) for the rest of the run;
+//! - the storm: 50,000 items through a group, a three-replica exec switcher and two filtered sinks,
+//!   a stage process SIGKILLed every 2 s and NATS (the one server, or the cluster's stream leader)
+//!   SIGKILLed once;
+//! - the soak (opt-in, `--ignored`): 1,000,000 items, each stage's memory at the start and the end.
+//!
+//! Each test prints what it measured: items, kills, lost, duplicated, and how long the sinks took to
+//! move again after each NATS kill.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use switchyard_e2e::run::{BackgroundRun, Tally};
+use switchyard_e2e::{children_with, command_line, line_count, wait_until};
+
+/// These runs load both cores: one at a time, or they measure each other.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Messages held by a killed stage process come back after JetStream's acknowledgement deadline (10 s).
+const LIMIT: Duration = Duration::from_secs(300);
+
+fn generator_through_a_switcher(count: u64, rate: u64) -> String {
+    format!(
+        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: outage}}\nspec:\n  sources: [{{name: numbers, generator: {{count: {count}, ratePerSecond: {rate}}}}}]\n  stages:\n    - name: work\n      switcher: {{minReplicas: 2, maxReplicas: 2}}\n      jq: '. + {{seen: true}}'\n  sinks: [{{name: out, file: {{path: out.jsonl}}}}]\n"
+    )
+}
+
+/// The stream's leader and its followers, as JetStream reports them.
+fn stream_peers(url: &str, stream: &str) -> (String, Vec<String>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let servers = switchyard_platform::nats::server_addrs(url).expect("the run's servers");
+        let client = async_nats::connect(servers).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let started = Instant::now();
+        loop {
+            let info = js
+                .get_stream(stream)
+                .await
+                .expect("the run's stream")
+                .info()
+                .await
+                .expect("its info")
+                .clone();
+            if let Some(cluster) = info.cluster {
+                if let Some(leader) = cluster.leader.filter(|l| !l.is_empty()) {
+                    let followers = cluster.replicas.into_iter().map(|r| r.name).collect();
+                    return (leader, followers);
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no stream leader"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// How long after `at` the file grew by `by` lines: the sinks moving again after an outage.
+fn time_to_move_again(file: &Path, at: Instant, from: usize, by: usize) -> Duration {
+    wait_until(LIMIT, "the sink to move again", || {
+        line_count(file) >= from + by
+    });
+    at.elapsed()
+}
+
+fn kill(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a process of the run, which the test found by its parent.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+#[test]
+fn a_cluster_loses_its_stream_leader_and_nothing_is_lost() {
+    let _one = one_at_a_time();
+    let total = 20_000;
+    let mut run = BackgroundRun::start(
+        &generator_through_a_switcher(total, 2000),
+        &["--nats-cluster", "3"],
+        &[],
+    );
+    run.wait_for_note("a private cluster of 3 servers");
+    assert!(run.notes().contains("with 3 replicas"), "{}", run.notes());
+    let (leader, followers) = stream_peers(&run.nats_url(), &run.stream());
+    assert_eq!(followers.len(), 2, "R3: two followers beside {leader}");
+    run.wait_for_lines("out.jsonl", 5_000);
+    let out = run.path("out.jsonl");
+    let at_kill = line_count(&out);
+    let killed = Instant::now();
+    kill(run.nats_server_pid(Some(&leader)), libc::SIGKILL);
+    let moving = time_to_move_again(&out, killed, at_kill, 500);
+    run.wait_for_note(&format!("nats-server {leader} is back after"));
+    let (new_leader, _) = stream_peers(&run.nats_url(), &run.stream());
+    let status = run.wait(LIMIT);
+    assert!(status.success(), "{}", run.notes());
+    let tally = Tally::of(&out, "seq", total);
+    println!(
+        "  {total} items, stream leader {leader} SIGKILLed at {at_kill}: the sink moved again {:.1}s later, leader now {new_leader}; {} lost, {} duplicated; the run ended {:.1}s after the kill",
+        moving.as_secs_f64(),
+        tally.lost.len(),
+        tally.duplicated.len(),
+        killed.elapsed().as_secs_f64()
+    );
+    tally.assert_exactly_once(total);
+}
+
+#[test]
+fn a_cluster_with_a_hung_follower_finishes_and_nothing_is_lost() {
+    let _one = one_at_a_time();
+    let total = 20_000;
+    let mut run = BackgroundRun::start(
+        &generator_through_a_switcher(total, 2000),
+        &["--nats-cluster", "3"],
+        &[],
+    );
+    let (leader, followers) = stream_peers(&run.nats_url(), &run.stream());
+    let hung = followers[0].clone();
+    run.wait_for_lines("out.jsonl", 5_000);
+    let out = run.path("out.jsonl");
+    let at_stop = line_count(&out);
+    let stopped = Instant::now();
+    // Frozen, not dead: its connections stay open and silent, as with a node cut off the network.
+    let pid = run.nats_server_pid(Some(&hung));
+    kill(pid, libc::SIGSTOP);
+    let moving = time_to_move_again(&out, stopped, at_stop, 500);
+    let status = run.wait(LIMIT);
+    kill(pid, libc::SIGCONT);
+    assert!(status.success(), "{}", run.notes());
+    let tally = Tally::of(&out, "seq", total);
+    println!(
+        "  {total} items, follower {hung} (leader {leader}) hung for good at {at_stop}: the sink moved on {:.1}s later; {} lost, {} duplicated; the run ended {:.1}s after",
+        moving.as_secs_f64(),
+        tally.lost.len(),
+        tally.duplicated.len(),
+        stopped.elapsed().as_secs_f64()
+    );
+    tally.assert_exactly_once(total);
+}
+
+/// A group, a three-replica exec switcher and two filtered sinks: the storm's Pipeline.
+fn storm_yaml(count: u64, rate: u64) -> String {
+    format!(
+        r#"apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: storm}}
+spec:
+  sources: [{{name: numbers, generator: {{count: {count}, ratePerSecond: {rate}}}}}]
+  stages:
+    - name: shape
+      stages:
+        - {{name: tag, jq: '. + {{even: (.seq % 2 == 0)}}'}}
+        - {{name: stamp, jq: '. + {{shaped: true}}'}}
+    - name: work
+      switcher: {{minReplicas: 3, maxReplicas: 3}}
+      stages:
+        - name: wash
+          exec:
+            command:
+              - python3
+              - -c
+              - |
+                import json, sys
+                for line in sys.stdin:
+                    m = json.loads(line)
+                    print(json.dumps({{"id": m["id"], "outputs": [dict(m["data"], washed=True)]}}), flush=True)
+    - {{name: evens, inputs: [work], jq: 'select(.even)'}}
+    - {{name: odds, inputs: [work], jq: 'select(.even | not)'}}
+  sinks:
+    - {{name: even-out, inputs: [evens], file: {{path: evens.jsonl}}}}
+    - {{name: odd-out, inputs: [odds], file: {{path: odds.jsonl}}}}
+"#
+    )
+}
+
+/// The unit a stage process runs, from its `--config …/<unit>.json`.
+fn unit_of(pid: u32) -> String {
+    let line = command_line(pid);
+    line.split(' ')
+        .find(|arg| arg.ends_with(".json"))
+        .and_then(|config| Path::new(config).file_stem())
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Every even item once in one file and every odd item once in the other, each through every stage.
+fn assert_storm_delivered(run: &BackgroundRun, total: u64) -> (usize, usize) {
+    let mut lost = 0;
+    let mut duplicated = 0;
+    for (file, parity) in [("evens.jsonl", 0), ("odds.jsonl", 1)] {
+        let path = run.path(file);
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            assert!(v["shaped"] == true && v["washed"] == true, "{line}");
+            let seq = v["seq"].as_u64().expect("a seq");
+            assert_eq!(seq % 2, parity, "{seq} in {file}");
+            *seen.entry(seq).or_default() += 1;
+        }
+        lost += (1..=total)
+            .filter(|s| s % 2 == parity && !seen.contains_key(s))
+            .count();
+        duplicated += seen.values().filter(|n| **n > 1).count();
+    }
+    (lost, duplicated)
+}
+
+fn storm(extra: &[&str], nats_victim: impl Fn(&BackgroundRun) -> (String, u32)) {
+    let _one = one_at_a_time();
+    let total = 50_000;
+    let mut run = BackgroundRun::start(&storm_yaml(total, 2500), extra, &[]);
+    let at_sinks = |run: &BackgroundRun| {
+        line_count(&run.path("evens.jsonl")) + line_count(&run.path("odds.jsonl"))
+    };
+    wait_until(LIMIT, "the first items at the sinks", || at_sinks(&run) > 0);
+    let mut kills: BTreeMap<String, u32> = BTreeMap::new();
+    let mut nats_kill: Option<(String, usize, Duration)> = None;
+    let mut turn = 0usize;
+    let started = Instant::now();
+    // A stage process every 2 s, round the units, while items are still coming in.
+    while at_sinks(&run) < (total as usize) * 9 / 10 && started.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_secs(2));
+        if run.child.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        if nats_kill.is_none() && at_sinks(&run) >= (total as usize) * 2 / 5 {
+            let (name, pid) = nats_victim(&run);
+            let from = at_sinks(&run);
+            let killed = Instant::now();
+            kill(pid, libc::SIGKILL);
+            wait_until(LIMIT, "the sinks to move again after the NATS kill", || {
+                at_sinks(&run) >= from + 500
+            });
+            nats_kill = Some((name, from, killed.elapsed()));
+            continue;
+        }
+        let mut stages: Vec<(String, u32)> = children_with(run.child.id(), "switchyard-stage")
+            .into_iter()
+            .map(|pid| (unit_of(pid), pid))
+            .collect();
+        stages.sort();
+        if stages.is_empty() {
+            continue;
+        }
+        let (unit, pid) = stages[turn % stages.len()].clone();
+        turn += 1;
+        kill(pid, libc::SIGKILL);
+        *kills.entry(unit).or_default() += 1;
+    }
+    let (nats_name, nats_from, recovered) = nats_kill.expect("NATS was killed during the storm");
+    let status = run.wait(LIMIT);
+    assert!(status.success(), "{}\n{}", run.notes(), run.output());
+    let (lost, duplicated) = assert_storm_delivered(&run, total);
+    let stage_kills: u32 = kills.values().sum();
+    println!(
+        "  storm: {total} items, {stage_kills} stage processes SIGKILLed ({kills:?}), {nats_name} SIGKILLed at {nats_from} at the sinks: the sinks moved 500 on {:.1}s later; {lost} lost, {duplicated} duplicated; {:.1}s in all",
+        recovered.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        stage_kills >= 5,
+        "only {stage_kills} stage kills: {kills:?}"
+    );
+    assert_eq!((lost, duplicated), (0, 0));
+    assert!(
+        run.output()
+            .contains("50,000 from sources, 50,000 at sinks"),
+        "{}",
+        run.output()
+    );
+}
+
+#[test]
+fn storm_with_one_nats_server() {
+    storm(&[], |run| {
+        ("nats-server".to_string(), run.nats_server_pid(None))
+    });
+}
+
+#[test]
+fn storm_with_a_three_node_cluster_losing_its_stream_leader() {
+    storm(&["--nats-cluster", "3"], |run| {
+        let (leader, _) = stream_peers(&run.nats_url(), &run.stream());
+        let pid = run.nats_server_pid(Some(&leader));
+        (format!("stream leader {leader}"), pid)
+    });
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A million items through the storm's Pipeline, no faults: every stage's memory at the start and at
+/// the end stays flat, and every item arrives once.
+#[test]
+#[ignore = "a soak: about ten minutes; run with --ignored"]
+fn soak_a_million_items_with_flat_memory() {
+    let _one = one_at_a_time();
+    let total: u64 = std::env::var("SWITCHYARD_SOAK_ITEMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let mut run = BackgroundRun::start(&storm_yaml(total, 5000), &[], &[]);
+    let at_sinks = |run: &BackgroundRun| {
+        line_count(&run.path("evens.jsonl")) + line_count(&run.path("odds.jsonl"))
+    };
+    wait_until(LIMIT, "10,000 items at the sinks", || {
+        at_sinks(&run) >= 10_000
+    });
+    let sample = |run: &BackgroundRun| -> BTreeMap<String, u64> {
+        let mut by_unit = BTreeMap::new();
+        for pid in children_with(run.child.id(), "switchyard-stage") {
+            if let Some(kib) = rss_kib(pid) {
+                *by_unit.entry(unit_of(pid)).or_default() += kib;
+            }
+        }
+        by_unit
+    };
+    let first = sample(&run);
+    let mut last = first.clone();
+    while run.child.try_wait().ok().flatten().is_none() {
+        std::thread::sleep(Duration::from_secs(1));
+        if at_sinks(&run) < (total as usize) * 99 / 100 {
+            last = sample(&run);
+        }
+    }
+    let status = run.wait(LIMIT);
+    assert!(status.success(), "{}", run.notes());
+    println!("  soak: {total} items; resident memory per unit (all its processes), MiB:");
+    for (unit, start) in &first {
+        let end = last.get(unit).copied().unwrap_or(0);
+        println!(
+            "    {unit:<10} {:>7.1} at the start {:>7.1} at the end",
+            *start as f64 / 1024.0,
+            end as f64 / 1024.0
+        );
+        assert!(
+            end <= start * 2 + 16 * 1024,
+            "{unit} grew from {start} KiB to {end} KiB"
+        );
+    }
+    let (lost, duplicated) = assert_storm_delivered(&run, total);
+    assert_eq!((lost, duplicated), (0, 0));
+}

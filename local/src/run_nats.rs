@@ -1,0 +1,134 @@
+//! The NATS a run uses: a private server or cluster that it starts (and keeps running, see
+//! `watchdog`), or one it is given.
+
+use std::time::{Duration, Instant};
+
+use switchyard_platform::admin::{self, AdminError};
+use switchyard_platform::credentials::NatsAuthArgs;
+use switchyard_platform::embedded::{NatsCluster, NatsServer};
+use switchyard_platform::nats::{connect_options, server_addrs};
+
+use crate::prepare::Prepared;
+use crate::progress::Display;
+use crate::{RunArgs, RunError};
+
+/// How long a private cluster may take to elect its JetStream leaders before the run gives up.
+const CLUSTER_READY_WITHIN: Duration = Duration::from_secs(30);
+
+pub struct RunNats {
+    /// The run's own servers: one, or the nodes of a cluster. Empty when the run was given a server.
+    pub servers: Vec<NatsServer>,
+    pub url: String,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    /// What the stage processes are given to prove themselves: the run's own flags for a given
+    /// server, nothing for a private one (it is open, on loopback).
+    pub auth: NatsAuthArgs,
+}
+
+impl RunNats {
+    /// Connects (starting a private server or cluster unless one is given) and creates the Pipeline's
+    /// stream, bucket and consumers; on a given server, what the Pipeline had there is deleted first.
+    /// Settles how many copies the stream keeps, in the layout every unit is started from.
+    pub async fn start(
+        args: &RunArgs,
+        prepared: &mut Prepared,
+        display: &mut Display,
+    ) -> Result<RunNats, RunError> {
+        let (servers, url, auth) = match &args.nats_url {
+            Some(url) => (Vec::new(), url.clone(), args.nats_auth.clone()),
+            None => {
+                let size = args
+                    .nats_cluster
+                    .unwrap_or(prepared.nats_replicas.unwrap_or(1) as usize);
+                let replicas = prepared.nats_replicas.unwrap_or(size as u32);
+                if replicas as usize > size {
+                    return Err(RunError::Cluster(format!(
+                        "spec.nats.replicas is {replicas}, but --nats-cluster {size} starts {size} server{}: each copy needs a server of its own; give --nats-cluster {replicas}",
+                        if size == 1 { "" } else { "s" }
+                    )));
+                }
+                prepared.layout.nats.stream.replicas = replicas;
+                if !args.nats_auth.child_env().is_empty() {
+                    display.note("NATS credentials are not used: the run's private server needs none (they are for --nats-url)");
+                }
+                let servers = if size == 1 {
+                    vec![NatsServer::start()?]
+                } else {
+                    NatsCluster::start(size)?.nodes
+                };
+                let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
+                (servers, urls.join(","), NatsAuthArgs::default())
+            }
+        };
+        let credentials = auth.load()?;
+        let client = connect_options("switchyard run", &credentials)?
+            .connect(server_addrs(&url)?)
+            .await
+            .map_err(|source| RunError::Connect {
+                url: url.clone(),
+                source,
+            })?;
+        let js = switchyard_platform::nats::jetstream_context(client.clone());
+        let nats = RunNats {
+            servers,
+            url,
+            client,
+            js,
+            auth,
+        };
+        nats.declare(prepared).await?;
+        display.note(&nats.describe(prepared));
+        Ok(nats)
+    }
+
+    /// Creates the Pipeline's NATS objects. A private cluster is given time to elect its leaders.
+    async fn declare(&self, prepared: &Prepared) -> Result<(), RunError> {
+        let layout = &prepared.layout.nats;
+        let started = Instant::now();
+        loop {
+            let attempt = async {
+                if self.servers.is_empty() {
+                    // A run is a job: it starts from nothing, even on a server that saw this Pipeline
+                    // before.
+                    admin::delete(&self.js, layout).await?;
+                }
+                admin::apply(&self.js, layout).await
+            };
+            match attempt.await {
+                Ok(()) => return Ok(()),
+                Err(e @ AdminError::Replicas { .. }) => return Err(e.into()),
+                Err(e) if self.servers.len() > 1 && started.elapsed() < CLUSTER_READY_WITHIN => {
+                    tracing::debug!("the private cluster is not ready yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn describe(&self, prepared: &Prepared) -> String {
+        let which = match self.servers.len() {
+            0 => String::new(),
+            1 => " (private, temporary)".to_string(),
+            n => format!(" (a private cluster of {n} servers, temporary)"),
+        };
+        let replicas = prepared.layout.nats.stream.replicas;
+        format!(
+            "{}: NATS at {}{which}; stream {}{}",
+            prepared.name,
+            self.url,
+            prepared.layout.nats.stream.name,
+            if replicas > 1 {
+                format!(" with {replicas} replicas")
+            } else {
+                String::new()
+            }
+        )
+    }
+
+    /// The run's own connection is up.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
