@@ -78,3 +78,11 @@ ensure_helm_tools() {
 ensure_rust() {
   command -v cargo >/dev/null || { echo "cargo is needed: install Rust from https://rustup.rs" >&2; return 1; }
 }
+
+# cargo-fuzz for scripts/fuzz: crates.io only; it runs on stable without a sanitizer.
+ensure_cargo_fuzz() {
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    say "installing cargo-fuzz (crates.io)"
+    cargo install --locked cargo-fuzz
+  fi
+}

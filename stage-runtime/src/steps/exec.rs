@@ -326,25 +326,34 @@ async fn run_child(
     }
 }
 
-fn dispatch(shared: &Shared, line: &[u8], complaints: &mut u32) {
+/// What one line on a handler's stdout is.
+#[derive(Debug)]
+pub enum ReplyOf {
+    /// An empty line: nothing.
+    Blank,
+    /// The answer for the request `id`: its outputs, or the handler's error.
+    Answer {
+        id: u64,
+        result: Result<Vec<Payload>, StepError>,
+    },
+    /// A reply to the request `id` that says nothing usable, and why.
+    Malformed { id: u64, why: &'static str },
+    /// Not a reply that can be matched to a request, and why.
+    NotAReply(String),
+}
+
+/// Parses one line of a handler's stdout (pure: the fuzz target `exec_reply` drives it).
+pub fn parse_reply(line: &[u8]) -> ReplyOf {
     let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
     if trimmed.iter().all(u8::is_ascii_whitespace) {
-        return;
+        return ReplyOf::Blank;
     }
     let reply: ReplyLine = match serde_json::from_slice(trimmed) {
         Ok(r) => r,
-        Err(e) => {
-            let why = format!("it is not a reply ({e})");
-            complain(shared, complaints, trimmed, &why);
-            fail_held(shared, trimmed, &why);
-            return;
-        }
+        Err(e) => return ReplyOf::NotAReply(format!("it is not a reply ({e})")),
     };
     let Some(id) = reply.id.number() else {
-        let why = "its id is not one the runtime sent";
-        complain(shared, complaints, trimmed, why);
-        fail_held(shared, trimmed, why);
-        return;
+        return ReplyOf::NotAReply("its id is not one the runtime sent".to_string());
     };
     let result = match (reply.outputs, reply.error) {
         (_, Some(error)) => Err(StepError::transient(match error {
@@ -356,19 +365,36 @@ fn dispatch(shared: &Shared, line: &[u8], complaints: &mut u32) {
             .map(|raw| Payload::Bytes(Bytes::copy_from_slice(raw.get().as_bytes())))
             .collect()),
         (None, None) => {
-            complain(
-                shared,
-                complaints,
-                trimmed,
-                "it has neither `outputs` nor `error`",
-            );
-            Err(StepError::transient(
-                "the handler answered with neither `outputs` nor `error`",
-            ))
+            return ReplyOf::Malformed {
+                id,
+                why: "it has neither `outputs` nor `error`",
+            }
         }
     };
-    if let Some(tx) = lock(&shared.pending).remove(&id) {
-        let _ = tx.send(result);
+    ReplyOf::Answer { id, result }
+}
+
+fn dispatch(shared: &Shared, line: &[u8], complaints: &mut u32) {
+    let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
+    match parse_reply(trimmed) {
+        ReplyOf::Blank => {}
+        ReplyOf::NotAReply(why) => {
+            complain(shared, complaints, trimmed, &why);
+            fail_held(shared, trimmed, &why);
+        }
+        ReplyOf::Malformed { id, why } => {
+            complain(shared, complaints, trimmed, why);
+            if let Some(tx) = lock(&shared.pending).remove(&id) {
+                let _ = tx.send(Err(StepError::transient(format!(
+                    "the handler answered, but {why}"
+                ))));
+            }
+        }
+        ReplyOf::Answer { id, result } => {
+            if let Some(tx) = lock(&shared.pending).remove(&id) {
+                let _ = tx.send(result);
+            }
+        }
     }
 }
 
@@ -436,7 +462,7 @@ fn fail_held(shared: &Shared, line: &[u8], why: &str) {
 }
 
 /// The first 200 characters of a line, for messages.
-fn shown(line: &[u8]) -> String {
+pub fn shown(line: &[u8]) -> String {
     String::from_utf8_lossy(line).chars().take(200).collect()
 }
 
@@ -483,5 +509,43 @@ mod tests {
         let line = request_line(8, &Payload::Bytes("plain text".into()), &l);
         let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(parsed["data"], "plain text");
+    }
+
+    #[test]
+    fn reply_lines_are_answers_errors_or_explained() {
+        let answer = |line: &str| match parse_reply(line.as_bytes()) {
+            ReplyOf::Answer { id, result } => (id, result.map(|o| o.len()).map_err(|e| e.message)),
+            other => panic!("{line}: {other:?}"),
+        };
+        assert_eq!(
+            answer(r#"{"id": "7", "outputs": [1, {"a": 2}]}"#),
+            (7, Ok(2))
+        );
+        assert_eq!(answer("{\"id\": 8, \"outputs\": []}\r"), (8, Ok(0)));
+        assert_eq!(
+            answer(r#"{"id": "9", "error": "no"}"#),
+            (9, Err("no".into()))
+        );
+        assert_eq!(
+            answer(r#"{"id": "9", "error": {"code": 3}}"#),
+            (9, Err(r#"{"code":3}"#.into()))
+        );
+        assert!(matches!(parse_reply(b"  \r"), ReplyOf::Blank));
+        assert!(matches!(
+            parse_reply(br#"{"id": "5"}"#),
+            ReplyOf::Malformed { id: 5, .. }
+        ));
+        for line in [
+            "this is not json",
+            r#"{"id": "x1", "outputs": []}"#,
+            "[1,2]",
+            "{\"id\": -1}",
+        ] {
+            assert!(
+                matches!(parse_reply(line.as_bytes()), ReplyOf::NotAReply(_)),
+                "{line}"
+            );
+        }
+        assert_eq!(shown("é".repeat(300).as_bytes()).chars().count(), 200);
     }
 }

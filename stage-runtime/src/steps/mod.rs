@@ -20,6 +20,7 @@ use crate::retry::{GaveUp, Retrying};
 
 pub use crate::http::http_client;
 use crate::retry::StepError;
+pub use exec::{parse_reply, shown, ReplyOf};
 
 /// What one kind of step does with one message. Timeouts, retries and turn-taking are `Step`'s.
 pub trait Handler {
