@@ -58,10 +58,16 @@ pub fn connect_options(
     Ok(credentials.apply(options)?)
 }
 
+/// How long a publish waits for JetStream's acknowledgement. A stream leader that died or hung never
+/// answers what it was sent, even once another leader is elected, so this is what such a publish
+/// costs before it is sent again (with the same id, so nothing is stored twice); acknowledgements
+/// take milliseconds otherwise, also with thousands in flight.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A JetStream context sized for pipelined publishing.
 pub fn jetstream_context(client: async_nats::Client) -> jetstream::Context {
     jetstream::ContextBuilder::new()
-        .timeout(Duration::from_secs(10))
+        .timeout(ACK_TIMEOUT)
         .max_ack_inflight(20_000)
         .build(client)
 }

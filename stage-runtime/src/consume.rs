@@ -316,7 +316,9 @@ impl Worker {
             .stream()
             .max_messages_per_batch(config.pull_batch.max(1))
             .expires(Duration::from_secs(30))
-            .heartbeat(Duration::from_secs(5))
+            // A pull request lost with its consumer's leader (a NATS node that died or hung) shows as
+            // two missed heartbeats: 4 s without messages, rather than 10 s at 5 s.
+            .heartbeat(Duration::from_secs(2))
             .messages()
             .await
             .map_err(|source| ConsumeError::Pull {
