@@ -1,7 +1,8 @@
 //! NATS outages through `switchyard run`, with nothing lost and nothing doubled at the sinks:
 //!
-//! - a three-node cluster (`--nats-cluster 3`, R3) whose stream leader is SIGKILLed mid-run, and one
-//!   whose follower hangs (SIGSTOP) for the rest of the run;
+//! - a three-node cluster (`--nats-cluster 3`, R3) whose stream leader is SIGKILLed mid-run, one
+//!   whose follower hangs (SIGSTOP) for the rest of the run, and one whose stream leader is cut off
+//!   for 10 s (frozen, its connections open and silent) and then comes back;
 //! - the storm: 50,000 items through a group, a three-replica exec switcher and two filtered sinks,
 //!   a stage process SIGKILLed every 2 s and NATS (the one server, or the cluster's stream leader)
 //!   SIGKILLed once;
@@ -147,6 +148,43 @@ fn a_cluster_with_a_hung_follower_finishes_and_nothing_is_lost() {
         tally.lost.len(),
         tally.duplicated.len(),
         stopped.elapsed().as_secs_f64()
+    );
+    tally.assert_exactly_once(total);
+}
+
+/// The stream leader cut off for 10 s — frozen, so that every connection to it stays open and
+/// silent, as in a network partition — and then back: the others elect a leader and go on, the old one
+/// rejoins as a follower, and nothing is lost or doubled.
+#[test]
+fn a_cluster_whose_stream_leader_is_cut_off_for_ten_seconds_loses_nothing() {
+    let _one = one_at_a_time();
+    let total = 20_000;
+    let mut run = BackgroundRun::start(
+        &generator_through_a_switcher(total, 2000),
+        &["--nats-cluster", "3"],
+        &[],
+    );
+    let (leader, _) = stream_peers(&run.nats_url(), &run.stream());
+    run.wait_for_lines("out.jsonl", 5_000);
+    let out = run.path("out.jsonl");
+    let at_cut = line_count(&out);
+    let cut = Instant::now();
+    let pid = run.nats_server_pid(Some(&leader));
+    kill(pid, libc::SIGSTOP);
+    let moving = time_to_move_again(&out, cut, at_cut, 500);
+    let left = Duration::from_secs(10).saturating_sub(cut.elapsed());
+    std::thread::sleep(left);
+    kill(pid, libc::SIGCONT);
+    let (new_leader, followers) = stream_peers(&run.nats_url(), &run.stream());
+    let status = run.wait(LIMIT);
+    assert!(status.success(), "{}", run.notes());
+    let tally = Tally::of(&out, "seq", total);
+    println!(
+        "  {total} items, stream leader {leader} cut off for 10 s at {at_cut}: the sink moved on {:.1}s later, leader then {new_leader} with {followers:?}; {} lost, {} duplicated; the run ended {:.1}s after the cut",
+        moving.as_secs_f64(),
+        tally.lost.len(),
+        tally.duplicated.len(),
+        cut.elapsed().as_secs_f64()
     );
     tally.assert_exactly_once(total);
 }

@@ -74,6 +74,10 @@ const SCENARIOS: &[Scenario] = &[
         "a_silent_nats_server_slows_only_its_own_pipelines",
         scenarios::a_silent_nats_server_slows_only_its_own_pipelines,
     ),
+    (
+        "nats_credentials_stay_secret_and_replicas_are_checked",
+        scenarios::nats_credentials_stay_secret_and_replicas_are_checked,
+    ),
     ("many_pipelines", scenarios::many_pipelines),
 ];
 

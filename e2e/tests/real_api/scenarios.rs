@@ -716,3 +716,85 @@ pub fn many_pipelines(suite: &Suite) {
     assert!(rss < 200.0, "RSS {rss:.0} MiB");
     suite.kubectl_ok(&["delete", "namespace", "many", "--wait=false"]);
 }
+
+/// A token-protected NATS server and the token in the Pipeline's credentials Secret: the operator
+/// connects with it and sets the Pipeline up, and the token is in none of what a person or program can
+/// read — the operator's log (at debug), Events, the Pipeline's status, the objects it applied,
+/// `switchyard plan`. A Pipeline that asks for three replicas of a single server is told why it cannot
+/// have them.
+pub fn nats_credentials_stay_secret_and_replicas_are_checked(suite: &Suite) {
+    let token = "tok-real-api-5e0c2b7d";
+    let protected = switchyard_platform::embedded::NatsServer::start_with(&["--auth", token])
+        .expect("a token-protected nats-server");
+    let install = suite.install("guarded");
+    suite.apply_ok(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: nats-auth, namespace: guarded}}\nstringData: {{token: {token}}}\n"
+    ));
+    let mut guarded = pipeline_yaml("guarded", "p", "    - {name: copy, passthrough: {}}");
+    guarded.push_str(&format!(
+        "  nats: {{url: \"{}\", credentialsSecret: nats-auth}}\n",
+        protected.url()
+    ));
+    suite.apply_ok(&guarded);
+    let mut three = pipeline_yaml("guarded", "three", "    - {name: copy, passthrough: {}}");
+    three.push_str("  nats: {replicas: 3}\n");
+    suite.apply_ok(&three);
+    let operator = suite.start_operator(&install, &[]);
+    wait_for(MINUTE, "the guarded Pipeline set up", || {
+        ready(suite, "guarded", "p").as_deref() == Some("False/UnitsNotReady")
+    });
+    wait_for(MINUTE, "three replicas refused", || {
+        ready(suite, "guarded", "three").as_deref() == Some("False/NatsReplicasUnavailable")
+    });
+    let (_, _, message) = suite.condition("guarded", "three", "Ready").expect("Ready");
+    assert!(message.contains("spec.nats.replicas is 3"), "{message}");
+    let streams = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(async {
+            let client = async_nats::ConnectOptions::with_token(token.to_string())
+                .connect(protected.url())
+                .await
+                .expect("the protected server, with its token");
+            async_nats::jetstream::new(client)
+                .get_stream("switchyard_guarded_p")
+                .await
+                .is_ok()
+        });
+    assert!(streams, "the operator created the stream with the token");
+
+    let file = suite.plane.dir.path().join("guarded.yaml");
+    std::fs::write(&file, &guarded).expect("write the Pipeline");
+    let plan = succeeded(
+        "switchyard plan",
+        std::process::Command::new(&suite.operator_binary)
+            .arg("plan")
+            .arg(&file)
+            .output()
+            .expect("switchyard plan"),
+    );
+    let mut shown = operator.log_text();
+    shown += &serde_json::to_string(&suite.events("guarded")).unwrap_or_default();
+    for kind in ["pipelines", "deployments", "configmaps"] {
+        shown += &serde_json::to_string(&suite.json(&["get", kind, "-n", "guarded"]))
+            .unwrap_or_default();
+    }
+    shown += &text(&plan.stdout);
+    assert!(shown.contains("nats-auth"), "the Secret is named");
+    assert!(
+        text(&plan.stdout).contains("kind: Deployment"),
+        "{}",
+        text(&plan.stderr)
+    );
+    for secret in [
+        token.to_string(),
+        data_encoding::BASE64.encode(token.as_bytes()),
+    ] {
+        assert!(!shown.contains(&secret), "`{secret}` was shown");
+    }
+    println!(
+        "  the token is in none of {} KB of log, Events, status, objects and plan",
+        shown.len() / 1024
+    );
+}
