@@ -85,71 +85,104 @@ fn kill(pid: u32, signal: i32) {
     }
 }
 
-#[test]
-fn a_cluster_loses_its_stream_leader_and_nothing_is_lost() {
-    let _one = one_at_a_time();
-    let total = 20_000;
-    let mut run = BackgroundRun::start(
-        &generator_through_a_switcher(total, 2000),
-        &["--nats-cluster", "3"],
-        &[],
-    );
-    run.wait_for_note("a private cluster of 3 servers");
-    assert!(run.notes().contains("with 3 replicas"), "{}", run.notes());
-    let (leader, followers) = stream_peers(&run.nats_url(), &run.stream());
-    assert_eq!(followers.len(), 2, "R3: two followers beside {leader}");
-    run.wait_for_lines("out.jsonl", 5_000);
-    let out = run.path("out.jsonl");
-    let at_kill = line_count(&out);
-    let killed = Instant::now();
-    kill(run.nats_server_pid(Some(&leader)), libc::SIGKILL);
-    let moving = time_to_move_again(&out, killed, at_kill, 500);
-    run.wait_for_note(&format!("nats-server {leader} is back after"));
-    let (new_leader, _) = stream_peers(&run.nats_url(), &run.stream());
-    let status = run.wait(LIMIT);
-    assert!(status.success(), "{}", run.notes());
-    let tally = Tally::of(&out, "seq", total);
-    println!(
-        "  {total} items, stream leader {leader} SIGKILLed at {at_kill}: the sink moved again {:.1}s later, leader now {new_leader}; {} lost, {} duplicated; the run ended {:.1}s after the kill",
-        moving.as_secs_f64(),
-        tally.lost.len(),
-        tally.duplicated.len(),
-        killed.elapsed().as_secs_f64()
-    );
-    tally.assert_exactly_once(total);
+/// A run on a three-node cluster, 5,000 of its 20,000 items at the sink: ready for a fault.
+struct ClusterRun {
+    run: BackgroundRun,
+    leader: String,
+    followers: Vec<String>,
+    /// Lines at the sink when the fault began, and when.
+    at_fault: usize,
+    fault: Instant,
+}
+
+impl ClusterRun {
+    const TOTAL: u64 = 20_000;
+
+    fn start() -> ClusterRun {
+        let run = BackgroundRun::start(
+            &generator_through_a_switcher(Self::TOTAL, 2000),
+            &["--nats-cluster", "3"],
+            &[],
+        );
+        run.wait_for_note("a private cluster of 3 servers");
+        assert!(run.notes().contains("with 3 replicas"), "{}", run.notes());
+        let (leader, followers) = stream_peers(&run.nats_url(), &run.stream());
+        assert_eq!(followers.len(), 2, "R3: two followers beside {leader}");
+        run.wait_for_lines("out.jsonl", 5_000);
+        ClusterRun {
+            at_fault: line_count(&run.path("out.jsonl")),
+            fault: Instant::now(),
+            run,
+            leader,
+            followers,
+        }
+    }
+
+    /// Sends `signal` to the node `name`; the fault's clock starts here.
+    fn signal(&mut self, name: &str, signal: i32) -> u32 {
+        let pid = self.run.nats_server_pid(Some(name));
+        self.at_fault = line_count(&self.run.path("out.jsonl"));
+        self.fault = Instant::now();
+        kill(pid, signal);
+        pid
+    }
+
+    /// How long after the fault the sink took 500 more items.
+    fn moved_again(&self) -> Duration {
+        time_to_move_again(&self.run.path("out.jsonl"), self.fault, self.at_fault, 500)
+    }
+
+    /// Waits for the end of the run, prints what was measured, and checks every item arrived once.
+    fn finish(mut self, fault: &str, moved: Duration) {
+        let status = self.run.wait(LIMIT);
+        assert!(status.success(), "{}", self.run.notes());
+        let tally = Tally::of(&self.run.path("out.jsonl"), "seq", Self::TOTAL);
+        println!(
+            "  {} items, {fault} at {}: the sink moved 500 on {:.1}s later; {} lost, {} duplicated; the run ended {:.1}s after",
+            Self::TOTAL,
+            self.at_fault,
+            moved.as_secs_f64(),
+            tally.lost.len(),
+            tally.duplicated.len(),
+            self.fault.elapsed().as_secs_f64()
+        );
+        tally.assert_exactly_once(Self::TOTAL);
+    }
 }
 
 #[test]
+fn a_cluster_loses_its_stream_leader_and_nothing_is_lost() {
+    let _one = one_at_a_time();
+    let mut cluster = ClusterRun::start();
+    let leader = cluster.leader.clone();
+    cluster.signal(&leader, libc::SIGKILL);
+    let moved = cluster.moved_again();
+    cluster
+        .run
+        .wait_for_note(&format!("nats-server {leader} is back after"));
+    let (now, _) = stream_peers(&cluster.run.nats_url(), &cluster.run.stream());
+    cluster.finish(
+        &format!("stream leader {leader} SIGKILLed (leader now {now})"),
+        moved,
+    );
+}
+
+/// Frozen, not dead: its connections stay open and silent, as with a node cut off the network.
+#[test]
 fn a_cluster_with_a_hung_follower_finishes_and_nothing_is_lost() {
     let _one = one_at_a_time();
-    let total = 20_000;
-    let mut run = BackgroundRun::start(
-        &generator_through_a_switcher(total, 2000),
-        &["--nats-cluster", "3"],
-        &[],
+    let mut cluster = ClusterRun::start();
+    let hung = cluster.followers[0].clone();
+    let pid = cluster.signal(&hung, libc::SIGSTOP);
+    let moved = cluster.moved_again();
+    let leader = cluster.leader.clone();
+    // Thawed once the run is over, so that it can be stopped.
+    let thaw = scopeguard(move || kill(pid, libc::SIGCONT));
+    cluster.finish(
+        &format!("follower {hung} (leader {leader}) hung for good"),
+        moved,
     );
-    let (leader, followers) = stream_peers(&run.nats_url(), &run.stream());
-    let hung = followers[0].clone();
-    run.wait_for_lines("out.jsonl", 5_000);
-    let out = run.path("out.jsonl");
-    let at_stop = line_count(&out);
-    let stopped = Instant::now();
-    // Frozen, not dead: its connections stay open and silent, as with a node cut off the network.
-    let pid = run.nats_server_pid(Some(&hung));
-    kill(pid, libc::SIGSTOP);
-    let moving = time_to_move_again(&out, stopped, at_stop, 500);
-    let status = run.wait(LIMIT);
-    kill(pid, libc::SIGCONT);
-    assert!(status.success(), "{}", run.notes());
-    let tally = Tally::of(&out, "seq", total);
-    println!(
-        "  {total} items, follower {hung} (leader {leader}) hung for good at {at_stop}: the sink moved on {:.1}s later; {} lost, {} duplicated; the run ended {:.1}s after",
-        moving.as_secs_f64(),
-        tally.lost.len(),
-        tally.duplicated.len(),
-        stopped.elapsed().as_secs_f64()
-    );
-    tally.assert_exactly_once(total);
+    drop(thaw);
 }
 
 /// The stream leader cut off for 10 s — frozen, so that every connection to it stays open and
@@ -158,35 +191,30 @@ fn a_cluster_with_a_hung_follower_finishes_and_nothing_is_lost() {
 #[test]
 fn a_cluster_whose_stream_leader_is_cut_off_for_ten_seconds_loses_nothing() {
     let _one = one_at_a_time();
-    let total = 20_000;
-    let mut run = BackgroundRun::start(
-        &generator_through_a_switcher(total, 2000),
-        &["--nats-cluster", "3"],
-        &[],
-    );
-    let (leader, _) = stream_peers(&run.nats_url(), &run.stream());
-    run.wait_for_lines("out.jsonl", 5_000);
-    let out = run.path("out.jsonl");
-    let at_cut = line_count(&out);
-    let cut = Instant::now();
-    let pid = run.nats_server_pid(Some(&leader));
-    kill(pid, libc::SIGSTOP);
-    let moving = time_to_move_again(&out, cut, at_cut, 500);
-    let left = Duration::from_secs(10).saturating_sub(cut.elapsed());
-    std::thread::sleep(left);
+    let mut cluster = ClusterRun::start();
+    let leader = cluster.leader.clone();
+    let pid = cluster.signal(&leader, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(10));
     kill(pid, libc::SIGCONT);
-    let (new_leader, followers) = stream_peers(&run.nats_url(), &run.stream());
-    let status = run.wait(LIMIT);
-    assert!(status.success(), "{}", run.notes());
-    let tally = Tally::of(&out, "seq", total);
-    println!(
-        "  {total} items, stream leader {leader} cut off for 10 s at {at_cut}: the sink moved on {:.1}s later, leader then {new_leader} with {followers:?}; {} lost, {} duplicated; the run ended {:.1}s after the cut",
-        moving.as_secs_f64(),
-        tally.lost.len(),
-        tally.duplicated.len(),
-        cut.elapsed().as_secs_f64()
+    let moved = cluster.moved_again();
+    let (now, _) = stream_peers(&cluster.run.nats_url(), &cluster.run.stream());
+    cluster.finish(
+        &format!("stream leader {leader} cut off for 10 s (leader then {now})"),
+        moved,
     );
-    tally.assert_exactly_once(total);
+}
+
+/// Runs `f` when dropped, also when the test fails on the way.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// A group, a three-replica exec switcher and two filtered sinks: the storm's Pipeline.
@@ -389,7 +417,13 @@ fn soak_a_million_items_with_flat_memory() {
     assert!(status.success(), "{}", run.notes());
     println!("  soak: {total} items; resident memory per unit (all its processes), MiB:");
     for (unit, start) in &first {
-        let end = last.get(unit).copied().unwrap_or(0);
+        let Some(end) = last.get(unit).copied() else {
+            println!(
+                "    {unit:<10} {:>7.1} at the start, done before the end",
+                *start as f64 / 1024.0
+            );
+            continue;
+        };
         println!(
             "    {unit:<10} {:>7.1} at the start {:>7.1} at the end",
             *start as f64 / 1024.0,
