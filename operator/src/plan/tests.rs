@@ -9,6 +9,18 @@ fn unit<'a>(plan: &'a Plan, name: &str) -> &'a UnitPlan {
     plan.units.iter().find(|u| u.name == name).unwrap()
 }
 
+/// The pod a unit's Deployment runs.
+fn pod_of(plan: &Plan, name: &str) -> k8s_openapi::api::core::v1::PodSpec {
+    unit(plan, name)
+        .deployment
+        .spec
+        .clone()
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+}
+
 #[test]
 fn laundry_plans_one_unit_per_top_level_stage_with_its_kind() {
     let plan = plan(&laundry(), &PlanSettings::default()).unwrap();
@@ -123,16 +135,7 @@ fn pods_meet_the_restricted_pod_security_standard() {
 #[test]
 fn the_stage_runtime_reaches_any_image_through_an_init_container() {
     let plan = plan(&laundry(), &PlanSettings::default()).unwrap();
-    let pod = |name: &str| {
-        unit(&plan, name)
-            .deployment
-            .spec
-            .clone()
-            .unwrap()
-            .template
-            .spec
-            .unwrap()
-    };
+    let pod = |name: &str| pod_of(&plan, name);
     let person = pod("person");
     assert_eq!(person.containers[0].image.as_deref(), Some("ruby:3.3-slim"));
     assert_eq!(
@@ -211,14 +214,7 @@ fn credentials_come_from_the_named_secret() {
         replicas: None,
     });
     let plan = plan(&pipeline, &PlanSettings::default()).unwrap();
-    let pod = unit(&plan, "person")
-        .deployment
-        .spec
-        .clone()
-        .unwrap()
-        .template
-        .spec
-        .unwrap();
+    let pod = pod_of(&plan, "person");
     let env = pod.containers[0].env.clone().unwrap();
     let value = |name: &str| {
         env.iter()
@@ -317,14 +313,7 @@ fn an_http_source_token_comes_from_its_secret_and_never_from_nowhere() {
     };
     let with_secret = guarded("{env: INGEST_TOKEN, secretKeyRef: {name: ingest, key: token}}");
     let planned = plan(&with_secret, &PlanSettings::default()).unwrap();
-    let pod = unit(&planned, "web")
-        .deployment
-        .spec
-        .clone()
-        .unwrap()
-        .template
-        .spec
-        .unwrap();
+    let pod = pod_of(&planned, "web");
     let env = pod.containers[0].env.clone().unwrap();
     let token = env.iter().find(|e| e.name == "INGEST_TOKEN").unwrap();
     assert_eq!(token.value, None, "a reference, never the value");
