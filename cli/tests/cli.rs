@@ -606,3 +606,28 @@ fn every_kind_of_nats_credentials_works_and_none_is_shown() {
         );
     }
 }
+
+/// `spec.nats.replicas: 3` runs locally on a private cluster of three (each copy needs a server of its
+/// own), and a cluster too small for it is refused before anything starts.
+#[test]
+fn replicas_in_the_file_get_a_local_cluster_of_that_size() {
+    let yaml = generator_yaml(200, 1000).replace("  sinks:", "  nats: {replicas: 3}\n  sinks:");
+    let mut run = BackgroundRun::start(&yaml, &[], &[]);
+    let status = run.wait(Duration::from_secs(120));
+    assert!(status.success(), "{}", run.notes());
+    assert!(
+        run.notes().contains("(a private cluster of 3 servers, temporary); stream switchyard_default_outage with 3 replicas"),
+        "{}",
+        run.notes()
+    );
+    Tally::of(&run.path("out.jsonl"), "seq", 200).assert_exactly_once(200);
+
+    let mut too_small = BackgroundRun::start(&yaml, &["--nats-cluster", "1"], &[]);
+    let status = too_small.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        too_small.notes().contains("spec.nats.replicas is 3, but --nats-cluster 1 starts 1 server: each copy needs a server of its own; give --nats-cluster 3"),
+        "{}",
+        too_small.notes()
+    );
+}
