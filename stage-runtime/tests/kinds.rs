@@ -5,7 +5,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{handler, harness, json_lines, settled_reports};
+use common::{free_port, handler, harness, json_lines, settled_reports};
 use futures::StreamExt;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -234,10 +234,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_and_nats_sources_store_before_they_answer() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let yaml = format!(
         r#"
 apiVersion: switchyard.dev/v1alpha1
@@ -427,11 +424,7 @@ spec:
 "#,
     )
     .await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let stats = h.watch_stats("work").await;
     h.start("src");
     h.start("out");
@@ -674,10 +667,7 @@ spec:
 /// `maxBodyBytes` get 413. Nothing refused reaches the sink.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_source_wants_its_token_and_bounds_its_bodies() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     // The variable's name is this test's own: no other test reads it.
     std::env::set_var("SWITCHYARD_TEST_INGEST_TOKEN", "s3cret-ingest\n");
     let yaml = format!(

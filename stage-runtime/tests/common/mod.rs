@@ -334,6 +334,14 @@ pub fn handler(h: &Harness, name: &str, code: &str) -> String {
     path.display().to_string()
 }
 
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 pub fn json_lines(lines: &[String]) -> Vec<serde_json::Value> {
     lines
         .iter()
