@@ -47,8 +47,8 @@ pub enum RunError {
     ConnectSetup(#[from] ConnectSetupError),
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
-    #[error("{0}")]
-    Cluster(String),
+    #[error("spec.nats.replicas is {replicas}, but --nats-cluster {servers} starts {servers} server{}: each copy needs a server of its own; give --nats-cluster {replicas}", if *.servers == 1 { "" } else { "s" })]
+    ClusterTooSmall { replicas: u32, servers: usize },
     #[error("nats-server {server} keeps exiting ({status}); its last words:\n{log}")]
     NatsCrashLoop {
         server: String,

@@ -43,10 +43,10 @@ impl RunNats {
                     .unwrap_or(prepared.nats_replicas.unwrap_or(1) as usize);
                 let replicas = prepared.nats_replicas.unwrap_or(size as u32);
                 if replicas as usize > size {
-                    return Err(RunError::Cluster(format!(
-                        "spec.nats.replicas is {replicas}, but --nats-cluster {size} starts {size} server{}: each copy needs a server of its own; give --nats-cluster {replicas}",
-                        if size == 1 { "" } else { "s" }
-                    )));
+                    return Err(RunError::ClusterTooSmall {
+                        replicas,
+                        servers: size,
+                    });
                 }
                 prepared.layout.nats.stream.replicas = replicas;
                 if !args.nats_auth.child_env().is_empty() {
