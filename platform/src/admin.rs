@@ -94,7 +94,7 @@ const REPLICAS_ADVICE: &str =
 
 /// Whether the server can keep `replicas` copies at all: a server that is not part of a cluster keeps
 /// one. Said before anything is created, in words a person can act on.
-pub fn check_replicas(client: &async_nats::Client, replicas: u32) -> Result<(), AdminError> {
+fn check_replicas(client: &async_nats::Client, replicas: u32) -> Result<(), AdminError> {
     if replicas <= 1 {
         return Ok(());
     }

@@ -18,7 +18,6 @@ use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use switchyard_crds::Pipeline;
-
 use switchyard_platform::admin::AdminError;
 
 use super::nats::{self, NatsError};
@@ -192,6 +191,8 @@ pub async fn nats_objects(
     js: &async_nats::jetstream::Context,
     plan: &Plan,
 ) -> Result<(), ApplyError> {
+    // Replicas NATS cannot keep are this Pipeline's own problem, not NATS being unavailable: they
+    // pass the time bound as a value and become their own error (and condition reason).
     let declared = nats::bounded("declaring the stream, bucket and consumers", async {
         match switchyard_platform::admin::apply(js, &plan.nats).await {
             Err(e @ AdminError::Replicas { .. }) => Ok(Err(e)),
