@@ -60,8 +60,8 @@ pub struct Session {
     pub started: Instant,
     /// Holds each unit's config and the processes' logs; kept when a unit crash-loops.
     run_dir: tempfile::TempDir,
-    /// Where the logs are kept when the run was told (`--logs`).
-    logs_dir: Option<PathBuf>,
+    /// The processes' logs: `--logs`, or a folder in `run_dir`.
+    logs_dir: PathBuf,
     output: mpsc::UnboundedReceiver<OutputLine>,
     stream: jetstream::stream::Stream,
     lags: HashMap<String, u64>,
@@ -109,7 +109,7 @@ impl Session {
             nats.url.clone(),
             nats.auth.child_env(),
             prepared.base_dir.clone(),
-            logs_dir,
+            logs_dir.clone(),
             output_tx,
             args.verbose,
         );
@@ -143,7 +143,7 @@ impl Session {
             nats_watch: NatsWatch::default(),
             started: Instant::now(),
             run_dir,
-            logs_dir: args.logs.clone(),
+            logs_dir,
             output,
             stream,
             lags: HashMap::new(),
@@ -285,7 +285,8 @@ impl Session {
                 }
             }
         };
-        let logs = self.run_dir.keep();
+        // Kept, since it may hold the logs.
+        let _ = self.run_dir.keep();
         let log = if crash.log.as_os_str().is_empty() {
             String::new()
         } else {
@@ -295,7 +296,7 @@ impl Session {
             unit: crash.unit,
             status: crash.status,
             log,
-            logs: self.logs_dir.unwrap_or_else(|| logs.join("logs")),
+            logs: self.logs_dir,
         }
     }
 

@@ -228,9 +228,7 @@ impl Supervisor {
             .kill_on_drop(true)
             // Ctrl-C reaches `switchyard run` only; it stops the units in order.
             .process_group(0);
-        for name in switchyard_platform::credentials::env::ALL {
-            command.env_remove(name);
-        }
+        switchyard_platform::credentials::env::withhold(command.as_std_mut());
         command.envs(self.nats_env.iter().map(|(k, v)| (k, v)));
         if !self.verbose {
             command.env("SWITCHYARD_LOG", "info,async_nats=warn");

@@ -38,8 +38,16 @@ pub mod env {
     pub const TLS_KEY: &str = "SWITCHYARD_NATS_TLS_KEY";
     /// A folder holding files named as the keys of a credentials Secret (a pod's mounted Secret).
     pub const DIR: &str = "SWITCHYARD_NATS_CREDENTIALS_DIR";
-    /// Every one of them: a child is given exactly the ones its parent means it to have.
+    /// Every one of them.
     pub const ALL: [&str; 8] = [TOKEN, USER, PASSWORD, CREDS, TLS_CA, TLS_CERT, TLS_KEY, DIR];
+
+    /// Takes every credentials variable away from a child's environment: a child is given exactly
+    /// the ones its parent means it to have (a stage process its run's, an exec handler none).
+    pub fn withhold(command: &mut std::process::Command) {
+        for name in ALL {
+            command.env_remove(name);
+        }
+    }
 }
 
 /// Why the credentials could not be had; names the file or key, never its contents.
@@ -161,8 +169,8 @@ impl NatsCredentials {
             }
         };
         let mut data = BTreeMap::new();
-        for (key, what) in keys::ALL.iter().zip(WHAT) {
-            if let Some(bytes) = read(key, what)? {
+        for key in keys::ALL {
+            if let Some(bytes) = read(key, what(key))? {
                 data.insert(key.to_string(), bytes);
             }
         }
@@ -252,16 +260,19 @@ impl NatsCredentials {
     }
 }
 
-/// What each key in [`keys::ALL`] is, for errors.
-const WHAT: [&str; 7] = [
-    "credentials file",
-    "token",
-    "user",
-    "password",
-    "TLS CA",
-    "TLS client certificate",
-    "TLS client key",
-];
+/// What a key of a credentials Secret holds, for errors.
+fn what(key: &str) -> &'static str {
+    match key {
+        keys::CREDS => "credentials file",
+        keys::TOKEN => "token",
+        keys::USER => "user",
+        keys::PASSWORD => "password",
+        keys::TLS_CA => "TLS CA",
+        keys::TLS_CERT => "TLS client certificate",
+        keys::TLS_KEY => "TLS client key",
+        _ => "credentials",
+    }
+}
 
 /// The values as found, before the pairs (user and password, certificate and key) are checked.
 #[derive(Default)]

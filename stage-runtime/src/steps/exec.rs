@@ -245,9 +245,7 @@ async fn supervise(
 fn spawn_child(shared: &Shared) -> std::io::Result<Child> {
     let mut command = Command::new(&shared.command[0]);
     // A handler is the user's code: it has no business with the unit's NATS credentials.
-    for name in switchyard_platform::credentials::env::ALL {
-        command.env_remove(name);
-    }
+    switchyard_platform::credentials::env::withhold(command.as_std_mut());
     command
         .args(&shared.command[1..])
         .envs(shared.env.iter().map(|(k, v)| (k, v)))
