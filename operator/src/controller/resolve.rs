@@ -18,7 +18,7 @@ pub const CREDENTIALS_TTL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("the NATS credentials Secret {namespace}/{secret} does not exist: create it (with `nats.creds`, `token`, `user` and `password`, or `ca.crt`, `tls.crt` and `tls.key`), or change spec.nats.credentialsSecret")]
+    #[error("the NATS credentials Secret {namespace}/{secret} does not exist: create it with any of the keys `{}`, or change spec.nats.credentialsSecret", keys::ALL.join("`, `"))]
     SecretMissing { namespace: String, secret: String },
     #[error("cannot read the NATS credentials Secret {namespace}/{secret}: {source}")]
     SecretUnreadable {
