@@ -7,9 +7,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::kinds::Kinds;
-use crate::pipeline::PipelineSpec;
+use crate::pipeline::{PipelineSpec, DEFAULT_CLUSTER_SAMPLE_RATE, DEFAULT_TRACE_RETENTION};
 use crate::topology::{Step, Topology, Unit, UnitKind};
-use crate::unit::{BatchConfig, ConsumerConfig, RetryConfig, StepConfig, UnitConfig, UnitRole};
+use crate::unit::{
+    BatchConfig, ConsumerConfig, RetryConfig, StepConfig, TraceConfig, UnitConfig, UnitRole,
+};
 use crate::validate::{parse_duration, Problem};
 
 /// Input messages in flight per replica when a stage does not say. High, because for fast steps
@@ -90,6 +92,21 @@ impl Names {
         format!("{}.stats.*", self.prefix())
     }
 
+    /// The stream of trace events, apart from the data: it keeps events for a time, whoever reads them.
+    pub fn trace_stream(&self) -> String {
+        format!("switchyard_{}_{}_trace", self.namespace, self.pipeline)
+    }
+
+    /// Events of one item go to `<this>.<origin>.<seq>`.
+    pub fn trace_prefix(&self) -> String {
+        format!("{}.trace", self.prefix())
+    }
+
+    /// Where `switchyard pause` and `resume` reach a local run (core NATS).
+    pub fn control_subject(&self) -> String {
+        format!("{}.control", self.prefix())
+    }
+
     fn all_data_subjects(&self) -> String {
         format!("{}.data.*", self.prefix())
     }
@@ -108,7 +125,23 @@ pub struct NatsLayout {
     pub checkpoint_bucket: String,
     /// One durable pull consumer per unit that reads, and the dead-letter holder.
     pub consumers: Vec<ConsumerConfig>,
+    /// The stream of trace events; absent when nothing is traced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceStreamLayout>,
 }
+
+/// Trace events are kept for `max_age_ms` (limits retention), at most `max_bytes` of them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TraceStreamLayout {
+    pub name: String,
+    pub subjects: Vec<String>,
+    pub max_age_ms: u64,
+    pub max_bytes: i64,
+}
+
+/// The most disk the trace events of one Pipeline take; the oldest go first.
+pub const TRACE_MAX_BYTES: i64 = 1 << 30;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -128,6 +161,41 @@ pub struct StreamLayout {
 pub struct Layout {
     pub nats: NatsLayout,
     pub units: Vec<UnitConfig>,
+}
+
+impl Layout {
+    /// Traces `rate` of the items in every unit (and keeps the trace stream only if any are).
+    /// `switchyard run` traces every item when the Pipeline does not say.
+    pub fn set_sample_rate(&mut self, rate: f64, names: &Names, retention: Duration) {
+        if rate <= 0.0 {
+            self.nats.trace = None;
+            for unit in &mut self.units {
+                unit.trace = None;
+            }
+            return;
+        }
+        self.nats.trace = Some(TraceStreamLayout {
+            name: names.trace_stream(),
+            subjects: vec![format!("{}.>", names.trace_prefix())],
+            max_age_ms: millis(retention),
+            max_bytes: TRACE_MAX_BYTES,
+        });
+        for unit in &mut self.units {
+            unit.trace = Some(TraceConfig {
+                subject_prefix: names.trace_prefix(),
+                sample_rate: rate.min(1.0),
+            });
+        }
+    }
+}
+
+/// `spec.tracing.retention`, or its default. Validation has checked it.
+pub fn trace_retention(spec: &PipelineSpec) -> Duration {
+    spec.tracing
+        .as_ref()
+        .and_then(|t| t.retention.as_deref())
+        .and_then(|r| parse_duration(r).ok())
+        .unwrap_or(DEFAULT_TRACE_RETENTION)
 }
 
 /// Lays out a validated topology. Durations were checked by validation; should one still not parse, the
@@ -180,6 +248,7 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
             output_subject,
             dead_letter_subject: dead_letter_subject(&unit.name),
             stats_subject: names.stats_subject(&unit.name),
+            trace: None,
         });
     }
     if !problems.is_empty() {
@@ -192,7 +261,7 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
         max_ack_pending: 1000,
         pull_batch: 100,
     });
-    Ok(Layout {
+    let mut layout = Layout {
         nats: NatsLayout {
             stream: StreamLayout {
                 name: names.stream(),
@@ -204,9 +273,17 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
             },
             checkpoint_bucket: names.checkpoint_bucket(),
             consumers,
+            trace: None,
         },
         units,
-    })
+    };
+    let rate = spec
+        .tracing
+        .as_ref()
+        .and_then(|t| t.sample_rate)
+        .unwrap_or(DEFAULT_CLUSTER_SAMPLE_RATE);
+    layout.set_sample_rate(rate, &names, trace_retention(spec));
+    Ok(layout)
 }
 
 /// Messages one replica holds at once: its concurrency, times the batch size for a batch stage.

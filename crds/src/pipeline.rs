@@ -57,7 +57,33 @@ pub struct PipelineSpec {
     /// What happens to the JetStream data when the Pipeline is deleted (default Delete).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_policy: Option<DeletionPolicy>,
+    /// Stops the sources, lets every unit drain, then scales every unit to zero (phase `Paused`).
+    /// Set back to false, every unit returns at the replicas it had.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// Trace events for `switchyard trace`: which units an item passed, when, and where it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
 }
+
+/// What the units record about the items they see.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tracing {
+    /// Share of items traced, from 0 (none) to 1 (every item); every unit traces the same items
+    /// (default 0.01 in a cluster, 1 with `switchyard run`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sample_rate: Option<f64>,
+    /// How long trace events are kept, as a duration (`30m`, `1h`, `2d`; default `1h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
+}
+
+/// Share of items traced in a cluster when `spec.tracing.sampleRate` does not say.
+pub const DEFAULT_CLUSTER_SAMPLE_RATE: f64 = 0.01;
+/// How long trace events are kept when `spec.tracing.retention` does not say.
+pub const DEFAULT_TRACE_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -30,6 +30,14 @@ pub mod headers {
     /// On the dead letters of messages that kept crashing their unit's process: how often JetStream
     /// delivered them (the attempts stay within `retry.maxAttempts`).
     pub const DELIVERIES: &str = "Switchyard-Deliveries";
+    /// On dead letters and replayed messages: the step of the failed unit a replay starts at (the
+    /// dead letter holds that step's input).
+    pub const REPLAY_STEP: &str = "Switchyard-Replay-Step";
+    /// On a replayed message: the one unit that takes it. It is put on that unit's input subject,
+    /// which other units may read too; they let it pass.
+    pub const REPLAY_FOR: &str = "Switchyard-Replay-For";
+    /// How often the item was replayed from the dead-letter queue; carried downstream.
+    pub const REPLAYS: &str = "Switchyard-Replays";
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -50,6 +58,119 @@ pub struct UnitConfig {
     pub dead_letter_subject: String,
     /// Core NATS subject the process reports its counters on.
     pub stats_subject: String,
+    /// Where the unit records trace events, and for which items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceConfig>,
+}
+
+/// Which items a unit traces, and where their events go.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TraceConfig {
+    /// Events of item `ORIGIN:SEQ` go to `<prefix>.ORIGIN.SEQ`.
+    pub subject_prefix: String,
+    /// Share of items traced, 0 to 1; see [`traced`].
+    pub sample_rate: f64,
+}
+
+/// Whether the item `origin:seq` is traced at `rate`: a hash of its identity, so every unit of the
+/// pipeline (and every replica) traces the same items without telling one another.
+pub fn traced(rate: f64, origin: &str, seq: &str) -> bool {
+    if rate >= 1.0 {
+        return true;
+    }
+    if rate <= 0.0 {
+        return false;
+    }
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in origin.bytes().chain([b':']).chain(seq.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV leaves the high bits of short, similar keys (`1`, `2`, …) alike; a final mix (MurmurHash3's)
+    // spreads them, so that any share of consecutive items is sampled evenly.
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^= hash >> 33;
+    (hash as f64) < rate * (u64::MAX as f64)
+}
+
+/// A subject token for any text: NATS tokens cannot hold `.`, `*`, `>` or white space.
+pub fn subject_token(text: &str) -> String {
+    let token: String = text
+        .chars()
+        .map(|c| {
+            if c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if token.is_empty() {
+        "_".to_string()
+    } else {
+        token
+    }
+}
+
+/// One thing a unit did with a traced item, as stored in the trace stream.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TraceEvent {
+    pub unit: String,
+    pub replica: String,
+    /// The message's id (the item's id, then a suffix per unit it passed).
+    pub id: String,
+    /// When the unit took the message, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// How long the unit held it, in microseconds.
+    pub took_us: u64,
+    /// How often JetStream has delivered it to this unit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deliveries: u64,
+    /// Attempts of the step (or write) that took the most.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub attempts: u32,
+    pub outcome: TraceOutcome,
+    /// Messages published downstream (a process unit), or items written (a sink).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub outputs: u64,
+    /// Why it was dead-lettered, and at which stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// How often it has been replayed from the dead-letter queue.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub replays: u32,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TraceOutcome {
+    /// A source made it.
+    #[default]
+    Emitted,
+    /// A process unit published its outputs (perhaps none: a filter dropped it).
+    Published,
+    /// A sink wrote it.
+    Written,
+    /// A sink had written it before (a redelivery).
+    Duplicate,
+    /// It (or one of the items made from it) went to the dead-letter queue.
+    DeadLettered,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -211,6 +332,29 @@ mod tests {
     }
 
     #[test]
+    fn sampling_traces_about_the_share_asked_and_the_same_items_everywhere() {
+        let traced_of = |rate| {
+            (1..=10_000)
+                .filter(|seq: &u32| traced(rate, "src", &seq.to_string()))
+                .count()
+        };
+        assert_eq!(traced_of(1.0), 10_000);
+        assert_eq!(traced_of(0.0), 0);
+        let hundredth = traced_of(0.01);
+        assert!((60..=140).contains(&hundredth), "{hundredth}");
+        let half = traced_of(0.5);
+        assert!((4_700..=5_300).contains(&half), "{half}");
+        assert_eq!(traced(0.3, "a", "17"), traced(0.3, "a", "17"));
+    }
+
+    #[test]
+    fn subject_tokens_hold_no_separator_or_wildcard() {
+        assert_eq!(subject_token("a.b *>c d"), "a_b___c_d");
+        assert_eq!(subject_token(""), "_");
+        assert_eq!(subject_token("clothes"), "clothes");
+    }
+
+    #[test]
     fn unit_config_round_trips_through_json() {
         let cfg = UnitConfig {
             pipeline: "p".into(),
@@ -232,6 +376,10 @@ mod tests {
             output_subject: Some("x".into()),
             dead_letter_subject: "d".into(),
             stats_subject: "st".into(),
+            trace: Some(TraceConfig {
+                subject_prefix: "t".into(),
+                sample_rate: 0.5,
+            }),
         };
         let text = serde_json::to_string(&cfg).unwrap();
         assert_eq!(serde_json::from_str::<UnitConfig>(&text).unwrap(), cfg);

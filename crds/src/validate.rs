@@ -247,6 +247,23 @@ fn check_spec(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
             problems.push(Problem::at("nats.replicas", format!("{replicas} replicas cannot be had: JetStream keeps 1, 3 or 5 (a majority must survive a lost server)")));
         }
     }
+    if let Some(tracing) = &spec.tracing {
+        if let Some(rate) = tracing.sample_rate {
+            if !(0.0..=1.0).contains(&rate) {
+                problems.push(Problem::at("tracing.sampleRate", format!("{rate} is not a share of items: give a number from 0 (trace none) to 1 (trace every item)")));
+            }
+        }
+        if let Some(retention) = &tracing.retention {
+            match parse_duration(retention) {
+                Ok(d) if d >= std::time::Duration::from_secs(1) => {}
+                Ok(_) => problems.push(Problem::at(
+                    "tracing.retention",
+                    "keep trace events at least 1s".to_string(),
+                )),
+                Err(e) => problems.push(Problem::at("tracing.retention", format!("{e}"))),
+            }
+        }
+    }
     check_inputs(problems, spec);
 }
 

@@ -140,6 +140,25 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), A
         }
     })?;
     ensure_checkpoint_bucket(js, &layout.checkpoint_bucket, replicas).await?;
+    if let Some(trace) = &layout.trace {
+        js.create_or_update_stream(stream::Config {
+            name: trace.name.clone(),
+            description: Some("switchyard trace events".to_string()),
+            subjects: trace.subjects.clone(),
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: replicas as usize,
+            max_age: Duration::from_millis(trace.max_age_ms),
+            max_bytes: trace.max_bytes,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        })
+        .await
+        .map_err(AdminError::nats(format!(
+            "create or update trace stream {}",
+            trace.name
+        )))?;
+    }
     let stream = js
         .get_stream(name)
         .await
@@ -228,6 +247,13 @@ pub async fn delete_named(
         Ok(_) => {}
         Err(e) if is_not_found(&e.to_string()) => {}
         Err(e) => return Err(AdminError::nats(format!("delete stream {stream}"))(e)),
+    }
+    // Named as `Names::trace_stream` names it; a Pipeline that never traced has none.
+    let trace = format!("{stream}_trace");
+    match js.delete_stream(&trace).await {
+        Ok(_) => {}
+        Err(e) if is_not_found(&e.to_string()) => {}
+        Err(e) => return Err(AdminError::nats(format!("delete stream {trace}"))(e)),
     }
     match js.delete_key_value(bucket).await {
         Ok(_) => {}

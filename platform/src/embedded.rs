@@ -34,13 +34,44 @@ pub struct NatsServer {
     child: Child,
     binary: PathBuf,
     port: u16,
-    /// Holds the JetStream store and the server's log; removed when the server is dropped.
-    dir: tempfile::TempDir,
+    /// Holds the JetStream store and the server's log.
+    dir: Store,
     /// Set for a node of a cluster.
     member: Option<Member>,
     /// More arguments, such as `--auth TOKEN` or `-c FILE` (a server that asks for credentials).
     extra: Vec<String>,
     started: Instant,
+}
+
+/// Where a server keeps its store and log: a temporary folder removed with the server, or a folder
+/// that outlives it (a run's local state, to resume from).
+enum Store {
+    Temporary(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl Store {
+    fn path(&self) -> &Path {
+        match self {
+            Store::Temporary(dir) => dir.path(),
+            Store::Kept(dir) => dir,
+        }
+    }
+
+    fn new(kept: Option<&Path>) -> Result<Store, ServerError> {
+        match kept {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(io(format!("create the NATS store {}", dir.display())))?;
+                Ok(Store::Kept(dir.to_path_buf()))
+            }
+            None => tempfile::Builder::new()
+                .prefix("switchyard-nats-")
+                .tempdir()
+                .map(Store::Temporary)
+                .map_err(io("create a temporary folder for the NATS store")),
+        }
+    }
 }
 
 /// What makes a server one node of a JetStream cluster on loopback.
@@ -94,12 +125,28 @@ impl NatsServer {
         NatsServer::start_binary_with(&binary, extra)
     }
 
+    /// Starts the `nats-server` on PATH with its store and log in `dir`, which outlives it: a server
+    /// started later on the same folder has the same streams, messages and consumers.
+    pub fn start_in(dir: &Path) -> Result<NatsServer, ServerError> {
+        let binary = find_binary().ok_or(ServerError::NotInstalled)?;
+        NatsServer::start_binary_in(&binary, &[], Some(dir))
+    }
+
     fn start_binary_with(binary: &Path, extra: &[&str]) -> Result<NatsServer, ServerError> {
+        NatsServer::start_binary_in(binary, extra, None)
+    }
+
+    fn start_binary_in(
+        binary: &Path,
+        extra: &[&str],
+        kept: Option<&Path>,
+    ) -> Result<NatsServer, ServerError> {
         let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         let mut last_error = None;
         // Another process can take the port between our probe and the server's bind: try a few.
         for _ in 0..5 {
-            let mut server = NatsServer::spawn_new(binary, free_port()?, None, extra.clone())?;
+            let mut server =
+                NatsServer::spawn_new(binary, free_port()?, None, extra.clone(), kept)?;
             match server.wait_until_ready(READY_WITHIN) {
                 Ok(()) => return Ok(server),
                 // Dropping the server stops it and removes its folder.
@@ -117,11 +164,9 @@ impl NatsServer {
         port: u16,
         member: Option<Member>,
         extra: Vec<String>,
+        kept: Option<&Path>,
     ) -> Result<NatsServer, ServerError> {
-        let dir = tempfile::Builder::new()
-            .prefix("switchyard-nats-")
-            .tempdir()
-            .map_err(io("create a temporary folder for the NATS store"))?;
+        let dir = Store::new(kept)?;
         let child = spawn(binary, port, dir.path(), member.as_ref(), &extra)?;
         Ok(NatsServer {
             child,
@@ -307,10 +352,19 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts a cluster of the `nats-server` found on PATH.
     pub fn start(size: usize) -> Result<NatsCluster, ServerError> {
+        NatsCluster::start_kept(size, None)
+    }
+
+    /// Like `start`, node `node-N` keeping its store in `dir/node-N`, which outlives the cluster.
+    pub fn start_in(size: usize, dir: &Path) -> Result<NatsCluster, ServerError> {
+        NatsCluster::start_kept(size, Some(dir))
+    }
+
+    fn start_kept(size: usize, kept: Option<&Path>) -> Result<NatsCluster, ServerError> {
         let binary = find_binary().ok_or(ServerError::NotInstalled)?;
         let mut last_error = None;
         for _ in 0..5 {
-            match NatsCluster::start_binary(&binary, size) {
+            match NatsCluster::start_binary(&binary, size, kept) {
                 Ok(cluster) => return Ok(cluster),
                 Err(e) => last_error = Some(e),
             }
@@ -321,7 +375,11 @@ impl NatsCluster {
         }))
     }
 
-    fn start_binary(binary: &Path, size: usize) -> Result<NatsCluster, ServerError> {
+    fn start_binary(
+        binary: &Path,
+        size: usize,
+        kept: Option<&Path>,
+    ) -> Result<NatsCluster, ServerError> {
         // Held until every port is chosen, so that no two are the same.
         let mut held = Vec::new();
         let mut port = || -> Result<u16, ServerError> {
@@ -341,8 +399,10 @@ impl NatsCluster {
         let routes: Vec<u16> = ports.iter().map(|(_, cluster)| *cluster).collect();
         let mut nodes = Vec::new();
         for (i, (client_port, cluster_port)) in ports.iter().enumerate() {
+            let name = format!("node-{}", i + 1);
+            let store = kept.map(|dir| dir.join(&name));
             let member = Member {
-                name: format!("node-{}", i + 1),
+                name,
                 cluster_port: *cluster_port,
                 routes: routes.clone(),
             };
@@ -351,6 +411,7 @@ impl NatsCluster {
                 *client_port,
                 Some(member),
                 Vec::new(),
+                store.as_deref(),
             )?);
         }
         for node in &mut nodes {

@@ -17,12 +17,14 @@ use switchyard_crds::layout::POISON_DELIVERIES;
 use switchyard_crds::unit::{BatchConfig, ConsumerConfig, RetryConfig};
 use tokio::sync::watch;
 
-use crate::lineage::{dead_letter_headers, names, owned_header_value, Lineage};
+use crate::lineage::{dead_letter_headers, names, owned_header_value, Lineage, Replay};
 use crate::payload::Payload;
 use crate::retry::{GaveUp, Retrying};
 use crate::sinks::{Sink, Written};
 use crate::stats::Stats;
 use crate::steps::{Failure, Step, StepFailure};
+use crate::trace::{Began, Done, Tracer};
+use switchyard_crds::unit::TraceOutcome;
 
 /// Where a unit's results go.
 pub enum Output {
@@ -82,6 +84,39 @@ pub struct Worker {
     pub max_payload: usize,
     /// Lost connections so far: see `acks`.
     pub disconnects: crate::Disconnects,
+    /// Records what becomes of sampled items, when the Pipeline traces.
+    pub tracer: Option<Tracer>,
+}
+
+/// What storing one input's results came to, for its trace event.
+#[derive(Default)]
+struct Emitted {
+    /// Published downstream, or written by the sink.
+    stored: u64,
+    duplicates: u64,
+    /// The first dead letter's stage and error, and the most attempts any failure took.
+    dead: Option<(String, String)>,
+    attempts: u32,
+}
+
+impl Emitted {
+    fn done(self, sink: bool, deliveries: u64) -> Done {
+        let outcome = match (&self.dead, sink) {
+            (Some(_), _) => TraceOutcome::DeadLettered,
+            (None, true) if self.stored == 0 && self.duplicates > 0 => TraceOutcome::Duplicate,
+            (None, true) => TraceOutcome::Written,
+            (None, false) => TraceOutcome::Published,
+        };
+        let (stage, error) = self.dead.unzip();
+        Done {
+            outcome,
+            outputs: self.stored,
+            deliveries,
+            attempts: self.attempts.max(1),
+            error,
+            stage,
+        }
+    }
 }
 
 /// Room left for a message's headers when its payload is measured against the server's limit.
@@ -171,9 +206,16 @@ impl Batcher {
         }
     }
 
-    /// The work `message` completes, if any: itself, or a full batch.
+    /// The work `message` completes, if any: itself, or a full batch. A replayed batch holds its
+    /// batch already: it goes alone.
     fn add(&mut self, message: Message) -> Option<Work> {
-        let Some(size) = self.size else {
+        let replayed = || {
+            message
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(names::REPLAY_FOR).is_some())
+        };
+        let Some(size) = self.size.filter(|_| !replayed()) else {
             return Some(Work::One(message));
         };
         if self.pending.is_empty() {
@@ -333,6 +375,15 @@ impl Worker {
             Work::Batch(ms) => ms,
         };
         let count = messages.len() as u64;
+        if let Work::One(message) = &work {
+            if Replay::of(message.headers.as_ref()).is_some_and(|r| r.unit != self.unit) {
+                // Put back on a subject this unit reads for the one unit that failed it.
+                if let Err(e) = message.ack().await {
+                    tracing::debug!("cannot acknowledge another unit's replay: {e}");
+                }
+                return;
+            }
+        }
         Stats::add(&self.stats.in_flight, count);
         // The work is pinned here and lent to `with_progress`: handed over by value, it would be
         // stored twice in this future (rust-lang/rust#62958), and every message's future is moved
@@ -394,8 +445,9 @@ impl Worker {
             Err(_) => (0, 1),
         };
         let lineage = Lineage::from_headers(message.headers.as_ref(), &self.stream, stream_seq);
+        let began = self.tracing(&lineage).then(Began::now);
         let input = Payload::Bytes(message.payload.clone());
-        if delivered > POISON_DELIVERIES {
+        let emitted = if delivered > POISON_DELIVERIES {
             let failure = Failure {
                 item: input,
                 error: format!("delivered {delivered} times without being acknowledged: the unit's process probably crashes on it"),
@@ -408,13 +460,32 @@ impl Worker {
                 stage: self.unit.clone(),
                 step_index: 0,
                 item_index: 0,
+                replay_step: 0,
                 failure,
             };
-            return self.emit(&lineage, Vec::new(), vec![poisoned]).await;
+            self.emit(&lineage, Vec::new(), vec![poisoned]).await?
+        } else {
+            let first = Replay::of(message.headers.as_ref()).map_or(0, |r| r.step);
+            let chained =
+                crate::steps::run_chain_from(&self.steps, first, input.clone(), &lineage).await;
+            let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
+            self.emit(&lineage, outputs, failures).await?
+        };
+        if let (Some(began), Some(tracer)) = (began, &self.tracer) {
+            tracer
+                .record(&lineage, began, emitted.done(self.is_sink(), delivered))
+                .await;
         }
-        let chained = crate::steps::run_chain(&self.steps, input.clone(), &lineage).await;
-        let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
-        self.emit(&lineage, outputs, failures).await
+        Ok(())
+    }
+
+    /// Whether this item's events are recorded.
+    fn tracing(&self, lineage: &Lineage) -> bool {
+        self.tracer.as_ref().is_some_and(|t| t.samples(lineage))
+    }
+
+    fn is_sink(&self) -> bool {
+        matches!(self.output, Output::Sink { .. })
     }
 
     /// The most attempts a message gets in this unit: its steps' (or its sink's) `retry.maxAttempts`.
@@ -452,6 +523,7 @@ impl Worker {
                 .map_or_else(|| self.unit.clone(), |s| s.path.clone()),
             step_index: self.steps.len(),
             item_index: 0,
+            replay_step: 0,
             failure: Failure {
                 item: input,
                 error: format!(
@@ -484,9 +556,30 @@ impl Worker {
         }
         array.push(b']');
         let input = Payload::Bytes(array.into());
+        let began = Began::now();
         let chained = crate::steps::run_chain(&self.steps, input.clone(), &lineage).await;
         let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
-        self.emit(&lineage, outputs, failures).await
+        let emitted = self.emit(&lineage, outputs, failures).await?;
+        if let Some(tracer) = &self.tracer {
+            // Each traced member of the batch gets the batch's event, under its own identity.
+            for m in messages {
+                let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                let member = Lineage::from_headers(m.headers.as_ref(), &self.stream, seq);
+                if tracer.samples(&member) {
+                    let done = Emitted {
+                        stored: emitted.stored,
+                        duplicates: emitted.duplicates,
+                        dead: emitted.dead.clone(),
+                        attempts: emitted.attempts,
+                    };
+                    let deliveries = m.info().map_or(1, |i| i.delivered.max(1) as u64);
+                    tracer
+                        .record(&member, began, done.done(false, deliveries))
+                        .await;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Stores every output and dead letter; Ok only when all of them are stored.
@@ -495,13 +588,15 @@ impl Worker {
         lineage: &Lineage,
         outputs: Vec<Payload>,
         mut failures: Vec<StepFailure>,
-    ) -> Result<(), ConsumeError> {
+    ) -> Result<Emitted, ConsumeError> {
+        let mut emitted = Emitted::default();
         let mut acks = Pending {
             acks: Vec::new(),
             epoch: *self.disconnects.borrow(),
         };
         match &self.output {
             Output::Publish(subject) => {
+                emitted.stored = outputs.len() as u64;
                 self.publish_outputs(lineage, outputs, subject, &mut acks)
                     .await?
             }
@@ -511,12 +606,19 @@ impl Worker {
                         .write_with_retry(sink.as_ref(), retry, lineage, output.into_bytes())
                         .await;
                     match written {
-                        Ok(Written::New) => Stats::add(&self.stats.published, 1),
-                        Ok(Written::Duplicate) => Stats::add(&self.stats.duplicates_skipped, 1),
+                        Ok(Written::New) => {
+                            emitted.stored += 1;
+                            Stats::add(&self.stats.published, 1)
+                        }
+                        Ok(Written::Duplicate) => {
+                            emitted.duplicates += 1;
+                            Stats::add(&self.stats.duplicates_skipped, 1)
+                        }
                         Err(failure) => failures.push(StepFailure {
                             stage: self.unit.clone(),
                             step_index: self.steps.len(),
                             item_index: 0,
+                            replay_step: self.steps.len(),
                             failure,
                         }),
                     }
@@ -525,13 +627,17 @@ impl Worker {
         }
         let dead = failures.len() as u64;
         for failure in failures {
+            emitted.attempts = emitted.attempts.max(failure.failure.attempts);
+            if emitted.dead.is_none() && self.tracer.is_some() {
+                emitted.dead = Some((failure.stage.clone(), failure.failure.error.clone()));
+            }
             self.dead_letter(lineage, failure, &mut acks).await?;
         }
         for ack in acks.acks {
             self.settle(ack, acks.epoch).await?;
         }
         Stats::add(&self.stats.dead_lettered, dead);
-        Ok(())
+        Ok(emitted)
     }
 
     /// Publishes the outputs with ids derived from the input's, so a redelivery publishes the same ids.
@@ -574,6 +680,7 @@ impl Worker {
             stage,
             step_index,
             item_index,
+            replay_step,
             failure,
         } = failure;
         let id = lineage.dead_letter_id(&self.unit, step_index, item_index);
@@ -583,7 +690,7 @@ impl Worker {
             &stage,
             &failure.error,
             (failure.attempts, failure.deliveries),
-            &id,
+            (&id, replay_step),
         );
         let publish = jetstream::message::PublishMessage::build()
             .headers(map)

@@ -14,6 +14,7 @@ pub mod sinks;
 pub mod sources;
 pub mod stats;
 pub mod steps;
+pub mod trace;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -217,6 +218,15 @@ struct Unit<'a> {
 }
 
 impl Unit<'_> {
+    fn tracer(&self) -> Option<trace::Tracer> {
+        trace::Tracer::new(
+            self.client.clone(),
+            self.config.trace.as_ref(),
+            &self.config.unit,
+            &self.options.replica,
+        )
+    }
+
     /// The unit's role, until it is finished or `shutdown` is set.
     async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
         match &self.config.role {
@@ -268,6 +278,7 @@ impl Unit<'_> {
                 "switchyard.{}.{}.{}",
                 config.namespace, config.pipeline, config.unit
             ),
+            tracer: self.tracer(),
         };
         stats.ready.store(true, Ordering::Relaxed);
         sources::run(source, &unit).await?;
@@ -358,6 +369,7 @@ impl Unit<'_> {
                 .max(Duration::from_millis(100)),
             max_payload: self.client.server_info().max_payload,
             disconnects: self.disconnects.clone(),
+            tracer: self.tracer(),
         };
         let result = worker.run(input, shutdown).await;
         for step in &worker.steps {

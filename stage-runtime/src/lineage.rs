@@ -19,6 +19,29 @@ pub mod names {
     pub const FAILED_UNIT: HeaderName = HeaderName::from_static(headers::FAILED_UNIT);
     pub const ATTEMPTS: HeaderName = HeaderName::from_static(headers::ATTEMPTS);
     pub const DELIVERIES: HeaderName = HeaderName::from_static(headers::DELIVERIES);
+    pub const REPLAY_STEP: HeaderName = HeaderName::from_static(headers::REPLAY_STEP);
+    pub const REPLAY_FOR: HeaderName = HeaderName::from_static(headers::REPLAY_FOR);
+    pub const REPLAYS: HeaderName = HeaderName::from_static(headers::REPLAYS);
+}
+
+/// A message put back from the dead-letter queue: which unit takes it, and at which of its steps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Replay {
+    pub unit: String,
+    pub step: usize,
+}
+
+impl Replay {
+    /// The replay a stored message is, if it is one.
+    pub fn of(headers: Option<&HeaderMap>) -> Option<Replay> {
+        let headers = headers?;
+        let unit = headers.get(names::REPLAY_FOR)?.as_str().to_string();
+        let step = headers
+            .get(names::REPLAY_STEP)
+            .and_then(|v| v.as_str().parse().ok())
+            .unwrap_or(0);
+        Some(Replay { unit, step })
+    }
 }
 
 /// What one input message says about its ancestry.
@@ -32,6 +55,8 @@ pub struct Lineage {
     pub path: String,
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
+    /// How often the item was replayed from the dead-letter queue.
+    pub replays: u32,
 }
 
 impl Lineage {
@@ -44,6 +69,7 @@ impl Lineage {
             path: source.to_string(),
             traceparent: None,
             tracestate: None,
+            replays: 0,
         }
     }
 
@@ -63,6 +89,9 @@ impl Lineage {
             path: get(names::PATH).unwrap_or_default(),
             traceparent: get(names::TRACEPARENT),
             tracestate: get(names::TRACESTATE),
+            replays: get(names::REPLAYS)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
         }
     }
 
@@ -98,6 +127,9 @@ impl Lineage {
         }
         if let Some(t) = &self.tracestate {
             map.insert(names::TRACESTATE, header_value(t));
+        }
+        if self.replays > 0 {
+            map.insert(names::REPLAYS, HeaderValue::from(self.replays.to_string()));
         }
         map
     }
@@ -145,7 +177,7 @@ pub fn dead_letter_headers(
     stage: &str,
     error: &str,
     (attempts, deliveries): (u32, Option<u64>),
-    id: &str,
+    (id, replay_step): (&str, usize),
 ) -> HeaderMap {
     let mut map = lineage.headers_after(unit);
     map.insert(names::MSG_ID, header_value(id));
@@ -157,6 +189,10 @@ pub fn dead_letter_headers(
     if let Some(deliveries) = deliveries {
         map.insert(names::DELIVERIES, HeaderValue::from(deliveries.to_string()));
     }
+    map.insert(
+        names::REPLAY_STEP,
+        HeaderValue::from(replay_step.to_string()),
+    );
     map
 }
 
@@ -199,9 +235,35 @@ mod tests {
     #[test]
     fn line_breaks_in_errors_do_not_panic() {
         let l = Lineage::at_source("s", "1".into(), "s:1".into());
-        let map = dead_letter_headers(&l, "u", "u > x", "bad\nthing\r\n", (3, Some(11)), "id");
+        let map = dead_letter_headers(&l, "u", "u > x", "bad\nthing\r\n", (3, Some(11)), ("id", 2));
         assert_eq!(map.get(headers::ERROR).unwrap().as_str(), "bad thing  ");
         assert_eq!(map.get(headers::ATTEMPTS).unwrap().as_str(), "3");
         assert_eq!(map.get(headers::DELIVERIES).unwrap().as_str(), "11");
+        assert_eq!(map.get(headers::REPLAY_STEP).unwrap().as_str(), "2");
+    }
+
+    #[test]
+    fn a_replay_names_its_unit_and_step_and_its_count_travels_downstream() {
+        let mut map = HeaderMap::new();
+        map.insert(names::REPLAY_FOR, "wash");
+        map.insert(names::REPLAY_STEP, "1");
+        map.insert(names::REPLAYS, "2");
+        map.insert(names::MSG_ID, "src:3/wash!1.0~2");
+        assert_eq!(
+            Replay::of(Some(&map)),
+            Some(Replay {
+                unit: "wash".into(),
+                step: 1
+            })
+        );
+        let lineage = Lineage::from_headers(Some(&map), "s", 1);
+        assert_eq!(lineage.replays, 2);
+        let after = lineage.headers_after("wash");
+        assert_eq!(after.get(headers::REPLAYS).unwrap().as_str(), "2");
+        assert!(
+            after.get(headers::REPLAY_FOR).is_none(),
+            "only the replayed unit takes it as a replay"
+        );
+        assert_eq!(Replay::of(None), None);
     }
 }

@@ -195,6 +195,8 @@ fn empty_spec() -> PipelineSpec {
         image: None,
         dead_letter: None,
         deletion_policy: None,
+        paused: false,
+        tracing: None,
     }
 }
 

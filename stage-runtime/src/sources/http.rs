@@ -23,6 +23,7 @@ struct Ingest {
     stats: Arc<Stats>,
     /// `Bearer <token>`, as a request must send it.
     authorization: Option<String>,
+    tracer: Option<crate::trace::Tracer>,
 }
 
 /// What a person does about a token that is not there.
@@ -66,6 +67,7 @@ impl Source for HttpSource<'_> {
             subject: unit.subject.clone(),
             stats: unit.stats.clone(),
             authorization: authorization(self.0)?,
+            tracer: unit.tracer.clone(),
         });
         let app = axum::Router::new()
             .route(path, post(ingest))
@@ -121,6 +123,7 @@ async fn ingest(
     let mut lineage = super::lineage(&state.name, key);
     lineage.traceparent = header(headers::TRACEPARENT);
     lineage.tracestate = header(headers::TRACESTATE);
+    super::record_emitted(state.tracer.as_ref(), &lineage).await;
     let stored = async {
         publish(&state.js, &state.subject, &lineage, body)
             .await?

@@ -110,6 +110,8 @@ pub struct SourceUnit {
     pub disconnects: crate::Disconnects,
     /// Prefix for names that must differ between pipelines (the NATS source's queue group).
     pub queue_group: String,
+    /// Records the items it makes, when the Pipeline traces.
+    pub tracer: Option<crate::trace::Tracer>,
 }
 
 impl SourceUnit {
@@ -158,6 +160,7 @@ impl SourceUnit {
         lineage: &Lineage,
         payload: Bytes,
     ) -> Result<PublishAckFuture, SourceError> {
+        record_emitted(self.tracer.as_ref(), lineage).await;
         publish(&self.js, &self.subject, lineage, payload).await
     }
 
@@ -224,6 +227,19 @@ impl SourceUnit {
 fn lineage(name: &str, key: String) -> Lineage {
     let id = format!("{name}:{key}");
     Lineage::at_source(name, key, id)
+}
+
+/// A trace event for an item a source makes, when it is sampled.
+async fn record_emitted(tracer: Option<&crate::trace::Tracer>, lineage: &Lineage) {
+    if let Some(tracer) = tracer.filter(|t| t.samples(lineage)) {
+        let done = crate::trace::Done {
+            outputs: 1,
+            ..Default::default()
+        };
+        tracer
+            .record(lineage, crate::trace::Began::now(), done)
+            .await;
+    }
 }
 
 /// Sends one message with its lineage's headers; shared by every source, the HTTP handler included.

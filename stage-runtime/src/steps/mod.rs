@@ -135,6 +135,9 @@ pub struct StepFailure {
     /// The step's place in the unit, and the item's among those that reached it.
     pub step_index: usize,
     pub item_index: usize,
+    /// Where a replay of the failed item starts: the failed step, whose input the item is; the first
+    /// step when the item is the unit's input (an output too large, a message that kept crashing).
+    pub replay_step: usize,
     pub failure: Failure,
 }
 
@@ -148,10 +151,21 @@ pub struct Chained {
 /// Runs `steps` in order over one input; failed items leave the chain with the step that failed.
 /// Two vectors serve the whole chain, whatever its length: a step costs no allocation of its own.
 pub async fn run_chain(steps: &[Step], input: Payload, lineage: &Lineage) -> Chained {
+    run_chain_from(steps, 0, input, lineage).await
+}
+
+/// Like `run_chain`, starting at step `first` (a replayed item that failed there); failures keep
+/// their places in the whole chain.
+pub async fn run_chain_from(
+    steps: &[Step],
+    first: usize,
+    input: Payload,
+    lineage: &Lineage,
+) -> Chained {
     let mut items = vec![input];
     let mut next = Vec::new();
     let mut failures = Vec::new();
-    for (step_index, step) in steps.iter().enumerate() {
+    for (step_index, step) in steps.iter().enumerate().skip(first) {
         next.clear();
         for (item_index, item) in items.drain(..).enumerate() {
             if let Err(failure) = step.run_into(item, lineage, &mut next).await {
@@ -160,6 +174,7 @@ pub async fn run_chain(steps: &[Step], input: Payload, lineage: &Lineage) -> Cha
                     stage: step.path.clone(),
                     step_index,
                     item_index,
+                    replay_step: step_index,
                     failure,
                 });
             }
@@ -373,6 +388,14 @@ mod tests {
         assert_eq!((f.step_index, f.item_index), (1, 1));
         assert!(f.failure.error.contains("two"), "{}", f.failure.error);
         assert_eq!(text(vec![f.failure.item.clone()]), vec!["2"]);
+        assert_eq!(f.replay_step, 1);
+        // The replay of that item starts where it failed, with what it was there.
+        let replayed =
+            run_chain_from(&steps, f.replay_step, f.failure.item.clone(), &lineage()).await;
+        assert!(replayed.outputs.is_empty());
+        assert_eq!(replayed.failures[0].step_index, 1);
+        let fixed = run_chain_from(&steps, 1, Payload::Bytes("4".into()), &lineage()).await;
+        assert_eq!(text(fixed.outputs), vec!["40"]);
     }
 
     /// A message sent while the child's stdin is already gone, before the child has been replaced,
