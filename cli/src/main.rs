@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod day2;
+
 use switchyard_crds::load::{self, load, LoadError};
 use switchyard_local as local;
 use switchyard_operator::controller;
@@ -75,6 +77,30 @@ enum Command {
     /// Run a Pipeline on this machine: a private NATS server, one process per unit replica, live
     /// progress, and a summary when a finite source is drained.
     Run(local::RunArgs),
+    /// Look into the dead-letter queue, replay dead letters into the unit that failed them, or purge
+    /// them.
+    Dlq {
+        #[command(subcommand)]
+        action: day2::DlqAction,
+    },
+    /// Show the messages on a unit's input (or output) as JSON lines with their headers, without
+    /// acknowledging or delaying anything.
+    Tap(day2::TapArgs),
+    /// Follow one item: every unit it passed, when, how long it took there, and where it ended.
+    Trace(day2::TraceArgs),
+    /// Every unit's replicas, lag, rate and dead letters, now.
+    Status(day2::Reach),
+    /// Pause a run in progress: its sources stop, its units finish what is queued, then stop.
+    Pause { file: PathBuf },
+    /// Resume a paused run: every unit back at the replicas it had, sources from their checkpoints.
+    Resume { file: PathBuf },
+    /// Print the Pipeline's topology as Mermaid, DOT or SVG (with the last local run's counts on the
+    /// edges, when it left any).
+    Graph {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "mermaid")]
+        format: day2::GraphFormat,
+    },
 }
 
 fn main() -> ExitCode {
@@ -89,6 +115,13 @@ fn main() -> ExitCode {
             nats_url,
         } => print_plan(&file, only, namespace, image, nats_url),
         Command::Run(args) => local::main(args),
+        Command::Dlq { action } => day2::block_on(day2::dlq_command(action)),
+        Command::Tap(args) => day2::block_on(day2::tap_command(args)),
+        Command::Trace(args) => day2::block_on(day2::trace_command(args)),
+        Command::Status(reach) => day2::block_on(day2::status_command(reach)),
+        Command::Pause { file } => day2::block_on(day2::control_command(file, local::PAUSE)),
+        Command::Resume { file } => day2::block_on(day2::control_command(file, local::RESUME)),
+        Command::Graph { file, format } => day2::graph_command(file, format),
         Command::Operator {
             nats_url,
             stage_image,

@@ -2,7 +2,7 @@
 //! Pipeline file, and the run's NATS state and sink ledgers cleaned up.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -13,13 +13,13 @@ use switchyard_crds::unit::{headers, UnitConfig, UnitRole};
 use switchyard_crds::{FileSink, GeneratorSource, SinkKind, SourceKind};
 use switchyard_operator::plan::{type_of, UnitType};
 use switchyard_operator::reports::Reports;
-use switchyard_platform::admin;
 
 use crate::prepare::Prepared;
 use crate::session::{totals, Ending, Session};
+use crate::state::UnitCounts;
 use crate::summary::{Summary, UnitSummary};
 use crate::supervisor::Supervisor;
-use crate::{plot, remove_if_present, RunArgs, RunError, RunNats};
+use crate::{plot, RunArgs, RunError, RunNats};
 
 /// Writes what the run asked for (summary JSON, plot), cleans up, and prints the summary.
 pub async fn finish(
@@ -60,14 +60,23 @@ pub async fn finish(
         std::fs::write(path, plot::render(&summary))
             .map_err(RunError::io(format!("write {}", path.display())))?;
     }
-    if nats.servers.is_empty() && summary.dead_lettered == 0 && nats.connected() {
-        admin::delete(&nats.js, &prepared.layout.nats).await?;
-    }
-    if completed {
-        // A sink's ledger only means something to the stream it was kept for, which ends with the run.
-        for file in &summary.sink_files {
-            remove_if_present(&switchyard_crds::unit::ledger_path(Path::new(file)))?;
-        }
+    // The stream stays (in the local state, or on the given server) for `dlq`, `trace` and `--resume`;
+    // so do the sinks' ledgers, which keep a resumed run from writing an item twice.
+    if let Some((state, _)) = &nats.state {
+        let mut kept = state.kept();
+        kept.counts = summary
+            .units
+            .iter()
+            .map(|u| {
+                let counts = UnitCounts {
+                    processed: u.processed,
+                    published: u.published,
+                    dead_lettered: u.dead_lettered,
+                };
+                (u.name.clone(), counts)
+            })
+            .collect();
+        state.save_kept(&kept)?;
     }
     print!("{}", summary.render());
     Ok(match ending {

@@ -7,9 +7,11 @@ mod finish;
 mod plot;
 mod prepare;
 mod progress;
+mod reach;
 mod run_nats;
 mod scaling;
 mod session;
+pub mod state;
 mod summary;
 mod supervisor;
 mod watchdog;
@@ -30,8 +32,10 @@ use prepare::Prepared;
 pub use progress::thousands;
 use progress::Display;
 pub use progress::ProgressMode;
+pub use reach::{control, reach, Reached};
 pub use run_nats::RunNats;
 use session::Session;
+pub use session::{PAUSE, RESUME};
 
 /// Why a run could not start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,14 @@ pub enum RunError {
     },
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("{0}")]
+    Prepare(String),
+    #[error("no run of {} is in progress here: start one with `switchyard run {}`", file.display(), file.display())]
+    NotRunning { file: PathBuf },
+    #[error("the run to resume had {kept} NATS server{}, and --nats-cluster asks for {asked}: resume with --nats-cluster {kept}, or start afresh without --resume", if *.kept == 1 { "" } else { "s" })]
+    ResumeCluster { kept: usize, asked: usize },
     #[error(transparent)]
     Reports(#[from] switchyard_operator::reports::ListenError),
     #[error("cannot {action}: {source}")]
@@ -114,6 +126,12 @@ pub struct RunArgs {
     pub nats_cluster: Option<usize>,
     #[command(flatten)]
     pub nats_auth: NatsAuthArgs,
+    /// Continue where the last run of this file stopped: its NATS store (kept in `.switchyard/` beside
+    /// the file) is taken up again, sources go on from their checkpoints, messages not yet
+    /// acknowledged (replayed dead letters among them) are delivered again, and file sinks append.
+    /// Without it, a run starts afresh.
+    #[arg(long)]
+    pub resume: bool,
     /// Append to the files of file sinks instead of starting them afresh.
     #[arg(long)]
     pub append: bool,
@@ -167,7 +185,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, RunError> {
         watchdog::StopSignals::new().map_err(RunError::io("handle Ctrl-C and SIGTERM"))?;
     let mut display = Display::new(args.progress, prepared.layout.units.len());
     let mut nats = RunNats::start(&args, &mut prepared, &mut display).await?;
-    let sink_files = start_sink_files(&prepared, args.append)?;
+    let sink_files = start_sink_files(&prepared, args.append || nats.resumed)?;
     note_endless_sources(&prepared, &mut display);
     let mut session = Session::start(&prepared, &nats, stage_bin, &args).await?;
     let watched = session

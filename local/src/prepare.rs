@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use switchyard_crds::layout::{layout, Layout};
+use switchyard_crds::layout::{layout, trace_retention, Layout, Names};
 use switchyard_crds::load::{load, LoadError};
 use switchyard_crds::topology::Topology;
 use switchyard_crds::unit::UnitRole;
@@ -13,6 +13,8 @@ use switchyard_crds::{ExecStep, FileSink, FileSource, HttpSource, SinkKind, Sour
 /// Everything a run needs to know about its Pipeline.
 pub struct Prepared {
     pub name: String,
+    /// `spec.tracing.sampleRate` as in force for the run.
+    pub sample_rate: f64,
     pub topology: Topology,
     pub layout: Layout,
     /// `spec.nats.replicas` as the file says it (the layout holds its default when it does not).
@@ -68,13 +70,39 @@ impl std::fmt::Display for PrepareError {
 
 /// Reads, checks and lays out the Pipeline in `file`.
 pub fn prepare(file: &Path) -> Result<Prepared, PrepareError> {
+    let prepared = lay_out(file)?;
+    let problems = preflight(&prepared.topology, &prepared.layout, &prepared.base_dir);
+    if !problems.is_empty() {
+        return Err(PrepareError::Preflight {
+            file: file.to_path_buf(),
+            problems,
+        });
+    }
+    Ok(prepared)
+}
+
+/// Reads, checks and lays out the Pipeline in `file`, as a run would, without looking for what its
+/// units need (a day-2 command runs none of them).
+pub fn lay_out(file: &Path) -> Result<Prepared, PrepareError> {
     let invalid = |error| PrepareError::Invalid {
         file: file.to_path_buf(),
         error,
     };
     let pipeline = load(file).map_err(invalid)?;
     let topology = analyze(&pipeline).map_err(|p| invalid(LoadError::Invalid(p)))?;
-    let layout = layout(&topology, &pipeline.spec).map_err(|p| invalid(LoadError::Invalid(p)))?;
+    let mut layout =
+        layout(&topology, &pipeline.spec).map_err(|p| invalid(LoadError::Invalid(p)))?;
+    if pipeline
+        .spec
+        .tracing
+        .as_ref()
+        .and_then(|t| t.sample_rate)
+        .is_none()
+    {
+        // On one's own machine every item is worth a trace: `switchyard trace` finds any of them.
+        let names = Names::new(&topology.namespace, &topology.pipeline);
+        layout.set_sample_rate(1.0, &names, trace_retention(&pipeline.spec));
+    }
     let folder = file
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -85,14 +113,13 @@ pub fn prepare(file: &Path) -> Result<Prepared, PrepareError> {
             folder: folder.to_path_buf(),
             source,
         })?;
-    let problems = preflight(&topology, &layout, &base_dir);
-    if !problems.is_empty() {
-        return Err(PrepareError::Preflight {
-            file: file.to_path_buf(),
-            problems,
-        });
-    }
+    let sample_rate = layout
+        .units
+        .first()
+        .and_then(|u| u.trace.as_ref())
+        .map_or(0.0, |t| t.sample_rate);
     Ok(Prepared {
+        sample_rate,
         name: topology.pipeline.clone(),
         topology,
         layout,

@@ -10,6 +10,7 @@ use switchyard_platform::nats::{connect_options, server_addrs};
 
 use crate::prepare::Prepared;
 use crate::progress::Display;
+use crate::state::{Kept, LocalState, RunRecord, StateLock};
 use crate::{RunArgs, RunError};
 
 /// How long a private cluster may take to elect its JetStream leaders before the run gives up.
@@ -24,6 +25,20 @@ pub struct RunNats {
     /// What the stage processes are given to prove themselves: the run's own flags for a given
     /// server, nothing for a private one (it is open, on loopback).
     pub auth: NatsAuthArgs,
+    /// The run's local state, held while it runs; absent on a given server.
+    pub state: Option<(LocalState, StateLock)>,
+    /// What was there is taken up again rather than deleted.
+    pub resumed: bool,
+}
+
+impl Drop for RunNats {
+    fn drop(&mut self) {
+        if let Some((state, _)) = &self.state {
+            if let Err(e) = state.clear_run() {
+                tracing::warn!("{e}");
+            }
+        }
+    }
 }
 
 impl RunNats {
@@ -35,12 +50,35 @@ impl RunNats {
         prepared: &mut Prepared,
         display: &mut Display,
     ) -> Result<RunNats, RunError> {
+        let mut state = None;
+        let resumed;
         let (servers, url, auth) = match &args.nats_url {
-            Some(url) => (Vec::new(), url.clone(), args.nats_auth.clone()),
+            Some(url) => {
+                resumed = args.resume;
+                (Vec::new(), url.clone(), args.nats_auth.clone())
+            }
             None => {
-                let size = args
-                    .nats_cluster
-                    .unwrap_or(prepared.nats_replicas.unwrap_or(1) as usize);
+                let local = LocalState::of(&args.file, &prepared.name);
+                let lock = local.lock()?;
+                let kept = local.kept();
+                resumed = args.resume && local.exists();
+                if args.resume && !resumed {
+                    display.note(&format!(
+                        "nothing to resume in {}: starting afresh",
+                        local.dir.display()
+                    ));
+                }
+                let size = args.nats_cluster.unwrap_or(if resumed {
+                    kept.servers.max(1)
+                } else {
+                    prepared.nats_replicas.unwrap_or(1) as usize
+                });
+                if resumed && kept.servers.max(1) != size {
+                    return Err(RunError::ResumeCluster {
+                        kept: kept.servers.max(1),
+                        asked: size,
+                    });
+                }
                 let replicas = prepared.nats_replicas.unwrap_or(size as u32);
                 if replicas as usize > size {
                     return Err(RunError::ClusterTooSmall {
@@ -52,13 +90,27 @@ impl RunNats {
                 if !args.nats_auth.child_env().is_empty() {
                     display.note("NATS credentials are not used: the run's private server needs none (they are for --nats-url)");
                 }
+                if !resumed {
+                    local.reset()?;
+                }
+                let store = local.store();
                 let servers = if size == 1 {
-                    vec![NatsServer::start()?]
+                    vec![NatsServer::start_in(&store)?]
                 } else {
-                    NatsCluster::start(size)?.nodes
+                    NatsCluster::start_in(size, &store)?.nodes
                 };
+                local.save_kept(&Kept {
+                    servers: size,
+                    counts: kept.counts,
+                })?;
                 let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
-                (servers, urls.join(","), NatsAuthArgs::default())
+                let url = urls.join(",");
+                local.record_run(&RunRecord {
+                    pid: std::process::id(),
+                    url: url.clone(),
+                })?;
+                state = Some((local, lock));
+                (servers, url, NatsAuthArgs::default())
             }
         };
         let credentials = auth.load()?;
@@ -76,6 +128,8 @@ impl RunNats {
             client,
             js,
             auth,
+            state,
+            resumed,
         };
         nats.declare(prepared).await?;
         display.note(&nats.describe(prepared));
@@ -88,9 +142,9 @@ impl RunNats {
         let started = Instant::now();
         loop {
             let attempt = async {
-                if self.servers.is_empty() {
+                if self.servers.is_empty() && !self.resumed {
                     // A run is a job: it starts from nothing, even on a server that saw this Pipeline
-                    // before.
+                    // before, unless it resumes.
                     admin::delete(&self.js, layout).await?;
                 }
                 admin::apply(&self.js, layout).await
@@ -108,10 +162,19 @@ impl RunNats {
     }
 
     fn describe(&self, prepared: &Prepared) -> String {
+        let kept = match &self.state {
+            Some((state, _)) => format!(
+                "{}, kept in {}",
+                if self.resumed { "resumed" } else { "fresh" },
+                state.dir.display()
+            ),
+            None => String::new(),
+        };
         let which = match self.servers.len() {
+            0 if self.resumed => " (resumed)".to_string(),
             0 => String::new(),
-            1 => " (private, temporary)".to_string(),
-            n => format!(" (a private cluster of {n} servers, temporary)"),
+            1 => format!(" (private, {kept})"),
+            n => format!(" (a private cluster of {n} servers, {kept})"),
         };
         let replicas = prepared.layout.nats.stream.replicas;
         format!(

@@ -69,7 +69,22 @@ pub struct Session {
     consumers: Vec<(String, String)>,
     /// What a generator with a count will have produced when it finishes.
     totals_of_source: HashMap<String, u64>,
+    /// `switchyard pause` and `resume`, from other terminals.
+    control: async_nats::Subscriber,
+    pause: Option<Pause>,
 }
+
+/// A run paused by `switchyard pause`: its sources stopped, its units draining or stopped.
+struct Pause {
+    /// Each unit's replicas when the pause came, to come back at.
+    previous: Vec<(String, usize)>,
+    /// Every unit is stopped (false: they are draining what the sources had stored).
+    stopped: bool,
+}
+
+/// What `switchyard pause` and `resume` send a run.
+pub const PAUSE: &str = "pause";
+pub const RESUME: &str = "resume";
 
 impl Session {
     /// Listens for reports and starts every unit's processes, readers first, so that every consumer is
@@ -136,6 +151,11 @@ impl Session {
             .get_stream(&prepared.layout.nats.stream.name)
             .await
             .map_err(RunError::nats("open the run's stream"))?;
+        let control = nats
+            .client
+            .subscribe(names.control_subject())
+            .await
+            .map_err(RunError::nats("listen for pause and resume"))?;
         Ok(Session {
             supervisor,
             reports,
@@ -149,6 +169,8 @@ impl Session {
             lags: HashMap::new(),
             consumers: consumers_in_flow_order(prepared),
             totals_of_source: totals_of_sources(prepared),
+            control,
+            pause: None,
         })
     }
 
@@ -175,6 +197,13 @@ impl Session {
                     display.output(&format!("[{}] {}", line.unit, line.line));
                     continue;
                 }
+                Some(request) = futures::StreamExt::next(&mut self.control) => {
+                    let answer = self.control_request(&request.payload, display);
+                    if let Some(reply) = request.reply {
+                        let _ = nats.client.publish(reply, answer.into()).await;
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {}
             }
             self.nats_watch
@@ -198,7 +227,9 @@ impl Session {
                 && tokio::time::timeout(LAGS_WITHIN, self.read_lags())
                     .await
                     .unwrap_or(false);
-            if last_scale.elapsed() >= switchyard_crds::unit::REPORT_EVERY {
+            if self.pause.is_some() {
+                self.settle_pause(all_empty, display);
+            } else if last_scale.elapsed() >= switchyard_crds::unit::REPORT_EVERY {
                 last_scale = Instant::now();
                 self.autoscale(prepared, display);
             }
@@ -226,6 +257,97 @@ impl Session {
             }
         }
         all_empty
+    }
+
+    /// Pauses or resumes the run; the answer is for the person who asked.
+    fn control_request(&mut self, request: &[u8], display: &mut Display) -> String {
+        match (request, &self.pause) {
+            (b"pause", Some(_)) => "already paused".to_string(),
+            (b"pause", None) => {
+                let previous: Vec<(String, usize)> = self
+                    .supervisor
+                    .units
+                    .iter()
+                    .map(|u| (u.unit.clone(), u.wanted))
+                    .collect();
+                let sources: Vec<String> = self
+                    .supervisor
+                    .units
+                    .iter()
+                    .filter(|u| u.is_source && !u.finished)
+                    .map(|u| u.unit.clone())
+                    .collect();
+                for source in &sources {
+                    self.supervisor.scale(source, 0);
+                }
+                self.pause = Some(Pause {
+                    previous,
+                    stopped: false,
+                });
+                let note = format!(
+                    "pausing: sources stopped ({}); the units finish what is queued, then stop",
+                    if sources.is_empty() {
+                        "all had finished".to_string()
+                    } else {
+                        sources.join(", ")
+                    }
+                );
+                display.note(&note);
+                note
+            }
+            (b"resume", None) => "not paused".to_string(),
+            (b"resume", Some(_)) => {
+                let Some(pause) = self.pause.take() else {
+                    return "not paused".to_string();
+                };
+                for (unit, wanted) in &pause.previous {
+                    let finished = self
+                        .supervisor
+                        .units
+                        .iter()
+                        .any(|u| &u.unit == unit && u.finished);
+                    if !finished {
+                        self.supervisor.scale(unit, *wanted);
+                    }
+                }
+                let note = "resumed: every unit back at the replicas it had, sources from their checkpoints".to_string();
+                display.note(&note);
+                note
+            }
+            (other, _) => format!(
+                "unknown request `{}`: send `{PAUSE}` or `{RESUME}`",
+                String::from_utf8_lossy(other)
+            ),
+        }
+    }
+
+    /// A pausing run stops its units once what the sources stored is drained.
+    fn settle_pause(&mut self, all_empty: bool, display: &mut Display) {
+        let Some(pause) = &mut self.pause else {
+            return;
+        };
+        let sources_gone = self
+            .supervisor
+            .units
+            .iter()
+            .filter(|u| u.is_source)
+            .all(|u| u.running() == 0);
+        if pause.stopped || !all_empty || !sources_gone {
+            return;
+        }
+        pause.stopped = true;
+        let units: Vec<String> = self
+            .supervisor
+            .units
+            .iter()
+            .filter(|u| !u.is_source)
+            .map(|u| u.unit.clone())
+            .collect();
+        for unit in &units {
+            self.supervisor.scale(unit, 0);
+        }
+        display
+            .note("paused: every unit drained and stopped; `switchyard resume` brings them back");
     }
 
     fn autoscale(&mut self, prepared: &Prepared, display: &mut Display) {

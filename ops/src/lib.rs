@@ -1,0 +1,56 @@
+//! Day-2 operations on a Pipeline: what its NATS holds, read and changed without disturbing the units.
+//!
+//! Every operation takes a JetStream context and the Pipeline's layout; where the NATS is (a local
+//! run's state, `--nats-url`, a port-forward into a cluster) is the caller's business. Reading never
+//! acknowledges: it goes through ordered consumers of its own that the server forgets afterwards.
+
+pub mod dlq;
+pub mod graph;
+mod read;
+pub mod status;
+pub mod tap;
+pub mod trace;
+
+use switchyard_crds::layout::{Layout, Names};
+use switchyard_crds::topology::Topology;
+
+/// A Pipeline as the day-2 commands see it.
+pub struct Target {
+    pub names: Names,
+    pub topology: Topology,
+    pub layout: Layout,
+    pub js: async_nats::jetstream::Context,
+}
+
+/// Why an operation could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error("cannot {action}: {source}")]
+    Nats {
+        action: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl OpsError {
+    pub(crate) fn nats<E: std::error::Error + Send + Sync + 'static>(
+        action: impl Into<String>,
+    ) -> impl FnOnce(E) -> OpsError {
+        let action = action.into();
+        move |e| OpsError::Nats {
+            action,
+            source: Box::new(e),
+        }
+    }
+}
+
+/// A time as people read it, in UTC to the millisecond.
+pub fn when(unix_ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(unix_ms)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_else(|| unix_ms.to_string())
+}

@@ -1,0 +1,103 @@
+//! Reading a stream without taking part in it: an ordered consumer of one's own, with no
+//! acknowledgements, that the server drops when it goes away.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+
+use crate::OpsError;
+
+/// What is on `subjects` of `stream` now, in stream order, from `start`; at most `limit` messages.
+pub async fn stored(
+    js: &jetstream::Context,
+    stream: &str,
+    subjects: &[String],
+    start: consumer::DeliverPolicy,
+    limit: usize,
+) -> Result<Vec<jetstream::Message>, OpsError> {
+    let (mut messages, pending) = open(js, stream, subjects, start).await?;
+    let mut out = Vec::new();
+    if pending == 0 {
+        return Ok(out);
+    }
+    while out.len() < limit {
+        let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
+        let message = match next {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(OpsError::nats(format!("read {stream}"))(e)),
+            // What was there was taken (a replay, a purge) while it was being read: the end.
+            Ok(None) | Err(_) => break,
+        };
+        let left = message.info().map(|i| i.pending).unwrap_or(0);
+        out.push(message);
+        if left == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+pub type Ordered = jetstream::consumer::pull::Ordered;
+
+/// An ordered consumer on `subjects`, and how many messages it has to deliver right now.
+pub async fn open(
+    js: &jetstream::Context,
+    stream: &str,
+    subjects: &[String],
+    start: consumer::DeliverPolicy,
+) -> Result<(Ordered, u64), OpsError> {
+    let handle = js
+        .get_stream(stream)
+        .await
+        .map_err(OpsError::nats(format!("open stream {stream}")))?;
+    let (filter_subject, filter_subjects) = match subjects {
+        [one] => (one.clone(), Vec::new()),
+        many => (String::new(), many.to_vec()),
+    };
+    let mut consumer = handle
+        .create_consumer(consumer::pull::OrderedConfig {
+            description: Some("switchyard day-2 reader".to_string()),
+            filter_subject,
+            filter_subjects,
+            deliver_policy: start,
+            ..Default::default()
+        })
+        .await
+        .map_err(OpsError::nats(format!("read stream {stream}")))?;
+    let pending = consumer
+        .info()
+        .await
+        .map_err(OpsError::nats(format!("read stream {stream}")))?
+        .num_pending;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(OpsError::nats(format!("read stream {stream}")))?;
+    Ok((messages, pending))
+}
+
+/// A header of a stored message, or "".
+pub fn header(message: &jetstream::Message, name: &str) -> String {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default()
+}
+
+/// When the stream stored it, in milliseconds since the Unix epoch.
+pub fn stored_at_ms(message: &jetstream::Message) -> i64 {
+    message
+        .info()
+        .map(|i| (i.published.unix_timestamp_nanos() / 1_000_000) as i64)
+        .unwrap_or(0)
+}
+
+/// A payload as JSON: itself when it is JSON, a string otherwise.
+pub fn data(payload: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(payload).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(payload).into_owned())
+    })
+}

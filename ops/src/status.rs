@@ -1,0 +1,86 @@
+//! What every unit is doing now, read off NATS: its consumer's lag, its replicas and rate from their
+//! reports, and its dead letters.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::Serialize;
+use switchyard_crds::topology::UnitKind;
+use switchyard_crds::unit::StatsReport;
+
+use crate::{dlq, OpsError, Target};
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitStatus {
+    pub unit: String,
+    pub kind: String,
+    /// Replicas that reported within the listening time.
+    pub replicas: usize,
+    /// Pending plus unacknowledged messages of its consumer (none for a source).
+    pub lag: Option<u64>,
+    /// Inputs per second, summed over its replicas.
+    pub rate: f64,
+    pub dead_letters: u64,
+}
+
+/// Reads every unit's status, listening `listen` for the replicas' reports (they come every second).
+pub async fn read(target: &Target, listen: Duration) -> Result<Vec<UnitStatus>, OpsError> {
+    let client = target.js.client();
+    let mut reports = client
+        .subscribe(target.names.all_stats_subjects())
+        .await
+        .map_err(OpsError::nats("listen to the units' reports"))?;
+    let mut latest: BTreeMap<(String, String), StatsReport> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + listen;
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, reports.next()).await {
+        if let Ok(report) = serde_json::from_slice::<StatsReport>(&message.payload) {
+            if report.last {
+                latest.remove(&(report.unit.clone(), report.replica.clone()));
+            } else {
+                latest.insert((report.unit.clone(), report.replica.clone()), report);
+            }
+        }
+    }
+    let stream = target
+        .js
+        .get_stream(&target.layout.nats.stream.name)
+        .await
+        .map_err(OpsError::nats("open the Pipeline's stream"))?;
+    let letters = dlq::read(target, &dlq::Selection::default()).await?;
+    let mut out = Vec::new();
+    for unit in &target.topology.units {
+        let config = target.layout.units.iter().find(|c| c.unit == unit.name);
+        let lag = match config.and_then(|c| c.input.as_ref()) {
+            Some(input) => match stream.consumer_info(&input.durable).await {
+                Ok(info) => Some(info.num_pending + info.num_ack_pending as u64),
+                Err(e) => {
+                    tracing::debug!("cannot read consumer {}: {e}", input.durable);
+                    None
+                }
+            },
+            None => None,
+        };
+        let mine: Vec<&StatsReport> = latest
+            .iter()
+            .filter(|((u, _), _)| *u == unit.name)
+            .map(|(_, r)| r)
+            .collect();
+        out.push(UnitStatus {
+            unit: unit.name.clone(),
+            kind: match unit.kind {
+                UnitKind::Source(_) => "source",
+                UnitKind::Sink(_) => "sink",
+                UnitKind::Process if unit.switcher.is_some() => "switcher",
+                UnitKind::Process => "group",
+            }
+            .to_string(),
+            replicas: mine.len(),
+            lag,
+            rate: mine.iter().fold(0.0, |sum, r| sum + r.rate),
+            dead_letters: letters.iter().filter(|d| d.unit == unit.name).count() as u64,
+        });
+    }
+    Ok(out)
+}
