@@ -49,6 +49,13 @@ ensure_ruby() {
   fi
 }
 
+ensure_graphviz() {
+  if ! command -v dot >/dev/null; then
+    say "installing Graphviz (the graph test renders \`switchyard graph --format dot\`)"
+    apt_install graphviz
+  fi
+}
+
 ensure_python() {
   command -v python3 >/dev/null || { say "installing Python 3"; apt_install python3 python3-pip; }
 }

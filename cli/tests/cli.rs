@@ -203,8 +203,10 @@ fn run_keeps_good_messages_and_saves_dead_letters_with_their_errors() {
         assert_eq!(d["attempts"], 2);
         assert_eq!(d["origin"], "numbers");
     }
-    // The ledger of the finished run is gone; only the result stays.
-    assert!(!dir.path().join(".accepted.jsonl.sy-ledger").exists());
+    // The ledger stays with the stream the run keeps beside the file: a resumed run writes nothing
+    // twice.
+    assert!(dir.path().join(".accepted.jsonl.sy-ledger").exists());
+    assert!(dir.path().join(".switchyard/exec-ruby/nats").is_dir());
 }
 
 /// Each process of a run reports under a name of its own: sharing the host's name (a container sets
@@ -616,7 +618,7 @@ fn replicas_in_the_file_get_a_local_cluster_of_that_size() {
     let status = run.wait(Duration::from_secs(120));
     assert!(status.success(), "{}", run.notes());
     assert!(
-        run.notes().contains("(a private cluster of 3 servers, temporary); stream switchyard_default_outage with 3 replicas"),
+        run.notes().contains("(a private cluster of 3 servers, fresh, kept in ./.switchyard/outage); stream switchyard_default_outage with 3 replicas"),
         "{}",
         run.notes()
     );

@@ -32,6 +32,25 @@ impl BackgroundRun {
         BackgroundRun { child, dir }
     }
 
+    /// Runs `p.yaml` again in the same folder, with `extra` arguments (`--resume`), once the run
+    /// before has ended. Its notes and output start afresh.
+    pub fn again(&mut self, extra: &[&str]) {
+        assert!(
+            matches!(self.child.try_wait(), Ok(Some(_))),
+            "the run before is still going"
+        );
+        let stderr = std::fs::File::create(self.path("stderr.log")).expect("a log file");
+        let stdout = std::fs::File::create(self.path("stdout.log")).expect("a log file");
+        self.child = Command::new(binary("switchyard"))
+            .args(["run", "p.yaml", "--progress", "lines"])
+            .args(extra)
+            .current_dir(self.dir.path())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("start switchyard run");
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

@@ -4,5 +4,6 @@
 pub mod autoscale;
 pub mod controller;
 pub mod metrics;
+pub mod pause;
 pub mod plan;
 pub mod reports;

@@ -78,6 +78,10 @@ const SCENARIOS: &[Scenario] = &[
         "nats_credentials_stay_secret_and_replicas_are_checked",
         scenarios::nats_credentials_stay_secret_and_replicas_are_checked,
     ),
+    (
+        "a_paused_pipeline_drains_stops_and_comes_back",
+        scenarios::a_paused_pipeline_drains_stops_and_comes_back,
+    ),
     ("many_pipelines", scenarios::many_pipelines),
 ];
 

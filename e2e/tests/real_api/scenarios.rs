@@ -798,3 +798,149 @@ pub fn nats_credentials_stay_secret_and_replicas_are_checked(suite: &Suite) {
         shown.len() / 1024
     );
 }
+
+/// Takes (and acknowledges) everything on a unit's consumer, as its pods would.
+fn drain(suite: &Suite, stream: &str, durable: &str) -> usize {
+    use futures::StreamExt;
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let js = suite.jetstream().await;
+        let stream = js.get_stream(stream).await.expect("the stream");
+        let consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(durable).await.expect("the consumer");
+        let mut taken = 0;
+        loop {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(500)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+                .expect("fetch");
+            let mut got = 0;
+            while let Some(Ok(message)) = batch.next().await {
+                message.ack().await.expect("ack");
+                got += 1;
+            }
+            taken += got;
+            if got == 0 {
+                break;
+            }
+        }
+        js.client()
+            .flush()
+            .await
+            .expect("flush the acknowledgements");
+        taken
+    })
+}
+
+fn phase(suite: &Suite, ns: &str, name: &str) -> String {
+    suite.pipeline(ns, name)["status"]["phase"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `spec.paused`: the source stops first, the other units keep going until their consumers are empty
+/// (the test takes the backlog, as the pods would), then every unit is at zero; unpaused, each comes back
+/// at the replicas it had, the switcher at the four the autoscaler gave it.
+pub fn a_paused_pipeline_drains_stops_and_comes_back(suite: &Suite) {
+    let ns = "pausing";
+    let install = suite.install(ns);
+    let _operator = suite.start_operator(&install, &[]);
+    suite.apply_ok(&switcher_yaml(ns, "p", ""));
+    wait_for(MINUTE, "Ready", || {
+        suite.mark_pods_ready(ns);
+        ready(suite, ns, "p").as_deref() == Some("True/AllUnitsReady")
+    });
+    backlog(suite, "switchyard.pausing.p.data.src", 1000);
+    wait_for(MINUTE, "the switcher scaled up", || {
+        replicas(suite, ns, "p-work") == 4
+    });
+    suite.kubectl_ok(&[
+        "patch",
+        "pipeline",
+        "p",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec": {"paused": true}}"#,
+    ]);
+    wait_for(MINUTE, "the source stopped, the rest draining", || {
+        let p = suite.pipeline(ns, "p");
+        replicas(suite, ns, "p-src") == 0
+            && p["status"]["phase"] == "Pausing"
+            && condition_of(&p, "Paused").is_some_and(|(s, r, m)| {
+                s == "False" && r == "Draining" && m.contains("work to drain (1000 messages)")
+            })
+    });
+    assert_eq!(
+        replicas(suite, ns, "p-work"),
+        4,
+        "the switcher drains at full strength"
+    );
+    assert_eq!(replicas(suite, ns, "p-out"), 1);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        phase(suite, ns, "p"),
+        "Pausing",
+        "a backlog holds the pause back"
+    );
+    assert_eq!(drain(suite, "switchyard_pausing_p", "work"), 1000);
+    let took = wait_for(MINUTE, "Paused", || phase(suite, ns, "p") == "Paused");
+    println!(
+        "  drained, every unit at zero {:.1}s later",
+        took.as_secs_f64()
+    );
+    for deployment in ["p-src", "p-work", "p-out"] {
+        assert_eq!(replicas(suite, ns, deployment), 0, "{deployment}");
+    }
+    let p = suite.pipeline(ns, "p");
+    let (paused, reason, _) = condition_of(&p, "Paused").unwrap_or_default();
+    assert_eq!((paused.as_str(), reason.as_str()), ("True", "Paused"));
+    assert_eq!(
+        ready(suite, ns, "p").as_deref(),
+        Some("False/Paused"),
+        "kubectl wait --for=condition=Ready does not pass a paused Pipeline"
+    );
+    let work = suite.json(&["get", "deployment", "p-work", "-n", ns]);
+    assert_eq!(
+        work["metadata"]["annotations"]["switchyard.dev/replicas-before-pause"],
+        "4"
+    );
+    wait_for(MINUTE, "no pods left", || {
+        suite.json(&["get", "pods", "-n", ns])["items"]
+            .as_array()
+            .is_some_and(|pods| pods.is_empty())
+    });
+
+    suite.kubectl_ok(&[
+        "patch",
+        "pipeline",
+        "p",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec": {"paused": false}}"#,
+    ]);
+    wait_for(MINUTE, "every unit back at its replicas", || {
+        replicas(suite, ns, "p-src") == 1
+            && replicas(suite, ns, "p-work") == 4
+            && replicas(suite, ns, "p-out") == 1
+    });
+    wait_for(MINUTE, "Ready again", || {
+        suite.mark_pods_ready(ns);
+        ready(suite, ns, "p").as_deref() == Some("True/AllUnitsReady")
+    });
+    let p = suite.pipeline(ns, "p");
+    assert_eq!(p["status"]["phase"], "Running");
+    let (paused, reason, _) = condition_of(&p, "Paused").unwrap_or_default();
+    assert_eq!((paused.as_str(), reason.as_str()), ("False", "NotPaused"));
+    let work = suite.json(&["get", "deployment", "p-work", "-n", ns]);
+    assert!(work["metadata"]["annotations"]
+        .get("switchyard.dev/paused")
+        .is_none());
+}

@@ -23,10 +23,16 @@ use switchyard_platform::admin::AdminError;
 use super::nats::{self, NatsError};
 use super::resolve::namespace_terminating;
 use super::{autoscaler, Context, FIELD_MANAGER};
+use crate::pause::PauseState;
 use crate::plan::{self, Plan, UnitPlan, LABEL_PIPELINE};
 
 /// Annotation on every applied object: the hash of what the operator last applied.
 pub const ANNOTATION_APPLIED: &str = "switchyard.dev/applied-hash";
+/// On a unit's Deployment while `spec.paused` holds it (at zero, or a source at zero while the others
+/// drain).
+pub const ANNOTATION_PAUSED: &str = "switchyard.dev/paused";
+/// On a switcher's Deployment while paused: the replicas it had, which it gets back on resume.
+pub const ANNOTATION_BEFORE_PAUSE: &str = "switchyard.dev/replicas-before-pause";
 /// Everything is applied again this often (spread over ten more minutes per Pipeline).
 pub const RESYNC: Duration = Duration::from_secs(3600);
 
@@ -227,6 +233,7 @@ pub async fn kubernetes_objects(
     ctx: &Context,
     pipeline: &Pipeline,
     plan: &Plan,
+    pause: &PauseState,
 ) -> Result<Applied, ApplyError> {
     let uid = pipeline.metadata.uid.clone().unwrap_or_default();
     let target = Target {
@@ -247,7 +254,8 @@ pub async fn kubernetes_objects(
         target
             .apply(&name, unit.config_map.clone(), config_map, &mut applied)
             .await?;
-        let deployment = target.deployment(unit, &name, &mut applied).await?;
+        let held = crate::pause::held_replicas(pause, unit.kind == plan::UnitType::Source);
+        let deployment = target.deployment(unit, &name, held, &mut applied).await?;
         applied.deployments.insert(unit.name.clone(), deployment);
     }
     let wanted: Vec<String> = plan
@@ -261,10 +269,12 @@ pub async fn kubernetes_objects(
 }
 
 impl Target<'_> {
+    /// `held`: the replicas a pause holds the unit at.
     async fn deployment(
         &self,
         unit: &UnitPlan,
         name: &str,
+        held: Option<i32>,
         applied: &mut Applied,
     ) -> Result<Arc<Deployment>, ApplyError> {
         // Not cached: one read serves the ownership check and, if nothing is sent, the status.
@@ -273,17 +283,41 @@ impl Target<'_> {
             None => self.get::<Deployment>(name).await?.map(Arc::new),
         };
         let mut desired = unit.deployment.clone();
-        if unit.is_switcher() {
-            // The autoscaler owns a switcher's replicas: apply what it decided, or keep what runs.
-            let running = cached
-                .as_ref()
-                .and_then(|d| d.spec.as_ref())
-                .and_then(|s| s.replicas);
+        let running = cached
+            .as_ref()
+            .and_then(|d| d.spec.as_ref())
+            .and_then(|s| s.replicas);
+        let before_pause = cached
+            .as_ref()
+            .and_then(|d| d.metadata.annotations.as_ref())
+            .and_then(|a| a.get(ANNOTATION_BEFORE_PAUSE))
+            .and_then(|v| v.parse::<i32>().ok());
+        if let Some(held) = held {
+            // Marked, so that the hold changes what is applied (replicas alone do not); a switcher
+            // also notes what it ran, to come back at.
+            let annotations = desired
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default);
+            annotations.insert(ANNOTATION_PAUSED.to_string(), "true".to_string());
+            if unit.is_switcher() {
+                let had = before_pause
+                    .or(running.filter(|r| *r > 0))
+                    .unwrap_or(unit.replicas.min as i32);
+                annotations.insert(ANNOTATION_BEFORE_PAUSE.to_string(), had.to_string());
+            }
+            if let Some(spec) = desired.spec.as_mut() {
+                spec.replicas = Some(held);
+            }
+        } else if unit.is_switcher() {
+            // The autoscaler owns a switcher's replicas: apply what it decided, or what it had before a
+            // pause, or keep what runs.
             let decided = self
                 .ctx
                 .scale_record(&autoscaler::key(self.namespace, self.pipeline, &unit.name))
                 .map(|r| r.desired as i32);
             let replicas = decided
+                .or(before_pause)
                 .or(running)
                 .unwrap_or(unit.replicas.min as i32)
                 .clamp(unit.replicas.min as i32, unit.replicas.max as i32);

@@ -113,6 +113,10 @@ impl Autoscaler {
 
     /// One interval for one Pipeline.
     pub async fn step(&self, pipeline: &Pipeline) {
+        if pipeline.spec.paused {
+            // The reconcile holds a paused Pipeline's units; it gives switchers back what they had.
+            return;
+        }
         match tokio::time::timeout(STEP_TIMEOUT, self.scale(pipeline)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {

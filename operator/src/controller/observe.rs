@@ -8,6 +8,7 @@ use super::autoscaler;
 use super::nats::{self, NatsObservation};
 use super::status::UnitObservation;
 use super::Context;
+use crate::pause::{PauseState, UnitNow};
 use crate::plan::{self, Plan};
 
 /// The rollout facts of one Deployment (as `kubectl rollout status` reads them).
@@ -100,6 +101,36 @@ pub fn units(
             }
         })
         .collect()
+}
+
+/// Where the Pipeline stands with `spec.paused`, from its Deployments (cached) and the lags just read.
+pub fn pause(
+    ctx: &Context,
+    pipeline: &switchyard_crds::Pipeline,
+    plan: &Plan,
+    seen: &NatsObservation,
+) -> PauseState {
+    let was_paused = pipeline.status.as_ref().and_then(|s| s.phase.as_deref())
+        == Some(super::status::PHASE_PAUSED);
+    let units: Vec<UnitNow> = plan
+        .units
+        .iter()
+        .map(|u| {
+            let name = plan::object_name(&plan.pipeline, &u.name);
+            let pods = ctx
+                .caches
+                .deployment(&plan.namespace, &name)
+                .and_then(|d| d.status.as_ref().and_then(|s| s.replicas))
+                .unwrap_or(0);
+            UnitNow {
+                name: u.name.clone(),
+                is_source: u.kind == plan::UnitType::Source,
+                pods,
+                lag: seen.lag.get(&u.name).copied(),
+            }
+        })
+        .collect();
+    crate::pause::decide(pipeline.spec.paused, was_paused, &units)
 }
 
 /// Lag and dead letters; a failure leaves them unknown (logged), since the units themselves are fine.

@@ -20,7 +20,11 @@ use super::status::{self, Observation, Outcome, UnitObservation};
 use super::{
     cleanup, observe, resolve, Context, FIELD_MANAGER, FINALIZER, REFRESH, REFRESH_SWITCHERS,
 };
+use crate::pause::PauseState;
 use crate::plan::{self, Plan};
+
+/// How soon a pausing Pipeline is looked at again, to stop its units once they are drained.
+const PAUSE_CHECK: Duration = Duration::from_secs(3);
 
 pub fn key(meta: &ObjectMeta) -> String {
     format!(
@@ -89,24 +93,27 @@ async fn reconcile_pipeline(pipeline: &Pipeline, ctx: &Context) -> Result<Action
     let plan = plan::plan(pipeline, &ctx.settings).map_err(ValidateError::Invalid)?;
     let js = resolve::nats(ctx, &plan.namespace, &pipeline.spec).await?;
     apply::nats_objects(&js, &plan).await?;
-    let applied = apply::kubernetes_objects(ctx, pipeline, &plan).await?;
-    announce(ctx, &pipeline.metadata, &applied).await;
     let figures = observe::nats_figures(&js, &plan, &key(&pipeline.metadata)).await;
+    let pause = observe::pause(ctx, pipeline, &plan, &figures);
+    let applied = apply::kubernetes_objects(ctx, pipeline, &plan, &pause).await?;
+    announce(ctx, &pipeline.metadata, &applied).await;
     if let Err(e) = ctx.listen_to_reports(&pipeline.spec, &js).await {
         tracing::warn!(pipeline = %key(&pipeline.metadata), "cannot read unit rates: {e}");
     }
     let units = observe::units(ctx, &plan, &applied.deployments, &figures);
     ctx.metrics
         .record_units(&plan.namespace, &plan.pipeline, &units);
-    update_status(ctx, pipeline, &plan, units).await?;
-    // Switchers change often: refresh their status (lag, why they hold) sooner.
-    Ok(Action::requeue(
-        if plan.units.iter().any(|u| u.is_switcher()) {
-            REFRESH_SWITCHERS
-        } else {
-            REFRESH
-        },
-    ))
+    let draining = matches!(pause, PauseState::Draining { .. });
+    update_status(ctx, pipeline, &plan, units, pause).await?;
+    // Switchers change often: refresh their status (lag, why they hold) sooner; a pause in progress
+    // is looked at again soon, to stop the units once they are drained.
+    Ok(Action::requeue(if draining {
+        PAUSE_CHECK
+    } else if plan.units.iter().any(|u| u.is_switcher()) {
+        REFRESH_SWITCHERS
+    } else {
+        REFRESH
+    }))
 }
 
 async fn update_status(
@@ -114,11 +121,13 @@ async fn update_status(
     pipeline: &Pipeline,
     plan: &Plan,
     units: Vec<UnitObservation>,
+    pause: PauseState,
 ) -> Result<(), StatusError> {
     let observation = Observation {
         generation: pipeline.metadata.generation,
         outcome: Outcome::Applied,
         units,
+        pause,
         dead_letter_subject: plan
             .units
             .first()
@@ -205,6 +214,7 @@ async fn report(
         generation: meta.generation,
         outcome,
         units: Vec::new(),
+        pause: PauseState::Running,
         dead_letter_subject: String::new(),
     };
     let next = status::compute(previous, &observation, &super::now());

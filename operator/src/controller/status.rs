@@ -5,9 +5,15 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use switchyard_crds::{PipelineStatus, UnitStatus};
 
+use crate::pause::PauseState;
+
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// True once every unit of a Pipeline with `spec.paused` is stopped.
+pub const PAUSED: &str = "Paused";
+/// The phase of a paused Pipeline; a reconcile that finds it keeps the units at zero.
+pub const PHASE_PAUSED: &str = "Paused";
 
 /// What the reconcile did and saw.
 #[derive(Clone, Debug, PartialEq)]
@@ -15,6 +21,8 @@ pub struct Observation {
     pub generation: Option<i64>,
     pub outcome: Outcome,
     pub units: Vec<UnitObservation>,
+    /// Where the Pipeline stands with `spec.paused`.
+    pub pause: PauseState,
     /// Where dead letters can be inspected, for messages.
     pub dead_letter_subject: String,
 }
@@ -154,6 +162,7 @@ pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time)
                     condition(ready),
                     condition(progressing),
                     condition(degraded),
+                    condition(paused_condition(&obs.pause)),
                 ],
                 ..previous.clone()
             };
@@ -167,6 +176,7 @@ pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time)
             condition(ready),
             condition(progressing),
             condition(degraded),
+            condition(paused_condition(&obs.pause)),
         ],
         units_summary: applied.then(|| format!("{ready_units}/{}", obs.units.len())),
         lag: applied.then(|| obs.units.iter().filter_map(|u| u.lag).sum()),
@@ -278,12 +288,54 @@ fn applied_conditions(
     } else {
         "Deploying"
     };
-    (
-        ready_condition(&not_ready, total),
-        progressing_condition(&not_ready, &failed, total),
-        degraded_condition(obs, &failed),
-        phase,
-    )
+    let degraded = degraded_condition(obs, &failed);
+    match &obs.pause {
+        PauseState::Running => (
+            ready_condition(&not_ready, total),
+            progressing_condition(&not_ready, &failed, total),
+            degraded,
+            phase,
+        ),
+        PauseState::Draining { waiting } => {
+            let message = format!("pausing (spec.paused): waiting for {}", waiting.join(", "));
+            (
+                (READY, false, "Pausing", message.clone()),
+                (PROGRESSING, true, "Pausing", message),
+                degraded,
+                "Pausing",
+            )
+        }
+        PauseState::Paused => {
+            let message = PAUSED_MESSAGE.to_string();
+            (
+                (READY, false, "Paused", message.clone()),
+                (PROGRESSING, false, "Paused", message),
+                degraded,
+                PHASE_PAUSED,
+            )
+        }
+    }
+}
+
+const PAUSED_MESSAGE: &str =
+    "every unit is stopped (spec.paused); set spec.paused to false to resume";
+
+fn paused_condition(pause: &PauseState) -> Cond<'static> {
+    match pause {
+        PauseState::Running => (
+            PAUSED,
+            false,
+            "NotPaused",
+            "spec.paused is false".to_string(),
+        ),
+        PauseState::Draining { waiting } => (
+            PAUSED,
+            false,
+            "Draining",
+            format!("sources stopped; waiting for {}", waiting.join(", ")),
+        ),
+        PauseState::Paused => (PAUSED, true, "Paused", PAUSED_MESSAGE.to_string()),
+    }
 }
 
 fn ready_condition(not_ready: &[String], total: usize) -> Cond<'static> {
@@ -370,8 +422,40 @@ mod tests {
             generation: Some(2),
             outcome,
             units,
+            pause: PauseState::Running,
             dead_letter_subject: "switchyard.default.p.dlq.*".into(),
         }
+    }
+
+    #[test]
+    fn a_pause_says_what_it_waits_for_then_that_everything_is_stopped() {
+        let mut obs = observe(
+            Outcome::Applied,
+            vec![unit("src", 0, 0), unit("work", 2, 2)],
+        );
+        obs.pause = PauseState::Draining {
+            waiting: vec!["work to drain (40 messages)".into()],
+        };
+        let s = compute(None, &obs, &at(10));
+        assert_eq!(s.phase.as_deref(), Some("Pausing"));
+        assert_eq!(get(&s, PAUSED).status, "False");
+        assert_eq!(get(&s, PAUSED).reason, "Draining");
+        assert!(get(&s, PROGRESSING)
+            .message
+            .contains("work to drain (40 messages)"));
+        obs.pause = PauseState::Paused;
+        obs.units = vec![unit("src", 0, 0), unit("work", 0, 0)];
+        let paused = compute(Some(&s), &obs, &at(20));
+        assert_eq!(paused.phase.as_deref(), Some(PHASE_PAUSED));
+        assert_eq!(get(&paused, PAUSED).status, "True");
+        assert_eq!(get(&paused, READY).reason, "Paused");
+        assert_eq!(get(&paused, READY).status, "False");
+        obs.pause = PauseState::Running;
+        obs.units = vec![unit("src", 1, 1), unit("work", 2, 2)];
+        let back = compute(Some(&paused), &obs, &at(30));
+        assert_eq!(back.phase.as_deref(), Some("Running"));
+        assert_eq!(get(&back, PAUSED).reason, "NotPaused");
+        assert_eq!(get(&back, PAUSED).last_transition_time, at(30));
     }
 
     fn get<'a>(s: &'a PipelineStatus, t: &str) -> &'a Condition {
