@@ -95,24 +95,8 @@ pub enum DlqAction {
 pub struct TapArgs {
     #[command(flatten)]
     pub reach: Reach,
-    /// The unit whose edge to show.
-    pub unit: String,
-    /// Show what the unit publishes (default: what it reads).
-    #[arg(long)]
-    pub output: bool,
-    /// Stop after this many messages.
-    #[arg(long, default_value_t = 10, conflicts_with = "follow")]
-    pub count: u64,
-    /// Keep showing messages until Ctrl-C.
-    #[arg(long)]
-    pub follow: bool,
-    /// Also what is stored on the edge already (waiting for the unit), not only what comes now.
-    #[arg(long)]
-    pub from_start: bool,
-    /// A jq filter over each message's record (`{subject, seq, time, headers, data}`), such as
-    /// `select(.data.weight > 2) | .data`.
-    #[arg(long, value_name = "JQ")]
-    pub filter: Option<String>,
+    #[command(flatten)]
+    pub tap: TapWhat,
 }
 
 #[derive(Args, Debug)]
@@ -159,39 +143,58 @@ async fn reached(reach: &Reach) -> Result<switchyard_local::Reached, String> {
         .map_err(|e| e.to_string())
 }
 
+/// What to do with the selected dead letters.
+#[derive(Clone, Copy, Debug)]
+pub enum DlqDo {
+    List,
+    Show,
+    Replay,
+    Purge { yes: bool },
+}
+
 pub async fn dlq_command(action: DlqAction) -> Result<ExitCode, String> {
-    match action {
-        DlqAction::List { reach, select } => {
-            let r = reached(&reach).await?;
-            let letters = read(&r.target, &select).await?;
-            print!(
-                "{}",
-                render_groups(&r.target, &r.how, &letters, select.json)
-            );
-        }
-        DlqAction::Show { reach, select } => {
-            let r = reached(&reach).await?;
-            let letters = read(&r.target, &select).await?;
-            print!("{}", render_letters(&letters, select.json));
-        }
-        DlqAction::Replay { reach, select } => {
-            let r = reached(&reach).await?;
-            let letters = read(&r.target, &select).await?;
-            let report = dlq::replay(&r.target, &letters)
+    let (reach, select, what) = match action {
+        DlqAction::List { reach, select } => (reach, select, DlqDo::List),
+        DlqAction::Show { reach, select } => (reach, select, DlqDo::Show),
+        DlqAction::Replay { reach, select } => (reach, select, DlqDo::Replay),
+        DlqAction::Purge { reach, select, yes } => (reach, select, DlqDo::Purge { yes }),
+    };
+    let r = reached(&reach).await?;
+    let running = r.state.as_ref().is_some_and(|s| s.running().is_some());
+    let after_replay = if running || reach.nats_url.is_some() {
+        None
+    } else {
+        Some(format!(
+            "they are processed when the pipeline runs again: switchyard run {} --resume",
+            reach.file.display()
+        ))
+    };
+    dlq_on(&r.target, &r.how, what, &select, after_replay.as_deref()).await
+}
+
+/// A dead-letter command on a Pipeline reached somehow; `after_replay` tells what makes the replayed
+/// letters move, when something must.
+pub async fn dlq_on(
+    target: &Target,
+    how: &str,
+    what: DlqDo,
+    select: &Select,
+    after_replay: Option<&str>,
+) -> Result<ExitCode, String> {
+    let letters = read(target, select).await?;
+    match what {
+        DlqDo::List => print!("{}", render_groups(target, how, &letters, select.json)),
+        DlqDo::Show => print!("{}", render_letters(&letters, select.json)),
+        DlqDo::Replay => {
+            let report = dlq::replay(target, &letters)
                 .await
                 .map_err(|e| e.to_string())?;
-            let running = r.state.as_ref().is_some_and(|s| s.running().is_some());
-            print!(
-                "{}",
-                render_replayed(&report, &reach.file, running || reach.nats_url.is_some())
-            );
+            print!("{}", render_replayed(&report, after_replay));
             if !report.kept.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        DlqAction::Purge { reach, select, yes } => {
-            let r = reached(&reach).await?;
-            let letters = read(&r.target, &select).await?;
+        DlqDo::Purge { yes } => {
             if letters.is_empty() {
                 println!("no dead letters to purge");
                 return Ok(ExitCode::SUCCESS);
@@ -201,13 +204,13 @@ pub async fn dlq_command(action: DlqAction) -> Result<ExitCode, String> {
                     "remove {} dead letter{} of {} for good?",
                     letters.len(),
                     plural(letters.len() as u64),
-                    r.target.names.pipeline
+                    target.names.pipeline
                 ))?
             {
                 println!("nothing removed");
                 return Ok(ExitCode::FAILURE);
             }
-            let purged = dlq::purge(&r.target, &letters)
+            let purged = dlq::purge(target, &letters)
                 .await
                 .map_err(|e| e.to_string())?;
             println!("purged {purged} dead letter{}", plural(purged));
@@ -333,7 +336,7 @@ pub fn render_letters(letters: &[dlq::DeadLetter], json: bool) -> String {
     out
 }
 
-fn render_replayed(report: &dlq::Replayed, file: &std::path::Path, live: bool) -> String {
+fn render_replayed(report: &dlq::Replayed, after: Option<&str>) -> String {
     let mut out = format!(
         "replayed {} dead letter{}",
         report.replayed,
@@ -348,11 +351,9 @@ fn render_replayed(report: &dlq::Replayed, file: &std::path::Path, live: bool) -
         out.push_str(&format!(" ({})", parts.join(", ")));
     }
     out.push('\n');
-    if report.replayed > 0 && !live {
-        out.push_str(&format!(
-            "they are processed when the pipeline runs again: switchyard run {} --resume\n",
-            file.display()
-        ));
+    if let Some(after) = after.filter(|_| report.replayed > 0) {
+        out.push_str(after);
+        out.push('\n');
     }
     for (seq, why) in &report.kept {
         out.push_str(&format!("kept #{seq}: {why}\n"));
@@ -362,39 +363,75 @@ fn render_replayed(report: &dlq::Replayed, file: &std::path::Path, live: bool) -
 
 pub async fn tap_command(args: TapArgs) -> Result<ExitCode, String> {
     let r = reached(&args.reach).await?;
+    tap_on(&r.target, &args.tap).await
+}
+
+/// What to tap and how.
+#[derive(Args, Debug)]
+pub struct TapWhat {
+    /// The unit whose edge to show.
+    pub unit: String,
+    /// Show what the unit publishes (default: what it reads).
+    #[arg(long)]
+    pub output: bool,
+    /// Stop after this many messages.
+    #[arg(long, default_value_t = 10, conflicts_with = "follow")]
+    pub count: u64,
+    /// Keep showing messages until Ctrl-C.
+    #[arg(long)]
+    pub follow: bool,
+    /// Also what is stored on the edge already (waiting for the unit), not only what comes now.
+    #[arg(long)]
+    pub from_start: bool,
+    /// A jq filter over each message's record (`{subject, seq, time, headers, data}`), such as
+    /// `select(.data.weight > 2) | .data`.
+    #[arg(long, value_name = "JQ")]
+    pub filter: Option<String>,
+}
+
+pub async fn tap_on(target: &Target, what: &TapWhat) -> Result<ExitCode, String> {
     let options = tap::TapOptions {
-        unit: args.unit,
-        edge: if args.output {
+        unit: what.unit.clone(),
+        edge: if what.output {
             tap::Edge::Output
         } else {
             tap::Edge::Input
         },
-        count: (!args.follow).then_some(args.count),
-        from_start: args.from_start,
-        filter: args.filter,
+        count: (!what.follow).then_some(what.count),
+        from_start: what.from_start,
+        filter: what.filter.clone(),
     };
     let mut stdout = std::io::stdout().lock();
-    let tapped = tokio::select! {
-        tapped = tap::tap(&r.target, &options, &mut stdout) => tapped.map_err(|e| e.to_string())?,
-        _ = tokio::signal::ctrl_c() => 0,
-    };
-    tracing::debug!(tapped, "tap done");
+    tokio::select! {
+        tapped = tap::tap(target, &options, &mut stdout) => { tapped.map_err(|e| e.to_string())?; }
+        _ = tokio::signal::ctrl_c() => {}
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn trace_command(args: TraceArgs) -> Result<ExitCode, String> {
-    let (origin, seq) = trace::parse_item(&args.item).map_err(|e| e.to_string())?;
+    trace::parse_item(&args.item).map_err(|e| e.to_string())?;
     let r = reached(&args.reach).await?;
-    let found = trace::read(&r.target, &origin, &seq)
+    trace_on(&r.target, &args.item, args.json, r.prepared.sample_rate).await
+}
+
+pub async fn trace_on(
+    target: &Target,
+    item: &str,
+    json: bool,
+    sample_rate: f64,
+) -> Result<ExitCode, String> {
+    let (origin, seq) = trace::parse_item(item).map_err(|e| e.to_string())?;
+    let found = trace::read(target, &origin, &seq)
         .await
         .map_err(|e| e.to_string())?;
-    if args.json {
+    if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&found).map_err(|e| e.to_string())?
         );
     } else {
-        print!("{}", trace::render(&found, Some(r.prepared.sample_rate)));
+        print!("{}", trace::render(&found, Some(sample_rate)));
     }
     Ok(if found.events.is_empty() {
         ExitCode::FAILURE

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod day2;
+mod kubectl;
 
 use switchyard_crds::load::{self, load, LoadError};
 use switchyard_local as local;
@@ -104,6 +105,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let invoked_as = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    if invoked_as.as_deref() == Some(kubectl::PLUGIN_NAME) {
+        return kubectl::main();
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { files } => validate(&files),

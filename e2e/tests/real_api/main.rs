@@ -82,6 +82,10 @@ const SCENARIOS: &[Scenario] = &[
         "a_paused_pipeline_drains_stops_and_comes_back",
         scenarios::a_paused_pipeline_drains_stops_and_comes_back,
     ),
+    (
+        "kubectl_switchyard_reaches_a_pipeline_by_name",
+        scenarios::kubectl_switchyard_reaches_a_pipeline_by_name,
+    ),
     ("many_pipelines", scenarios::many_pipelines),
 ];
 

@@ -944,3 +944,173 @@ pub fn a_paused_pipeline_drains_stops_and_comes_back(suite: &Suite) {
         .get("switchyard.dev/paused")
         .is_none());
 }
+
+/// `kubectl switchyard …`, run by kubectl itself as a plugin (the `switchyard` binary on PATH under
+/// the name `kubectl-switchyard`), as the administrator.
+fn plugin(suite: &Suite, bin: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    std::process::Command::new("kubectl")
+        .arg("switchyard")
+        .args(args)
+        .env("PATH", path)
+        .env("KUBECONFIG", &suite.plane.admin_kubeconfig)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run kubectl switchyard")
+}
+
+/// A dead letter as a unit stores it, on `unit`'s dead-letter subject.
+fn dead_letter(suite: &Suite, subject: &str, unit: &str, n: u32) {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let js = suite.jetstream().await;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("src:{n}/{unit}!0.0").as_str());
+        headers.insert("Switchyard-Origin", "src");
+        headers.insert("Switchyard-Origin-Seq", n.to_string().as_str());
+        headers.insert("Switchyard-Path", format!("src,{unit}").as_str());
+        headers.insert("Switchyard-Error", format!("refused item {n}").as_str());
+        headers.insert("Switchyard-Failed-Stage", unit);
+        headers.insert("Switchyard-Failed-Unit", unit);
+        headers.insert("Switchyard-Attempts", "3");
+        headers.insert("Switchyard-Replay-Step", "0");
+        js.publish_with_headers(
+            subject.to_string(),
+            headers,
+            format!("{{\"n\": {n}}}").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    });
+}
+
+pub fn kubectl_switchyard_reaches_a_pipeline_by_name(suite: &Suite) {
+    let ns = "plugin";
+    let install = suite.install(ns);
+    let _operator = suite.start_operator(&install, &[]);
+    suite.apply_ok(&switcher_yaml(ns, "p", ""));
+    wait_for(MINUTE, "Ready", || {
+        suite.mark_pods_ready(ns);
+        ready(suite, ns, "p").as_deref() == Some("True/AllUnitsReady")
+    });
+    let bin_dir = tempfile::tempdir().expect("a folder");
+    std::os::unix::fs::symlink(
+        switchyard_e2e::binary("switchyard"),
+        bin_dir.path().join("kubectl-switchyard"),
+    )
+    .expect("link kubectl-switchyard");
+
+    // The chart's Deployment names the NATS Pipelines get by default (nats://nats:4222, which is no
+    // Service here); the operator of this suite runs outside the cluster with its own. The plugin finds
+    // the first and says it cannot reach it; --nats-url points it at the second.
+    let unreachable = plugin(suite, bin_dir.path(), &["status", "p", "-n", ns]);
+    assert!(unreachable.status.success());
+    assert!(
+        text(&unreachable.stderr).contains("cannot connect to NATS at nats://nats:4222"),
+        "{}",
+        text(&unreachable.stderr)
+    );
+    let url = suite.nats.url();
+    let ok = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--nats-url", url.as_str()]);
+        text(
+            &succeeded(
+                &format!("kubectl switchyard {}", all.join(" ")),
+                plugin(suite, bin_dir.path(), &all),
+            )
+            .stdout,
+        )
+    };
+    let status = ok(&["status", "p", "-n", ns]);
+    assert!(status.contains("plugin/p: phase Running"), "{status}");
+    assert!(status.contains("live from NATS"), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.trim_start().starts_with("work") && l.contains("1/1")),
+        "{status}"
+    );
+
+    for n in 1..=3 {
+        dead_letter(suite, "switchyard.plugin.p.dlq.work", "work", n);
+    }
+    let list = ok(&["dlq", "list", "p", "-n", ns]);
+    assert!(list.contains("p: 3 dead letters"), "{list}");
+    assert!(list.contains("refused item #"), "{list}");
+    let shown = ok(&["dlq", "show", "p", "-n", ns, "--json", "--limit", "1"]);
+    let first: Value = serde_json::from_str(shown.trim()).expect("a JSON line");
+    assert_eq!(first["unit"], "work");
+    assert_eq!(first["attempts"], 3);
+    let replayed = ok(&["dlq", "replay", "p", "-n", ns]);
+    assert!(
+        replayed.contains("replayed 3 dead letters (3 into work)"),
+        "{replayed}"
+    );
+    assert!(ok(&["dlq", "list", "p", "-n", ns]).contains("p: 0 dead letters"));
+    let tapped = ok(&["tap", "p", "work", "-n", ns, "--from-start", "--count", "3"]);
+    let records: Vec<Value> = tapped
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(records.len(), 3, "{tapped}");
+    assert!(records
+        .iter()
+        .all(|r| r["headers"]["Switchyard-Replay-For"] == "work"
+            && r["headers"]["Switchyard-Replays"] == "1"));
+
+    let paused = ok(&["pause", "p", "-n", ns]);
+    assert!(paused.contains("pausing"), "{paused}");
+    // The three replays wait on work's consumer (no pod takes them here): the pause waits for them.
+    wait_for(MINUTE, "Pausing on the replays", || {
+        condition_of(&suite.pipeline(ns, "p"), "Paused")
+            .is_some_and(|(_, _, m)| m.contains("work to drain (3 messages)"))
+    });
+    assert_eq!(drain(suite, "switchyard_plugin_p", "work"), 3);
+    wait_for(MINUTE, "Paused", || phase(suite, ns, "p") == "Paused");
+    let status = ok(&["status", "p", "-n", ns]);
+    assert!(status.contains("phase Paused"), "{status}");
+    assert!(status.contains("0/0"), "{status}");
+    ok(&["resume", "p", "-n", ns]);
+    wait_for(MINUTE, "Running again", || {
+        suite.mark_pods_ready(ns);
+        phase(suite, ns, "p") == "Running"
+    });
+
+    let missing = plugin(suite, bin_dir.path(), &["status", "nowhere", "-n", ns]);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing.stderr).contains("there is no Pipeline nowhere in namespace plugin"),
+        "{}",
+        text(&missing.stderr)
+    );
+
+    // A Pipeline whose NATS is a Service of the cluster is reached through a port-forward to a ready
+    // pod behind it. Here no kubelet serves one: the plugin says so, and still shows the status.
+    suite.apply_ok(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: nats, namespace: {ns}}}\nspec:\n  selector: {{app: nats}}\n  ports: [{{port: 4222, targetPort: client}}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: nats-0, namespace: {ns}, labels: {{app: nats}}}}\nspec:\n  containers: [{{name: nats, image: nats:2.10, ports: [{{name: client, containerPort: 4222}}]}}]\n"
+    ));
+    suite.mark_pods_ready(ns);
+    suite.apply_ok(
+        &pipeline_yaml(ns, "forwarded", "    - {name: a, passthrough: {}}")
+            .replace("  sinks:", "  nats: {url: \"nats://nats:4222\"}\n  sinks:"),
+    );
+    let forwarded = plugin(suite, bin_dir.path(), &["status", "forwarded", "-n", ns]);
+    let said = text(&forwarded.stderr);
+    assert!(
+        said.contains("cannot port-forward to pod plugin/nats-0:4222"),
+        "the port-forward is tried and its failure said: {said}"
+    );
+    assert!(forwarded.status.success(), "{said}");
+    assert!(text(&forwarded.stdout).contains("as of the operator's last status write"));
+    println!(
+        "  port-forward to pod plugin/nats-0 refused, as without a kubelet it must be: {}",
+        said.lines().next().unwrap_or_default()
+    );
+}
