@@ -42,7 +42,7 @@ pub struct BenchArgs {
     /// How long each latency run lasts.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub latency_for: Duration,
-    /// Run only these scenarios (raw, passthrough, chain, group, jq, exec); raw always runs.
+    /// Run only these scenarios (raw, passthrough, chain, group, jq, exec, traced); raw always runs.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// The `switchyard-stage` program (default: next to this one).
@@ -61,6 +61,8 @@ struct Scenario {
     units: &'static [&'static str],
     /// Run the raw loop instead of switchyard-stage.
     raw: bool,
+    /// `spec.tracing.sampleRate`: off, except in the scenario that measures what tracing costs.
+    sample_rate: f64,
 }
 
 const ECHO_HANDLER: &str = "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    sys.stdout.write(json.dumps({\"id\": m[\"id\"], \"outputs\": [m[\"data\"]]}) + \"\\n\")\n    sys.stdout.flush()\n";
@@ -73,6 +75,7 @@ fn scenarios() -> Vec<Scenario> {
             stages: "    - {name: copy, passthrough: {}}\n",
             units: &["copy"],
             raw: true,
+            sample_rate: 0.0,
         },
         Scenario {
             id: "passthrough",
@@ -80,6 +83,7 @@ fn scenarios() -> Vec<Scenario> {
             stages: "    - {name: copy, passthrough: {}}\n",
             units: &["copy"],
             raw: false,
+            sample_rate: 0.0,
         },
         Scenario {
             id: "chain",
@@ -87,6 +91,7 @@ fn scenarios() -> Vec<Scenario> {
             stages: "    - {name: a, passthrough: {}}\n    - {name: b, passthrough: {}}\n    - {name: c, passthrough: {}}\n",
             units: &["a", "b", "c"],
             raw: false,
+            sample_rate: 0.0,
         },
         Scenario {
             id: "group",
@@ -94,6 +99,7 @@ fn scenarios() -> Vec<Scenario> {
             stages: "    - name: g\n      stages: [{name: s1, passthrough: {}}, {name: s2, passthrough: {}}, {name: s3, passthrough: {}}]\n",
             units: &["g"],
             raw: false,
+            sample_rate: 0.0,
         },
         Scenario {
             id: "jq",
@@ -101,6 +107,7 @@ fn scenarios() -> Vec<Scenario> {
             stages: "    - {name: q, jq: '. + {ok: true}'}\n",
             units: &["q"],
             raw: false,
+            sample_rate: 0.0,
         },
         Scenario {
             id: "exec",
@@ -108,6 +115,15 @@ fn scenarios() -> Vec<Scenario> {
             stages: "    - {name: e, exec: {command: [python3, handler.py]}}\n",
             units: &["e"],
             raw: false,
+            sample_rate: 0.0,
+        },
+        Scenario {
+            id: "traced",
+            title: "one passthrough unit, every item traced",
+            stages: "    - {name: copy, passthrough: {}}\n",
+            units: &["copy"],
+            raw: false,
+            sample_rate: 1.0,
         },
     ]
 }
@@ -429,8 +445,8 @@ fn now_nanos() -> u128 {
 impl Bench<'_> {
     fn pipeline(&self, scenario: &Scenario, size: usize) -> anyhow::Result<Layout> {
         let text = format!(
-            "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: bench-{}-{size}, namespace: bench}}\nspec:\n  sources: [{{name: feed, nats: {{subject: bench.unused}}}}]\n  stages:\n{}  sinks: [{{name: out, log: {{}}}}]\n",
-            scenario.id, scenario.stages
+            "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: bench-{}-{size}, namespace: bench}}\nspec:\n  sources: [{{name: feed, nats: {{subject: bench.unused}}}}]\n  stages:\n{}  sinks: [{{name: out, log: {{}}}}]\n  tracing: {{sampleRate: {}}}\n",
+            scenario.id, scenario.stages, scenario.sample_rate
         );
         let pipeline = parse_pipeline(&text).map_err(|p| anyhow::anyhow!("{p}"))?;
         let topology = analyze(&pipeline).map_err(|p| anyhow::anyhow!("{p:?}"))?;

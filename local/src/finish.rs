@@ -64,21 +64,35 @@ pub async fn finish(
     // so do the sinks' ledgers, which keep a resumed run from writing an item twice.
     if let Some((state, _)) = &nats.state {
         let mut kept = state.kept();
+        let before = std::mem::take(&mut kept.counts);
         kept.counts = summary
             .units
             .iter()
             .map(|u| {
-                let counts = UnitCounts {
+                let mut counts = UnitCounts {
                     processed: u.processed,
                     published: u.published,
                     dead_lettered: u.dead_lettered,
                 };
+                // A resumed run goes on with the one before: what this one counted adds to it, unless
+                // the count is a total read off a finished source or a sink's file.
+                if let Some(earlier) = before.get(&u.name).filter(|_| nats.resumed && !u.exact) {
+                    counts.processed += earlier.processed;
+                    counts.published += earlier.published;
+                    counts.dead_lettered += earlier.dead_lettered;
+                }
                 (u.name.clone(), counts)
             })
             .collect();
         state.save_kept(&kept)?;
     }
     print!("{}", summary.render());
+    if summary.dead_lettered > 0 {
+        println!(
+            "  inspect them: switchyard dlq list {file}; once the cause is fixed, `switchyard dlq replay {file}` and `switchyard run {file} --resume`",
+            file = args.file.display()
+        );
+    }
     Ok(match ending {
         Ending::Interrupted => ExitCode::from(130),
         Ending::Completed => ExitCode::SUCCESS,
@@ -114,7 +128,8 @@ fn summarize(
         // A process killed mid-run takes its last second of counts with it, and its successor counts
         // again what it publishes anew from its checkpoint. Where the truth can be read off (a
         // generator that finished, a file a sink started afresh), it replaces both.
-        if let Some(exact) = exact_count(prepared, supervisor, config, append) {
+        let exact = exact_count(prepared, supervisor, config, append);
+        if let Some(exact) = exact {
             t.processed = exact;
             t.published = exact;
         }
@@ -135,6 +150,7 @@ fn summarize(
             dead_lettered: t.dead_lettered,
             duplicates_skipped: t.duplicates_skipped,
             restarts: processes.map_or(0, |p| p.restarts),
+            exact: exact.is_some(),
         });
     }
     let seconds = wall.as_secs_f64().max(0.001);

@@ -35,7 +35,7 @@ pub use progress::ProgressMode;
 pub use reach::{control, reach, Reached};
 pub use run_nats::RunNats;
 use session::Session;
-pub use session::{PAUSE, RESUME};
+pub use session::{PAUSE, RESUME, SCALING};
 
 /// Why a run could not start or go on.
 #[derive(Debug, thiserror::Error)]

@@ -85,6 +85,8 @@ struct Pause {
 /// What `switchyard pause` and `resume` send a run.
 pub const PAUSE: &str = "pause";
 pub const RESUME: &str = "resume";
+/// Asks a run for each switcher's last scaling change, as JSON (`{"unit": "2 → 4: why"}`).
+pub const SCALING: &str = "scaling";
 
 impl Session {
     /// Listens for reports and starts every unit's processes, readers first, so that every consumer is
@@ -314,8 +316,18 @@ impl Session {
                 display.note(&note);
                 note
             }
+            (b"scaling", _) => {
+                let mut last = std::collections::BTreeMap::new();
+                for e in &self.scaler.events {
+                    last.insert(
+                        e.unit.clone(),
+                        format!("{} → {} at {:.0}s: {}", e.from, e.to, e.t, e.reason),
+                    );
+                }
+                serde_json::to_string(&last).unwrap_or_default()
+            }
             (other, _) => format!(
-                "unknown request `{}`: send `{PAUSE}` or `{RESUME}`",
+                "unknown request `{}`: send `{PAUSE}`, `{RESUME}` or `{SCALING}`",
                 String::from_utf8_lossy(other)
             ),
         }

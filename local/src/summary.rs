@@ -49,6 +49,9 @@ pub struct UnitSummary {
     pub dead_lettered: u64,
     pub duplicates_skipped: u64,
     pub restarts: u32,
+    /// The counts are totals read off the source or the sink's file, not this run's reports.
+    #[serde(skip)]
+    pub exact: bool,
 }
 
 impl Summary {

@@ -225,14 +225,15 @@ pub fn svg(topology: &Topology, counts: &BTreeMap<String, Counts>) -> String {
                 BOX_H - 6.0
             );
         }
+        let steps = steps(unit);
+        // Centred in its box when it is alone, above the steps otherwise.
+        let title_y = if steps.is_empty() { y + 28.0 } else { y + 20.0 };
         let _ = writeln!(
             out,
-            "  <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-weight=\"bold\">{}</text>",
+            "  <text x=\"{:.1}\" y=\"{title_y:.1}\" text-anchor=\"middle\" font-weight=\"bold\">{}</text>",
             x + BOX_W / 2.0,
-            y + 20.0,
             xml(&label(unit))
         );
-        let steps = steps(unit);
         if !steps.is_empty() {
             let _ = writeln!(
                 out,
