@@ -44,7 +44,15 @@ fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
         .collect();
     assert_eq!(
         scenarios,
-        vec!["raw", "passthrough", "chain", "group", "jq", "exec"]
+        vec![
+            "raw",
+            "passthrough",
+            "chain",
+            "group",
+            "jq",
+            "exec",
+            "traced"
+        ]
     );
     let raw = results[0]["perSecond"].as_f64().unwrap();
     for r in results {

@@ -66,8 +66,9 @@ pub fn edge_subjects(target: &Target, unit: &str, edge: Edge) -> Result<Vec<Stri
     }
 }
 
-/// One message as a tap prints it.
-pub fn record(message: &jetstream::Message) -> serde_json::Value {
+/// One message as a tap prints it: a JSON object with `subject`, `seq`, `time`, `headers` and `data`,
+/// in that order (where it was, then what it is).
+pub fn record(message: &jetstream::Message) -> String {
     let headers: serde_json::Map<String, serde_json::Value> = message
         .headers
         .iter()
@@ -80,13 +81,15 @@ pub fn record(message: &jetstream::Message) -> serde_json::Value {
             )
         })
         .collect();
-    serde_json::json!({
-        "subject": message.subject.as_str(),
-        "seq": message.info().map(|i| i.stream_sequence).unwrap_or(0),
-        "time": crate::when(stored_at_ms(message)),
-        "headers": headers,
-        "data": read::data(&message.payload),
-    })
+    let text = |v: serde_json::Value| v.to_string();
+    format!(
+        "{{\"subject\":{},\"seq\":{},\"time\":{},\"headers\":{},\"data\":{}}}",
+        text(message.subject.as_str().into()),
+        message.info().map(|i| i.stream_sequence).unwrap_or(0),
+        text(crate::when(stored_at_ms(message)).into()),
+        text(headers.into()),
+        text(read::data(&message.payload)),
+    )
 }
 
 /// Prints the edge's messages to `out` until `count` were printed (or for ever); returns how many.
@@ -124,10 +127,10 @@ pub async fn tap(
         };
         let record = record(&message);
         let lines = match &filter {
-            None => vec![record.to_string()],
+            None => vec![record],
             Some(filter) => {
-                let value = parse_json(record.to_string().as_bytes())
-                    .map_err(|e| OpsError::Usage(e.to_string()))?;
+                let value =
+                    parse_json(record.as_bytes()).map_err(|e| OpsError::Usage(e.to_string()))?;
                 match filter.run(value) {
                     Ok(outputs) => outputs.iter().map(|v| v.to_string()).collect(),
                     Err(e) => {
