@@ -13,7 +13,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use bytes::Bytes;
 use serde::Serialize;
 use switchyard_crds::layout::{Layout, DEAD_LETTER_CONSUMER};
-use switchyard_crds::unit::headers;
+use switchyard_crds::unit::{headers, UnitRole};
 
 use crate::read::{self, header};
 use crate::{OpsError, Target};
@@ -58,9 +58,10 @@ pub struct DeadLetter {
     pub payload: Bytes,
     #[serde(skip)]
     pub headers: HeaderMap,
-    /// The step of its unit a replay starts at.
+    /// The step of its unit a replay starts at (None: a dead letter from before replays, which does
+    /// not say).
     #[serde(skip)]
-    pub replay_step: usize,
+    pub replay_step: Option<usize>,
 }
 
 impl DeadLetter {
@@ -85,7 +86,7 @@ impl DeadLetter {
             data: read::data(&message.payload),
             payload: message.payload.clone(),
             headers: message.headers.clone().unwrap_or_default(),
-            replay_step: get(headers::REPLAY_STEP).parse().unwrap_or(0),
+            replay_step: get(headers::REPLAY_STEP).parse().ok(),
         }
     }
 
@@ -229,6 +230,27 @@ pub fn replay_message(layout: &Layout, letter: &DeadLetter) -> Result<(String, H
         .first()
         .cloned()
         .ok_or_else(|| format!("unit `{}` reads nothing", letter.unit))?;
+    let steps = layout
+        .units
+        .iter()
+        .find(|u| u.unit == letter.unit)
+        .map_or(0, |u| match &u.role {
+            UnitRole::Process { steps, .. } => steps.len(),
+            _ => 0,
+        });
+    // A letter from before replays does not say which step's input it holds: in a unit of one step (or
+    // a sink) that can only be the first; in a longer one, replaying from the first step would run
+    // earlier steps again on an item that already passed them.
+    let step = match letter.replay_step {
+        Some(step) => step,
+        None if steps <= 1 => 0,
+        None => {
+            return Err(format!(
+                "the dead letter predates replays and does not say at which of the {steps} steps of `{}` it failed; `dlq show --json` has its data, to publish by hand",
+                letter.unit
+            ))
+        }
+    };
     let mut map = HeaderMap::new();
     for name in [
         headers::ORIGIN,
@@ -249,10 +271,7 @@ pub fn replay_message(layout: &Layout, letter: &DeadLetter) -> Result<(String, H
     let replays = letter.replays + 1;
     map.insert(headers::REPLAYS, replays.to_string().as_str());
     map.insert(headers::REPLAY_FOR, letter.unit.as_str());
-    map.insert(
-        headers::REPLAY_STEP,
-        letter.replay_step.to_string().as_str(),
-    );
+    map.insert(headers::REPLAY_STEP, step.to_string().as_str());
     // A fresh id for each replay of each dead letter: the outputs' ids derive from it, so they cannot
     // be mistaken for those of the first try (or of an earlier replay), and a replay repeated after a
     // crash is dropped by the stream as the duplicate it is.
@@ -351,7 +370,7 @@ mod tests {
             data: serde_json::json!(1),
             payload: Bytes::from_static(b"1"),
             headers: HeaderMap::new(),
-            replay_step: 0,
+            replay_step: Some(0),
         }
     }
 
@@ -401,7 +420,7 @@ spec:
     fn a_replay_goes_to_the_failed_unit_only_at_its_step_with_a_fresh_id() {
         let layout = laundry_layout();
         let mut d = letter("machines", "machines > dry", "wet", 0);
-        d.replay_step = 1;
+        d.replay_step = Some(1);
         d.replays = 1;
         d.headers.insert(headers::ORIGIN, "src");
         d.headers.insert(headers::ORIGIN_SEQ, "1");
@@ -414,6 +433,11 @@ spec:
         assert_eq!(get(headers::MSG_ID), "src:1/machines!0.0~2");
         assert_eq!(get(headers::PATH), "src");
         assert_eq!(get(headers::ORIGIN), "src");
+        let mut old = d.clone();
+        old.replay_step = None;
+        assert!(replay_message(&layout, &old)
+            .unwrap_err()
+            .contains("predates replays"));
         let gone = letter("shrunk", "shrunk", "x", 0);
         assert!(replay_message(&layout, &gone)
             .unwrap_err()
