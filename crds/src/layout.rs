@@ -130,18 +130,20 @@ pub struct NatsLayout {
     pub trace: Option<TraceStreamLayout>,
 }
 
-/// Trace events are kept for `max_age_ms` (limits retention), at most `max_bytes` of them.
+/// Trace events are kept for `max_age_ms` (limits retention), at most `max_messages` of them.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct TraceStreamLayout {
     pub name: String,
     pub subjects: Vec<String>,
     pub max_age_ms: u64,
-    pub max_bytes: i64,
+    pub max_messages: i64,
 }
 
-/// The most disk the trace events of one Pipeline take; the oldest go first.
-pub const TRACE_MAX_BYTES: i64 = 1 << 30;
+/// The most trace events one Pipeline keeps (a few hundred bytes each); the oldest go first. A count,
+/// not bytes: JetStream reserves a stream's `max_bytes` on disk up front, and a gigabyte per Pipeline
+/// ran a server with a few dozen Pipelines out of storage (the real-API suite's hundred Pipelines).
+pub const TRACE_MAX_MESSAGES: i64 = 1_000_000;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -178,7 +180,7 @@ impl Layout {
             name: names.trace_stream(),
             subjects: vec![format!("{}.>", names.trace_prefix())],
             max_age_ms: millis(retention),
-            max_bytes: TRACE_MAX_BYTES,
+            max_messages: TRACE_MAX_MESSAGES,
         });
         for unit in &mut self.units {
             unit.trace = Some(TraceConfig {

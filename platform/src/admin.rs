@@ -141,23 +141,28 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), A
     })?;
     ensure_checkpoint_bucket(js, &layout.checkpoint_bucket, replicas).await?;
     if let Some(trace) = &layout.trace {
-        js.create_or_update_stream(stream::Config {
-            name: trace.name.clone(),
-            description: Some("switchyard trace events".to_string()),
-            subjects: trace.subjects.clone(),
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            num_replicas: replicas as usize,
-            max_age: Duration::from_millis(trace.max_age_ms),
-            max_bytes: trace.max_bytes,
-            discard: stream::DiscardPolicy::Old,
-            ..Default::default()
-        })
-        .await
-        .map_err(AdminError::nats(format!(
-            "create or update trace stream {}",
-            trace.name
-        )))?;
+        // Trace events are an aid, not data: a server that will not keep them leaves the Pipeline
+        // running without them (units publish their events all the same; nobody stores them).
+        let created = js
+            .create_or_update_stream(stream::Config {
+                name: trace.name.clone(),
+                description: Some("switchyard trace events".to_string()),
+                subjects: trace.subjects.clone(),
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                num_replicas: replicas as usize,
+                max_age: Duration::from_millis(trace.max_age_ms),
+                max_messages: trace.max_messages,
+                discard: stream::DiscardPolicy::Old,
+                ..Default::default()
+            })
+            .await;
+        if let Err(e) = created {
+            tracing::warn!(
+                "trace events are not kept: cannot create or update stream {}: {e}",
+                trace.name
+            );
+        }
     }
     let stream = js
         .get_stream(name)
