@@ -113,8 +113,11 @@ impl Autoscaler {
 
     /// One interval for one Pipeline.
     pub async fn step(&self, pipeline: &Pipeline) {
-        if pipeline.spec.paused {
-            // The reconcile holds a paused Pipeline's units; it gives switchers back what they had.
+        let phase = pipeline.status.as_ref().and_then(|s| s.phase.as_deref());
+        if pipeline.spec.paused || matches!(phase, Some("Paused" | "Pausing")) {
+            // The reconcile holds a paused Pipeline's units, and gives switchers back what they had
+            // when it resumes it: until then a switcher still at zero is not the autoscaler's to
+            // raise to its minimum (which the reconcile would then take for its decision).
             return;
         }
         match tokio::time::timeout(STEP_TIMEOUT, self.scale(pipeline)).await {
