@@ -13,6 +13,7 @@ use switchyard_crds::unit::{headers, UnitConfig, UnitRole};
 use switchyard_crds::{FileSink, GeneratorSource, SinkKind, SourceKind};
 use switchyard_operator::plan::{type_of, UnitType};
 use switchyard_operator::reports::Reports;
+use switchyard_ops::read;
 
 use crate::prepare::Prepared;
 use crate::session::{totals, Ending, Session};
@@ -244,20 +245,8 @@ async fn save_dead_letters(
                 source: e,
             })?;
             got += 1;
-            let get = |name: &str| {
-                message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(name))
-                    .map(|v| v.as_str().to_string())
-                    .unwrap_or_default()
-            };
-            let data: serde_json::Value =
-                serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
-                    serde_json::Value::String(
-                        String::from_utf8_lossy(&message.payload).into_owned(),
-                    )
-                });
+            let get = |name: &str| read::header(&message, name);
+            let data = read::data(&message.payload);
             let line = serde_json::json!({
                 "unit": get(headers::FAILED_UNIT),
                 "stage": get(headers::FAILED_STAGE),

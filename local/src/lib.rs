@@ -243,6 +243,22 @@ fn note_endless_sources(prepared: &Prepared, display: &mut Display) {
     }
 }
 
+/// Connects to the server (or the nodes, separated by commas) at `url`, as `name`.
+async fn connect(
+    name: &str,
+    url: &str,
+    credentials: &switchyard_platform::credentials::NatsCredentials,
+) -> Result<async_nats::Client, RunError> {
+    use switchyard_platform::nats::{connect_options, server_addrs};
+    connect_options(name, credentials)?
+        .connect(server_addrs(url)?)
+        .await
+        .map_err(|source| RunError::Connect {
+            url: url.to_string(),
+            source,
+        })
+}
+
 /// `switchyard-stage` next to this program (how cargo and the release archive lay them out), or on PATH.
 pub fn locate_stage_binary(given: Option<PathBuf>) -> Result<PathBuf, RunError> {
     if let Some(path) = given {

@@ -169,18 +169,7 @@ fn format_row(row: &Row, width: usize) -> String {
     )
 }
 
-/// 12345 → "12,345".
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use switchyard_ops::thousands;
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,6 @@ use switchyard_crds::layout::Names;
 use switchyard_ops::Target;
 use switchyard_platform::credentials::NatsAuthArgs;
 use switchyard_platform::embedded::{NatsCluster, NatsServer};
-use switchyard_platform::nats::{connect_options, server_addrs};
 
 use crate::prepare::{lay_out, Prepared};
 use crate::state::{LocalState, StateError, StateLock};
@@ -76,13 +75,7 @@ pub async fn reach(
             }
         },
     };
-    let client = connect_options("switchyard", &credentials)?
-        .connect(server_addrs(&url)?)
-        .await
-        .map_err(|source| RunError::Connect {
-            url: url.clone(),
-            source,
-        })?;
+    let client = crate::connect("switchyard", &url, &credentials).await?;
     let js = switchyard_platform::nats::jetstream_context(client);
     let stream = prepared.layout.nats.stream.name.clone();
     let started = Instant::now();
@@ -127,13 +120,7 @@ pub async fn control(file: &Path, request: &str) -> Result<String, RunError> {
             file: file.to_path_buf(),
         });
     };
-    let client = connect_options("switchyard", &Default::default())?
-        .connect(server_addrs(&run.url)?)
-        .await
-        .map_err(|source| RunError::Connect {
-            url: run.url.clone(),
-            source,
-        })?;
+    let client = crate::connect("switchyard", &run.url, &Default::default()).await?;
     let subject = Names::new(&prepared.topology.namespace, &prepared.name).control_subject();
     let answer = tokio::time::timeout(
         Duration::from_secs(10),

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use switchyard_platform::admin::{self, AdminError};
 use switchyard_platform::credentials::NatsAuthArgs;
 use switchyard_platform::embedded::{NatsCluster, NatsServer};
-use switchyard_platform::nats::{connect_options, server_addrs};
 
 use crate::prepare::Prepared;
 use crate::progress::Display;
@@ -114,13 +113,7 @@ impl RunNats {
             }
         };
         let credentials = auth.load()?;
-        let client = connect_options("switchyard run", &credentials)?
-            .connect(server_addrs(&url)?)
-            .await
-            .map_err(|source| RunError::Connect {
-                url: url.clone(),
-                source,
-            })?;
+        let client = crate::connect("switchyard run", &url, &credentials).await?;
         let js = switchyard_platform::nats::jetstream_context(client.clone());
         let nats = RunNats {
             servers,
