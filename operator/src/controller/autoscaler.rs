@@ -22,6 +22,7 @@ use switchyard_crds::validate::analyze;
 use switchyard_crds::Pipeline;
 
 use super::caches::PipelineObject;
+use super::status::{PHASE_PAUSED, PHASE_PAUSING};
 use super::{lock, Context, SCALE_FIELD_MANAGER};
 use crate::autoscale::{self, Policy, Window};
 use crate::plan;
@@ -55,6 +56,15 @@ pub struct ScaleRecord {
 
 pub fn key(namespace: &str, pipeline: &str, unit: &str) -> String {
     format!("{namespace}/{pipeline}/{unit}")
+}
+
+/// Whether the autoscaler leaves a Pipeline alone this interval. The reconcile holds a paused
+/// Pipeline's units, and gives switchers back what they had when it resumes it: until its status says
+/// so, a switcher still at zero after `spec.paused` is cleared is not the autoscaler's to raise to its
+/// minimum, which the reconcile would then take for the autoscaler's decision.
+pub fn waits_for_the_reconcile(pipeline: &Pipeline) -> bool {
+    let phase = pipeline.status.as_ref().and_then(|s| s.phase.as_deref());
+    pipeline.spec.paused || matches!(phase, Some(PHASE_PAUSED | PHASE_PAUSING))
 }
 
 /// A Pipeline's analysis, kept while its generation stays the same.
@@ -113,11 +123,7 @@ impl Autoscaler {
 
     /// One interval for one Pipeline.
     pub async fn step(&self, pipeline: &Pipeline) {
-        let phase = pipeline.status.as_ref().and_then(|s| s.phase.as_deref());
-        if pipeline.spec.paused || matches!(phase, Some("Paused" | "Pausing")) {
-            // The reconcile holds a paused Pipeline's units, and gives switchers back what they had
-            // when it resumes it: until then a switcher still at zero is not the autoscaler's to
-            // raise to its minimum (which the reconcile would then take for its decision).
+        if waits_for_the_reconcile(pipeline) {
             return;
         }
         match tokio::time::timeout(STEP_TIMEOUT, self.scale(pipeline)).await {
@@ -298,5 +304,56 @@ impl Autoscaler {
                 .is_some_and(|(pipeline, _)| live.contains(pipeline))
         });
         lock(&self.analyses).retain(|uid, _| uids.contains(uid.as_str()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(paused: bool, phase: Option<&str>) -> Pipeline {
+        let mut p: Pipeline = serde_json::from_value(serde_json::json!({
+            "apiVersion": "switchyard.dev/v1alpha1",
+            "kind": "Pipeline",
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": {
+                "paused": paused,
+                "sources": [{"name": "gen", "generator": {"count": 1}}],
+                "stages": [{"name": "work", "passthrough": {}, "switcher": {"minReplicas": 1, "maxReplicas": 4}}],
+                "sinks": [{"name": "out", "log": {}}]
+            }
+        }))
+        .unwrap();
+        if let Some(phase) = phase {
+            p.status = Some(switchyard_crds::PipelineStatus {
+                phase: Some(phase.to_string()),
+                ..Default::default()
+            });
+        }
+        p
+    }
+
+    #[test]
+    fn a_resumed_pipeline_is_not_scaled_before_its_reconcile_has_resumed_it() {
+        // Pausing, then paused: the reconcile holds the units.
+        assert!(waits_for_the_reconcile(&pipeline(true, None)));
+        assert!(waits_for_the_reconcile(&pipeline(
+            true,
+            Some(PHASE_PAUSING)
+        )));
+        assert!(waits_for_the_reconcile(&pipeline(true, Some(PHASE_PAUSED))));
+        // spec.paused cleared, but the status still says Paused (or Pausing): the switcher is still at
+        // zero and the reconcile brings it back to what it had.
+        assert!(waits_for_the_reconcile(&pipeline(
+            false,
+            Some(PHASE_PAUSED)
+        )));
+        assert!(waits_for_the_reconcile(&pipeline(
+            false,
+            Some(PHASE_PAUSING)
+        )));
+        // Resumed by the reconcile, or never paused.
+        assert!(!waits_for_the_reconcile(&pipeline(false, Some("Running"))));
+        assert!(!waits_for_the_reconcile(&pipeline(false, None)));
     }
 }

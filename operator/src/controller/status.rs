@@ -14,6 +14,8 @@ pub const DEGRADED: &str = "Degraded";
 pub const PAUSED: &str = "Paused";
 /// The phase of a paused Pipeline; a reconcile that finds it keeps the units at zero.
 pub const PHASE_PAUSED: &str = "Paused";
+/// The phase of a Pipeline with `spec.paused` whose units are still draining.
+pub const PHASE_PAUSING: &str = "Pausing";
 
 /// What the reconcile did and saw.
 #[derive(Clone, Debug, PartialEq)]
@@ -302,7 +304,7 @@ fn applied_conditions(
                 (READY, false, "Pausing", message.clone()),
                 (PROGRESSING, true, "Pausing", message),
                 degraded,
-                "Pausing",
+                PHASE_PAUSING,
             )
         }
         PauseState::Paused => {
