@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind, Message};
 use async_nats::Subject;
@@ -18,12 +18,14 @@ use switchyard_crds::unit::{BatchConfig, ConsumerConfig, RetryConfig};
 use tokio::sync::watch;
 
 use crate::lineage::{dead_letter_headers, names, owned_header_value, Lineage, Replay};
+use crate::otlp::{ItemSpan, Spans};
 use crate::payload::Payload;
 use crate::retry::{GaveUp, Retrying};
 use crate::sinks::{Sink, Written};
 use crate::stats::Stats;
 use crate::steps::{Failure, Step, StepFailure};
 use crate::trace::{Began, Done, Tracer};
+use opentelemetry::trace::SpanKind;
 use switchyard_crds::unit::TraceOutcome;
 
 /// Where a unit's results go.
@@ -86,10 +88,12 @@ pub struct Worker {
     pub disconnects: crate::Disconnects,
     /// Records what becomes of sampled items, when the Pipeline traces.
     pub tracer: Option<Tracer>,
+    /// Exports spans over OTLP, when the environment asks for it.
+    pub spans: Option<Spans>,
 }
 
 /// What storing one input's results came to, for its trace event.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Emitted {
     /// Published downstream, or written by the sink.
     stored: u64,
@@ -446,6 +450,8 @@ impl Worker {
         };
         let lineage = Lineage::from_headers(message.headers.as_ref(), &self.stream, stream_seq);
         let began = self.tracing(&lineage).then(Began::now);
+        let (carried, span) = self.begin_span(&lineage, &[]);
+        let carried = carried.as_ref().unwrap_or(&lineage);
         let input = Payload::Bytes(message.payload.clone());
         let emitted = if delivered > POISON_DELIVERIES {
             let failure = Failure {
@@ -463,20 +469,45 @@ impl Worker {
                 replay_step: 0,
                 failure,
             };
-            self.emit(&lineage, Vec::new(), vec![poisoned]).await?
+            self.emit(carried, Vec::new(), vec![poisoned]).await?
         } else {
             let first = Replay::of(message.headers.as_ref()).map_or(0, |r| r.step);
             let chained =
-                crate::steps::run_chain_from(&self.steps, first, input.clone(), &lineage).await;
+                crate::steps::run_chain_from(&self.steps, first, input.clone(), carried).await;
             let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
-            self.emit(&lineage, outputs, failures).await?
+            self.emit(carried, outputs, failures).await?
         };
-        if let (Some(began), Some(tracer)) = (began, &self.tracer) {
-            tracer
-                .record(&lineage, began, emitted.done(self.is_sink(), delivered))
-                .await;
+        if began.is_some() || span.is_some() {
+            let done = emitted.done(self.is_sink(), delivered);
+            if let Some(span) = span {
+                span.end(&done);
+            }
+            if let (Some(began), Some(tracer)) = (began, &self.tracer) {
+                tracer.record(&lineage, began, done).await;
+            }
         }
         Ok(())
+    }
+
+    /// The item's span in this unit, when it gets one, and the lineage its outputs then carry.
+    fn begin_span(
+        &self,
+        lineage: &Lineage,
+        also: &[&Lineage],
+    ) -> (Option<Lineage>, Option<ItemSpan>) {
+        let kind = if self.is_sink() {
+            SpanKind::Consumer
+        } else {
+            SpanKind::Internal
+        };
+        match self
+            .spans
+            .as_ref()
+            .and_then(|s| s.begin(lineage, kind, SystemTime::now(), also))
+        {
+            Some((carried, span)) => (Some(carried), Some(span)),
+            None => (None, None),
+        }
     }
 
     /// Whether this item's events are recorded.
@@ -557,24 +588,34 @@ impl Worker {
         array.push(b']');
         let input = Payload::Bytes(array.into());
         let began = Began::now();
-        let chained = crate::steps::run_chain(&self.steps, input.clone(), &lineage).await;
+        let members: Vec<Lineage> = if self.spans.is_some() {
+            messages[1..]
+                .iter()
+                .map(|m| {
+                    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    Lineage::from_headers(m.headers.as_ref(), &self.stream, seq)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let (carried, span) = self.begin_span(&lineage, &members.iter().collect::<Vec<_>>());
+        let carried = carried.as_ref().unwrap_or(&lineage);
+        let chained = crate::steps::run_chain(&self.steps, input.clone(), carried).await;
         let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
-        let emitted = self.emit(&lineage, outputs, failures).await?;
+        let emitted = self.emit(carried, outputs, failures).await?;
+        if let Some(span) = span {
+            span.end(&emitted.clone().done(false, 1));
+        }
         if let Some(tracer) = &self.tracer {
             // Each traced member of the batch gets the batch's event, under its own identity.
             for m in messages {
                 let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
                 let member = Lineage::from_headers(m.headers.as_ref(), &self.stream, seq);
                 if tracer.samples(&member) {
-                    let done = Emitted {
-                        stored: emitted.stored,
-                        duplicates: emitted.duplicates,
-                        dead: emitted.dead.clone(),
-                        attempts: emitted.attempts,
-                    };
                     let deliveries = m.info().map_or(1, |i| i.delivered.max(1) as u64);
                     tracer
-                        .record(&member, began, done.done(false, deliveries))
+                        .record(&member, began, emitted.clone().done(false, deliveries))
                         .await;
                 }
             }

@@ -8,6 +8,7 @@ pub mod acks;
 pub mod consume;
 pub mod http;
 pub mod lineage;
+pub mod otlp;
 pub mod payload;
 pub mod retry;
 pub mod sinks;
@@ -171,6 +172,7 @@ pub async fn run_unit(
             }
         })
     });
+    let spans = export_spans(&config, &options.replica);
     let unit = Unit {
         config: &config,
         options: &options,
@@ -178,8 +180,12 @@ pub async fn run_unit(
         js: &js,
         stats: &stats,
         disconnects: &disconnects,
+        spans: &spans,
     };
     let result = unit.run(shutdown).await;
+    if let Some(spans) = spans {
+        spans.shutdown().await;
+    }
     reporter.abort();
     if let Some(server) = server {
         server.abort();
@@ -189,6 +195,22 @@ pub async fn run_unit(
     last.last = true;
     goodbye(&client, &config.stats_subject, &last).await;
     result
+}
+
+/// The OTLP exporter, when the environment asks for one. A misconfigured one is logged and the unit
+/// runs without it: spans are worth less than the data.
+fn export_spans(config: &UnitConfig, replica: &str) -> Option<otlp::Spans> {
+    let client = match steps::http_client() {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!("cannot build an HTTP client for OTLP ({e}); spans are not exported");
+            return None;
+        }
+    };
+    otlp::Spans::from_env(config, replica, client).unwrap_or_else(|e| {
+        tracing::error!("{e}");
+        None
+    })
 }
 
 /// Sends the last report and what is still buffered (acknowledgements are fire-and-forget publishes)
@@ -215,6 +237,7 @@ struct Unit<'a> {
     js: &'a jetstream::Context,
     stats: &'a Arc<Stats>,
     disconnects: &'a Disconnects,
+    spans: &'a Option<otlp::Spans>,
 }
 
 impl Unit<'_> {
@@ -279,6 +302,7 @@ impl Unit<'_> {
                 config.namespace, config.pipeline, config.unit
             ),
             tracer: self.tracer(),
+            spans: self.spans.clone(),
         };
         stats.ready.store(true, Ordering::Relaxed);
         sources::run(source, &unit).await?;
@@ -370,6 +394,7 @@ impl Unit<'_> {
             max_payload: self.client.server_info().max_payload,
             disconnects: self.disconnects.clone(),
             tracer: self.tracer(),
+            spans: self.spans.clone(),
         };
         let result = worker.run(input, shutdown).await;
         for step in &worker.steps {

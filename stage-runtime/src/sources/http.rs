@@ -24,6 +24,7 @@ struct Ingest {
     /// `Bearer <token>`, as a request must send it.
     authorization: Option<String>,
     tracer: Option<crate::trace::Tracer>,
+    spans: Option<crate::otlp::Spans>,
 }
 
 /// What a person does about a token that is not there.
@@ -68,6 +69,7 @@ impl Source for HttpSource<'_> {
             stats: unit.stats.clone(),
             authorization: authorization(self.0)?,
             tracer: unit.tracer.clone(),
+            spans: unit.spans.clone(),
         });
         let app = axum::Router::new()
             .route(path, post(ingest))
@@ -123,12 +125,18 @@ async fn ingest(
     let mut lineage = super::lineage(&state.name, key);
     lineage.traceparent = header(headers::TRACEPARENT);
     lineage.tracestate = header(headers::TRACESTATE);
-    super::record_emitted(state.tracer.as_ref(), &lineage).await;
+    let carried =
+        super::record_emitted(state.tracer.as_ref(), state.spans.as_ref(), &lineage).await;
     let stored = async {
-        publish(&state.js, &state.subject, &lineage, body)
-            .await?
-            .await
-            .map_err(SourceError::Unacknowledged)
+        publish(
+            &state.js,
+            &state.subject,
+            carried.as_ref().unwrap_or(&lineage),
+            body,
+        )
+        .await?
+        .await
+        .map_err(SourceError::Unacknowledged)
     };
     match stored.await {
         Ok(ack) => {

@@ -112,6 +112,8 @@ pub struct SourceUnit {
     pub queue_group: String,
     /// Records the items it makes, when the Pipeline traces.
     pub tracer: Option<crate::trace::Tracer>,
+    /// Exports the items' spans over OTLP, when the environment asks for it.
+    pub spans: Option<crate::otlp::Spans>,
 }
 
 impl SourceUnit {
@@ -160,7 +162,8 @@ impl SourceUnit {
         lineage: &Lineage,
         payload: Bytes,
     ) -> Result<PublishAckFuture, SourceError> {
-        record_emitted(self.tracer.as_ref(), lineage).await;
+        let carried = record_emitted(self.tracer.as_ref(), self.spans.as_ref(), lineage).await;
+        let lineage = carried.as_ref().unwrap_or(lineage);
         publish(&self.js, &self.subject, lineage, payload).await
     }
 
@@ -229,17 +232,36 @@ fn lineage(name: &str, key: String) -> Lineage {
     Lineage::at_source(name, key, id)
 }
 
-/// A trace event for an item a source makes, when it is sampled.
-async fn record_emitted(tracer: Option<&crate::trace::Tracer>, lineage: &Lineage) {
+/// Records an item a source makes: its trace event and its span, when it is sampled. Returns the
+/// lineage to publish it with when a span was begun (its outputs' parent).
+async fn record_emitted(
+    tracer: Option<&crate::trace::Tracer>,
+    spans: Option<&crate::otlp::Spans>,
+    lineage: &Lineage,
+) -> Option<Lineage> {
+    let done = || crate::trace::Done {
+        outputs: 1,
+        ..Default::default()
+    };
+    let carried = spans
+        .and_then(|s| {
+            s.begin(
+                lineage,
+                opentelemetry::trace::SpanKind::Producer,
+                std::time::SystemTime::now(),
+                &[],
+            )
+        })
+        .map(|(carried, span)| {
+            span.end(&done());
+            carried
+        });
     if let Some(tracer) = tracer.filter(|t| t.samples(lineage)) {
-        let done = crate::trace::Done {
-            outputs: 1,
-            ..Default::default()
-        };
         tracer
-            .record(lineage, crate::trace::Began::now(), done)
+            .record(lineage, crate::trace::Began::now(), done())
             .await;
     }
+    carried
 }
 
 /// Sends one message with its lineage's headers; shared by every source, the HTTP handler included.

@@ -44,6 +44,7 @@ impl Source for NatsSource<'_> {
                         .unwrap_or_else(|| nuid::next().as_str().to_string());
                     let mut lineage = unit.lineage(key);
                     lineage.traceparent = header(headers::TRACEPARENT);
+                    lineage.tracestate = header(headers::TRACESTATE);
                     let ack = unit.publish(&lineage, message.payload).await?;
                     let reply = message.reply;
                     acks.push(async move { (reply, ack.await.map(|_| ())) });

@@ -100,6 +100,15 @@ impl Harness {
 
     /// Like `spawn`, with more arguments for `switchyard-stage`.
     pub fn spawn_with(&mut self, unit: &str, replica: &str, extra: &[&str]) -> u32 {
+        self.spawn_in(unit, replica, extra, &[])
+    }
+
+    /// Like `spawn`, with more variables in the process's environment.
+    pub fn spawn_with_env(&mut self, unit: &str, replica: &str, env: &[(&str, &str)]) -> u32 {
+        self.spawn_in(unit, replica, &[], env)
+    }
+
+    fn spawn_in(&mut self, unit: &str, replica: &str, extra: &[&str], env: &[(&str, &str)]) -> u32 {
         let config_path = self.path(&format!("{unit}-{replica}.json"));
         std::fs::write(
             &config_path,
@@ -117,6 +126,7 @@ impl Harness {
             .arg(replica)
             .arg("--exit-when-done")
             .args(extra)
+            .envs(env.iter().copied())
             .current_dir(self.dir.path())
             .stdout(out)
             .stderr(log)
