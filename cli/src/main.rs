@@ -44,6 +44,9 @@ enum Command {
         /// NATS server the units use, when the Pipeline names none.
         #[arg(long, default_value = "nats://nats:4222")]
         nats_url: String,
+        /// OTLP endpoint every unit exports spans to (OTEL_EXPORTER_OTLP_ENDPOINT in its pods).
+        #[arg(long)]
+        otlp_endpoint: Option<String>,
     },
     /// Run the operator: reconcile Pipelines in the cluster (in a pod, or with KUBECONFIG).
     Operator {
@@ -72,6 +75,10 @@ enum Command {
         /// Log format.
         #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
+        /// OTLP endpoint every unit exports spans to (OTEL_EXPORTER_OTLP_ENDPOINT in its pods), unless
+        /// its stage's env sets one.
+        #[arg(long, env = "SWITCHYARD_OTLP_ENDPOINT")]
+        otlp_endpoint: Option<String>,
     },
     /// Print the Pipeline CustomResourceDefinition (as checked in under crds/ and in the Helm chart).
     Crd,
@@ -121,7 +128,17 @@ fn main() -> ExitCode {
             namespace,
             image,
             nats_url,
-        } => print_plan(&file, only, namespace, image, nats_url),
+            otlp_endpoint,
+        } => print_plan(
+            &file,
+            only,
+            namespace,
+            PlanSettings {
+                stage_image: image,
+                nats_url,
+                otlp_endpoint,
+            },
+        ),
         Command::Run(args) => local::main(args),
         Command::Dlq { action } => day2::block_on(day2::dlq_command(action)),
         Command::Tap(args) => day2::block_on(day2::tap_command(args)),
@@ -139,11 +156,13 @@ fn main() -> ExitCode {
             lease_namespace,
             cleanup_timeout,
             log_format,
+            otlp_endpoint,
         } => operator(
             controller::OperatorOptions {
                 settings: PlanSettings {
                     stage_image,
                     nats_url,
+                    otlp_endpoint: otlp_endpoint.filter(|e| !e.trim().is_empty()),
                 },
                 watch_namespace,
                 metrics_addr,
@@ -204,8 +223,7 @@ fn print_plan(
     file: &Path,
     only: Only,
     namespace: Option<String>,
-    image: String,
-    nats_url: String,
+    settings: PlanSettings,
 ) -> ExitCode {
     let mut pipeline = match load(file) {
         Ok(p) => p,
@@ -217,10 +235,6 @@ fn print_plan(
     if namespace.is_some() {
         pipeline.metadata.namespace = namespace;
     }
-    let settings = PlanSettings {
-        stage_image: image,
-        nats_url,
-    };
     match plan(&pipeline, &settings) {
         Ok(plan) => match render(&plan, only) {
             Ok(text) => {

@@ -31,6 +31,9 @@ pub struct PlanSettings {
     pub stage_image: String,
     /// NATS server for units, unless the Pipeline names one.
     pub nats_url: String,
+    /// Where every unit exports its spans over OTLP (`OTEL_EXPORTER_OTLP_ENDPOINT`), unless its stage's
+    /// `env` says otherwise.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for PlanSettings {
@@ -38,6 +41,7 @@ impl Default for PlanSettings {
         PlanSettings {
             stage_image: default_image(),
             nats_url: "nats://nats:4222".to_string(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -509,6 +513,17 @@ impl ObjectsFor<'_> {
                 });
             }
         }
+        if let Some(endpoint) = &self.settings.otlp_endpoint {
+            // A name twice in `env` is refused by server-side apply: the stage's own setting wins.
+            let own = self
+                .unit
+                .env
+                .iter()
+                .any(|e| e.name == OTLP_ENDPOINT || e.name == OTLP_TRACES_ENDPOINT);
+            if !own {
+                env.push(env_value(OTLP_ENDPOINT, endpoint));
+            }
+        }
         env.extend(self.unit.env.iter().cloned());
         env
     }
@@ -568,6 +583,9 @@ impl ObjectsFor<'_> {
         ports
     }
 }
+
+const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+const OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 
 fn env_value(name: &str, value: &str) -> EnvVar {
     EnvVar {

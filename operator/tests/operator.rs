@@ -79,6 +79,7 @@ async fn the_operator_drives_a_pipeline_from_apply_to_ready_to_deleted() {
         settings: PlanSettings {
             stage_image: "switchyard:test".into(),
             nats_url: nats.url(),
+            otlp_endpoint: None,
         },
         watch_namespace: None,
         metrics_addr,
@@ -162,6 +163,7 @@ async fn the_operator_scales_a_switcher_through_its_deployments_scale_and_report
         settings: PlanSettings {
             stage_image: "switchyard:test".into(),
             nats_url: nats.url(),
+            otlp_endpoint: None,
         },
         watch_namespace: None,
         metrics_addr: format!("127.0.0.1:{port}").parse().unwrap(),

@@ -25,6 +25,7 @@ fn world_with(nats_url: Option<String>) -> World {
     let settings = PlanSettings {
         stage_image: "switchyard:test".into(),
         nats_url: nats_url.unwrap_or_else(|| nats.url()),
+        otlp_endpoint: None,
     };
     let ctx = Arc::new(Context::new(
         api.client(),
@@ -598,6 +599,7 @@ async fn a_token_from_the_secret_connects_and_is_shown_nowhere() {
     let settings = PlanSettings {
         stage_image: "switchyard:test".into(),
         nats_url: protected.url(),
+        otlp_endpoint: None,
     };
     let plan = switchyard_operator::plan::plan(&pipeline, &settings).unwrap();
     let rendered =

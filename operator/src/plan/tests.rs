@@ -337,3 +337,36 @@ fn an_http_source_token_comes_from_its_secret_and_never_from_nowhere() {
         problems[0]
     );
 }
+
+#[test]
+fn every_unit_exports_spans_where_the_operator_says_unless_its_stage_says_otherwise() {
+    let pipeline = parse_pipeline(
+        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: p, namespace: default}\nspec:\n  sources: [{name: gen, generator: {count: 1}}]\n  stages:\n    - {name: copy, passthrough: {}}\n    - {name: own, passthrough: {}, env: [{name: OTEL_EXPORTER_OTLP_ENDPOINT, value: 'http://mine:4318'}]}\n  sinks: [{name: out, log: {}}]\n",
+    )
+    .unwrap();
+    let endpoints = |settings: &PlanSettings, name: &str| -> Vec<String> {
+        let planned = plan(&pipeline, settings).unwrap();
+        pod_of(&planned, name).containers[0]
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT")
+            .filter_map(|e| e.value)
+            .collect()
+    };
+    let settings = PlanSettings {
+        otlp_endpoint: Some("http://collector.observability:4318".into()),
+        ..PlanSettings::default()
+    };
+    for name in ["gen", "copy", "out"] {
+        assert_eq!(
+            endpoints(&settings, name),
+            ["http://collector.observability:4318"],
+            "{name}"
+        );
+    }
+    // Once, the stage's own: a name twice in `env` would be refused by server-side apply.
+    assert_eq!(endpoints(&settings, "own"), ["http://mine:4318"]);
+    assert!(endpoints(&PlanSettings::default(), "copy").is_empty());
+}
