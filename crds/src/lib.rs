@@ -7,6 +7,7 @@ pub mod jq;
 pub mod kinds;
 pub mod layout;
 pub mod load;
+pub mod migration;
 pub mod pipeline;
 pub mod topology;
 pub mod unit;
