@@ -64,6 +64,23 @@ pub struct PipelineSpec {
     /// Trace events for `switchyard trace`: which units an item passed, when, and where it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Tracing>,
+    /// How an edit of the running Pipeline is carried out: in steps that lose and double nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationSpec>,
+}
+
+/// How an edit of a running Pipeline is carried out.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MigrationSpec {
+    /// Wait until a unit that goes away, and each subject nobody publishes to any more, is read to its
+    /// end (default true). False drops what is left there, which also needs `allowLoss`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<bool>,
+    /// Carry out an edit that drops messages (default false: such an edit is refused, with the reason,
+    /// and the Pipeline keeps running as it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_loss: Option<bool>,
 }
 
 /// What the units record about the items they see.
@@ -107,6 +124,15 @@ pub struct NatsConfig {
 pub const DEFAULT_NATS_REPLICAS: u32 = 1;
 
 impl PipelineSpec {
+    /// `spec.migration`, with its defaults.
+    pub fn migration_policy(&self) -> crate::migration::Policy {
+        let spec = self.migration.clone().unwrap_or_default();
+        crate::migration::Policy {
+            drain: spec.drain.unwrap_or(true),
+            allow_loss: spec.allow_loss.unwrap_or(false),
+        }
+    }
+
     /// `spec.nats.replicas`, or its default.
     pub fn nats_replicas(&self) -> u32 {
         self.nats

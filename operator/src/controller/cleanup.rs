@@ -197,6 +197,7 @@ fn empty_spec() -> PipelineSpec {
         deletion_policy: None,
         paused: false,
         tracing: None,
+        migration: None,
     }
 }
 
