@@ -18,7 +18,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::Layout;
+use crate::layout::{Layout, Names};
 use crate::topology::{Topology, Unit};
 use crate::unit::{ConsumerConfig, UnitConfig, UnitRole};
 
@@ -230,6 +230,49 @@ pub fn epoch_of(subject: &str, data_subject: &str) -> Option<u32> {
         .strip_prefix('_')?
         .parse()
         .ok()
+}
+
+/// Each publisher's epoch, read off the subject it publishes to; publishers at epoch 0 are left out.
+pub fn epochs(units: &[UnitConfig]) -> BTreeMap<String, u32> {
+    units
+        .iter()
+        .filter_map(|u| {
+            let plain = Names::new(&u.namespace, &u.pipeline).data_subject(&u.unit);
+            let epoch = epoch_of(u.output_subject.as_deref()?, &plain)?;
+            (epoch > 0).then(|| (u.unit.clone(), epoch))
+        })
+        .collect()
+}
+
+/// A layout made afresh from a spec, with the epochs a migrated Pipeline's publishers are at: what
+/// runs after a migration, and what the operator and `switchyard run --resume` lay out from then on.
+pub fn with_epochs(mut layout: Layout, epochs: &BTreeMap<String, u32>) -> Layout {
+    let mut moved: BTreeMap<String, String> = BTreeMap::new();
+    for unit in &mut layout.units {
+        let (Some(epoch), Some(subject)) = (epochs.get(&unit.unit), &mut unit.output_subject)
+        else {
+            continue;
+        };
+        let then = epoch_subject(subject, *epoch);
+        moved.insert(subject.clone(), then.clone());
+        *subject = then;
+    }
+    let rewrite = |consumer: &mut ConsumerConfig| {
+        for subject in &mut consumer.filter_subjects {
+            if let Some(then) = moved.get(subject) {
+                *subject = then.clone();
+            }
+        }
+    };
+    for unit in &mut layout.units {
+        if let Some(input) = &mut unit.input {
+            rewrite(input);
+        }
+    }
+    for consumer in &mut layout.nats.consumers {
+        rewrite(consumer);
+    }
+    layout
 }
 
 /// The steps from `running` to `desired`. `desired` is laid out afresh from the new spec, so its

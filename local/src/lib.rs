@@ -4,6 +4,7 @@
 //! is given), `session` (start the units, watch, autoscale, stop), `finish` (summary and cleanup).
 
 mod finish;
+mod migrate;
 mod plot;
 mod prepare;
 mod progress;
@@ -132,6 +133,11 @@ pub struct RunArgs {
     /// Without it, a run starts afresh.
     #[arg(long)]
     pub resume: bool,
+    /// Apply edits of FILE while the run goes on: each edit is planned against what runs and carried
+    /// out in steps that lose and double nothing (printed as they go). An edit that is invalid, or
+    /// that would drop messages without `spec.migration.allowLoss`, is refused and the run goes on.
+    #[arg(long)]
+    pub watch: bool,
     /// Append to the files of file sinks instead of starting them afresh.
     #[arg(long)]
     pub append: bool,
@@ -189,7 +195,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, RunError> {
     note_endless_sources(&prepared, &mut display);
     let mut session = Session::start(&prepared, &nats, stage_bin, &args).await?;
     let watched = session
-        .watch(&prepared, &mut nats, &mut signals, &mut display)
+        .watch(&mut prepared, &mut nats, &mut signals, &mut display)
         .await;
     let wall = session.started.elapsed();
     let ending = match watched {

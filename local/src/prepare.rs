@@ -21,6 +21,8 @@ pub struct Prepared {
     pub nats_replicas: Option<u32>,
     /// The Pipeline file's folder: units run there, so relative paths mean the same as in the file.
     pub base_dir: PathBuf,
+    /// `spec.migration`: how `--watch` carries out an edit.
+    pub policy: switchyard_crds::migration::Policy,
 }
 
 /// Why a Pipeline file cannot be run; shown as lines naming the file.
@@ -125,6 +127,7 @@ pub fn lay_out(file: &Path) -> Result<Prepared, PrepareError> {
         layout,
         nats_replicas: pipeline.spec.nats.as_ref().and_then(|n| n.replicas),
         base_dir,
+        policy: pipeline.spec.migration_policy(),
     })
 }
 

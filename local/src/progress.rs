@@ -73,6 +73,25 @@ impl Display {
         }
     }
 
+    /// One bar per unit, after an edit added or removed units.
+    pub fn resize(&mut self, units: usize) {
+        let Some(multi) = &self.multi else {
+            return;
+        };
+        let style =
+            ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
+        while self.bars.len() < units {
+            self.bars
+                .push(multi.add(ProgressBar::new_spinner().with_style(style.clone())));
+        }
+        while self.bars.len() > units {
+            if let Some(bar) = self.bars.pop() {
+                bar.finish_and_clear();
+                multi.remove(&bar);
+            }
+        }
+    }
+
     pub fn update(&mut self, elapsed: Duration, rows: &[Row]) {
         let width = rows.iter().map(|r| r.unit.len()).max().unwrap_or(4).max(4);
         match self.mode {

@@ -35,8 +35,13 @@ pub async fn reach(
     nats_url: Option<&str>,
     auth: &NatsAuthArgs,
 ) -> Result<Reached, RunError> {
-    let prepared = lay_out(file).map_err(|e| RunError::Prepare(e.to_string()))?;
+    let mut prepared = lay_out(file).map_err(|e| RunError::Prepare(e.to_string()))?;
     let state = LocalState::of(file, &prepared.name);
+    // Edits made with --watch moved publishers to subjects of later epochs.
+    let epochs = state.kept().epochs;
+    if nats_url.is_none() && !epochs.is_empty() {
+        prepared.layout = switchyard_crds::migration::with_epochs(prepared.layout, &epochs);
+    }
     let mut servers = Vec::new();
     let mut lock = None;
     let (url, how, credentials) = match nats_url {

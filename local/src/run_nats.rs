@@ -98,9 +98,21 @@ impl RunNats {
                 } else {
                     NatsCluster::start_in(size, &store)?.nodes
                 };
+                if resumed && !kept.epochs.is_empty() {
+                    // Edits made with --watch moved publishers to subjects of later epochs.
+                    prepared.layout = switchyard_crds::migration::with_epochs(
+                        prepared.layout.clone(),
+                        &kept.epochs,
+                    );
+                }
                 local.save_kept(&Kept {
                     servers: size,
                     counts: kept.counts,
+                    epochs: if resumed {
+                        kept.epochs
+                    } else {
+                        Default::default()
+                    },
                 })?;
                 let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
                 let url = urls.join(",");

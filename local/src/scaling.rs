@@ -71,6 +71,22 @@ impl LocalScaler {
         }
     }
 
+    /// Takes up the switchers of an edited topology: their windows stay, their policies are the new ones.
+    pub fn adopt(&mut self, topology: &Topology) {
+        let mut switchers = BTreeMap::new();
+        for unit in &topology.units {
+            if let Some(s) = &unit.switcher {
+                let window = self
+                    .switchers
+                    .remove(&unit.name)
+                    .map(|(_, w)| w)
+                    .unwrap_or_default();
+                switchers.insert(unit.name.clone(), (Policy::of(s), window));
+            }
+        }
+        self.switchers = switchers;
+    }
+
     pub fn settings(&self) -> BTreeMap<String, SwitcherSettings> {
         self.switchers
             .iter()

@@ -14,6 +14,7 @@ use switchyard_operator::plan::{replicas_of, type_of};
 use switchyard_operator::reports::Reports;
 use tokio::sync::mpsc;
 
+use crate::migrate::{self, Edit, FileWatch, Hands, Planned, Progress};
 use crate::prepare::Prepared;
 use crate::progress::{Display, Row};
 use crate::scaling::LocalScaler;
@@ -72,6 +73,12 @@ pub struct Session {
     /// `switchyard pause` and `resume`, from other terminals.
     control: async_nats::Subscriber,
     pause: Option<Pause>,
+    /// `--watch`: the file, and the edit being carried out.
+    file: PathBuf,
+    file_watch: Option<FileWatch>,
+    edit: Option<Box<Edit>>,
+    edits: u32,
+    edit_seen: bool,
 }
 
 /// A run paused by `switchyard pause`: its sources stopped, its units draining or stopped.
@@ -173,6 +180,11 @@ impl Session {
             totals_of_source: totals_of_sources(prepared),
             control,
             pause: None,
+            file: args.file.clone(),
+            file_watch: args.watch.then(|| FileWatch::new(&args.file)),
+            edit: None,
+            edits: 0,
+            edit_seen: false,
         })
     }
 
@@ -180,7 +192,7 @@ impl Session {
     /// that keeps failing ends it early.
     pub async fn watch(
         &mut self,
-        prepared: &Prepared,
+        prepared: &mut Prepared,
         nats: &mut RunNats,
         signals: &mut StopSignals,
         display: &mut Display,
@@ -217,10 +229,16 @@ impl Session {
                     "unit `{unit}`: process {pid} ended ({status}); restarting it, its messages will be delivered again"
                 ));
             }
+            if let Some(watch) = &mut self.file_watch {
+                if watch.changed() {
+                    self.edit_seen = true;
+                }
+            }
             if last_refresh.elapsed() < REFRESH_EVERY {
                 continue;
             }
             last_refresh = Instant::now();
+            self.carry_out_edits(prepared, nats, display).await;
             // Sources must be done before the pass starts: then a unit found empty, checked after all of
             // its inputs were found empty, can never receive anything again.
             let sources_done = self.supervisor.all_sources_finished();
@@ -236,9 +254,64 @@ impl Session {
                 self.autoscale(prepared, display);
             }
             display.update(self.started.elapsed(), &self.rows(prepared));
-            if sources_done && all_empty {
+            if sources_done && all_empty && self.edit.is_none() {
                 return Ok(Ending::Completed);
             }
+        }
+    }
+
+    /// `--watch`: plans an edit of the file once the one before is done, and carries it on.
+    async fn carry_out_edits(
+        &mut self,
+        prepared: &mut Prepared,
+        nats: &RunNats,
+        display: &mut Display,
+    ) {
+        if self.edit.is_none() && self.edit_seen {
+            if self.pause.is_some() {
+                return;
+            }
+            self.edit_seen = false;
+            self.edits += 1;
+            if let Planned::Edit(edit) =
+                migrate::plan_edit(&self.file, self.edits, prepared, display)
+            {
+                self.edit = Some(edit);
+            }
+        }
+        let Some(edit) = &mut self.edit else {
+            return;
+        };
+        let stream = prepared.layout.nats.stream.name.clone();
+        let mut hands = Hands {
+            nats,
+            supervisor: &mut self.supervisor,
+            config_dir: self.run_dir.path(),
+            stream: &stream,
+        };
+        match edit.advance(&mut hands, display).await {
+            Ok(Progress::Working) => {}
+            Ok(Progress::Refused) => self.edit = None,
+            Ok(Progress::Done) => {
+                if let Some(edit) = self.edit.take() {
+                    *prepared = edit.into_running(prepared);
+                    self.consumers = consumers_in_flow_order(prepared);
+                    self.totals_of_source = totals_of_sources(prepared);
+                    self.scaler.adopt(&prepared.topology);
+                    let units: Vec<&str> = self.consumers.iter().map(|(u, _)| u.as_str()).collect();
+                    self.lags.retain(|u, _| units.contains(&u.as_str()));
+                    display.resize(prepared.layout.units.len());
+                    if let Some((state, _)) = &nats.state {
+                        let mut kept = state.kept();
+                        kept.epochs = switchyard_crds::migration::epochs(&prepared.layout.units);
+                        if let Err(e) = state.save_kept(&kept) {
+                            display.note(&format!("{e}: a --resume of this run may not find the messages of the last edit"));
+                        }
+                    }
+                }
+            }
+            // NATS said no for now: the same step is tried again at the next refresh.
+            Err(e) => display.note(&format!("edit {}: {e}; trying again", edit.number)),
         }
     }
 

@@ -36,6 +36,10 @@ pub struct Kept {
     /// Per unit, what it took in and put out in the last run (for `switchyard graph`).
     #[serde(default)]
     pub counts: BTreeMap<String, UnitCounts>,
+    /// The epoch each publisher was at when `--watch` last carried out an edit (absent: 0), so that a
+    /// resumed run reads the subjects its messages are on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub epochs: BTreeMap<String, u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -241,6 +245,7 @@ mod tests {
         std::fs::create_dir_all(state.store()).unwrap();
         let mut kept = Kept {
             servers: 3,
+            epochs: BTreeMap::from([("wash".to_string(), 2)]),
             ..Kept::default()
         };
         kept.counts.insert(

@@ -293,6 +293,51 @@ impl Supervisor {
         }
     }
 
+    /// Replaces a unit's processes with ones that run `config`: the old ones are asked to stop and
+    /// finish what they hold while the new ones start. See `rolled`.
+    pub fn roll(&mut self, unit: &str, config: PathBuf) {
+        let Some(u) = self.units.iter_mut().find(|u| u.unit == unit) else {
+            return;
+        };
+        u.config = config;
+        // A finished source that changes runs again: from its checkpoint, it may have more to do.
+        u.finished = false;
+        for replica in u.replicas.iter_mut().filter(|r| !r.retiring) {
+            replica.retiring = true;
+            // SAFETY: kill(2) on a child we started and have not reaped.
+            unsafe {
+                libc::kill(replica.pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        u.quick_failures = 0;
+        u.next_start = Some(Instant::now());
+    }
+
+    /// No process of the unit's configuration before the last `roll` is left.
+    pub fn rolled(&self, unit: &str) -> bool {
+        self.units
+            .iter()
+            .find(|u| u.unit == unit)
+            .is_none_or(|u| u.replicas.iter().all(|r| !r.retiring))
+    }
+
+    /// Stops a unit for good: its processes finish what they hold, then `forget` drops it.
+    pub fn retire(&mut self, unit: &str) {
+        self.scale(unit, 0);
+    }
+
+    /// Drops a retired unit once none of its processes is left; true when it is gone.
+    pub fn forget(&mut self, unit: &str) -> bool {
+        let Some(index) = self.units.iter().position(|u| u.unit == unit) else {
+            return true;
+        };
+        if self.units[index].replicas.is_empty() {
+            self.units.remove(index);
+            return true;
+        }
+        false
+    }
+
     pub fn all_sources_finished(&self) -> bool {
         self.units
             .iter()

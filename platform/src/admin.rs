@@ -275,3 +275,65 @@ pub async fn delete_named(
 fn is_not_found(text: &str) -> bool {
     text.contains("not found") || text.contains("10059")
 }
+
+/// Creates a unit's consumer, or changes what it reads: a step of a migration.
+pub async fn put_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &ConsumerConfig,
+) -> Result<(), AdminError> {
+    let handle = js
+        .get_stream(stream)
+        .await
+        .map_err(AdminError::nats(format!("open stream {stream}")))?;
+    handle
+        .create_consumer(consumer_config(consumer))
+        .await
+        .map_err(AdminError::nats(format!(
+            "create or update consumer {} on stream {stream}",
+            consumer.durable
+        )))?;
+    Ok(())
+}
+
+/// Deletes a unit's consumer; one already gone is not an error.
+pub async fn delete_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    durable: &str,
+) -> Result<(), AdminError> {
+    let handle = js
+        .get_stream(stream)
+        .await
+        .map_err(AdminError::nats(format!("open stream {stream}")))?;
+    match handle.delete_consumer(durable).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e.to_string()) => Ok(()),
+        Err(e) => Err(AdminError::nats(format!("delete consumer {durable}"))(e)),
+    }
+}
+
+/// Messages the stream still holds on `subject` (with interest retention: not yet acknowledged by
+/// every consumer that reads it).
+pub async fn messages_on(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> Result<u64, AdminError> {
+    use futures::StreamExt;
+    let handle = js
+        .get_stream(stream)
+        .await
+        .map_err(AdminError::nats(format!("open stream {stream}")))?;
+    let mut subjects = handle
+        .info_with_subjects(subject)
+        .await
+        .map_err(AdminError::nats(format!("count the messages on {subject}")))?;
+    let mut total = 0u64;
+    while let Some(entry) = subjects.next().await {
+        let (_, count) =
+            entry.map_err(AdminError::nats(format!("count the messages on {subject}")))?;
+        total += count as u64;
+    }
+    Ok(total)
+}

@@ -494,3 +494,25 @@ fn the_model_notices_a_migration_done_in_the_wrong_order() {
         model.lost
     );
 }
+
+#[test]
+fn a_layout_made_afresh_takes_the_epochs_a_migration_left() {
+    let text = |spec: &str| {
+        format!("apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: p, namespace: ns}}\nspec:\n{spec}")
+    };
+    let pipeline = parse_pipeline(&text(INSERTED)).unwrap();
+    let topology = analyze(&pipeline).unwrap();
+    let fresh = layout(&topology, &pipeline.spec).unwrap();
+    let first = plan(&states(LINE), &states(INSERTED), Policy::default());
+    let targets: Vec<UnitConfig> = first.target.iter().map(|u| u.config.clone()).collect();
+    assert_eq!(epochs(&targets), BTreeMap::from([("a".to_string(), 1)]));
+    let laid_out = with_epochs(fresh, &epochs(&targets));
+    assert_eq!(laid_out.units, targets);
+    let b = laid_out
+        .nats
+        .consumers
+        .iter()
+        .find(|c| c.durable == "ins")
+        .unwrap();
+    assert_eq!(b.filter_subjects, [format!("{}_1", data("a"))]);
+}
