@@ -207,7 +207,21 @@ impl Migration {
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
     }
+
+    /// Whether the steps must be taken one after the other. Without a publisher that moves, a unit
+    /// that goes or a subject left behind, everything can be applied at once (consumers first), as
+    /// the operator applies any spec.
+    pub fn is_stepwise(&self) -> bool {
+        self.steps.iter().any(|s| match s {
+            Step::Roll { changes, .. } => changes.iter().any(|c| c.ends_with(FROM_NOW_ON)),
+            Step::Drain { .. } | Step::Remove { .. } | Step::AwaitEmpty { .. } => true,
+            Step::Read { .. } | Step::Start { .. } | Step::Rescale { .. } => false,
+        })
+    }
 }
+
+/// How a roll that moves its unit to a new epoch says so.
+const FROM_NOW_ON: &str = "from now on";
 
 /// The subject `unit` publishes to in `epoch`: epoch 0 is the plain data subject, so a Pipeline that
 /// was never migrated keeps the names it always had.
@@ -273,6 +287,26 @@ pub fn with_epochs(mut layout: Layout, epochs: &BTreeMap<String, u32>) -> Layout
         rewrite(consumer);
     }
     layout
+}
+
+/// Units in flow order (each after the publishers it reads), as read back from what runs in any
+/// order. A cycle, which validation never lets through, keeps the order it was given.
+pub fn in_flow_order(mut units: Vec<UnitState>) -> Vec<UnitState> {
+    let mut ordered: Vec<UnitState> = Vec::with_capacity(units.len());
+    while !units.is_empty() {
+        let published: BTreeSet<String> = units
+            .iter()
+            .filter_map(|u| u.config.output_subject.clone())
+            .collect();
+        let next = units.iter().position(|u| {
+            u.config
+                .input
+                .as_ref()
+                .is_none_or(|i| i.filter_subjects.iter().all(|s| !published.contains(s)))
+        });
+        ordered.push(units.remove(next.unwrap_or(0)));
+    }
+    ordered
 }
 
 /// The steps from `running` to `desired`. `desired` is laid out afresh from the new spec, so its
@@ -521,7 +555,7 @@ fn changes(current: &UnitState, target: &UnitState, moved: bool) -> Vec<String> 
     let mut changes = Vec::new();
     if moved {
         changes.push(format!(
-            "publishes to {} from now on",
+            "publishes to {} {FROM_NOW_ON}",
             b.output_subject.as_deref().unwrap_or_default()
         ));
     } else if a.output_subject != b.output_subject {

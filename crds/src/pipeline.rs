@@ -571,6 +571,39 @@ pub struct PipelineStatus {
     pub lag: Option<u64>,
     #[serde(default)]
     pub units: Vec<UnitStatus>,
+    /// The epoch each publisher is at after the migrations so far (absent: 0): its messages go to
+    /// `data.<unit>_<epoch>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub epochs: BTreeMap<String, u32>,
+    /// An edit being carried out step by step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
+}
+
+/// An edit of a running Pipeline being carried out, step by step; an operator that restarts goes on
+/// from the step it was at.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// The generation the migration brings the Pipeline to; a later edit waits for it.
+    pub generation: i64,
+    /// Steps done so far.
+    pub done: u32,
+    /// Every step, as people read it.
+    #[serde(default)]
+    pub steps: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// What the operator executes: the target spec, its epochs and the steps.
+    #[schemars(schema_with = "opaque_object")]
+    pub plan: serde_json::Value,
+}
+
+fn opaque_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]

@@ -309,11 +309,9 @@ impl Edit {
             Step::Roll { unit, .. } => (!hands.supervisor.rolled(unit))
                 .then(|| format!("the processes of {unit} before the edit to finish")),
             Step::Drain { unit } => {
-                match switchyard_platform::nats::read_lag(&hands.nats.js, hands.stream, unit).await
-                {
-                    Some(0) => None,
+                match admin::queue_of(&hands.nats.js, hands.stream, unit).await? {
+                    None | Some(0) => None,
                     Some(n) => Some(format!("{n} messages in the queue of {unit}")),
-                    None => Some(format!("the queue of {unit} to be readable")),
                 }
             }
             Step::Remove { unit } => {

@@ -134,6 +134,8 @@ pub struct Replicas {
 }
 
 /// Labels every object of a unit carries; the selector uses the last two.
+/// The key of a unit's configuration in its ConfigMap.
+pub const CONFIG_KEY: &str = "unit.json";
 pub const LABEL_PIPELINE: &str = "switchyard.dev/pipeline";
 pub const LABEL_UNIT: &str = "switchyard.dev/unit";
 /// Annotation on the pod template: changes when the unit's configuration does, so pods roll.
@@ -152,7 +154,13 @@ const RUN_AS_USER: i64 = 65532;
 /// Checks the Pipeline and plans it; every problem is reported at once.
 pub fn plan(pipeline: &Pipeline, settings: &PlanSettings) -> Result<Plan, Vec<Problem>> {
     let topology = analyze(pipeline)?;
-    let layout = layout(&topology, &pipeline.spec)?;
+    let mut layout = layout(&topology, &pipeline.spec)?;
+    // Publishers a migration moved to later subjects stay there (the status keeps their epochs).
+    if let Some(epochs) = pipeline.status.as_ref().map(|s| &s.epochs) {
+        if !epochs.is_empty() {
+            layout = switchyard_crds::migration::with_epochs(layout, epochs);
+        }
+    }
     let problems = cluster_problems(&pipeline.spec);
     if !problems.is_empty() {
         return Err(problems);
@@ -332,7 +340,7 @@ impl ObjectsFor<'_> {
         ConfigMap {
             metadata: self.metadata(),
             data: Some(BTreeMap::from([(
-                "unit.json".to_string(),
+                CONFIG_KEY.to_string(),
                 config_text(self.config),
             )])),
             ..ConfigMap::default()

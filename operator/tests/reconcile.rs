@@ -252,15 +252,78 @@ async fn a_spec_change_updates_the_objects_in_place() {
     assert!(event_reasons(&w).contains(&"Updated".to_string()));
 }
 
+/// Reconciles, with every rollout finishing as a kubelet would finish it, until a migration in
+/// progress is done; returns the Progressing messages it showed, in order.
+async fn settle_migration(w: &World, name: &str) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for _ in 0..60 {
+        let p: Pipeline =
+            serde_json::from_value(w.api.get(PIPELINES, "default", name).unwrap()).unwrap();
+        controller::reconcile(Arc::new(DeserializeGuard(Ok(p))), w.ctx.clone())
+            .await
+            .unwrap();
+        make_all_ready(w);
+        let p = pipeline(w, name);
+        let (_, reason, message) = condition(w, name, "Progressing");
+        if reason == "Migrating" && seen.last() != Some(&message) {
+            seen.push(message);
+        }
+        let status = p.status.unwrap();
+        if status.migration.is_none() && status.observed_generation == p.metadata.generation {
+            settle(w, name).await.unwrap();
+            return seen;
+        }
+    }
+    panic!("the migration did not finish: {seen:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_unit_removed_from_the_spec_is_pruned() {
+async fn a_unit_removed_from_the_spec_is_drained_then_pruned_in_steps() {
     let w = world();
     w.api.create(PIPELINES, laundry());
     settle(&w, "laundry").await.unwrap();
+    make_all_ready(&w);
     w.api.update(PIPELINES, "default", "laundry", |p| {
         p["spec"]["stages"].as_array_mut().unwrap().pop();
     });
-    settle(&w, "laundry").await.unwrap();
+    let shown = settle_migration(&w, "laundry").await;
+    // What waited said so in Progressing, one step after the other.
+    let waited: Vec<&str> = shown.iter().filter_map(|m| m.split(": ").nth(1)).collect();
+    assert_eq!(
+        waited,
+        ["step 2 of 7", "step 3 of 7", "step 5 of 7"],
+        "{shown:#?}"
+    );
+    assert!(shown[0].contains("roll machines (publishes to switchyard.default.laundry.data.machines_1 from now on); waiting for the pods of machines from before the edit to finish and go"), "{shown:#?}");
+    // The Event that began it names every step, in order.
+    let planned = w
+        .api
+        .list(EVENTS, "default")
+        .iter()
+        .find(|e| e["reason"] == "Migrating")
+        .and_then(|e| {
+            e["note"]
+                .as_str()
+                .or(e["message"].as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let order = [
+        "consumer closet reads switchyard.default.laundry.data.machines_1, switchyard.default.laundry.data.another-person",
+        "roll machines",
+        "roll closet (its input)",
+        "drain another-person",
+        "remove another-person",
+        "wait until closet have read switchyard.default.laundry.data.another-person to its end",
+        "consumer closet reads switchyard.default.laundry.data.machines_1",
+    ];
+    let mut at = 0;
+    for step in order {
+        let found = planned[at..]
+            .find(step)
+            .unwrap_or_else(|| panic!("no `{step}` after `{}` in {planned}", &planned[..at]));
+        at += found + step.len();
+    }
     assert!(w
         .api
         .get(DEPLOYMENTS, "default", "laundry-another-person")
@@ -273,9 +336,15 @@ async fn a_unit_removed_from_the_spec_is_pruned() {
         .api
         .get(DEPLOYMENTS, "default", "laundry-machines")
         .is_some());
-    assert_eq!(pipeline(&w, "laundry").status.unwrap().units.len(), 4);
-    assert!(event_reasons(&w).contains(&"Deleted".to_string()));
-    // Its consumer is gone from NATS too: nothing keeps interest in messages nobody reads.
+    let status = pipeline(&w, "laundry").status.unwrap();
+    assert_eq!(status.units.len(), 4);
+    assert_eq!(status.epochs.get("machines"), Some(&1));
+    let reasons = event_reasons(&w);
+    for reason in ["Migrating", "Migrated", "Deleted"] {
+        assert!(reasons.contains(&reason.to_string()), "{reasons:?}");
+    }
+    // Its consumer is gone from NATS too: nothing keeps interest in messages nobody reads; the closet
+    // reads the machines' new subject.
     let client = async_nats::connect(w.nats.url()).await.unwrap();
     let stream = async_nats::jetstream::new(client)
         .get_stream("switchyard_default_laundry")
@@ -283,6 +352,17 @@ async fn a_unit_removed_from_the_spec_is_pruned() {
         .unwrap();
     assert!(stream.consumer_info("another-person").await.is_err());
     assert!(stream.consumer_info("machines").await.is_ok());
+    let mut closet = stream.consumer_info("closet").await.unwrap().clone();
+    let filters = std::mem::take(&mut closet.config.filter_subjects);
+    let filter = if filters.is_empty() {
+        vec![closet.config.filter_subject.clone()]
+    } else {
+        filters
+    };
+    assert_eq!(filter, ["switchyard.default.laundry.data.machines_1"]);
+    // Once done, the same spec is nothing to do.
+    settle(&w, "laundry").await.unwrap();
+    assert!(pipeline(&w, "laundry").status.unwrap().migration.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -337,3 +337,20 @@ pub async fn messages_on(
     }
     Ok(total)
 }
+
+/// Pending plus unacknowledged messages of a unit's consumer; None when it does not exist.
+pub async fn queue_of(
+    js: &jetstream::Context,
+    stream: &str,
+    durable: &str,
+) -> Result<Option<u64>, AdminError> {
+    let handle = js
+        .get_stream(stream)
+        .await
+        .map_err(AdminError::nats(format!("open stream {stream}")))?;
+    match handle.consumer_info(durable).await {
+        Ok(info) => Ok(Some(info.num_pending + info.num_ack_pending as u64)),
+        Err(e) if is_not_found(&e.to_string()) => Ok(None),
+        Err(e) => Err(AdminError::nats(format!("read consumer {durable}"))(e)),
+    }
+}

@@ -118,6 +118,9 @@ fn changed_steps_roll_the_unit_and_nothing_else() {
     let changed = LINE.replace(".b = 1", ".b = 2");
     let migration = plan(&states(LINE), &states(&changed), Policy::default());
     assert_eq!(printed(&migration), ["roll b (its steps)"]);
+    assert!(!migration.is_stepwise(), "applied at once, as any spec");
+    let inserted = plan(&states(LINE), &states(INSERTED), Policy::default());
+    assert!(inserted.is_stepwise());
 }
 
 #[test]
@@ -515,4 +518,15 @@ fn a_layout_made_afresh_takes_the_epochs_a_migration_left() {
         .find(|c| c.durable == "ins")
         .unwrap();
     assert_eq!(b.filter_subjects, [format!("{}_1", data("a"))]);
+}
+
+#[test]
+fn units_read_back_in_any_order_are_put_in_flow_order() {
+    let mut shuffled = states(INSERTED);
+    shuffled.reverse();
+    let names: Vec<String> = in_flow_order(shuffled)
+        .into_iter()
+        .map(|u| u.config.unit)
+        .collect();
+    assert_eq!(names, ["gen", "a", "ins", "b", "out"]);
 }

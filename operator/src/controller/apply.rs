@@ -236,26 +236,11 @@ pub async fn kubernetes_objects(
     pause: &PauseState,
 ) -> Result<Applied, ApplyError> {
     let uid = pipeline.metadata.uid.clone().unwrap_or_default();
-    let target = Target {
-        ctx,
-        namespace: &plan.namespace,
-        pipeline: &plan.pipeline,
-        uid: &uid,
-        resync: ctx.resyncs.due(&uid),
-        checked_namespace: std::sync::atomic::AtomicBool::new(false),
-    };
+    let target = Target::new(ctx, plan, &uid);
     let mut applied = Applied::default();
     for unit in &plan.units {
-        let name = plan::object_name(&plan.pipeline, &unit.name);
-        let config_map = match ctx.caches.config_map(&plan.namespace, &name) {
-            Some(cached) => Some(cached.metadata.clone()),
-            None => target.get::<ConfigMap>(&name).await?.map(|c| c.metadata),
-        };
-        target
-            .apply(&name, unit.config_map.clone(), config_map, &mut applied)
-            .await?;
         let held = crate::pause::held_replicas(pause, unit.kind == plan::UnitType::Source);
-        let deployment = target.deployment(unit, &name, held, &mut applied).await?;
+        let deployment = target.unit(unit, held, &mut applied).await?;
         applied.deployments.insert(unit.name.clone(), deployment);
     }
     let wanted: Vec<String> = plan
@@ -268,7 +253,53 @@ pub async fn kubernetes_objects(
     Ok(applied)
 }
 
-impl Target<'_> {
+/// Applies one unit's ConfigMap and Deployment, as a step of a migration does; nothing else is
+/// touched.
+pub async fn unit_objects(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    unit: &UnitPlan,
+    applied: &mut Applied,
+) -> Result<Arc<Deployment>, ApplyError> {
+    let uid = pipeline.metadata.uid.clone().unwrap_or_default();
+    Target::new(ctx, plan, &uid).unit(unit, None, applied).await
+}
+
+/// Whether a unit's ConfigMap, as the cache has it, holds what `desired` holds.
+pub fn config_map_current(existing: &ObjectMeta, desired: &ConfigMap) -> bool {
+    up_to_date(existing, &hash_of(&without_replicas(desired)))
+}
+
+impl<'a> Target<'a> {
+    fn new(ctx: &'a Context, plan: &'a Plan, uid: &'a str) -> Target<'a> {
+        Target {
+            ctx,
+            namespace: &plan.namespace,
+            pipeline: &plan.pipeline,
+            uid,
+            resync: ctx.resyncs.due(uid),
+            checked_namespace: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A unit's ConfigMap, then its Deployment.
+    async fn unit(
+        &self,
+        unit: &UnitPlan,
+        held: Option<i32>,
+        applied: &mut Applied,
+    ) -> Result<Arc<Deployment>, ApplyError> {
+        let name = plan::object_name(self.pipeline, &unit.name);
+        let config_map = match self.ctx.caches.config_map(self.namespace, &name) {
+            Some(cached) => Some(cached.metadata.clone()),
+            None => self.get::<ConfigMap>(&name).await?.map(|c| c.metadata),
+        };
+        self.apply(&name, unit.config_map.clone(), config_map, applied)
+            .await?;
+        self.deployment(unit, &name, held, applied).await
+    }
+
     /// `held`: the replicas a pause holds the unit at.
     async fn deployment(
         &self,
@@ -531,7 +562,7 @@ fn names_of<'a, K: Resource + 'a>(
 
 /// Names of the Deployments and ConfigMaps this Pipeline owns: from the caches when they run, else
 /// listed by label (the label alone could be anybody's, so ownership is checked too).
-async fn owned_names(
+pub(super) async fn owned_names(
     ctx: &Context,
     plan: &Plan,
     uid: &str,

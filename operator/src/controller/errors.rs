@@ -7,6 +7,7 @@ use switchyard_crds::validate::Problem;
 
 use super::apply::ApplyError;
 use super::cleanup::CleanupError;
+use super::migrate::MigrateError;
 use super::resolve::ResolveError;
 
 /// A Pipeline whose objects clash with another's is looked at again this often, since the other
@@ -50,6 +51,8 @@ pub enum Error {
     Status(#[from] StatusError),
     #[error(transparent)]
     Cleanup(#[from] CleanupError),
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
 }
 
 /// What the controller does after a failure.
@@ -78,6 +81,10 @@ impl Error {
             Error::Apply(ApplyError::NamespaceTerminating { .. }) => "namespace_terminating",
             Error::Status(_) => "status",
             Error::Cleanup(_) => "cleanup",
+            Error::Migrate(
+                MigrateError::Apply(ApplyError::Nats(_)) | MigrateError::Nats { .. },
+            ) => "nats",
+            Error::Migrate(_) => "migration",
         }
     }
 
@@ -95,6 +102,7 @@ impl Error {
             Error::Apply(ApplyError::NameConflict { .. }) => "NameConflict",
             Error::Apply(ApplyError::Refused { .. }) => "ApplyFailed",
             Error::Cleanup(_) => "CleanupFailed",
+            Error::Migrate(_) => "MigrationFailed",
             Error::Apply(ApplyError::NamespaceTerminating { .. }) | Error::Status(_) => {
                 return None
             }
@@ -103,9 +111,9 @@ impl Error {
 
     pub fn next(&self) -> Next {
         match self {
-            Error::Validate(_) | Error::Apply(ApplyError::NamespaceTerminating { .. }) => {
-                Next::AwaitChange
-            }
+            Error::Validate(_)
+            | Error::Apply(ApplyError::NamespaceTerminating { .. })
+            | Error::Migrate(MigrateError::Plan(_)) => Next::AwaitChange,
             Error::Apply(ApplyError::NameConflict { .. } | ApplyError::Replicas(_)) => {
                 Next::Recheck(CONFLICT_RECHECK)
             }

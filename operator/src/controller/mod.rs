@@ -19,6 +19,7 @@ pub mod autoscaler;
 pub mod caches;
 pub mod cleanup;
 pub mod errors;
+pub mod migrate;
 pub mod nats;
 pub mod observe;
 pub mod reconcile;

@@ -16,7 +16,8 @@ use switchyard_crds::{Pipeline, PipelineSpec, PipelineStatus};
 use super::apply::{self, Applied};
 use super::caches::PipelineObject;
 use super::errors::{Error, FinalizerError, Next, StatusError, ValidateError};
-use super::status::{self, Observation, Outcome, UnitObservation};
+use super::migrate::{self, Migrating, Taken};
+use super::status::{self, MigrationState, Observation, Outcome, UnitObservation};
 use super::{
     cleanup, observe, resolve, Context, FIELD_MANAGER, FINALIZER, REFRESH, REFRESH_SWITCHERS,
 };
@@ -92,6 +93,34 @@ pub fn error_policy(object: Arc<PipelineObject>, error: &Error, ctx: Arc<Context
 async fn reconcile_pipeline(pipeline: &Pipeline, ctx: &Context) -> Result<Action, Error> {
     let plan = plan::plan(pipeline, &ctx.settings).map_err(ValidateError::Invalid)?;
     let js = resolve::nats(ctx, &plan.namespace, &pipeline.spec).await?;
+    if let Migrating::Yes(taken) = migrate::reconcile(ctx, pipeline, &plan, &js).await? {
+        let Taken {
+            state,
+            epochs,
+            plan: target,
+            applied,
+            again,
+        } = *taken;
+        announce(ctx, &pipeline.metadata, &applied).await;
+        let figures = observe::nats_figures(&js, &target, &key(&pipeline.metadata)).await;
+        let mut deployments = applied.deployments.clone();
+        for unit in &target.units {
+            let name = plan::object_name(&target.pipeline, &unit.name);
+            if let Some(d) = ctx.caches.deployment(&target.namespace, &name) {
+                deployments.entry(unit.name.clone()).or_insert(d);
+            }
+        }
+        let units = observe::units(ctx, &target, &deployments, &figures);
+        let found = Found {
+            units,
+            pause: PauseState::Running,
+            epochs,
+            migration: state,
+        };
+        update_status(ctx, pipeline, &target, found).await?;
+        // A migration just finished: the next reconcile applies the spec as usual.
+        return Ok(Action::requeue(again.max(Duration::from_millis(200))));
+    }
     apply::nats_objects(&js, &plan).await?;
     let figures = observe::nats_figures(&js, &plan, &key(&pipeline.metadata)).await;
     let pause = observe::pause(ctx, pipeline, &plan, &figures);
@@ -104,7 +133,17 @@ async fn reconcile_pipeline(pipeline: &Pipeline, ctx: &Context) -> Result<Action
     ctx.metrics
         .record_units(&plan.namespace, &plan.pipeline, &units);
     let draining = matches!(pause, PauseState::Draining { .. });
-    update_status(ctx, pipeline, &plan, units, pause).await?;
+    let found = Found {
+        units,
+        pause,
+        epochs: pipeline
+            .status
+            .as_ref()
+            .map(|s| s.epochs.clone())
+            .unwrap_or_default(),
+        migration: MigrationState::None,
+    };
+    update_status(ctx, pipeline, &plan, found).await?;
     // Switchers change often: refresh their status (lag, why they hold) sooner; a pause in progress
     // is looked at again soon, to stop the units once they are drained.
     Ok(Action::requeue(if draining {
@@ -116,18 +155,33 @@ async fn reconcile_pipeline(pipeline: &Pipeline, ctx: &Context) -> Result<Action
     }))
 }
 
+/// What a reconcile found, for the status.
+struct Found {
+    units: Vec<UnitObservation>,
+    pause: PauseState,
+    epochs: std::collections::BTreeMap<String, u32>,
+    migration: MigrationState,
+}
+
 async fn update_status(
     ctx: &Context,
     pipeline: &Pipeline,
     plan: &Plan,
-    units: Vec<UnitObservation>,
-    pause: PauseState,
+    found: Found,
 ) -> Result<(), StatusError> {
+    let Found {
+        units,
+        pause,
+        epochs,
+        migration,
+    } = found;
     let observation = Observation {
         generation: pipeline.metadata.generation,
         outcome: Outcome::Applied,
         units,
         pause,
+        epochs,
+        migration,
         dead_letter_subject: plan
             .units
             .first()
@@ -216,6 +270,9 @@ async fn report(
         units: Vec::new(),
         pause: PauseState::Running,
         dead_letter_subject: String::new(),
+        // Not written: a failed reconcile keeps what the status had of them.
+        epochs: Default::default(),
+        migration: Default::default(),
     };
     let next = status::compute(previous, &observation, &super::now());
     let changed = status::condition(&next, status::READY).map(|c| (&c.reason, &c.message))

@@ -2,8 +2,10 @@
 //! previous status always give the same result, and a condition's `lastTransitionTime` moves only when
 //! its status does.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use switchyard_crds::{PipelineStatus, UnitStatus};
+use switchyard_crds::{MigrationStatus, PipelineStatus, UnitStatus};
 
 use crate::pause::PauseState;
 
@@ -27,7 +29,27 @@ pub struct Observation {
     pub pause: PauseState,
     /// Where dead letters can be inspected, for messages.
     pub dead_letter_subject: String,
+    /// The epochs of the publishers, as the status keeps them.
+    pub epochs: BTreeMap<String, u32>,
+    pub migration: MigrationState,
 }
+
+/// Where the Pipeline stands with an edit that is carried out in steps.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum MigrationState {
+    #[default]
+    None,
+    /// Carrying one out: what the status keeps of it, and what its current step waits for.
+    Migrating {
+        status: MigrationStatus,
+        waiting: Option<String>,
+    },
+    /// The edit would drop messages: refused, with the reason; what runs stays as it was.
+    Refused { reason: String },
+}
+
+/// The phase of a Pipeline whose edit is being carried out step by step.
+pub const PHASE_MIGRATING: &str = "Migrating";
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
@@ -110,6 +132,10 @@ pub fn needs_write(
 /// What a status says, without its figures.
 fn shape(s: &PipelineStatus) -> impl PartialEq + '_ {
     (
+        (
+            &s.epochs,
+            s.migration.as_ref().map(|m| (m.generation, m.done)),
+        ),
         s.observed_generation,
         &s.phase,
         &s.units_summary,
@@ -180,6 +206,11 @@ pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time)
             condition(degraded),
             condition(paused_condition(&obs.pause)),
         ],
+        epochs: obs.epochs.clone(),
+        migration: match &obs.migration {
+            MigrationState::Migrating { status, .. } => Some(status.clone()),
+            _ => None,
+        },
         units_summary: applied.then(|| format!("{ready_units}/{}", obs.units.len())),
         lag: applied.then(|| obs.units.iter().filter_map(|u| u.lag).sum()),
         units: obs
@@ -291,14 +322,42 @@ fn applied_conditions(
         "Deploying"
     };
     let degraded = degraded_condition(obs, &failed);
-    match &obs.pause {
-        PauseState::Running => (
+    match (&obs.pause, &obs.migration) {
+        (PauseState::Running, MigrationState::Migrating { status, waiting }) => {
+            let step = status
+                .steps
+                .get(status.done as usize)
+                .map_or("finishing", String::as_str);
+            let mut message = format!(
+                "carrying out generation {} in {} steps: step {} of {}: {step}",
+                status.generation,
+                status.steps.len(),
+                (status.done as usize + 1).min(status.steps.len()),
+                status.steps.len()
+            );
+            if let Some(waiting) = waiting {
+                message.push_str(&format!("; waiting for {waiting}"));
+            }
+            (
+                ready_condition(&not_ready, total),
+                (PROGRESSING, true, "Migrating", message),
+                degraded,
+                PHASE_MIGRATING,
+            )
+        }
+        (PauseState::Running, MigrationState::Refused { reason }) => (
+            ready_condition(&not_ready, total),
+            (PROGRESSING, false, "MigrationRefused", reason.clone()),
+            degraded,
+            phase,
+        ),
+        (PauseState::Running, MigrationState::None) => (
             ready_condition(&not_ready, total),
             progressing_condition(&not_ready, &failed, total),
             degraded,
             phase,
         ),
-        PauseState::Draining { waiting } => {
+        (PauseState::Draining { waiting }, _) => {
             let message = format!("pausing (spec.paused): waiting for {}", waiting.join(", "));
             (
                 (READY, false, "Pausing", message.clone()),
@@ -307,7 +366,7 @@ fn applied_conditions(
                 PHASE_PAUSING,
             )
         }
-        PauseState::Paused => {
+        (PauseState::Paused, _) => {
             let message = PAUSED_MESSAGE.to_string();
             (
                 (READY, false, "Paused", message.clone()),
@@ -425,6 +484,8 @@ mod tests {
             outcome,
             units,
             pause: PauseState::Running,
+            epochs: BTreeMap::new(),
+            migration: MigrationState::None,
             dead_letter_subject: "switchyard.default.p.dlq.*".into(),
         }
     }

@@ -1,6 +1,7 @@
 //! An in-memory Kubernetes API server behind a real `kube::Client`: enough of it for the operator —
 //! get, list and watch (with label selectors, in one namespace or all), create, server-side apply
-//! (approximated as a merge, since there is one field manager), merge and JSON patches, the status
+//! (approximated as a merge, since there is one field manager; of the status, as a replacement, since
+//! that manager sends all of it), merge and JSON patches, the status
 //! subresource, deletion with finalizers, and garbage collection of owned objects.
 
 use std::collections::BTreeMap;
@@ -611,7 +612,13 @@ fn patch(store: &mut Store, route: &Route, name: &str, call: &Call) -> Response<
         }
     };
     if is_status {
-        let status = next["status"].clone();
+        // The operator's one field manager sends the whole status: what it leaves out, it no longer
+        // owns, and a real API server removes it.
+        let status = if call.content_type.starts_with("application/apply-patch") {
+            call.body["status"].clone()
+        } else {
+            next["status"].clone()
+        };
         next = current.clone();
         next["status"] = status;
     } else if route.prefix.starts_with("/apis/switchyard.dev") {
