@@ -86,6 +86,10 @@ const SCENARIOS: &[Scenario] = &[
         "kubectl_switchyard_reaches_a_pipeline_by_name",
         scenarios::kubectl_switchyard_reaches_a_pipeline_by_name,
     ),
+    (
+        "an_edit_is_carried_out_in_steps_across_an_operator_restart",
+        scenarios::an_edit_is_carried_out_in_steps_across_an_operator_restart,
+    ),
     ("many_pipelines", scenarios::many_pipelines),
 ];
 

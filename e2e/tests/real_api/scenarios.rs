@@ -1114,3 +1114,187 @@ pub fn kubectl_switchyard_reaches_a_pipeline_by_name(suite: &Suite) {
         said.lines().next().unwrap_or_default()
     );
 }
+
+/// What a consumer reads, from NATS.
+fn consumer_reads(suite: &Suite, stream: &str, durable: &str) -> Vec<String> {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let js = suite.jetstream().await;
+        let Ok(stream) = js.get_stream(stream).await else {
+            return Vec::new();
+        };
+        match stream.consumer_info(durable).await {
+            Ok(info) if info.config.filter_subjects.is_empty() => {
+                vec![info.config.filter_subject.clone()]
+            }
+            Ok(info) => info.config.filter_subjects.clone(),
+            Err(_) => Vec::new(),
+        }
+    })
+}
+
+/// Applies `yaml` and waits, acting as the kubelet, until its migration is done; returns the
+/// Progressing messages it showed, in order.
+fn migrate_to(suite: &Suite, ns: &str, yaml: &str) -> Vec<String> {
+    suite.apply_ok(yaml);
+    let generation = suite.pipeline(ns, "p")["metadata"]["generation"]
+        .as_i64()
+        .unwrap_or(0);
+    let mut shown: Vec<String> = Vec::new();
+    wait_for(MINUTE, "the migration done", || {
+        suite.mark_pods_ready(ns);
+        let p = suite.pipeline(ns, "p");
+        if let Some((_, reason, message)) = condition_of(&p, "Progressing") {
+            if reason == "Migrating" && shown.last() != Some(&message) {
+                shown.push(message);
+            }
+        }
+        p["status"]["observedGeneration"].as_i64() == Some(generation)
+            && p["status"]["migration"].is_null()
+            && ready(suite, ns, "p").as_deref() == Some("True/AllUnitsReady")
+    });
+    shown
+}
+
+fn exists(suite: &Suite, ns: &str, kind: &str, name: &str) -> bool {
+    suite
+        .kubectl(&["get", kind, name, "-n", ns])
+        .status
+        .success()
+}
+
+/// An edit of a running Pipeline, carried out in steps against a real API server: insert a stage
+/// (its consumer and Deployment before its publisher moves to it; the old subject read to its end
+/// first, with the operator restarted while it waits), remove one (drained, then deleted), rewire the
+/// sink to a new stage; and a lossy edit refused until loss is allowed. The test acts as the kubelet
+/// and, where a step waits for messages to be read, as the pods.
+pub fn an_edit_is_carried_out_in_steps_across_an_operator_restart(suite: &Suite) {
+    let ns = "migrating";
+    let stream = "switchyard_migrating_p";
+    let data = |unit: &str| format!("switchyard.migrating.p.data.{unit}");
+    let install = suite.install(ns);
+    let operator = suite.start_operator(&install, &[]);
+    let stages = |list: &[&str]| {
+        list.iter()
+            .map(|s| format!("    - {s}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (a, ins, b, c) = (
+        "{name: a, jq: '.a = 1'}",
+        "{name: ins, jq: '.ins = 1'}",
+        "{name: b, jq: '.b = 1'}",
+        "{name: c, jq: '.c = 1'}",
+    );
+    suite.apply_ok(&pipeline_yaml(ns, "p", &stages(&[a, b])));
+    wait_for(MINUTE, "Ready", || {
+        suite.mark_pods_ready(ns);
+        ready(suite, ns, "p").as_deref() == Some("True/AllUnitsReady")
+    });
+    // What a published and b has not read yet: the old subject must be read to its end.
+    backlog(suite, &data("a"), 200);
+
+    // 1. Insert `ins` between a and b.
+    suite.apply_ok(&pipeline_yaml(ns, "p", &stages(&[a, ins, b])));
+    let waiting = format!(
+        "waiting for b to read the 200 messages left on {}",
+        data("a")
+    );
+    wait_for(MINUTE, "the step that waits for the old subject", || {
+        suite.mark_pods_ready(ns);
+        condition_of(&suite.pipeline(ns, "p"), "Progressing")
+            .is_some_and(|(_, reason, m)| reason == "Migrating" && m.contains(&waiting))
+    });
+    // Everything before that step is done, in the cluster and in NATS.
+    let p = suite.pipeline(ns, "p");
+    assert_eq!(p["status"]["phase"], "Migrating");
+    assert_eq!(p["status"]["migration"]["done"], 5, "{}", p["status"]);
+    assert_eq!(
+        consumer_reads(suite, stream, "ins"),
+        [format!("{}_1", data("a"))]
+    );
+    assert_eq!(consumer_reads(suite, stream, "b"), [data("ins"), data("a")]);
+    assert!(exists(suite, ns, "deployment", "p-ins"));
+    let config = suite.json(&["get", "configmap", "p-a", "-n", ns]);
+    let unit: Value = serde_json::from_str(config["data"]["unit.json"].as_str().unwrap_or("{}"))
+        .unwrap_or_default();
+    assert_eq!(unit["outputSubject"], format!("{}_1", data("a")));
+    // An operator that restarts goes on from the same step.
+    operator.stop();
+    let operator = suite.start_operator(&install, &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    let p = suite.pipeline(ns, "p");
+    assert_eq!(p["status"]["migration"]["done"], 5);
+    assert!(condition_of(&p, "Progressing").is_some_and(|(_, _, m)| m.contains(&waiting)));
+    assert_eq!(drain(suite, stream, "b"), 200, "taken as b's pods would");
+    wait_for(MINUTE, "edit 1 done", || {
+        suite.mark_pods_ready(ns);
+        suite.pipeline(ns, "p")["status"]["migration"].is_null()
+    });
+    let p = suite.pipeline(ns, "p");
+    assert_eq!(p["status"]["epochs"], json!({"a": 1}));
+    assert_eq!(consumer_reads(suite, stream, "b"), [data("ins")]);
+    assert!(suite.has_event(ns, "Migrating", "consumer ins reads"));
+    assert!(suite.has_event(ns, "Migrated", "generation 2 carried out in 7 steps"));
+
+    // 2. Remove `a`: drained, then deleted with its consumer.
+    let shown = migrate_to(suite, ns, &pipeline_yaml(ns, "p", &stages(&[ins, b])));
+    println!("  edit 2 showed {} waiting steps", shown.len());
+    assert!(!exists(suite, ns, "deployment", "p-a"));
+    assert!(!exists(suite, ns, "configmap", "p-a"));
+    assert!(consumer_reads(suite, stream, "a").is_empty());
+    assert_eq!(
+        consumer_reads(suite, stream, "ins"),
+        [format!("{}_1", data("src"))]
+    );
+    assert_eq!(
+        suite.pipeline(ns, "p")["status"]["epochs"],
+        json!({"src": 1})
+    );
+
+    // 3. Rewire the sink to a new stage `c`.
+    migrate_to(suite, ns, &pipeline_yaml(ns, "p", &stages(&[ins, b, c])));
+    assert!(exists(suite, ns, "deployment", "p-c"));
+    assert_eq!(consumer_reads(suite, stream, "out"), [data("c")]);
+    assert_eq!(
+        consumer_reads(suite, stream, "c"),
+        [format!("{}_1", data("b"))]
+    );
+    assert_eq!(
+        suite.pipeline(ns, "p")["status"]["epochs"],
+        json!({"src": 1, "b": 1})
+    );
+
+    // 4. Removing `c` without draining while it holds messages is refused, until loss is allowed.
+    backlog(suite, &format!("{}_1", data("b")), 50);
+    let lossy = pipeline_yaml(ns, "p", &stages(&[ins, b]))
+        .replace("spec:\n", "spec:\n  migration: {drain: false}\n");
+    suite.apply_ok(&lossy);
+    wait_for(MINUTE, "refused", || {
+        condition_of(&suite.pipeline(ns, "p"), "Progressing").is_some_and(|(s, r, m)| {
+            s == "False" && r == "MigrationRefused" && m.contains("50 messages in the queue of c")
+        })
+    });
+    assert!(exists(suite, ns, "deployment", "p-c"), "nothing changed");
+    assert!(suite.has_event(ns, "MigrationRefused", "allowLoss: true to drop them"));
+    migrate_to(
+        suite,
+        ns,
+        &lossy.replace("{drain: false}", "{drain: false, allowLoss: true}"),
+    );
+    assert!(!exists(suite, ns, "deployment", "p-c"));
+    assert_eq!(
+        consumer_reads(suite, stream, "out"),
+        [format!("{}_2", data("b"))]
+    );
+    for event in suite.events(ns) {
+        if event["reason"] == "Migrating" || event["reason"] == "Migrated" {
+            println!(
+                "  {}: {}",
+                event["reason"].as_str().unwrap_or_default(),
+                event["note"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    operator.stop();
+}
