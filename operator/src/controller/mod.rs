@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `reconcile.rs` | the steps in order, the finalizer, and where failures become conditions |
 //! | `resolve.rs` | references: the NATS server and the credentials Secret |
+//! | `migrate.rs` | an edit that needs steps, carried out one step at a time instead of the apply |
 //! | `apply.rs` | NATS objects, then ConfigMaps and Deployments (only when changed), pruning |
 //! | `observe.rs` | rollout state of each Deployment, lag and dead letters from NATS |
 //! | `status.rs` | the status, computed purely from what was observed |
