@@ -47,6 +47,10 @@ enum Command {
         /// OTLP endpoint every unit exports spans to (OTEL_EXPORTER_OTLP_ENDPOINT in its pods).
         #[arg(long)]
         otlp_endpoint: Option<String>,
+        /// Print instead the steps that carry a running Pipeline, as this file has it, over to FILE
+        /// (what an edit costs), as the operator and `run --watch` would take them.
+        #[arg(long, value_name = "RUNNING_FILE")]
+        from: Option<PathBuf>,
     },
     /// Run the operator: reconcile Pipelines in the cluster (in a pod, or with KUBECONFIG).
     Operator {
@@ -124,11 +128,17 @@ fn main() -> ExitCode {
         Command::Validate { files } => validate(&files),
         Command::Plan {
             file,
+            from: Some(running),
+            ..
+        } => print_migration(&running, &file),
+        Command::Plan {
+            file,
             only,
             namespace,
             image,
             nats_url,
             otlp_endpoint,
+            from: None,
         } => print_plan(
             &file,
             only,
@@ -217,6 +227,60 @@ fn validate(files: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The steps from the Pipeline in `running` to the one in `file`.
+fn print_migration(running: &Path, file: &Path) -> ExitCode {
+    use switchyard_crds::migration;
+    let states = |path: &Path| -> Result<(Vec<migration::UnitState>, migration::Policy), String> {
+        let pipeline = load(path).map_err(|e| e.describe(path))?;
+        let topology =
+            switchyard_crds::validate::analyze(&pipeline).map_err(|p| load::describe(path, &p))?;
+        let layout = switchyard_crds::layout::layout(&topology, &pipeline.spec)
+            .map_err(|p| load::describe(path, &p))?;
+        Ok((
+            migration::unit_states(&topology, &layout),
+            pipeline.spec.migration_policy(),
+        ))
+    };
+    let (before, after) = match (states(running), states(file)) {
+        (Ok(before), Ok(after)) => (before, after),
+        (Err(e), _) | (_, Err(e)) => {
+            eprint!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (policy, migration) = (after.1, migration::plan(&before.0, &after.0, after.1));
+    if migration.is_empty() {
+        println!("nothing to change");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{} step{}, {}:",
+        migration.steps.len(),
+        if migration.steps.len() == 1 { "" } else { "s" },
+        if migration.is_stepwise() {
+            "taken one after the other"
+        } else {
+            "applied at once, as any spec"
+        }
+    );
+    for (n, step) in migration.steps.iter().enumerate() {
+        println!("{:>3}. {step}", n + 1);
+    }
+    if !migration.discards.is_empty() {
+        let what: Vec<String> = migration.discards.iter().map(|d| d.to_string()).collect();
+        println!(
+            "without drain, drops whatever is then in {}{}",
+            what.join(" and "),
+            if policy.allow_loss {
+                " (allowLoss is set)"
+            } else {
+                ": refused if any of it holds messages, unless allowLoss is set"
+            }
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn print_plan(

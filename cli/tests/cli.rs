@@ -156,6 +156,48 @@ fn plan_is_deterministic_and_every_object_validates_for_kubernetes_1_33_and_1_37
 }
 
 #[test]
+fn plan_from_a_running_file_prints_what_an_edit_costs() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = |stages: &str| {
+        format!("apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: p}}\nspec:\n  sources: [{{name: gen, generator: {{count: 1}}}}]\n  stages:\n{stages}  sinks: [{{name: out, log: {{}}}}]\n")
+    };
+    let (a, ins, b) = (
+        "    - {name: a, jq: '.a = 1'}\n",
+        "    - {name: ins, jq: '.ins = 1'}\n",
+        "    - {name: b, jq: '.b = 1'}\n",
+    );
+    std::fs::write(dir.path().join("old.yaml"), spec(&format!("{a}{b}"))).unwrap();
+    std::fs::write(dir.path().join("new.yaml"), spec(&format!("{a}{ins}{b}"))).unwrap();
+    std::fs::write(
+        dir.path().join("steps.yaml"),
+        spec(&format!("{a}{}", b.replace(".b = 1", ".b = 2"))),
+    )
+    .unwrap();
+    let plan = |file: &str| {
+        let out = switchyard()
+            .args(["plan", file, "--from", "old.yaml"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let inserted = plan("new.yaml");
+    assert!(
+        inserted.starts_with("7 steps, taken one after the other:\n  1. consumer ins reads switchyard.default.p.data.a_1\n"),
+        "{inserted}"
+    );
+    assert!(
+        inserted.contains("  4. roll a (publishes to switchyard.default.p.data.a_1 from now on)\n")
+    );
+    assert_eq!(
+        plan("steps.yaml"),
+        "1 step, applied at once, as any spec:\n  1. roll b (its steps)\n"
+    );
+    assert_eq!(plan("old.yaml"), "nothing to change\n");
+}
+
+#[test]
 fn the_crd_validates_for_kubernetes_1_33_and_1_37_and_matches_the_command() {
     let crd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/switchyard.dev_pipelines.yaml");
     let printed = switchyard().arg("crd").output().unwrap();
