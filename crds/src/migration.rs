@@ -309,6 +309,14 @@ pub fn in_flow_order(mut units: Vec<UnitState>) -> Vec<UnitState> {
     ordered
 }
 
+/// Why an edit without drain is refused, given what it would drop (`admin::held_in`).
+pub fn refusal(held: &[String]) -> String {
+    format!(
+        "with spec.migration.drain false it would drop {}; set drain: true to read them first, or allowLoss: true to drop them",
+        held.join(" and ")
+    )
+}
+
 /// The steps from `running` to `desired`. `desired` is laid out afresh from the new spec, so its
 /// units publish and read plain (epoch 0) subjects; the target gives each publisher the epoch it
 /// needs. Both list units in topological order (every unit after its inputs).

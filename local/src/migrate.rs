@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use switchyard_crds::migration::{self, Discard, Migration, Step, UnitState};
+use switchyard_crds::migration::{self, Migration, Step, UnitState};
 use switchyard_crds::unit::UnitRole;
 use switchyard_operator::plan::replicas_of;
 use switchyard_platform::admin;
@@ -229,28 +229,8 @@ impl Edit {
         if self.prepared.policy.allow_loss {
             return Ok(None);
         }
-        let mut found = Vec::new();
-        for discard in &self.migration.discards {
-            let held = match discard {
-                Discard::Queue { unit } => {
-                    switchyard_platform::nats::read_lag(&hands.nats.js, hands.stream, unit)
-                        .await
-                        .unwrap_or(0)
-                }
-                Discard::Subject { subject } => {
-                    admin::messages_on(&hands.nats.js, hands.stream, subject).await?
-                }
-            };
-            if held > 0 {
-                found.push(format!("{held} messages in {discard}"));
-            }
-        }
-        Ok((!found.is_empty()).then(|| {
-            format!(
-                "with spec.migration.drain false it would drop {}; set drain: true to read them first, or allowLoss: true to drop them",
-                found.join(" and ")
-            )
-        }))
+        let held = admin::held_in(&hands.nats.js, hands.stream, &self.migration.discards).await?;
+        Ok((!held.is_empty()).then(|| migration::refusal(&held)))
     }
 
     fn target(&self, unit: &str) -> Option<&UnitState> {

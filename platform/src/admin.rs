@@ -354,3 +354,23 @@ pub async fn queue_of(
         Err(e) => Err(AdminError::nats(format!("read consumer {durable}"))(e)),
     }
 }
+
+/// What a migration without drain would drop, as "N messages in <where>", for those that hold any.
+pub async fn held_in(
+    js: &jetstream::Context,
+    stream: &str,
+    discards: &[switchyard_crds::migration::Discard],
+) -> Result<Vec<String>, AdminError> {
+    use switchyard_crds::migration::Discard;
+    let mut found = Vec::new();
+    for discard in discards {
+        let held = match discard {
+            Discard::Queue { unit } => queue_of(js, stream, unit).await?.unwrap_or(0),
+            Discard::Subject { subject } => messages_on(js, stream, subject).await?,
+        };
+        if held > 0 {
+            found.push(format!("{held} messages in {discard}"));
+        }
+    }
+    Ok(found)
+}

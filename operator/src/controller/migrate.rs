@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::events::EventType;
 use serde::{Deserialize, Serialize};
-use switchyard_crds::migration::{self, Discard, Migration, Step, UnitState};
+use switchyard_crds::migration::{self, Migration, Step, UnitState};
 use switchyard_crds::unit::UnitConfig;
 use switchyard_crds::{MigrationStatus, Pipeline, PipelineSpec};
 use switchyard_platform::admin::{self, AdminError};
@@ -369,29 +369,16 @@ async fn refusal(
     if migration.discards.is_empty() || policy.allow_loss {
         return Ok(None);
     }
-    let stream = &plan.nats.stream.name;
-    let mut found = Vec::new();
-    for discard in &migration.discards {
-        let held =
-            match discard {
-                Discard::Queue { unit } => switchyard_platform::nats::read_lag(js, stream, unit)
-                    .await
-                    .unwrap_or(0),
-                Discard::Subject { subject } => admin::messages_on(js, stream, subject)
-                    .await
-                    .map_err(|source| MigrateError::Nats {
-                        step: format!("count {discard}"),
-                        source,
-                    })?,
-            };
-        if held > 0 {
-            found.push(format!("{held} messages in {discard}"));
-        }
-    }
-    Ok((!found.is_empty()).then(|| {
+    let held = admin::held_in(js, &plan.nats.stream.name, &migration.discards)
+        .await
+        .map_err(|source| MigrateError::Nats {
+            step: "count what the edit would drop".to_string(),
+            source,
+        })?;
+    Ok((!held.is_empty()).then(|| {
         format!(
-            "the edit is not applied and the Pipeline runs as it was: with spec.migration.drain false it would drop {}; set drain: true to read them first, or allowLoss: true to drop them",
-            found.join(" and ")
+            "the edit is not applied and the Pipeline runs as it was: {}",
+            migration::refusal(&held)
         )
     }))
 }
