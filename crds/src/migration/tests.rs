@@ -530,3 +530,35 @@ fn units_read_back_in_any_order_are_put_in_flow_order() {
         .collect();
     assert_eq!(names, ["gen", "a", "ins", "b", "out"]);
 }
+
+#[test]
+fn a_sink_added_beside_another_reads_from_now_on_and_one_removed_is_drained() {
+    let two_sinks = LINE.replace(
+        "sinks: [{name: out, log: {}}]",
+        "sinks: [{name: out, log: {}}, {name: audit, log: {}}]",
+    );
+    // b keeps its reader `out`: nothing moves, the new sink's consumer comes before it starts.
+    let added = plan(&states(LINE), &states(&two_sinks), Policy::default());
+    assert_eq!(
+        printed(&added),
+        [
+            format!("consumer audit reads {}", data("b")),
+            "start audit".to_string(),
+        ]
+    );
+    assert!(!added.is_stepwise());
+    // b loses a reader: it moves on, so that the sink going away can be read to its end.
+    let removed = plan(&states(&two_sinks), &states(LINE), Policy::default());
+    assert_eq!(
+        printed(&removed),
+        [
+            format!("consumer out reads {}_1, {}", data("b"), data("b")),
+            format!("roll b (publishes to {}_1 from now on)", data("b")),
+            "roll out (its input)".to_string(),
+            "drain audit: wait until its queue is empty".to_string(),
+            "remove audit and its consumer".to_string(),
+            format!("wait until out have read {} to its end", data("b")),
+            format!("consumer out reads {}_1", data("b")),
+        ]
+    );
+}
