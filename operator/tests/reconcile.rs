@@ -730,3 +730,50 @@ fn secret(name: &str, data: &[(&str, &str)]) -> Value {
     value["kind"] = json!("Secret");
     value
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_that_would_drop_queued_messages_is_refused_once_and_changes_nothing() {
+    let w = world();
+    w.api.create(PIPELINES, laundry());
+    settle(&w, "laundry").await.unwrap();
+    make_all_ready(&w);
+    // Five messages another-person has not read: no pod takes them here.
+    let client = async_nats::connect(w.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for n in 0..5 {
+        js.publish(
+            "switchyard.default.laundry.data.machines",
+            format!("{n}").into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    w.api.update(PIPELINES, "default", "laundry", |p| {
+        p["spec"]["stages"].as_array_mut().unwrap().pop();
+        p["spec"]["migration"] = json!({"drain": false});
+    });
+    for _ in 0..3 {
+        settle(&w, "laundry").await.unwrap();
+    }
+    let (status, reason, message) = condition(&w, "laundry", "Progressing");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "MigrationRefused")
+    );
+    assert!(
+        message.contains("5 messages in the queue of another-person"),
+        "{message}"
+    );
+    let refusals = event_reasons(&w)
+        .iter()
+        .filter(|r| *r == "MigrationRefused")
+        .count();
+    assert_eq!(refusals, 1, "said once, not at every look");
+    assert!(w
+        .api
+        .get(DEPLOYMENTS, "default", "laundry-another-person")
+        .is_some());
+    assert!(pipeline(&w, "laundry").status.unwrap().migration.is_none());
+}

@@ -26,6 +26,8 @@ use crate::plan::{self, Plan};
 pub const MIGRATION_CHECK: Duration = Duration::from_secs(2);
 /// How soon a refused edit is looked at again: the messages it would drop may be gone by then.
 pub const REFUSED_RECHECK: Duration = Duration::from_secs(30);
+/// Reason of the Progressing condition and of the Warning Event of a refused edit.
+pub const REFUSED: &str = "MigrationRefused";
 /// Steps one reconcile carries out at most before it writes the status.
 const STEPS_PER_RECONCILE: usize = 16;
 
@@ -122,14 +124,22 @@ pub async fn reconcile(
         return Ok(Migrating::No);
     }
     if let Some(reason) = refusal(js, plan, &migration, policy).await? {
-        super::publish(
-            ctx,
-            &pipeline.metadata,
-            EventType::Warning,
-            "MigrationRefused",
-            reason.clone(),
-        )
-        .await;
+        // Said once: the edit is looked at again every REFUSED_RECHECK, and each look would repeat it.
+        let said = pipeline
+            .status
+            .as_ref()
+            .and_then(|s| super::status::condition(s, super::status::PROGRESSING))
+            .is_some_and(|c| c.reason == REFUSED && c.message == reason);
+        if !said {
+            super::publish(
+                ctx,
+                &pipeline.metadata,
+                EventType::Warning,
+                REFUSED,
+                reason.clone(),
+            )
+            .await;
+        }
         return Ok(Migrating::Yes(Box::new(Taken {
             state: MigrationState::Refused { reason },
             epochs: running_epochs,

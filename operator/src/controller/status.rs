@@ -347,7 +347,7 @@ fn applied_conditions(
         }
         (PauseState::Running, MigrationState::Refused { reason }) => (
             ready_condition(&not_ready, total),
-            (PROGRESSING, false, "MigrationRefused", reason.clone()),
+            (PROGRESSING, false, super::migrate::REFUSED, reason.clone()),
             degraded,
             phase,
         ),
