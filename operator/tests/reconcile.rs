@@ -99,6 +99,19 @@ async fn stream_exists(w: &World, name: &str) -> bool {
     js.get_stream(name).await.is_ok()
 }
 
+/// Publishes `payloads` on `subject` and waits until the stream has each.
+async fn store(w: &World, subject: &str, payloads: &[String]) {
+    let client = async_nats::connect(w.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for payload in payloads {
+        js.publish(subject.to_string(), payload.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
 /// What the kubelet and the Deployment controller would report once every pod is ready.
 fn make_all_ready(w: &World) {
     for name in w.api.names(DEPLOYMENTS, "default") {
@@ -520,27 +533,15 @@ async fn lag_and_dead_letters_are_read_from_nats_into_the_status() {
     w.api.create(PIPELINES, laundry());
     settle(&w, "laundry").await.unwrap();
     make_all_ready(&w);
-    let client = async_nats::connect(w.nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
     // Three messages wait for `person` (nobody runs it here), one dead letter sits in `machines`' subject.
-    for i in 0..3 {
-        js.publish(
-            "switchyard.default.laundry.data.clothes",
-            format!("{{\"item\": {i}}}").into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    }
-    js.publish(
+    let items: Vec<String> = (0..3).map(|i| format!("{{\"item\": {i}}}")).collect();
+    store(&w, "switchyard.default.laundry.data.clothes", &items).await;
+    store(
+        &w,
         "switchyard.default.laundry.dlq.machines",
-        "{\"item\": 9}".into(),
+        &["{\"item\": 9}".to_string()],
     )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    .await;
     settle(&w, "laundry").await.unwrap();
     let status = pipeline(&w, "laundry").status.unwrap();
     let unit = |name: &str| {
@@ -738,18 +739,8 @@ async fn an_edit_that_would_drop_queued_messages_is_refused_once_and_changes_not
     settle(&w, "laundry").await.unwrap();
     make_all_ready(&w);
     // Five messages another-person has not read: no pod takes them here.
-    let client = async_nats::connect(w.nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    for n in 0..5 {
-        js.publish(
-            "switchyard.default.laundry.data.machines",
-            format!("{n}").into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    }
+    let five: Vec<String> = (0..5).map(|n| n.to_string()).collect();
+    store(&w, "switchyard.default.laundry.data.machines", &five).await;
     w.api.update(PIPELINES, "default", "laundry", |p| {
         p["spec"]["stages"].as_array_mut().unwrap().pop();
         p["spec"]["migration"] = json!({"drain": false});

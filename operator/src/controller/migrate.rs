@@ -276,7 +276,7 @@ async fn take(
                 return Ok(None);
             };
             let deployment = apply::unit_objects(ctx, pipeline, target, planned, applied).await?;
-            (!rolled(&deployment))
+            (!super::observe::rollout(&deployment).old_gone)
                 .then(|| format!("the pods of {unit} from before the edit to finish and go"))
         }
         Step::Drain { unit } => match admin::queue_of(js, stream, unit).await.map_err(nats)? {
@@ -309,26 +309,6 @@ async fn take(
             }
         }
     })
-}
-
-/// A rollout that has left none of the old pods: the unit's configuration before the step no longer
-/// runs anywhere.
-fn rolled(deployment: &Deployment) -> bool {
-    let desired = deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(1);
-    let Some(status) = deployment.status.as_ref() else {
-        return false;
-    };
-    let seen = match (deployment.metadata.generation, status.observed_generation) {
-        (Some(generation), Some(observed)) => observed >= generation,
-        _ => false,
-    };
-    let updated = status.updated_replicas.unwrap_or(0);
-    let total = status.replicas.unwrap_or(0);
-    seen && updated >= desired && total <= updated
 }
 
 /// Deletes a unit's Deployment (its pods first: foreground) and ConfigMap; true once they are gone.

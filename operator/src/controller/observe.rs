@@ -17,6 +17,9 @@ pub struct Rollout {
     pub desired: i32,
     pub ready: i32,
     pub updated: i32,
+    /// Seen by the Deployment controller, every replica updated and none of the old ones left: what
+    /// ran before the latest spec runs nowhere any more.
+    pub old_gone: bool,
     pub complete: bool,
     /// The Deployment controller gave up (its Progressing condition says ProgressDeadlineExceeded).
     pub failed: Option<String>,
@@ -44,6 +47,7 @@ pub fn rollout(deployment: &Deployment) -> Rollout {
     let total = status.replicas.unwrap_or(0);
     let available = status.available_replicas.unwrap_or(0);
     let ready = status.ready_replicas.unwrap_or(0);
+    let old_gone = seen && updated >= desired && total <= updated;
     let failed = status
         .conditions
         .iter()
@@ -60,7 +64,8 @@ pub fn rollout(deployment: &Deployment) -> Rollout {
         desired,
         ready,
         updated,
-        complete: seen && updated >= desired && total <= updated && available >= desired,
+        old_gone,
+        complete: old_gone && available >= desired,
         failed,
     }
 }
