@@ -181,12 +181,31 @@ pub async fn dlq_on(
     select: &Select,
     after_replay: Option<&str>,
 ) -> Result<ExitCode, String> {
-    let letters = read(target, select).await?;
+    let mut letters = dlq::letters(target, &select.selection())
+        .await
+        .map_err(|e| e.to_string())?;
     match what {
-        DlqDo::List => print!("{}", render_groups(target, how, &letters, select.json)),
-        DlqDo::Show => print!("{}", render_letters(&letters, select.json)),
+        DlqDo::List => {
+            let mut groups = dlq::Groups::default();
+            while let Some(letter) = next(&mut letters).await? {
+                groups.add(&letter);
+            }
+            print!("{}", render_groups(target, how, &groups, select.json));
+        }
+        DlqDo::Show => {
+            let mut out = std::io::stdout().lock();
+            let mut shown = 0u64;
+            while let Some(letter) = next(&mut letters).await? {
+                out.write_all(render_letter(&letter, select.json).as_bytes())
+                    .map_err(|e| format!("cannot write: {e}"))?;
+                shown += 1;
+            }
+            if shown == 0 && !select.json {
+                println!("no dead letters");
+            }
+        }
         DlqDo::Replay => {
-            let report = dlq::replay(target, &letters)
+            let report = dlq::replay(target, &mut letters)
                 .await
                 .map_err(|e| e.to_string())?;
             print!("{}", render_replayed(&report, after_replay));
@@ -195,22 +214,34 @@ pub async fn dlq_on(
             }
         }
         DlqDo::Purge { yes } => {
-            if letters.is_empty() {
+            // Only where they are is kept (a subject whose every letter goes, not even that): what
+            // is asked about is what goes, however many.
+            let mut removal = dlq::Removal::new(letters.from_start());
+            let mut count = 0u64;
+            while let Some(seen) = letters.next_seen().await.map_err(|e| e.to_string())? {
+                match seen {
+                    dlq::Seen::Selected(letter) => {
+                        removal.remove(&letter.subject, letter.seq);
+                        count += 1;
+                    }
+                    dlq::Seen::Passed { subject, seq } => removal.keep(&subject, seq),
+                }
+            }
+            if count == 0 {
                 println!("no dead letters to purge");
                 return Ok(ExitCode::SUCCESS);
             }
             if !yes
                 && !confirm(&format!(
-                    "remove {} dead letter{} of {} for good?",
-                    letters.len(),
-                    plural(letters.len() as u64),
+                    "remove {count} dead letter{} of {} for good?",
+                    plural(count),
                     target.names.pipeline
                 ))?
             {
                 println!("nothing removed");
                 return Ok(ExitCode::FAILURE);
             }
-            let purged = dlq::purge(target, &letters)
+            let purged = dlq::purge(target, removal.take())
                 .await
                 .map_err(|e| e.to_string())?;
             println!("purged {purged} dead letter{}", plural(purged));
@@ -219,10 +250,8 @@ pub async fn dlq_on(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn read(target: &Target, select: &Select) -> Result<Vec<dlq::DeadLetter>, String> {
-    dlq::read(target, &select.selection())
-        .await
-        .map_err(|e| e.to_string())
+async fn next(letters: &mut dlq::Letters) -> Result<Option<dlq::DeadLetter>, String> {
+    letters.next().await.map_err(|e| e.to_string())
 }
 
 fn plural(n: u64) -> &'static str {
@@ -250,13 +279,8 @@ fn confirm(question: &str) -> Result<bool, String> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
-pub fn render_groups(
-    target: &Target,
-    how: &str,
-    letters: &[dlq::DeadLetter],
-    json: bool,
-) -> String {
-    let groups = dlq::group(letters);
+pub fn render_groups(target: &Target, how: &str, counted: &dlq::Groups, json: bool) -> String {
+    let groups = counted.sorted();
     if json {
         return groups
             .iter()
@@ -267,8 +291,8 @@ pub fn render_groups(
     let mut out = format!(
         "{}: {} dead letter{} (NATS: {how})\n",
         target.names.pipeline,
-        letters.len(),
-        plural(letters.len() as u64)
+        counted.total(),
+        plural(counted.total())
     );
     if groups.is_empty() {
         return out;
@@ -299,41 +323,31 @@ pub fn render_groups(
     out
 }
 
-pub fn render_letters(letters: &[dlq::DeadLetter], json: bool) -> String {
-    let mut out = String::new();
-    for d in letters {
-        if json {
-            if let Ok(line) = serde_json::to_string(d) {
-                out.push_str(&line);
-                out.push('\n');
-            }
-            continue;
-        }
-        out.push_str(&format!(
-            "#{} {}:{} at {}\n  unit {}, stage {}, {} attempt{}{}{}\n  error: {}\n  path: {}\n  data: {}\n\n",
-            d.seq,
-            d.origin,
-            d.origin_seq,
-            d.time,
-            d.unit,
-            d.stage,
-            d.attempts,
-            plural(u64::from(d.attempts)),
-            d.deliveries.map_or(String::new(), |n| format!(", {n} deliveries")),
-            if d.replays > 0 {
-                format!(", replayed {} time{} before", d.replays, plural(u64::from(d.replays)))
-            } else {
-                String::new()
-            },
-            d.error,
-            d.path,
-            d.data
-        ));
+/// One dead letter as `dlq show` prints it: a JSON line, or a paragraph.
+pub fn render_letter(d: &dlq::DeadLetter, json: bool) -> String {
+    if json {
+        return serde_json::to_string(d).map_or(String::new(), |line| line + "\n");
     }
-    if out.is_empty() && !json {
-        out.push_str("no dead letters\n");
-    }
-    out
+    format!(
+        "#{} {}:{} at {}\n  unit {}, stage {}, {} attempt{}{}{}\n  error: {}\n  path: {}\n  data: {}\n\n",
+        d.seq,
+        d.origin,
+        d.origin_seq,
+        d.time,
+        d.unit,
+        d.stage,
+        d.attempts,
+        plural(u64::from(d.attempts)),
+        d.deliveries.map_or(String::new(), |n| format!(", {n} deliveries")),
+        if d.replays > 0 {
+            format!(", replayed {} time{} before", d.replays, plural(u64::from(d.replays)))
+        } else {
+            String::new()
+        },
+        d.error,
+        d.path,
+        d.data
+    )
 }
 
 fn render_replayed(report: &dlq::Replayed, after: Option<&str>) -> String {
@@ -355,8 +369,21 @@ fn render_replayed(report: &dlq::Replayed, after: Option<&str>) -> String {
         out.push_str(after);
         out.push('\n');
     }
-    for (seq, why) in &report.kept {
-        out.push_str(&format!("kept #{seq}: {why}\n"));
+    for kept in &report.kept {
+        let named: Vec<String> = kept.seqs.iter().map(|seq| format!("#{seq}")).collect();
+        let more = kept.count.saturating_sub(kept.seqs.len() as u64);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "kept {} dead letter{} ({}{more}): {}\n",
+            kept.count,
+            plural(kept.count),
+            named.join(", "),
+            kept.why
+        ));
     }
     out
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use async_nats::header::HeaderMap;
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::Serialize;
 use switchyard_crds::layout::{Layout, DEAD_LETTER_CONSUMER};
 use switchyard_crds::unit::{headers, UnitRole};
@@ -37,6 +38,9 @@ pub struct Selection {
 pub struct DeadLetter {
     /// Its place in the Pipeline's stream, which `replay` and `purge` remove it by.
     pub seq: u64,
+    /// The dead-letter subject it is stored on.
+    #[serde(skip)]
+    pub subject: String,
     pub time: String,
     #[serde(skip)]
     pub time_ms: i64,
@@ -71,6 +75,7 @@ impl DeadLetter {
         let get = |name| header(message, name);
         DeadLetter {
             seq,
+            subject: message.subject.to_string(),
             time: crate::when(time_ms),
             time_ms,
             unit: get(headers::FAILED_UNIT),
@@ -109,8 +114,65 @@ fn subjects(target: &Target) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Every dead letter the selection takes, oldest first.
-pub async fn read(target: &Target, selection: &Selection) -> Result<Vec<DeadLetter>, OpsError> {
+/// The dead letters a selection takes, oldest first, read one at a time: a queue of millions is
+/// never held in memory.
+pub struct Letters {
+    stored: read::Stored,
+    selection: Selection,
+    left: usize,
+}
+
+/// A dead letter as a reading passes it.
+#[derive(Debug)]
+pub enum Seen {
+    Selected(Box<DeadLetter>),
+    /// One the selection leaves alone: where it is.
+    Passed {
+        subject: String,
+        seq: u64,
+    },
+}
+
+impl Letters {
+    /// The next selected dead letter, or None at the end (or at the selection's limit).
+    pub async fn next(&mut self) -> Result<Option<DeadLetter>, OpsError> {
+        loop {
+            match self.next_seen().await? {
+                None => return Ok(None),
+                Some(Seen::Selected(letter)) => return Ok(Some(*letter)),
+                Some(Seen::Passed { .. }) => {}
+            }
+        }
+    }
+
+    /// The next dead letter, selected or passed, or None at the end (or at the selection's limit).
+    pub async fn next_seen(&mut self) -> Result<Option<Seen>, OpsError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let Some(message) = self.stored.next().await? else {
+            return Ok(None);
+        };
+        let letter = DeadLetter::of(&message);
+        if !letter.selected(&self.selection) {
+            return Ok(Some(Seen::Passed {
+                subject: letter.subject,
+                seq: letter.seq,
+            }));
+        }
+        self.left -= 1;
+        Ok(Some(Seen::Selected(Box::new(letter))))
+    }
+
+    /// Whether the reading started at the first dead letter (not `--since`): then a subject whose
+    /// every letter so far goes can be purged below a sequence.
+    pub fn from_start(&self) -> bool {
+        self.selection.since.is_none()
+    }
+}
+
+/// The dead letters the selection takes, as they are stored now.
+pub async fn letters(target: &Target, selection: &Selection) -> Result<Letters, OpsError> {
     let start = match selection.since {
         None => DeliverPolicy::All,
         Some(since) => {
@@ -122,21 +184,62 @@ pub async fn read(target: &Target, selection: &Selection) -> Result<Vec<DeadLett
             }
         }
     };
-    let stored = read::stored(
+    let stored = read::Stored::open(
         &target.js,
         &target.layout.nats.stream.name,
         &subjects(target),
         start,
-        usize::MAX,
     )
     .await?;
-    let limit = selection.limit.unwrap_or(usize::MAX);
-    Ok(stored
+    Ok(Letters {
+        stored,
+        selection: selection.clone(),
+        left: selection.limit.unwrap_or(usize::MAX),
+    })
+}
+
+/// Pure: which unit each dead-letter subject belongs to, when each unit has one of its own (None: one
+/// subject for all, `spec.deadLetter.subject`).
+pub fn subject_units(layout: &Layout) -> Option<BTreeMap<String, String>> {
+    let by_subject: BTreeMap<String, String> = layout
+        .units
         .iter()
-        .map(DeadLetter::of)
-        .filter(|d| d.selected(selection))
-        .take(limit)
-        .collect())
+        .map(|u| (u.dead_letter_subject.clone(), u.unit.clone()))
+        .collect();
+    (by_subject.len() == layout.units.len()).then_some(by_subject)
+}
+
+/// How many dead letters each unit has. Each unit's letters on a subject of their own (the default)
+/// are counted by the server; one subject for all is read through.
+pub async fn count_by_unit(target: &Target) -> Result<BTreeMap<String, u64>, OpsError> {
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let Some(by_subject) = subject_units(&target.layout) else {
+        let mut letters = letters(target, &Selection::default()).await?;
+        while let Some(letter) = letters.next().await? {
+            *counts.entry(letter.unit).or_default() += 1;
+        }
+        return Ok(counts);
+    };
+    let name = &target.layout.nats.stream.name;
+    let stream = target
+        .js
+        .get_stream(name)
+        .await
+        .map_err(OpsError::nats(format!("open stream {name}")))?;
+    for filter in subjects(target) {
+        let mut info = stream
+            .info_with_subjects(&filter)
+            .await
+            .map_err(OpsError::nats(format!("count the dead letters of {name}")))?;
+        while let Some(entry) = info.next().await {
+            let (subject, count) =
+                entry.map_err(OpsError::nats(format!("count the dead letters of {name}")))?;
+            if let Some(unit) = by_subject.get(&subject) {
+                *counts.entry(unit.clone()).or_default() += count as u64;
+            }
+        }
+    }
+    Ok(counts)
 }
 
 /// Dead letters counted by unit, stage and error.
@@ -170,30 +273,184 @@ pub fn error_kind(error: &str) -> String {
     out
 }
 
-/// Pure: the counts `dlq list` shows, most first; errors are grouped by their kind.
-pub fn group(letters: &[DeadLetter]) -> Vec<Group> {
-    let mut groups: BTreeMap<(String, String, String), (u64, i64, i64)> = BTreeMap::new();
-    for d in letters {
-        let entry = groups
+/// The counts `dlq list` shows, added up one letter at a time; errors are grouped by their kind.
+#[derive(Debug, Default)]
+pub struct Groups {
+    counts: BTreeMap<(String, String, String), (u64, i64, i64)>,
+    total: u64,
+}
+
+impl Groups {
+    pub fn add(&mut self, d: &DeadLetter) {
+        let entry = self
+            .counts
             .entry((d.unit.clone(), d.stage.clone(), error_kind(&d.error)))
             .or_insert((0, i64::MAX, i64::MIN));
         entry.0 += 1;
         entry.1 = entry.1.min(d.time_ms);
         entry.2 = entry.2.max(d.time_ms);
+        self.total += 1;
     }
-    let mut out: Vec<Group> = groups
-        .into_iter()
-        .map(|((unit, stage, error), (count, first, last))| Group {
-            unit,
-            stage,
-            error,
-            count,
-            first: crate::when(first),
-            last: crate::when(last),
+
+    /// Letters added.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The groups, most first.
+    pub fn sorted(&self) -> Vec<Group> {
+        let mut out: Vec<Group> = self
+            .counts
+            .iter()
+            .map(|((unit, stage, error), &(count, first, last))| Group {
+                unit: unit.clone(),
+                stage: stage.clone(),
+                error: error.clone(),
+                count,
+                first: crate::when(first),
+                last: crate::when(last),
+            })
+            .collect();
+        out.sort_by_key(|g| std::cmp::Reverse(g.count));
+        out
+    }
+}
+
+/// One request that removes dead letters from the queue.
+#[derive(Debug, PartialEq)]
+pub enum Remove {
+    /// Every message on `subject` below `seq`: the dead letters `letters`, and no other.
+    Below {
+        subject: String,
+        seq: u64,
+        letters: Vec<u64>,
+    },
+    /// One dead letter.
+    One(u64),
+}
+
+impl Remove {
+    /// The dead letters it removes.
+    pub fn letters(&self) -> Vec<u64> {
+        match self {
+            Remove::Below { letters, .. } => letters.clone(),
+            Remove::One(seq) => vec![*seq],
+        }
+    }
+}
+
+/// Pure: turns the dead letters that go and those that stay, told in stream order, into as few
+/// requests as it can. Deleting one message costs nats-server about 10 ms (2.15, file storage),
+/// a purge of a subject below a sequence about as much for any number of them: as long as every
+/// letter read on a subject goes, the subject is purged; from its first letter that stays on, its
+/// letters go one by one.
+#[derive(Debug)]
+pub struct Removal {
+    from_start: bool,
+    subjects: BTreeMap<String, Run>,
+    ready: Vec<Remove>,
+}
+
+#[derive(Debug)]
+enum Run {
+    /// Every letter read on the subject goes; these are not removed yet.
+    Whole(Vec<u64>),
+    /// Some letter on the subject stays.
+    Broken,
+}
+
+impl Removal {
+    /// `from_start`: the letters are told from the first one stored; otherwise earlier ones may stay
+    /// and nothing is purged.
+    pub fn new(from_start: bool) -> Removal {
+        Removal {
+            from_start,
+            subjects: BTreeMap::new(),
+            ready: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, subject: &str) -> &mut Run {
+        let whole = self.from_start;
+        self.subjects.entry(subject.to_string()).or_insert_with(|| {
+            if whole {
+                Run::Whole(Vec::new())
+            } else {
+                Run::Broken
+            }
         })
-        .collect();
-    out.sort_by_key(|g| std::cmp::Reverse(g.count));
-    out
+    }
+
+    /// The letter at `seq` on `subject` goes.
+    pub fn remove(&mut self, subject: &str, seq: u64) {
+        match self.run(subject) {
+            Run::Whole(seqs) => seqs.push(seq),
+            Run::Broken => self.ready.push(Remove::One(seq)),
+        }
+    }
+
+    /// The letter at `seq` on `subject` stays: those before it on the subject are purged below it,
+    /// any after it (told out of order) go one by one.
+    pub fn keep(&mut self, subject: &str, seq: u64) {
+        let run = std::mem::replace(self.run(subject), Run::Broken);
+        if let Run::Whole(seqs) = run {
+            let (below, above): (Vec<u64>, Vec<u64>) = seqs.into_iter().partition(|&s| s < seq);
+            if !below.is_empty() {
+                self.ready.push(Remove::Below {
+                    subject: subject.to_string(),
+                    seq,
+                    letters: below,
+                });
+            }
+            self.ready.extend(above.into_iter().map(Remove::One));
+        }
+    }
+
+    /// The requests that remove every letter told to go so far.
+    pub fn take(&mut self) -> Vec<Remove> {
+        for (subject, run) in &mut self.subjects {
+            if let Run::Whole(seqs) = run {
+                if let Some(&last) = seqs.iter().max() {
+                    self.ready.push(Remove::Below {
+                        subject: subject.clone(),
+                        seq: last + 1,
+                        letters: std::mem::take(seqs),
+                    });
+                }
+            }
+        }
+        std::mem::take(&mut self.ready)
+    }
+}
+
+/// Carries out removals; each request's letters are gone, or come back with why not.
+async fn carry_out(
+    stream: &jetstream::stream::Stream,
+    removals: Vec<Remove>,
+) -> (Vec<u64>, Vec<(Vec<u64>, String)>) {
+    let mut gone = Vec::new();
+    let mut failed = Vec::new();
+    for removal in removals {
+        let result = match &removal {
+            Remove::Below { subject, seq, .. } => stream
+                .purge()
+                .filter(subject.clone())
+                .sequence(*seq)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Remove::One(seq) => stream
+                .delete_message(*seq)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        match result {
+            Ok(()) => gone.extend(removal.letters()),
+            Err(e) => failed.push((removal.letters(), e)),
+        }
+    }
+    (gone, failed)
 }
 
 /// What a replay did.
@@ -204,8 +461,46 @@ pub struct Replayed {
     pub replayed: u64,
     /// Per unit.
     pub by_unit: BTreeMap<String, u64>,
-    /// Left in the queue, each with why.
-    pub kept: Vec<(u64, String)>,
+    /// Left in the queue, by why.
+    pub kept: Vec<Kept>,
+}
+
+/// Dead letters a replay left in the queue for one reason.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Kept {
+    pub why: String,
+    pub count: u64,
+    /// The first few, by sequence.
+    pub seqs: Vec<u64>,
+}
+
+/// Sequences a `Kept` names; the rest are counted.
+pub const KEPT_NAMED: usize = 5;
+
+impl Replayed {
+    fn keep(&mut self, seq: u64, why: String) {
+        let kept = match self.kept.iter_mut().position(|k| k.why == why) {
+            Some(at) => &mut self.kept[at],
+            None => {
+                self.kept.push(Kept {
+                    why,
+                    count: 0,
+                    seqs: Vec::new(),
+                });
+                let last = self.kept.len() - 1;
+                &mut self.kept[last]
+            }
+        };
+        kept.count += 1;
+        if kept.seqs.len() < KEPT_NAMED {
+            kept.seqs.push(seq);
+        }
+    }
+
+    /// Letters left in the queue.
+    pub fn kept_count(&self) -> u64 {
+        self.kept.iter().map(|k| k.count).sum()
+    }
 }
 
 /// Replays in flight at once: their stores are awaited in windows of this many.
@@ -286,66 +581,106 @@ pub fn replay_message(layout: &Layout, letter: &DeadLetter) -> Result<(String, H
 
 /// Puts every letter back into the input of the unit that failed it, and removes each from the queue
 /// once its copy is stored. A letter that cannot be replayed stays, with the reason.
-pub async fn replay(target: &Target, letters: &[DeadLetter]) -> Result<Replayed, OpsError> {
+pub async fn replay(target: &Target, letters: &mut Letters) -> Result<Replayed, OpsError> {
     let stream = target
         .js
         .get_stream(&target.layout.nats.stream.name)
         .await
         .map_err(OpsError::nats("open the Pipeline's stream"))?;
     let mut report = Replayed::default();
-    for window in letters.chunks(REPLAY_WINDOW) {
-        let mut pending = Vec::new();
-        for letter in window {
-            match replay_message(&target.layout, letter) {
+    let mut removal = Removal::new(letters.from_start());
+    let mut window: Vec<Seen> = Vec::with_capacity(REPLAY_WINDOW);
+    loop {
+        window.clear();
+        while window.len() < REPLAY_WINDOW {
+            match letters.next_seen().await? {
+                Some(seen) => window.push(seen),
+                None => break,
+            }
+        }
+        if window.is_empty() {
+            return Ok(report);
+        }
+        let mut acks = Vec::with_capacity(window.len());
+        for seen in &window {
+            let Seen::Selected(letter) = seen else {
+                acks.push(None);
+                continue;
+            };
+            let ack = match replay_message(&target.layout, letter) {
                 Ok((subject, map)) => {
                     let publish = jetstream::message::PublishMessage::build()
                         .headers(map)
                         .payload(letter.payload.clone());
-                    match target.js.send_publish(subject, publish).await {
-                        Ok(ack) => pending.push((letter, ack)),
-                        Err(e) => report.kept.push((letter.seq, e.to_string())),
-                    }
+                    target
+                        .js
+                        .send_publish(subject, publish)
+                        .await
+                        .map_err(|e| e.to_string())
                 }
-                Err(why) => report.kept.push((letter.seq, why)),
+                Err(why) => Err(why),
+            };
+            acks.push(Some(ack));
+        }
+        // Told in stream order, so that a letter that stays is never purged with those before it.
+        let mut units: BTreeMap<u64, &str> = BTreeMap::new();
+        for (seen, ack) in window.iter().zip(acks) {
+            let letter = match seen {
+                Seen::Passed { subject, seq } => {
+                    removal.keep(subject, *seq);
+                    continue;
+                }
+                Seen::Selected(letter) => letter,
+            };
+            let stored = match ack {
+                Some(Ok(ack)) => ack
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("not stored again: {e}")),
+                Some(Err(why)) => Err(why),
+                None => continue,
+            };
+            match stored {
+                Ok(()) => {
+                    removal.remove(&letter.subject, letter.seq);
+                    units.insert(letter.seq, &letter.unit);
+                }
+                Err(why) => {
+                    removal.keep(&letter.subject, letter.seq);
+                    report.keep(letter.seq, why);
+                }
             }
         }
-        for (letter, ack) in pending {
-            if let Err(e) = ack.await {
-                report
-                    .kept
-                    .push((letter.seq, format!("not stored again: {e}")));
-                continue;
+        let (gone, failed) = carry_out(&stream, removal.take()).await;
+        for seq in gone {
+            report.replayed += 1;
+            if let Some(unit) = units.get(&seq) {
+                *report.by_unit.entry(unit.to_string()).or_default() += 1;
             }
-            match stream.delete_message(letter.seq).await {
-                Ok(_) => {
-                    report.replayed += 1;
-                    *report.by_unit.entry(letter.unit.clone()).or_default() += 1;
-                }
-                Err(e) => report.kept.push((
-                    letter.seq,
+        }
+        for (seqs, e) in failed {
+            for seq in seqs {
+                report.keep(
+                    seq,
                     format!("replayed, but not removed from the queue ({e}): a second replay would be dropped as a duplicate for 2 minutes"),
-                )),
+                );
             }
         }
     }
-    Ok(report)
 }
 
-/// Removes the letters from the queue for good; returns how many went.
-pub async fn purge(target: &Target, letters: &[DeadLetter]) -> Result<u64, OpsError> {
+/// Removes dead letters for good; returns how many went.
+pub async fn purge(target: &Target, removals: Vec<Remove>) -> Result<u64, OpsError> {
     let stream = target
         .js
         .get_stream(&target.layout.nats.stream.name)
         .await
         .map_err(OpsError::nats("open the Pipeline's stream"))?;
-    let mut purged = 0;
-    for letter in letters {
-        match stream.delete_message(letter.seq).await {
-            Ok(_) => purged += 1,
-            Err(e) => tracing::warn!("cannot remove dead letter {}: {e}", letter.seq),
-        }
+    let (gone, failed) = carry_out(&stream, removals).await;
+    for (seqs, e) in failed {
+        tracing::warn!("cannot remove {} dead letter(s): {e}", seqs.len());
     }
-    Ok(purged)
+    Ok(gone.len() as u64)
 }
 
 #[cfg(test)]
@@ -355,6 +690,7 @@ mod tests {
     fn letter(unit: &str, stage: &str, error: &str, ms: i64) -> DeadLetter {
         DeadLetter {
             seq: 1,
+            subject: format!("switchyard.default.p.dlq.{unit}"),
             time: crate::when(ms),
             time_ms: ms,
             unit: unit.into(),
@@ -383,7 +719,12 @@ mod tests {
             letter("dry", "dry", "wet after 3 tries", 4_000),
             letter("dry", "dry", "wet after 12 tries", 5_000),
         ];
-        let groups = group(&letters);
+        let mut groups = Groups::default();
+        for d in &letters {
+            groups.add(d);
+        }
+        assert_eq!(groups.total(), 5);
+        let groups = groups.sorted();
         assert_eq!(groups.len(), 3);
         let wash = groups.iter().find(|g| g.unit == "wash").unwrap();
         assert_eq!(wash.count, 2);
@@ -397,7 +738,104 @@ mod tests {
         assert_eq!(error_kind("order 12 at 10:30"), "order # at #:#");
     }
 
+    #[test]
+    fn the_server_counts_dead_letters_per_unit_unless_all_units_share_a_subject() {
+        let own = subject_units(&laundry_layout()).expect("a subject per unit");
+        assert_eq!(own.len(), 3);
+        assert!(own.values().any(|u| u == "machines"));
+        let shared = layout_of("  deadLetter: {subject: failures}\n");
+        assert_eq!(subject_units(&shared), None);
+    }
+
+    #[test]
+    fn a_subject_whose_every_letter_goes_is_purged_in_one_request() {
+        let mut removal = Removal::new(true);
+        for seq in [3, 7, 9] {
+            removal.remove("dlq.wash", seq);
+        }
+        removal.remove("dlq.dry", 8);
+        assert_eq!(
+            removal.take(),
+            vec![
+                Remove::Below {
+                    subject: "dlq.dry".into(),
+                    seq: 9,
+                    letters: vec![8]
+                },
+                Remove::Below {
+                    subject: "dlq.wash".into(),
+                    seq: 10,
+                    letters: vec![3, 7, 9]
+                },
+            ]
+        );
+        // Later letters of a whole subject: still one request each time.
+        removal.remove("dlq.wash", 12);
+        assert_eq!(
+            removal.take(),
+            vec![Remove::Below {
+                subject: "dlq.wash".into(),
+                seq: 13,
+                letters: vec![12]
+            }]
+        );
+        assert_eq!(removal.take(), vec![]);
+    }
+
+    #[test]
+    fn a_letter_that_stays_is_never_purged_and_those_after_it_go_one_by_one() {
+        let mut removal = Removal::new(true);
+        removal.remove("dlq.wash", 3);
+        removal.remove("dlq.wash", 5);
+        removal.keep("dlq.wash", 6);
+        removal.remove("dlq.wash", 7);
+        removal.remove("dlq.dry", 4);
+        assert_eq!(
+            removal.take(),
+            vec![
+                Remove::Below {
+                    subject: "dlq.wash".into(),
+                    seq: 6,
+                    letters: vec![3, 5]
+                },
+                Remove::One(7),
+                Remove::Below {
+                    subject: "dlq.dry".into(),
+                    seq: 5,
+                    letters: vec![4]
+                },
+            ]
+        );
+        // Told out of order, a later letter never rides along below one that stays.
+        let mut removal = Removal::new(true);
+        removal.remove("dlq.wash", 9);
+        removal.keep("dlq.wash", 4);
+        assert_eq!(removal.take(), vec![Remove::One(9)]);
+        // Read from a time on (`--since`), earlier letters may be there: nothing is purged.
+        let mut removal = Removal::new(false);
+        removal.remove("dlq.wash", 3);
+        assert_eq!(removal.take(), vec![Remove::One(3)]);
+    }
+
+    #[test]
+    fn a_replay_counts_what_it_keeps_by_reason_and_names_a_few() {
+        let mut report = Replayed::default();
+        for seq in 1..=12 {
+            report.keep(seq, "unit `gone` is not in the Pipeline any more".into());
+        }
+        report.keep(40, "not stored again: timed out".into());
+        assert_eq!(report.kept_count(), 13);
+        assert_eq!(report.kept.len(), 2);
+        assert_eq!(report.kept[0].count, 12);
+        assert_eq!(report.kept[0].seqs, vec![1, 2, 3, 4, 5]);
+        assert_eq!(report.kept[1].seqs, vec![40]);
+    }
+
     fn laundry_layout() -> Layout {
+        layout_of("")
+    }
+
+    fn layout_of(extra: &str) -> Layout {
         let text = r#"
 apiVersion: switchyard.dev/v1alpha1
 kind: Pipeline
@@ -410,8 +848,10 @@ spec:
         - {name: wash, jq: '.'}
         - {name: dry, jq: '.'}
   sinks: [{name: out, log: {}}]
-"#;
-        let pipeline: switchyard_crds::Pipeline = serde_norway::from_str(text).unwrap();
+"#
+        .to_string()
+            + extra;
+        let pipeline: switchyard_crds::Pipeline = serde_norway::from_str(&text).unwrap();
         let topology = switchyard_crds::validate::analyze(&pipeline).unwrap();
         switchyard_crds::layout::layout(&topology, &pipeline.spec).unwrap()
     }

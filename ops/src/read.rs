@@ -16,26 +16,61 @@ pub async fn stored(
     start: consumer::DeliverPolicy,
     limit: usize,
 ) -> Result<Vec<jetstream::Message>, OpsError> {
-    let (mut messages, pending) = open(js, stream, subjects, start).await?;
+    let mut reader = Stored::open(js, stream, subjects, start).await?;
     let mut out = Vec::new();
-    if pending == 0 {
-        return Ok(out);
-    }
     while out.len() < limit {
-        let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
-        let message = match next {
-            Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(e))) => return Err(OpsError::nats(format!("read {stream}"))(e)),
-            // What was there was taken (a replay, a purge) while it was being read: the end.
-            Ok(None) | Err(_) => break,
-        };
-        let left = message.info().map(|i| i.pending).unwrap_or(0);
-        out.push(message);
-        if left == 0 {
-            break;
+        match reader.next().await? {
+            Some(message) => out.push(message),
+            None => break,
         }
     }
     Ok(out)
+}
+
+/// What is on some subjects of a stream now, read one message at a time, so that a queue of
+/// millions is never held at once. It ends with the last message stored when it was opened.
+pub struct Stored {
+    stream: String,
+    messages: Option<Ordered>,
+}
+
+impl Stored {
+    pub async fn open(
+        js: &jetstream::Context,
+        stream: &str,
+        subjects: &[String],
+        start: consumer::DeliverPolicy,
+    ) -> Result<Stored, OpsError> {
+        let (messages, pending) = open(js, stream, subjects, start).await?;
+        Ok(Stored {
+            stream: stream.to_string(),
+            messages: (pending > 0).then_some(messages),
+        })
+    }
+
+    /// The next message, or None at the end.
+    pub async fn next(&mut self) -> Result<Option<jetstream::Message>, OpsError> {
+        let Some(messages) = self.messages.as_mut() else {
+            return Ok(None);
+        };
+        let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
+        let message = match next {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => {
+                self.messages = None;
+                return Err(OpsError::nats(format!("read {}", self.stream))(e));
+            }
+            // What was there was taken (a replay, a purge) while it was being read: the end.
+            Ok(None) | Err(_) => {
+                self.messages = None;
+                return Ok(None);
+            }
+        };
+        if message.info().map(|i| i.pending).unwrap_or(0) == 0 {
+            self.messages = None;
+        }
+        Ok(Some(message))
+    }
 }
 
 pub type Ordered = jetstream::consumer::pull::Ordered;

@@ -48,7 +48,7 @@ pub async fn read(target: &Target, listen: Duration) -> Result<Vec<UnitStatus>, 
         .get_stream(&target.layout.nats.stream.name)
         .await
         .map_err(OpsError::nats("open the Pipeline's stream"))?;
-    let letters = dlq::read(target, &dlq::Selection::default()).await?;
+    let dead_letters = dlq::count_by_unit(target).await?;
     let mut out = Vec::new();
     for unit in &target.topology.units {
         let config = target.layout.units.iter().find(|c| c.unit == unit.name);
@@ -79,7 +79,7 @@ pub async fn read(target: &Target, listen: Duration) -> Result<Vec<UnitStatus>, 
             replicas: mine.len(),
             lag,
             rate: mine.iter().fold(0.0, |sum, r| sum + r.rate),
-            dead_letters: letters.iter().filter(|d| d.unit == unit.name).count() as u64,
+            dead_letters: dead_letters.get(&unit.name).copied().unwrap_or(0),
         });
     }
     Ok(out)
