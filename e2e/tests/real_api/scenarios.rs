@@ -641,6 +641,20 @@ pub fn a_silent_nats_server_slows_only_its_own_pipelines(suite: &Suite) {
     drop(holder);
 }
 
+/// Reconciles started in an operator's log, by what triggered them (kube-runtime's span says).
+fn reconcile_triggers(log: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut triggers = std::collections::BTreeMap::new();
+    for line in log.lines().filter(|l| l.ends_with("reconciling")) {
+        if let Some((trigger, _)) = line
+            .split_once("object.reason=")
+            .and_then(|(_, rest)| rest.split_once('}'))
+        {
+            *triggers.entry(trigger.to_string()).or_default() += 1;
+        }
+    }
+    triggers
+}
+
 pub fn many_pipelines(suite: &Suite) {
     let count: usize = std::env::var("SWITCHYARD_SCALE_PIPELINES")
         .ok()
@@ -676,15 +690,43 @@ pub fn many_pipelines(suite: &Suite) {
     );
     let rss_settled = operator.rss_mib();
     println!("  {count} Pipelines: all with a status {:.1}s after the apply ({:.1}s after the first); operator RSS {rss_settled:.0} MiB", settle.as_secs_f64(), started.elapsed().as_secs_f64());
-    // Idle: let the creations' echoes pass, then count a minute.
-    std::thread::sleep(Duration::from_secs(20));
+    // Idle: the controller-manager writes each new Deployment's status once or twice, over a minute
+    // or so for 300 of them on 2 cores, and each write triggers a reconcile: wait until 10 s pass
+    // without one, then count a minute.
+    let quiet = Instant::now();
+    loop {
+        let from = operator.log_text().len();
+        std::thread::sleep(Duration::from_secs(10));
+        let echoes = reconcile_triggers(&operator.log_text()[from..])
+            .into_iter()
+            .filter(|(trigger, _)| trigger.starts_with("related object updated"))
+            .count();
+        if echoes == 0 || quiet.elapsed() > Duration::from_secs(180) {
+            break;
+        }
+    }
+    println!(
+        "  the Deployments' status writes ended {:.0}s after the last status",
+        quiet.elapsed().as_secs_f64()
+    );
     let (reconciles, applies, writes) = (
         operator.metric("switchyard_reconciles_total"),
         operator.metric("switchyard_applies_total"),
         operator.metric("switchyard_status_writes_total"),
     );
     let since = suite.operator_requests(&install).len();
+    let log_since = operator.log_text().len();
     std::thread::sleep(MINUTE);
+    let mut triggers: std::collections::BTreeMap<String, usize> = Default::default();
+    for (trigger, n) in reconcile_triggers(&operator.log_text()[log_since..]) {
+        let kind = if trigger.starts_with("related object updated") {
+            "related object updated".to_string()
+        } else {
+            trigger
+        };
+        *triggers.entry(kind).or_default() += n;
+    }
+    println!("  idle minute's reconciles by trigger: {triggers:?}");
     let requests = suite.operator_requests(&install)[since..].to_vec();
     let throttled = suite
         .operator_requests(&install)
@@ -712,6 +754,11 @@ pub fn many_pipelines(suite: &Suite) {
         requests.len()
     );
     assert_eq!(applies, 0.0);
+    // Idle, a Pipeline with a switcher is looked at every 15 s, and nothing else starts a reconcile.
+    assert!(
+        reconciles <= (count * 5) as f64,
+        "{reconciles} reconciles in an idle minute for {count} Pipelines: {triggers:?}"
+    );
     assert_eq!(throttled, 0);
     assert!(rss < 200.0, "RSS {rss:.0} MiB");
     suite.kubectl_ok(&["delete", "namespace", "many", "--wait=false"]);

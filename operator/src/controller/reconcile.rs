@@ -38,6 +38,8 @@ pub fn key(meta: &ObjectMeta) -> String {
 /// The controller's entry point.
 pub async fn reconcile(object: Arc<PipelineObject>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
+    // Inside kube-runtime's span, which says what triggered it.
+    tracing::debug!("reconciling");
     let meta = object.meta();
     let result = if meta.deletion_timestamp.is_some() {
         finalize(&ctx, meta, object.0.as_ref().ok().map(|p| &p.spec)).await
