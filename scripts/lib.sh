@@ -6,13 +6,13 @@ set -euo pipefail
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 # Warns, before hours of building, when the target folder's disk has less than $1 GB free: a full
-# build and test run fills about that much, and running out shows up as a compiler error.
+# build and test run fills up to that much (5.5 GB measured), and running out shows up as a compiler error.
 ensure_disk_space() {
   local need=$1 target=${CARGO_TARGET_DIR:-target} free
   mkdir -p "$target"
   free=$(df -Pk "$target" | awk 'NR == 2 { print int($4 / 1048576) }')
   if [ "${free:-0}" -lt "$need" ]; then
-    say "warning: $free GB free where $target is; a full run needs about $need GB (cargo clean, or set CARGO_TARGET_DIR)"
+    say "warning: $free GB free where $target is; a full run needs up to $need GB (cargo clean, or set CARGO_TARGET_DIR)"
   fi
 }
 
