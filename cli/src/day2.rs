@@ -214,19 +214,10 @@ pub async fn dlq_on(
             }
         }
         DlqDo::Purge { yes } => {
-            // Only where they are is kept (a subject whose every letter goes, not even that): what
-            // is asked about is what goes, however many.
-            let mut removal = dlq::Removal::new(letters.from_start());
-            let mut count = 0u64;
-            while let Some(seen) = letters.next_seen().await.map_err(|e| e.to_string())? {
-                match seen {
-                    dlq::Seen::Selected(letter) => {
-                        removal.remove(&letter.subject, letter.seq);
-                        count += 1;
-                    }
-                    dlq::Seen::Passed { subject, seq } => removal.keep(&subject, seq),
-                }
-            }
+            let to_purge = dlq::to_purge(&mut letters)
+                .await
+                .map_err(|e| e.to_string())?;
+            let count = to_purge.count;
             if count == 0 {
                 println!("no dead letters to purge");
                 return Ok(ExitCode::SUCCESS);
@@ -241,7 +232,7 @@ pub async fn dlq_on(
                 println!("nothing removed");
                 return Ok(ExitCode::FAILURE);
             }
-            let purged = dlq::purge(target, removal.take())
+            let purged = dlq::purge(target, to_purge)
                 .await
                 .map_err(|e| e.to_string())?;
             println!("purged {purged} dead letter{}", plural(purged));

@@ -124,7 +124,7 @@ pub struct Letters {
 
 /// A dead letter as a reading passes it.
 #[derive(Debug)]
-pub enum Seen {
+enum Seen {
     Selected(Box<DeadLetter>),
     /// One the selection leaves alone: where it is.
     Passed {
@@ -146,7 +146,7 @@ impl Letters {
     }
 
     /// The next dead letter, selected or passed, or None at the end (or at the selection's limit).
-    pub async fn next_seen(&mut self) -> Result<Option<Seen>, OpsError> {
+    async fn next_seen(&mut self) -> Result<Option<Seen>, OpsError> {
         if self.left == 0 {
             return Ok(None);
         }
@@ -166,7 +166,7 @@ impl Letters {
 
     /// Whether the reading started at the first dead letter (not `--since`): then a subject whose
     /// every letter so far goes can be purged below a sequence.
-    pub fn from_start(&self) -> bool {
+    fn reads_from_start(&self) -> bool {
         self.selection.since.is_none()
     }
 }
@@ -211,7 +211,10 @@ pub fn subject_units(layout: &Layout) -> Option<BTreeMap<String, String>> {
 
 /// How many dead letters each unit has. Each unit's letters on a subject of their own (the default)
 /// are counted by the server; one subject for all is read through.
-pub async fn count_by_unit(target: &Target) -> Result<BTreeMap<String, u64>, OpsError> {
+pub async fn count_by_unit(
+    target: &Target,
+    stream: &jetstream::stream::Stream,
+) -> Result<BTreeMap<String, u64>, OpsError> {
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     let Some(by_subject) = subject_units(&target.layout) else {
         let mut letters = letters(target, &Selection::default()).await?;
@@ -221,11 +224,6 @@ pub async fn count_by_unit(target: &Target) -> Result<BTreeMap<String, u64>, Ops
         return Ok(counts);
     };
     let name = &target.layout.nats.stream.name;
-    let stream = target
-        .js
-        .get_stream(name)
-        .await
-        .map_err(OpsError::nats(format!("open stream {name}")))?;
     for filter in subjects(target) {
         let mut info = stream
             .info_with_subjects(&filter)
@@ -588,7 +586,7 @@ pub async fn replay(target: &Target, letters: &mut Letters) -> Result<Replayed, 
         .await
         .map_err(OpsError::nats("open the Pipeline's stream"))?;
     let mut report = Replayed::default();
-    let mut removal = Removal::new(letters.from_start());
+    let mut removal = Removal::new(letters.reads_from_start());
     let mut window: Vec<Seen> = Vec::with_capacity(REPLAY_WINDOW);
     loop {
         window.clear();
@@ -669,14 +667,40 @@ pub async fn replay(target: &Target, letters: &mut Letters) -> Result<Replayed, 
     }
 }
 
+/// What a purge of the selected dead letters would remove. Only where they are is kept (for a
+/// subject whose every letter goes, not even that): what is asked about is what goes, however many.
+pub struct ToPurge {
+    pub count: u64,
+    removals: Vec<Remove>,
+}
+
+/// Reads the selection through: every letter it takes goes, every other stays.
+pub async fn to_purge(letters: &mut Letters) -> Result<ToPurge, OpsError> {
+    let mut removal = Removal::new(letters.reads_from_start());
+    let mut count = 0;
+    while let Some(seen) = letters.next_seen().await? {
+        match seen {
+            Seen::Selected(letter) => {
+                removal.remove(&letter.subject, letter.seq);
+                count += 1;
+            }
+            Seen::Passed { subject, seq } => removal.keep(&subject, seq),
+        }
+    }
+    Ok(ToPurge {
+        count,
+        removals: removal.take(),
+    })
+}
+
 /// Removes dead letters for good; returns how many went.
-pub async fn purge(target: &Target, removals: Vec<Remove>) -> Result<u64, OpsError> {
+pub async fn purge(target: &Target, to_purge: ToPurge) -> Result<u64, OpsError> {
     let stream = target
         .js
         .get_stream(&target.layout.nats.stream.name)
         .await
         .map_err(OpsError::nats("open the Pipeline's stream"))?;
-    let (gone, failed) = carry_out(&stream, removals).await;
+    let (gone, failed) = carry_out(&stream, to_purge.removals).await;
     for (seqs, e) in failed {
         tracing::warn!("cannot remove {} dead letter(s): {e}", seqs.len());
     }

@@ -48,7 +48,7 @@ pub async fn read(target: &Target, listen: Duration) -> Result<Vec<UnitStatus>, 
         .get_stream(&target.layout.nats.stream.name)
         .await
         .map_err(OpsError::nats("open the Pipeline's stream"))?;
-    let dead_letters = dlq::count_by_unit(target).await?;
+    let dead_letters = dlq::count_by_unit(target, &stream).await?;
     let mut out = Vec::new();
     for unit in &target.topology.units {
         let config = target.layout.units.iter().find(|c| c.unit == unit.name);

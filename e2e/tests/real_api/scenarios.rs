@@ -641,7 +641,11 @@ pub fn a_silent_nats_server_slows_only_its_own_pipelines(suite: &Suite) {
     drop(holder);
 }
 
-/// Reconciles started in an operator's log, by what triggered them (kube-runtime's span says).
+/// The trigger of a reconcile for a change of an owned object (kube-runtime names the object after it).
+const RELATED: &str = "related object updated";
+
+/// Reconciles started in an operator's log, by what triggered them (kube-runtime's span says), owned
+/// objects' changes counted together.
 fn reconcile_triggers(log: &str) -> std::collections::BTreeMap<String, usize> {
     let mut triggers = std::collections::BTreeMap::new();
     for line in log.lines().filter(|l| l.ends_with("reconciling")) {
@@ -649,7 +653,12 @@ fn reconcile_triggers(log: &str) -> std::collections::BTreeMap<String, usize> {
             .split_once("object.reason=")
             .and_then(|(_, rest)| rest.split_once('}'))
         {
-            *triggers.entry(trigger.to_string()).or_default() += 1;
+            let kind = if trigger.starts_with(RELATED) {
+                RELATED
+            } else {
+                trigger
+            };
+            *triggers.entry(kind.to_string()).or_default() += 1;
         }
     }
     triggers
@@ -697,11 +706,8 @@ pub fn many_pipelines(suite: &Suite) {
     loop {
         let from = operator.log_text().len();
         std::thread::sleep(Duration::from_secs(10));
-        let echoes = reconcile_triggers(&operator.log_text()[from..])
-            .into_iter()
-            .filter(|(trigger, _)| trigger.starts_with("related object updated"))
-            .count();
-        if echoes == 0 || quiet.elapsed() > Duration::from_secs(180) {
+        let echoes = reconcile_triggers(&operator.log_text()[from..]);
+        if !echoes.contains_key(RELATED) || quiet.elapsed() > Duration::from_secs(180) {
             break;
         }
     }
@@ -717,15 +723,7 @@ pub fn many_pipelines(suite: &Suite) {
     let since = suite.operator_requests(&install).len();
     let log_since = operator.log_text().len();
     std::thread::sleep(MINUTE);
-    let mut triggers: std::collections::BTreeMap<String, usize> = Default::default();
-    for (trigger, n) in reconcile_triggers(&operator.log_text()[log_since..]) {
-        let kind = if trigger.starts_with("related object updated") {
-            "related object updated".to_string()
-        } else {
-            trigger
-        };
-        *triggers.entry(kind).or_default() += n;
-    }
+    let triggers = reconcile_triggers(&operator.log_text()[log_since..]);
     println!("  idle minute's reconciles by trigger: {triggers:?}");
     let requests = suite.operator_requests(&install)[since..].to_vec();
     let throttled = suite
