@@ -104,3 +104,46 @@ ensure_cargo_fuzz() {
     cargo install --locked cargo-fuzz
   fi
 }
+
+# What the test cluster runs that Debian ships (scripts/cluster, the pod suite): the container
+# runtime, runc, the CNI plugins, etcd, debootstrap for the handlers' image, iptables for kube-proxy.
+ensure_cluster_packages() {
+  local missing=()
+  command -v containerd >/dev/null || missing+=(containerd)
+  command -v runc >/dev/null || [ -x /usr/sbin/runc ] || missing+=(runc)
+  [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+  command -v etcd >/dev/null || missing+=(etcd-server)
+  command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+  command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || missing+=(iptables)
+  command -v nsenter >/dev/null || missing+=(util-linux)
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]} (apt: the test cluster's runtime, network and etcd)"
+    apt_install "${missing[@]}"
+  fi
+}
+
+# The images' programs are static (musl), as the Dockerfile builds them: they run in any image.
+ensure_musl_target() {
+  if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+    say "installing the Rust target x86_64-unknown-linux-musl (rustup)"
+    rustup target add x86_64-unknown-linux-musl >/dev/null
+  fi
+  command -v musl-gcc >/dev/null || { say "installing musl-tools (apt: ring's C code for musl)"; apt_install musl-tools; }
+}
+
+# switchyard and switchyard-stage as the images hold them: release, static, stripped. Prints the folder.
+build_image_binaries() {
+  ensure_musl_target
+  say "cargo build --release (musl): the operator image's programs"
+  CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=true \
+    cargo build --quiet --release --locked --target x86_64-unknown-linux-musl --bin switchyard --bin switchyard-stage
+  echo "${CARGO_TARGET_DIR:-$PWD/target}/x86_64-unknown-linux-musl/release"
+}
+
+# The Kubernetes programs (scripts/kube-binaries, cached): exports KUBE_BIN_DIR and puts its kubectl
+# first on PATH, of the same version as the API server.
+ensure_kube_binaries() {
+  command -v go >/dev/null || { say "no go on PATH: the Kubernetes programs cannot be built"; return 1; }
+  KUBE_BIN_DIR=$(scripts/kube-binaries)
+  export KUBE_BIN_DIR PATH="$KUBE_BIN_DIR:$PATH"
+}

@@ -805,8 +805,8 @@ async fn time_chain(
 async fn step_costs(sizes: &[usize]) -> anyhow::Result<StepCosts> {
     use switchyard_crds::unit::{RetryConfig, StepConfig};
     use switchyard_crds::StepKind;
-    use switchyard_stage::steps::{http_client, Step};
-    let http = http_client()?;
+    use switchyard_stage::steps::{LazyClient, Step};
+    let http = LazyClient::default();
     let build = |kind: StepKind| {
         Step::build(
             &StepConfig {

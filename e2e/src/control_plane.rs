@@ -2,9 +2,10 @@
 //! kube-apiserver and kube-controller-manager, with no kubelet, so pods stay Pending unless a test
 //! marks them ready itself ([`ControlPlane::mark_pods_ready`]).
 //!
-//! The binaries come from `KUBE_APISERVER`, `KUBE_CONTROLLER_MANAGER` and `ETCD`, or from
-//! `~/.local/kube/bin` (etcd also from `PATH`). None of them is part of this repository; where one is
-//! missing, [`ControlPlane::find`] says which, and the suite skips.
+//! The binaries come from `KUBE_APISERVER`, `KUBE_CONTROLLER_MANAGER` and `ETCD`, or from the folder
+//! `scripts/kube-binaries` builds them into (`KUBE_BIN_DIR`, or its cache), or from `~/.local/kube/bin`
+//! (etcd also from `PATH`). None of them is part of this repository; where one is missing,
+//! [`Binaries::find`] says which, and the suite skips.
 //!
 //! The API server runs with RBAC, an audit log of every request (so a test can count what the operator
 //! asks of it, by user), and `OwnerReferencesPermissionEnforcement`, which OpenShift enables.
@@ -60,7 +61,7 @@ impl std::fmt::Display for MissingBinary {
             MissingBinary::NotFound { variable, name } => {
                 write!(
                     f,
-                    "no {name} (set {variable}, or put it in ~/.local/kube/bin)"
+                    "no {name} (run scripts/kube-binaries, or set {variable})"
                 )
             }
         }
@@ -78,6 +79,11 @@ fn find_binary(variable: &str, name: &str, also_on_path: bool) -> Result<PathBuf
                 path,
             })
         };
+    }
+    if let Some(built) = crate::cluster::kube_bin_dir().map(|d| d.join(name)) {
+        if built.is_file() {
+            return Ok(built);
+        }
     }
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)

@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: the workspace's binaries, copies of the examples, and the
 //! processes a run starts.
 
+pub mod cluster;
 pub mod control_plane;
 pub mod run;
 pub mod secure;

@@ -141,7 +141,7 @@ pub const LABEL_UNIT: &str = "switchyard.dev/unit";
 /// Annotation on the pod template: changes when the unit's configuration does, so pods roll.
 pub const ANNOTATION_CONFIG_CHECKSUM: &str = "switchyard.dev/config-checksum";
 /// Where the init container puts `switchyard-stage`, so that any image can run it.
-const RUNTIME_DIR: &str = "/switchyard/bin";
+use switchyard_platform::image::{RUNTIME_DIR, STAGE_PROGRAM};
 const CONFIG_DIR: &str = "/etc/switchyard";
 const CREDENTIALS_DIR: &str = "/etc/switchyard/nats";
 /// Where a stage process serves /metrics, /healthz and /readyz.
@@ -405,7 +405,7 @@ impl ObjectsFor<'_> {
         let install = Container {
             name: "install-runtime".into(),
             image: Some(self.settings.stage_image.clone()),
-            command: Some(vec!["/switchyard-stage".into()]),
+            command: Some(vec![STAGE_PROGRAM.into()]),
             args: Some(vec!["--install-to".into(), RUNTIME_DIR.into()]),
             security_context: Some(restricted_container()),
             volume_mounts: Some(vec![mount("runtime", RUNTIME_DIR, false)]),

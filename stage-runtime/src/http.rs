@@ -17,7 +17,23 @@ pub struct Endpoint {
     headers: HeaderMap,
 }
 
-/// One client per process: it pools connections for every http step and sink.
+/// The process's one HTTP client (it pools connections for every http step), made when the first
+/// step that needs it is built. A unit without an http step must not need what a client needs:
+/// the system's CA certificates, which many handler images do not have.
+#[derive(Default)]
+pub struct LazyClient(std::sync::OnceLock<reqwest::Client>);
+
+impl LazyClient {
+    pub fn get(&self) -> Result<reqwest::Client, EndpointError> {
+        if let Some(client) = self.0.get() {
+            return Ok(client.clone());
+        }
+        let client = http_client()?;
+        Ok(self.0.get_or_init(|| client).clone())
+    }
+}
+
+/// A new HTTP client; see [`LazyClient`] for the one a unit's steps share.
 pub fn http_client() -> Result<reqwest::Client, EndpointError> {
     // reqwest is built without a bundled crypto provider; use ring, which the NATS client uses too.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -35,7 +51,7 @@ pub enum EndpointError {
     HeaderName(String),
     #[error("the value of header `{0}` is not valid")]
     HeaderValue(String),
-    #[error("cannot set up the HTTP client: {0}")]
+    #[error("cannot set up the HTTP client: {0} (an http step, sink or OTLP export needs the system's CA certificates: install them in the unit's image, for example Debian's ca-certificates)")]
     Client(#[from] reqwest::Error),
 }
 

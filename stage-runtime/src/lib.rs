@@ -200,6 +200,8 @@ pub async fn run_unit(
 /// The OTLP exporter, when the environment asks for one. A misconfigured one is logged and the unit
 /// runs without it: spans are worth less than the data.
 fn export_spans(config: &UnitConfig, replica: &str) -> Option<otlp::Spans> {
+    // Only a unit told to export needs a client (and CA certificates for it).
+    otlp::configured(|name| std::env::var(name).ok())?;
     let client = match steps::http_client() {
         Ok(client) => client,
         Err(e) => {
@@ -341,7 +343,7 @@ impl Unit<'_> {
             role: "a process unit",
             field: "outputSubject",
         })?;
-        let http = steps::http_client()?;
+        let http = steps::LazyClient::default();
         let steps = steps
             .iter()
             .map(|s| steps::Step::build(s, &http))

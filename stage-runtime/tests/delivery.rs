@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{handler, harness, header, json_lines, settled_reports, terminate};
 use futures::StreamExt;
@@ -528,4 +528,60 @@ async fn an_output_over_the_servers_limit_is_dead_lettered_at_once_with_the_size
     );
     let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
     assert_eq!(body["seq"], 2);
+}
+
+/// A handler image often has no CA certificates (Debian's minbase, scratch): a unit that makes no
+/// HTTP request must run without them. It used to build an HTTP client at start and exit with "No CA
+/// certificates were loaded from the system"; an http step in such an image still fails at start,
+/// saying what it needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_without_http_needs_no_ca_certificates() {
+    let mut h = harness(&pipeline(
+        "noca",
+        r#"  sources: [{name: src, generator: {count: 50, ratePerSecond: 1000}}]
+  stages:
+    - name: plain
+      jq: '. + {plain: true}'
+    - name: web
+      http: {url: "https://127.0.0.1:1/"}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    let no_certificates = [
+        ("SSL_CERT_FILE", "/nonexistent/ca.pem"),
+        ("SSL_CERT_DIR", "/nonexistent"),
+    ];
+    h.start("src");
+    h.spawn_with_env("plain", "r1", &no_certificates);
+    h.spawn_with_env("web", "r1", &no_certificates);
+    // `plain` runs: its outputs reach web's input, and it stays up.
+    let started = Instant::now();
+    loop {
+        let busy = h.busy_consumers().await;
+        if busy.get("web").is_some_and(|(pending, _)| *pending >= 50) {
+            break;
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "plain did not pass 50 items on: {busy:?}; its log: {}",
+            h.log_of("plain", "r1")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!h.log_of("plain", "r1").contains("CA certificates"));
+    // `web` cannot start, and says why and what to do.
+    let started = Instant::now();
+    while !h.log_of("web", "r1").contains("CA certificates") {
+        assert!(
+            started.elapsed() < LIMIT,
+            "web did not say it lacks CA certificates: {}",
+            h.log_of("web", "r1")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(h
+        .log_of("web", "r1")
+        .contains("install them in the unit's image"));
+    h.stop().await;
 }

@@ -582,7 +582,7 @@ fn http_step(url: &str) -> switchyard_stage::steps::Step {
                 max_backoff_ms: 10,
             },
         },
-        &switchyard_stage::steps::http_client().unwrap(),
+        &switchyard_stage::steps::LazyClient::default(),
     )
     .unwrap()
 }

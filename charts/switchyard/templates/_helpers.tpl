@@ -12,6 +12,12 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The operator's own pods: the component tells them from the NATS pods of the same release. */}}
+{{- define "switchyard.operatorSelectorLabels" -}}
+{{ include "switchyard.selectorLabels" . }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
 {{- define "switchyard.labels" -}}
 {{ include "switchyard.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}

@@ -144,14 +144,19 @@ fn the_stage_runtime_reaches_any_image_through_an_init_container() {
     );
     assert_eq!(
         person.containers[0].command.as_deref(),
-        Some(&["/switchyard/bin/switchyard-stage".to_string()][..])
+        Some(&["/opt/switchyard/bin/switchyard-stage".to_string()][..])
     );
     assert_eq!(person.containers[0].working_dir.as_deref(), Some("/work"));
     let init = &person.init_containers.unwrap()[0];
     assert_eq!(init.image.as_deref(), Some(default_image().as_str()));
     assert_eq!(
         init.args.as_deref(),
-        Some(&["--install-to".to_string(), "/switchyard/bin".to_string()][..])
+        Some(
+            &[
+                "--install-to".to_string(),
+                "/opt/switchyard/bin".to_string()
+            ][..]
+        )
     );
     // Units that name no image run in Switchyard's own.
     assert_eq!(

@@ -18,7 +18,7 @@ use crate::lineage::Lineage;
 use crate::payload::Payload;
 use crate::retry::{GaveUp, Retrying};
 
-pub use crate::http::http_client;
+pub use crate::http::{http_client, LazyClient};
 use crate::retry::StepError;
 pub use exec::{parse_reply, shown, ReplyOf};
 
@@ -65,14 +65,14 @@ enum Runner {
 }
 
 impl Runner {
-    fn build(config: &StepConfig, http: &reqwest::Client) -> Result<Runner, BuildError> {
+    fn build(config: &StepConfig, http: &LazyClient) -> Result<Runner, BuildError> {
         let path = config.path.as_str();
         Ok(match &config.kind {
             StepKind::Jq(filter) => Runner::Jq(jq::JqStep::new(path, filter)?),
             StepKind::Exec(settings) => {
                 Runner::Exec(exec::ExecStep::start(path, &settings.command, &config.env)?)
             }
-            StepKind::Http(settings) => Runner::Http(http::HttpStep::new(settings, http)?),
+            StepKind::Http(settings) => Runner::Http(http::HttpStep::new(settings, &http.get()?)?),
             StepKind::Sleep(delay) => Runner::Sleep(sleep::SleepStep::new(path, delay)?),
             StepKind::Passthrough(_) => Runner::Passthrough(passthrough::Passthrough),
         })
@@ -208,7 +208,7 @@ pub struct Step {
 }
 
 impl Step {
-    pub fn build(config: &StepConfig, http: &reqwest::Client) -> Result<Step, BuildError> {
+    pub fn build(config: &StepConfig, http: &LazyClient) -> Result<Step, BuildError> {
         let runner = Runner::build(config, http)?;
         let turns = runner
             .hands_off()
@@ -315,7 +315,7 @@ mod tests {
                     max_backoff_ms: 5,
                 },
             },
-            &http_client().unwrap(),
+            &LazyClient::default(),
         )
         .unwrap()
     }
