@@ -56,6 +56,21 @@ impl ExecStep {
                 "step {path}: exec.command is empty"
             )));
         }
+        // A handler whose program is not there will never start: say so now, and stop the unit,
+        // rather than restart it for ever while every message waits.
+        let search = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var("PATH").ok())
+            .unwrap_or_default();
+        if find_program(&command[0], &search).is_none() {
+            return Err(BuildError::Settings(format!(
+                "step {path}: cannot start the handler: `{}` is not {} (PATH={search}); use an image that has it (the stage's `image`), or install it",
+                command[0],
+                if command[0].contains('/') { "an executable file" } else { "on PATH" },
+            )));
+        }
         let shared = Arc::new(Shared {
             path: path.to_string(),
             command: command.to_vec(),
@@ -240,6 +255,22 @@ async fn supervise(
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_RESTART_DELAY);
     }
+}
+
+/// Where `program` would be found: itself when it names a path, else the first executable file of
+/// that name in `search` (a PATH).
+pub fn find_program(program: &str, search: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = std::path::PathBuf::from(program);
+        return executable(&path).then_some(path);
+    }
+    std::env::split_paths(search)
+        .map(|dir| dir.join(program))
+        .find(|p| executable(p))
 }
 
 fn spawn_child(shared: &Shared) -> std::io::Result<Child> {
@@ -494,6 +525,27 @@ impl Handler for ExecStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found with pods: an exec step in an image without its program (a stage that names no
+    /// `image`, so it runs in Switchyard's own) restarted the handler for ever while every message
+    /// waited and went to the dead letters; the pod looked healthy.
+    #[tokio::test]
+    async fn a_handler_that_is_not_in_the_image_stops_the_unit_and_says_what_to_do() {
+        let Err(BuildError::Settings(message)) = ExecStep::start(
+            "machines > wash",
+            &["python-that-is-not-here".into(), "-c".into(), "pass".into()],
+            &[("PATH".into(), "/nonexistent:/also-not".into())],
+        ) else {
+            panic!("started a handler that cannot exist");
+        };
+        assert_eq!(
+            message,
+            "step machines > wash: cannot start the handler: `python-that-is-not-here` is not on PATH (PATH=/nonexistent:/also-not); use an image that has it (the stage's `image`), or install it"
+        );
+        assert!(find_program("sh", "/usr/bin:/bin").is_some());
+        assert!(find_program("/bin/sh", "").is_some());
+        assert!(find_program("./no-such-handler.sh", "/bin").is_none());
+    }
 
     #[test]
     fn request_lines_embed_json_and_quote_the_rest() {
