@@ -409,6 +409,7 @@ impl ObjectsFor<'_> {
             args: Some(vec!["--install-to".into(), RUNTIME_DIR.into()]),
             security_context: Some(restricted_container()),
             volume_mounts: Some(vec![mount("runtime", RUNTIME_DIR, false)]),
+            termination_message_policy: Some(LAST_WORDS.into()),
             ..Container::default()
         };
         PodSpec {
@@ -465,6 +466,7 @@ impl ObjectsFor<'_> {
             resources: self.unit.resources.clone(),
             security_context: Some(restricted_container()),
             volume_mounts: Some(mounts),
+            termination_message_policy: Some(LAST_WORDS.into()),
             ..Container::default()
         }
     }
@@ -591,6 +593,10 @@ impl ObjectsFor<'_> {
         ports
     }
 }
+
+/// A container that fails leaves the end of its log as its termination message: the Pipeline's
+/// Degraded condition quotes it.
+const LAST_WORDS: &str = "FallbackToLogsOnError";
 
 const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 const OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";

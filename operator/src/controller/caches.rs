@@ -3,7 +3,7 @@
 //! pass asks the API server nothing when nothing changed, and memory stays small with many Pipelines.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodTemplateSpec};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use switchyard_crds::Pipeline;
@@ -16,6 +16,8 @@ pub struct Caches {
     pub pipelines: Store<PipelineObject>,
     pub deployments: Store<Deployment>,
     pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
+    /// The units' pods, trimmed to their labels and status: why they fail.
+    pub pods: Store<Pod>,
     /// Watches fill these stores; when false, lookups fall back to asking the API server.
     pub live: bool,
 }
@@ -28,6 +30,7 @@ impl Caches {
             pipelines: reflector::store().0,
             deployments: reflector::store().0,
             config_maps: reflector::store().0,
+            pods: reflector::store().0,
             live: false,
         }
     }
@@ -35,6 +38,28 @@ impl Caches {
     pub fn deployment(&self, namespace: &str, name: &str) -> Option<std::sync::Arc<Deployment>> {
         self.deployments
             .get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// The pods of one unit (none when the caches are not live: a reconcile without watches does
+    /// not read pods).
+    pub fn unit_pods(
+        &self,
+        namespace: &str,
+        pipeline: &str,
+        unit: &str,
+    ) -> Vec<std::sync::Arc<Pod>> {
+        use crate::plan::{LABEL_PIPELINE, LABEL_UNIT};
+        self.pods
+            .state()
+            .into_iter()
+            .filter(|p| {
+                let labels = p.metadata.labels.as_ref();
+                let label = |key: &str| labels.and_then(|l| l.get(key)).map(String::as_str);
+                p.metadata.namespace.as_deref() == Some(namespace)
+                    && label(LABEL_PIPELINE) == Some(pipeline)
+                    && label(LABEL_UNIT) == Some(unit)
+            })
+            .collect()
     }
 
     pub fn config_map(
@@ -54,6 +79,14 @@ pub fn trim_deployment(deployment: &mut Deployment) {
     if let Some(spec) = deployment.spec.as_mut() {
         spec.template = PodTemplateSpec::default();
     }
+}
+
+/// Keeps of a pod what [`super::observe::pod_failure`] reads: its name, labels and status.
+pub fn trim_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    pod.metadata.owner_references = None;
+    pod.spec = None;
 }
 
 pub fn trim_pipeline(pipeline: &mut PipelineObject) {

@@ -145,16 +145,31 @@ async fn reconcile_pipeline(pipeline: &Pipeline, ctx: &Context) -> Result<Action
             .unwrap_or_default(),
         migration: MigrationState::None,
     };
+    let lag: u64 = found.units.iter().filter_map(|u| u.lag).sum();
     update_status(ctx, pipeline, &plan, found).await?;
-    // Switchers change often: refresh their status (lag, why they hold) sooner; a pause in progress
-    // is looked at again soon, to stop the units once they are drained.
-    Ok(Action::requeue(if draining {
+    Ok(Action::requeue(next_look(
+        draining,
+        plan.units.iter().any(|u| u.is_switcher()),
+        lag,
+    )))
+}
+
+/// A Pipeline with a backlog is looked at this often, so that its status sees it caught up soon.
+pub const BACKLOG_REFRESH: Duration = Duration::from_secs(5);
+
+/// Pure: when to look at a Pipeline again. A pause in progress soon, to stop the units once they are
+/// drained; one with a backlog soon, to see it through; switchers, whose status also says why they
+/// scale or hold, more often than the rest.
+pub fn next_look(draining: bool, has_switchers: bool, lag: u64) -> Duration {
+    if draining {
         PAUSE_CHECK
-    } else if plan.units.iter().any(|u| u.is_switcher()) {
+    } else if lag > 0 {
+        BACKLOG_REFRESH
+    } else if has_switchers {
         REFRESH_SWITCHERS
     } else {
         REFRESH
-    }))
+    }
 }
 
 /// What a reconcile found, for the status.
@@ -373,5 +388,15 @@ mod tests {
     fn retries_back_off_and_cap() {
         let delays: Vec<u64> = (1..=10).map(|n| retry_delay(n).as_secs()).collect();
         assert_eq!(delays, vec![2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+    }
+
+    #[test]
+    fn a_backlog_is_looked_at_soon_and_an_idle_pipeline_seldom() {
+        assert_eq!(next_look(false, false, 509), BACKLOG_REFRESH);
+        assert_eq!(next_look(false, true, 1), BACKLOG_REFRESH);
+        assert_eq!(next_look(false, true, 0), REFRESH_SWITCHERS);
+        assert_eq!(next_look(false, false, 0), REFRESH);
+        assert_eq!(next_look(true, false, 509), PAUSE_CHECK);
+        assert!(BACKLOG_REFRESH < REFRESH_SWITCHERS);
     }
 }

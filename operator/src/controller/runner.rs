@@ -2,15 +2,15 @@
 //! autoscaler, until a signal or the loss of leadership.
 //!
 //! What triggers a reconcile: a change of a Pipeline's spec or its deletion (its generation; the
-//! operator's own status writes do not), a change of a Deployment or ConfigMap it owns, and a periodic
-//! refresh.
+//! operator's own status writes do not), a change of a Deployment or ConfigMap it owns, a unit's pod
+//! that starts or stops failing, and a periodic refresh.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Config as ControllerConfig;
@@ -180,9 +180,36 @@ fn controller(
     .modify(caches::trim_metadata)
     .reflect(config_maps_writer)
     .touched_objects();
+    // The units' pods: a pod that starts or stops failing brings its Pipeline back (its status says
+    // Degraded within seconds), and no other change of a pod does.
+    let (pods, pods_writer) = reflector::store();
+    let pod_events = watcher(
+        api::<Pod>(client, namespace),
+        watcher::Config::default().labels(&format!(
+            "app.kubernetes.io/managed-by=switchyard-operator,{}",
+            crate::plan::LABEL_PIPELINE
+        )),
+    )
+    .default_backoff()
+    .modify(caches::trim_pod)
+    .reflect(pods_writer)
+    .touched_objects()
+    .predicate_filter(super::observe::pod_failure_hash, Default::default());
     let controller = Controller::for_stream(pipeline_events, pipelines.clone())
         .owns_stream(deployment_events)
         .owns_stream(config_map_events)
+        .watches_stream(pod_events, |pod: Pod| {
+            let pipeline = pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::plan::LABEL_PIPELINE))
+                .cloned();
+            match (pipeline, pod.metadata.namespace.clone()) {
+                (Some(name), Some(ns)) => Some(reflector::ObjectRef::new(&name).within(&ns)),
+                _ => None,
+            }
+        })
         .with_config(
             ControllerConfig::default()
                 .concurrency(CONCURRENCY)
@@ -192,6 +219,7 @@ fn controller(
         pipelines,
         deployments,
         config_maps,
+        pods,
         live: true,
     };
     (controller, caches)

@@ -88,6 +88,8 @@ pub struct UnitObservation {
     /// When the autoscaler last changed the replicas, and why it did (or why it holds).
     pub last_scale_time: Option<Time>,
     pub last_scale_reason: Option<String>,
+    /// Why its pods fail (crash loops, images that cannot be pulled, unschedulable), from their status.
+    pub failing: Vec<String>,
 }
 
 impl UnitObservation {
@@ -129,9 +131,11 @@ pub fn needs_write(
     since_last_write.is_none_or(|t| t >= FIGURES_REFRESH)
 }
 
-/// What a status says, without its figures.
+/// What a status says, without its figures. Whether the Pipeline has caught up (no lag at all) is
+/// part of it: a status that still shows a backlog once everything is through misleads whoever waits.
 fn shape(s: &PipelineStatus) -> impl PartialEq + '_ {
     (
+        s.lag.map(|lag| lag == 0),
         (
             &s.epochs,
             s.migration.as_ref().map(|m| (m.generation, m.done)),
@@ -313,15 +317,21 @@ fn applied_conditions(
                 .map(|m| format!("{}: {m}", u.name))
         })
         .collect();
+    let failing: Vec<String> = obs
+        .units
+        .iter()
+        .filter(|u| !u.failing.is_empty())
+        .map(|u| format!("{}: {}", u.name, u.failing.join("; ")))
+        .collect();
     let total = obs.units.len();
-    let phase = if !failed.is_empty() {
+    let phase = if !failed.is_empty() || !failing.is_empty() {
         "Degraded"
     } else if not_ready.is_empty() {
         "Running"
     } else {
         "Deploying"
     };
-    let degraded = degraded_condition(obs, &failed);
+    let degraded = degraded_condition(obs, &failed, &failing);
     match (&obs.pause, &obs.migration) {
         (PauseState::Running, MigrationState::Migrating { status, waiting }) => {
             let step = status
@@ -353,7 +363,7 @@ fn applied_conditions(
         ),
         (PauseState::Running, MigrationState::None) => (
             ready_condition(&not_ready, total),
-            progressing_condition(&not_ready, &failed, total),
+            progressing_condition(&not_ready, &failed, &failing, total),
             degraded,
             phase,
         ),
@@ -413,19 +423,27 @@ fn ready_condition(not_ready: &[String], total: usize) -> Cond<'static> {
     }
 }
 
-fn progressing_condition(not_ready: &[String], failed: &[String], total: usize) -> Cond<'static> {
+fn progressing_condition(
+    not_ready: &[String],
+    failed: &[String],
+    failing: &[String],
+    total: usize,
+) -> Cond<'static> {
     if not_ready.is_empty() {
         let message = format!("all {total} units are rolled out");
         (PROGRESSING, false, "RolloutComplete", message)
     } else if !failed.is_empty() {
         (PROGRESSING, false, "RolloutFailed", failed.join("; "))
+    } else if !failing.is_empty() {
+        // Pods that crash or cannot start do not get better by waiting.
+        (PROGRESSING, false, "PodsFailing", failing.join("; "))
     } else {
         let message = format!("waiting for {}", not_ready.join(", "));
         (PROGRESSING, true, "RollingOut", message)
     }
 }
 
-fn degraded_condition(obs: &Observation, failed: &[String]) -> Cond<'static> {
+fn degraded_condition(obs: &Observation, failed: &[String], failing: &[String]) -> Cond<'static> {
     let dead: Vec<String> = obs
         .units
         .iter()
@@ -439,6 +457,12 @@ fn degraded_condition(obs: &Observation, failed: &[String]) -> Cond<'static> {
             failed.join("; ")
         );
         (DEGRADED, true, "RolloutFailed", message)
+    } else if !failing.is_empty() {
+        let message = format!(
+            "{}; `kubectl logs` of the pod shows the rest",
+            failing.join("; ")
+        );
+        (DEGRADED, true, "PodsFailing", message)
     } else if dead_total > 0 {
         let message = format!(
             "{dead_total} messages were dead-lettered ({}); they wait on {} with their errors in headers",
@@ -488,6 +512,33 @@ mod tests {
             migration: MigrationState::None,
             dead_letter_subject: "switchyard.default.p.dlq.*".into(),
         }
+    }
+
+    /// Found on a real node: with every switcher pod in CrashLoopBackOff the status said
+    /// `Degraded=False AsExpected: no failures` for as long as it was watched.
+    #[test]
+    fn failing_pods_make_the_pipeline_degraded_naming_unit_pod_and_reason() {
+        let mut machines = unit("machines", 8, 0);
+        machines.rolled_out = false;
+        machines.failing = vec![
+            "pod laundry-machines-1: container stage: CrashLoopBackOff (exited with 1: boom)"
+                .into(),
+        ];
+        let obs = observe(Outcome::Applied, vec![unit("src", 1, 1), machines]);
+        let status = compute(None, &obs, &at(10));
+        let degraded = condition(&status, DEGRADED).unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "PodsFailing")
+        );
+        assert!(degraded.message.starts_with("machines: pod laundry-machines-1: container stage: CrashLoopBackOff (exited with 1: boom)"), "{}", degraded.message);
+        let progressing = condition(&status, PROGRESSING).unwrap();
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("False", "PodsFailing")
+        );
+        assert_eq!(status.phase.as_deref(), Some("Degraded"));
+        assert_eq!(condition(&status, READY).unwrap().status, "False");
     }
 
     #[test]
@@ -737,6 +788,32 @@ mod tests {
             &at(12),
         );
         assert!(needs_write(Some(&a), &c, soon));
+    }
+
+    /// Found on a real node: the status said lag 509 while the sink had every item, for up to a
+    /// refresh and a figures interval.
+    #[test]
+    fn catching_up_is_written_at_once() {
+        let mut behind = observe(Outcome::Applied, vec![unit("a", 1, 1)]);
+        behind.units[0].lag = Some(509);
+        let a = compute(None, &behind, &at(10));
+        let mut through = observe(Outcome::Applied, vec![unit("a", 1, 1)]);
+        through.units[0].lag = Some(0);
+        let b = compute(Some(&a), &through, &at(11));
+        assert!(needs_write(
+            Some(&a),
+            &b,
+            Some(std::time::Duration::from_secs(1))
+        ));
+        // From a backlog to a smaller one is still a figure.
+        let mut less = observe(Outcome::Applied, vec![unit("a", 1, 1)]);
+        less.units[0].lag = Some(100);
+        let c = compute(Some(&a), &less, &at(11));
+        assert!(!needs_write(
+            Some(&a),
+            &c,
+            Some(std::time::Duration::from_secs(1))
+        ));
     }
 
     #[test]
