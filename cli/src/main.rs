@@ -86,6 +86,19 @@ enum Command {
     },
     /// Print the Pipeline CustomResourceDefinition (as checked in under crds/ and in the Helm chart).
     Crd,
+    /// The chart's pre-delete hook: with Pipelines left, refuse the uninstall (naming them) or delete
+    /// them and wait until they are gone, while the operator still runs.
+    #[command(hide = true)]
+    UninstallHook {
+        #[arg(long, value_enum, default_value = "refuse")]
+        pipelines: switchyard_operator::uninstall::Mode,
+        /// Look at this namespace only (the chart's watchNamespace).
+        #[arg(long)]
+        watch_namespace: Option<String>,
+        /// How long deleted Pipelines may take to go.
+        #[arg(long, default_value = "4m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Run a Pipeline on this machine: a private NATS server, one process per unit replica, live
     /// progress, and a summary when a finite source is drained.
     Run(local::RunArgs),
@@ -182,6 +195,15 @@ fn main() -> ExitCode {
                 cleanup_timeout,
             },
             &log_format,
+        ),
+        Command::UninstallHook {
+            pipelines,
+            watch_namespace,
+            timeout,
+        } => uninstall_hook(
+            pipelines,
+            watch_namespace.filter(|n| !n.is_empty()),
+            timeout,
         ),
         Command::Crd => match switchyard_crds::crd_yaml() {
             Ok(text) => {
@@ -312,6 +334,31 @@ fn print_plan(
         },
         Err(problems) => {
             eprint!("{}", load::describe(file, &problems));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn uninstall_hook(
+    mode: switchyard_operator::uninstall::Mode,
+    namespace: Option<String>,
+    timeout: std::time::Duration,
+) -> ExitCode {
+    switchyard_platform::logging::init("info,kube=warn", false);
+    let work = async {
+        let client = kube::Client::try_default().await?;
+        switchyard_operator::uninstall::run(client, namespace.as_deref(), mode, timeout).await
+    };
+    match switchyard_platform::logging::block_on(Some(1), work) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            // The Job keeps its pod's message, which `kubectl describe job` shows.
+            let _ = std::fs::write("/dev/termination-log", e.to_string());
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
             ExitCode::FAILURE
         }
     }

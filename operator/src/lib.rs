@@ -7,3 +7,4 @@ pub mod metrics;
 pub mod pause;
 pub mod plan;
 pub mod reports;
+pub mod uninstall;
