@@ -420,12 +420,13 @@ pub async fn tap_on(target: &Target, what: &TapWhat) -> Result<ExitCode, String>
         filter: what.filter.clone(),
     };
     // Said on stderr, so that stdout stays JSON lines: a tap of a pipeline that is not running waits.
-    let subjects =
-        tap::edge_subjects(target, &what.unit, options.edge).map_err(|e| e.to_string())?;
-    eprintln!("tapping {} (Ctrl-C to stop)", subjects.join(", "));
+    // Said once the tap reads, not before: what is published after this line is shown.
+    let opened = |subjects: &[String]| {
+        eprintln!("tapping {} (Ctrl-C to stop)", subjects.join(", "));
+    };
     let mut stdout = std::io::stdout().lock();
     tokio::select! {
-        tapped = tap::tap(target, &options, &mut stdout) => { tapped.map_err(|e| e.to_string())?; }
+        tapped = tap::tap(target, &options, &mut stdout, opened) => { tapped.map_err(|e| e.to_string())?; }
         _ = tokio::signal::ctrl_c() => {}
     }
     Ok(ExitCode::SUCCESS)

@@ -93,10 +93,13 @@ pub fn record(message: &jetstream::Message) -> String {
 }
 
 /// Prints the edge's messages to `out` until `count` were printed (or for ever); returns how many.
+/// `opened` is called with the edge's subjects once the tap's consumer exists: from then on nothing
+/// published to the edge is missed (a person who starts a tap and then a replay sees the replay).
 pub async fn tap(
     target: &Target,
     options: &TapOptions,
     out: &mut dyn Write,
+    opened: impl FnOnce(&[String]),
 ) -> Result<u64, OpsError> {
     let subjects = edge_subjects(target, &options.unit, options.edge)?;
     let filter = match &options.filter {
@@ -118,6 +121,7 @@ pub async fn tap(
         start,
     )
     .await?;
+    opened(&subjects);
     let mut printed = 0;
     while options.count.is_none_or(|n| printed < n) {
         let message = match messages.next().await {
