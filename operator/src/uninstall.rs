@@ -36,7 +36,7 @@ pub fn decide(mode: Mode, left: &[String]) -> Verdict {
     match mode {
         Mode::Delete => Verdict::Delete(left.to_vec()),
         Mode::Refuse => Verdict::Refuse(format!(
-            "not uninstalling: {} left ({}); without the operator they could not be deleted (their finalizer waits for it) and their units would keep running. Delete them first (kubectl delete pipelines --all -A), or let the uninstall delete them (helm upgrade RELEASE CHART --reuse-values --set uninstall.pipelines=delete, then helm uninstall again), or leave them as they are (helm uninstall --no-hooks)",
+            "not uninstalling: {} left ({}); without the operator they could not be deleted (their finalizer waits for it) and their units would keep running. Helm now lists the release as `uninstalling`, with everything still in place. Delete them (kubectl delete pipelines --all -A) and run helm uninstall again; or let the uninstall delete them: helm rollback RELEASE (the release is deployed again), helm upgrade RELEASE CHART --reuse-values --set uninstall.pipelines=delete, then helm uninstall; or leave them as they are: helm uninstall --no-hooks",
             count(left.len()),
             shortlist(left)
         )),
