@@ -98,6 +98,13 @@ enum Command {
         /// How long deleted Pipelines may take to go.
         #[arg(long, default_value = "4m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// The Helm release being uninstalled, its namespace and revision (for the refusal's commands).
+        #[arg(long, default_value = "switchyard")]
+        release: String,
+        #[arg(long, default_value = "switchyard-system")]
+        release_namespace: String,
+        #[arg(long, default_value_t = 1)]
+        revision: u32,
     },
     /// Run a Pipeline on this machine: a private NATS server, one process per unit replica, live
     /// progress, and a summary when a finite source is drained.
@@ -200,9 +207,17 @@ fn main() -> ExitCode {
             pipelines,
             watch_namespace,
             timeout,
+            release,
+            release_namespace,
+            revision,
         } => uninstall_hook(
             pipelines,
             watch_namespace.filter(|n| !n.is_empty()),
+            switchyard_operator::uninstall::Release {
+                name: release,
+                namespace: release_namespace,
+                revision,
+            },
             timeout,
         ),
         Command::Crd => match switchyard_crds::crd_yaml() {
@@ -342,12 +357,14 @@ fn print_plan(
 fn uninstall_hook(
     mode: switchyard_operator::uninstall::Mode,
     namespace: Option<String>,
+    release: switchyard_operator::uninstall::Release,
     timeout: std::time::Duration,
 ) -> ExitCode {
     switchyard_platform::logging::init("info,kube=warn", false);
     let work = async {
         let client = kube::Client::try_default().await?;
-        switchyard_operator::uninstall::run(client, namespace.as_deref(), mode, timeout).await
+        switchyard_operator::uninstall::run(client, namespace.as_deref(), mode, &release, timeout)
+            .await
     };
     match switchyard_platform::logging::block_on(Some(1), work) {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -18,6 +18,16 @@ pub enum Mode {
     Delete,
 }
 
+/// The Helm release being uninstalled, as the chart passes it: a refusal names the commands to run
+/// next exactly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    pub name: String,
+    pub namespace: String,
+    /// Its revision now: the one `helm rollback` brings back.
+    pub revision: u32,
+}
+
 /// What the hook does now, given the Pipelines that are left.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -29,14 +39,21 @@ pub enum Verdict {
 }
 
 /// Pure: the hook's decision, and the message a refusal leaves in the Job's log.
-pub fn decide(mode: Mode, left: &[String]) -> Verdict {
+pub fn decide(mode: Mode, left: &[String], release: &Release) -> Verdict {
     if left.is_empty() {
         return Verdict::Proceed;
     }
+    let Release {
+        name,
+        namespace,
+        revision,
+    } = release;
     match mode {
         Mode::Delete => Verdict::Delete(left.to_vec()),
+        // Helm keeps a release whose pre-delete hook failed as `uninstalling` and upgrades only a
+        // deployed one: rolling back to the same revision makes it deployed again.
         Mode::Refuse => Verdict::Refuse(format!(
-            "not uninstalling: {} left ({}); without the operator they could not be deleted (their finalizer waits for it) and their units would keep running. Helm now lists the release as `uninstalling`, with everything still in place. Delete them (kubectl delete pipelines --all -A) and run helm uninstall again; or let the uninstall delete them: helm rollback RELEASE (the release is deployed again), helm upgrade RELEASE CHART --reuse-values --set uninstall.pipelines=delete, then helm uninstall; or leave them as they are: helm uninstall --no-hooks",
+            "not uninstalling: {} left ({}); without the operator they could not be deleted (their finalizer waits for it) and their units would keep running. Everything is still in place; Helm lists the release as `uninstalling`. Either delete them (kubectl delete pipelines --all -A) and run `helm uninstall {name} -n {namespace}` again; or let the uninstall delete them: `helm rollback {name} {revision} -n {namespace}` (deployed again), `helm upgrade {name} CHART -n {namespace} --reuse-values --set uninstall.pipelines=delete`, then `helm uninstall {name} -n {namespace}`; or leave them running without an operator: `helm uninstall {name} -n {namespace} --no-hooks`",
             count(left.len()),
             shortlist(left)
         )),
@@ -91,6 +108,7 @@ pub async fn run(
     client: Client,
     namespace: Option<&str>,
     mode: Mode,
+    release: &Release,
     timeout: Duration,
 ) -> Result<(), UninstallError> {
     let all: Api<Pipeline> = match namespace {
@@ -98,7 +116,7 @@ pub async fn run(
         None => Api::all(client.clone()),
     };
     let names = left(&all).await?;
-    match decide(mode, &names) {
+    match decide(mode, &names, release) {
         Verdict::Proceed => {
             tracing::info!("no Pipeline is left: uninstalling");
             Ok(())
@@ -141,16 +159,27 @@ pub async fn run(
 mod tests {
     use super::*;
 
-    #[test]
-    fn nothing_left_proceeds_in_either_mode() {
-        assert_eq!(decide(Mode::Refuse, &[]), Verdict::Proceed);
-        assert_eq!(decide(Mode::Delete, &[]), Verdict::Proceed);
+    fn release() -> Release {
+        Release {
+            name: "switchyard".into(),
+            namespace: "switchyard-system".into(),
+            revision: 1,
+        }
     }
 
     #[test]
-    fn a_refusal_names_what_is_left_and_the_three_ways_on() {
+    fn nothing_left_proceeds_in_either_mode() {
+        assert_eq!(decide(Mode::Refuse, &[], &release()), Verdict::Proceed);
+        assert_eq!(decide(Mode::Delete, &[], &release()), Verdict::Proceed);
+    }
+
+    /// Found on the real node: the refusal advised `helm upgrade`, which Helm refuses for a release
+    /// left `uninstalling` ("has no deployed releases"), and a bare `helm rollback` of a first
+    /// revision fails ("release has no 0 version"); the same revision, named, works.
+    #[test]
+    fn a_refusal_names_what_is_left_and_the_exact_commands_on() {
         let left: Vec<String> = (1..=7).map(|i| format!("ns/p{i}")).collect();
-        let Verdict::Refuse(message) = decide(Mode::Refuse, &left) else {
+        let Verdict::Refuse(message) = decide(Mode::Refuse, &left, &release()) else {
             panic!("not refused");
         };
         assert!(
@@ -159,13 +188,21 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("kubectl delete pipelines --all -A"));
-        assert!(message.contains("--set uninstall.pipelines=delete"));
-        assert!(message.contains("helm uninstall --no-hooks"));
+        assert!(message.contains("`helm uninstall switchyard -n switchyard-system` again"));
+        assert!(message.contains("`helm rollback switchyard 1 -n switchyard-system`"));
+        let rollback = message.find("helm rollback").unwrap_or(usize::MAX);
+        let upgrade = message.find("helm upgrade").unwrap_or(0);
+        assert!(rollback < upgrade, "roll back before upgrading: {message}");
+        assert!(message.contains("--reuse-values --set uninstall.pipelines=delete"));
+        assert!(message.contains("`helm uninstall switchyard -n switchyard-system --no-hooks`"));
     }
 
     #[test]
     fn delete_mode_deletes_every_one() {
         let left = vec!["a/x".to_string(), "b/y".to_string()];
-        assert_eq!(decide(Mode::Delete, &left), Verdict::Delete(left.clone()));
+        assert_eq!(
+            decide(Mode::Delete, &left, &release()),
+            Verdict::Delete(left.clone())
+        );
     }
 }
