@@ -467,14 +467,33 @@ pub fn handlers() -> Result<Built, ClusterError> {
     }
     let rootfs = dir.join(format!("handlers-{key}.rootfs"));
     let _ = std::fs::remove_dir_all(&rootfs);
+    // A root of a few hundred MiB: removed whether or not an image could be made of it.
+    let made = make_handlers_archive(&rootfs, &mirror, &names, &archive);
+    let _ = std::fs::remove_dir_all(&rootfs);
+    let layer_bytes = made?;
+    remove_older(&dir, "handlers", &archive);
+    Ok(Built {
+        names: names.iter().map(|n| n.to_string()).collect(),
+        archive,
+        layer_bytes,
+    })
+}
+
+/// `debootstrap` into `rootfs`, trimmed, written as the handlers' archive: the layer's size.
+fn make_handlers_archive(
+    rootfs: &Path,
+    mirror: &str,
+    names: &[&str],
+    archive: &Path,
+) -> Result<u64, ClusterError> {
     run(Command::new("debootstrap")
         .args([
             "--variant=minbase",
             &format!("--include={HANDLER_PACKAGES}"),
             HANDLER_SUITE,
         ])
-        .arg(&rootfs)
-        .arg(&mirror))?;
+        .arg(rootfs)
+        .arg(mirror))?;
     // What a container does not need, and what would only make the layer bigger.
     for junk in [
         "var/cache/apt/archives",
@@ -487,23 +506,16 @@ pub fn handlers() -> Result<Built, ClusterError> {
         let _ = std::fs::remove_dir_all(&path);
         let _ = std::fs::create_dir_all(&path);
     }
-    remove_older(&dir, "handlers", &archive);
-    let layer_bytes = write_archive(
-        &rootfs,
-        &names,
+    write_archive(
+        rootfs,
+        names,
         &ImageConfig {
             cmd: vec!["/bin/sh".into()],
             env: vec![PATH_ENV.into(), "LANG=C.UTF-8".into()],
             ..ImageConfig::default()
         },
-        &archive,
-    )?;
-    let _ = std::fs::remove_dir_all(&rootfs);
-    Ok(Built {
-        names: names.iter().map(|n| n.to_string()).collect(),
         archive,
-        layer_bytes,
-    })
+    )
 }
 
 /// The Debian mirror apt uses here for `suite` (the first source of it with `main`), or deb.debian.org.
