@@ -1067,12 +1067,14 @@ pub fn helm_uninstall_with_pipelines_left(suite: &Suite) {
 
     // Helm keeps a release whose pre-delete hook failed as `uninstalling`, and upgrades only a
     // deployed one: the refusal says to roll back first.
-    assert!(said.contains("helm rollback RELEASE"), "{said}");
+    let rollback = format!("`helm rollback switchyard 1 -n {SYSTEM}`");
+    assert!(said.contains(&rollback), "{said}");
     succeeded(
         "helm rollback",
         suite.helm(&[
             "rollback",
             "switchyard",
+            "1",
             "-n",
             SYSTEM,
             "--wait",
