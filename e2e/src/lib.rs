@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod control_plane;
 pub mod run;
+pub mod scenarios;
 pub mod secure;
 
 use std::path::{Path, PathBuf};

@@ -14,7 +14,6 @@ mod harness;
 mod nats;
 mod scenarios;
 
-use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -22,7 +21,7 @@ use switchyard_e2e::cluster::{images, machine_allows, Cluster, Options, Programs
 
 use harness::{succeeded, text, Suite, RELEASE, SYSTEM};
 
-type Scenario = (&'static str, fn(&Suite));
+type Scenario = switchyard_e2e::scenarios::Scenario<Suite>;
 
 const SCENARIOS: &[Scenario] = &[
     (
@@ -84,14 +83,7 @@ fn skip(why: &str, count: usize) {
 }
 
 fn main() {
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let chosen: Vec<&Scenario> = SCENARIOS
-        .iter()
-        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
-        .collect();
+    let (chosen, filters) = switchyard_e2e::scenarios::chosen(SCENARIOS);
     if chosen.is_empty() {
         println!("pods: no scenario matches {filters:?}");
         return;
@@ -177,28 +169,8 @@ fn main() {
     let suite = guard.0.as_ref().expect("the suite");
     install_chart(suite, reused);
 
-    let (mut passed, mut failed) = (0, Vec::new());
-    for (name, scenario) in chosen {
-        let started = Instant::now();
-        println!("scenario {name} ...");
-        match std::panic::catch_unwind(AssertUnwindSafe(|| scenario(suite))) {
-            Ok(()) => {
-                passed += 1;
-                println!(
-                    "scenario {name} ... ok ({:.1}s)",
-                    started.elapsed().as_secs_f64()
-                );
-            }
-            Err(_) => {
-                failed.push(*name);
-                println!(
-                    "scenario {name} ... FAILED ({:.1}s)",
-                    started.elapsed().as_secs_f64()
-                );
-                keep_logs(suite, name);
-            }
-        }
-    }
+    let (passed, mut failed) =
+        switchyard_e2e::scenarios::run_each(&chosen, suite, |name| keep_logs(suite, name));
     let forwarded = suite.cluster.forwarded_by_host().unwrap_or(u64::MAX);
     println!("packets this machine dropped instead of forwarding from the cluster: {forwarded}");
     if forwarded != 0 {

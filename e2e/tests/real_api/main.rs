@@ -12,14 +12,13 @@
 mod harness;
 mod scenarios;
 
-use std::panic::AssertUnwindSafe;
 use std::process::Command;
 use std::time::Instant;
 
 use switchyard_e2e::control_plane::{Binaries, ControlPlane, Options};
 use switchyard_platform::embedded::NatsServer;
 
-type Scenario = (&'static str, fn(&harness::Suite));
+type Scenario = switchyard_e2e::scenarios::Scenario<harness::Suite>;
 
 const SCENARIOS: &[Scenario] = &[
     (
@@ -94,14 +93,7 @@ const SCENARIOS: &[Scenario] = &[
 ];
 
 fn main() {
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let chosen: Vec<&Scenario> = SCENARIOS
-        .iter()
-        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
-        .collect();
+    let (chosen, _) = switchyard_e2e::scenarios::chosen(SCENARIOS);
     let binaries = match Binaries::find() {
         Ok(b) => b,
         Err(why) => {
@@ -132,27 +124,7 @@ fn main() {
             .map(Into::into)
             .unwrap_or_else(|| switchyard_e2e::binary("switchyard")),
     };
-    let (mut passed, mut failed) = (0, Vec::new());
-    for (name, scenario) in chosen {
-        let started = Instant::now();
-        println!("scenario {name} ...");
-        match std::panic::catch_unwind(AssertUnwindSafe(|| scenario(&suite))) {
-            Ok(()) => {
-                passed += 1;
-                println!(
-                    "scenario {name} ... ok ({:.1}s)",
-                    started.elapsed().as_secs_f64()
-                );
-            }
-            Err(_) => {
-                failed.push(*name);
-                println!(
-                    "scenario {name} ... FAILED ({:.1}s)",
-                    started.elapsed().as_secs_f64()
-                );
-            }
-        }
-    }
+    let (passed, failed) = switchyard_e2e::scenarios::run_each(&chosen, &suite, |_| {});
     if !failed.is_empty() {
         println!("failed: {}", failed.join(", "));
         // Keep the control plane's and operators' logs for a look.
