@@ -114,11 +114,17 @@ async fn post(
     if let Some(t) = &lineage.tracestate {
         request = request.header("tracestate", t.as_str());
     }
-    let response = request
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| StepError::transient(format!("POST {url}: {}", error_chain(&e))))?;
+    let response = request.body(body).send().await.map_err(|e| {
+        let message = format!("POST {url}: {}", error_chain(&e));
+        // A connection that broke under a request that was sent fails every request on it, and
+        // may have been broken by any of them (a service that crashed on one): not known to be
+        // this one's fault. One that could not be made, or a timeout, is not shared like that.
+        if e.is_connect() || e.is_timeout() {
+            StepError::transient(message)
+        } else {
+            StepError::suspect(message)
+        }
+    })?;
     let status = response.status();
     let retry_after = response
         .headers()
@@ -128,7 +134,7 @@ async fn post(
     let bytes = response
         .bytes()
         .await
-        .map_err(|e| StepError::transient(format!("POST {url}: reading the response: {e}")))?;
+        .map_err(|e| StepError::suspect(format!("POST {url}: reading the response: {e}")))?;
     if status.is_success() {
         return Ok(bytes);
     }

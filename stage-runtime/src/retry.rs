@@ -11,9 +11,11 @@ pub struct StepError {
     /// Worth another attempt: the same input might succeed later (a handler's error, a 503), unlike a
     /// jq error on the same JSON.
     pub retryable: bool,
-    /// The exec child died while it held the message: the message is not to blame, so this does not use
-    /// up an attempt.
-    pub child_exited: bool,
+    /// The message failed together with the others its handler held (an exec child wrote a line that
+    /// is no reply, ended, or was restarted after a timeout; a web service's connection broke): it is
+    /// not known to be this message's fault, so the step tries it again alone before it counts as an
+    /// attempt (`Step::run_into`).
+    pub suspect: bool,
     /// How long the other side asked to be left alone (an HTTP `Retry-After`), instead of the backoff.
     pub retry_after: Option<Duration>,
 }
@@ -23,7 +25,7 @@ impl StepError {
         StepError {
             message: message.into(),
             retryable: false,
-            child_exited: false,
+            suspect: false,
             retry_after: None,
         }
     }
@@ -32,18 +34,22 @@ impl StepError {
         StepError {
             message: message.into(),
             retryable: true,
-            child_exited: false,
+            suspect: false,
             retry_after: None,
+        }
+    }
+
+    /// A failure shared with the other messages a handler held: see `suspect`.
+    pub fn suspect(message: impl Into<String>) -> StepError {
+        StepError {
+            suspect: true,
+            ..StepError::transient(message)
         }
     }
 }
 
 /// The longest `Retry-After` honoured: a message is held (and kept from redelivery) meanwhile.
 const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(600);
-
-/// How often a message whose exec child died under it is tried again on the restarted child before it
-/// counts as a failed attempt: a message that kills its handler every time must not loop forever.
-const CHILD_EXIT_RETRIES: u32 = 3;
 
 /// The last error of a message that used up its attempts (or failed for good), and how many it had.
 #[derive(Debug)]
@@ -59,7 +65,6 @@ pub struct Retrying<'a> {
     /// The step or sink, for logs.
     who: &'a str,
     attempts: u32,
-    child_exits: u32,
 }
 
 impl<'a> Retrying<'a> {
@@ -68,7 +73,6 @@ impl<'a> Retrying<'a> {
             policy,
             who,
             attempts: 1,
-            child_exits: 0,
         }
     }
 
@@ -76,11 +80,6 @@ impl<'a> Retrying<'a> {
     // A loop around an attempt rather than a function taking the attempt as a closure: an async
     // closure borrowing the message makes the caller's future lose `Send` (a rustc limitation).
     pub async fn after(&mut self, error: StepError) -> Result<(), GaveUp> {
-        if error.child_exited && self.child_exits < CHILD_EXIT_RETRIES {
-            self.child_exits += 1;
-            tracing::debug!(who = %self.who, "handler exited while holding a message; trying it again");
-            return Ok(());
-        }
         if error.retryable && self.attempts < self.policy.max_attempts {
             let delay = match error.retry_after {
                 Some(asked) => asked.min(LONGEST_RETRY_AFTER),

@@ -111,6 +111,87 @@ async fn retries_exhausted_send_the_message_to_the_dead_letter_subject_with_head
     );
 }
 
+/// The case a new user tried: 1,000 items through a pass-through handler and then one that answers
+/// every 50th with `this is not json`. Each bad line used to fail every item the child held with it:
+/// 285 dead letters, most of them good items. Exactly the 20 culprits may reach the dead letters,
+/// each quoting its line, and every other item the sink exactly once, with one attempt or two.
+async fn only_the_items_that_provoke_a_bad_line_are_dead_lettered(max_attempts: u32) {
+    let mut h = harness(&pipeline(
+        &format!("garbage{max_attempts}"),
+        &format!(
+            r#"  sources: [{{name: src, generator: {{count: 1000}}}}]
+  stages:
+    - name: pass
+      exec: {{command: ["python3", "{{dir}}/pass.py"]}}
+    - name: garb
+      exec: {{command: ["python3", "{{dir}}/garb.py"]}}
+      retry: {{maxAttempts: {max_attempts}, backoff: 5ms}}
+  sinks: [{{name: out, file: {{path: "{{dir}}/out.jsonl"}}}}]
+"#
+        ),
+    ))
+    .await;
+    handler(
+        &h,
+        "pass.py",
+        "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    print(json.dumps({'id': m['id'], 'outputs': [m['data']]}), flush=True)\n",
+    );
+    handler(
+        &h,
+        "garb.py",
+        "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    if m['data']['seq'] % 50 == 0:\n        print('this is not json', flush=True)\n    else:\n        print(json.dumps({'id': m['id'], 'outputs': [m['data']]}), flush=True)\n",
+    );
+    let stats = h.watch_stats("garb").await;
+    h.start_all();
+    let lines = h.wait_for_lines(&h.path("out.jsonl"), 980, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    let dead = h.dead_letters(20).await;
+    let reports = settled_reports(&stats, LIMIT, |r| {
+        r.values().map(|s| s.processed).sum::<u64>() >= 1000
+    })
+    .await;
+    h.stop().await;
+    let seqs: BTreeSet<u64> = json_lines(&lines)
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=1000).filter(|n| n % 50 != 0).collect());
+    assert_eq!(lines.len(), 980, "an item reached the sink twice");
+    let dead_lettered: u64 = reports.values().map(|r| r.dead_lettered).sum();
+    assert_eq!(
+        dead_lettered, 20,
+        "good items were dead-lettered with the bad ones"
+    );
+    let mut bad: Vec<u64> = dead
+        .iter()
+        .map(|m| header(m, headers::ORIGIN_SEQ).parse().unwrap())
+        .collect();
+    bad.sort();
+    assert_eq!(bad, (1..=1000).filter(|n| n % 50 == 0).collect::<Vec<_>>());
+    for m in &dead {
+        assert_eq!(header(m, headers::FAILED_STAGE), "garb");
+        assert_eq!(header(m, headers::ATTEMPTS), max_attempts.to_string());
+        let error = header(m, headers::ERROR);
+        assert!(
+            error.starts_with(
+                "the handler of step garb wrote `this is not json` instead of a reply ("
+            ),
+            "{error}"
+        );
+        assert_eq!(error.matches("not a reply").count(), 0, "{error}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_line_in_fifty_dead_letters_only_its_item_with_one_attempt() {
+    only_the_items_that_provoke_a_bad_line_are_dead_lettered(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_line_in_fifty_dead_letters_only_its_item_with_two_attempts() {
+    only_the_items_that_provoke_a_bad_line_are_dead_lettered(2).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_over_its_timeout_fails_each_attempt() {
     let mut h = harness(&pipeline(
@@ -170,9 +251,15 @@ async fn an_exec_child_that_crashes_is_restarted_and_nothing_is_lost() {
     assert_eq!(seqs, (1..=200).collect());
     assert_eq!(lines.len(), 200, "a message reached the sink twice");
     let pids: BTreeSet<u64> = values.iter().map(|v| v["pid"].as_u64().unwrap()).collect();
-    assert_eq!(pids.len(), 3, "two crashes, three handler lives: {pids:?}");
+    // Two crashes: the shared child's second life, or the child that tries suspects alone, took over.
+    assert!(
+        pids.len() >= 3,
+        "two crashes, three handler lives at least: {pids:?}"
+    );
     assert_eq!(std::fs::read_dir(h.path("crashes")).unwrap().count(), 2);
-    assert!(h.log_of("fragile", "r1").contains("handler exited"));
+    assert!(h
+        .log_of("fragile", "r1")
+        .contains("handler ended (exit status: 3)"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -566,6 +566,10 @@ async fn answering_first(first: (u16, Option<&'static str>)) -> (String, Arc<Mut
 }
 
 fn http_step(url: &str) -> switchyard_stage::steps::Step {
+    http_step_with(url, 3)
+}
+
+fn http_step_with(url: &str, max_attempts: u32) -> switchyard_stage::steps::Step {
     use switchyard_crds::unit::{RetryConfig, StepConfig};
     switchyard_stage::steps::Step::build(
         &StepConfig {
@@ -577,7 +581,7 @@ fn http_step(url: &str) -> switchyard_stage::steps::Step {
             env: Vec::new(),
             timeout_ms: None,
             retry: RetryConfig {
-                max_attempts: 3,
+                max_attempts,
                 backoff_ms: 5,
                 max_backoff_ms: 10,
             },
@@ -616,6 +620,109 @@ async fn http_answers_decide_retries_and_retry_after_is_honoured() {
     let (url, calls) = answering_first((429, None)).await;
     http_step(&url).run(item(), &lineage).await.unwrap();
     assert_eq!(*calls.lock().unwrap(), 2);
+}
+
+/// A web service that crashes on one request: every connection it holds breaks at once, and comes
+/// back for the next request. Speaks just enough HTTP/1.1 by hand, because a framework does not let a
+/// request cut its neighbours' connections. Answers each body after 20 ms, so that many are held.
+async fn crashing_on(poison: &'static str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let (crash, _) = tokio::sync::broadcast::channel::<()>(4);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let crash = crash.clone();
+            let mut crashed = crash.subscribe();
+            tokio::spawn(async move {
+                let serve = async {
+                    let mut socket = tokio::io::BufReader::new(socket);
+                    loop {
+                        let mut length = 0usize;
+                        loop {
+                            let mut line = String::new();
+                            if socket.read_line(&mut line).await.ok()? == 0 {
+                                return None::<()>;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            if let Some(value) =
+                                line.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                length = value.trim().parse().ok()?;
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        socket.read_exact(&mut body).await.ok()?;
+                        if String::from_utf8_lossy(&body).contains(poison) {
+                            let _ = crash.send(());
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let head =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                        socket.write_all(head.as_bytes()).await.ok()?;
+                        socket.write_all(&body).await.ok()?;
+                    }
+                };
+                // A crash drops every connection with a request in it, this one's included.
+                tokio::select! {
+                    _ = serve => {}
+                    _ = crashed.recv() => {}
+                }
+            });
+        }
+    });
+    url
+}
+
+/// A request that crashes the web service breaks the connections of every request in flight with
+/// it; they used to fail their attempts with it. Only the request that crashes it alone fails now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_request_that_breaks_the_service_fails_alone() {
+    use switchyard_stage::lineage::Lineage;
+    use switchyard_stage::payload::Payload;
+    let url = crashing_on("\"poison\"").await;
+    let step = http_step_with(&url, 1);
+    let lineage = Lineage::at_source("s", "1".into(), "s:1".into());
+    let runs = (0..150).map(|n| {
+        let body = if n == 37 {
+            "{\"n\": \"poison\"}".to_string()
+        } else {
+            format!("{{\"n\": {n}}}")
+        };
+        step.run(Payload::Bytes(body.into()), &lineage)
+    });
+    let results = tokio::time::timeout(LIMIT, futures::future::join_all(runs))
+        .await
+        .expect("the requests did not finish");
+    let failed: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_err())
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        failed,
+        vec![37],
+        "{:?}",
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .map(|f| &f.error)
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    let Err(failure) = &results[37] else {
+        unreachable!()
+    };
+    assert_eq!(failure.attempts, 1);
+    assert!(
+        failure.error.starts_with(&format!("POST {url}: ")),
+        "{}",
+        failure.error
+    );
 }
 
 /// What a handler writes on stderr reaches the unit's log under the step's name, a bounded number of

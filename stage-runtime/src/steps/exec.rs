@@ -2,8 +2,14 @@
 //!
 //! For each message the runtime writes `{"id": "...", "data": <message>, "headers": {...}}` on the
 //! child's stdin; the child answers, in any order, `{"id": "...", "outputs": [...]}` or
-//! `{"id": "...", "error": "why"}` on its stdout. A child that exits is restarted, and the messages it
-//! held fail with `child_exited`, so they are tried again on the new child.
+//! `{"id": "...", "error": "why"}` on its stdout.
+//!
+//! The child holds many messages at once (see `OUTSTANDING_CALLS`). When it fails them together —
+//! it writes a line that is no reply, it exits, or one of them gets no answer in time and it is
+//! restarted — nobody can tell which message provoked it, so none is charged: each is a *suspect*
+//! (`StepError::suspect`), and the step tries it again alone (`ExecStep::call_alone`) on a second
+//! child that holds one message at a time. There a failure is the message's own, and counts (an end
+//! of the child only once a fresh child ends on it too).
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -18,26 +24,69 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{BuildError, Handler};
+use super::{humanize, BuildError, Handler};
 use crate::lineage::Lineage;
 use crate::payload::Payload;
 use crate::retry::StepError;
 
 type Reply = Result<Vec<Payload>, StepError>;
 
+/// What a reply line looks like, for the errors that say a line was not one.
+pub const REPLY_FORM: &str =
+    r#"a reply is one JSON line, {"id": …, "outputs": […]} or {"id": …, "error": "…"}"#;
+
 pub struct ExecStep {
-    shared: Arc<Shared>,
-    /// The current child's stdin, or None while it is being (re)started.
-    writer: watch::Receiver<Option<mpsc::UnboundedSender<Vec<u8>>>>,
-    supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    spec: Arc<ChildSpec>,
+    timeout: Option<Duration>,
+    /// The child every message goes to first, many at a time.
+    shared: Lane,
+    /// The child that tries suspects one at a time; started when the first one needs it.
+    alone: Mutex<Option<Arc<Lane>>>,
 }
 
-struct Shared {
+/// How to start the handler.
+struct ChildSpec {
     path: String,
     command: Vec<String>,
     env: Vec<(String, String)>,
+}
+
+/// What became of one request sent to a child.
+#[derive(Debug)]
+enum Outcome {
+    /// The child answered it: its outputs, its error, or a reply that says nothing usable.
+    Answered(Reply),
+    /// The child wrote a line that is no reply while it held this request.
+    NotAReply { line: String, why: String },
+    /// The child ended while it held this request.
+    Ended { how: String },
+    /// No answer within the step's timeout; the child was restarted.
+    TimedOut(Duration),
+}
+
+/// One child process, restarted whenever it ends, and the requests it holds.
+struct Lane {
+    state: Arc<LaneState>,
+    /// The current child's stdin, or None while it is being (re)started.
+    writer: watch::Receiver<Option<ChildInput>>,
+    /// Asks the supervisor to kill the child of this life (a request to it timed out).
+    kill: mpsc::UnboundedSender<u64>,
+    supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+#[derive(Clone)]
+struct ChildInput {
+    /// Which start of the child this is: a kill asked for an earlier one is ignored.
+    life: u64,
+    stdin: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+struct LaneState {
+    spec: Arc<ChildSpec>,
+    /// `""` for the shared child, `" (alone)"` for the one that tries suspects: for logs.
+    role: &'static str,
     next_id: AtomicU64,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
     stopping: AtomicBool,
 }
 
@@ -50,6 +99,7 @@ impl ExecStep {
         path: &str,
         command: &[String],
         env: &[(String, String)],
+        timeout: Option<Duration>,
     ) -> Result<ExecStep, BuildError> {
         if command.is_empty() {
             return Err(BuildError::Settings(format!(
@@ -71,67 +121,157 @@ impl ExecStep {
                 if command[0].contains('/') { "an executable file" } else { "on PATH" },
             )));
         }
-        let shared = Arc::new(Shared {
+        let spec = Arc::new(ChildSpec {
             path: path.to_string(),
             command: command.to_vec(),
             env: env.to_vec(),
+        });
+        Ok(ExecStep {
+            shared: Lane::start(spec.clone(), ""),
+            spec,
+            timeout,
+            alone: Mutex::new(None),
+        })
+    }
+
+    /// Sends `item` to the shared child. A failure it shares with the other messages that child
+    /// held comes back as a suspect, for `call_alone`.
+    pub async fn call(&self, item: &Payload, lineage: &Lineage) -> Reply {
+        match self.shared.call(item, lineage, self.timeout).await {
+            Outcome::Answered(reply) => reply,
+            shared_fate => Err(StepError::suspect(self.describe(shared_fate))),
+        }
+    }
+
+    /// Sends `item` to the child that holds one message at a time: whatever goes wrong there is
+    /// this message's doing. The caller makes sure one such call runs at a time.
+    pub async fn call_alone(&self, item: &Payload, lineage: &Lineage) -> Reply {
+        let lane = lock(&self.alone)
+            .get_or_insert_with(|| Arc::new(Lane::start(self.spec.clone(), " (alone)")))
+            .clone();
+        let mut outcome = lane.call(item, lineage, self.timeout).await;
+        if matches!(outcome, Outcome::Ended { .. }) {
+            // A child may end for reasons of its own (a leak, a limit on its work) while it holds
+            // an innocent item: blame the item only if a fresh child (the lane starts one) ends
+            // on it too.
+            outcome = lane.call(item, lineage, self.timeout).await;
+        }
+        match outcome {
+            Outcome::Answered(reply) => reply,
+            own_fault => Err(StepError::transient(self.describe(own_fault))),
+        }
+    }
+
+    fn describe(&self, outcome: Outcome) -> String {
+        let path = &self.spec.path;
+        match outcome {
+            Outcome::Answered(Ok(_)) => format!("the handler of step {path} answered"),
+            Outcome::Answered(Err(e)) => e.message,
+            Outcome::NotAReply { line, why } => format!(
+                "the handler of step {path} wrote `{line}` instead of a reply ({why}); {REPLY_FORM}"
+            ),
+            Outcome::Ended { how } => {
+                format!("the handler of step {path} ended while it worked on the message: {how}")
+            }
+            Outcome::TimedOut(limit) => format!(
+                "timed out after {}: the handler of step {path} did not answer, and was restarted",
+                humanize(limit)
+            ),
+        }
+    }
+
+    /// Stops the children, once no message needs them any more.
+    pub async fn shutdown(&self) {
+        let alone = lock(&self.alone).take();
+        if let Some(alone) = alone {
+            alone.shutdown().await;
+        }
+        self.shared.shutdown().await;
+    }
+}
+
+impl Lane {
+    fn start(spec: Arc<ChildSpec>, role: &'static str) -> Lane {
+        let state = Arc::new(LaneState {
+            spec,
+            role,
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
         });
         let (writer_tx, writer) = watch::channel(None);
-        let supervisor = tokio::spawn(supervise(shared.clone(), writer_tx));
-        Ok(ExecStep {
-            shared,
+        let (kill, kills) = mpsc::unbounded_channel();
+        let supervisor = tokio::spawn(supervise(state.clone(), writer_tx, kills));
+        Lane {
+            state,
             writer,
+            kill,
             supervisor: Mutex::new(Some(supervisor)),
-        })
+        }
     }
 
-    pub async fn call(&self, item: &Payload, lineage: &Lineage) -> Reply {
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+    async fn call(&self, item: &Payload, lineage: &Lineage, timeout: Option<Duration>) -> Outcome {
+        let id = self.state.next_id.fetch_add(1, Ordering::Relaxed);
         let mut line = request_line(id, item, lineage);
         let mut writer = self.writer.clone();
-        let rx = loop {
-            let stdin = writer
+        let (rx, life) = loop {
+            let input = writer
                 .wait_for(Option::is_some)
                 .await
                 .ok()
                 .and_then(|w| w.clone());
-            let Some(stdin) = stdin else {
-                return Err(child_exited("the handler was stopped"));
+            let Some(input) = input else {
+                return Outcome::Ended {
+                    how: "the handler was stopped".to_string(),
+                };
             };
             let (tx, rx) = oneshot::channel();
             // Register before sending: when the child dies, everything registered is failed after its
             // stdin is gone, so a request is either answered, failed, or refused by `send` below.
-            lock(&self.shared.pending).insert(id, tx);
-            match stdin.send(line) {
-                Ok(()) => break rx,
+            lock(&self.state.pending).insert(id, tx);
+            match input.stdin.send(line) {
+                Ok(()) => break (rx, input.life),
                 Err(refused) => {
-                    lock(&self.shared.pending).remove(&id);
+                    lock(&self.state.pending).remove(&id);
                     // The child's stdin is gone (it exited, or stopped reading) and the supervisor has
-                    // not replaced it yet. The message never reached that child, so it is not to blame
-                    // and must not spend its retries: wait for the next child instead.
+                    // not replaced it yet. The message never reached that child, so it is not to blame:
+                    // wait for the next child instead.
                     line = refused.0;
                     if writer.changed().await.is_err() {
-                        return Err(child_exited("the handler was stopped"));
+                        return Outcome::Ended {
+                            how: "the handler was stopped".to_string(),
+                        };
                     }
                 }
             }
         };
         let _guard = ForgetOnDrop {
-            pending: &self.shared.pending,
+            pending: &self.state.pending,
             id,
         };
-        match rx.await {
-            Ok(reply) => reply,
-            Err(_) => Err(child_exited("the handler exited")),
+        let answered = async {
+            rx.await.unwrap_or_else(|_| Outcome::Ended {
+                how: "the handler was stopped".to_string(),
+            })
+        };
+        match timeout {
+            None => answered.await,
+            Some(limit) => match tokio::time::timeout(limit, answered).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    // The child may be stuck on this message or on another it holds: restart it,
+                    // so that it does not hold up every message after, and let the others it held
+                    // be tried again.
+                    lock(&self.state.pending).remove(&id);
+                    let _ = self.kill.send(life);
+                    Outcome::TimedOut(limit)
+                }
+            },
         }
     }
 
-    /// Stops the child, once no message needs it any more.
-    pub async fn shutdown(&self) {
-        self.shared.stopping.store(true, Ordering::SeqCst);
+    async fn shutdown(&self) {
+        self.state.stopping.store(true, Ordering::SeqCst);
         let handle = lock(&self.supervisor).take();
         if let Some(handle) = handle {
             handle.abort();
@@ -142,7 +282,7 @@ impl ExecStep {
 
 /// A call abandoned (by its timeout) leaves no entry behind; a late answer is then ignored.
 struct ForgetOnDrop<'a> {
-    pending: &'a Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    pending: &'a Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
     id: u64,
 }
 
@@ -155,15 +295,6 @@ impl Drop for ForgetOnDrop<'_> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; carry on with it.
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn child_exited(message: &str) -> StepError {
-    StepError {
-        message: message.to_string(),
-        retryable: true,
-        child_exited: true,
-        retry_after: None,
-    }
 }
 
 fn request_line(id: u64, item: &Payload, lineage: &Lineage) -> Vec<u8> {
@@ -228,27 +359,31 @@ impl IdField<'_> {
 }
 
 async fn supervise(
-    shared: Arc<Shared>,
-    writer_tx: watch::Sender<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    state: Arc<LaneState>,
+    writer_tx: watch::Sender<Option<ChildInput>>,
+    mut kills: mpsc::UnboundedReceiver<u64>,
 ) {
     let mut delay = Duration::from_millis(100);
-    loop {
+    let role = state.role;
+    for life in 1u64.. {
         let started = Instant::now();
-        match spawn_child(&shared) {
+        let how = match spawn_child(&state.spec) {
             Ok(mut child) => {
                 let pid = child.id().unwrap_or_default();
-                tracing::info!(step = %shared.path, pid, command = ?shared.command, "handler started");
-                let status = run_child(&shared, &mut child, &writer_tx).await;
-                if shared.stopping.load(Ordering::SeqCst) {
+                tracing::info!(step = %state.spec.path, pid, command = ?state.spec.command, "handler{role} started");
+                let how = run_child(&state, &mut child, life, &writer_tx, &mut kills).await;
+                if state.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                tracing::warn!(step = %shared.path, pid, status = %status, "handler exited; restarting it, and retrying the messages it held");
+                tracing::warn!(step = %state.spec.path, pid, "handler{role} ended ({how}); restarting it, and trying the messages it held again");
+                how
             }
             Err(e) => {
-                tracing::error!(step = %shared.path, command = ?shared.command, "cannot start the handler: {e}; is the program installed and on PATH, and is the working directory right?");
+                tracing::error!(step = %state.spec.path, command = ?state.spec.command, "cannot start the handler{role}: {e}; is the program installed and on PATH, and is the working directory right?");
+                format!("it could not be started again ({e})")
             }
-        }
-        fail_pending(&shared);
+        };
+        fail_pending(&state, &how);
         if started.elapsed() > HEALTHY_AFTER {
             delay = Duration::from_millis(100);
         }
@@ -273,13 +408,13 @@ pub fn find_program(program: &str, search: &str) -> Option<std::path::PathBuf> {
         .find(|p| executable(p))
 }
 
-fn spawn_child(shared: &Shared) -> std::io::Result<Child> {
-    let mut command = Command::new(&shared.command[0]);
+fn spawn_child(spec: &ChildSpec) -> std::io::Result<Child> {
+    let mut command = Command::new(&spec.command[0]);
     // A handler is the user's code: it has no business with the unit's NATS credentials.
     switchyard_platform::credentials::env::withhold(command.as_std_mut());
     command
-        .args(&shared.command[1..])
-        .envs(shared.env.iter().map(|(k, v)| (k, v)))
+        .args(&spec.command[1..])
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -290,15 +425,17 @@ fn spawn_child(shared: &Shared) -> std::io::Result<Child> {
 
 /// Feeds the child and reads its answers until it exits; returns how it ended.
 async fn run_child(
-    shared: &Arc<Shared>,
+    state: &Arc<LaneState>,
     child: &mut Child,
-    writer_tx: &watch::Sender<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    life: u64,
+    writer_tx: &watch::Sender<Option<ChildInput>>,
+    kills: &mut mpsc::UnboundedReceiver<u64>,
 ) -> String {
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         return "its pipes could not be opened".to_string();
     };
     if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(forward_stderr(shared.path.clone(), stderr));
+        tokio::spawn(forward_stderr(state.spec.path.clone(), stderr));
     }
     let (line_tx, mut line_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let mut writer = tokio::spawn(async move {
@@ -318,15 +455,19 @@ async fn run_child(
             }
         }
     });
-    writer_tx.send_replace(Some(line_tx));
+    writer_tx.send_replace(Some(ChildInput {
+        life,
+        stdin: line_tx,
+    }));
 
     let mut lines = BufReader::new(stdout).split(b'\n');
     let mut complaints = 0u32;
     let mut writing = true;
+    let mut killed_because = None;
     loop {
         tokio::select! {
             line = lines.next_segment() => match line {
-                Ok(Some(line)) => dispatch(shared, &line, &mut complaints),
+                Ok(Some(line)) => dispatch(state, &line, &mut complaints),
                 _ => break,
             },
             _ = &mut writer, if writing => {
@@ -337,21 +478,32 @@ async fn run_child(
                 writer_tx.send_replace(None);
                 let _ = child.start_kill();
             }
+            Some(asked) = kills.recv(), if killed_because.is_none() => {
+                if asked == life {
+                    killed_because = Some("it was restarted: a message it held got no answer within the step's timeout");
+                    writer_tx.send_replace(None);
+                    let _ = child.start_kill();
+                }
+            }
         }
     }
-    // Refuse new requests first, then fail the ones in flight: see `ExecStep::call`.
+    // Refuse new requests first, then fail the ones in flight: see `Lane::call`.
     writer_tx.send_replace(None);
     if writing {
         writer.abort();
         let _ = writer.await;
     }
-    match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+    let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
         Ok(Ok(status)) => status.to_string(),
         Ok(Err(e)) => format!("unknown ({e})"),
         Err(_) => {
             let _ = child.kill().await;
-            "closed its stdout; stopped it".to_string()
+            "it closed its stdout; stopped it".to_string()
         }
+    };
+    match killed_because {
+        Some(why) => why.to_string(),
+        None => status,
     }
 }
 
@@ -379,7 +531,7 @@ pub fn parse_reply(line: &[u8]) -> ReplyOf {
     }
     let reply: ReplyLine = match serde_json::from_slice(trimmed) {
         Ok(r) => r,
-        Err(e) => return ReplyOf::NotAReply(format!("it is not a reply ({e})")),
+        Err(e) => return ReplyOf::NotAReply(e.to_string()),
     };
     let Some(id) = reply.id.number() else {
         return ReplyOf::NotAReply("its id is not one the runtime sent".to_string());
@@ -403,25 +555,27 @@ pub fn parse_reply(line: &[u8]) -> ReplyOf {
     ReplyOf::Answer { id, result }
 }
 
-fn dispatch(shared: &Shared, line: &[u8], complaints: &mut u32) {
+fn dispatch(state: &LaneState, line: &[u8], complaints: &mut u32) {
     let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
     match parse_reply(trimmed) {
         ReplyOf::Blank => {}
         ReplyOf::NotAReply(why) => {
-            complain(shared, complaints, trimmed, &why);
-            fail_held(shared, trimmed, &why);
+            complain(state, complaints, trimmed, &why);
+            fail_held(state, trimmed, &why);
         }
         ReplyOf::Malformed { id, why } => {
-            complain(shared, complaints, trimmed, why);
-            if let Some(tx) = lock(&shared.pending).remove(&id) {
-                let _ = tx.send(Err(StepError::transient(format!(
-                    "the handler answered, but {why}"
-                ))));
+            complain(state, complaints, trimmed, why);
+            if let Some(tx) = lock(&state.pending).remove(&id) {
+                let _ = tx.send(Outcome::Answered(Err(StepError::transient(format!(
+                    "the handler of step {} answered `{}`, but {why}; {REPLY_FORM}",
+                    state.spec.path,
+                    shown(trimmed)
+                )))));
             }
         }
         ReplyOf::Answer { id, result } => {
-            if let Some(tx) = lock(&shared.pending).remove(&id) {
-                let _ = tx.send(result);
+            if let Some(tx) = lock(&state.pending).remove(&id) {
+                let _ = tx.send(Outcome::Answered(result));
             }
         }
     }
@@ -429,11 +583,11 @@ fn dispatch(shared: &Shared, line: &[u8], complaints: &mut u32) {
 
 /// Handlers sometimes print debugging output on stdout by mistake; say what is wrong without flooding
 /// the log.
-fn complain(shared: &Shared, complaints: &mut u32, line: &[u8], why: &str) {
+fn complain(state: &LaneState, complaints: &mut u32, line: &[u8], why: &str) {
     *complaints += 1;
     if *complaints <= 5 || complaints.is_power_of_two() {
-        let shown = shown(line);
-        tracing::warn!(step = %shared.path, "a line from the handler is not a reply, {why}: `{shown}`; the messages it held fail this attempt; a handler answers each request with one JSON line {{\"id\": ..., \"outputs\": [...]}} or {{\"id\": ..., \"error\": \"...\"}} and writes its own logs to stderr");
+        let role = state.role;
+        tracing::warn!(step = %state.spec.path, "the handler{role} wrote `{}`, which is not a reply ({why}); {REPLY_FORM}, and a handler writes its own logs to stderr; the messages it held are tried again one at a time to find the one it answered so", shown(line));
     }
 }
 
@@ -477,16 +631,15 @@ async fn forward_stderr(step: String, stderr: tokio::process::ChildStderr) {
     say_skipped(skipped);
 }
 
-/// A line that is no reply cannot be matched to its message, so every message the child holds fails
-/// this attempt with it: the user sees the line instead of a timeout.
-fn fail_held(shared: &Shared, line: &[u8], why: &str) {
-    let drained: Vec<_> = lock(&shared.pending).drain().collect();
+/// A line that is no reply cannot be matched to its message, so every message the child holds is a
+/// suspect: none waits for its timeout, and the one that provoked the line is found alone.
+fn fail_held(state: &LaneState, line: &[u8], why: &str) {
+    let drained: Vec<_> = lock(&state.pending).drain().collect();
     for (_, tx) in drained {
-        let _ = tx.send(Err(StepError::transient(format!(
-            "the handler of step {} wrote a line that is not a reply, {why}: `{}`",
-            shared.path,
-            shown(line)
-        ))));
+        let _ = tx.send(Outcome::NotAReply {
+            line: shown(line),
+            why: why.to_string(),
+        });
     }
 }
 
@@ -495,10 +648,12 @@ pub fn shown(line: &[u8]) -> String {
     String::from_utf8_lossy(line).chars().take(200).collect()
 }
 
-fn fail_pending(shared: &Shared) {
-    let drained: Vec<_> = lock(&shared.pending).drain().collect();
+fn fail_pending(state: &LaneState, how: &str) {
+    let drained: Vec<_> = lock(&state.pending).drain().collect();
     for (_, tx) in drained {
-        let _ = tx.send(Err(child_exited("the handler exited while working on it")));
+        let _ = tx.send(Outcome::Ended {
+            how: how.to_string(),
+        });
     }
 }
 
@@ -513,7 +668,21 @@ impl Handler for ExecStep {
         Ok(())
     }
 
+    async fn handle_alone(
+        &self,
+        item: Payload,
+        lineage: &Lineage,
+        out: &mut Vec<Payload>,
+    ) -> Result<(), StepError> {
+        out.extend(self.call_alone(&item, lineage).await?);
+        Ok(())
+    }
+
     fn hands_off(&self) -> bool {
+        true
+    }
+
+    fn isolates_itself(&self) -> bool {
         true
     }
 
@@ -535,6 +704,7 @@ mod tests {
             "machines > wash",
             &["python-that-is-not-here".into(), "-c".into(), "pass".into()],
             &[("PATH".into(), "/nonexistent:/also-not".into())],
+            None,
         ) else {
             panic!("started a handler that cannot exist");
         };

@@ -32,9 +32,31 @@ pub trait Handler {
         out: &mut Vec<Payload>,
     ) -> impl Future<Output = Result<(), StepError>> + Send;
 
+    /// Like `handle`, for a suspect (`StepError::suspect`) tried again alone: whatever fails now is
+    /// the item's own doing. `Step` runs one such call at a time.
+    fn handle_alone(
+        &self,
+        item: Payload,
+        lineage: &Lineage,
+        out: &mut Vec<Payload>,
+    ) -> impl Future<Output = Result<(), StepError>> + Send {
+        self.handle(item, lineage, out)
+    }
+
     /// True for handlers that pass messages on to somebody else (a child, a web service): they get at
     /// most `OUTSTANDING_CALLS` at a time.
     fn hands_off(&self) -> bool {
+        false
+    }
+
+    /// True when `handle_alone` isolates the item by itself (an exec step's second child); otherwise
+    /// `Step` isolates it by letting no other call run beside it.
+    fn isolates_itself(&self) -> bool {
+        false
+    }
+
+    /// True when the handler applies the step's timeout itself (an exec step restarts its child).
+    fn times_itself(&self) -> bool {
         false
     }
 
@@ -69,9 +91,12 @@ impl Runner {
         let path = config.path.as_str();
         Ok(match &config.kind {
             StepKind::Jq(filter) => Runner::Jq(jq::JqStep::new(path, filter)?),
-            StepKind::Exec(settings) => {
-                Runner::Exec(exec::ExecStep::start(path, &settings.command, &config.env)?)
-            }
+            StepKind::Exec(settings) => Runner::Exec(exec::ExecStep::start(
+                path,
+                &settings.command,
+                &config.env,
+                config.timeout_ms.map(Duration::from_millis),
+            )?),
             StepKind::Http(settings) => Runner::Http(http::HttpStep::new(settings, &http.get()?)?),
             StepKind::Sleep(delay) => Runner::Sleep(sleep::SleepStep::new(path, delay)?),
             StepKind::Passthrough(_) => Runner::Passthrough(passthrough::Passthrough),
@@ -85,6 +110,41 @@ impl Runner {
             Runner::Http(h) => h.hands_off(),
             Runner::Sleep(h) => h.hands_off(),
             Runner::Passthrough(h) => h.hands_off(),
+        }
+    }
+
+    fn isolates_itself(&self) -> bool {
+        match self {
+            Runner::Jq(h) => h.isolates_itself(),
+            Runner::Exec(h) => h.isolates_itself(),
+            Runner::Http(h) => h.isolates_itself(),
+            Runner::Sleep(h) => h.isolates_itself(),
+            Runner::Passthrough(h) => h.isolates_itself(),
+        }
+    }
+
+    fn times_itself(&self) -> bool {
+        match self {
+            Runner::Jq(h) => h.times_itself(),
+            Runner::Exec(h) => h.times_itself(),
+            Runner::Http(h) => h.times_itself(),
+            Runner::Sleep(h) => h.times_itself(),
+            Runner::Passthrough(h) => h.times_itself(),
+        }
+    }
+
+    async fn handle_alone(
+        &self,
+        item: Payload,
+        lineage: &Lineage,
+        out: &mut Vec<Payload>,
+    ) -> Result<(), StepError> {
+        match self {
+            Runner::Jq(h) => h.handle_alone(item, lineage, out).await,
+            Runner::Exec(h) => h.handle_alone(item, lineage, out).await,
+            Runner::Http(h) => h.handle_alone(item, lineage, out).await,
+            Runner::Sleep(h) => h.handle_alone(item, lineage, out).await,
+            Runner::Passthrough(h) => h.handle_alone(item, lineage, out).await,
         }
     }
 
@@ -205,6 +265,8 @@ pub struct Step {
     runner: Runner,
     /// For the steps that hand messages to somebody else (exec, http): see `OUTSTANDING_CALLS`.
     turns: Option<Semaphore>,
+    /// Held while a suspect is tried alone: one at a time, so that its failure is its own.
+    alone: tokio::sync::Mutex<()>,
 }
 
 impl Step {
@@ -215,10 +277,14 @@ impl Step {
             .then(|| Semaphore::new(OUTSTANDING_CALLS));
         Ok(Step {
             path: config.path.clone(),
-            timeout: config.timeout_ms.map(Duration::from_millis),
+            timeout: config
+                .timeout_ms
+                .map(Duration::from_millis)
+                .filter(|_| !runner.times_itself()),
             retry: config.retry,
             runner,
             turns,
+            alone: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -263,6 +329,13 @@ impl Step {
             };
             let error = match attempt {
                 Ok(()) => return Ok(()),
+                // Boxed: rare, and kept out of the hot path's future.
+                Err(e) if e.suspect => {
+                    match Box::pin(self.attempt_alone(&item, lineage, out)).await {
+                        Ok(()) => return Ok(()),
+                        Err(e) => e,
+                    }
+                }
                 Err(e) => e,
             };
             if let Err(GaveUp { error, attempts }) = retry.after(error).await {
@@ -274,6 +347,39 @@ impl Step {
                 });
             }
         }
+    }
+
+    /// The attempt of a suspect, alone: no other suspect beside it, and for a handler that cannot
+    /// isolate it by itself, no other call at all. What fails here counts.
+    async fn attempt_alone(
+        &self,
+        item: &Payload,
+        lineage: &Lineage,
+        out: &mut Vec<Payload>,
+    ) -> Result<(), StepError> {
+        let _alone = self.alone.lock().await;
+        let _every_turn = match &self.turns {
+            Some(turns) if !self.runner.isolates_itself() => {
+                turns.acquire_many(OUTSTANDING_CALLS as u32).await.ok()
+            }
+            _ => None,
+        };
+        let handled = self.runner.handle_alone(item.clone(), lineage, out);
+        let result = match self.timeout {
+            None => handled.await,
+            Some(limit) => tokio::time::timeout(limit, handled)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StepError::transient(format!(
+                        "timed out after {}",
+                        humanize(limit)
+                    )))
+                }),
+        };
+        result.map_err(|e| StepError {
+            suspect: false,
+            ..e
+        })
     }
 
     /// Attempts a message gets here, the first included.
@@ -288,7 +394,7 @@ impl Step {
 }
 
 /// `1.5s`, `250ms`: short and exact enough for error messages.
-fn humanize(d: Duration) -> String {
+pub(crate) fn humanize(d: Duration) -> String {
     if d.as_millis() < 1000 {
         format!("{}ms", d.as_millis())
     } else if d.subsec_millis() == 0 {
@@ -466,10 +572,91 @@ mod tests {
             "it waited for the timeout"
         );
         assert_eq!(failure.attempts, 2);
-        assert!(
-            failure.error.contains("step u > s") && failure.error.contains("`this is not json`"),
-            "{}",
-            failure.error
+        assert_eq!(
+            failure.error,
+            format!("the handler of step u > s wrote `this is not json` instead of a reply (expected ident at line 1 column 2); {}", exec::REPLY_FORM),
+            "the line quoted, the step named, what a reply looks like, nothing said twice"
+        );
+        s.shutdown().await;
+    }
+
+    fn python_step(code: &str, timeout_ms: Option<u64>, max_attempts: u32) -> Step {
+        step(
+            StepKind::Exec(switchyard_crds::ExecStep {
+                command: vec!["python3".into(), "-c".into(), code.into()],
+            }),
+            timeout_ms,
+            max_attempts,
+        )
+    }
+
+    /// Runs `count` items (`0`, `1`, ...) through `s` all at once, as a unit does, and returns the
+    /// items that failed with their errors and attempts.
+    async fn failures_of(s: &Step, count: usize) -> Vec<(String, String, u32)> {
+        let lineage = lineage();
+        let runs = (0..count).map(|n| s.run(Payload::Bytes(n.to_string().into()), &lineage));
+        let results =
+            tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(runs))
+                .await
+                .expect("the step did not finish its items in a minute");
+        let mut failed = Vec::new();
+        for (n, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(outputs) => assert_eq!(text(outputs), vec![n.to_string()]),
+                Err(f) => failed.push((text(vec![f.item]).remove(0), f.error, f.attempts)),
+            }
+        }
+        failed.sort_by_key(|(item, _, _)| item.parse::<u64>().unwrap_or(u64::MAX));
+        failed
+    }
+
+    /// Found by trying it as a new user: a handler that answered every 50th of 1,000 items with a line
+    /// that is no reply sent 285 items to the dead letters, most of them good, because every item the
+    /// child held when the line came failed its attempt with it. Only the culprits may fail now.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_line_that_is_no_reply_fails_only_the_item_that_provoked_it() {
+        // The runtime writes up to 64 items before the child answers the first: a bad line comes
+        // with many good items held.
+        let code = "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    if m['data'] % 50 == 7:\n        print('this is not json', flush=True)\n    else:\n        print(json.dumps({'id': m['id'], 'outputs': [m['data']]}), flush=True)\n";
+        for max_attempts in [1, 2] {
+            let s = python_step(code, None, max_attempts);
+            let failed = failures_of(&s, 1000).await;
+            let items: Vec<&str> = failed.iter().map(|(item, _, _)| item.as_str()).collect();
+            let expected: Vec<String> = (0..1000)
+                .filter(|n| n % 50 == 7)
+                .map(|n| n.to_string())
+                .collect();
+            assert_eq!(items, expected, "maxAttempts {max_attempts}");
+            for (_, error, attempts) in &failed {
+                assert_eq!(*attempts, max_attempts);
+                assert!(
+                    error.contains("wrote `this is not json` instead of a reply"),
+                    "{error}"
+                );
+            }
+            s.shutdown().await;
+        }
+    }
+
+    /// A child that dies on one item used to fail every item it held (three times free, then for
+    /// good); a child stuck on one item held up every item after it until each timed out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_or_a_hang_fails_only_the_item_that_caused_it() {
+        let code = "import json, os, sys, time\nfor line in sys.stdin:\n    m = json.loads(line)\n    if m['data'] == 33:\n        os._exit(3)\n    if m['data'] == 66:\n        time.sleep(600)\n    print(json.dumps({'id': m['id'], 'outputs': [m['data']]}), flush=True)\n";
+        let s = python_step(code, Some(1000), 1);
+        let failed = failures_of(&s, 200).await;
+        assert_eq!(failed.len(), 2, "{failed:?}");
+        let (item, error, attempts) = &failed[0];
+        assert_eq!((item.as_str(), *attempts), ("33", 1));
+        assert_eq!(
+            error,
+            "the handler of step u > s ended while it worked on the message: exit status: 3"
+        );
+        let (item, error, attempts) = &failed[1];
+        assert_eq!((item.as_str(), *attempts), ("66", 1));
+        assert_eq!(
+            error,
+            "timed out after 1s: the handler of step u > s did not answer, and was restarted"
         );
         s.shutdown().await;
     }
