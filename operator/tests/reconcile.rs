@@ -5,9 +5,9 @@ mod fake_api;
 use std::sync::Arc;
 
 use fake_api::{FakeApi, CONFIG_MAPS, DEPLOYMENTS, EVENTS, PIPELINES};
-use kube::core::DeserializeGuard;
 use serde_json::{json, Value};
 use switchyard_crds::Pipeline;
+use switchyard_operator::controller::caches::PipelineObject;
 use switchyard_operator::controller::{self, status, Context, Error, FINALIZER};
 use switchyard_operator::metrics::Metrics;
 use switchyard_operator::plan::PlanSettings;
@@ -64,7 +64,7 @@ async fn settle(w: &World, name: &str) -> Result<(), Error> {
         };
         let before = object["metadata"]["resourceVersion"].clone();
         let p: Pipeline = serde_json::from_value(object).unwrap();
-        controller::reconcile(Arc::new(DeserializeGuard(Ok(p))), w.ctx.clone()).await?;
+        controller::reconcile(Arc::new(PipelineObject(Ok(p))), w.ctx.clone()).await?;
         let after = w
             .api
             .get(PIPELINES, "default", name)
@@ -272,7 +272,7 @@ async fn settle_migration(w: &World, name: &str) -> Vec<String> {
     for _ in 0..60 {
         let p: Pipeline =
             serde_json::from_value(w.api.get(PIPELINES, "default", name).unwrap()).unwrap();
-        controller::reconcile(Arc::new(DeserializeGuard(Ok(p))), w.ctx.clone())
+        controller::reconcile(Arc::new(PipelineObject(Ok(p))), w.ctx.clone())
             .await
             .unwrap();
         make_all_ready(w);
@@ -472,7 +472,7 @@ async fn unreachable_nats_is_reported_and_retried_with_backoff_never_a_crash() {
     );
     assert!(message.contains("retrying"), "{message}");
     assert!(w.api.list(DEPLOYMENTS, "default").is_empty());
-    let p = Arc::new(DeserializeGuard(Ok(pipeline(&w, "laundry"))));
+    let p = Arc::new(PipelineObject(Ok(pipeline(&w, "laundry"))));
     let first = controller::error_policy(p.clone(), &error, w.ctx.clone());
     let second = controller::error_policy(p.clone(), &error, w.ctx.clone());
     assert_eq!(

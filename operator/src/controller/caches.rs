@@ -4,12 +4,69 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodTemplateSpec};
-use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::core::error_boundary::InvalidObject;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::Resource;
 use switchyard_crds::Pipeline;
 
-/// Pipelines as watched: one that cannot be decoded is kept as its metadata and the decode error.
-pub type PipelineObject = DeserializeGuard<Pipeline>;
+/// Pipelines as watched: one that cannot be decoded is kept as its metadata and the decode error,
+/// which names the field (`spec.stages[0].concurrency: invalid value: …`). kube's own
+/// `DeserializeGuard` does the same without the field, which leaves a person searching the spec.
+#[derive(Clone, Debug)]
+pub struct PipelineObject(pub Result<Pipeline, InvalidObject>);
+
+impl<'de> serde::Deserialize<'de> for PipelineObject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        match serde_path_to_error::deserialize::<_, Pipeline>(&value) {
+            Ok(pipeline) => Ok(PipelineObject(Ok(pipeline))),
+            Err(error) => {
+                // Its metadata must decode, or the object cannot be told apart from another.
+                let metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta =
+                    match value.get("metadata") {
+                        Some(meta) => serde_json::from_value(meta.clone())
+                            .map_err(<D::Error as serde::de::Error>::custom)?,
+                        None => Default::default(),
+                    };
+                Ok(PipelineObject(Err(InvalidObject {
+                    error: format!("{}: {}", error.path(), error.inner()),
+                    metadata,
+                })))
+            }
+        }
+    }
+}
+
+impl Resource for PipelineObject {
+    type DynamicType = ();
+    type Scope = <Pipeline as Resource>::Scope;
+
+    fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+        Pipeline::kind(dt)
+    }
+    fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+        Pipeline::group(dt)
+    }
+    fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+        Pipeline::version(dt)
+    }
+    fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+        Pipeline::plural(dt)
+    }
+    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match &self.0 {
+            Ok(pipeline) => pipeline.meta(),
+            Err(invalid) => &invalid.metadata,
+        }
+    }
+    fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match &mut self.0 {
+            Ok(pipeline) => pipeline.meta_mut(),
+            Err(invalid) => &mut invalid.metadata,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Caches {
@@ -90,7 +147,6 @@ pub fn trim_pod(pod: &mut Pod) {
 }
 
 pub fn trim_pipeline(pipeline: &mut PipelineObject) {
-    use kube::Resource;
     let meta = pipeline.meta_mut();
     meta.managed_fields = None;
     if let Some(annotations) = meta.annotations.as_mut() {
@@ -128,5 +184,31 @@ mod tests {
         assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(3));
         assert!(d.metadata.managed_fields.is_none());
         assert!(d.spec.unwrap().template.metadata.is_none());
+    }
+
+    /// A Pipeline that does not decode said `invalid value: integer 99999999999, expected u32` and
+    /// left the person to find which of its numbers that was.
+    #[test]
+    fn a_pipeline_that_cannot_be_decoded_names_the_field() {
+        let object: PipelineObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "switchyard.dev/v1alpha1",
+            "kind": "Pipeline",
+            "metadata": {"name": "big", "namespace": "team", "generation": 3},
+            "spec": {
+                "sources": [{"name": "src", "generator": {}}],
+                "stages": [{"name": "s", "passthrough": {}, "concurrency": 99_999_999_999u64}],
+                "sinks": [{"name": "out", "log": {}}]
+            }
+        }))
+        .unwrap();
+        let Err(invalid) = &object.0 else {
+            panic!("decoded a concurrency over u32");
+        };
+        assert_eq!(
+            invalid.error,
+            "spec.stages[0].concurrency: invalid value: integer `99999999999`, expected u32"
+        );
+        assert_eq!(object.meta().name.as_deref(), Some("big"));
+        assert_eq!(object.meta().generation, Some(3));
     }
 }
