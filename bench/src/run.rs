@@ -42,9 +42,9 @@ pub struct BenchArgs {
     /// How long each latency run lasts.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub latency_for: Duration,
-    /// Run only these scenarios (raw, passthrough, chain, group, jq, exec, traced); raw always runs.
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
+    /// Run only these scenarios; raw always runs.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub only: Vec<Kind>,
     /// The `switchyard-stage` program (default: next to this one).
     #[arg(long, env = "SWITCHYARD_STAGE_BIN")]
     pub stage_bin: Option<PathBuf>,
@@ -53,8 +53,31 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
 }
 
+/// Which scenario: named once here, for `--only`, the report and the JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Raw,
+    Passthrough,
+    Chain,
+    Group,
+    Jq,
+    Exec,
+    ExecBadLines,
+    Traced,
+}
+
+impl Kind {
+    /// As `--only` and the JSON spell it.
+    pub fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+}
+
 struct Scenario {
-    id: &'static str,
+    kind: Kind,
     title: &'static str,
     stages: &'static str,
     /// Units to run, in flow order; the last one's output is what comes out.
@@ -63,67 +86,96 @@ struct Scenario {
     raw: bool,
     /// `spec.tracing.sampleRate`: off, except in the scenario that measures what tracing costs.
     sample_rate: f64,
+    /// Every how many messages one never comes out (its handler answers it with a line that is no
+    /// reply, and it is dead-lettered): what finding the culprit costs.
+    lost_every: Option<u64>,
+}
+
+impl Scenario {
+    /// Of `sent` messages numbered from 0, how many come out.
+    fn coming_out(&self, sent: u64) -> u64 {
+        sent - self.lost_every.map_or(0, |n| sent / n)
+    }
 }
 
 const ECHO_HANDLER: &str = "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    sys.stdout.write(json.dumps({\"id\": m[\"id\"], \"outputs\": [m[\"data\"]]}) + \"\\n\")\n    sys.stdout.flush()\n";
 
+/// The echo, except that it answers message 999, 1999, ... with a line that is no reply.
+const BAD_LINE_HANDLER: &str = "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    if m[\"data\"][\"i\"] % 1000 == 999:\n        sys.stdout.write(\"this is not json\\n\")\n    else:\n        sys.stdout.write(json.dumps({\"id\": m[\"id\"], \"outputs\": [m[\"data\"]]}) + \"\\n\")\n    sys.stdout.flush()\n";
+
 fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario {
-            id: "raw",
+            kind: Kind::Raw,
             title: "raw async-nats loop",
             stages: "    - {name: copy, passthrough: {}}\n",
             units: &["copy"],
             raw: true,
             sample_rate: 0.0,
+            lost_every: None,
         },
         Scenario {
-            id: "passthrough",
+            kind: Kind::Passthrough,
             title: "one passthrough unit",
             stages: "    - {name: copy, passthrough: {}}\n",
             units: &["copy"],
             raw: false,
             sample_rate: 0.0,
+            lost_every: None,
         },
         Scenario {
-            id: "chain",
+            kind: Kind::Chain,
             title: "chain of three units",
             stages: "    - {name: a, passthrough: {}}\n    - {name: b, passthrough: {}}\n    - {name: c, passthrough: {}}\n",
             units: &["a", "b", "c"],
             raw: false,
             sample_rate: 0.0,
+            lost_every: None,
         },
         Scenario {
-            id: "group",
+            kind: Kind::Group,
             title: "one unit, three steps",
             stages: "    - name: g\n      stages: [{name: s1, passthrough: {}}, {name: s2, passthrough: {}}, {name: s3, passthrough: {}}]\n",
             units: &["g"],
             raw: false,
             sample_rate: 0.0,
+            lost_every: None,
         },
         Scenario {
-            id: "jq",
+            kind: Kind::Jq,
             title: "one jq step",
             stages: "    - {name: q, jq: '. + {ok: true}'}\n",
             units: &["q"],
             raw: false,
             sample_rate: 0.0,
+            lost_every: None,
         },
         Scenario {
-            id: "exec",
+            kind: Kind::Exec,
             title: "one exec step (Python echo)",
             stages: "    - {name: e, exec: {command: [python3, handler.py]}}\n",
             units: &["e"],
             raw: false,
             sample_rate: 0.0,
+            lost_every: None,
         },
         Scenario {
-            id: "traced",
+            kind: Kind::ExecBadLines,
+            title: "exec, 1 bad line in 1,000",
+            stages: "    - {name: e, exec: {command: [python3, bad-lines.py]}, retry: {maxAttempts: 1}}\n",
+            units: &["e"],
+            raw: false,
+            sample_rate: 0.0,
+            lost_every: Some(1000),
+        },
+        Scenario {
+            kind: Kind::Traced,
             title: "one passthrough unit, every item traced",
             stages: "    - {name: copy, passthrough: {}}\n",
             units: &["copy"],
             raw: false,
             sample_rate: 1.0,
+            lost_every: None,
         },
     ]
 }
@@ -131,7 +183,7 @@ fn scenarios() -> Vec<Scenario> {
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ScenarioResult {
-    pub scenario: String,
+    pub scenario: Kind,
     pub title: String,
     pub size: usize,
     pub messages: u64,
@@ -186,6 +238,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let js = switchyard_platform::nats::jetstream_context(client.clone());
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("handler.py"), ECHO_HANDLER)?;
+    std::fs::write(dir.path().join("bad-lines.py"), BAD_LINE_HANDLER)?;
     let machine = machine();
     let nats_version = client.server_info().version.clone();
     eprintln!(
@@ -194,8 +247,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.rate,
         args.latency_for
     );
-    let wanted =
-        |s: &Scenario| s.raw || args.only.is_empty() || args.only.iter().any(|o| o == s.id);
+    let wanted = |s: &Scenario| s.raw || args.only.is_empty() || args.only.contains(&s.kind);
     let mut results = Vec::new();
     let mut idle_rss = None;
     for &size in &args.sizes {
@@ -209,10 +261,9 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 dir: dir.path(),
                 args: &args,
             };
-            let mut result = bench
-                .scenario(&scenario, size)
-                .await
-                .with_context(|| format!("scenario `{}` with {size}-byte messages", scenario.id))?;
+            let mut result = bench.scenario(&scenario, size).await.with_context(|| {
+                format!("scenario {:?} with {size}-byte messages", scenario.kind)
+            })?;
             if scenario.raw {
                 raw_rate = result.per_second;
             }
@@ -222,7 +273,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 0.0
             };
             eprintln!("  {}", row(&result));
-            if scenario.id == "passthrough" && idle_rss.is_none() {
+            if scenario.kind == Kind::Passthrough && idle_rss.is_none() {
                 idle_rss = Some(bench.idle_rss().await?);
             }
             results.push(result);
@@ -249,16 +300,18 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
 /// CPU microseconds per message an in-process step adds: a unit of three steps against a unit of one,
 /// per extra step, averaged over the sizes.
 fn step_cost(results: &[ScenarioResult]) -> Option<f64> {
-    let cpu = |id: &str, size: usize| {
+    let cpu = |kind: Kind, size: usize| {
         results
             .iter()
-            .find(|r| r.scenario == id && r.size == size)
+            .find(|r| r.scenario == kind && r.size == size)
             .map(|r| r.cpu_seconds_per_100k)
     };
     let costs: Vec<f64> = results
         .iter()
-        .filter(|r| r.scenario == "group")
-        .filter_map(|r| Some((cpu("group", r.size)? - cpu("passthrough", r.size)?) / 2.0 * 10.0))
+        .filter(|r| r.scenario == Kind::Group)
+        .filter_map(|r| {
+            Some((cpu(Kind::Group, r.size)? - cpu(Kind::Passthrough, r.size)?) / 2.0 * 10.0)
+        })
         .collect();
     (!costs.is_empty()).then(|| costs.iter().sum::<f64>() / costs.len() as f64)
 }
@@ -336,6 +389,26 @@ fn render_notes(out: &mut String, report: &Report) {
             "From the unit runs (noisier): three steps against one cost {cost:.2} µs of CPU per message per step."
         );
     }
+    for bad in report
+        .results
+        .iter()
+        .filter(|r| r.scenario == Kind::ExecBadLines)
+    {
+        let echo = report
+            .results
+            .iter()
+            .find(|r| r.scenario == Kind::Exec && r.size == bad.size);
+        if let Some(echo) = echo.filter(|e| e.per_second > 0.0) {
+            let _ = writeln!(
+                out,
+                "Finding the item behind each bad line (1 in 1,000, tried alone, dead-lettered), {} B: {:.0}% of the echo's throughput ({} against {} msg/s).",
+                bad.size,
+                100.0 * bad.per_second / echo.per_second,
+                thousands(bad.per_second.round() as u64),
+                thousands(echo.per_second.round() as u64)
+            );
+        }
+    }
     if let Some(rss) = report.idle_rss_mib {
         let _ = writeln!(out, "An idle stage process holds {rss:.1} MiB.");
     }
@@ -348,19 +421,19 @@ fn render_targets(out: &mut String, report: &Report, args: &BenchArgs) {
     let worst_unit = report
         .results
         .iter()
-        .filter(|r| r.scenario == "passthrough")
+        .filter(|r| r.scenario == Kind::Passthrough)
         .map(|r| r.ratio_to_raw)
         .fold(f64::INFINITY, f64::min);
     let exec = report
         .results
         .iter()
-        .filter(|r| r.scenario == "exec")
+        .filter(|r| r.scenario == Kind::Exec)
         .map(|r| r.per_second)
         .fold(f64::INFINITY, f64::min);
     let p99_hop = report
         .results
         .iter()
-        .filter(|r| r.scenario != "raw")
+        .filter(|r| r.scenario != Kind::Raw)
         .map(|r| r.p99_ms / f64::from(r.hops.max(1)))
         .fold(0.0, f64::max);
     let _ = writeln!(out, "\nTargets:");
@@ -446,7 +519,7 @@ impl Bench<'_> {
     fn pipeline(&self, scenario: &Scenario, size: usize) -> anyhow::Result<Layout> {
         let text = format!(
             "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: bench-{}-{size}, namespace: bench}}\nspec:\n  sources: [{{name: feed, nats: {{subject: bench.unused}}}}]\n  stages:\n{}  sinks: [{{name: out, log: {{}}}}]\n  tracing: {{sampleRate: {}}}\n",
-            scenario.id, scenario.stages, scenario.sample_rate
+            scenario.kind.name(), scenario.stages, scenario.sample_rate
         );
         let pipeline = parse_pipeline(&text).map_err(|p| anyhow::anyhow!("{p}"))?;
         let topology = analyze(&pipeline).map_err(|p| anyhow::anyhow!("{p:?}"))?;
@@ -532,7 +605,7 @@ impl Bench<'_> {
         let median = &runs[runs.len() / 2];
         let per_100k = |seconds: f64| seconds * 100_000.0 / median.throughput.counted as f64;
         Ok(ScenarioResult {
-            scenario: scenario.id.to_string(),
+            scenario: scenario.kind,
             title: scenario.title.to_string(),
             size,
             messages: self.args.messages,
@@ -575,7 +648,10 @@ impl Bench<'_> {
         self.preload(&feed, size, count).await?;
         let mut children = self.spawn(scenario, &layout)?;
         let pids: Vec<u32> = children.iter().map(Child::id).collect();
-        let throughput = match self.throughput(&layout, &pids, count).await {
+        let throughput = match self
+            .throughput(&layout, &pids, scenario.coming_out(count))
+            .await
+        {
             Ok(t) => t,
             Err(e) => {
                 stop(&mut children);
@@ -583,7 +659,10 @@ impl Bench<'_> {
             }
         };
         let latency = if with_latency {
-            match self.latency(&layout, &feed, &out_subject, size).await {
+            match self
+                .latency(scenario, &layout, &feed, &out_subject, size)
+                .await
+            {
                 Ok(l) => Some(l),
                 Err(e) => {
                     stop(&mut children);
@@ -664,6 +743,7 @@ impl Bench<'_> {
     /// p50 and p99 in milliseconds, from send to arrival at the last unit's output.
     async fn latency(
         &self,
+        scenario: &Scenario,
         layout: &Layout,
         feed: &str,
         out_subject: &str,
@@ -709,7 +789,8 @@ impl Bench<'_> {
         });
         let mut latencies = Vec::with_capacity(total as usize);
         let deadline = Instant::now() + self.args.latency_for + Duration::from_secs(30);
-        while (latencies.len() as u64) < total && Instant::now() < deadline {
+        let coming_out = scenario.coming_out(total);
+        while (latencies.len() as u64) < coming_out && Instant::now() < deadline {
             let next = tokio::time::timeout(Duration::from_secs(5), arrivals.next()).await;
             let Ok(Some(Ok(message))) = next else {
                 continue;

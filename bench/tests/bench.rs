@@ -51,6 +51,7 @@ fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
             "group",
             "jq",
             "exec",
+            "exec-bad-lines",
             "traced"
         ]
     );
@@ -76,6 +77,7 @@ fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
         "× raw",
         "Targets:",
         "- one unit ≥ 0.70 of the raw limit",
+        "Finding the item behind each bad line (1 in 1,000, tried alone, dead-lettered), 128 B: ",
     ] {
         assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
     }
