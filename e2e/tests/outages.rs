@@ -205,6 +205,69 @@ fn a_cluster_whose_stream_leader_is_cut_off_for_ten_seconds_loses_nothing() {
 }
 
 /// Runs `f` when dropped, also when the test fails on the way.
+/// A private server that cannot start any more (here: something else took its port) used to be
+/// started again ten times a second; now it is started again with a backoff, and after five quick
+/// exits the run stops, saying why with the server's last log lines, and keeps its store, from
+/// which `run --resume` finishes with nothing lost.
+#[test]
+fn a_private_server_that_keeps_exiting_stops_the_run_and_loses_nothing() {
+    let _one = one_at_a_time();
+    const TOTAL: u64 = 6_000;
+    let mut run = BackgroundRun::start(&generator_through_a_switcher(TOTAL, 1000), &[], &[]);
+    let port: u16 = run
+        .nats_url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the run's NATS port");
+    run.wait_for_lines("out.jsonl", 1_000);
+    // Kill the server and take its port before the run starts it again; should the run win the
+    // race, kill the server it started and try again.
+    let started = Instant::now();
+    let squatter = loop {
+        kill(run.nats_server_pid(None), libc::SIGKILL);
+        let taken = Instant::now();
+        let mut bound = None;
+        while bound.is_none() && taken.elapsed() < Duration::from_secs(2) {
+            bound = std::net::TcpListener::bind(("127.0.0.1", port)).ok();
+        }
+        if let Some(listener) = bound {
+            break listener;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never took the port"
+        );
+    };
+    let status = run.wait(Duration::from_secs(60));
+    let stopped_after = started.elapsed();
+    let notes = run.notes();
+    assert!(!status.success(), "{notes}");
+    assert!(
+        notes.contains("nats-server exited right after it started, 5 times in a row")
+            && notes.contains("`switchyard run FILE --resume` carries on")
+            && notes.contains("address already in use"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("starting it again on the same port and store in 0.25s"),
+        "{notes}"
+    );
+    drop(squatter);
+    let at_stop = line_count(&run.path("out.jsonl"));
+    run.again(&["--resume"]);
+    let status = run.wait(LIMIT);
+    assert!(status.success(), "{}", run.notes());
+    let tally = Tally::of(&run.path("out.jsonl"), "seq", TOTAL);
+    println!(
+        "  a server that kept exiting: the run stopped {:.1}s after the first kill with {at_stop} of {TOTAL} at the sink; resumed: {} lost, {} duplicated",
+        stopped_after.as_secs_f64(),
+        tally.lost.len(),
+        tally.duplicated.len()
+    );
+    tally.assert_exactly_once(TOTAL);
+}
+
 fn scopeguard(f: impl FnOnce()) -> impl Drop {
     struct Guard<F: FnOnce()>(Option<F>);
     impl<F: FnOnce()> Drop for Guard<F> {

@@ -54,10 +54,11 @@ pub enum RunError {
     Credentials(#[from] CredentialsError),
     #[error("spec.nats.replicas is {replicas}, but --nats-cluster {servers} starts {servers} server{}: each copy needs a server of its own; give --nats-cluster {replicas}", if *.servers == 1 { "" } else { "s" })]
     ClusterTooSmall { replicas: u32, servers: usize },
-    #[error("nats-server {server} keeps exiting ({status}); its last words:\n{log}")]
+    #[error("{server} exited right after it started, {exits} times in a row (the last: {status}), so the run stopped; its store is kept, and `switchyard run FILE --resume` carries on where it stopped once the server can start. Its last log lines: {log}")]
     NatsCrashLoop {
         server: String,
         status: String,
+        exits: u32,
         log: String,
     },
     #[error(transparent)]

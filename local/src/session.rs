@@ -483,11 +483,13 @@ impl Session {
             Failure::Server(ServerCrashLoop {
                 server,
                 status,
+                exits,
                 log,
             }) => {
                 return RunError::NatsCrashLoop {
                     server,
                     status,
+                    exits,
                     log,
                 }
             }

@@ -44,7 +44,19 @@ const SERVER_CRASH_LOOP: u32 = 5;
 pub struct ServerCrashLoop {
     pub server: String,
     pub status: String,
+    /// Quick exits in a row.
+    pub exits: u32,
     pub log: String,
+}
+
+/// The wait before starting again a server that exited quickly for the `quick_exits`-th time in a
+/// row: none after a first exit (it comes back at once), then doubling from 250 ms, so that a server
+/// that cannot start is not started ten times a second.
+pub fn respawn_delay(quick_exits: u32) -> Duration {
+    match quick_exits {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_millis(250) * 2u32.pow((n - 2).min(4)),
+    }
 }
 
 /// What the watch knows of one private server.
@@ -53,6 +65,8 @@ struct ServerWatch {
     /// Started again at this time and not yet taking connections.
     coming_back: Option<Instant>,
     quick_exits: u32,
+    /// It exited and is to be started again at this time (after its backoff).
+    respawn_at: Option<Instant>,
 }
 
 /// Watches the run's NATS: its own servers (every node of a private cluster), and the connection.
@@ -67,8 +81,9 @@ pub struct NatsWatch {
 
 impl NatsWatch {
     /// Starts a private server that exited again, on its port and store, so that the units reconnect
-    /// and carry on (without waiting for it: the rest of the run goes on meanwhile); says when it is
-    /// back, how long NATS was unreachable, and keeps saying so while it is.
+    /// and carry on (without waiting for it: the rest of the run goes on meanwhile; after quick exits,
+    /// after a backoff); says when it is back, how long NATS was unreachable, and keeps saying so
+    /// while it is. A server that keeps exiting right after its start ends the run.
     pub fn check(
         &mut self,
         nats: &mut RunNats,
@@ -83,7 +98,18 @@ impl NatsWatch {
             } else {
                 "nats-server".to_string()
             };
-            if let Some(status) = server.exited() {
+            if let Some(at) = watch.respawn_at {
+                if Instant::now() >= at {
+                    watch.respawn_at = None;
+                    match server.respawn() {
+                        Ok(()) => watch.coming_back = Some(Instant::now()),
+                        Err(e) => {
+                            display.note(&format!("cannot start {name} again ({e}); trying again"));
+                            watch.respawn_at = Some(Instant::now() + respawn_delay(2));
+                        }
+                    }
+                }
+            } else if let Some(status) = server.exited() {
                 watch.quick_exits = if server.uptime() < QUICK_EXIT {
                     watch.quick_exits + 1
                 } else {
@@ -93,18 +119,20 @@ impl NatsWatch {
                     return Err(ServerCrashLoop {
                         server: name,
                         status: status.to_string(),
+                        exits: watch.quick_exits,
                         log: server.log_tail(),
                     });
                 }
+                let delay = respawn_delay(watch.quick_exits);
                 display.note(&format!(
-                    "{name} exited ({status}); starting it again on the same port and store"
-                ));
-                match server.respawn() {
-                    Ok(()) => watch.coming_back = Some(Instant::now()),
-                    Err(e) => {
-                        display.note(&format!("cannot start {name} again ({e}); trying again"))
+                    "{name} exited ({status}); starting it again on the same port and store{}",
+                    if delay.is_zero() {
+                        String::new()
+                    } else {
+                        format!(" in {:.2}s", delay.as_secs_f64())
                     }
-                }
+                ));
+                watch.respawn_at = Some(Instant::now() + delay);
             } else if let Some(since) = watch.coming_back {
                 if server.accepting() {
                     watch.coming_back = None;
@@ -137,5 +165,19 @@ impl NatsWatch {
             _ => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_that_keeps_exiting_is_started_again_later_and_later() {
+        let delays: Vec<u128> = (1..=SERVER_CRASH_LOOP)
+            .map(|n| respawn_delay(n).as_millis())
+            .collect();
+        assert_eq!(delays, vec![0, 250, 500, 1000, 2000]);
+        assert_eq!(respawn_delay(40), Duration::from_secs(4));
     }
 }
