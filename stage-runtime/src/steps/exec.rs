@@ -587,7 +587,12 @@ fn complain(state: &LaneState, complaints: &mut u32, line: &[u8], why: &str) {
     *complaints += 1;
     if *complaints <= 5 || complaints.is_power_of_two() {
         let role = state.role;
-        tracing::warn!(step = %state.spec.path, "the handler{role} wrote `{}`, which is not a reply ({why}); {REPLY_FORM}, and a handler writes its own logs to stderr; the messages it held are tried again one at a time to find the one it answered so", shown(line));
+        let then = if role.is_empty() {
+            "the messages it held are tried again one at a time to find the one it answered so"
+        } else {
+            "the one message it held fails this attempt"
+        };
+        tracing::warn!(step = %state.spec.path, "the handler{role} wrote `{}`, which is not a reply ({why}); {REPLY_FORM}, and a handler writes its own logs to stderr; {then}", shown(line));
     }
 }
 
