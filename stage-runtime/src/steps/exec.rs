@@ -371,11 +371,19 @@ async fn supervise(
             Ok(mut child) => {
                 let pid = child.id().unwrap_or_default();
                 tracing::info!(step = %state.spec.path, pid, command = ?state.spec.command, "handler{role} started");
-                let how = run_child(&state, &mut child, life, &writer_tx, &mut kills).await;
+                let end = run_child(&state, &mut child, life, &writer_tx, &mut kills).await;
                 if state.stopping.load(Ordering::SeqCst) {
                     return;
                 }
+                let how = end.how;
                 tracing::warn!(step = %state.spec.path, pid, "handler{role} ended ({how}); restarting it, and trying the messages it held again");
+                if end.restarted_by_us {
+                    // Killed for a message that got no answer in time: the handler did not fail to
+                    // start, and the messages after it should not wait a growing back-off for it.
+                    fail_pending(&state, &how);
+                    delay = Duration::from_millis(100);
+                    continue;
+                }
                 how
             }
             Err(e) => {
@@ -430,9 +438,12 @@ async fn run_child(
     life: u64,
     writer_tx: &watch::Sender<Option<ChildInput>>,
     kills: &mut mpsc::UnboundedReceiver<u64>,
-) -> String {
+) -> ChildEnd {
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        return "its pipes could not be opened".to_string();
+        return ChildEnd {
+            how: "its pipes could not be opened".to_string(),
+            restarted_by_us: false,
+        };
     };
     if let Some(stderr) = child.stderr.take() {
         tokio::spawn(forward_stderr(state.spec.path.clone(), stderr));
@@ -502,9 +513,23 @@ async fn run_child(
         }
     };
     match killed_because {
-        Some(why) => why.to_string(),
-        None => status,
+        Some(why) => ChildEnd {
+            how: why.to_string(),
+            restarted_by_us: true,
+        },
+        None => ChildEnd {
+            how: status,
+            restarted_by_us: false,
+        },
     }
+}
+
+/// How a child's life ended.
+struct ChildEnd {
+    /// Its exit status, or why the runtime stopped it: for logs and the messages it held.
+    how: String,
+    /// The runtime killed it (a message it held timed out) rather than it ending by itself.
+    restarted_by_us: bool,
 }
 
 /// What one line on a handler's stdout is.
@@ -688,6 +713,12 @@ impl Handler for ExecStep {
     }
 
     fn isolates_itself(&self) -> bool {
+        true
+    }
+
+    /// The timeout runs from when the child has the message: a message that waits for a child to
+    /// start again (after another message's crash or hang) is not late, and must not fail for it.
+    fn times_itself(&self) -> bool {
         true
     }
 
