@@ -7,10 +7,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::kinds::Kinds;
-use crate::pipeline::{PipelineSpec, DEFAULT_CLUSTER_SAMPLE_RATE, DEFAULT_TRACE_RETENTION};
+use crate::pipeline::{
+    PipelineSpec, DEFAULT_CLUSTER_SAMPLE_RATE, DEFAULT_TRACE_RETENTION, REDELIVER_AFTER_RANGE,
+};
 use crate::topology::{Step, Topology, Unit, UnitKind};
 use crate::unit::{
-    BatchConfig, ConsumerConfig, RetryConfig, StepConfig, TraceConfig, UnitConfig, UnitRole,
+    BatchConfig, ConsumerConfig, CrashRecords, RetryConfig, StepConfig, TraceConfig, UnitConfig,
+    UnitRole,
 };
 use crate::validate::{parse_duration, Problem};
 
@@ -18,17 +21,14 @@ use crate::validate::{parse_duration, Problem};
 /// most of a message's time in flight is the wait for the stream's acknowledgement, and pulls are
 /// this big too: larger pull requests cost the server less per message.
 pub const DEFAULT_CONCURRENCY: u32 = 512;
-/// How long JetStream waits for an acknowledgement before it redelivers. Stage processes report progress
-/// on messages that take longer (every third of it), so this bounds recovery after a crash or a lost
-/// NATS server — what a dead process held, or acknowledgements a dead server took with it, come back
-/// this much later — not processing time.
-pub const ACK_WAIT: Duration = Duration::from_secs(10);
-/// JetStream drops a publish whose message id it has stored within this window. It must exceed
-/// `ACK_WAIT`, so that a message redelivered after a crash republishes into the window.
+/// JetStream drops a publish whose message id it has stored within this window. It must exceed the
+/// longest `spec.nats.redeliverAfter` (`REDELIVER_AFTER_RANGE`), so that a message redelivered after a
+/// crash republishes into the window.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
-/// A message delivered this many times without being acknowledged crashed its process that often: the
-/// runtime then dead-letters it instead of crashing again.
-pub const POISON_DELIVERIES: u64 = 10;
+const _: () = assert!(REDELIVER_AFTER_RANGE.end().as_secs() * 2 <= DUPLICATE_WINDOW.as_secs());
+/// Key prefix, in the Pipeline's checkpoint bucket, of the crash records of the messages a unit runs
+/// alone after they were delivered again: `crashes.<unit>.<stream sequence>`.
+pub const CRASH_RECORD_PREFIX: &str = "crashes";
 /// A batch that does not fill up is handed on after this long.
 pub const DEFAULT_BATCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Name of the consumer that holds dead letters in the stream until someone deals with them. Unit names
@@ -218,6 +218,11 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
         dead_letter_filter = vec![subject.clone()];
     }
 
+    let ack_wait_ms = millis(spec.redeliver_after());
+    let crashes = CrashRecords {
+        bucket: names.checkpoint_bucket(),
+        dead_letter_after: spec.dead_letter_after_crashes(),
+    };
     let mut problems = Vec::new();
     let mut units = Vec::new();
     let mut consumers = Vec::new();
@@ -225,7 +230,7 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
         let input = if unit.inputs.is_empty() {
             None
         } else {
-            let consumer = consumer_for(&names, unit);
+            let consumer = consumer_for(&names, unit, ack_wait_ms);
             consumers.push(consumer.clone());
             Some(consumer)
         };
@@ -246,6 +251,7 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
             unit: unit.name.clone(),
             stream: names.stream(),
             role,
+            crashes: input.is_some().then(|| crashes.clone()),
             input,
             output_subject,
             dead_letter_subject: dead_letter_subject(&unit.name),
@@ -259,7 +265,7 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
     consumers.push(ConsumerConfig {
         durable: DEAD_LETTER_CONSUMER.to_string(),
         filter_subjects: dead_letter_filter,
-        ack_wait_ms: ACK_WAIT.as_millis() as u64,
+        ack_wait_ms,
         max_ack_pending: 1000,
         pull_batch: 100,
     });
@@ -295,7 +301,7 @@ fn messages_in_flight_per_replica(unit: &Unit) -> u64 {
     concurrency.saturating_mul(batch)
 }
 
-fn consumer_for(names: &Names, unit: &Unit) -> ConsumerConfig {
+fn consumer_for(names: &Names, unit: &Unit, ack_wait_ms: u64) -> ConsumerConfig {
     let per_replica = messages_in_flight_per_replica(unit);
     let replicas = unit.switcher.as_ref().map_or(1, |s| s.max_replicas.max(1));
     // Room for every replica to be full and to have its next pull arriving, and never below JetStream's
@@ -307,7 +313,7 @@ fn consumer_for(names: &Names, unit: &Unit) -> ConsumerConfig {
     ConsumerConfig {
         durable: unit.name.clone(),
         filter_subjects: unit.inputs.iter().map(|i| names.data_subject(i)).collect(),
-        ack_wait_ms: ACK_WAIT.as_millis() as u64,
+        ack_wait_ms,
         max_ack_pending,
         pull_batch: per_replica.clamp(1, 1000) as usize,
     }

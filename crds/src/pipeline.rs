@@ -118,7 +118,24 @@ pub struct NatsConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("enum" = [1, 3, 5]))]
     pub replicas: Option<u32>,
+    /// How long JetStream waits before it delivers again a message whose unit's process died while
+    /// holding it (or whose acknowledgement was lost with a NATS server): `1s` to `1m`, default
+    /// `10s`. Work that takes longer is not redelivered: the runtime reports progress on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redeliver_after: Option<String>,
 }
+
+/// How long JetStream waits for an acknowledgement before it delivers a message again, when
+/// `spec.nats.redeliverAfter` does not say. This bounds recovery after a crash or a lost NATS server,
+/// not processing time: stage processes report progress on messages that take longer.
+pub const DEFAULT_REDELIVER_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+/// The bounds of `spec.nats.redeliverAfter`. The upper one stays well inside the stream's duplicate
+/// window (`layout::DUPLICATE_WINDOW`), so that a message redelivered after a crash republishes into it.
+pub const REDELIVER_AFTER_RANGE: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(60);
+/// Crashes of its unit's process after which a message is dead-lettered, when
+/// `spec.deadLetter.afterCrashes` does not say.
+pub const DEFAULT_AFTER_CRASHES: u32 = 10;
 
 /// Replicas of a Pipeline's NATS objects, when `spec.nats.replicas` does not say.
 pub const DEFAULT_NATS_REPLICAS: u32 = 1;
@@ -131,6 +148,23 @@ impl PipelineSpec {
             drain: spec.drain.unwrap_or(true),
             allow_loss: spec.allow_loss.unwrap_or(false),
         }
+    }
+
+    /// `spec.nats.redeliverAfter`, or its default (an unreadable value too: validation reports it).
+    pub fn redeliver_after(&self) -> std::time::Duration {
+        self.nats
+            .as_ref()
+            .and_then(|n| n.redeliver_after.as_deref())
+            .and_then(|d| crate::validate::parse_duration(d).ok())
+            .unwrap_or(DEFAULT_REDELIVER_AFTER)
+    }
+
+    /// `spec.deadLetter.afterCrashes`, or its default.
+    pub fn dead_letter_after_crashes(&self) -> u32 {
+        self.dead_letter
+            .as_ref()
+            .and_then(|d| d.after_crashes)
+            .unwrap_or(DEFAULT_AFTER_CRASHES)
     }
 
     /// `spec.nats.replicas`, or its default.
@@ -148,6 +182,11 @@ pub struct DeadLetter {
     /// Subject dead letters are stored under (default `switchyard.<pipeline>.dlq.<unit>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    /// A message that crashed its unit's process this many times, each time run alone after it was
+    /// delivered again, is dead-lettered instead of run once more: 1 to 100, default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub after_crashes: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]

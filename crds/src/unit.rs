@@ -27,8 +27,8 @@ pub mod headers {
     pub const FAILED_STAGE: &str = "Switchyard-Failed-Stage";
     pub const FAILED_UNIT: &str = "Switchyard-Failed-Unit";
     pub const ATTEMPTS: &str = "Switchyard-Attempts";
-    /// On the dead letters of messages that kept crashing their unit's process: how often JetStream
-    /// delivered them (the attempts stay within `retry.maxAttempts`).
+    /// On the dead letters of messages that kept crashing their unit's process (see `CrashRecords`):
+    /// how often JetStream delivered them (the attempts stay within `retry.maxAttempts`).
     pub const DELIVERIES: &str = "Switchyard-Deliveries";
     /// On dead letters and replayed messages: the step of the failed unit a replay starts at (the
     /// dead letter holds that step's input).
@@ -52,6 +52,9 @@ pub struct UnitConfig {
     /// The durable pull consumer shared by all replicas (absent for sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<ConsumerConfig>,
+    /// Where a unit that reads records which message it ran alone, to find one that crashes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crashes: Option<CrashRecords>,
     /// Where this unit's outputs are published (absent for sinks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_subject: Option<String>,
@@ -171,6 +174,17 @@ pub enum TraceOutcome {
     Duplicate,
     /// It (or one of the items made from it) went to the dead-letter queue.
     DeadLettered,
+}
+
+/// A message JetStream delivers again was held by a process that died (or by one whose acknowledgement
+/// was lost). The unit runs such a message alone, with nothing else in flight, after recording in
+/// `bucket` that it does; a record that is still there when the message comes once more means it
+/// crashed the process, and after `dead_letter_after` such crashes it is dead-lettered.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CrashRecords {
+    pub bucket: String,
+    pub dead_letter_after: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -373,6 +387,10 @@ mod tests {
                 concurrency: 4,
             },
             input: None,
+            crashes: Some(CrashRecords {
+                bucket: "b".into(),
+                dead_letter_after: 3,
+            }),
             output_subject: Some("x".into()),
             dead_letter_subject: "d".into(),
             stats_subject: "st".into(),

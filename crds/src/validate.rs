@@ -242,6 +242,22 @@ fn check_spec(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
             problems.push(Problem::at("deadLetter.subject", format!("`{subject}` is not a NATS subject: use dot-separated tokens without spaces or wildcards")));
         }
     }
+    if let Some(crashes) = spec.dead_letter.as_ref().and_then(|d| d.after_crashes) {
+        if !(1..=100).contains(&crashes) {
+            problems.push(Problem::at("deadLetter.afterCrashes", format!("{crashes} is out of range: give 1 to 100 crashes of a unit's process a message may cause before it is dead-lettered")));
+        }
+    }
+    if let Some(after) = spec.nats.as_ref().and_then(|n| n.redeliver_after.as_ref()) {
+        let range = crate::pipeline::REDELIVER_AFTER_RANGE;
+        match parse_duration(after) {
+            Ok(d) if range.contains(&d) => {}
+            Ok(_) => problems.push(Problem::at(
+                "nats.redeliverAfter",
+                format!("`{after}` is out of range: give 1s to 1m (how long a message whose process died waits before it is delivered again)"),
+            )),
+            Err(e) => problems.push(Problem::at("nats.redeliverAfter", format!("{e}"))),
+        }
+    }
     if let Some(replicas) = spec.nats.as_ref().and_then(|n| n.replicas) {
         if !matches!(replicas, 1 | 3 | 5) {
             problems.push(Problem::at("nats.replicas", format!("{replicas} replicas cannot be had: JetStream keeps 1, 3 or 5 (a majority must survive a lost server)")));

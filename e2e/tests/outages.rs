@@ -268,6 +268,88 @@ fn a_private_server_that_keeps_exiting_stops_the_run_and_loses_nothing() {
     tally.assert_exactly_once(TOTAL);
 }
 
+/// A message that kills its stage process. JetStream delivers again everything the dead process
+/// held, all with the same delivery count: counting deliveries dead-lettered the culprit together with
+/// every neighbour it was held with, after ten crashes of 10 s each. Now a message delivered again runs
+/// alone behind a crash record, only the culprit is dead-lettered (after `afterCrashes` crashes of its
+/// own), and every other item reaches the sink once.
+#[test]
+fn a_message_that_crashes_its_process_is_dead_lettered_alone() {
+    let _one = one_at_a_time();
+    const TOTAL: u64 = 400;
+    const CULPRIT: u64 = 77;
+    // The handler takes 5 ms an item while 1,000 a second come: many items are held beside the
+    // culprit when it kills the stage process (the handler's parent).
+    let yaml = format!(
+        r#"apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: poison}}
+spec:
+  nats: {{redeliverAfter: 1s}}
+  deadLetter: {{afterCrashes: 2}}
+  sources: [{{name: numbers, generator: {{count: {TOTAL}, ratePerSecond: 1000}}}}]
+  stages:
+    - name: crashy
+      exec:
+        command:
+          - python3
+          - -c
+          - |
+            import json, os, signal, sys, time
+            for line in sys.stdin:
+                m = json.loads(line)
+                if m["data"]["seq"] == {CULPRIT}:
+                    os.kill(os.getppid(), signal.SIGKILL)
+                    time.sleep(60)
+                time.sleep(0.005)
+                print(json.dumps({{"id": m["id"], "outputs": [m["data"]]}}), flush=True)
+  sinks: [{{name: out, file: {{path: out.jsonl}}}}]
+"#
+    );
+    let started = Instant::now();
+    let mut run = BackgroundRun::start(&yaml, &[], &[]);
+    let status = run.wait(Duration::from_secs(120));
+    let took = started.elapsed();
+    let notes = run.notes();
+    assert!(status.success(), "{notes}");
+    let letters =
+        std::fs::read_to_string(run.path("poison.dead-letters.jsonl")).unwrap_or_else(|e| {
+            panic!(
+                "no dead-letter file ({e}); the run said:\n{notes}\n{}",
+                run.output()
+            )
+        });
+    let letters: Vec<serde_json::Value> = letters
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a dead letter line"))
+        .collect();
+    let seqs: Vec<u64> = letters
+        .iter()
+        .filter_map(|l| l["data"]["seq"].as_u64())
+        .collect();
+    assert_eq!(seqs, vec![CULPRIT], "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter["unit"], "crashy", "{letter}");
+    let error = letter["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the unit's process died 2 times while it worked on this message alone")
+            && error.contains("spec.deadLetter.afterCrashes"),
+        "{error}"
+    );
+    // Delivered in the crowd (crash 1), alone twice (crashes 2 and 3), then dead-lettered.
+    let deliveries = letter["deliveries"].as_u64().unwrap_or_default();
+    assert!(deliveries >= 4, "{letter}");
+    let tally = Tally::of(&run.path("out.jsonl"), "seq", TOTAL);
+    assert_eq!(tally.lost, vec![CULPRIT], "{tally:?}");
+    assert!(tally.duplicated.is_empty(), "{tally:?}");
+    assert_eq!(tally.lines as u64, TOTAL - 1);
+    println!(
+        "  a message that kills its process: {TOTAL} items in {:.1}s, the culprit dead-lettered after {deliveries} deliveries, {} others at the sink once",
+        took.as_secs_f64(),
+        tally.lines
+    );
+}
+
 fn scopeguard(f: impl FnOnce()) -> impl Drop {
     struct Guard<F: FnOnce()>(Option<F>);
     impl<F: FnOnce()> Drop for Guard<F> {

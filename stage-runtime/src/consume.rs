@@ -13,10 +13,10 @@ use async_nats::Subject;
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use switchyard_crds::layout::POISON_DELIVERIES;
 use switchyard_crds::unit::{BatchConfig, ConsumerConfig, RetryConfig};
 use tokio::sync::watch;
 
+use crate::crashes::{CrashRecordError, CrashRecords, Verdict};
 use crate::lineage::{dead_letter_headers, names, owned_header_value, Lineage, Replay};
 use crate::otlp::{ItemSpan, Spans};
 use crate::payload::Payload;
@@ -66,6 +66,8 @@ pub enum ConsumeError {
     Unacknowledged(jetstream::context::PublishError),
     #[error(transparent)]
     ConnectionLost(#[from] crate::acks::ConnectionLost),
+    #[error(transparent)]
+    CrashRecord(#[from] CrashRecordError),
 }
 
 pub struct Worker {
@@ -90,6 +92,8 @@ pub struct Worker {
     pub tracer: Option<Tracer>,
     /// Exports spans over OTLP, when the environment asks for it.
     pub spans: Option<Spans>,
+    /// Where a message delivered again is recorded while it runs alone: see `crashes`.
+    pub crashes: CrashRecords,
 }
 
 /// What storing one input's results came to, for its trace event.
@@ -232,6 +236,46 @@ impl Batcher {
     fn take(&mut self) -> Vec<Message> {
         std::mem::take(&mut self.pending)
     }
+
+    /// The work of one message that runs alone: a batch of one for a batch stage.
+    fn alone(&self, message: Message) -> Work {
+        let replayed = message
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(names::REPLAY_FOR).is_some());
+        if self.size.is_some() && !replayed {
+            Work::Batch(vec![message])
+        } else {
+            Work::One(message)
+        }
+    }
+}
+
+/// Messages delivered again, waiting to run alone, and the messages that wait until they have.
+#[derive(Default)]
+struct Isolation {
+    /// Delivered again: held by a process that died (perhaps because of one of them).
+    suspects: std::collections::VecDeque<Message>,
+    /// First deliveries that came while suspects were waiting or running.
+    waiting: std::collections::VecDeque<Message>,
+    /// A suspect is in flight, alone.
+    running: bool,
+}
+
+impl Isolation {
+    /// True while nothing but suspects may start.
+    fn busy(&self) -> bool {
+        self.running || !self.suspects.is_empty()
+    }
+
+    fn queued(&self) -> usize {
+        self.suspects.len() + self.waiting.len()
+    }
+}
+
+/// A message JetStream delivered before: its process died holding it, or its acknowledgement was lost.
+fn delivered_again(message: &Message) -> bool {
+    message.info().is_ok_and(|info| info.delivered > 1)
 }
 
 /// The next message of the pull stream; never resolves while there is none.
@@ -254,7 +298,28 @@ impl Worker {
         let mut pull = Pull::default();
         let mut batch = Batcher::new(self.batch);
         let mut in_flight = FuturesUnordered::new();
+        let mut isolation = Isolation::default();
+        // Queued messages are not being worked on, but they must not be redelivered meanwhile.
+        let mut queued_progress = tokio::time::interval(self.progress_every);
+        queued_progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if !isolation.running {
+                if !isolation.suspects.is_empty() {
+                    // Alone means alone: the suspect starts once everything else has finished.
+                    if in_flight.is_empty() {
+                        if let Some(suspect) = isolation.suspects.pop_front() {
+                            isolation.running = true;
+                            in_flight.push(self.work(batch.alone(suspect), true));
+                        }
+                    }
+                } else {
+                    while let Some(message) = isolation.waiting.pop_front() {
+                        if let Some(work) = batch.add(message) {
+                            in_flight.push(self.work(work, false));
+                        }
+                    }
+                }
+            }
             if pull.messages.is_none() && tokio::time::Instant::now() >= pull.reopen_at {
                 match self.open(consumer_config).await {
                     Ok(messages) => {
@@ -269,19 +334,33 @@ impl Worker {
                     }
                 }
             }
-            let can_pull = pull.messages.is_some() && in_flight.len() < self.concurrency;
+            let can_pull =
+                pull.messages.is_some() && in_flight.len() + isolation.queued() < self.concurrency;
             tokio::select! {
                 biased;
                 _ = crate::stopped(&mut shutdown) => break,
-                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                _ = tokio::time::sleep_until(batch.deadline), if !batch.pending.is_empty() => {
-                    in_flight.push(self.work(Work::Batch(batch.take())));
+                Some(alone) = in_flight.next(), if !in_flight.is_empty() => {
+                    if alone {
+                        isolation.running = false;
+                    }
+                }
+                _ = tokio::time::sleep_until(batch.deadline), if !batch.pending.is_empty() && !isolation.busy() => {
+                    in_flight.push(self.work(Work::Batch(batch.take()), false));
+                }
+                _ = queued_progress.tick(), if isolation.queued() > 0 => {
+                    for m in isolation.suspects.iter().chain(&isolation.waiting) {
+                        let _ = Box::pin(m.ack_with(AckKind::Progress)).await;
+                    }
                 }
                 _ = tokio::time::sleep_until(pull.reopen_at), if pull.messages.is_none() => {}
                 next = next_message(&mut pull.messages), if can_pull => match next {
                     Some(Ok(message)) => {
-                        if let Some(work) = batch.add(message) {
-                            in_flight.push(self.work(work));
+                        if delivered_again(&message) {
+                            isolation.suspects.push_back(message);
+                        } else if isolation.busy() {
+                            isolation.waiting.push_back(message);
+                        } else if let Some(work) = batch.add(message) {
+                            in_flight.push(self.work(work, false));
                         }
                     }
                     Some(Err(e)) => {
@@ -294,13 +373,17 @@ impl Worker {
                 },
             }
         }
+        // Handed back at once, for another replica (or the next process) to take.
+        for m in isolation.suspects.iter().chain(&isolation.waiting) {
+            let _ = m.ack_with(AckKind::Nak(None)).await;
+        }
         self.wind_down(pull, batch, in_flight).await;
         Ok(())
     }
 
     /// Stops pulling, hands back what was fetched but not started (so other replicas get it now
     /// rather than after the acknowledgement deadline), and finishes what is in flight.
-    async fn wind_down<F: Future<Output = ()>>(
+    async fn wind_down<F: Future<Output = bool>>(
         &self,
         mut pull: Pull,
         mut batch: Batcher,
@@ -313,7 +396,7 @@ impl Worker {
         }
         let last_batch = async {
             if !batch.pending.is_empty() {
-                self.work(Work::Batch(batch.take())).await;
+                self.work(Work::Batch(batch.take()), false).await;
             }
         };
         let rest = async { while in_flight.next().await.is_some() {} };
@@ -373,7 +456,9 @@ impl Worker {
             })
     }
 
-    async fn work(&self, work: Work) {
+    /// Works on one input (or batch) and acknowledges it. `alone`: a message delivered again, run
+    /// with nothing beside it after its crash record is written (see `crashes`). Returns `alone`.
+    async fn work(&self, work: Work, alone: bool) -> bool {
         let messages: &[Message] = match &work {
             Work::One(m) => std::slice::from_ref(m),
             Work::Batch(ms) => ms,
@@ -385,18 +470,29 @@ impl Worker {
                 if let Err(e) = message.ack().await {
                     tracing::debug!("cannot acknowledge another unit's replay: {e}");
                 }
-                return;
+                return alone;
             }
         }
+        let recorded_seq = alone
+            .then(|| messages.first().and_then(|m| m.info().ok()))
+            .flatten()
+            .map(|info| info.stream_sequence);
         Stats::add(&self.stats.in_flight, count);
         // The work is pinned here and lent to `with_progress`: handed over by value, it would be
         // stored twice in this future (rust-lang/rust#62958), and every message's future is moved
         // into the in-flight set as it starts, so its size is copied per message.
         let result = {
             let processing = async {
-                match &work {
-                    Work::One(m) => self.process_one(m).await,
-                    Work::Batch(ms) => self.process_batch(ms).await,
+                let verdict = match recorded_seq {
+                    Some(seq) => Box::pin(self.crashes.before_running_alone(seq)).await?,
+                    None => Verdict::Run { crashes: 0 },
+                };
+                match (&work, verdict) {
+                    (_, Verdict::DeadLetter { crashes }) => {
+                        Box::pin(self.poisoned(messages, crashes)).await
+                    }
+                    (Work::One(m), Verdict::Run { .. }) => self.process_one(m).await,
+                    (Work::Batch(ms), Verdict::Run { .. }) => self.process_batch(ms).await,
                 }
             };
             tokio::pin!(processing);
@@ -418,9 +514,63 @@ impl Worker {
                 }
             }
         }
+        if let Some(seq) = recorded_seq {
+            // Finished, or handed back: either way the process did not die on it. (Should it die
+            // right here, the record outlives a message that is done, which is never delivered again.)
+            if let Err(e) = Box::pin(self.crashes.forget(seq)).await {
+                tracing::warn!("{e}; should the message come again, a crash it did not cause counts against it");
+            }
+        }
         self.stats
             .in_flight
             .fetch_sub(count, std::sync::atomic::Ordering::Relaxed);
+        alone
+    }
+
+    /// Dead-letters a message that crashed its unit's process `crashes` times when it ran alone.
+    async fn poisoned(&self, messages: &[Message], crashes: u32) -> Result<(), ConsumeError> {
+        let Some(message) = messages.first() else {
+            return Ok(());
+        };
+        let (stream_seq, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
+            Err(_) => (0, 1),
+        };
+        let lineage = Lineage::from_headers(message.headers.as_ref(), &self.stream, stream_seq);
+        let began = self.tracing(&lineage).then(Began::now);
+        let (carried, span) = self.begin_span(&lineage, &[]);
+        let carried = carried.as_ref().unwrap_or(&lineage);
+        let how_often = match crashes {
+            1 => "once".to_string(),
+            n => format!("{n} times"),
+        };
+        let failure = Failure {
+            item: Payload::Bytes(message.payload.clone()),
+            error: format!(
+                "the unit's process died {how_often} while it worked on this message alone (each time after it was delivered again): it probably crashes on it; spec.deadLetter.afterCrashes is the limit"
+            ),
+            // Attempts stay within what the unit's retry allows; the deliveries say the rest.
+            attempts: crashes.min(self.allowed_attempts()),
+            deliveries: Some(delivered),
+        };
+        let poisoned = StepFailure {
+            stage: self.unit.clone(),
+            step_index: 0,
+            item_index: 0,
+            replay_step: 0,
+            failure,
+        };
+        let emitted = self.emit(carried, Vec::new(), vec![poisoned]).await?;
+        if began.is_some() || span.is_some() {
+            let done = emitted.done(self.is_sink(), delivered);
+            if let Some(span) = span {
+                span.end(&done);
+            }
+            if let (Some(began), Some(tracer)) = (began, &self.tracer) {
+                tracer.record(&lineage, began, done).await;
+            }
+        }
+        Ok(())
     }
 
     async fn with_progress<F: Future>(&self, messages: &[Message], work: F) -> F::Output {
@@ -453,30 +603,11 @@ impl Worker {
         let (carried, span) = self.begin_span(&lineage, &[]);
         let carried = carried.as_ref().unwrap_or(&lineage);
         let input = Payload::Bytes(message.payload.clone());
-        let emitted = if delivered > POISON_DELIVERIES {
-            let failure = Failure {
-                item: input,
-                error: format!("delivered {delivered} times without being acknowledged: the unit's process probably crashes on it"),
-                attempts: u32::try_from(delivered)
-                    .unwrap_or(u32::MAX)
-                    .min(self.allowed_attempts()),
-                deliveries: Some(delivered),
-            };
-            let poisoned = StepFailure {
-                stage: self.unit.clone(),
-                step_index: 0,
-                item_index: 0,
-                replay_step: 0,
-                failure,
-            };
-            self.emit(carried, Vec::new(), vec![poisoned]).await?
-        } else {
-            let first = Replay::of(message.headers.as_ref()).map_or(0, |r| r.step);
-            let chained =
-                crate::steps::run_chain_from(&self.steps, first, input.clone(), carried).await;
-            let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
-            self.emit(carried, outputs, failures).await?
-        };
+        let first = Replay::of(message.headers.as_ref()).map_or(0, |r| r.step);
+        let chained =
+            crate::steps::run_chain_from(&self.steps, first, input.clone(), carried).await;
+        let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
+        let emitted = self.emit(carried, outputs, failures).await?;
         if began.is_some() || span.is_some() {
             let done = emitted.done(self.is_sink(), delivered);
             if let Some(span) = span {

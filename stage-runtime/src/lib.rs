@@ -6,6 +6,7 @@
 
 pub mod acks;
 pub mod consume;
+pub mod crashes;
 pub mod http;
 pub mod lineage;
 pub mod otlp;
@@ -381,7 +382,21 @@ impl Unit<'_> {
             role: "a unit that reads",
             field: "input",
         })?;
+        let records = config.crashes.as_ref().ok_or(RunError::Config {
+            role: "a unit that reads",
+            field: "crashes",
+        })?;
+        let mut shutdown = shutdown;
+        let store = wait_for(&mut shutdown, "the checkpoint bucket", || {
+            self.js.get_key_value(records.bucket.clone())
+        })
+        .await?;
         let worker = Worker {
+            crashes: crashes::CrashRecords {
+                store,
+                unit: config.unit.clone(),
+                dead_letter_after: records.dead_letter_after,
+            },
             unit: config.unit.clone(),
             stream: config.stream.clone(),
             js: self.js.clone(),

@@ -397,3 +397,47 @@ fn a_manifest_over_the_object_limit_is_refused() {
     let err = parse_pipeline(&text).unwrap_err();
     assert!(err.message.contains("at most"), "{err}");
 }
+
+#[test]
+fn redelivery_and_crash_limits_are_checked_and_reach_every_unit_that_reads() {
+    let found = problems(&spec(&format!(
+        "{SOURCE_AND_SINK}  nats: {{redeliverAfter: 300ms}}\n  deadLetter: {{afterCrashes: 0}}\n  stages: [{{name: a, passthrough: {{}}}}]\n"
+    )));
+    assert_has(&found, "nats.redeliverAfter", "out of range: give 1s to 1m");
+    assert_has(&found, "deadLetter.afterCrashes", "give 1 to 100 crashes");
+    let found = problems(&spec(&format!(
+        "{SOURCE_AND_SINK}  nats: {{redeliverAfter: soon}}\n  stages: [{{name: a, passthrough: {{}}}}]\n"
+    )));
+    assert_has(&found, "nats.redeliverAfter", "soon");
+
+    let text = spec(&format!(
+        "{SOURCE_AND_SINK}  nats: {{redeliverAfter: 2s}}\n  deadLetter: {{afterCrashes: 3}}\n  stages: [{{name: a, passthrough: {{}}}}]\n"
+    ));
+    let pipeline = parse_pipeline(&text).unwrap();
+    let topology = analyze(&pipeline).unwrap();
+    let laid = crate::layout::layout(&topology, &pipeline.spec).unwrap();
+    for unit in &laid.units {
+        match &unit.input {
+            Some(input) => {
+                assert_eq!(input.ack_wait_ms, 2000, "{}", unit.unit);
+                let crashes = unit
+                    .crashes
+                    .as_ref()
+                    .expect("a unit that reads records crashes");
+                assert_eq!(crashes.dead_letter_after, 3);
+                assert_eq!(crashes.bucket, laid.nats.checkpoint_bucket);
+            }
+            None => assert_eq!(unit.crashes, None, "{}", unit.unit),
+        }
+    }
+    assert!(laid.nats.consumers.iter().all(|c| c.ack_wait_ms == 2000));
+
+    let defaults = parse_pipeline(&spec(&format!(
+        "{SOURCE_AND_SINK}  stages: [{{name: a, passthrough: {{}}}}]\n"
+    )))
+    .unwrap();
+    let laid = crate::layout::layout(&analyze(&defaults).unwrap(), &defaults.spec).unwrap();
+    let reader = laid.units.iter().find(|u| u.input.is_some()).unwrap();
+    assert_eq!(reader.input.as_ref().unwrap().ack_wait_ms, 10_000);
+    assert_eq!(reader.crashes.as_ref().unwrap().dead_letter_after, 10);
+}

@@ -1,0 +1,108 @@
+//! Finding the message that crashes its unit's process, without blaming the others it held.
+//!
+//! When a process dies, JetStream delivers again every message it held: the one that killed it (if
+//! one did) and the hundreds beside it, all with the same delivery count. Counting deliveries would
+//! dead-letter the neighbours along with the culprit. Instead a message delivered again runs alone —
+//! nothing else in flight in this process — after a record in the Pipeline's checkpoint bucket says
+//! so. Its record is removed once it is finished. A record still there when the message comes back
+//! means the process died while it ran alone: that is a crash it caused. After
+//! `spec.deadLetter.afterCrashes` of them it is dead-lettered instead of run again.
+
+use async_nats::jetstream::kv;
+use switchyard_crds::layout::CRASH_RECORD_PREFIX;
+
+/// What to do with a message delivered again, from how often it crashed its process when alone.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Run it alone; it crashed the process this often before.
+    Run { crashes: u32 },
+    /// It crashed the process this often: dead-letter it.
+    DeadLetter { crashes: u32 },
+}
+
+/// The verdict on a message that crashed its process `crashes` times while it ran alone.
+pub fn verdict(crashes: u32, dead_letter_after: u32) -> Verdict {
+    if crashes >= dead_letter_after.max(1) {
+        Verdict::DeadLetter { crashes }
+    } else {
+        Verdict::Run { crashes }
+    }
+}
+
+/// Why a crash record could not be read or written (NATS is unreachable, or the bucket is gone).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} the crash record {key}: {source}")]
+pub struct CrashRecordError {
+    action: &'static str,
+    key: String,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// A unit's crash records, in the Pipeline's checkpoint bucket.
+pub struct CrashRecords {
+    pub store: kv::Store,
+    pub unit: String,
+    pub dead_letter_after: u32,
+}
+
+impl CrashRecords {
+    fn key(&self, stream_seq: u64) -> String {
+        format!("{CRASH_RECORD_PREFIX}.{}.{stream_seq}", self.unit)
+    }
+
+    /// Reads how often the message at `stream_seq` crashed the process and, when it is to run again,
+    /// records that it runs now, before it does: should the process die, the record stays.
+    pub async fn before_running_alone(&self, stream_seq: u64) -> Result<Verdict, CrashRecordError> {
+        let key = self.key(stream_seq);
+        let failed = |action: &'static str, key: &str| {
+            let key = key.to_string();
+            move |e: Box<dyn std::error::Error + Send + Sync>| CrashRecordError {
+                action,
+                key,
+                source: e,
+            }
+        };
+        let stored = self
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| failed("read", &key)(Box::new(e)))?;
+        // A record that does not parse is one this runtime did not write: count it as none.
+        let crashes = stored
+            .and_then(|bytes| std::str::from_utf8(&bytes).ok()?.trim().parse().ok())
+            .unwrap_or(0);
+        let verdict = verdict(crashes, self.dead_letter_after);
+        if matches!(verdict, Verdict::Run { .. }) {
+            self.store
+                .put(&key, (crashes + 1).to_string().into())
+                .await
+                .map_err(|e| failed("write", &key)(Box::new(e)))?;
+        }
+        Ok(verdict)
+    }
+
+    /// Removes the record of a message that is finished: it did not crash the process this time.
+    pub async fn forget(&self, stream_seq: u64) -> Result<(), CrashRecordError> {
+        let key = self.key(stream_seq);
+        self.store.purge(&key).await.map_err(|e| CrashRecordError {
+            action: "remove",
+            key,
+            source: Box::new(e),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_runs_until_it_crashed_its_process_as_often_as_allowed() {
+        assert_eq!(verdict(0, 3), Verdict::Run { crashes: 0 });
+        assert_eq!(verdict(2, 3), Verdict::Run { crashes: 2 });
+        assert_eq!(verdict(3, 3), Verdict::DeadLetter { crashes: 3 });
+        assert_eq!(verdict(7, 3), Verdict::DeadLetter { crashes: 7 });
+        // A limit of none would run a crashing message forever: one crash is the least.
+        assert_eq!(verdict(1, 0), Verdict::DeadLetter { crashes: 1 });
+    }
+}
