@@ -41,6 +41,10 @@ const SCENARIOS: &[Scenario] = &[
         scenarios::a_crash_loop_is_degraded_within_seconds,
     ),
     (
+        "a_message_that_kills_its_pod_is_dead_lettered_alone",
+        scenarios::a_message_that_kills_its_pod_is_dead_lettered_alone,
+    ),
+    (
         "the_autoscaler_raises_and_lowers_real_pods",
         scenarios::the_autoscaler_raises_and_lowers_real_pods,
     ),

@@ -583,6 +583,87 @@ spec:
     )
 }
 
+/// A message that gets its stage's pod killed (here: a jq filter that outgrows the container's memory
+/// limit on one item, and the kernel's OOM killer) costs only itself: the kubelet starts the
+/// container again, JetStream delivers again what it held, each of those runs alone behind a crash
+/// record, and after `afterCrashes` crashes of its own the culprit is dead-lettered while every
+/// other item reaches the sink once.
+pub fn a_message_that_kills_its_pod_is_dead_lettered_alone(suite: &Suite) {
+    let ns = "poison";
+    suite.namespace(ns);
+    let nats = Nats::connect(suite);
+    nats.results("poison_results", "results.poison.>");
+    const TOTAL: u64 = 300;
+    let stages = r#"    - name: greedy
+      resources: {limits: {memory: 64Mi}, requests: {memory: 32Mi}}
+      jq: 'if .n == 77 then ([range(100000000)] | length) as $all | . else . end'
+"#;
+    let extra = "  nats: {redeliverAfter: 2s}\n  deadLetter: {afterCrashes: 2}\n";
+    let applied = Instant::now();
+    suite.apply_ok(&to_results(ns, "pay", TOTAL as u32, 300, stages, extra));
+    wait_for(
+        Duration::from_secs(240),
+        "the culprit dead-lettered and everything else at the sink",
+        || {
+            nats.count("poison_results") >= TOTAL - 1
+                && suite
+                    .plugin_ok(&["dlq", "list", "pay", "-n", ns])
+                    .contains("pay: 1 dead letter ")
+        },
+    );
+    let took = secs(applied);
+    let shown = suite.plugin_ok(&["dlq", "show", "pay", "-n", ns, "--json"]);
+    let letters: Vec<Value> = shown
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("dlq show wrote {l:?}: {e}")))
+        .collect();
+    assert_eq!(letters.len(), 1, "{shown}");
+    let letter = &letters[0];
+    assert_eq!(letter["data"]["n"], 77, "{letter}");
+    assert_eq!(letter["unit"], "greedy", "{letter}");
+    let error = letter["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the unit's process died 2 times while it worked on this message alone"),
+        "{error}"
+    );
+    let restarts: u64 = suite
+        .pods(ns, "pay", Some("greedy"))
+        .iter()
+        .filter_map(|p| p["status"]["containerStatuses"][0]["restartCount"].as_u64())
+        .sum();
+    let killed_for = suite
+        .pods(ns, "pay", Some("greedy"))
+        .iter()
+        .filter_map(|p| {
+            p["status"]["containerStatuses"][0]["lastState"]["terminated"]["reason"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect::<Vec<_>>();
+    assert!(restarts >= 3, "the container restarted {restarts} times");
+    let lines = nats.read_all("poison_results");
+    let mut seen = std::collections::BTreeMap::<u64, usize>::new();
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        *seen.entry(v["n"].as_u64().unwrap_or_default()).or_default() += 1;
+    }
+    let missing: Vec<u64> = (1..=TOTAL).filter(|n| !seen.contains_key(n)).collect();
+    let doubled: Vec<u64> = seen
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(missing, vec![77], "missing at the sink");
+    assert!(doubled.is_empty(), "twice at the sink: {doubled:?}");
+    println!(
+        "  a message that gets its pod OOM-killed: {} restarts ({killed_for:?}), the culprit dead-lettered after {} deliveries, the other {} at the sink once, {took}s after the apply",
+        restarts,
+        letter["deliveries"],
+        lines.len()
+    );
+    suite.delete_namespace(ns);
+}
+
 fn deployments_at_zero(suite: &Suite, ns: &str, name: &str) -> bool {
     let all = suite.json(&[
         "get",
