@@ -217,6 +217,7 @@ fn credentials_come_from_the_named_secret() {
         url: Some("nats://elsewhere:4222".into()),
         credentials_secret: Some("nats-creds".into()),
         replicas: None,
+        redeliver_after: None,
     });
     let plan = plan(&pipeline, &PlanSettings::default()).unwrap();
     let pod = pod_of(&plan, "person");
