@@ -488,11 +488,13 @@ impl Worker {
                     None => Verdict::Run { crashes: 0 },
                 };
                 match (&work, verdict) {
-                    (_, Verdict::DeadLetter { crashes }) => {
-                        Box::pin(self.poisoned(messages, crashes)).await
-                    }
-                    (Work::One(m), Verdict::Run { .. }) => self.process_one(m).await,
                     (Work::Batch(ms), Verdict::Run { .. }) => self.process_batch(ms).await,
+                    // A suspect of a batch stage is a batch of one.
+                    (Work::Batch(ms), dead @ Verdict::DeadLetter { .. }) => match ms.first() {
+                        Some(m) => self.process_one(m, dead).await,
+                        None => Ok(()),
+                    },
+                    (Work::One(m), verdict) => self.process_one(m, verdict).await,
                 }
             };
             tokio::pin!(processing);
@@ -527,50 +529,27 @@ impl Worker {
         alone
     }
 
-    /// Dead-letters a message that crashed its unit's process `crashes` times when it ran alone.
-    async fn poisoned(&self, messages: &[Message], crashes: u32) -> Result<(), ConsumeError> {
-        let Some(message) = messages.first() else {
-            return Ok(());
-        };
-        let (stream_seq, delivered) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
-            Err(_) => (0, 1),
-        };
-        let lineage = Lineage::from_headers(message.headers.as_ref(), &self.stream, stream_seq);
-        let began = self.tracing(&lineage).then(Began::now);
-        let (carried, span) = self.begin_span(&lineage, &[]);
-        let carried = carried.as_ref().unwrap_or(&lineage);
+    /// The dead letter of a message that crashed its unit's process `crashes` times when it ran alone.
+    fn crashed_it(&self, item: Payload, crashes: u32, delivered: u64) -> StepFailure {
         let how_often = match crashes {
             1 => "once".to_string(),
             n => format!("{n} times"),
         };
-        let failure = Failure {
-            item: Payload::Bytes(message.payload.clone()),
-            error: format!(
-                "the unit's process died {how_often} while it worked on this message alone (each time after it was delivered again): it probably crashes on it; spec.deadLetter.afterCrashes is the limit"
-            ),
-            // Attempts stay within what the unit's retry allows; the deliveries say the rest.
-            attempts: crashes.min(self.allowed_attempts()),
-            deliveries: Some(delivered),
-        };
-        let poisoned = StepFailure {
+        StepFailure {
             stage: self.unit.clone(),
             step_index: 0,
             item_index: 0,
             replay_step: 0,
-            failure,
-        };
-        let emitted = self.emit(carried, Vec::new(), vec![poisoned]).await?;
-        if began.is_some() || span.is_some() {
-            let done = emitted.done(self.is_sink(), delivered);
-            if let Some(span) = span {
-                span.end(&done);
-            }
-            if let (Some(began), Some(tracer)) = (began, &self.tracer) {
-                tracer.record(&lineage, began, done).await;
-            }
+            failure: Failure {
+                item,
+                error: format!(
+                    "the unit's process died {how_often} while it worked on this message alone (each time after it was delivered again): it probably crashes on it; spec.deadLetter.afterCrashes is the limit"
+                ),
+                // Attempts stay within what the unit's retry allows; the deliveries say the rest.
+                attempts: crashes.min(self.allowed_attempts()),
+                deliveries: Some(delivered),
+            },
         }
-        Ok(())
     }
 
     async fn with_progress<F: Future>(&self, messages: &[Message], work: F) -> F::Output {
@@ -593,7 +572,7 @@ impl Worker {
         }
     }
 
-    async fn process_one(&self, message: &Message) -> Result<(), ConsumeError> {
+    async fn process_one(&self, message: &Message, verdict: Verdict) -> Result<(), ConsumeError> {
         let (stream_seq, delivered) = match message.info() {
             Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
             Err(_) => (0, 1),
@@ -603,11 +582,16 @@ impl Worker {
         let (carried, span) = self.begin_span(&lineage, &[]);
         let carried = carried.as_ref().unwrap_or(&lineage);
         let input = Payload::Bytes(message.payload.clone());
-        let first = Replay::of(message.headers.as_ref()).map_or(0, |r| r.step);
-        let chained =
-            crate::steps::run_chain_from(&self.steps, first, input.clone(), carried).await;
-        let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
-        let emitted = self.emit(carried, outputs, failures).await?;
+        let emitted = if let Verdict::DeadLetter { crashes } = verdict {
+            let crashed = self.crashed_it(input, crashes, delivered);
+            self.emit(carried, Vec::new(), vec![crashed]).await?
+        } else {
+            let first = Replay::of(message.headers.as_ref()).map_or(0, |r| r.step);
+            let chained =
+                crate::steps::run_chain_from(&self.steps, first, input.clone(), carried).await;
+            let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
+            self.emit(carried, outputs, failures).await?
+        };
         if began.is_some() || span.is_some() {
             let done = emitted.done(self.is_sink(), delivered);
             if let Some(span) = span {

@@ -38,6 +38,20 @@ pub struct CrashRecordError {
     source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+impl CrashRecordError {
+    fn new(
+        action: &'static str,
+        key: &str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> CrashRecordError {
+        CrashRecordError {
+            action,
+            key: key.to_string(),
+            source: Box::new(source),
+        }
+    }
+}
+
 /// A unit's crash records, in the Pipeline's checkpoint bucket.
 pub struct CrashRecords {
     pub store: kv::Store,
@@ -54,19 +68,11 @@ impl CrashRecords {
     /// records that it runs now, before it does: should the process die, the record stays.
     pub async fn before_running_alone(&self, stream_seq: u64) -> Result<Verdict, CrashRecordError> {
         let key = self.key(stream_seq);
-        let failed = |action: &'static str, key: &str| {
-            let key = key.to_string();
-            move |e: Box<dyn std::error::Error + Send + Sync>| CrashRecordError {
-                action,
-                key,
-                source: e,
-            }
-        };
         let stored = self
             .store
             .get(&key)
             .await
-            .map_err(|e| failed("read", &key)(Box::new(e)))?;
+            .map_err(|e| CrashRecordError::new("read", &key, e))?;
         // A record that does not parse is one this runtime did not write: count it as none.
         let crashes = stored
             .and_then(|bytes| std::str::from_utf8(&bytes).ok()?.trim().parse().ok())
@@ -76,7 +82,7 @@ impl CrashRecords {
             self.store
                 .put(&key, (crashes + 1).to_string().into())
                 .await
-                .map_err(|e| failed("write", &key)(Box::new(e)))?;
+                .map_err(|e| CrashRecordError::new("write", &key, e))?;
         }
         Ok(verdict)
     }
@@ -84,11 +90,10 @@ impl CrashRecords {
     /// Removes the record of a message that is finished: it did not crash the process this time.
     pub async fn forget(&self, stream_seq: u64) -> Result<(), CrashRecordError> {
         let key = self.key(stream_seq);
-        self.store.purge(&key).await.map_err(|e| CrashRecordError {
-            action: "remove",
-            key,
-            source: Box::new(e),
-        })
+        self.store
+            .purge(&key)
+            .await
+            .map_err(|e| CrashRecordError::new("remove", &key, e))
     }
 }
 
