@@ -17,29 +17,44 @@ pub struct Endpoint {
     headers: HeaderMap,
 }
 
-/// The process's one HTTP client (it pools connections for every http step), made when the first
-/// step that needs it is built. A unit without an http step must not need what a client needs:
-/// the system's CA certificates, which many handler images do not have.
+/// The process's HTTP clients (the pooled one serves every http step), made when the first step
+/// that needs them is built. A unit without an http step must not need what a client needs: the
+/// system's CA certificates, which many handler images do not have.
 #[derive(Default)]
-pub struct LazyClient(std::sync::OnceLock<reqwest::Client>);
+pub struct LazyClient(std::sync::OnceLock<Clients>);
+
+/// The pooled client, and one that opens a new connection for each request.
+#[derive(Clone)]
+pub struct Clients {
+    pub pooled: reqwest::Client,
+    /// For a request tried alone: a pooled connection may be one that a crash of the service broke
+    /// a moment ago, which the pool has not noticed yet, and the request would fail through no fault
+    /// of its own just when its failure is meant to count.
+    pub fresh: reqwest::Client,
+}
 
 impl LazyClient {
-    pub fn get(&self) -> Result<reqwest::Client, EndpointError> {
-        if let Some(client) = self.0.get() {
-            return Ok(client.clone());
+    pub fn get(&self) -> Result<Clients, EndpointError> {
+        if let Some(clients) = self.0.get() {
+            return Ok(clients.clone());
         }
-        let client = http_client()?;
-        Ok(self.0.get_or_init(|| client).clone())
+        let clients = Clients {
+            pooled: http_client()?,
+            fresh: client_builder().pool_max_idle_per_host(0).build()?,
+        };
+        Ok(self.0.get_or_init(|| clients).clone())
     }
 }
 
-/// A new HTTP client; see [`LazyClient`] for the one a unit's steps share.
+/// A new HTTP client; see [`LazyClient`] for those a unit's steps share.
 pub fn http_client() -> Result<reqwest::Client, EndpointError> {
+    Ok(client_builder().build()?)
+}
+
+fn client_builder() -> reqwest::ClientBuilder {
     // reqwest is built without a bundled crypto provider; use ring, which the NATS client uses too.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    Ok(reqwest::Client::builder()
-        .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
-        .build()?)
+    reqwest::Client::builder().user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
 }
 
 /// Why an endpoint's settings cannot be used (validation catches most of these earlier).
@@ -87,6 +102,16 @@ impl Endpoint {
     /// network trouble are worth retrying; other refusals are not.
     pub async fn post(&self, body: Bytes, lineage: &Lineage) -> Result<Bytes, StepError> {
         post(&self.client, &self.url, &self.headers, body, lineage).await
+    }
+
+    /// Like `post`, through another client (its own connections, its own pool).
+    pub async fn post_through(
+        &self,
+        client: &reqwest::Client,
+        body: Bytes,
+        lineage: &Lineage,
+    ) -> Result<Bytes, StepError> {
+        post(client, &self.url, &self.headers, body, lineage).await
     }
 }
 
