@@ -181,11 +181,15 @@ pub async fn dlq_on(
     select: &Select,
     after_replay: Option<&str>,
 ) -> Result<ExitCode, String> {
-    let mut letters = dlq::letters(target, &select.selection())
-        .await
-        .map_err(|e| e.to_string())?;
+    let selection = select.selection();
+    let look = || async {
+        dlq::letters(target, &selection)
+            .await
+            .map_err(|e| e.to_string())
+    };
     match what {
         DlqDo::List => {
+            let mut letters = look().await?;
             let mut groups = dlq::Groups::default();
             while let Some(letter) = next(&mut letters).await? {
                 groups.add(&letter);
@@ -193,6 +197,7 @@ pub async fn dlq_on(
             print!("{}", render_groups(target, how, &groups, select.json));
         }
         DlqDo::Show => {
+            let mut letters = look().await?;
             let mut out = std::io::stdout().lock();
             let mut shown = 0u64;
             while let Some(letter) = next(&mut letters).await? {
@@ -205,7 +210,7 @@ pub async fn dlq_on(
             }
         }
         DlqDo::Replay => {
-            let report = dlq::replay(target, &mut letters)
+            let report = dlq::replay(target, &selection)
                 .await
                 .map_err(|e| e.to_string())?;
             print!("{}", render_replayed(&report, after_replay));
@@ -214,7 +219,7 @@ pub async fn dlq_on(
             }
         }
         DlqDo::Purge { yes } => {
-            let to_purge = dlq::to_purge(&mut letters)
+            let to_purge = dlq::to_purge(target, &selection)
                 .await
                 .map_err(|e| e.to_string())?;
             let count = to_purge.count;

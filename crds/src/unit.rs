@@ -38,6 +38,12 @@ pub mod headers {
     pub const REPLAY_FOR: &str = "Switchyard-Replay-For";
     /// How often the item was replayed from the dead-letter queue; carried downstream.
     pub const REPLAYS: &str = "Switchyard-Replays";
+    /// On a dead letter stored again at the end of its subject, so that the letters around it could
+    /// be purged with one request (see `switchyard_ops::dlq::Removal`): when it was first stored, in
+    /// milliseconds since the Unix epoch, and the id it had. The copy has no `Nats-Msg-Id`: within the
+    /// duplicate window the stream would drop it as the letter itself.
+    pub const DEAD_SINCE: &str = "Switchyard-Dead-Since";
+    pub const LETTER_ID: &str = "Switchyard-Letter-Id";
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

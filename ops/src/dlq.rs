@@ -3,7 +3,8 @@
 //!
 //! Dead letters are messages of the Pipeline's stream on its dead-letter subjects, held there by the
 //! `_dead_letters` consumer, which nobody acknowledges. Listing reads them with a consumer of its own;
-//! replaying and purging delete them by sequence, a replayed one only once its copy is stored.
+//! replaying and purging remove them by subject purges and deletes (see `Removal`), a replayed one
+//! only once its copy is stored.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -71,8 +72,15 @@ pub struct DeadLetter {
 impl DeadLetter {
     fn of(message: &jetstream::Message) -> DeadLetter {
         let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let time_ms = read::stored_at_ms(message);
         let get = |name| header(message, name);
+        // A letter stored again by a removal (see `Removal`) says when it was first stored, and
+        // which id it had.
+        let time_ms = get(headers::DEAD_SINCE)
+            .parse()
+            .unwrap_or_else(|_| read::stored_at_ms(message));
+        let id = Some(get(headers::MSG_ID))
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| get(headers::LETTER_ID));
         DeadLetter {
             seq,
             subject: message.subject.to_string(),
@@ -87,7 +95,7 @@ impl DeadLetter {
             origin_seq: get(headers::ORIGIN_SEQ),
             path: get(headers::PATH),
             replays: get(headers::REPLAYS).parse().unwrap_or(0),
-            id: get(headers::MSG_ID),
+            id,
             data: read::data(&message.payload),
             payload: message.payload.clone(),
             headers: message.headers.clone().unwrap_or_default(),
@@ -95,10 +103,12 @@ impl DeadLetter {
         }
     }
 
-    fn selected(&self, selection: &Selection) -> bool {
+    /// Whether `selection` takes it; `not_before_ms` is when its `since` began.
+    fn selected(&self, selection: &Selection, not_before_ms: Option<i64>) -> bool {
         let stage = selection.stage.as_deref();
         selection.unit.as_deref().is_none_or(|u| u == self.unit)
             && stage.is_none_or(|s| self.stage == s || self.stage.ends_with(&format!("> {s}")))
+            && not_before_ms.is_none_or(|t| self.time_ms >= t)
     }
 }
 
@@ -119,6 +129,8 @@ fn subjects(target: &Target) -> Vec<String> {
 pub struct Letters {
     stored: read::Stored,
     selection: Selection,
+    /// When the selection's `since` began, in milliseconds since the Unix epoch.
+    not_before_ms: Option<i64>,
     left: usize,
 }
 
@@ -154,7 +166,7 @@ impl Letters {
             return Ok(None);
         };
         let letter = DeadLetter::of(&message);
-        if !letter.selected(&self.selection) {
+        if !letter.selected(&self.selection, self.not_before_ms) {
             return Ok(Some(Seen::Passed {
                 subject: letter.subject,
                 seq: letter.seq,
@@ -163,26 +175,40 @@ impl Letters {
         self.left -= 1;
         Ok(Some(Seen::Selected(Box::new(letter))))
     }
-
-    /// Whether the reading started at the first dead letter (not `--since`): then a subject whose
-    /// every letter so far goes can be purged below a sequence.
-    fn reads_from_start(&self) -> bool {
-        self.selection.since.is_none()
-    }
 }
 
-/// The dead letters the selection takes, as they are stored now.
+/// The dead letters the selection takes, as they are stored now, to look at: a selection by time
+/// starts reading there.
 pub async fn letters(target: &Target, selection: &Selection) -> Result<Letters, OpsError> {
-    let start = match selection.since {
-        None => DeliverPolicy::All,
-        Some(since) => {
-            let from = SystemTime::now()
-                .checked_sub(since)
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            DeliverPolicy::ByStartTime {
-                start_time: from.into(),
-            }
-        }
+    open_letters(target, selection, Reading::FromSince).await
+}
+
+/// Where a reading of dead letters starts.
+enum Reading {
+    /// At the selection's `since`: enough to look at them.
+    FromSince,
+    /// At the first letter, whatever the selection: a removal must know every letter below the ones
+    /// it purges, to keep those that stay.
+    FromFirst,
+}
+
+async fn open_letters(
+    target: &Target,
+    selection: &Selection,
+    reading: Reading,
+) -> Result<Letters, OpsError> {
+    let not_before = selection.since.map(|since| {
+        SystemTime::now()
+            .checked_sub(since)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    });
+    // A letter stored again by a removal sits among later ones with an earlier time: reading from
+    // a time on still takes the letters stored since, and `selected` compares their own times.
+    let start = match (reading, not_before) {
+        (Reading::FromSince, Some(from)) => DeliverPolicy::ByStartTime {
+            start_time: from.into(),
+        },
+        _ => DeliverPolicy::All,
     };
     let stored = read::Stored::open(
         &target.js,
@@ -194,6 +220,10 @@ pub async fn letters(target: &Target, selection: &Selection) -> Result<Letters, 
     Ok(Letters {
         stored,
         selection: selection.clone(),
+        not_before_ms: not_before.map(|t| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        }),
         left: selection.limit.unwrap_or(usize::MAX),
     })
 }
@@ -317,11 +347,13 @@ impl Groups {
 /// One request that removes dead letters from the queue.
 #[derive(Debug, PartialEq)]
 pub enum Remove {
-    /// Every message on `subject` below `seq`: the dead letters `letters`, and no other.
+    /// Every message on `subject` below `seq`: the dead letters `letters` go, and `keep` are stored
+    /// again at the end of the subject first (their copies keep their time and id).
     Below {
         subject: String,
         seq: u64,
         letters: Vec<u64>,
+        keep: Vec<u64>,
     },
     /// One dead letter.
     One(u64),
@@ -337,106 +369,104 @@ impl Remove {
     }
 }
 
-/// Pure: turns the dead letters that go and those that stay, told in stream order, into as few
-/// requests as it can. Deleting one message costs nats-server about 10 ms (2.15, file storage),
-/// a purge of a subject below a sequence about as much for any number of them: as long as every
-/// letter read on a subject goes, the subject is purged; from its first letter that stays on, its
-/// letters go one by one.
-#[derive(Debug)]
+/// What nats-server takes for each request (2.15, file storage, measured here): deleting one
+/// message about 10 ms, purging a subject below a sequence about as long for any number of
+/// messages, storing a copy of one (a direct get and a publish, 64 in flight) about 0.2 ms.
+const DELETE_US: u64 = 10_000;
+const PURGE_US: u64 = 10_000;
+const COPY_US: u64 = 200;
+
+/// Pure: turns the dead letters that go and those that stay, told in stream order, into few
+/// requests. A subject whose every letter read goes is purged below a sequence, one request for
+/// any number of them. Where some stay, either they are stored again at the end of the subject and
+/// the subject is purged, or the letters that go are deleted one by one, whichever costs less
+/// (`DELETE_US`, `COPY_US`). Told in windows (a replay), it deletes one by one until the deletes
+/// made would have paid for the copies, and copies from then on: never more than twice the
+/// cheaper way.
+#[derive(Debug, Default)]
 pub struct Removal {
-    from_start: bool,
-    subjects: BTreeMap<String, Run>,
-    ready: Vec<Remove>,
+    subjects: BTreeMap<String, OnSubject>,
 }
 
-#[derive(Debug)]
-enum Run {
-    /// Every letter read on the subject goes; these are not removed yet.
-    Whole(Vec<u64>),
-    /// Some letter on the subject stays.
-    Broken,
+#[derive(Debug, Default)]
+struct OnSubject {
+    /// The highest sequence told: every letter of the subject below it was told too.
+    last: u64,
+    /// Told to go, not removed yet.
+    going: Vec<u64>,
+    /// Told to stay, and still where they were stored: a purge must store them again first.
+    staying: Vec<u64>,
+    /// Letters deleted one by one while `staying` were there: what not copying them has cost.
+    deleted_one_by_one: u64,
 }
 
 impl Removal {
-    /// `from_start`: the letters are told from the first one stored; otherwise earlier ones may stay
-    /// and nothing is purged.
-    pub fn new(from_start: bool) -> Removal {
-        Removal {
-            from_start,
-            subjects: BTreeMap::new(),
-            ready: Vec::new(),
-        }
-    }
-
-    fn run(&mut self, subject: &str) -> &mut Run {
-        let whole = self.from_start;
-        self.subjects.entry(subject.to_string()).or_insert_with(|| {
-            if whole {
-                Run::Whole(Vec::new())
-            } else {
-                Run::Broken
-            }
-        })
+    fn on(&mut self, subject: &str, seq: u64) -> &mut OnSubject {
+        let on = self.subjects.entry(subject.to_string()).or_default();
+        on.last = on.last.max(seq);
+        on
     }
 
     /// The letter at `seq` on `subject` goes.
     pub fn remove(&mut self, subject: &str, seq: u64) {
-        match self.run(subject) {
-            Run::Whole(seqs) => seqs.push(seq),
-            Run::Broken => self.ready.push(Remove::One(seq)),
-        }
+        self.on(subject, seq).going.push(seq);
     }
 
-    /// The letter at `seq` on `subject` stays: those before it on the subject are purged below it,
-    /// any after it (told out of order) go one by one.
+    /// The letter at `seq` on `subject` stays.
     pub fn keep(&mut self, subject: &str, seq: u64) {
-        let run = std::mem::replace(self.run(subject), Run::Broken);
-        if let Run::Whole(seqs) = run {
-            let (below, above): (Vec<u64>, Vec<u64>) = seqs.into_iter().partition(|&s| s < seq);
-            if !below.is_empty() {
-                self.ready.push(Remove::Below {
-                    subject: subject.to_string(),
-                    seq,
-                    letters: below,
-                });
-            }
-            self.ready.extend(above.into_iter().map(Remove::One));
-        }
+        self.on(subject, seq).staying.push(seq);
     }
 
     /// The requests that remove every letter told to go so far.
     pub fn take(&mut self) -> Vec<Remove> {
-        for (subject, run) in &mut self.subjects {
-            if let Run::Whole(seqs) = run {
-                if let Some(&last) = seqs.iter().max() {
-                    self.ready.push(Remove::Below {
-                        subject: subject.clone(),
-                        seq: last + 1,
-                        letters: std::mem::take(seqs),
-                    });
-                }
+        let mut ready = Vec::new();
+        for (subject, on) in &mut self.subjects {
+            if on.going.is_empty() {
+                continue;
+            }
+            let going = std::mem::take(&mut on.going);
+            let deletes = on.deleted_one_by_one + going.len() as u64;
+            let copies = on.staying.len() as u64;
+            if copies * COPY_US + PURGE_US <= deletes * DELETE_US {
+                ready.push(Remove::Below {
+                    subject: subject.clone(),
+                    seq: on.last + 1,
+                    letters: going,
+                    keep: std::mem::take(&mut on.staying),
+                });
+                on.deleted_one_by_one = 0;
+            } else {
+                on.deleted_one_by_one = deletes;
+                ready.extend(going.into_iter().map(Remove::One));
             }
         }
-        std::mem::take(&mut self.ready)
+        ready
     }
+}
+
+/// What carrying out removals did.
+#[derive(Debug, Default)]
+struct Carried {
+    /// Letters removed.
+    gone: Vec<u64>,
+    /// Letters a request could not remove, and why.
+    failed: Vec<(Vec<u64>, String)>,
+    /// Letters that stay, stored again: where each was, and where it is now.
+    moved: BTreeMap<u64, u64>,
 }
 
 /// Carries out removals; each request's letters are gone, or come back with why not.
 async fn carry_out(
+    target: &Target,
     stream: &jetstream::stream::Stream,
     removals: Vec<Remove>,
-) -> (Vec<u64>, Vec<(Vec<u64>, String)>) {
-    let mut gone = Vec::new();
-    let mut failed = Vec::new();
+) -> Carried {
+    let mut carried = Carried::default();
     for removal in removals {
         let result = match &removal {
-            Remove::Below { subject, seq, .. } => stream
-                .purge()
-                .filter(subject.clone())
-                .sequence(*seq)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            Remove::Below {
+                subject, seq, keep, ..
+            } => purge_keeping(target, stream, subject, *seq, keep, &mut carried.moved).await,
             Remove::One(seq) => stream
                 .delete_message(*seq)
                 .await
@@ -444,11 +474,127 @@ async fn carry_out(
                 .map_err(|e| e.to_string()),
         };
         match result {
-            Ok(()) => gone.extend(removal.letters()),
-            Err(e) => failed.push((removal.letters(), e)),
+            Ok(()) => carried.gone.extend(removal.letters()),
+            Err(e) => carried.failed.push((removal.letters(), e)),
         }
     }
-    (gone, failed)
+    carried
+}
+
+/// Copies of stored letters in flight at once.
+const COPY_WINDOW: usize = 64;
+
+/// Purges `subject` below `seq`, having stored the letters `keep` again at its end (in their order);
+/// when anything fails, the copies made are deleted and nothing is purged.
+async fn purge_keeping(
+    target: &Target,
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    seq: u64,
+    keep: &[u64],
+    moved: &mut BTreeMap<u64, u64>,
+) -> Result<(), String> {
+    let mut copies = Vec::with_capacity(keep.len());
+    let copied = store_again(target, stream, subject, keep, &mut copies).await;
+    let purged = match copied {
+        Ok(()) => stream
+            .purge()
+            .filter(subject)
+            .sequence(seq)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = purged {
+        for (_, copy) in copies {
+            if let Err(again) = stream.delete_message(copy).await {
+                tracing::warn!(
+                    "a dead letter stored again at {copy} of {subject} is there twice now: {again}"
+                );
+            }
+        }
+        return Err(e);
+    }
+    moved.extend(copies);
+    Ok(())
+}
+
+/// Stores the letters at `seqs` of `subject` again at its end, in order; `copies` gets where each
+/// went as it is stored.
+async fn store_again(
+    target: &Target,
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    seqs: &[u64],
+    copies: &mut Vec<(u64, u64)>,
+) -> Result<(), String> {
+    let mut stored = futures::stream::iter(seqs.iter().copied())
+        .map(|seq| async move {
+            stream
+                .get_raw_message(seq)
+                .await
+                .map(|m| (seq, m))
+                .map_err(|e| format!("cannot read the dead letter at {seq} to keep it: {e}"))
+        })
+        .buffered(COPY_WINDOW);
+    let mut acks = std::collections::VecDeque::with_capacity(COPY_WINDOW);
+    loop {
+        let next = stored.next().await;
+        if let Some(read) = &next {
+            let (seq, message) = match read {
+                Ok(read) => read,
+                Err(e) => return Err(e.clone()),
+            };
+            let publish = jetstream::message::PublishMessage::build()
+                .headers(kept_headers(
+                    &message.headers,
+                    (message.time.unix_timestamp_nanos() / 1_000_000) as i64,
+                ))
+                .payload(message.payload.clone());
+            // Published one after another on one connection, so the copies keep their order.
+            let ack = target
+                .js
+                .send_publish(subject.to_string(), publish)
+                .await
+                .map_err(|e| format!("cannot store the dead letter at {seq} again: {e}"))?;
+            acks.push_back((*seq, ack));
+        }
+        if acks.len() >= COPY_WINDOW || (next.is_none() && !acks.is_empty()) {
+            if let Some((seq, ack)) = acks.pop_front() {
+                let copy = ack
+                    .await
+                    .map_err(|e| format!("cannot store the dead letter at {seq} again: {e}"))?;
+                copies.push((seq, copy.sequence));
+            }
+        }
+        if next.is_none() && acks.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// Pure: the headers of a dead letter stored again: its own, without the stream's de-duplication id
+/// (the copy would be dropped as the letter itself), with when it was first stored and its id.
+fn kept_headers(original: &HeaderMap, stored_at_ms: i64) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, values) in original.iter() {
+        if AsRef::<str>::as_ref(name) == headers::MSG_ID {
+            continue;
+        }
+        for value in values {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if original.get(headers::DEAD_SINCE).is_none() {
+        out.insert(headers::DEAD_SINCE, stored_at_ms.to_string().as_str());
+    }
+    if original.get(headers::LETTER_ID).is_none() {
+        if let Some(id) = original.get(headers::MSG_ID) {
+            out.insert(headers::LETTER_ID, id.clone());
+        }
+    }
+    out
 }
 
 /// What a replay did.
@@ -492,6 +638,17 @@ impl Replayed {
         kept.count += 1;
         if kept.seqs.len() < KEPT_NAMED {
             kept.seqs.push(seq);
+        }
+    }
+
+    /// Letters kept that were stored again (see `Removal`) are named where they are now.
+    fn moved(&mut self, moved: &BTreeMap<u64, u64>) {
+        for kept in &mut self.kept {
+            for seq in &mut kept.seqs {
+                if let Some(now) = moved.get(seq) {
+                    *seq = *now;
+                }
+            }
         }
     }
 
@@ -577,16 +734,18 @@ pub fn replay_message(layout: &Layout, letter: &DeadLetter) -> Result<(String, H
     Ok((subject, map))
 }
 
-/// Puts every letter back into the input of the unit that failed it, and removes each from the queue
-/// once its copy is stored. A letter that cannot be replayed stays, with the reason.
-pub async fn replay(target: &Target, letters: &mut Letters) -> Result<Replayed, OpsError> {
+/// Puts every letter the selection takes back into the input of the unit that failed it, and removes
+/// each from the queue once its copy is stored. A letter that cannot be replayed stays, with the
+/// reason.
+pub async fn replay(target: &Target, selection: &Selection) -> Result<Replayed, OpsError> {
+    let mut letters = open_letters(target, selection, Reading::FromFirst).await?;
     let stream = target
         .js
         .get_stream(&target.layout.nats.stream.name)
         .await
         .map_err(OpsError::nats("open the Pipeline's stream"))?;
     let mut report = Replayed::default();
-    let mut removal = Removal::new(letters.reads_from_start());
+    let mut removal = Removal::default();
     let mut window: Vec<Seen> = Vec::with_capacity(REPLAY_WINDOW);
     loop {
         window.clear();
@@ -649,7 +808,12 @@ pub async fn replay(target: &Target, letters: &mut Letters) -> Result<Replayed, 
                 }
             }
         }
-        let (gone, failed) = carry_out(&stream, removal.take()).await;
+        let Carried {
+            gone,
+            failed,
+            moved,
+        } = carry_out(target, &stream, removal.take()).await;
+        report.moved(&moved);
         for seq in gone {
             report.replayed += 1;
             if let Some(unit) = units.get(&seq) {
@@ -675,8 +839,9 @@ pub struct ToPurge {
 }
 
 /// Reads the selection through: every letter it takes goes, every other stays.
-pub async fn to_purge(letters: &mut Letters) -> Result<ToPurge, OpsError> {
-    let mut removal = Removal::new(letters.reads_from_start());
+pub async fn to_purge(target: &Target, selection: &Selection) -> Result<ToPurge, OpsError> {
+    let mut letters = open_letters(target, selection, Reading::FromFirst).await?;
+    let mut removal = Removal::default();
     let mut count = 0;
     while let Some(seen) = letters.next_seen().await? {
         match seen {
@@ -700,7 +865,7 @@ pub async fn purge(target: &Target, to_purge: ToPurge) -> Result<u64, OpsError> 
         .get_stream(&target.layout.nats.stream.name)
         .await
         .map_err(OpsError::nats("open the Pipeline's stream"))?;
-    let (gone, failed) = carry_out(&stream, to_purge.removals).await;
+    let Carried { gone, failed, .. } = carry_out(target, &stream, to_purge.removals).await;
     for (seqs, e) in failed {
         tracing::warn!("cannot remove {} dead letter(s): {e}", seqs.len());
     }
@@ -771,9 +936,18 @@ mod tests {
         assert_eq!(subject_units(&shared), None);
     }
 
+    fn below(subject: &str, seq: u64, letters: Vec<u64>, keep: Vec<u64>) -> Remove {
+        Remove::Below {
+            subject: subject.into(),
+            seq,
+            letters,
+            keep,
+        }
+    }
+
     #[test]
     fn a_subject_whose_every_letter_goes_is_purged_in_one_request() {
-        let mut removal = Removal::new(true);
+        let mut removal = Removal::default();
         for seq in [3, 7, 9] {
             removal.remove("dlq.wash", seq);
         }
@@ -781,64 +955,107 @@ mod tests {
         assert_eq!(
             removal.take(),
             vec![
-                Remove::Below {
-                    subject: "dlq.dry".into(),
-                    seq: 9,
-                    letters: vec![8]
-                },
-                Remove::Below {
-                    subject: "dlq.wash".into(),
-                    seq: 10,
-                    letters: vec![3, 7, 9]
-                },
+                below("dlq.dry", 9, vec![8], vec![]),
+                below("dlq.wash", 10, vec![3, 7, 9], vec![]),
             ]
         );
         // Later letters of a whole subject: still one request each time.
         removal.remove("dlq.wash", 12);
         assert_eq!(
             removal.take(),
-            vec![Remove::Below {
-                subject: "dlq.wash".into(),
-                seq: 13,
-                letters: vec![12]
-            }]
+            vec![below("dlq.wash", 13, vec![12], vec![])]
         );
         assert_eq!(removal.take(), vec![]);
     }
 
+    /// A letter that stays near the start of a subject used to make every later one a delete of its
+    /// own (10 ms each): 16 requests here, one now.
     #[test]
-    fn a_letter_that_stays_is_never_purged_and_those_after_it_go_one_by_one() {
-        let mut removal = Removal::new(true);
+    fn letters_that_stay_are_stored_again_and_the_subject_purged_when_that_costs_less() {
+        let mut removal = Removal::default();
         removal.remove("dlq.wash", 3);
         removal.remove("dlq.wash", 5);
         removal.keep("dlq.wash", 6);
-        removal.remove("dlq.wash", 7);
+        let after: Vec<u64> = (7..=20).collect();
+        for &seq in &after {
+            removal.remove("dlq.wash", seq);
+        }
+        removal.keep("dlq.wash", 21);
         removal.remove("dlq.dry", 4);
+        let going: Vec<u64> = [3, 5].into_iter().chain(after).collect();
         assert_eq!(
             removal.take(),
             vec![
-                Remove::Below {
-                    subject: "dlq.wash".into(),
-                    seq: 6,
-                    letters: vec![3, 5]
-                },
-                Remove::One(7),
-                Remove::Below {
-                    subject: "dlq.dry".into(),
-                    seq: 5,
-                    letters: vec![4]
-                },
+                below("dlq.dry", 5, vec![4], vec![]),
+                below("dlq.wash", 22, going, vec![6, 21]),
             ]
         );
-        // Told out of order, a later letter never rides along below one that stays.
-        let mut removal = Removal::new(true);
-        removal.remove("dlq.wash", 9);
+        // What stays was stored again: the subject's next letters go as a whole.
+        removal.remove("dlq.wash", 30);
+        assert_eq!(
+            removal.take(),
+            vec![below("dlq.wash", 31, vec![30], vec![])]
+        );
+
+        // One letter that goes after one that stays: a delete is cheaper than a copy and a purge.
+        let mut removal = Removal::default();
         removal.keep("dlq.wash", 4);
+        removal.remove("dlq.wash", 9);
         assert_eq!(removal.take(), vec![Remove::One(9)]);
-        // Read from a time on (`--since`), earlier letters may be there: nothing is purged.
-        let mut removal = Removal::new(false);
-        removal.remove("dlq.wash", 3);
-        assert_eq!(removal.take(), vec![Remove::One(3)]);
+    }
+
+    /// Told in windows, letters after many that stay are deleted one by one until those deletes
+    /// would have paid for storing the others again; then the rest go with one purge.
+    #[test]
+    fn deletes_one_by_one_stop_once_they_would_have_paid_for_the_copies() {
+        let mut removal = Removal::default();
+        let staying: Vec<u64> = (1..=100).collect();
+        for &seq in &staying {
+            removal.keep("dlq.wash", seq);
+        }
+        removal.remove("dlq.wash", 101);
+        assert_eq!(removal.take(), vec![Remove::One(101)]);
+        removal.remove("dlq.wash", 102);
+        assert_eq!(removal.take(), vec![Remove::One(102)]);
+        removal.remove("dlq.wash", 103);
+        assert_eq!(
+            removal.take(),
+            vec![below("dlq.wash", 104, vec![103], staying)]
+        );
+        removal.remove("dlq.wash", 104);
+        assert_eq!(
+            removal.take(),
+            vec![below("dlq.wash", 105, vec![104], vec![])]
+        );
+    }
+
+    #[test]
+    fn a_letter_stored_again_keeps_its_time_and_id_but_not_the_streams_dedup_id() {
+        let mut original = HeaderMap::new();
+        original.insert(headers::MSG_ID, "src:1/wash!0.0");
+        original.insert(headers::FAILED_UNIT, "wash");
+        let copy = kept_headers(&original, 1_700_000_000_123);
+        assert_eq!(copy.get(headers::MSG_ID), None);
+        let get = |h: &HeaderMap, name| h.get(name).map(|v| v.as_str().to_string());
+        assert_eq!(get(&copy, headers::FAILED_UNIT).as_deref(), Some("wash"));
+        assert_eq!(
+            get(&copy, headers::DEAD_SINCE).as_deref(),
+            Some("1700000000123")
+        );
+        assert_eq!(
+            get(&copy, headers::LETTER_ID).as_deref(),
+            Some("src:1/wash!0.0")
+        );
+        // Stored again a second time: still the first time and id.
+        let again = kept_headers(&copy, 1_800_000_000_000);
+        assert_eq!(
+            get(&again, headers::DEAD_SINCE).as_deref(),
+            Some("1700000000123")
+        );
+        assert_eq!(
+            get(&again, headers::LETTER_ID).as_deref(),
+            Some("src:1/wash!0.0")
+        );
     }
 
     #[test]
@@ -912,16 +1129,23 @@ spec:
     fn a_selection_matches_a_stage_by_its_last_part_or_whole() {
         let d = letter("machines", "machines > wash", "x", 0);
         let by = |unit: Option<&str>, stage: Option<&str>| {
-            d.selected(&Selection {
-                unit: unit.map(str::to_string),
-                stage: stage.map(str::to_string),
-                ..Selection::default()
-            })
+            d.selected(
+                &Selection {
+                    unit: unit.map(str::to_string),
+                    stage: stage.map(str::to_string),
+                    ..Selection::default()
+                },
+                None,
+            )
         };
         assert!(by(None, None));
         assert!(by(Some("machines"), Some("wash")));
         assert!(by(None, Some("machines > wash")));
         assert!(!by(None, Some("ash")));
         assert!(!by(Some("dry"), None));
+        // By its own time, which a letter stored again keeps.
+        let since = |not_before| d.selected(&Selection::default(), Some(not_before));
+        assert!(since(0));
+        assert!(!since(1));
     }
 }

@@ -32,6 +32,9 @@ pub async fn stored(
 pub struct Stored {
     stream: String,
     messages: Option<Ordered>,
+    /// The stream's last sequence when it was opened: what is stored later (a dead letter that a
+    /// removal stored again, say) is not read.
+    last: u64,
 }
 
 impl Stored {
@@ -41,10 +44,15 @@ impl Stored {
         subjects: &[String],
         start: consumer::DeliverPolicy,
     ) -> Result<Stored, OpsError> {
-        let (messages, pending) = open(js, stream, subjects, start).await?;
+        let Opened {
+            messages,
+            pending,
+            last,
+        } = open(js, stream, subjects, start).await?;
         Ok(Stored {
             stream: stream.to_string(),
             messages: (pending > 0).then_some(messages),
+            last,
         })
     }
 
@@ -66,7 +74,15 @@ impl Stored {
                 return Ok(None);
             }
         };
-        if message.info().map(|i| i.pending).unwrap_or(0) == 0 {
+        let (seq, pending) = message
+            .info()
+            .map(|i| (i.stream_sequence, i.pending))
+            .unwrap_or((0, 0));
+        if seq > self.last {
+            self.messages = None;
+            return Ok(None);
+        }
+        if pending == 0 || seq == self.last {
             self.messages = None;
         }
         Ok(Some(message))
@@ -75,17 +91,27 @@ impl Stored {
 
 pub type Ordered = jetstream::consumer::pull::Ordered;
 
-/// An ordered consumer on `subjects`, and how many messages it has to deliver right now.
+/// An ordered consumer on some subjects of a stream.
+pub struct Opened {
+    pub messages: Ordered,
+    /// How many messages it has to deliver right now.
+    pub pending: u64,
+    /// The stream's last sequence just before the consumer was made.
+    pub last: u64,
+}
+
+/// An ordered consumer on `subjects` of `stream`, from `start`.
 pub async fn open(
     js: &jetstream::Context,
     stream: &str,
     subjects: &[String],
     start: consumer::DeliverPolicy,
-) -> Result<(Ordered, u64), OpsError> {
+) -> Result<Opened, OpsError> {
     let handle = js
         .get_stream(stream)
         .await
         .map_err(OpsError::nats(format!("open stream {stream}")))?;
+    let last = handle.cached_info().state.last_sequence;
     let (filter_subject, filter_subjects) = match subjects {
         [one] => (one.clone(), Vec::new()),
         many => (String::new(), many.to_vec()),
@@ -109,7 +135,11 @@ pub async fn open(
         .messages()
         .await
         .map_err(OpsError::nats(format!("read stream {stream}")))?;
-    Ok((messages, pending))
+    Ok(Opened {
+        messages,
+        pending,
+        last,
+    })
 }
 
 /// A header of a stored message, or "".

@@ -114,13 +114,14 @@ pub async fn tap(
     } else {
         DeliverPolicy::New
     };
-    let (mut messages, _) = read::open(
+    let mut messages = read::open(
         &target.js,
         &target.layout.nats.stream.name,
         &subjects,
         start,
     )
-    .await?;
+    .await?
+    .messages;
     opened(&subjects);
     let mut printed = 0;
     while options.count.is_none_or(|n| printed < n) {
