@@ -277,7 +277,7 @@ fn print_migration(running: &Path, file: &Path) -> ExitCode {
             .map_err(|p| load::describe(path, &p))?;
         Ok((
             migration::unit_states(&topology, &layout),
-            pipeline.spec.migration_policy(),
+            switchyard_crds::migration::Policy::of(&pipeline.spec),
         ))
     };
     let (before, after) = match (states(running), states(file)) {

@@ -146,6 +146,15 @@ fn drop_impossible_default(map: &mut Map<String, Value>) {
     }
 }
 
+/// The CustomResourceDefinition as YAML, exactly as checked in under `crds/` and in the Helm chart.
+pub fn crd_yaml() -> Result<String, serde_norway::Error> {
+    let crd = crd().map_err(<serde_norway::Error as serde::ser::Error>::custom)?;
+    let body = serde_norway::to_string(&crd)?;
+    Ok(format!(
+        "# Generated from crds/src/pipeline.rs by `switchyard crd`; do not edit by hand.\n{body}"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,16 +6,17 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::duration::parse_duration;
 use crate::kinds::Kinds;
 use crate::pipeline::{
     PipelineSpec, DEFAULT_CLUSTER_SAMPLE_RATE, DEFAULT_TRACE_RETENTION, REDELIVER_AFTER_RANGE,
 };
+use crate::problem::Problem;
 use crate::topology::{Step, Topology, Unit, UnitKind};
 use crate::unit::{
     BatchConfig, ConsumerConfig, CrashRecords, RetryConfig, StepConfig, TraceConfig, UnitConfig,
     UnitRole,
 };
-use crate::validate::{parse_duration, Problem};
 
 /// Input messages in flight per replica when a stage does not say. High, because for fast steps
 /// most of a message's time in flight is the wait for the stream's acknowledgement, and pulls are

@@ -3,14 +3,17 @@
 //! runtime.
 
 pub mod crd;
+pub mod duration;
 pub mod jq;
 pub mod kinds;
 pub mod layout;
 pub mod load;
 pub mod migration;
 pub mod pipeline;
+pub mod problem;
 pub mod topology;
 pub mod unit;
 pub mod validate;
 
+pub use crd::crd_yaml;
 pub use pipeline::*;

@@ -3,7 +3,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::validate::{parse_pipeline, Problem};
+use crate::problem::Problem;
+use crate::validate::parse_pipeline;
 use crate::Pipeline;
 
 /// Why a file could not be used: it could not be read, or it has problems.

@@ -19,6 +19,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{Layout, Names};
+use crate::pipeline::PipelineSpec;
 use crate::topology::{Topology, Unit};
 use crate::unit::{ConsumerConfig, UnitConfig, UnitRole};
 
@@ -29,6 +30,18 @@ pub struct Policy {
     /// its end. Without it those messages are dropped, which needs `allow_loss`.
     pub drain: bool,
     pub allow_loss: bool,
+}
+
+impl Policy {
+    /// `spec.migration`, with its defaults.
+    pub fn of(spec: &PipelineSpec) -> Policy {
+        let written = spec.migration.clone().unwrap_or_default();
+        let default = Policy::default();
+        Policy {
+            drain: written.drain.unwrap_or(default.drain),
+            allow_loss: written.allow_loss.unwrap_or(default.allow_loss),
+        }
+    }
 }
 
 impl Default for Policy {

@@ -141,21 +141,12 @@ pub const DEFAULT_AFTER_CRASHES: u32 = 10;
 pub const DEFAULT_NATS_REPLICAS: u32 = 1;
 
 impl PipelineSpec {
-    /// `spec.migration`, with its defaults.
-    pub fn migration_policy(&self) -> crate::migration::Policy {
-        let spec = self.migration.clone().unwrap_or_default();
-        crate::migration::Policy {
-            drain: spec.drain.unwrap_or(true),
-            allow_loss: spec.allow_loss.unwrap_or(false),
-        }
-    }
-
     /// `spec.nats.redeliverAfter`, or its default (an unreadable value too: validation reports it).
     pub fn redeliver_after(&self) -> std::time::Duration {
         self.nats
             .as_ref()
             .and_then(|n| n.redeliver_after.as_deref())
-            .and_then(|d| crate::validate::parse_duration(d).ok())
+            .and_then(|d| crate::duration::parse_duration(d).ok())
             .unwrap_or(DEFAULT_REDELIVER_AFTER)
     }
 
@@ -666,13 +657,4 @@ pub struct UnitStatus {
     pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_reason: Option<String>,
-}
-
-/// The CustomResourceDefinition as YAML, exactly as checked in under `crds/` and in the Helm chart.
-pub fn crd_yaml() -> Result<String, serde_norway::Error> {
-    let crd = crate::crd::crd().map_err(<serde_norway::Error as serde::ser::Error>::custom)?;
-    let body = serde_norway::to_string(&crd)?;
-    Ok(format!(
-        "# Generated from crds/src/pipeline.rs by `switchyard crd`; do not edit by hand.\n{body}"
-    ))
 }

@@ -1,52 +1,19 @@
 //! `switchyard validate`: every problem in a Pipeline at once, each with the stage's path and what to do.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::time::Duration;
 
 use crate::crd::{MAX_STAGES_PER_GROUP, MAX_STAGE_DEPTH, MAX_TOP_LEVEL_STAGES};
+use crate::duration::parse_duration;
 use crate::jq::JqFilter;
 use crate::kinds;
 use crate::pipeline::{
     Pipeline, Retry, Sink, SinkKind, Source, SourceKind, Stage, StepKind, Switcher,
 };
+use crate::problem::Problem;
 use crate::topology::{self, Topology};
 
 /// Longest name Kubernetes accepts for a label value, and so for the objects we derive from unit names.
 pub const MAX_OBJECT_NAME: usize = 63;
-
-/// One thing wrong with a Pipeline.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    /// Where: `stages[1] machines > stages[0] wash`, `sources[0] clothes`, `metadata.name`, or empty.
-    pub path: String,
-    pub message: String,
-    /// 1-based line in the file, when known.
-    pub line: Option<usize>,
-}
-
-impl Problem {
-    pub fn at(path: impl Into<String>, message: impl Into<String>) -> Problem {
-        Problem {
-            path: path.into(),
-            message: message.into(),
-            line: None,
-        }
-    }
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(line) = self.line {
-            write!(f, "line {line}: ")?;
-        }
-        if self.path.is_empty() {
-            write!(f, "{}", self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
-        }
-    }
-}
 
 /// Largest Pipeline manifest read: what the API server stores of one object at most (etcd's limit).
 pub const MAX_MANIFEST_BYTES: usize = 1536 * 1024;
@@ -316,33 +283,6 @@ fn is_valid_subject(subject: &str) -> bool {
         && subject
             .split('.')
             .all(|t| !t.is_empty() && !t.contains(['*', '>', ' ', '\t']))
-}
-
-/// A duration that does not parse, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DurationError {
-    value: String,
-    reason: String,
-}
-
-impl fmt::Display for DurationError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "`{}` is not a duration ({}): write a number and a unit, such as 500ms, 30s or 2m",
-            self.value, self.reason
-        )
-    }
-}
-
-impl std::error::Error for DurationError {}
-
-/// Parses a duration such as `5ms`, `30s`, `1m`.
-pub fn parse_duration(value: &str) -> Result<Duration, DurationError> {
-    humantime::parse_duration(value.trim()).map_err(|e| DurationError {
-        value: value.to_string(),
-        reason: e.to_string(),
-    })
 }
 
 fn check_duration(problems: &mut Vec<Problem>, path: &str, field: &str, value: &str) {

@@ -127,7 +127,7 @@ pub fn lay_out(file: &Path) -> Result<Prepared, PrepareError> {
         layout,
         nats_replicas: pipeline.spec.nats.as_ref().and_then(|n| n.replicas),
         base_dir,
-        policy: pipeline.spec.migration_policy(),
+        policy: switchyard_crds::migration::Policy::of(&pipeline.spec),
     })
 }
 

@@ -39,7 +39,7 @@ impl Policy {
         let stabilization = switcher
             .scale_down_stabilization
             .as_deref()
-            .and_then(|t| switchyard_crds::validate::parse_duration(t).ok())
+            .and_then(|t| switchyard_crds::duration::parse_duration(t).ok())
             .unwrap_or(DEFAULT_STABILIZATION);
         Policy {
             min: switcher.min_replicas,

@@ -18,9 +18,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use serde::Serialize;
 use switchyard_crds::layout::{layout, NatsLayout};
+use switchyard_crds::problem::Problem;
 use switchyard_crds::topology::{Topology, Unit, UnitKind};
 use switchyard_crds::unit::{UnitConfig, UnitRole};
-use switchyard_crds::validate::{analyze, Problem};
+use switchyard_crds::validate::analyze;
 use switchyard_crds::Pipeline;
 use switchyard_crds::{HttpSource, SourceKind};
 

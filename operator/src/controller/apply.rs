@@ -22,7 +22,7 @@ use switchyard_platform::admin::AdminError;
 
 use super::nats::{self, NatsError};
 use super::resolve::namespace_terminating;
-use super::{autoscaler, Context, FIELD_MANAGER};
+use super::{keys, Context, FIELD_MANAGER};
 use crate::pause::PauseState;
 use crate::plan::{self, Plan, UnitPlan, LABEL_PIPELINE};
 
@@ -345,7 +345,7 @@ impl<'a> Target<'a> {
             // pause, or keep what runs.
             let decided = self
                 .ctx
-                .scale_record(&autoscaler::key(self.namespace, self.pipeline, &unit.name))
+                .scale_record(&keys::unit(self.namespace, self.pipeline, &unit.name))
                 .map(|r| r.desired as i32);
             let replicas = decided
                 .or(before_pause)

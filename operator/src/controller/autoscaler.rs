@@ -23,7 +23,7 @@ use switchyard_crds::Pipeline;
 
 use super::caches::PipelineObject;
 use super::status::{PHASE_PAUSED, PHASE_PAUSING};
-use super::{lock, Context, SCALE_FIELD_MANAGER};
+use super::{keys, lock, Context, SCALE_FIELD_MANAGER};
 use crate::autoscale::{self, Policy, Window};
 use crate::plan;
 
@@ -52,10 +52,6 @@ pub struct ScaleRecord {
     pub last_scale_time: Option<Time>,
     /// Why they changed, or why they hold.
     pub reason: String,
-}
-
-pub fn key(namespace: &str, pipeline: &str, unit: &str) -> String {
-    format!("{namespace}/{pipeline}/{unit}")
 }
 
 /// Whether the autoscaler leaves a Pipeline alone this interval. The reconcile holds a paused
@@ -215,7 +211,7 @@ impl Autoscaler {
             .unwrap_or(1)
             .max(0) as u32;
         let policy = Policy::of(switcher);
-        let k = key(namespace, &topology.pipeline, unit);
+        let k = keys::unit(namespace, &topology.pipeline, unit);
         let fresh = self.ctx.reports.fresh(&k);
         let samples = {
             let mut windows = lock(&self.windows);
@@ -290,10 +286,7 @@ impl Autoscaler {
 
     /// Drops the windows and analyses of Pipelines that are gone.
     fn forget_gone(&self, pipelines: &[Arc<PipelineObject>]) {
-        let live: HashSet<String> = pipelines
-            .iter()
-            .map(|p| super::reconcile::key(p.meta()))
-            .collect();
+        let live: HashSet<String> = pipelines.iter().map(|p| keys::pipeline(p.meta())).collect();
         let uids: HashSet<&str> = pipelines
             .iter()
             .filter_map(|p| p.meta().uid.as_deref())

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use switchyard_crds::validate::Problem;
+use switchyard_crds::problem::Problem;
 
 use super::apply::ApplyError;
 use super::cleanup::CleanupError;

@@ -18,7 +18,7 @@ use switchyard_crds::{MigrationStatus, Pipeline, PipelineSpec};
 use switchyard_platform::admin::{self, AdminError};
 
 use super::apply::{self, Applied};
-use super::status::MigrationState;
+use super::status::{MigrationState, MIGRATION_REFUSED};
 use super::Context;
 use crate::plan::{self, Plan};
 
@@ -26,8 +26,6 @@ use crate::plan::{self, Plan};
 pub const MIGRATION_CHECK: Duration = Duration::from_secs(2);
 /// How soon a refused edit is looked at again: the messages it would drop may be gone by then.
 pub const REFUSED_RECHECK: Duration = Duration::from_secs(30);
-/// Reason of the Progressing condition and of the Warning Event of a refused edit.
-pub const REFUSED: &str = "MigrationRefused";
 /// Steps one reconcile carries out at most before it writes the status.
 const STEPS_PER_RECONCILE: usize = 16;
 
@@ -118,7 +116,7 @@ pub async fn reconcile(
             pod: BTreeMap::new(),
         })
         .collect();
-    let policy = pipeline.spec.migration_policy();
+    let policy = switchyard_crds::migration::Policy::of(&pipeline.spec);
     let migration = migration::plan(&running, &desired_plain, policy);
     if !migration.is_stepwise() {
         return Ok(Migrating::No);
@@ -129,13 +127,13 @@ pub async fn reconcile(
             .status
             .as_ref()
             .and_then(|s| super::status::condition(s, super::status::PROGRESSING))
-            .is_some_and(|c| c.reason == REFUSED && c.message == reason);
+            .is_some_and(|c| c.reason == MIGRATION_REFUSED && c.message == reason);
         if !said {
             super::publish(
                 ctx,
                 &pipeline.metadata,
                 EventType::Warning,
-                REFUSED,
+                MIGRATION_REFUSED,
                 reason.clone(),
             )
             .await;
@@ -452,7 +450,7 @@ fn without_epochs(pipeline: &Pipeline) -> Pipeline {
     plain
 }
 
-fn describe(problems: &[switchyard_crds::validate::Problem]) -> String {
+fn describe(problems: &[switchyard_crds::problem::Problem]) -> String {
     problems
         .iter()
         .map(|p| p.to_string())

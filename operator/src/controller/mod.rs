@@ -14,12 +14,14 @@
 //! | `errors.rs` | the error of each step, its condition reason and metric label |
 //! | `runner.rs` | watches, caches, leader election, the process |
 //! | `autoscaler.rs` | switchers' replicas from lag and reports |
+//! | `keys.rs` | how the maps above name a Pipeline and a unit |
 
 pub mod apply;
 pub mod autoscaler;
 pub mod caches;
 pub mod cleanup;
 pub mod errors;
+pub mod keys;
 pub mod migrate;
 pub mod nats;
 pub mod observe;
@@ -70,7 +72,7 @@ pub struct Context {
     claims: apply::Claims,
     resyncs: apply::Resyncs,
     credentials: resolve::CredentialsCache,
-    /// Every unit's latest reports (rate, utilization), by `autoscaler::key`.
+    /// Every unit's latest reports (rate, utilization), by `keys::unit`.
     pub reports: crate::reports::Reports,
     /// NATS servers whose stats subjects are subscribed to.
     listening: tokio::sync::Mutex<std::collections::HashSet<String>>,
@@ -137,7 +139,7 @@ impl Context {
                     // switchyard.<namespace>.<pipeline>.stats.<unit>
                     match subject.split('.').collect::<Vec<_>>().as_slice() {
                         [_, namespace, pipeline, _, unit] => {
-                            Some(autoscaler::key(namespace, pipeline, unit))
+                            Some(keys::unit(namespace, pipeline, unit))
                         }
                         _ => None,
                     }
@@ -150,9 +152,7 @@ impl Context {
 
     /// Inputs finished per second by a unit's live replicas, to a tenth; None without a report.
     pub fn rate(&self, namespace: &str, pipeline: &str, unit: &str) -> Option<f64> {
-        let fresh = self
-            .reports
-            .fresh(&autoscaler::key(namespace, pipeline, unit));
+        let fresh = self.reports.fresh(&keys::unit(namespace, pipeline, unit));
         (!fresh.is_empty())
             .then(|| (fresh.iter().map(|r| r.rate).sum::<f64>() * 10.0).round() / 10.0)
     }
@@ -175,7 +175,7 @@ impl Context {
 
     /// Drops everything kept about a Pipeline that is gone.
     fn forget(&self, meta: &ObjectMeta) {
-        let key = reconcile::key(meta);
+        let key = keys::pipeline(meta);
         let uid = meta.uid.clone().unwrap_or_default();
         self.claims.release(&uid, &[]);
         self.resyncs.forget(&uid);
@@ -219,7 +219,7 @@ pub(crate) async fn publish(
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&event, &reference(meta)).await {
-        tracing::warn!(pipeline = %reconcile::key(meta), "cannot publish an event: {e}");
+        tracing::warn!(pipeline = %keys::pipeline(meta), "cannot publish an event: {e}");
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
-use super::autoscaler;
+use super::keys;
 use super::nats::{self, NatsObservation};
 use super::status::UnitObservation;
 use super::Context;
@@ -247,9 +247,7 @@ pub fn units(
                 .unwrap_or_default();
             let scaled = u
                 .is_switcher()
-                .then(|| {
-                    ctx.scale_record(&autoscaler::key(&plan.namespace, &plan.pipeline, &u.name))
-                })
+                .then(|| ctx.scale_record(&keys::unit(&plan.namespace, &plan.pipeline, &u.name)))
                 .flatten();
             UnitObservation {
                 name: u.name.clone(),

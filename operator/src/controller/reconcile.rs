@@ -19,21 +19,13 @@ use super::errors::{Error, FinalizerError, Next, StatusError, ValidateError};
 use super::migrate::{self, Migrating, Taken};
 use super::status::{self, MigrationState, Observation, Outcome, UnitObservation};
 use super::{
-    cleanup, observe, resolve, Context, FIELD_MANAGER, FINALIZER, REFRESH, REFRESH_SWITCHERS,
+    cleanup, keys, observe, resolve, Context, FIELD_MANAGER, FINALIZER, REFRESH, REFRESH_SWITCHERS,
 };
 use crate::pause::PauseState;
 use crate::plan::{self, Plan};
 
 /// How soon a pausing Pipeline is looked at again, to stop its units once they are drained.
 const PAUSE_CHECK: Duration = Duration::from_secs(3);
-
-pub fn key(meta: &ObjectMeta) -> String {
-    format!(
-        "{}/{}",
-        meta.namespace.as_deref().unwrap_or_default(),
-        meta.name.as_deref().unwrap_or_default()
-    )
-}
 
 /// The controller's entry point.
 pub async fn reconcile(object: Arc<PipelineObject>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -58,7 +50,7 @@ pub async fn reconcile(object: Arc<PipelineObject>, ctx: Arc<Context>) -> Result
     let previous = object.0.as_ref().ok().and_then(|p| p.status.as_ref());
     match result {
         Ok(action) => {
-            ctx.failures().remove(&key(meta));
+            ctx.failures().remove(&keys::pipeline(meta));
             ctx.metrics.count("ok");
             Ok(action)
         }
@@ -82,12 +74,12 @@ pub fn retry_delay(failures: u32) -> Duration {
 pub fn error_policy(object: Arc<PipelineObject>, error: &Error, ctx: Arc<Context>) -> Action {
     let failures = {
         let mut all = ctx.failures();
-        let n = all.entry(key(object.meta())).or_insert(0);
+        let n = all.entry(keys::pipeline(object.meta())).or_insert(0);
         *n += 1;
         *n
     };
     let delay = retry_delay(failures);
-    tracing::warn!(pipeline = %key(object.meta()), failures, ?delay, "reconcile failed: {}", super::errors::error_chain(error));
+    tracing::warn!(pipeline = %keys::pipeline(object.meta()), failures, ?delay, "reconcile failed: {}", super::errors::error_chain(error));
     Action::requeue(delay)
 }
 
@@ -104,7 +96,8 @@ async fn reconcile_pipeline(pipeline: &Pipeline, ctx: &Context) -> Result<Action
             again,
         } = *taken;
         announce(ctx, &pipeline.metadata, &applied).await;
-        let figures = observe::nats_figures(&js, &target, &key(&pipeline.metadata)).await;
+        let figures =
+            observe::nats_figures(&js, &target, &keys::pipeline(&pipeline.metadata)).await;
         let mut deployments = applied.deployments.clone();
         for unit in &target.units {
             let name = plan::object_name(&target.pipeline, &unit.name);
@@ -124,12 +117,12 @@ async fn reconcile_pipeline(pipeline: &Pipeline, ctx: &Context) -> Result<Action
         return Ok(Action::requeue(again.max(Duration::from_millis(200))));
     }
     apply::nats_objects(&js, &plan).await?;
-    let figures = observe::nats_figures(&js, &plan, &key(&pipeline.metadata)).await;
+    let figures = observe::nats_figures(&js, &plan, &keys::pipeline(&pipeline.metadata)).await;
     let pause = observe::pause(ctx, pipeline, &plan, &figures);
     let applied = apply::kubernetes_objects(ctx, pipeline, &plan, &pause).await?;
     announce(ctx, &pipeline.metadata, &applied).await;
     if let Err(e) = ctx.listen_to_reports(&pipeline.spec, &js).await {
-        tracing::warn!(pipeline = %key(&pipeline.metadata), "cannot read unit rates: {e}");
+        tracing::warn!(pipeline = %keys::pipeline(&pipeline.metadata), "cannot read unit rates: {e}");
     }
     let units = observe::units(ctx, &plan, &applied.deployments, &figures);
     ctx.metrics
@@ -229,7 +222,7 @@ async fn write_status(
     previous: Option<&PipelineStatus>,
     next: PipelineStatus,
 ) -> Result<bool, StatusError> {
-    let object_key = key(meta);
+    let object_key = keys::pipeline(meta);
     let since = ctx.status_written(&object_key);
     if !status::needs_write(previous, &next, since) {
         return Ok(false);
@@ -267,7 +260,7 @@ async fn report(
     ctx.metrics.count("error");
     ctx.metrics.error(error.metric_label());
     let Some(reason) = error.condition_reason() else {
-        tracing::info!(pipeline = %key(meta), "{}", super::errors::error_chain(error));
+        tracing::info!(pipeline = %keys::pipeline(meta), "{}", super::errors::error_chain(error));
         return;
     };
     let problems = error.problems();
@@ -297,7 +290,7 @@ async fn report(
             .and_then(|p| status::condition(p, status::READY))
             .map(|c| (&c.reason, &c.message));
     if let Err(e) = write_status(ctx, meta, previous, next).await {
-        tracing::warn!(pipeline = %key(meta), "{e}");
+        tracing::warn!(pipeline = %keys::pipeline(meta), "{e}");
     }
     if changed {
         super::publish(ctx, meta, EventType::Warning, reason, problems.join("; ")).await;

@@ -18,6 +18,8 @@ pub const PAUSED: &str = "Paused";
 pub const PHASE_PAUSED: &str = "Paused";
 /// The phase of a Pipeline with `spec.paused` whose units are still draining.
 pub const PHASE_PAUSING: &str = "Pausing";
+/// Reason of the Progressing condition and of the Warning Event of a refused edit.
+pub const MIGRATION_REFUSED: &str = "MigrationRefused";
 
 /// What the reconcile did and saw.
 #[derive(Clone, Debug, PartialEq)]
@@ -357,7 +359,7 @@ fn applied_conditions(
         }
         (PauseState::Running, MigrationState::Refused { reason }) => (
             ready_condition(&not_ready, total),
-            (PROGRESSING, false, super::migrate::REFUSED, reason.clone()),
+            (PROGRESSING, false, MIGRATION_REFUSED, reason.clone()),
             degraded,
             phase,
         ),

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use switchyard_crds::validate::parse_duration;
+use switchyard_crds::duration::parse_duration;
 use switchyard_crds::TimerSource;
 
 use super::{Source, SourceError, SourceUnit, Template};

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use switchyard_crds::validate::parse_duration;
+use switchyard_crds::duration::parse_duration;
 
 use super::{BuildError, Handler};
 use crate::lineage::Lineage;

@@ -1,0 +1,32 @@
+//! Durations as a Pipeline writes them (`500ms`, `30s`, `2m`), read by the spec types, the layout and
+//! validation alike.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A duration that does not parse, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DurationError {
+    value: String,
+    reason: String,
+}
+
+impl fmt::Display for DurationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "`{}` is not a duration ({}): write a number and a unit, such as 500ms, 30s or 2m",
+            self.value, self.reason
+        )
+    }
+}
+
+impl std::error::Error for DurationError {}
+
+/// Parses a duration such as `5ms`, `30s`, `1m`.
+pub fn parse_duration(value: &str) -> Result<Duration, DurationError> {
+    humantime::parse_duration(value.trim()).map_err(|e| DurationError {
+        value: value.to_string(),
+        reason: e.to_string(),
+    })
+}
