@@ -333,29 +333,64 @@ pub fn refusal(held: &[String]) -> String {
 /// The steps from `running` to `desired`. `desired` is laid out afresh from the new spec, so its
 /// units publish and read plain (epoch 0) subjects; the target gives each publisher the epoch it
 /// needs. Both list units in topological order (every unit after its inputs).
+///
+/// The steps come in this order, each from a function of its own below: consumers widen to read
+/// both what they read now and what they will read; new units start; units that stay but change
+/// roll (publishers move to their new epoch) or rescale; units that go are drained and removed;
+/// subjects nobody publishes to any more are read to their end; consumers narrow to what they need.
 pub fn plan(running: &[UnitState], desired: &[UnitState], policy: Policy) -> Migration {
     let now: BTreeMap<&str, &UnitState> = running
         .iter()
         .map(|u| (u.config.unit.as_str(), u))
         .collect();
-    let wanted: BTreeSet<&str> = desired.iter().map(|u| u.config.unit.as_str()).collect();
+    let epochs = publisher_epochs(running, desired, &now);
+    let target = retargeted(desired, &epochs);
+    let (mut steps, widened) = widen_consumers(&now, &target);
+    steps.extend(start_new_units(&now, &target));
+    steps.extend(roll_changed_units(&now, &target, &epochs.moved));
+    let (removals, mut discards) = remove_gone_units(running, desired, policy);
+    steps.extend(removals);
+    let (waits, left_on_subjects) = await_abandoned_subjects(running, &target, &widened, policy);
+    steps.extend(waits);
+    discards.extend(left_on_subjects);
+    steps.extend(narrow_consumers(&target, &widened));
+    Migration {
+        steps,
+        target,
+        discards,
+    }
+}
 
-    // Who publishes each running subject, and who reads each running publisher.
+/// Where each desired publisher publishes once the migration is done.
+struct PublisherEpochs<'a> {
+    /// The subject each desired publisher publishes to afterwards, by unit.
+    subject_then: BTreeMap<&'a str, String>,
+    /// Publishers that keep running but move to a new epoch: a reader let go of them.
+    moved: BTreeSet<&'a str>,
+    /// Who publishes each plain (epoch 0) subject of the new spec.
+    plain_publisher: BTreeMap<&'a str, &'a str>,
+}
+
+/// A publisher that keeps running moves to a new epoch when a reader lets go of it, so that what it
+/// publishes from then on reaches only the readers it has now; a new publisher starts on its plain
+/// subject, and one whose readers only grow stays where it is.
+fn publisher_epochs<'a>(
+    running: &'a [UnitState],
+    desired: &'a [UnitState],
+    now: &BTreeMap<&str, &'a UnitState>,
+) -> PublisherEpochs<'a> {
     let publisher_of: BTreeMap<&str, &str> = running
         .iter()
         .filter_map(|u| Some((u.config.output_subject.as_deref()?, u.config.unit.as_str())))
         .collect();
     let readers_now = readers(running, |s| publisher_of.get(s).copied());
-    // Desired subjects are plain: the publisher is whoever has that subject in `desired`.
     let plain_publisher: BTreeMap<&str, &str> = desired
         .iter()
         .filter_map(|u| Some((u.config.output_subject.as_deref()?, u.config.unit.as_str())))
         .collect();
     let readers_then = readers(desired, |s| plain_publisher.get(s).copied());
-
-    // A publisher that keeps running moves to a new epoch when a reader lets go of it.
-    let mut subject_then: BTreeMap<&str, String> = BTreeMap::new();
-    let mut moved: BTreeSet<&str> = BTreeSet::new();
+    let mut subject_then = BTreeMap::new();
+    let mut moved = BTreeSet::new();
     for unit in desired {
         let name = unit.config.unit.as_str();
         let Some(plain) = unit.config.output_subject.as_deref() else {
@@ -380,33 +415,44 @@ pub fn plan(running: &[UnitState], desired: &[UnitState], policy: Policy) -> Mig
         };
         subject_then.insert(name, subject);
     }
+    PublisherEpochs {
+        subject_then,
+        moved,
+        plain_publisher,
+    }
+}
 
-    let target: Vec<UnitState> = desired
+/// The desired units with each publisher on its subject afterwards, and each reader reading it there.
+fn retargeted(desired: &[UnitState], epochs: &PublisherEpochs) -> Vec<UnitState> {
+    desired
         .iter()
         .map(|unit| {
             let mut unit = unit.clone();
-            let name = unit.config.unit.clone();
-            if let Some(subject) = subject_then.get(name.as_str()) {
+            if let Some(subject) = epochs.subject_then.get(unit.config.unit.as_str()) {
                 unit.config.output_subject = Some(subject.clone());
             }
             if let Some(input) = &mut unit.config.input {
                 for subject in &mut input.filter_subjects {
-                    if let Some(publisher) = plain_publisher.get(subject.as_str()) {
-                        if let Some(then) = subject_then.get(publisher) {
-                            *subject = then.clone();
-                        }
+                    let publisher = epochs.plain_publisher.get(subject.as_str());
+                    if let Some(then) = publisher.and_then(|p| epochs.subject_then.get(p)) {
+                        *subject = then.clone();
                     }
                 }
             }
             unit
         })
-        .collect();
+        .collect()
+}
 
+/// Every consumer reads what it will read, and meanwhile what it reads now: nothing is published to a
+/// subject before its readers' consumers take it. Returns the steps and each consumer as widened.
+fn widen_consumers(
+    now: &BTreeMap<&str, &UnitState>,
+    target: &[UnitState],
+) -> (Vec<Step>, BTreeMap<String, ConsumerConfig>) {
     let mut steps = Vec::new();
-    // 1. Every consumer reads what it will read, and meanwhile what it reads now: nothing is published
-    //    to a subject before its readers' consumers take it.
-    let mut widened: BTreeMap<String, ConsumerConfig> = BTreeMap::new();
-    for unit in &target {
+    let mut widened = BTreeMap::new();
+    for unit in target {
         let Some(input) = &unit.config.input else {
             continue;
         };
@@ -429,20 +475,34 @@ pub fn plan(running: &[UnitState], desired: &[UnitState], policy: Policy) -> Mig
         }
         widened.insert(unit.config.unit.clone(), consumer);
     }
-    // 2. New units, readers first and sources last: each has its readers before it publishes.
+    (steps, widened)
+}
+
+/// New units, readers first and sources last: each has its readers before it publishes.
+fn start_new_units(now: &BTreeMap<&str, &UnitState>, target: &[UnitState]) -> Vec<Step> {
     let mut starting: Vec<&UnitState> = target
         .iter()
         .filter(|u| !now.contains_key(u.config.unit.as_str()))
         .collect();
     starting.reverse();
     starting.sort_by_key(|u| is_source(&u.config));
-    for unit in starting {
-        steps.push(Step::Start {
+    starting
+        .into_iter()
+        .map(|unit| Step::Start {
             unit: unit.config.unit.clone(),
-        });
-    }
-    // 3. Units that stay but change: publishers move to their new epoch here.
-    for unit in &target {
+        })
+        .collect()
+}
+
+/// Units that stay but change roll (publishers move to their new epoch here); switchers whose replica
+/// bounds change rescale.
+fn roll_changed_units(
+    now: &BTreeMap<&str, &UnitState>,
+    target: &[UnitState],
+    moved: &BTreeSet<&str>,
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for unit in target {
         let name = unit.config.unit.as_str();
         let Some(current) = now.get(name) else {
             continue;
@@ -466,8 +526,18 @@ pub fn plan(running: &[UnitState], desired: &[UnitState], policy: Policy) -> Mig
             });
         }
     }
-    // 4. Units that go away, upstream first: sources stop; the others are read to their end (their
-    //    publishers have moved on or gone), then removed.
+    steps
+}
+
+/// Units that go away, upstream first: sources stop; the others are read to their end (their
+/// publishers have moved on or gone), then removed. Without drain, their queues are what may be lost.
+fn remove_gone_units(
+    running: &[UnitState],
+    desired: &[UnitState],
+    policy: Policy,
+) -> (Vec<Step>, Vec<Discard>) {
+    let wanted: BTreeSet<&str> = desired.iter().map(|u| u.config.unit.as_str()).collect();
+    let mut steps = Vec::new();
     let mut discards = Vec::new();
     for unit in running {
         let name = unit.config.unit.as_str();
@@ -489,11 +559,23 @@ pub fn plan(running: &[UnitState], desired: &[UnitState], policy: Policy) -> Mig
             unit: name.to_string(),
         });
     }
-    // 5. Subjects nobody publishes to any more are read to their end by whoever still reads them.
+    (steps, discards)
+}
+
+/// Subjects nobody publishes to any more are read to their end by whoever still reads them (as
+/// widened); without drain, what is left on them is what may be lost.
+fn await_abandoned_subjects(
+    running: &[UnitState],
+    target: &[UnitState],
+    widened: &BTreeMap<String, ConsumerConfig>,
+    policy: Policy,
+) -> (Vec<Step>, Vec<Discard>) {
     let published_then: BTreeSet<&str> = target
         .iter()
         .filter_map(|u| u.config.output_subject.as_deref())
         .collect();
+    let mut steps = Vec::new();
+    let mut discards = Vec::new();
     for unit in running {
         let Some(subject) = unit.config.output_subject.as_deref() else {
             continue;
@@ -512,7 +594,7 @@ pub fn plan(running: &[UnitState], desired: &[UnitState], policy: Policy) -> Mig
         if policy.drain {
             steps.push(Step::AwaitEmpty {
                 subject: subject.to_string(),
-                readers: ordered_as(&target, readers),
+                readers: ordered_as(target, readers),
             });
         } else {
             discards.push(Discard::Subject {
@@ -520,22 +602,22 @@ pub fn plan(running: &[UnitState], desired: &[UnitState], policy: Policy) -> Mig
             });
         }
     }
-    // 6. Consumers let go of the subjects they no longer need.
-    for unit in &target {
-        if let (Some(input), Some(wide)) = (&unit.config.input, widened.get(&unit.config.unit)) {
-            if input != wide {
-                steps.push(Step::Read {
-                    unit: unit.config.unit.clone(),
-                    consumer: input.clone(),
-                });
-            }
-        }
-    }
-    Migration {
-        steps,
-        target,
-        discards,
-    }
+    (steps, discards)
+}
+
+/// Consumers let go of the subjects they no longer need.
+fn narrow_consumers(target: &[UnitState], widened: &BTreeMap<String, ConsumerConfig>) -> Vec<Step> {
+    target
+        .iter()
+        .filter_map(|unit| {
+            let input = unit.config.input.as_ref()?;
+            let wide = widened.get(&unit.config.unit)?;
+            (input != wide).then(|| Step::Read {
+                unit: unit.config.unit.clone(),
+                consumer: input.clone(),
+            })
+        })
+        .collect()
 }
 
 /// For each publisher, the units that read it.

@@ -562,3 +562,157 @@ fn a_sink_added_beside_another_reads_from_now_on_and_one_removed_is_drained() {
         ]
     );
 }
+
+// Each step of `plan` alone, on the edit that inserts `ins` between `a` and `b` (and its reverse).
+
+fn by_name(units: &[UnitState]) -> BTreeMap<&str, &UnitState> {
+    units.iter().map(|u| (u.config.unit.as_str(), u)).collect()
+}
+
+fn printed_steps(steps: &[Step]) -> Vec<String> {
+    steps.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn a_publisher_that_loses_a_reader_moves_to_its_next_epoch_and_no_other_does() {
+    let (running, desired) = (states(LINE), states(INSERTED));
+    let epochs = publisher_epochs(&running, &desired, &by_name(&running));
+    assert_eq!(epochs.moved, BTreeSet::from(["a"]), "b let go of a");
+    assert_eq!(epochs.subject_then["a"], epoch_subject(&data("a"), 1));
+    assert_eq!(epochs.subject_then["ins"], data("ins"), "new: plain");
+    assert_eq!(epochs.subject_then["gen"], data("gen"), "its reader stays");
+    assert_eq!(epochs.plain_publisher[data("a").as_str()], "a");
+    let again = publisher_epochs(&running, &running, &by_name(&running));
+    assert!(again.moved.is_empty());
+}
+
+#[test]
+fn readers_of_a_moved_publisher_read_its_new_subject() {
+    let (running, desired) = (states(LINE), states(INSERTED));
+    let target = retargeted(
+        &desired,
+        &publisher_epochs(&running, &desired, &by_name(&running)),
+    );
+    let reads = |unit: &str| {
+        target
+            .iter()
+            .find(|u| u.config.unit == unit)
+            .unwrap()
+            .config
+            .input
+            .as_ref()
+            .unwrap()
+            .filter_subjects
+            .clone()
+    };
+    assert_eq!(reads("ins"), [epoch_subject(&data("a"), 1)]);
+    assert_eq!(reads("b"), [data("ins")], "ins is new: plain");
+}
+
+#[test]
+fn consumers_widen_to_what_they_read_now_and_then_and_narrow_afterwards() {
+    let (running, desired) = (states(LINE), states(INSERTED));
+    let now = by_name(&running);
+    let target = retargeted(&desired, &publisher_epochs(&running, &desired, &now));
+    let (steps, widened) = widen_consumers(&now, &target);
+    assert_eq!(
+        printed_steps(&steps),
+        [
+            format!("consumer ins reads {}_1", data("a")),
+            format!("consumer b reads {}, {}", data("ins"), data("a")),
+        ]
+    );
+    assert_eq!(
+        widened["out"].filter_subjects,
+        [data("b")],
+        "unchanged, kept"
+    );
+    assert_eq!(
+        printed_steps(&narrow_consumers(&target, &widened)),
+        [format!("consumer b reads {}", data("ins"))]
+    );
+    let (same, kept) = widen_consumers(&now, &running);
+    assert!(same.is_empty() && narrow_consumers(&running, &kept).is_empty());
+}
+
+#[test]
+fn new_units_start_readers_first_and_sources_last() {
+    let grown =
+        "  sources: [{name: gen, generator: {count: 1}}, {name: more, generator: {count: 1}}]
+  stages:
+    - {name: a, jq: '.a = 1', inputs: [gen, more]}
+    - {name: b, jq: '.b = 1'}
+    - {name: c, jq: '.c = 1'}
+    - {name: d, jq: '.d = 1'}
+  sinks: [{name: out, log: {}}]
+";
+    let running = states(LINE);
+    assert_eq!(
+        printed_steps(&start_new_units(&by_name(&running), &states(grown))),
+        ["start d", "start c", "start more"]
+    );
+}
+
+#[test]
+fn units_that_stay_and_change_roll_and_a_moved_publisher_says_from_now_on() {
+    let (running, desired) = (states(LINE), states(INSERTED));
+    let now = by_name(&running);
+    let epochs = publisher_epochs(&running, &desired, &now);
+    let target = retargeted(&desired, &epochs);
+    assert_eq!(
+        printed_steps(&roll_changed_units(&now, &target, &epochs.moved)),
+        [
+            format!("roll a (publishes to {}_1 from now on)", data("a")),
+            "roll b (its input)".to_string(),
+        ],
+        "ins is new: started, not rolled"
+    );
+}
+
+#[test]
+fn a_unit_that_goes_is_drained_then_removed_or_without_drain_its_queue_is_named() {
+    let (running, desired) = (states(INSERTED), states(LINE));
+    let (steps, discards) = remove_gone_units(&running, &desired, Policy::default());
+    assert_eq!(
+        printed_steps(&steps),
+        [
+            "drain ins: wait until its queue is empty",
+            "remove ins and its consumer"
+        ]
+    );
+    assert!(discards.is_empty());
+    let no_drain = Policy {
+        drain: false,
+        allow_loss: true,
+    };
+    let (steps, discards) = remove_gone_units(&running, &desired, no_drain);
+    assert_eq!(printed_steps(&steps), ["remove ins and its consumer"]);
+    assert_eq!(discards, [Discard::Queue { unit: "ins".into() }]);
+}
+
+#[test]
+fn a_subject_nobody_publishes_to_is_read_to_its_end_by_its_readers_or_named_without_drain() {
+    let (running, desired) = (states(INSERTED), states(LINE));
+    let now = by_name(&running);
+    let target = retargeted(&desired, &publisher_epochs(&running, &desired, &now));
+    let (_, widened) = widen_consumers(&now, &target);
+    let (steps, discards) =
+        await_abandoned_subjects(&running, &target, &widened, Policy::default());
+    assert_eq!(
+        printed_steps(&steps),
+        [format!("wait until b have read {} to its end", data("ins"))]
+    );
+    assert!(discards.is_empty());
+    let no_drain = Policy {
+        drain: false,
+        allow_loss: true,
+    };
+    let (steps, discards) = await_abandoned_subjects(&running, &target, &widened, no_drain);
+    assert!(steps.is_empty());
+    assert_eq!(
+        discards,
+        [Discard::Subject {
+            subject: data("ins")
+        }]
+    );
+}
