@@ -11,6 +11,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use switchyard_ops::{dlq, graph, status, tap, trace, Target};
 use switchyard_platform::credentials::NatsAuthArgs;
 
+use crate::errors::CommandError;
+
 /// Which Pipeline, and where its NATS is.
 #[derive(Args, Debug)]
 pub struct Reach {
@@ -121,7 +123,7 @@ pub enum GraphFormat {
 /// Runs an async command on a small runtime; errors are printed, the exit code says how it went.
 pub fn block_on<F>(command: F) -> ExitCode
 where
-    F: std::future::Future<Output = Result<ExitCode, String>>,
+    F: std::future::Future<Output = Result<ExitCode, CommandError>>,
 {
     switchyard_platform::logging::init("warn", false);
     match switchyard_platform::logging::block_on(Some(1), command) {
@@ -137,10 +139,8 @@ where
     }
 }
 
-async fn reached(reach: &Reach) -> Result<switchyard_local::Reached, String> {
-    switchyard_local::reach(&reach.file, reach.nats_url.as_deref(), &reach.nats_auth)
-        .await
-        .map_err(|e| e.to_string())
+async fn reached(reach: &Reach) -> Result<switchyard_local::Reached, CommandError> {
+    Ok(switchyard_local::reach(&reach.file, reach.nats_url.as_deref(), &reach.nats_auth).await?)
 }
 
 /// What to do with the selected dead letters.
@@ -152,7 +152,7 @@ pub enum DlqDo {
     Purge { yes: bool },
 }
 
-pub async fn dlq_command(action: DlqAction) -> Result<ExitCode, String> {
+pub async fn dlq_command(action: DlqAction) -> Result<ExitCode, CommandError> {
     let (reach, select, what) = match action {
         DlqAction::List { reach, select } => (reach, select, DlqDo::List),
         DlqAction::Show { reach, select } => (reach, select, DlqDo::Show),
@@ -180,13 +180,9 @@ pub async fn dlq_on(
     what: DlqDo,
     select: &Select,
     after_replay: Option<&str>,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, CommandError> {
     let selection = select.selection();
-    let look = || async {
-        dlq::letters(target, &selection)
-            .await
-            .map_err(|e| e.to_string())
-    };
+    let look = || dlq::letters(target, &selection);
     match what {
         DlqDo::List => {
             let mut letters = look().await?;
@@ -202,7 +198,7 @@ pub async fn dlq_on(
             let mut shown = 0u64;
             while let Some(letter) = next(&mut letters).await? {
                 out.write_all(render_letter(&letter, select.json).as_bytes())
-                    .map_err(|e| format!("cannot write: {e}"))?;
+                    .map_err(CommandError::Write)?;
                 shown += 1;
             }
             if shown == 0 && !select.json {
@@ -210,18 +206,14 @@ pub async fn dlq_on(
             }
         }
         DlqDo::Replay => {
-            let report = dlq::replay(target, &selection)
-                .await
-                .map_err(|e| e.to_string())?;
+            let report = dlq::replay(target, &selection).await?;
             print!("{}", render_replayed(&report, after_replay));
             if !report.kept.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }
         }
         DlqDo::Purge { yes } => {
-            let to_purge = dlq::to_purge(target, &selection)
-                .await
-                .map_err(|e| e.to_string())?;
+            let to_purge = dlq::to_purge(target, &selection).await?;
             let count = to_purge.count;
             if count == 0 {
                 println!("no dead letters to purge");
@@ -237,17 +229,15 @@ pub async fn dlq_on(
                 println!("nothing removed");
                 return Ok(ExitCode::FAILURE);
             }
-            let purged = dlq::purge(target, to_purge)
-                .await
-                .map_err(|e| e.to_string())?;
+            let purged = dlq::purge(target, to_purge).await?;
             println!("purged {purged} dead letter{}", plural(purged));
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn next(letters: &mut dlq::Letters) -> Result<Option<dlq::DeadLetter>, String> {
-    letters.next().await.map_err(|e| e.to_string())
+async fn next(letters: &mut dlq::Letters) -> Result<Option<dlq::DeadLetter>, CommandError> {
+    Ok(letters.next().await?)
 }
 
 fn plural(n: u64) -> &'static str {
@@ -259,11 +249,11 @@ fn plural(n: u64) -> &'static str {
 }
 
 /// Asks on the terminal; without one, says how to go on instead of guessing.
-fn confirm(question: &str) -> Result<bool, String> {
+fn confirm(question: &str) -> Result<bool, CommandError> {
     if !std::io::stdin().is_terminal() {
-        return Err(format!(
-            "{question} Not asked: no terminal to answer on; pass --yes to confirm"
-        ));
+        return Err(CommandError::NoTerminal {
+            question: question.to_string(),
+        });
     }
     print!("{question} [y/N] ");
     let _ = std::io::stdout().flush();
@@ -271,7 +261,7 @@ fn confirm(question: &str) -> Result<bool, String> {
     std::io::stdin()
         .lock()
         .read_line(&mut answer)
-        .map_err(|e| format!("cannot read the answer: {e}"))?;
+        .map_err(CommandError::Answer)?;
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
@@ -384,7 +374,7 @@ fn render_replayed(report: &dlq::Replayed, after: Option<&str>) -> String {
     out
 }
 
-pub async fn tap_command(args: TapArgs) -> Result<ExitCode, String> {
+pub async fn tap_command(args: TapArgs) -> Result<ExitCode, CommandError> {
     let r = reached(&args.reach).await?;
     tap_on(&r.target, &args.tap).await
 }
@@ -412,7 +402,7 @@ pub struct TapWhat {
     pub filter: Option<String>,
 }
 
-pub async fn tap_on(target: &Target, what: &TapWhat) -> Result<ExitCode, String> {
+pub async fn tap_on(target: &Target, what: &TapWhat) -> Result<ExitCode, CommandError> {
     let options = tap::TapOptions {
         unit: what.unit.clone(),
         edge: if what.output {
@@ -431,14 +421,14 @@ pub async fn tap_on(target: &Target, what: &TapWhat) -> Result<ExitCode, String>
     };
     let mut stdout = std::io::stdout().lock();
     tokio::select! {
-        tapped = tap::tap(target, &options, &mut stdout, opened) => { tapped.map_err(|e| e.to_string())?; }
+        tapped = tap::tap(target, &options, &mut stdout, opened) => { tapped?; }
         _ = tokio::signal::ctrl_c() => {}
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn trace_command(args: TraceArgs) -> Result<ExitCode, String> {
-    trace::parse_item(&args.item).map_err(|e| e.to_string())?;
+pub async fn trace_command(args: TraceArgs) -> Result<ExitCode, CommandError> {
+    trace::parse_item(&args.item)?;
     let r = reached(&args.reach).await?;
     trace_on(&r.target, &args.item, args.json, r.prepared.sample_rate).await
 }
@@ -448,16 +438,11 @@ pub async fn trace_on(
     item: &str,
     json: bool,
     sample_rate: f64,
-) -> Result<ExitCode, String> {
-    let (origin, seq) = trace::parse_item(item).map_err(|e| e.to_string())?;
-    let found = trace::read(target, &origin, &seq)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<ExitCode, CommandError> {
+    let (origin, seq) = trace::parse_item(item)?;
+    let found = trace::read(target, &origin, &seq).await?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&found).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&found)?);
     } else {
         print!("{}", trace::render(&found, Some(sample_rate)));
     }
@@ -468,11 +453,9 @@ pub async fn trace_on(
     })
 }
 
-pub async fn status_command(reach: Reach) -> Result<ExitCode, String> {
+pub async fn status_command(reach: Reach) -> Result<ExitCode, CommandError> {
     let r = reached(&reach).await?;
-    let units = status::read(&r.target, Duration::from_millis(2500))
-        .await
-        .map_err(|e| e.to_string())?;
+    let units = status::read(&r.target, Duration::from_millis(2500)).await?;
     print!(
         "{}",
         render_status(&r.target.names.pipeline, &r.how, &units, &[])
@@ -511,10 +494,8 @@ pub fn render_status(
     out
 }
 
-pub async fn control_command(file: PathBuf, request: &str) -> Result<ExitCode, String> {
-    let answer = switchyard_local::control(&file, request)
-        .await
-        .map_err(|e| e.to_string())?;
+pub async fn control_command(file: PathBuf, request: &str) -> Result<ExitCode, CommandError> {
+    let answer = switchyard_local::control(&file, request).await?;
     println!("{answer}");
     Ok(ExitCode::SUCCESS)
 }

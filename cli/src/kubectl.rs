@@ -20,6 +20,7 @@ use switchyard_ops::{status, Target};
 use switchyard_platform::credentials::NatsCredentials;
 
 use crate::day2::{self, DlqDo, Select, TapWhat};
+use crate::errors::{ClusterError, CommandError};
 
 /// Day-2 operations on a Switchyard Pipeline in the cluster: dead letters, taps, traces, pause and
 /// resume, status.
@@ -98,14 +99,6 @@ enum PluginDlq {
     },
 }
 
-/// What the API server said, without the client's wrapping.
-fn said(e: &kube::Error) -> String {
-    match e {
-        kube::Error::Api(status) => status.message.clone(),
-        other => other.to_string(),
-    }
-}
-
 /// The name this program has as a kubectl plugin.
 pub const PLUGIN_NAME: &str = "kubectl-switchyard";
 
@@ -119,7 +112,7 @@ struct Cluster {
     namespace: String,
 }
 
-async fn cluster(plugin: &Plugin) -> Result<Cluster, String> {
+async fn cluster(plugin: &Plugin) -> Result<Cluster, ClusterError> {
     let options = kube::config::KubeConfigOptions {
         context: plugin.context.clone(),
         ..Default::default()
@@ -127,28 +120,26 @@ async fn cluster(plugin: &Plugin) -> Result<Cluster, String> {
     let config = kube::Config::from_kubeconfig(&options)
         .await
         .or_else(|e| kube::Config::incluster().map_err(|_| e))
-        .map_err(|e| format!("cannot read the kubeconfig: {e}"))?;
+        .map_err(ClusterError::Kubeconfig)?;
     let namespace = plugin
         .namespace
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
-    let client = Client::try_from(config).map_err(|e| format!("cannot make a client: {e}"))?;
+    let client = Client::try_from(config).map_err(ClusterError::Client)?;
     Ok(Cluster { client, namespace })
 }
 
-async fn run(plugin: Plugin) -> Result<ExitCode, String> {
+async fn run(plugin: Plugin) -> Result<ExitCode, CommandError> {
     let cluster = cluster(&plugin).await?;
     let nats_url = plugin.nats_url.clone();
     match plugin.command {
-        PluginCommand::Pause { name } => set_paused(&cluster, &name, true).await,
-        PluginCommand::Resume { name } => set_paused(&cluster, &name, false).await,
+        PluginCommand::Pause { name } => Ok(set_paused(&cluster, &name, true).await?),
+        PluginCommand::Resume { name } => Ok(set_paused(&cluster, &name, false).await?),
         PluginCommand::Status { name } => {
             let pipeline = get(&cluster, &name).await?;
             let live = match reach(&cluster, &pipeline, nats_url.as_deref()).await {
                 Ok(reached) => Some((
-                    status::read(&reached.target, Duration::from_millis(2500))
-                        .await
-                        .map_err(|e| e.to_string())?,
+                    status::read(&reached.target, Duration::from_millis(2500)).await?,
                     reached.how,
                 )),
                 Err(why) => {
@@ -190,34 +181,27 @@ async fn run(plugin: Plugin) -> Result<ExitCode, String> {
     }
 }
 
-async fn get(cluster: &Cluster, name: &str) -> Result<Pipeline, String> {
+async fn get(cluster: &Cluster, name: &str) -> Result<Pipeline, ClusterError> {
     let api: Api<Pipeline> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     api.get(name).await.map_err(|e| match e {
-        kube::Error::Api(s) if s.code == 404 => format!(
-            "there is no Pipeline {name} in namespace {}: `kubectl get pipelines -n {}` lists them",
-            cluster.namespace, cluster.namespace
-        ),
-        other => format!(
-            "cannot read Pipeline {}/{name}: {}",
-            cluster.namespace,
-            said(&other)
-        ),
+        kube::Error::Api(s) if s.code == 404 => ClusterError::NoPipeline {
+            namespace: cluster.namespace.clone(),
+            name: name.to_string(),
+        },
+        other => ClusterError::api(format!("read Pipeline {}/{name}", cluster.namespace))(other),
     })
 }
 
-async fn set_paused(cluster: &Cluster, name: &str, paused: bool) -> Result<ExitCode, String> {
+async fn set_paused(cluster: &Cluster, name: &str, paused: bool) -> Result<ExitCode, ClusterError> {
     get(cluster, name).await?;
     let api: Api<Pipeline> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     let patch = serde_json::json!({"spec": {"paused": paused}});
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map_err(|e| {
-            format!(
-                "cannot set spec.paused on {}/{name}: {}",
-                cluster.namespace,
-                said(&e)
-            )
-        })?;
+        .map_err(ClusterError::api(format!(
+            "set spec.paused on {}/{name}",
+            cluster.namespace
+        )))?;
     if paused {
         println!("pipeline {}/{name}: pausing — its sources stop, its units drain, then scale to zero; `kubectl switchyard status {name}` shows where it is", cluster.namespace);
     } else {
@@ -240,19 +224,22 @@ async fn reach(
     cluster: &Cluster,
     pipeline: &Pipeline,
     nats_url: Option<&str>,
-) -> Result<Reached, String> {
+) -> Result<Reached, ClusterError> {
     let namespace = cluster.namespace.as_str();
     let name = pipeline.metadata.name.clone().unwrap_or_default();
     let mut pipeline = pipeline.clone();
     pipeline.metadata.namespace = Some(namespace.to_string());
     let topology = switchyard_crds::validate::analyze(&pipeline).map_err(|problems| {
-        format!(
-            "Pipeline {namespace}/{name} does not validate ({} problems); `kubectl describe pipeline {name}` shows them",
-            problems.len()
-        )
+        ClusterError::Invalid {
+            namespace: namespace.to_string(),
+            name: name.clone(),
+            problems: problems.len(),
+        }
     })?;
-    let layout = layout(&topology, &pipeline.spec)
-        .map_err(|_| format!("Pipeline {namespace}/{name} cannot be laid out"))?;
+    let layout = layout(&topology, &pipeline.spec).map_err(|_| ClusterError::NoLayout {
+        namespace: namespace.to_string(),
+        name: name.clone(),
+    })?;
     let credentials = match pipeline
         .spec
         .nats
@@ -261,16 +248,16 @@ async fn reach(
     {
         Some(secret) => {
             let api: Api<Secret> = Api::namespaced(cluster.client.clone(), namespace);
-            let found = api.get(secret).await.map_err(|e| {
-                format!("cannot read Secret {namespace}/{secret}, which spec.nats.credentialsSecret names: {}", said(&e))
-            })?;
+            let found = api.get(secret).await.map_err(ClusterError::api(format!(
+                "read Secret {namespace}/{secret}, which spec.nats.credentialsSecret names"
+            )))?;
             let data = found
                 .data
                 .unwrap_or_default()
                 .into_iter()
                 .map(|(k, v)| (k, v.0))
                 .collect();
-            NatsCredentials::from_secret_data(&data).map_err(|e| e.to_string())?
+            NatsCredentials::from_secret_data(&data)?
         }
         None => NatsCredentials::default(),
     };
@@ -288,16 +275,18 @@ async fn reach(
         }
     };
     let mut options =
-        switchyard_platform::nats::connect_options("kubectl-switchyard", &credentials)
-            .map_err(|e| e.to_string())?;
+        switchyard_platform::nats::connect_options("kubectl-switchyard", &credentials)?;
     if forward.is_some() {
         // Only the forwarded port is reachable from here: not the cluster's other servers.
         options = options.ignore_discovered_servers();
     }
     let client = options
-        .connect(switchyard_platform::nats::server_addrs(&url).map_err(|e| e.to_string())?)
+        .connect(switchyard_platform::nats::server_addrs(&url)?)
         .await
-        .map_err(|e| format!("cannot connect to NATS at {how}: {e}"))?;
+        .map_err(|source| ClusterError::Connect {
+            how: how.clone(),
+            source,
+        })?;
     let target = Target {
         names: Names::new(namespace, &name),
         topology,
@@ -312,12 +301,12 @@ async fn reach(
 }
 
 /// The NATS the operator gives Pipelines that name none: its `--nats-url`, read off its Deployment.
-async fn operator_nats_url(client: &Client) -> Result<String, String> {
+async fn operator_nats_url(client: &Client) -> Result<String, ClusterError> {
     let api: Api<k8s_openapi::api::apps::v1::Deployment> = Api::all(client.clone());
     let found = api
         .list(&ListParams::default().labels("app.kubernetes.io/name=switchyard"))
         .await
-        .map_err(|e| format!("the Pipeline names no NATS (spec.nats.url) and the operator's Deployment cannot be read ({}): pass --nats-url", said(&e)))?;
+        .map_err(ClusterError::OperatorUnreadable)?;
     found
         .items
         .iter()
@@ -326,9 +315,7 @@ async fn operator_nats_url(client: &Client) -> Result<String, String> {
         .flat_map(|p| p.containers.iter())
         .flat_map(|c| c.args.iter().flatten())
         .find_map(|arg| arg.strip_prefix("--nats-url=").map(str::to_string))
-        .ok_or_else(|| {
-            "the Pipeline names no NATS (spec.nats.url) and no operator Deployment says which it uses: pass --nats-url".to_string()
-        })
+        .ok_or(ClusterError::OperatorNamesNoNats)
 }
 
 /// Pure: the Service a NATS URL names in the cluster (`nats://nats.messaging:4222` → `nats` in
@@ -357,7 +344,7 @@ pub fn service_of(url: &str, namespace: &str) -> Option<(String, String, u16)> {
 type Forward = (String, String, tokio::task::JoinHandle<()>);
 
 /// Opens a port-forward to a ready pod behind the Service `url` names; None when it names none.
-async fn forward(cluster: &Cluster, url: &str) -> Result<Option<Forward>, String> {
+async fn forward(cluster: &Cluster, url: &str) -> Result<Option<Forward>, ClusterError> {
     let Some((service, namespace, port)) = service_of(url, &cluster.namespace) else {
         return Ok(None);
     };
@@ -365,7 +352,9 @@ async fn forward(cluster: &Cluster, url: &str) -> Result<Option<Forward>, String
     let Some(svc) = services
         .get_opt(&service)
         .await
-        .map_err(|e| format!("cannot read Service {namespace}/{service}: {}", said(&e)))?
+        .map_err(ClusterError::api(format!(
+            "read Service {namespace}/{service}"
+        )))?
     else {
         return Ok(None);
     };
@@ -378,9 +367,7 @@ async fn forward(cluster: &Cluster, url: &str) -> Result<Option<Forward>, String
         .collect::<Vec<_>>()
         .join(",");
     if selector.is_empty() {
-        return Err(format!(
-            "Service {namespace}/{service} selects no pods: pass --nats-url"
-        ));
+        return Err(ClusterError::NoSelector { namespace, service });
     }
     let target = spec
         .ports
@@ -393,12 +380,9 @@ async fn forward(cluster: &Cluster, url: &str) -> Result<Option<Forward>, String
     let listed = pods
         .list(&ListParams::default().labels(&selector))
         .await
-        .map_err(|e| {
-            format!(
-                "cannot list the pods of Service {namespace}/{service}: {}",
-                said(&e)
-            )
-        })?;
+        .map_err(ClusterError::api(format!(
+            "list the pods of Service {namespace}/{service}"
+        )))?;
     let ready = listed.items.into_iter().find(|p| {
         p.status
             .as_ref()
@@ -406,9 +390,11 @@ async fn forward(cluster: &Cluster, url: &str) -> Result<Option<Forward>, String
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
     });
     let Some(pod) = ready else {
-        return Err(format!(
-            "no ready pod behind Service {namespace}/{service} ({selector}) to port-forward to"
-        ));
+        return Err(ClusterError::NoReadyPod {
+            namespace,
+            service,
+            selector,
+        });
     };
     let pod_name = pod.metadata.name.clone().unwrap_or_default();
     let pod_port = match target {
@@ -427,19 +413,13 @@ async fn forward(cluster: &Cluster, url: &str) -> Result<Option<Forward>, String
     let mut first = pods
         .portforward(&pod_name, &[pod_port])
         .await
-        .map_err(|e| {
-            format!(
-                "cannot port-forward to pod {namespace}/{pod_name}:{pod_port}: {}",
-                said(&e)
-            )
-        })?;
+        .map_err(ClusterError::api(format!(
+            "port-forward to pod {namespace}/{pod_name}:{pod_port}"
+        )))?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
-        .map_err(|e| format!("cannot listen on loopback: {e}"))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| format!("cannot listen on loopback: {e}"))?
-        .port();
+        .map_err(ClusterError::Listen)?;
+    let local = listener.local_addr().map_err(ClusterError::Listen)?.port();
     let how = format!("port-forward 127.0.0.1:{local} → pod {namespace}/{pod_name}:{pod_port}");
     let task = tokio::spawn(async move {
         let mut first = first.take_stream(pod_port);

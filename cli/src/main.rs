@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod day2;
+mod errors;
 mod kubectl;
 
 use switchyard_crds::load::{self, load, LoadError};

@@ -444,13 +444,39 @@ impl Removal {
     }
 }
 
+/// Why letters told to go are still in the queue. The letters that stay are never lost on the way:
+/// a failure after some were stored again deletes those copies.
+#[derive(Debug, thiserror::Error)]
+pub enum RemovalError {
+    #[error("cannot read the dead letter at {seq} to keep it: {source}")]
+    ReadToKeep {
+        seq: u64,
+        source: jetstream::stream::RawMessageError,
+    },
+    #[error("cannot store the dead letter at {seq} again: {source}")]
+    StoreAgain {
+        seq: u64,
+        source: jetstream::context::PublishError,
+    },
+    #[error("cannot purge {subject}: {source}")]
+    Purge {
+        subject: String,
+        source: jetstream::stream::PurgeError,
+    },
+    #[error("cannot delete the dead letter at {seq}: {source}")]
+    Delete {
+        seq: u64,
+        source: jetstream::stream::DeleteMessageError,
+    },
+}
+
 /// What carrying out removals did.
 #[derive(Debug, Default)]
 struct Carried {
     /// Letters removed.
     gone: Vec<u64>,
     /// Letters a request could not remove, and why.
-    failed: Vec<(Vec<u64>, String)>,
+    failed: Vec<(Vec<u64>, RemovalError)>,
     /// Letters that stay, stored again: where each was, and where it is now.
     moved: BTreeMap<u64, u64>,
 }
@@ -471,7 +497,7 @@ async fn carry_out(
                 .delete_message(*seq)
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string()),
+                .map_err(|source| RemovalError::Delete { seq: *seq, source }),
         };
         match result {
             Ok(()) => carried.gone.extend(removal.letters()),
@@ -493,7 +519,7 @@ async fn purge_keeping(
     seq: u64,
     keep: &[u64],
     moved: &mut BTreeMap<u64, u64>,
-) -> Result<(), String> {
+) -> Result<(), RemovalError> {
     let mut copies = Vec::with_capacity(keep.len());
     let copied = store_again(target, stream, subject, keep, &mut copies).await;
     let purged = match copied {
@@ -503,7 +529,10 @@ async fn purge_keeping(
             .sequence(seq)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string()),
+            .map_err(|source| RemovalError::Purge {
+                subject: subject.to_string(),
+                source,
+            }),
         Err(e) => Err(e),
     };
     if let Err(e) = purged {
@@ -528,24 +557,22 @@ async fn store_again(
     subject: &str,
     seqs: &[u64],
     copies: &mut Vec<(u64, u64)>,
-) -> Result<(), String> {
+) -> Result<(), RemovalError> {
     let mut stored = futures::stream::iter(seqs.iter().copied())
         .map(|seq| async move {
             stream
                 .get_raw_message(seq)
                 .await
                 .map(|m| (seq, m))
-                .map_err(|e| format!("cannot read the dead letter at {seq} to keep it: {e}"))
+                .map_err(|source| RemovalError::ReadToKeep { seq, source })
         })
         .buffered(COPY_WINDOW);
     let mut acks = std::collections::VecDeque::with_capacity(COPY_WINDOW);
     loop {
         let next = stored.next().await;
-        if let Some(read) = &next {
-            let (seq, message) = match read {
-                Ok(read) => read,
-                Err(e) => return Err(e.clone()),
-            };
+        let ended = next.is_none();
+        if let Some(read) = next {
+            let (seq, message) = read?;
             let publish = jetstream::message::PublishMessage::build()
                 .headers(kept_headers(
                     &message.headers,
@@ -557,18 +584,18 @@ async fn store_again(
                 .js
                 .send_publish(subject.to_string(), publish)
                 .await
-                .map_err(|e| format!("cannot store the dead letter at {seq} again: {e}"))?;
-            acks.push_back((*seq, ack));
+                .map_err(|source| RemovalError::StoreAgain { seq, source })?;
+            acks.push_back((seq, ack));
         }
-        if acks.len() >= COPY_WINDOW || (next.is_none() && !acks.is_empty()) {
+        if acks.len() >= COPY_WINDOW || (ended && !acks.is_empty()) {
             if let Some((seq, ack)) = acks.pop_front() {
                 let copy = ack
                     .await
-                    .map_err(|e| format!("cannot store the dead letter at {seq} again: {e}"))?;
+                    .map_err(|source| RemovalError::StoreAgain { seq, source })?;
                 copies.push((seq, copy.sequence));
             }
         }
-        if next.is_none() && acks.is_empty() {
+        if ended && acks.is_empty() {
             return Ok(());
         }
     }
@@ -661,25 +688,48 @@ impl Replayed {
 /// Replays in flight at once: their stores are awaited in windows of this many.
 const REPLAY_WINDOW: usize = 256;
 
+/// Why a dead letter cannot be replayed, whatever NATS does: it stays in the queue.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayRefused {
+    #[error("unit `{unit}` is not in the Pipeline any more: nothing would take the replay")]
+    UnitGone { unit: String },
+    #[error("unit `{unit}` reads nothing")]
+    ReadsNothing { unit: String },
+    #[error("the dead letter predates replays and does not say at which of the {steps} steps of `{unit}` it failed; `dlq show --json` has its data, to publish by hand")]
+    PredatesReplays { unit: String, steps: usize },
+}
+
+/// Why one selected dead letter stayed in the queue.
+#[derive(Debug, thiserror::Error)]
+enum NotReplayed {
+    #[error(transparent)]
+    Refused(#[from] ReplayRefused),
+    #[error("not stored again: {0}")]
+    NotStored(#[from] jetstream::context::PublishError),
+}
+
 /// Where a replay of `letter` goes: the input subject of the unit that failed it, and the headers that
 /// make that unit (and only it) take it up again at the failed step.
-pub fn replay_message(layout: &Layout, letter: &DeadLetter) -> Result<(String, HeaderMap), String> {
+pub fn replay_message(
+    layout: &Layout,
+    letter: &DeadLetter,
+) -> Result<(String, HeaderMap), ReplayRefused> {
     let consumer = layout
         .nats
         .consumers
         .iter()
         .find(|c| c.durable == letter.unit && letter.unit != DEAD_LETTER_CONSUMER)
-        .ok_or_else(|| {
-            format!(
-                "unit `{}` is not in the Pipeline any more: nothing would take the replay",
-                letter.unit
-            )
+        .ok_or_else(|| ReplayRefused::UnitGone {
+            unit: letter.unit.clone(),
         })?;
-    let subject = consumer
-        .filter_subjects
-        .first()
-        .cloned()
-        .ok_or_else(|| format!("unit `{}` reads nothing", letter.unit))?;
+    let subject =
+        consumer
+            .filter_subjects
+            .first()
+            .cloned()
+            .ok_or_else(|| ReplayRefused::ReadsNothing {
+                unit: letter.unit.clone(),
+            })?;
     let steps = layout
         .units
         .iter()
@@ -695,10 +745,10 @@ pub fn replay_message(layout: &Layout, letter: &DeadLetter) -> Result<(String, H
         Some(step) => step,
         None if steps <= 1 => 0,
         None => {
-            return Err(format!(
-                "the dead letter predates replays and does not say at which of the {steps} steps of `{}` it failed; `dlq show --json` has its data, to publish by hand",
-                letter.unit
-            ))
+            return Err(ReplayRefused::PredatesReplays {
+                unit: letter.unit.clone(),
+                steps,
+            })
         }
     };
     let mut map = HeaderMap::new();
@@ -773,9 +823,9 @@ pub async fn replay(target: &Target, selection: &Selection) -> Result<Replayed, 
                         .js
                         .send_publish(subject, publish)
                         .await
-                        .map_err(|e| e.to_string())
+                        .map_err(NotReplayed::NotStored)
                 }
-                Err(why) => Err(why),
+                Err(why) => Err(NotReplayed::Refused(why)),
             };
             acks.push(Some(ack));
         }
@@ -790,10 +840,7 @@ pub async fn replay(target: &Target, selection: &Selection) -> Result<Replayed, 
                 Seen::Selected(letter) => letter,
             };
             let stored = match ack {
-                Some(Ok(ack)) => ack
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| format!("not stored again: {e}")),
+                Some(Ok(ack)) => ack.await.map(|_| ()).map_err(NotReplayed::NotStored),
                 Some(Err(why)) => Err(why),
                 None => continue,
             };
@@ -804,7 +851,7 @@ pub async fn replay(target: &Target, selection: &Selection) -> Result<Replayed, 
                 }
                 Err(why) => {
                     removal.keep(&letter.subject, letter.seq);
-                    report.keep(letter.seq, why);
+                    report.keep(letter.seq, why.to_string());
                 }
             }
         }
@@ -1116,13 +1163,24 @@ spec:
         assert_eq!(get(headers::ORIGIN), "src");
         let mut old = d.clone();
         old.replay_step = None;
+        assert_eq!(
+            replay_message(&layout, &old).unwrap_err(),
+            ReplayRefused::PredatesReplays {
+                unit: "machines".into(),
+                steps: 2
+            }
+        );
         assert!(replay_message(&layout, &old)
             .unwrap_err()
+            .to_string()
             .contains("predates replays"));
         let gone = letter("shrunk", "shrunk", "x", 0);
-        assert!(replay_message(&layout, &gone)
-            .unwrap_err()
-            .contains("not in the Pipeline"));
+        assert_eq!(
+            replay_message(&layout, &gone).unwrap_err(),
+            ReplayRefused::UnitGone {
+                unit: "shrunk".into()
+            }
+        );
     }
 
     #[test]
