@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind, Message};
 use async_nats::Subject;
-use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use switchyard_crds::unit::{BatchConfig, ConsumerConfig, RetryConfig};
@@ -20,7 +19,7 @@ use crate::crashes::{CrashRecordError, CrashRecords, Verdict};
 use crate::lineage::{dead_letter_headers, names, owned_header_value, Lineage, Replay};
 use crate::otlp::{ItemSpan, Spans};
 use crate::payload::Payload;
-use crate::retry::{GaveUp, Retrying};
+
 use crate::sinks::{Sink, Written};
 use crate::stats::Stats;
 use crate::steps::{Failure, Step, StepFailure};
@@ -758,9 +757,14 @@ impl Worker {
             }
             Output::Sink { sink, retry } => {
                 for output in outputs {
-                    let written = self
-                        .write_with_retry(sink.as_ref(), retry, lineage, output.into_bytes())
-                        .await;
+                    let written = crate::sinks::write_with_retry(
+                        sink.as_ref(),
+                        retry,
+                        &self.unit,
+                        lineage,
+                        output.into_bytes(),
+                    )
+                    .await;
                     match written {
                         Ok(Written::New) => {
                             emitted.stored += 1;
@@ -888,29 +892,5 @@ impl Worker {
             })?;
         acks.acks.push(ack);
         Ok(())
-    }
-
-    async fn write_with_retry(
-        &self,
-        sink: &dyn Sink,
-        retry: &RetryConfig,
-        lineage: &Lineage,
-        payload: Bytes,
-    ) -> Result<Written, Failure> {
-        let mut retry = Retrying::new(retry, &self.unit);
-        loop {
-            let error = match sink.write(lineage, payload.clone()).await {
-                Ok(written) => return Ok(written),
-                Err(e) => e,
-            };
-            if let Err(GaveUp { error, attempts }) = retry.after(error).await {
-                return Err(Failure {
-                    item: Payload::Bytes(payload),
-                    error: error.message,
-                    attempts,
-                    deliveries: None,
-                });
-            }
-        }
     }
 }

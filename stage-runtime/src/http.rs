@@ -38,11 +38,17 @@ impl LazyClient {
         if let Some(clients) = self.0.get() {
             return Ok(clients.clone());
         }
-        let clients = Clients {
+        let clients = Clients::new()?;
+        Ok(self.0.get_or_init(|| clients).clone())
+    }
+}
+
+impl Clients {
+    pub fn new() -> Result<Clients, EndpointError> {
+        Ok(Clients {
             pooled: http_client()?,
             fresh: client_builder().pool_max_idle_per_host(0).build()?,
-        };
-        Ok(self.0.get_or_init(|| clients).clone())
+        })
     }
 }
 

@@ -773,6 +773,69 @@ async fn an_http_request_that_breaks_the_service_fails_alone() {
     );
 }
 
+/// The same for the http sink: a write that crashes the web service breaks the writes in flight with
+/// it, which used to be charged an attempt each (with `maxAttempts: 1`, dead-lettered). Each is now
+/// written again alone on a connection of its own, and only the poison fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_sink_write_that_breaks_the_service_fails_alone() {
+    use switchyard_crds::unit::RetryConfig;
+    use switchyard_stage::lineage::Lineage;
+    use switchyard_stage::sinks::{self, http::HttpSink, Written};
+    let url = crashing_on("\"poison\"", Duration::from_millis(20)).await;
+    let sink = HttpSink::new(&switchyard_crds::HttpSink {
+        url: url.clone(),
+        headers: None,
+    })
+    .unwrap();
+    let once = RetryConfig {
+        max_attempts: 1,
+        backoff_ms: 5,
+        max_backoff_ms: 10,
+    };
+    let lineage = Lineage::at_source("s", "1".into(), "s:1".into());
+    let writes = (0..150).map(|n| {
+        let body = if n == 37 {
+            "{\"n\": \"poison\"}".to_string()
+        } else {
+            format!("{{\"n\": {n}}}")
+        };
+        sinks::write_with_retry(&sink, &once, "u", &lineage, body.into())
+    });
+    let results = tokio::time::timeout(LIMIT, futures::future::join_all(writes))
+        .await
+        .expect("the writes did not finish");
+    let failed: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_err())
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        failed,
+        vec![37],
+        "{:?}",
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .map(|f| &f.error)
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    assert!(results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .all(|w| *w == Written::New));
+    let Err(failure) = &results[37] else {
+        unreachable!()
+    };
+    assert_eq!(failure.attempts, 1);
+    assert!(
+        failure.error.starts_with(&format!("POST {url}: ")),
+        "{}",
+        failure.error
+    );
+}
+
 /// What a handler writes on stderr reaches the unit's log under the step's name, a bounded number of
 /// lines a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 //! file sink's exactly-once ledger is in `ledger.rs`.
 
 mod file;
-mod http;
+pub mod http;
 mod ledger;
 mod log;
 mod nats;
@@ -12,7 +12,10 @@ use futures::future::BoxFuture;
 use switchyard_crds::SinkKind;
 
 use crate::lineage::Lineage;
-use crate::retry::StepError;
+use crate::payload::Payload;
+use crate::retry::{GaveUp, Retrying, StepError};
+use crate::steps::Failure;
+use switchyard_crds::unit::RetryConfig;
 
 /// What became of a message handed to a sink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +46,17 @@ pub trait Sink: Send + Sync {
         payload: Bytes,
     ) -> BoxFuture<'a, Result<Written, StepError>>;
 
+    /// Writes a message whose write failed together with others' (`StepError::suspect`: a
+    /// connection a crash of the service broke), with nothing else in flight beside it, so that what
+    /// fails here is its own. A sink whose failures are always a message's own just writes it.
+    fn write_alone<'a>(
+        &'a self,
+        lineage: &'a Lineage,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<Written, StepError>> {
+        self.write(lineage, payload)
+    }
+
     /// Makes sure everything written has left the process.
     fn flush(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
@@ -66,4 +80,37 @@ pub fn open(
         SinkKind::Nats(settings) => Box::new(nats::NatsSink::new(unit, settings, client)),
         SinkKind::Http(settings) => Box::new(http::HttpSink::new(settings)?),
     })
+}
+
+/// Writes one message, retrying as `retry` says. A suspect failure does not count until the message
+/// is written alone and fails there too.
+pub async fn write_with_retry(
+    sink: &dyn Sink,
+    retry: &RetryConfig,
+    unit: &str,
+    lineage: &Lineage,
+    payload: Bytes,
+) -> Result<Written, Failure> {
+    let mut retry = Retrying::new(retry, unit);
+    loop {
+        let error = match sink.write(lineage, payload.clone()).await {
+            Ok(written) => return Ok(written),
+            Err(e) if e.suspect => match sink.write_alone(lineage, payload.clone()).await {
+                Ok(written) => return Ok(written),
+                Err(e) => StepError {
+                    suspect: false,
+                    ..e
+                },
+            },
+            Err(e) => e,
+        };
+        if let Err(GaveUp { error, attempts }) = retry.after(error).await {
+            return Err(Failure {
+                item: Payload::Bytes(payload),
+                error: error.message,
+                attempts,
+                deliveries: None,
+            });
+        }
+    }
 }
