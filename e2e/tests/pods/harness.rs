@@ -327,9 +327,10 @@ impl Suite {
 
     /// Where the kubelet keeps a pod's emptyDir `volume` on its node: the test is the node, so it
     /// reads what a unit wrote there as the unit wrote it (a user reads the same items with
-    /// `kubectl switchyard tap`).
-    pub fn empty_dir(&self, pod: &Value, volume: &str) -> PathBuf {
-        let node_name = pod["spec"]["nodeName"].as_str().unwrap_or_default();
+    /// `kubectl switchyard tap`). None while the pod is not yet scheduled: it has no node, and
+    /// nothing written, yet.
+    pub fn empty_dir(&self, pod: &Value, volume: &str) -> Option<PathBuf> {
+        let node_name = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty())?;
         let node = self
             .cluster
             .layout
@@ -338,9 +339,9 @@ impl Suite {
             .find(|n| n.name == node_name)
             .unwrap_or_else(|| panic!("pod on an unknown node {node_name:?}"));
         let uid = pod["metadata"]["uid"].as_str().unwrap_or_default();
-        self.cluster.layout.node_dir(node).join(format!(
+        Some(self.cluster.layout.node_dir(node).join(format!(
             "kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/{volume}"
-        ))
+        )))
     }
 
     /// The lines a file sink wrote in its working folder (`/work` of its pod).
@@ -350,10 +351,10 @@ impl Suite {
             .into_iter()
             .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
             .collect();
-        let Some(pod) = pods.first() else {
+        let Some(work) = pods.first().and_then(|pod| self.empty_dir(pod, "work")) else {
             return Vec::new();
         };
-        std::fs::read_to_string(self.empty_dir(pod, "work").join(file))
+        std::fs::read_to_string(work.join(file))
             .unwrap_or_default()
             .lines()
             .map(str::to_string)
