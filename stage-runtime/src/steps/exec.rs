@@ -9,7 +9,8 @@
 //! restarted — nobody can tell which message provoked it, so none is charged: each is a *suspect*
 //! (`StepError::suspect`), and the step tries it again alone (`ExecStep::call_alone`) on a second
 //! child that holds one message at a time. There a failure is the message's own, and counts (an end
-//! of the child only once a fresh child ends on it too).
+//! of the child only once a fresh child ends on it too). That second child stops once no suspect has
+//! needed it for a while.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -40,9 +41,21 @@ pub struct ExecStep {
     timeout: Option<Duration>,
     /// The child every message goes to first, many at a time.
     shared: Lane,
-    /// The child that tries suspects one at a time; started when the first one needs it.
-    alone: Mutex<Option<Arc<Lane>>>,
+    /// The child that tries suspects one at a time: started when the first one needs it, stopped
+    /// once none has needed it for `alone_idle` (a handler may hold a large model in memory, and
+    /// suspects come seldom, in bursts).
+    alone: Arc<Mutex<Option<AloneChild>>>,
+    alone_idle: Duration,
 }
+
+struct AloneChild {
+    lane: Arc<Lane>,
+    last_used: Instant,
+    stopper: tokio::task::JoinHandle<()>,
+}
+
+/// How long the child for suspects stays once no suspect needs it.
+const ALONE_IDLE: Duration = Duration::from_secs(30);
 
 /// How to start the handler.
 struct ChildSpec {
@@ -56,12 +69,27 @@ struct ChildSpec {
 enum Outcome {
     /// The child answered it: its outputs, its error, or a reply that says nothing usable.
     Answered(Reply),
+    /// The child gave no answer of its own to it.
+    Failed(Fate),
+}
+
+/// Why a request got no answer; on the shared child, any of these may be another request's doing.
+#[derive(Debug)]
+enum Fate {
     /// The child wrote a line that is no reply while it held this request.
     NotAReply { line: String, why: String },
     /// The child ended while it held this request.
     Ended { how: String },
     /// No answer within the step's timeout; the child was restarted.
     TimedOut(Duration),
+}
+
+impl Fate {
+    fn stopped() -> Outcome {
+        Outcome::Failed(Fate::Ended {
+            how: "the handler was stopped".to_string(),
+        })
+    }
 }
 
 /// One child process, restarted whenever it ends, and the requests it holds.
@@ -130,7 +158,8 @@ impl ExecStep {
             shared: Lane::start(spec.clone(), ""),
             spec,
             timeout,
-            alone: Mutex::new(None),
+            alone: Arc::new(Mutex::new(None)),
+            alone_idle: ALONE_IDLE,
         })
     }
 
@@ -139,41 +168,57 @@ impl ExecStep {
     pub async fn call(&self, item: &Payload, lineage: &Lineage) -> Reply {
         match self.shared.call(item, lineage, self.timeout).await {
             Outcome::Answered(reply) => reply,
-            shared_fate => Err(StepError::suspect(self.describe(shared_fate))),
+            Outcome::Failed(shared_fate) => Err(StepError::suspect(self.describe(shared_fate))),
         }
     }
 
     /// Sends `item` to the child that holds one message at a time: whatever goes wrong there is
     /// this message's doing. The caller makes sure one such call runs at a time.
     pub async fn call_alone(&self, item: &Payload, lineage: &Lineage) -> Reply {
-        let lane = lock(&self.alone)
-            .get_or_insert_with(|| Arc::new(Lane::start(self.spec.clone(), " (alone)")))
-            .clone();
+        let lane = self.alone_lane();
         let mut outcome = lane.call(item, lineage, self.timeout).await;
-        if matches!(outcome, Outcome::Ended { .. }) {
+        if matches!(outcome, Outcome::Failed(Fate::Ended { .. })) {
             // A child may end for reasons of its own (a leak, a limit on its work) while it holds
             // an innocent item: blame the item only if a fresh child (the lane starts one) ends
             // on it too.
             outcome = lane.call(item, lineage, self.timeout).await;
         }
+        drop(lane);
+        if let Some(alone) = lock(&self.alone).as_mut() {
+            alone.last_used = Instant::now();
+        }
         match outcome {
             Outcome::Answered(reply) => reply,
-            own_fault => Err(StepError::transient(self.describe(own_fault))),
+            Outcome::Failed(own_fault) => Err(StepError::transient(self.describe(own_fault))),
         }
     }
 
-    fn describe(&self, outcome: Outcome) -> String {
+    /// The child for suspects, started (with what stops it when idle) if it is not running.
+    fn alone_lane(&self) -> Arc<Lane> {
+        let mut slot = lock(&self.alone);
+        let alone = slot.get_or_insert_with(|| AloneChild {
+            lane: Arc::new(Lane::start(self.spec.clone(), " (alone)")),
+            last_used: Instant::now(),
+            stopper: tokio::spawn(stop_when_idle(
+                Arc::downgrade(&self.alone),
+                self.alone_idle,
+                self.spec.path.clone(),
+            )),
+        });
+        alone.last_used = Instant::now();
+        alone.lane.clone()
+    }
+
+    fn describe(&self, fate: Fate) -> String {
         let path = &self.spec.path;
-        match outcome {
-            Outcome::Answered(Ok(_)) => format!("the handler of step {path} answered"),
-            Outcome::Answered(Err(e)) => e.message,
-            Outcome::NotAReply { line, why } => format!(
+        match fate {
+            Fate::NotAReply { line, why } => format!(
                 "the handler of step {path} wrote `{line}` instead of a reply ({why}); {REPLY_FORM}"
             ),
-            Outcome::Ended { how } => {
+            Fate::Ended { how } => {
                 format!("the handler of step {path} ended while it worked on the message: {how}")
             }
-            Outcome::TimedOut(limit) => format!(
+            Fate::TimedOut(limit) => format!(
                 "timed out after {}: the handler of step {path} did not answer, and was restarted",
                 humanize(limit)
             ),
@@ -184,9 +229,44 @@ impl ExecStep {
     pub async fn shutdown(&self) {
         let alone = lock(&self.alone).take();
         if let Some(alone) = alone {
-            alone.shutdown().await;
+            alone.stopper.abort();
+            alone.lane.shutdown().await;
         }
         self.shared.shutdown().await;
+    }
+}
+
+/// Stops the child for suspects once none has used it for `idle`; a suspect after that starts
+/// another.
+async fn stop_when_idle(
+    slot: std::sync::Weak<Mutex<Option<AloneChild>>>,
+    idle: Duration,
+    step: String,
+) {
+    let mut wait = idle;
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(slot) = slot.upgrade() else { return };
+        let idle_child = {
+            let mut alone = lock(&slot);
+            let Some(child) = alone.as_ref() else { return };
+            let unused_for = child.last_used.elapsed();
+            // A call holds the lane: it is busy however long ago it began.
+            if Arc::strong_count(&child.lane) > 1 {
+                wait = idle;
+                None
+            } else if unused_for < idle {
+                wait = idle - unused_for;
+                None
+            } else {
+                alone.take()
+            }
+        };
+        if let Some(child) = idle_child {
+            tracing::info!(step = %step, "handler (alone) stopped: no message has needed it for {}", humanize(idle));
+            child.lane.shutdown().await;
+            return;
+        }
     }
 }
 
@@ -221,9 +301,7 @@ impl Lane {
                 .ok()
                 .and_then(|w| w.clone());
             let Some(input) = input else {
-                return Outcome::Ended {
-                    how: "the handler was stopped".to_string(),
-                };
+                return Fate::stopped();
             };
             let (tx, rx) = oneshot::channel();
             // Register before sending: when the child dies, everything registered is failed after its
@@ -238,9 +316,7 @@ impl Lane {
                     // wait for the next child instead.
                     line = refused.0;
                     if writer.changed().await.is_err() {
-                        return Outcome::Ended {
-                            how: "the handler was stopped".to_string(),
-                        };
+                        return Fate::stopped();
                     }
                 }
             }
@@ -249,11 +325,7 @@ impl Lane {
             pending: &self.state.pending,
             id,
         };
-        let answered = async {
-            rx.await.unwrap_or_else(|_| Outcome::Ended {
-                how: "the handler was stopped".to_string(),
-            })
-        };
+        let answered = async { rx.await.unwrap_or_else(|_| Fate::stopped()) };
         match timeout {
             None => answered.await,
             Some(limit) => match tokio::time::timeout(limit, answered).await {
@@ -264,7 +336,7 @@ impl Lane {
                     // be tried again.
                     lock(&self.state.pending).remove(&id);
                     let _ = self.kill.send(life);
-                    Outcome::TimedOut(limit)
+                    Outcome::Failed(Fate::TimedOut(limit))
                 }
             },
         }
@@ -367,7 +439,7 @@ async fn supervise(
     let role = state.role;
     for life in 1u64.. {
         let started = Instant::now();
-        let how = match spawn_child(&state.spec) {
+        let end = match spawn_child(&state.spec) {
             Ok(mut child) => {
                 let pid = child.id().unwrap_or_default();
                 tracing::info!(step = %state.spec.path, pid, command = ?state.spec.command, "handler{role} started");
@@ -375,25 +447,25 @@ async fn supervise(
                 if state.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                let how = end.how;
-                tracing::warn!(step = %state.spec.path, pid, "handler{role} ended ({how}); restarting it, and trying the messages it held again");
-                if end.restarted_by_us {
-                    // Killed for a message that got no answer in time: the handler did not fail to
-                    // start, and the messages after it should not wait a growing back-off for it.
-                    fail_pending(&state, &how);
-                    delay = Duration::from_millis(100);
-                    continue;
-                }
-                how
+                tracing::warn!(step = %state.spec.path, pid, "handler{role} ended ({}); restarting it, and trying the messages it held again", end.how);
+                end
             }
             Err(e) => {
                 tracing::error!(step = %state.spec.path, command = ?state.spec.command, "cannot start the handler{role}: {e}; is the program installed and on PATH, and is the working directory right?");
-                format!("it could not be started again ({e})")
+                ChildEnd {
+                    how: format!("it could not be started again ({e})"),
+                    restarted_by_us: false,
+                }
             }
         };
-        fail_pending(&state, &how);
-        if started.elapsed() > HEALTHY_AFTER {
+        fail_pending(&state, &end.how);
+        // Killed for a message that got no answer in time, the handler did not fail to start: the
+        // messages after it must not wait a growing back-off for it.
+        if end.restarted_by_us || started.elapsed() > HEALTHY_AFTER {
             delay = Duration::from_millis(100);
+        }
+        if end.restarted_by_us {
+            continue;
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_RESTART_DELAY);
@@ -666,10 +738,10 @@ async fn forward_stderr(step: String, stderr: tokio::process::ChildStderr) {
 fn fail_held(state: &LaneState, line: &[u8], why: &str) {
     let drained: Vec<_> = lock(&state.pending).drain().collect();
     for (_, tx) in drained {
-        let _ = tx.send(Outcome::NotAReply {
+        let _ = tx.send(Outcome::Failed(Fate::NotAReply {
             line: shown(line),
             why: why.to_string(),
-        });
+        }));
     }
 }
 
@@ -681,9 +753,9 @@ pub fn shown(line: &[u8]) -> String {
 fn fail_pending(state: &LaneState, how: &str) {
     let drained: Vec<_> = lock(&state.pending).drain().collect();
     for (_, tx) in drained {
-        let _ = tx.send(Outcome::Ended {
+        let _ = tx.send(Outcome::Failed(Fate::Ended {
             how: how.to_string(),
-        });
+        }));
     }
 }
 
@@ -751,6 +823,66 @@ mod tests {
         assert!(find_program("sh", "/usr/bin:/bin").is_some());
         assert!(find_program("/bin/sh", "").is_some());
         assert!(find_program("./no-such-handler.sh", "/bin").is_none());
+    }
+
+    /// The child for suspects stayed for ever once one suspect had started it: a handler that
+    /// holds a model in memory held it twice for the rest of the unit's life.
+    #[tokio::test]
+    async fn the_child_for_suspects_stops_once_none_needs_it_and_starts_again_for_the_next() {
+        let handler = r#"
+import json, os, sys
+for line in sys.stdin:
+    request = json.loads(line)
+    print(json.dumps({"id": request["id"], "outputs": [os.getpid()]}), flush=True)
+"#;
+        let mut step = ExecStep::start(
+            "s",
+            &["python3".into(), "-c".into(), handler.into()],
+            &[],
+            None,
+        )
+        .expect("python3 is installed");
+        step.alone_idle = Duration::from_millis(300);
+        let lineage = Lineage::at_source("s", "1".into(), "s:1".into());
+        let item = Payload::Bytes(r#"{"a":1}"#.into());
+        let pid_of_alone_child = || async {
+            let outputs = step.call_alone(&item, &lineage).await.expect("an answer");
+            let Payload::Bytes(pid) = &outputs[0] else {
+                panic!("{outputs:?}")
+            };
+            std::str::from_utf8(pid).unwrap().parse::<u32>().unwrap()
+        };
+        // Running: neither gone nor dead and waiting to be reaped.
+        let alive = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                !stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        };
+
+        let first = pid_of_alone_child().await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            pid_of_alone_child().await,
+            first,
+            "used again within its idle time"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(first) || lock(&step.alone).is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the idle child for suspects {first} still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let next = pid_of_alone_child().await;
+        assert_ne!(next, first);
+        assert!(alive(next));
+        step.shutdown().await;
     }
 
     #[test]

@@ -315,16 +315,9 @@ impl Step {
                 let handled = self.runner.handle(item.clone(), lineage, out);
                 match self.timeout {
                     None => handled.await,
-                    Some(limit) => {
-                        tokio::time::timeout(limit, handled)
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(StepError::transient(format!(
-                                    "timed out after {}",
-                                    humanize(limit)
-                                )))
-                            })
-                    }
+                    Some(limit) => tokio::time::timeout(limit, handled)
+                        .await
+                        .unwrap_or_else(|_| Err(timed_out(limit))),
                 }
             };
             let error = match attempt {
@@ -369,12 +362,7 @@ impl Step {
             None => handled.await,
             Some(limit) => tokio::time::timeout(limit, handled)
                 .await
-                .unwrap_or_else(|_| {
-                    Err(StepError::transient(format!(
-                        "timed out after {}",
-                        humanize(limit)
-                    )))
-                }),
+                .unwrap_or_else(|_| Err(timed_out(limit))),
         };
         result.map_err(|e| StepError {
             suspect: false,
@@ -391,6 +379,11 @@ impl Step {
     pub async fn shutdown(&self) {
         self.runner.shutdown().await;
     }
+}
+
+/// An attempt that outlived the step's timeout.
+fn timed_out(limit: Duration) -> StepError {
+    StepError::transient(format!("timed out after {}", humanize(limit)))
 }
 
 /// `1.5s`, `250ms`: short and exact enough for error messages.
