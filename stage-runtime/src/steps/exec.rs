@@ -842,7 +842,7 @@ for line in sys.stdin:
             None,
         )
         .expect("python3 is installed");
-        step.alone_idle = Duration::from_millis(300);
+        step.alone_idle = Duration::from_secs(1);
         let lineage = Lineage::at_source("s", "1".into(), "s:1".into());
         let item = Payload::Bytes(r#"{"a":1}"#.into());
         let pid_of_alone_child = || async {
@@ -865,7 +865,7 @@ for line in sys.stdin:
         };
 
         let first = pid_of_alone_child().await;
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(
             pid_of_alone_child().await,
             first,
