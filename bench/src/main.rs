@@ -1,6 +1,7 @@
 //! `switchyard-bench`: throughput, latency and cost of the stage runtime against the raw NATS limit,
 //! on a private nats-server. Kept out of the `switchyard` command: users run pipelines, we measure.
 
+mod peer;
 mod procfs;
 mod raw;
 mod run;
@@ -29,12 +30,15 @@ enum Inner {
     /// The raw loop the benchmark compares against (the benchmark runs it).
     #[command(hide = true)]
     Raw(raw::RawArgs),
+    /// File → Python function → file through `switchyard run`, against Bytewax on the same input.
+    Peer(peer::PeerArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.inner {
         Some(Inner::Raw(args)) => raw::main(args),
+        Some(Inner::Peer(args)) => peer::main(args),
         None => run::main(cli.args),
     }
 }

@@ -473,7 +473,7 @@ fn render_targets(out: &mut String, report: &Report, args: &BenchArgs) {
     }
 }
 
-fn machine() -> String {
+pub fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

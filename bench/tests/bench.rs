@@ -82,3 +82,34 @@ fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
         assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
     }
 }
+
+/// The peer comparison's own half: `switchyard run` of file → Python function → file, its output
+/// checked (every record once, enriched) and its figure printed. Bytewax is left out here: it comes
+/// from PyPI.
+#[test]
+fn the_peer_comparison_runs_the_job_through_switchyard_and_checks_every_record() {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_switchyard-bench"));
+    assert!(
+        bin.with_file_name("switchyard").is_file(),
+        "switchyard is not built: run `cargo build --workspace --bins` first (scripts/test does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(&bin)
+        .args(["peer", "--items", "2000", "--bytewax", "none", "--keep"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("file → Python function → file, 2,000 records of ")
+            && stdout.contains("switchyard run (exec step, file sink with its ledger): "),
+        "{stdout}"
+    );
+    let written = std::fs::read_to_string(dir.path().join("switchyard-out.jsonl")).unwrap();
+    assert_eq!(written.lines().count(), 2000);
+}

@@ -1,0 +1,305 @@
+//! `switchyard-bench peer`: the job a user compares tools with, end to end on one machine. A JSONL
+//! file of small records, a Python function that parses each, adds three fields and serializes it,
+//! and a file of the results, through `switchyard run` and through Bytewax (with its recovery on,
+//! so that both outputs are durable), on the same input in the same run. Each output is checked:
+//! every record once, enriched.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use switchyard_local::thousands;
+
+#[derive(Args, Debug)]
+pub struct PeerArgs {
+    /// Records in the input file.
+    #[arg(long, default_value_t = 200_000)]
+    items: u64,
+    /// The Bytewax release to compare with, installed from PyPI into a virtual environment kept in
+    /// `~/.cache/switchyard/bench`; `none` runs Switchyard alone.
+    #[arg(long, default_value = "0.21.1")]
+    bytewax: String,
+    /// The `switchyard` binary (default: the one beside this program).
+    #[arg(long, env = "SWITCHYARD_BIN")]
+    switchyard: Option<PathBuf>,
+    /// Keep the working folder (input, outputs, the Pipeline and the flow) here.
+    #[arg(long, value_name = "DIR")]
+    keep: Option<PathBuf>,
+}
+
+/// The user's function, the same in both tools.
+const ENRICH: &str = r#"def enrich(r):
+    r["total"] = round(r["price"] * r["qty"], 2)
+    r["cheap"] = r["price"] < 10
+    r["tag"] = r["name"].upper()
+    return r
+"#;
+
+/// The exec handler of the README's shape: one request line in, one reply line out.
+const HANDLER_LOOP: &str = r#"
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    print(json.dumps({"id": m["id"], "outputs": [enrich(m["data"])]}), flush=True)
+"#;
+
+const PIPELINE: &str = r#"apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {name: enrich}
+spec:
+  sources:
+    - name: records
+      file: {path: input.jsonl}
+  stages:
+    - name: enrich
+      exec: {command: [python3, handler.py]}
+  sinks:
+    - name: out
+      file: {path: switchyard-out.jsonl}
+"#;
+
+/// Bytewax 0.21's FileSource → map → FileSink (a partitioned sink: items are (key, line)).
+const FLOW: &str = r#"
+import json
+from pathlib import Path
+from bytewax.dataflow import Dataflow
+import bytewax.operators as op
+from bytewax.connectors.files import FileSource, FileSink
+
+flow = Dataflow("enrich")
+lines = op.input("in", flow, FileSource("input.jsonl"))
+out = op.map("enrich", lines, lambda line: ("all", json.dumps(enrich(json.loads(line)))))
+op.output("out", out, FileSink(Path("bytewax-out.jsonl")))
+"#;
+
+pub fn main(args: PeerArgs) -> std::process::ExitCode {
+    match run(&args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard-bench peer: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &PeerArgs) -> anyhow::Result<()> {
+    let temp = tempfile::tempdir()?;
+    let dir = match &args.keep {
+        Some(keep) => {
+            std::fs::create_dir_all(keep)
+                .with_context(|| format!("cannot create {}", keep.display()))?;
+            keep.clone()
+        }
+        None => temp.path().to_path_buf(),
+    };
+    let input_bytes = write_input(&dir.join("input.jsonl"), args.items)?;
+    std::fs::write(dir.join("handler.py"), format!("{ENRICH}{HANDLER_LOOP}"))?;
+    std::fs::write(dir.join("p.yaml"), PIPELINE)?;
+    std::fs::write(dir.join("flow.py"), format!("{ENRICH}{FLOW}"))?;
+    let items = args.items;
+    println!(
+        "file → Python function → file, {} records of {} bytes on average, on {}",
+        thousands(items),
+        input_bytes / items.max(1),
+        crate::run::machine()
+    );
+
+    let switchyard = match &args.switchyard {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()?.with_file_name("switchyard"),
+    };
+    let ours = timed(
+        Command::new(&switchyard)
+            .args(["run", "p.yaml"])
+            .current_dir(&dir),
+    )
+    .with_context(|| format!("`{} run p.yaml` in {}", switchyard.display(), dir.display()))?;
+    check_output(&dir.join("switchyard-out.jsonl"), items).context("switchyard's output")?;
+    println!(
+        "  switchyard run (exec step, file sink with its ledger): {:.2} s, {} items/s",
+        ours,
+        thousands((items as f64 / ours) as u64)
+    );
+
+    if args.bytewax == "none" {
+        return Ok(());
+    }
+    let python = match bytewax_python(&args.bytewax) {
+        Ok(python) => python,
+        Err(e) => {
+            println!(
+                "  bytewax {}: skipped, it cannot be installed: {e:#}",
+                args.bytewax
+            );
+            return Ok(());
+        }
+    };
+    std::fs::create_dir_all(dir.join("recovery"))?;
+    quiet(
+        Command::new(&python)
+            .args(["-m", "bytewax.recovery", "recovery", "1"])
+            .current_dir(&dir),
+    )
+    .context("creating Bytewax's recovery store")?;
+    // Snapshots every 5 s, none kept longer: the cheapest recovery it offers.
+    let theirs = timed(
+        Command::new(&python)
+            .args([
+                "-m",
+                "bytewax.run",
+                "flow:flow",
+                "-r",
+                "recovery",
+                "-s",
+                "5",
+                "-b",
+                "0",
+            ])
+            .current_dir(&dir),
+    )
+    .context("the Bytewax flow")?;
+    check_output(&dir.join("bytewax-out.jsonl"), items).context("Bytewax's output")?;
+    println!(
+        "  bytewax {} (FileSource → map → FileSink, recovery on): {:.2} s, {} items/s",
+        args.bytewax,
+        theirs,
+        thousands((items as f64 / theirs) as u64)
+    );
+    println!(
+        "  switchyard against bytewax: {:.2} × its throughput",
+        theirs / ours
+    );
+    Ok(())
+}
+
+/// Writes `count` records of about 100 bytes such as `{"id": 7, "name": "item-000007", "category":
+/// "toys", "price": 54.33, "qty": 7, "warehouse": "north-7"}`; returns the file's size.
+fn write_input(path: &Path, count: u64) -> anyhow::Result<u64> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut bytes = 0u64;
+    for i in 0..count {
+        // Prices spread over 0–100 without a random generator: the same file every run.
+        let price = (i * 7919 % 10_000) as f64 / 100.0;
+        let category = ["kitchen", "garden", "household", "toys", "books"][(i % 5) as usize];
+        let line = format!(
+            "{{\"id\": {i}, \"name\": \"item-{i:06}\", \"category\": \"{category}\", \"price\": {price:.2}, \"qty\": {}, \"warehouse\": \"north-{}\"}}\n",
+            i % 17,
+            i % 9
+        );
+        bytes += line.len() as u64;
+        out.write_all(line.as_bytes())?;
+    }
+    out.flush()?;
+    Ok(bytes)
+}
+
+/// Every record once, enriched.
+fn check_output(path: &Path, count: u64) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut seen = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let record: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not JSON: {line}", path.display(), n + 1))?;
+        let Some(id) = record["id"].as_u64() else {
+            bail!("{} line {}: no id: {line}", path.display(), n + 1);
+        };
+        if record["tag"].as_str() != Some(format!("ITEM-{id:06}").as_str()) {
+            bail!("{} line {}: not enriched: {line}", path.display(), n + 1);
+        }
+        if !seen.insert(id) {
+            bail!("{}: record {id} twice", path.display());
+        }
+    }
+    if seen.len() as u64 != count {
+        bail!(
+            "{}: {} of {count} records",
+            path.display(),
+            thousands(seen.len() as u64)
+        );
+    }
+    Ok(())
+}
+
+/// The Python of a virtual environment with Bytewax `version`, made once.
+fn bytewax_python(version: &str) -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let venv = PathBuf::from(home).join(format!(".cache/switchyard/bench/bytewax-{version}"));
+    let python = venv.join("bin/python");
+    let ready = venv.join(".installed");
+    if ready.is_file() {
+        return Ok(python);
+    }
+    eprintln!("installing bytewax {version} into {}", venv.display());
+    quiet(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context("python3 -m venv")?;
+    quiet(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet"])
+            .arg(format!("bytewax=={version}")),
+    )
+    .context("pip install")?;
+    std::fs::write(&ready, "")?;
+    Ok(python)
+}
+
+/// Runs `command` to its end, its output discarded unless it fails; seconds it took.
+fn timed(command: &mut Command) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    quiet(command)?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn quiet(command: &mut Command) -> anyhow::Result<()> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start {:?}", command.get_program()))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        bail!(
+            "{:?} {}: {}",
+            command.get_program(),
+            output.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_output_passes_only_with_every_record_once_and_enriched() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("out.jsonl");
+        let record = |id: u64| format!("{{\"id\": {id}, \"tag\": \"ITEM-{id:06}\"}}\n");
+        let check = |text: String| {
+            std::fs::write(&file, text).unwrap();
+            check_output(&file, 3).map_err(|e| e.to_string())
+        };
+        assert_eq!(check(record(0) + &record(2) + &record(1)), Ok(()));
+        let twice = check(record(0) + &record(1) + &record(1)).unwrap_err();
+        assert!(twice.ends_with("record 1 twice"), "{twice}");
+        let short = check(record(0) + &record(1)).unwrap_err();
+        assert!(short.ends_with("2 of 3 records"), "{short}");
+        let plain = check(record(0) + "{\"id\": 1}\n" + &record(2)).unwrap_err();
+        assert!(plain.contains("line 2: not enriched"), "{plain}");
+    }
+
+    #[test]
+    fn the_input_is_the_same_every_run_and_about_100_bytes_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let size = write_input(&a, 1000).unwrap();
+        assert_eq!(write_input(&b, 1000).unwrap(), size);
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        assert!((90..=120).contains(&(size / 1000)), "{size}");
+    }
+}
