@@ -19,7 +19,7 @@ pub struct PeerArgs {
     #[arg(long, default_value_t = 200_000)]
     items: u64,
     /// The Bytewax release to compare with, installed from PyPI into a virtual environment kept in
-    /// `~/.cache/switchyard/bench`; `none` runs Switchyard alone.
+    /// `~/.cache/switchyard/bench` (or `$SWITCHYARD_CACHE/bench`); `none` runs Switchyard alone.
     #[arg(long, default_value = "0.21.1")]
     bytewax: String,
     /// The `switchyard` binary (default: the one beside this program).
@@ -227,8 +227,13 @@ fn check_output(path: &Path, count: u64) -> anyhow::Result<()> {
 
 /// The Python of a virtual environment with Bytewax `version`, made once.
 fn bytewax_python(version: &str) -> anyhow::Result<PathBuf> {
-    let home = std::env::var_os("HOME").context("HOME is not set")?;
-    let venv = PathBuf::from(home).join(format!(".cache/switchyard/bench/bytewax-{version}"));
+    // Where the test suite keeps what it builds (scripts/kube-binaries, the images) too.
+    let cache = match std::env::var_os("SWITCHYARD_CACHE") {
+        Some(cache) => PathBuf::from(cache),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+            .join(".cache/switchyard"),
+    };
+    let venv = cache.join(format!("bench/bytewax-{version}"));
     let python = venv.join("bin/python");
     let ready = venv.join(".installed");
     if ready.is_file() {
