@@ -25,7 +25,8 @@ pub struct PeerArgs {
     /// The `switchyard` binary (default: the one beside this program).
     #[arg(long, env = "SWITCHYARD_BIN")]
     switchyard: Option<PathBuf>,
-    /// Keep the working folder (input, outputs, the Pipeline and the flow) here.
+    /// Keep the working folder (input, outputs, the Pipeline and the flow) here: a new or empty
+    /// folder.
     #[arg(long, value_name = "DIR")]
     keep: Option<PathBuf>,
 }
@@ -91,6 +92,13 @@ fn run(args: &PeerArgs) -> anyhow::Result<()> {
         Some(keep) => {
             std::fs::create_dir_all(keep)
                 .with_context(|| format!("cannot create {}", keep.display()))?;
+            // A store, a ledger or a recovery database left by an earlier run would resume it.
+            if std::fs::read_dir(keep)?.next().is_some() {
+                bail!(
+                    "{} is not empty: --keep wants a new or empty folder",
+                    keep.display()
+                );
+            }
             keep.clone()
         }
         None => temp.path().to_path_buf(),
