@@ -5,35 +5,46 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-#[test]
-fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
+/// `switchyard-bench`, once `program`, which it runs, is built beside it.
+fn bench_needing(program: &str) -> Command {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_switchyard-bench"));
     assert!(
-        bin.with_file_name("switchyard-stage").is_file(),
-        "switchyard-stage is not built: run `cargo build --workspace --bins` first (scripts/test does)"
+        bin.with_file_name(program).is_file(),
+        "{program} is not built: run `cargo build --workspace --bins` first (scripts/test does)"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let output = Command::new(&bin)
-        .args([
-            "--messages",
-            "2000",
-            "--repeat",
-            "1",
-            "--latency-for",
-            "1s",
-            "--sizes",
-            "128",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    Command::new(bin)
+}
+
+/// Runs the command, which must succeed; its stdout.
+fn stdout_of(command: &mut Command) -> String {
+    let output = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let stdout = stdout_of(
+        bench_needing("switchyard-stage")
+            .args([
+                "--messages",
+                "2000",
+                "--repeat",
+                "1",
+                "--latency-for",
+                "1s",
+                "--sizes",
+                "128",
+            ])
+            .arg("--json")
+            .arg(&json),
     );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -88,22 +99,11 @@ fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
 /// from PyPI.
 #[test]
 fn the_peer_comparison_runs_the_job_through_switchyard_and_checks_every_record() {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_switchyard-bench"));
-    assert!(
-        bin.with_file_name("switchyard").is_file(),
-        "switchyard is not built: run `cargo build --workspace --bins` first (scripts/test does)"
-    );
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(&bin)
-        .args(["peer", "--items", "2000", "--bytewax", "none", "--keep"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = stdout_of(
+        bench_needing("switchyard")
+            .args(["peer", "--items", "2000", "--bytewax", "none", "--keep"])
+            .arg(dir.path()),
     );
     assert!(
         stdout.contains("file → Python function → file, 2,000 records of ")
