@@ -461,11 +461,12 @@ async fn supervise(
         fail_pending(&state, &end.how);
         // Killed for a message that got no answer in time, the handler did not fail to start: the
         // messages after it must not wait a growing back-off for it.
-        if end.restarted_by_us || started.elapsed() > HEALTHY_AFTER {
-            delay = Duration::from_millis(100);
-        }
         if end.restarted_by_us {
+            delay = Duration::from_millis(100);
             continue;
+        }
+        if started.elapsed() > HEALTHY_AFTER {
+            delay = Duration::from_millis(100);
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_RESTART_DELAY);
