@@ -370,11 +370,11 @@ impl Remove {
 }
 
 /// What nats-server takes for each request (2.15, file storage, measured here on a subject of
-/// 40,000 dead letters in a stream past sequence 580,000, debug CLI): deleting one message 1.5–1.7 ms (and
-/// more in larger streams: 4.6 ms each among 200,000 letters), purging a subject below a sequence
-/// about as long for any number of messages (a purge of 40,000 was too short to tell from reading
-/// them), storing a copy of one (a direct get and a publish, 64 in flight) about 0.05 ms. The
-/// smallest delete is taken, so copies are chosen only where they surely pay.
+/// 40,000 dead letters in a stream past sequence 580,000, debug CLI): deleting one message
+/// 1.5–1.7 ms (and more in larger streams: 4.6 ms each among 200,000 letters), purging a subject
+/// below a sequence about as long for any number of messages (a purge of 40,000 was too short to
+/// tell from reading them), storing a copy of one (a direct get and a publish, 64 in flight) about
+/// 0.05 ms. The smallest delete is taken, so copies are chosen only where they surely pay.
 const DELETE_US: u64 = 1_600;
 const PURGE_US: u64 = DELETE_US;
 const COPY_US: u64 = 50;
