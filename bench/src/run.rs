@@ -51,6 +51,28 @@ pub struct BenchArgs {
     /// Also write the results as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Each scenario with one item per stored message (`off`, as before frames), with frames (`on`:
+    /// the backlog preloaded in frames, as a source stores it, and the units framing their outputs),
+    /// or both in the same run.
+    #[arg(long, value_enum, default_value = "both")]
+    pub frames: Frames,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Frames {
+    Off,
+    On,
+    Both,
+}
+
+impl Frames {
+    fn modes(self) -> &'static [bool] {
+        match self {
+            Frames::Off => &[false],
+            Frames::On => &[true],
+            Frames::Both => &[false, true],
+        }
+    }
 }
 
 /// Which scenario: named once here, for `--only`, the report and the JSON.
@@ -76,6 +98,7 @@ impl Kind {
     }
 }
 
+#[derive(Clone)]
 struct Scenario {
     kind: Kind,
     title: &'static str,
@@ -185,6 +208,8 @@ fn scenarios() -> Vec<Scenario> {
 pub struct ScenarioResult {
     pub scenario: Kind,
     pub title: String,
+    /// Several items per stored message (the raw loop never: it is the per-message limit).
+    pub frames: bool,
     pub size: usize,
     pub messages: u64,
     pub per_second: f64,
@@ -252,7 +277,11 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut idle_rss = None;
     for &size in &args.sizes {
         let mut raw_rate = 0.0;
-        for scenario in scenarios().into_iter().filter(|s| wanted(s)) {
+        let runs = scenarios().into_iter().filter(|s| wanted(s)).flat_map(|s| {
+            let modes: &[bool] = if s.raw { &[false] } else { args.frames.modes() };
+            modes.iter().map(move |&frames| (s.clone(), frames))
+        });
+        for (scenario, frames) in runs {
             let bench = Bench {
                 js: &js,
                 server: &server,
@@ -261,9 +290,12 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 dir: dir.path(),
                 args: &args,
             };
-            let mut result = bench.scenario(&scenario, size).await.with_context(|| {
-                format!("scenario {:?} with {size}-byte messages", scenario.kind)
-            })?;
+            let mut result = bench
+                .scenario(&scenario, size, frames)
+                .await
+                .with_context(|| {
+                    format!("scenario {:?} with {size}-byte messages", scenario.kind)
+                })?;
             if scenario.raw {
                 raw_rate = result.per_second;
             }
@@ -273,7 +305,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 0.0
             };
             eprintln!("  {}", row(&result));
-            if scenario.kind == Kind::Passthrough && idle_rss.is_none() {
+            if scenario.kind == Kind::Passthrough && idle_rss.is_none() && !frames {
                 idle_rss = Some(bench.idle_rss().await?);
             }
             results.push(result);
@@ -564,13 +596,39 @@ impl Bench<'_> {
         Ok(children)
     }
 
-    async fn preload(&self, subject: &str, size: usize, count: u64) -> anyhow::Result<()> {
+    /// Stores `count` items on `subject`, `per_frame` in each message as a source would; returns the
+    /// number of messages.
+    async fn preload(
+        &self,
+        subject: &str,
+        size: usize,
+        count: u64,
+        per_frame: u64,
+    ) -> anyhow::Result<u64> {
         let mut acks = std::collections::VecDeque::new();
-        for i in 0..count {
-            let lineage = Lineage::at_source("feed", i.to_string(), format!("feed:{i}"));
-            let publish = jetstream::message::PublishMessage::build()
-                .headers(lineage.source_headers())
-                .payload(payload(size, 0, i).into());
+        let mut messages = 0;
+        let mut i = 0;
+        while i < count {
+            let n = per_frame.min(count - i);
+            let publish = if n == 1 {
+                let lineage = Lineage::at_source("feed", i.to_string(), format!("feed:{i}"));
+                jetstream::message::PublishMessage::build()
+                    .headers(lineage.source_headers())
+                    .payload(payload(size, 0, i).into())
+            } else {
+                let mut writer = switchyard_platform::frame::FrameWriter::new();
+                for k in i..i + n {
+                    let lineage = Lineage::at_source("feed", k.to_string(), format!("feed:{k}"));
+                    writer.push(&lineage.source_headers(), &payload(size, 0, k));
+                }
+                let (mut headers, body) = writer.finish();
+                headers.insert("Nats-Msg-Id", format!("feed:{i}").as_str());
+                jetstream::message::PublishMessage::build()
+                    .headers(headers)
+                    .payload(body)
+            };
+            i += n;
+            messages += 1;
             acks.push_back(self.js.send_publish(subject.to_string(), publish).await?);
             if acks.len() >= 2000 {
                 if let Some(ack) = acks.pop_front() {
@@ -581,7 +639,7 @@ impl Bench<'_> {
         for ack in acks {
             ack.await?;
         }
-        Ok(())
+        Ok(messages)
     }
 
     async fn pending(&self, layout: &Layout, consumer: &str) -> anyhow::Result<u64> {
@@ -589,12 +647,17 @@ impl Bench<'_> {
         Ok(stream.consumer_info(consumer).await?.num_pending)
     }
 
-    async fn scenario(&self, scenario: &Scenario, size: usize) -> anyhow::Result<ScenarioResult> {
+    async fn scenario(
+        &self,
+        scenario: &Scenario,
+        size: usize,
+        frames: bool,
+    ) -> anyhow::Result<ScenarioResult> {
         let repeats = self.args.repeat.max(1);
         let mut runs = Vec::new();
         for run in 0..repeats {
             let last = run + 1 == repeats;
-            runs.push(self.run_once(scenario, size, last).await?);
+            runs.push(self.run_once(scenario, size, last, frames).await?);
         }
         // The median run by throughput, with the latency of the last run (the only one that has it).
         let latency = runs
@@ -606,7 +669,12 @@ impl Bench<'_> {
         let per_100k = |seconds: f64| seconds * 100_000.0 / median.throughput.counted as f64;
         Ok(ScenarioResult {
             scenario: scenario.kind,
-            title: scenario.title.to_string(),
+            title: if frames {
+                format!("{}, frames", scenario.title)
+            } else {
+                scenario.title.to_string()
+            },
+            frames,
             size,
             messages: self.args.messages,
             per_second: median.throughput.per_second,
@@ -627,8 +695,19 @@ impl Bench<'_> {
         scenario: &Scenario,
         size: usize,
         with_latency: bool,
+        frames: bool,
     ) -> anyhow::Result<Run> {
-        let layout = self.pipeline(scenario, size)?;
+        let mut layout = self.pipeline(scenario, size)?;
+        if !frames {
+            for unit in &mut layout.units {
+                unit.frame_items = 1;
+            }
+        }
+        let per_frame = layout
+            .units
+            .iter()
+            .find(|u| u.unit == "feed")
+            .map_or(1, |u| u.frame_items.max(1) as u64);
         admin::delete(self.js, &layout.nats).await?;
         admin::apply(self.js, &layout.nats).await?;
         let feed = layout
@@ -645,11 +724,18 @@ impl Bench<'_> {
             .and_then(|u| u.output_subject.clone())
             .context("the last unit has no subject")?;
         let count = self.args.messages;
-        self.preload(&feed, size, count).await?;
+        let stored = self.preload(&feed, size, count, per_frame).await?;
         let mut children = self.spawn(scenario, &layout)?;
         let pids: Vec<u32> = children.iter().map(Child::id).collect();
+        // Every unit makes one output message of each input message: frames stay frames, one bad
+        // item leaves its frame's other items in it.
+        let (messages_out, items_out) = if per_frame > 1 {
+            (stored, scenario.coming_out(count))
+        } else {
+            (scenario.coming_out(count), scenario.coming_out(count))
+        };
         let throughput = match self
-            .throughput(&layout, &pids, scenario.coming_out(count))
+            .throughput(&layout, &pids, messages_out, items_out)
             .await
         {
             Ok(t) => t,
@@ -690,7 +776,10 @@ impl Bench<'_> {
         layout: &Layout,
         pids: &[u32],
         count: u64,
+        items: u64,
     ) -> anyhow::Result<Throughput> {
+        // The stream counts messages; with frames, each stands for `items / count` items.
+        let items_per_message = items as f64 / count.max(1) as f64;
         let started = Instant::now();
         let limit = Duration::from_secs(60 + count / 1000);
         let cpu = |pids: &[u32]| {
@@ -722,7 +811,7 @@ impl Bench<'_> {
             let n = self.pending(layout, "out").await?;
             if n >= count {
                 let elapsed = first_at.elapsed().as_secs_f64().max(1e-6);
-                let counted = count - first_count;
+                let counted = ((count - first_count) as f64 * items_per_message).round() as u64;
                 return Ok(Throughput {
                     per_second: counted as f64 / elapsed,
                     counted: counted.max(1),

@@ -254,6 +254,11 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
             role,
             crashes: input.is_some().then(|| crashes.clone()),
             input,
+            frame_items: if output_subject.is_some() {
+                frame_items(topology, unit)
+            } else {
+                1
+            },
             output_subject,
             dead_letter_subject: dead_letter_subject(&unit.name),
             stats_subject: names.stats_subject(&unit.name),
@@ -293,6 +298,26 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
         .unwrap_or(DEFAULT_CLUSTER_SAMPLE_RATE);
     layout.set_sample_rate(rate, &names, trace_retention(spec));
     Ok(layout)
+}
+
+/// The most items a frame holds (see `UnitConfig::frame_items`).
+pub const MOST_FRAME_ITEMS: u32 = 256;
+
+/// The most items `unit` stores in one message: no more than any unit reading them works on at once,
+/// so that a frame is a round of a reader's work and frames spread over a switcher's replicas as
+/// single items would; one when a batch stage reads them, whose batches count items exactly.
+fn frame_items(topology: &Topology, unit: &Unit) -> u32 {
+    topology
+        .units
+        .iter()
+        .filter(|reader| reader.inputs.contains(&unit.name))
+        .map(|reader| match reader.batch {
+            Some(_) => 1,
+            None => reader.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+        })
+        .min()
+        .unwrap_or(MOST_FRAME_ITEMS)
+        .clamp(1, MOST_FRAME_ITEMS)
 }
 
 /// Messages one replica holds at once: its concurrency, times the batch size for a batch stage.

@@ -680,6 +680,10 @@ fn changes(current: &UnitState, target: &UnitState, moved: bool) -> Vec<String> 
     if a.trace != b.trace {
         changes.push("tracing".to_string());
     }
+    if a.frame_items != b.frame_items {
+        // A reader's concurrency changed (or a batch stage came or went): frames follow it.
+        changes.push(format!("its frames (at most {} items)", b.frame_items));
+    }
     if a.dead_letter_subject != b.dead_letter_subject {
         changes.push("its dead-letter subject".to_string());
     }

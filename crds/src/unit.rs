@@ -38,6 +38,8 @@ pub mod headers {
     pub const REPLAY_FOR: &str = "Switchyard-Replay-For";
     /// How often the item was replayed from the dead-letter queue; carried downstream.
     pub const REPLAYS: &str = "Switchyard-Replays";
+    /// On a message that holds several items (a frame, `switchyard_platform::frame`): how many.
+    pub const FRAME: &str = "Switchyard-Frame";
     /// On a dead letter stored again at the end of its subject, so that the letters around it could
     /// be purged with one request (see `switchyard_ops::dlq::Removal`): when it was first stored, in
     /// milliseconds since the Unix epoch, and the id it had. The copy has no `Nats-Msg-Id`: within the
@@ -64,12 +66,20 @@ pub struct UnitConfig {
     /// Where this unit's outputs are published (absent for sinks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_subject: Option<String>,
+    /// The most items the unit stores in one message on its output subject (a frame); 1: one item per
+    /// message, as a config written before frames says by leaving it out.
+    #[serde(default = "one_item")]
+    pub frame_items: u32,
     pub dead_letter_subject: String,
     /// Core NATS subject the process reports its counters on.
     pub stats_subject: String,
     /// Where the unit records trace events, and for which items.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceConfig>,
+}
+
+fn one_item() -> u32 {
+    1
 }
 
 /// Which items a unit traces, and where their events go.
@@ -398,6 +408,7 @@ mod tests {
                 dead_letter_after: 3,
             }),
             output_subject: Some("x".into()),
+            frame_items: 16,
             dead_letter_subject: "d".into(),
             stats_subject: "st".into(),
             trace: Some(TraceConfig {

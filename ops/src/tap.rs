@@ -67,10 +67,59 @@ pub fn edge_subjects(target: &Target, unit: &str, edge: Edge) -> Result<Vec<Stri
 }
 
 /// One message as a tap prints it: a JSON object with `subject`, `seq`, `time`, `headers` and `data`,
-/// in that order (where it was, then what it is).
-pub fn record(message: &jetstream::Message) -> String {
-    let headers: serde_json::Map<String, serde_json::Value> = message
-        .headers
+/// in that order (where it was, then what it is). A frame (several items in one stored message) is
+/// a record per item, each with its own headers and data and its place in the frame as `item`.
+pub fn records(message: &jetstream::Message) -> Vec<String> {
+    let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let time = crate::when(stored_at_ms(message));
+    match switchyard_platform::frame::items(message.headers.as_ref(), &message.payload) {
+        Some(Ok(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                one_record(
+                    message.subject.as_str(),
+                    seq,
+                    Some(index),
+                    &time,
+                    Some(&item.headers),
+                    &item.payload,
+                )
+            })
+            .collect(),
+        Some(Err(e)) => {
+            tracing::warn!(
+                "message {seq} says it is a frame but cannot be read as one ({e}); shown as it is"
+            );
+            vec![one_record(
+                message.subject.as_str(),
+                seq,
+                None,
+                &time,
+                message.headers.as_ref(),
+                &message.payload,
+            )]
+        }
+        None => vec![one_record(
+            message.subject.as_str(),
+            seq,
+            None,
+            &time,
+            message.headers.as_ref(),
+            &message.payload,
+        )],
+    }
+}
+
+fn one_record(
+    subject: &str,
+    seq: u64,
+    item: Option<usize>,
+    time: &str,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> String {
+    let headers: serde_json::Map<String, serde_json::Value> = headers
         .iter()
         .flat_map(|h| h.iter())
         .map(|(name, values)| {
@@ -82,13 +131,13 @@ pub fn record(message: &jetstream::Message) -> String {
         })
         .collect();
     let text = |v: serde_json::Value| v.to_string();
+    let item = item.map(|i| format!(",\"item\":{i}")).unwrap_or_default();
     format!(
-        "{{\"subject\":{},\"seq\":{},\"time\":{},\"headers\":{},\"data\":{}}}",
-        text(message.subject.as_str().into()),
-        message.info().map(|i| i.stream_sequence).unwrap_or(0),
-        text(crate::when(stored_at_ms(message)).into()),
+        "{{\"subject\":{},\"seq\":{seq}{item},\"time\":{},\"headers\":{},\"data\":{}}}",
+        text(subject.into()),
+        text(time.into()),
         text(headers.into()),
-        text(read::data(&message.payload)),
+        text(read::data(payload)),
     )
 }
 
@@ -130,21 +179,20 @@ pub async fn tap(
             Some(Err(e)) => return Err(OpsError::nats("tap the edge")(e)),
             None => break,
         };
-        let record = record(&message);
-        let lines = match &filter {
-            None => vec![record],
-            Some(filter) => {
-                let value =
-                    parse_json(record.as_bytes()).map_err(|e| OpsError::Usage(e.to_string()))?;
-                match filter.run(value) {
-                    Ok(outputs) => outputs.iter().map(|v| v.to_string()).collect(),
-                    Err(e) => {
-                        tracing::debug!("--filter failed on a message: {e}");
-                        Vec::new()
+        let mut lines = Vec::new();
+        for record in records(&message) {
+            match &filter {
+                None => lines.push(record),
+                Some(filter) => {
+                    let value = parse_json(record.as_bytes())
+                        .map_err(|e| OpsError::Usage(e.to_string()))?;
+                    match filter.run(value) {
+                        Ok(outputs) => lines.extend(outputs.iter().map(|v| v.to_string())),
+                        Err(e) => tracing::debug!("--filter failed on a message: {e}"),
                     }
                 }
             }
-        };
+        }
         for line in lines {
             if options.count.is_some_and(|n| printed >= n) {
                 break;

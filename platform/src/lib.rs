@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod credentials;
 pub mod embedded;
+pub mod frame;
 pub mod image;
 pub mod logging;
 pub mod nats;

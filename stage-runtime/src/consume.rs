@@ -19,6 +19,7 @@ use crate::crashes::{CrashRecordError, CrashRecords, Verdict};
 use crate::lineage::{dead_letter_headers, names, owned_header_value, Lineage, Replay};
 use crate::otlp::{ItemSpan, Spans};
 use crate::payload::Payload;
+use switchyard_platform::frame::{self, FrameError, FrameWriter};
 
 use crate::sinks::{Sink, Written};
 use crate::stats::Stats;
@@ -85,6 +86,8 @@ pub struct Worker {
     pub progress_every: Duration,
     /// The largest message the NATS server takes, headers included.
     pub max_payload: usize,
+    /// The most items one output message holds (1: no frames).
+    pub frame_items: usize,
     /// Lost connections so far: see `acks`.
     pub disconnects: crate::Disconnects,
     /// Records what becomes of sampled items, when the Pipeline traces.
@@ -129,12 +132,85 @@ impl Emitted {
 /// Room left for a message's headers when its payload is measured against the server's limit.
 const HEADERS_ROOM: usize = 4096;
 
+/// One item of an input message, with its own lineage.
+struct Input {
+    lineage: Lineage,
+    payload: Payload,
+    /// The step a replay starts at (0 for everything but a replayed dead letter).
+    first_step: usize,
+}
+
+/// What one item came to in this unit, until it is stored.
+struct Processed {
+    /// As it came in (its trace event is recorded under it).
+    lineage: Lineage,
+    /// The lineage its outputs and dead letters carry, when its span changed it.
+    carried: Option<Lineage>,
+    began: Option<Began>,
+    span: Option<ItemSpan>,
+    outputs: Vec<Payload>,
+    failures: Vec<StepFailure>,
+}
+
+impl Processed {
+    fn of(
+        lineage: Lineage,
+        began: Option<Began>,
+        span: Option<ItemSpan>,
+        outputs: Vec<Payload>,
+        failures: Vec<StepFailure>,
+    ) -> Processed {
+        Processed {
+            lineage,
+            carried: None,
+            began,
+            span,
+            outputs,
+            failures,
+        }
+    }
+
+    fn carried(&self) -> &Lineage {
+        self.carried.as_ref().unwrap_or(&self.lineage)
+    }
+}
+
+/// The id a stored message was published with (its place in the stream when it has none): what the
+/// ids of the frames made of it derive from.
+fn message_id(message: &Message, stream: &str, stream_seq: u64) -> String {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(names::MSG_ID))
+        .map(|v| v.as_str().to_string())
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| format!("{stream}:{stream_seq}"))
+}
+
 /// Work for one future: a single input, or a batch of them.
 // The single message is the hot path: keep it inline rather than boxing it per message.
 #[allow(clippy::large_enum_variant)]
 enum Work {
     One(Message),
     Batch(Vec<Message>),
+}
+
+impl Work {
+    /// The items the work's messages hold.
+    fn items(&self) -> usize {
+        match self {
+            Work::One(m) => items_held(m),
+            Work::Batch(ms) => ms.iter().map(items_held).sum(),
+        }
+    }
+}
+
+/// The items a stored message holds: a frame's count, one otherwise.
+fn items_held(message: &Message) -> usize {
+    frame::frame_count(message.headers.as_ref())
+        .and_then(Result::ok)
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// The publishes of one input awaiting their acknowledgements, and the disconnect count when the input
@@ -197,6 +273,8 @@ struct Batcher {
     size: Option<usize>,
     timeout: Duration,
     pending: Vec<Message>,
+    /// Items in the pending messages.
+    items: usize,
     /// When the pending batch goes, full or not.
     deadline: tokio::time::Instant,
 }
@@ -209,6 +287,7 @@ impl Batcher {
                 .map(|b| Duration::from_millis(b.timeout_ms))
                 .unwrap_or_default(),
             pending: Vec::new(),
+            items: 0,
             deadline: tokio::time::Instant::now(),
         }
     }
@@ -228,11 +307,14 @@ impl Batcher {
         if self.pending.is_empty() {
             self.deadline = tokio::time::Instant::now() + self.timeout;
         }
+        // A batch counts items: a frame is never split between batches, so one may hold a few more.
+        self.items += items_held(&message);
         self.pending.push(message);
-        (self.pending.len() >= size).then(|| Work::Batch(self.take()))
+        (self.items >= size).then(|| Work::Batch(self.take()))
     }
 
     fn take(&mut self) -> Vec<Message> {
+        self.items = 0;
         std::mem::take(&mut self.pending)
     }
 
@@ -298,6 +380,8 @@ impl Worker {
         let mut batch = Batcher::new(self.batch);
         let mut in_flight = FuturesUnordered::new();
         let mut isolation = Isolation::default();
+        // Items in the work in flight.
+        let mut held = 0usize;
         // Queued messages are not being worked on, but they must not be redelivered meanwhile.
         let mut queued_progress = tokio::time::interval(self.progress_every);
         queued_progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -308,12 +392,15 @@ impl Worker {
                     if in_flight.is_empty() {
                         if let Some(suspect) = isolation.suspects.pop_front() {
                             isolation.running = true;
-                            in_flight.push(self.work(batch.alone(suspect), true));
+                            let work = batch.alone(suspect);
+                            held += work.items();
+                            in_flight.push(self.work(work, true));
                         }
                     }
                 } else {
                     while let Some(message) = isolation.waiting.pop_front() {
                         if let Some(work) = batch.add(message) {
+                            held += work.items();
                             in_flight.push(self.work(work, false));
                         }
                     }
@@ -333,18 +420,21 @@ impl Worker {
                     }
                 }
             }
-            let can_pull =
-                pull.messages.is_some() && in_flight.len() + isolation.queued() < self.concurrency;
+            // Concurrency counts items: a frame takes as much of it as the items it holds.
+            let can_pull = pull.messages.is_some() && held + isolation.queued() < self.concurrency;
             tokio::select! {
                 biased;
                 _ = crate::stopped(&mut shutdown) => break,
-                Some(alone) = in_flight.next(), if !in_flight.is_empty() => {
+                Some((alone, items)) = in_flight.next(), if !in_flight.is_empty() => {
+                    held -= items;
                     if alone {
                         isolation.running = false;
                     }
                 }
                 _ = tokio::time::sleep_until(batch.deadline), if !batch.pending.is_empty() && !isolation.busy() => {
-                    in_flight.push(self.work(Work::Batch(batch.take()), false));
+                    let work = Work::Batch(batch.take());
+                    held += work.items();
+                    in_flight.push(self.work(work, false));
                 }
                 _ = queued_progress.tick(), if isolation.queued() > 0 => {
                     for m in isolation.suspects.iter().chain(&isolation.waiting) {
@@ -359,6 +449,7 @@ impl Worker {
                         } else if isolation.busy() {
                             isolation.waiting.push_back(message);
                         } else if let Some(work) = batch.add(message) {
+                            held += work.items();
                             in_flight.push(self.work(work, false));
                         }
                     }
@@ -382,7 +473,7 @@ impl Worker {
 
     /// Stops pulling, hands back what was fetched but not started (so other replicas get it now
     /// rather than after the acknowledgement deadline), and finishes what is in flight.
-    async fn wind_down<F: Future<Output = bool>>(
+    async fn wind_down<F: Future<Output = (bool, usize)>>(
         &self,
         mut pull: Pull,
         mut batch: Batcher,
@@ -457,26 +548,27 @@ impl Worker {
 
     /// Works on one input (or batch) and acknowledges it. `alone`: a message delivered again, run
     /// with nothing beside it after its crash record is written (see `crashes`). Returns `alone`.
-    async fn work(&self, work: Work, alone: bool) -> bool {
+    async fn work(&self, work: Work, alone: bool) -> (bool, usize) {
         let messages: &[Message] = match &work {
             Work::One(m) => std::slice::from_ref(m),
             Work::Batch(ms) => ms,
         };
         let count = messages.len() as u64;
+        let items = work.items();
         if let Work::One(message) = &work {
             if Replay::of(message.headers.as_ref()).is_some_and(|r| r.unit != self.unit) {
                 // Put back on a subject this unit reads for the one unit that failed it.
                 if let Err(e) = message.ack().await {
                     tracing::debug!("cannot acknowledge another unit's replay: {e}");
                 }
-                return alone;
+                return (alone, items);
             }
         }
         let recorded_seq = alone
             .then(|| messages.first().and_then(|m| m.info().ok()))
             .flatten()
             .map(|info| info.stream_sequence);
-        Stats::add(&self.stats.in_flight, count);
+        Stats::add(&self.stats.in_flight, items as u64);
         // The work is pinned here and lent to `with_progress`: handed over by value, it would be
         // stored twice in this future (rust-lang/rust#62958), and every message's future is moved
         // into the in-flight set as it starts, so its size is copied per message.
@@ -490,23 +582,27 @@ impl Worker {
                     (Work::Batch(ms), Verdict::Run { .. }) => self.process_batch(ms).await,
                     // A suspect of a batch stage is a batch of one.
                     (Work::Batch(ms), dead @ Verdict::DeadLetter { .. }) => match ms.first() {
-                        Some(m) => self.process_one(m, dead).await,
-                        None => Ok(()),
+                        Some(m) => self.process_message(m, dead).await,
+                        None => Ok(0),
                     },
-                    (Work::One(m), verdict) => self.process_one(m, verdict).await,
+                    (Work::One(m), verdict) => self.process_message(m, verdict).await,
                 }
             };
             tokio::pin!(processing);
             self.with_progress(messages, processing).await
         };
         match result {
-            Ok(()) => {
+            Ok(items) => {
+                if crate::faults::due() {
+                    crate::faults::kill();
+                }
                 for m in messages {
                     if let Err(e) = m.ack().await {
                         tracing::warn!("cannot acknowledge a message: {e}; it will be redelivered and de-duplicated");
                     }
                 }
-                Stats::add(&self.stats.processed, count);
+                Stats::add(&self.stats.processed, items);
+                Stats::add(&self.stats.messages, count);
             }
             Err(e) => {
                 tracing::warn!("{e}; the input will be delivered again");
@@ -524,8 +620,8 @@ impl Worker {
         }
         self.stats
             .in_flight
-            .fetch_sub(count, std::sync::atomic::Ordering::Relaxed);
-        alone
+            .fetch_sub(items as u64, std::sync::atomic::Ordering::Relaxed);
+        (alone, items)
     }
 
     /// The dead letter of a message that crashed its unit's process `crashes` times when it ran alone.
@@ -571,36 +667,124 @@ impl Worker {
         }
     }
 
-    async fn process_one(&self, message: &Message, verdict: Verdict) -> Result<(), ConsumeError> {
+    /// Works on every item of one stored message (a single item, or a frame of them) and stores what
+    /// they made. Returns the number of items.
+    async fn process_message(
+        &self,
+        message: &Message,
+        verdict: Verdict,
+    ) -> Result<u64, ConsumeError> {
         let (stream_seq, delivered) = match message.info() {
             Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
             Err(_) => (0, 1),
         };
-        let lineage = Lineage::from_headers(message.headers.as_ref(), &self.stream, stream_seq);
-        let began = self.tracing(&lineage).then(Began::now);
-        let (carried, span) = self.begin_span(&lineage, &[]);
-        let carried = carried.as_ref().unwrap_or(&lineage);
-        let input = Payload::Bytes(message.payload.clone());
-        let emitted = if let Verdict::DeadLetter { crashes } = verdict {
-            let crashed = self.crashed_it(input, crashes, delivered);
-            self.emit(carried, Vec::new(), vec![crashed]).await?
-        } else {
-            let first = Replay::of(message.headers.as_ref()).map_or(0, |r| r.step);
-            let chained =
-                crate::steps::run_chain_from(&self.steps, first, input.clone(), carried).await;
-            let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
-            self.emit(carried, outputs, failures).await?
-        };
-        if began.is_some() || span.is_some() {
-            let done = emitted.done(self.is_sink(), delivered);
-            if let Some(span) = span {
-                span.end(&done);
+        let framed = frame::frame_count(message.headers.as_ref()).is_some();
+        let inputs = match self.inputs(message, stream_seq) {
+            Ok(inputs) => inputs,
+            Err(e) => {
+                // Reading it again will not help: the message goes to the dead letters as it is.
+                let lineage =
+                    Lineage::from_headers(message.headers.as_ref(), &self.stream, stream_seq);
+                let unreadable = self.unreadable_frame(Payload::Bytes(message.payload.clone()), &e);
+                let mut item = Processed::of(lineage, None, None, Vec::new(), vec![unreadable]);
+                self.emit(
+                    &message_id(message, &self.stream, stream_seq),
+                    false,
+                    std::slice::from_mut(&mut item),
+                )
+                .await?;
+                return Ok(1);
             }
-            if let (Some(began), Some(tracer)) = (began, &self.tracer) {
-                tracer.record(&lineage, began, done).await;
+        };
+        let count = inputs.len() as u64;
+        let mut processed: Vec<Processed> =
+            futures::future::join_all(inputs.into_iter().map(|input| async move {
+                let began = self.tracing(&input.lineage).then(Began::now);
+                let (carried, span) = self.begin_span(&input.lineage, &[]);
+                let run_with = carried.as_ref().unwrap_or(&input.lineage).clone();
+                let (outputs, failures) = if let Verdict::DeadLetter { crashes } = verdict {
+                    let crashed = self.crashed_it(input.payload, crashes, delivered);
+                    (Vec::new(), vec![crashed])
+                } else {
+                    let chained = crate::steps::run_chain_from(
+                        &self.steps,
+                        input.first_step,
+                        input.payload.clone(),
+                        &run_with,
+                    )
+                    .await;
+                    self.oversized_to_dead_letters(input.payload, chained)
+                };
+                let mut item = Processed::of(input.lineage, began, span, outputs, failures);
+                item.carried = carried;
+                item
+            }))
+            .await;
+        let emitted = self
+            .emit(
+                &message_id(message, &self.stream, stream_seq),
+                framed,
+                &mut processed,
+            )
+            .await?;
+        for (item, emitted) in processed.into_iter().zip(emitted) {
+            if item.began.is_some() || item.span.is_some() {
+                let done = emitted.done(self.is_sink(), delivered);
+                if let Some(span) = item.span {
+                    span.end(&done);
+                }
+                if let (Some(began), Some(tracer)) = (item.began, &self.tracer) {
+                    tracer.record(&item.lineage, began, done).await;
+                }
             }
         }
-        Ok(())
+        Ok(count)
+    }
+
+    /// The items a stored message holds, each with its own lineage.
+    fn inputs(&self, message: &Message, stream_seq: u64) -> Result<Vec<Input>, FrameError> {
+        let Some(items) = frame::items(message.headers.as_ref(), &message.payload) else {
+            return Ok(vec![Input {
+                lineage: Lineage::from_headers(message.headers.as_ref(), &self.stream, stream_seq),
+                payload: Payload::Bytes(message.payload.clone()),
+                first_step: Replay::of(message.headers.as_ref()).map_or(0, |r| r.step),
+            }]);
+        };
+        Ok(items?
+            .into_iter()
+            .enumerate()
+            .map(|(index, item)| {
+                let mut lineage =
+                    Lineage::from_headers(Some(&item.headers), &self.stream, stream_seq);
+                if item.headers.get(names::MSG_ID).is_none() {
+                    // Every frame we write gives its items ids; one written by hand may not.
+                    lineage.id = format!("{}:{stream_seq}.{index}", self.stream);
+                }
+                Input {
+                    lineage,
+                    payload: Payload::Bytes(item.payload),
+                    first_step: 0,
+                }
+            })
+            .collect())
+    }
+
+    fn unreadable_frame(&self, item: Payload, error: &FrameError) -> StepFailure {
+        StepFailure {
+            stage: self.unit.clone(),
+            step_index: 0,
+            item_index: 0,
+            replay_step: 0,
+            failure: Failure {
+                item,
+                error: format!(
+                    "the message says it is a frame of several items ({} header) but cannot be read as one: {error}",
+                    switchyard_crds::unit::headers::FRAME
+                ),
+                attempts: 1,
+                deliveries: None,
+            },
+        }
     }
 
     /// The item's span in this unit, when it gets one, and the lineage its outputs then carry.
@@ -682,116 +866,163 @@ impl Worker {
         (Vec::new(), failures)
     }
 
-    /// A batch is one JSON array of its messages; it carries the first message's ancestry.
-    async fn process_batch(&self, messages: &[Message]) -> Result<(), ConsumeError> {
-        let Some(first) = messages.first() else {
-            return Ok(());
+    /// A batch is one JSON array of the items of its messages; it carries the first item's ancestry.
+    async fn process_batch(&self, messages: &[Message]) -> Result<u64, ConsumeError> {
+        let mut members = Vec::new();
+        let mut unreadable = Vec::new();
+        for m in messages {
+            let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+            match self.inputs(m, seq) {
+                Ok(inputs) => members.extend(inputs.into_iter().map(|i| (i, m))),
+                Err(e) => unreadable.push((m, seq, e)),
+            }
+        }
+        for (m, seq, e) in unreadable {
+            let lineage = Lineage::from_headers(m.headers.as_ref(), &self.stream, seq);
+            let failure = self.unreadable_frame(Payload::Bytes(m.payload.clone()), &e);
+            let mut item = Processed::of(lineage, None, None, Vec::new(), vec![failure]);
+            self.emit(
+                &message_id(m, &self.stream, seq),
+                false,
+                std::slice::from_mut(&mut item),
+            )
+            .await?;
+        }
+        let Some((first, _)) = members.first() else {
+            return Ok(messages.len() as u64);
         };
-        let stream_seq = first.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let mut lineage = Lineage::from_headers(first.headers.as_ref(), &self.stream, stream_seq);
-        lineage.id = format!("{}*{}", lineage.id, messages.len());
-        let mut array =
-            Vec::with_capacity(messages.iter().map(|m| m.payload.len() + 1).sum::<usize>() + 2);
+        let mut lineage = first.lineage.clone();
+        lineage.id = format!("{}*{}", lineage.id, members.len());
+        let mut array = Vec::with_capacity(
+            members
+                .iter()
+                .map(|(i, _)| i.payload.size() + 1)
+                .sum::<usize>()
+                + 2,
+        );
         array.push(b'[');
-        for (i, m) in messages.iter().enumerate() {
+        for (i, (member, _)) in members.iter().enumerate() {
             if i > 0 {
                 array.push(b',');
             }
-            crate::payload::write_bytes_as_json(&m.payload, &mut array);
+            member.payload.write_as_json(&mut array);
         }
         array.push(b']');
         let input = Payload::Bytes(array.into());
         let began = Began::now();
-        let members: Vec<Lineage> = if self.spans.is_some() {
-            messages[1..]
-                .iter()
-                .map(|m| {
-                    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-                    Lineage::from_headers(m.headers.as_ref(), &self.stream, seq)
-                })
-                .collect()
+        let others: Vec<&Lineage> = if self.spans.is_some() {
+            members[1..].iter().map(|(i, _)| &i.lineage).collect()
         } else {
             Vec::new()
         };
-        let (carried, span) = self.begin_span(&lineage, &members.iter().collect::<Vec<_>>());
-        let carried = carried.as_ref().unwrap_or(&lineage);
-        let chained = crate::steps::run_chain(&self.steps, input.clone(), carried).await;
+        let (carried, span) = self.begin_span(&lineage, &others);
+        let run_with = carried.as_ref().unwrap_or(&lineage).clone();
+        let chained = crate::steps::run_chain(&self.steps, input.clone(), &run_with).await;
         let (outputs, failures) = self.oversized_to_dead_letters(input, chained);
-        let emitted = self.emit(carried, outputs, failures).await?;
+        let mut batch = Processed::of(lineage, None, None, outputs, failures);
+        batch.carried = carried;
+        let emitted = self
+            .emit(
+                &batch.lineage.id.clone(),
+                false,
+                std::slice::from_mut(&mut batch),
+            )
+            .await?
+            .pop()
+            .unwrap_or_default();
         if let Some(span) = span {
             span.end(&emitted.clone().done(false, 1));
         }
         if let Some(tracer) = &self.tracer {
             // Each traced member of the batch gets the batch's event, under its own identity.
-            for m in messages {
-                let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-                let member = Lineage::from_headers(m.headers.as_ref(), &self.stream, seq);
-                if tracer.samples(&member) {
+            for (member, m) in &members {
+                if tracer.samples(&member.lineage) {
                     let deliveries = m.info().map_or(1, |i| i.delivered.max(1) as u64);
                     tracer
-                        .record(&member, began, emitted.clone().done(false, deliveries))
+                        .record(
+                            &member.lineage,
+                            began,
+                            emitted.clone().done(false, deliveries),
+                        )
                         .await;
                 }
             }
         }
-        Ok(())
+        Ok(members.len() as u64)
     }
 
-    /// Stores every output and dead letter; Ok only when all of them are stored.
+    /// Stores every item's outputs and dead letters; Ok only when all of them are stored. The outputs
+    /// of a frame's items go out as frames (ids from the input message's: a redelivery makes the same
+    /// frames, which JetStream drops); a single item's each go out alone, as they always did.
     async fn emit(
         &self,
-        lineage: &Lineage,
-        outputs: Vec<Payload>,
-        mut failures: Vec<StepFailure>,
-    ) -> Result<Emitted, ConsumeError> {
-        let mut emitted = Emitted::default();
+        input_id: &str,
+        framed: bool,
+        items: &mut [Processed],
+    ) -> Result<Vec<Emitted>, ConsumeError> {
+        let mut emitted = vec![Emitted::default(); items.len()];
         let mut acks = Pending {
             acks: Vec::new(),
             epoch: *self.disconnects.borrow(),
         };
         match &self.output {
             Output::Publish(subject) => {
-                emitted.stored = outputs.len() as u64;
-                self.publish_outputs(lineage, outputs, subject, &mut acks)
-                    .await?
+                for (item, emitted) in items.iter().zip(emitted.iter_mut()) {
+                    emitted.stored = item.outputs.len() as u64;
+                }
+                if framed {
+                    self.publish_frames(input_id, items, subject, &mut acks)
+                        .await?
+                } else {
+                    for item in items.iter_mut() {
+                        let outputs = std::mem::take(&mut item.outputs);
+                        self.publish_outputs(item.carried(), outputs, subject, &mut acks)
+                            .await?
+                    }
+                }
             }
             Output::Sink { sink, retry } => {
-                for output in outputs {
-                    let written = crate::sinks::write_with_retry(
-                        sink.as_ref(),
-                        retry,
-                        &self.unit,
-                        lineage,
-                        output.into_bytes(),
-                    )
-                    .await;
-                    match written {
-                        Ok(Written::New) => {
-                            emitted.stored += 1;
-                            Stats::add(&self.stats.published, 1)
+                for (item, emitted) in items.iter_mut().zip(emitted.iter_mut()) {
+                    for output in std::mem::take(&mut item.outputs) {
+                        let written = crate::sinks::write_with_retry(
+                            sink.as_ref(),
+                            retry,
+                            &self.unit,
+                            item.carried(),
+                            output.into_bytes(),
+                        )
+                        .await;
+                        match written {
+                            Ok(Written::New) => {
+                                emitted.stored += 1;
+                                Stats::add(&self.stats.published, 1)
+                            }
+                            Ok(Written::Duplicate) => {
+                                emitted.duplicates += 1;
+                                Stats::add(&self.stats.duplicates_skipped, 1)
+                            }
+                            Err(failure) => item.failures.push(StepFailure {
+                                stage: self.unit.clone(),
+                                step_index: self.steps.len(),
+                                item_index: 0,
+                                replay_step: self.steps.len(),
+                                failure,
+                            }),
                         }
-                        Ok(Written::Duplicate) => {
-                            emitted.duplicates += 1;
-                            Stats::add(&self.stats.duplicates_skipped, 1)
-                        }
-                        Err(failure) => failures.push(StepFailure {
-                            stage: self.unit.clone(),
-                            step_index: self.steps.len(),
-                            item_index: 0,
-                            replay_step: self.steps.len(),
-                            failure,
-                        }),
                     }
                 }
             }
         }
-        let dead = failures.len() as u64;
-        for failure in failures {
-            emitted.attempts = emitted.attempts.max(failure.failure.attempts);
-            if emitted.dead.is_none() && self.tracer.is_some() {
-                emitted.dead = Some((failure.stage.clone(), failure.failure.error.clone()));
+        let mut dead = 0;
+        for (item, emitted) in items.iter_mut().zip(emitted.iter_mut()) {
+            for failure in std::mem::take(&mut item.failures) {
+                dead += 1;
+                emitted.attempts = emitted.attempts.max(failure.failure.attempts);
+                if emitted.dead.is_none() && self.tracer.is_some() {
+                    emitted.dead = Some((failure.stage.clone(), failure.failure.error.clone()));
+                }
+                self.dead_letter(item.carried(), failure, &mut acks).await?;
             }
-            self.dead_letter(lineage, failure, &mut acks).await?;
         }
         for ack in acks.acks {
             self.settle(ack, acks.epoch).await?;
@@ -828,6 +1059,75 @@ impl Worker {
         }
         Stats::add(&self.stats.published, count as u64);
         Ok(())
+    }
+
+    /// Publishes the outputs of a frame's items as frames, in item order, each within the server's
+    /// limit. Frame `k` of input `input_id` has the id `input_id/unit` (`…#k` after the first), and
+    /// each item in it the id it would have had alone.
+    async fn publish_frames(
+        &self,
+        input_id: &str,
+        items: &mut [Processed],
+        subject: &Subject,
+        acks: &mut Pending,
+    ) -> Result<(), ConsumeError> {
+        let most_bytes = frame::MOST_BYTES.min(self.max_payload.saturating_sub(HEADERS_ROOM));
+        let most_items = self.frame_items.clamp(1, frame::MOST_ITEMS);
+        let mut writer = FrameWriter::new();
+        let mut frames = 0usize;
+        let mut published = 0u64;
+        for item in items.iter_mut() {
+            let outputs = std::mem::take(&mut item.outputs);
+            if outputs.is_empty() {
+                continue;
+            }
+            let base = item.carried().headers_after(&self.unit);
+            for (index, output) in outputs.into_iter().enumerate() {
+                let mut map = base.clone();
+                map.insert(
+                    names::MSG_ID,
+                    owned_header_value(item.carried().output_id(&self.unit, index)),
+                );
+                let bytes = output.into_bytes();
+                let size = FrameWriter::encoded_size(&map, &bytes);
+                if writer.count() > 0
+                    && (writer.count() >= most_items || writer.size() + size > most_bytes)
+                {
+                    let full = std::mem::take(&mut writer);
+                    self.publish_frame(input_id, frames, full, subject, acks)
+                        .await?;
+                    frames += 1;
+                }
+                writer.push(&map, &bytes);
+                published += 1;
+            }
+        }
+        if writer.count() > 0 {
+            self.publish_frame(input_id, frames, writer, subject, acks)
+                .await?;
+        }
+        Stats::add(&self.stats.published, published);
+        Ok(())
+    }
+
+    async fn publish_frame(
+        &self,
+        input_id: &str,
+        index: usize,
+        writer: FrameWriter,
+        subject: &Subject,
+        acks: &mut Pending,
+    ) -> Result<(), ConsumeError> {
+        let (mut map, payload) = writer.finish();
+        let id = match index {
+            0 => format!("{input_id}/{}", self.unit),
+            k => format!("{input_id}/{}#{k}", self.unit),
+        };
+        map.insert(names::MSG_ID, owned_header_value(id));
+        let publish = jetstream::message::PublishMessage::build()
+            .headers(map)
+            .payload(payload);
+        self.publish_into(acks, subject, publish).await
     }
 
     async fn dead_letter(

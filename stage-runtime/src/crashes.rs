@@ -12,7 +12,7 @@ use async_nats::jetstream::kv;
 use switchyard_crds::layout::CRASH_RECORD_PREFIX;
 
 /// What to do with a message delivered again, from how often it crashed its process when alone.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Run it alone; it crashed the process this often before.
     Run { crashes: u32 },

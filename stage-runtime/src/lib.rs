@@ -7,6 +7,7 @@
 pub mod acks;
 pub mod consume;
 pub mod crashes;
+pub mod faults;
 pub mod http;
 pub mod lineage;
 pub mod otlp;
@@ -306,6 +307,7 @@ impl Unit<'_> {
             ),
             tracer: self.tracer(),
             spans: self.spans.clone(),
+            frame_items: config.frame_items as usize,
         };
         stats.ready.store(true, Ordering::Relaxed);
         sources::run(source, &unit).await?;
@@ -409,6 +411,7 @@ impl Unit<'_> {
             progress_every: Duration::from_millis(input.ack_wait_ms / 3)
                 .max(Duration::from_millis(100)),
             max_payload: self.client.server_info().max_payload,
+            frame_items: config.frame_items as usize,
             disconnects: self.disconnects.clone(),
             tracer: self.tracer(),
             spans: self.spans.clone(),

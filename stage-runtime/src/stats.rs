@@ -15,7 +15,11 @@ use switchyard_crds::unit::StatsReport;
 
 #[derive(Default, Debug)]
 pub struct Stats {
+    /// Items finished (a frame's each count; sources: items stored).
     pub processed: AtomicU64,
+    /// Stored messages finished, frames or single items: with `processed`, the items a message
+    /// holds on average, which turns the consumer's pending messages into items.
+    pub messages: AtomicU64,
     pub published: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub duplicates_skipped: AtomicU64,
@@ -99,7 +103,15 @@ pub fn spawn_reporter(
             (busy_sum, samples) = (0, 0);
             report.lag = match &ctx.consumer {
                 Some(consumer) => {
-                    switchyard_platform::nats::read_lag(&ctx.js, &ctx.stream, consumer).await
+                    switchyard_platform::nats::read_lag(&ctx.js, &ctx.stream, consumer)
+                        .await
+                        .map(|messages| {
+                            items_in(
+                                messages,
+                                report.processed,
+                                stats.messages.load(Ordering::Relaxed),
+                            )
+                        })
                 }
                 None => None,
             };
@@ -109,6 +121,15 @@ pub fn spawn_reporter(
             publish(&ctx.client, &ctx.subject, &report).await;
         }
     })
+}
+
+/// The items `pending` stored messages hold, going by how many items the messages finished so far held
+/// (frames hold several): one each until the unit has finished a message.
+pub fn items_in(pending: u64, items_done: u64, messages_done: u64) -> u64 {
+    if messages_done == 0 || items_done <= messages_done {
+        return pending;
+    }
+    (pending as f64 * items_done as f64 / messages_done as f64).round() as u64
 }
 
 /// One report, now (also the last one, before the process exits).
@@ -137,7 +158,7 @@ struct UnitLabels {
 /// | `switchyard_stage_published_total` | counter | outputs stored (sinks: messages written) |
 /// | `switchyard_stage_dead_lettered_total` | counter | messages sent to the dead-letter subject |
 /// | `switchyard_stage_in_flight` | gauge | inputs being worked on |
-/// | `switchyard_stage_lag` | gauge | pending plus unacknowledged messages of the unit's consumer |
+/// | `switchyard_stage_lag` | gauge | items in the pending and unacknowledged messages of the unit's consumer |
 /// | `switchyard_stage_rate` | gauge | inputs finished per second, last interval |
 /// | `switchyard_stage_utilization` | gauge | mean busy share of the concurrency, last interval |
 pub fn render_metrics(pipeline: &str, latest: &StatsReport) -> String {

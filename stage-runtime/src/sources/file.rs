@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use switchyard_crds::FileSource as Settings;
 use tokio::io::AsyncBufReadExt;
 
-use super::{Checkpointer, Source, SourceError, SourceUnit, Window};
+use super::framer::{self, Framer};
+use super::{Source, SourceError, SourceUnit};
 
 pub struct FileSource<'a>(pub &'a Settings);
 
@@ -27,9 +28,9 @@ impl Source for FileSource<'_> {
 
 async fn read_files(unit: &SourceUnit, path: &Path) -> Result<(), SourceError> {
     let files = list_files(path).await?;
-    let resume_at: Option<FileCheckpoint> = unit.load_checkpoint().await?;
-    let mut window = Window::new(unit);
-    let mut checkpoints = Checkpointer::new();
+    let resumed = framer::resume::<FileCheckpoint>(unit).await?;
+    let resume_at = resumed.at.clone();
+    let mut framer = Framer::new(unit, resumed);
     for file in &files {
         let name = file_name(file);
         let skip_to = match &resume_at {
@@ -55,21 +56,20 @@ async fn read_files(unit: &SourceUnit, path: &Path) -> Result<(), SourceError> {
                 continue;
             }
             let lineage = unit.lineage(format!("{name}:{line_no}"));
-            let ack = unit.publish(&lineage, Bytes::copy_from_slice(line)).await?;
             let position = FileCheckpoint {
                 file: name.clone(),
                 line: line_no,
             };
-            let confirmed = window.push(position, ack).await?;
-            checkpoints.advance(unit, confirmed).await?;
+            // A file's lines are all waiting: they go in frames as full as the limits allow.
+            framer
+                .offer(unit, &lineage, Bytes::copy_from_slice(line), position)
+                .await?;
         }
         if unit.stopping() {
             break;
         }
     }
-    let confirmed = window.drain().await?;
-    checkpoints.advance(unit, confirmed).await?;
-    checkpoints.flush(unit).await
+    framer.finish(unit).await
 }
 
 fn file_name(path: &Path) -> String {

@@ -6,11 +6,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use switchyard_crds::GeneratorSource;
 
-use super::{Checkpointer, Source, SourceError, SourceUnit, Template, Window};
+use super::framer::{self, Framer};
+use super::{Source, SourceError, SourceUnit, Template};
 
 pub struct Generator<'a>(pub &'a GeneratorSource);
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, Clone)]
 struct SeqCheckpoint {
     seq: u64,
 }
@@ -19,14 +20,13 @@ impl Source for Generator<'_> {
     async fn run(&self, unit: &SourceUnit) -> Result<(), SourceError> {
         let template = Template::or_default(&self.0.payload);
         unit.resuming(|| async {
-            let done = unit
-                .load_checkpoint::<SeqCheckpoint>()
-                .await?
-                .map_or(0, |c| c.seq);
+            let resumed = framer::resume::<SeqCheckpoint>(unit).await?;
+            let done = resumed.at.as_ref().map_or(0, |c| c.seq);
             if self.0.count.is_some_and(|c| done >= c) {
                 return Ok(());
             }
-            self.generate_from(unit, done + 1, &template).await
+            self.generate_from(unit, done + 1, &template, Framer::new(unit, resumed))
+                .await
         })
         .await
     }
@@ -38,32 +38,32 @@ impl Generator<'_> {
         unit: &SourceUnit,
         first: u64,
         template: &Template,
+        mut framer: Framer<SeqCheckpoint>,
     ) -> Result<(), SourceError> {
         let started = tokio::time::Instant::now();
-        let mut window = Window::new(unit);
-        let mut checkpoints = Checkpointer::new();
         let mut seq = first;
         while self.0.count.is_none_or(|c| seq <= c) && !unit.stopping() {
             if let Some(rate) = self.0.rate_per_second {
                 let due = started + Duration::from_secs_f64((seq - first) as f64 / rate);
                 let wait = due.saturating_duration_since(tokio::time::Instant::now());
-                if !wait.is_zero() && !unit.sleep_or_stop(wait).await {
-                    break;
+                if !wait.is_zero() {
+                    // Nothing else is ready before then: what is held goes now, not after the wait.
+                    framer.flush(unit).await?;
+                    if !unit.sleep_or_stop(wait).await {
+                        break;
+                    }
                 }
             }
-            let ack = unit
-                .publish(&unit.lineage(seq.to_string()), template.render(seq))
-                .await?;
-            let confirmed = window.push(seq, ack).await?;
-            checkpoints
-                .advance(unit, confirmed.map(|seq| SeqCheckpoint { seq }))
+            framer
+                .offer(
+                    unit,
+                    &unit.lineage(seq.to_string()),
+                    template.render(seq),
+                    SeqCheckpoint { seq },
+                )
                 .await?;
             seq += 1;
         }
-        let confirmed = window.drain().await?;
-        checkpoints
-            .advance(unit, confirmed.map(|seq| SeqCheckpoint { seq }))
-            .await?;
-        checkpoints.flush(unit).await
+        framer.finish(unit).await
     }
 }

@@ -7,6 +7,7 @@
 
 mod cron;
 mod file;
+mod framer;
 mod generator;
 mod http;
 mod nats;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishError, kv};
 use async_nats::Subject;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use switchyard_crds::SourceKind;
 use tokio::sync::watch;
 
@@ -30,8 +31,11 @@ use crate::stats::Stats;
 
 /// Publishes in flight at once: enough to keep the server busy, well below the client's limit.
 const WINDOW: usize = 1000;
+/// Items in flight at once, whatever frames hold them: a window of full frames would otherwise buffer
+/// hundreds of megabytes.
+const WINDOW_ITEMS: u64 = 8192;
 /// How often a source records how far it got, at most.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// Why a source stopped.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +71,9 @@ pub enum SourceError {
         subject: String,
         source: async_nats::SubscribeError,
     },
+    /// After a restart, what an earlier run stored could not be read back to compare.
+    #[error("cannot read back what the source stored before it restarted: {0}")]
+    Recover(String),
     /// The source's settings cannot be used (validation catches these before a unit runs).
     #[error("{0}")]
     Settings(String),
@@ -114,6 +121,8 @@ pub struct SourceUnit {
     pub tracer: Option<crate::trace::Tracer>,
     /// Exports the items' spans over OTLP, when the environment asks for it.
     pub spans: Option<crate::otlp::Spans>,
+    /// The most items one message holds (1: no frames).
+    pub frame_items: usize,
 }
 
 impl SourceUnit {
@@ -127,24 +136,6 @@ impl SourceUnit {
 
     fn lineage(&self, key: String) -> Lineage {
         lineage(&self.name, key)
-    }
-
-    async fn load_checkpoint<T: for<'de> Deserialize<'de>>(
-        &self,
-    ) -> Result<Option<T>, SourceError> {
-        let entry = self.checkpoints.get(self.checkpoint_key()).await?;
-        Ok(match entry {
-            None => None,
-            Some(bytes) => match serde_json::from_slice(&bytes) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    tracing::warn!(
-                        "ignoring an unreadable checkpoint ({e}); starting from the beginning"
-                    );
-                    None
-                }
-            },
-        })
     }
 
     async fn save_checkpoint<T: Serialize>(&self, checkpoint: &T) -> Result<(), SourceError> {
@@ -299,8 +290,9 @@ async fn settle(
 /// Publishes waiting for their acknowledgements, in publish order, each with what it stands for; the
 /// newest confirmed one is what a checkpoint may record.
 struct Window<T> {
-    /// Each publish with the disconnect count when it was made.
-    pending: VecDeque<(T, AckFuture, u64)>,
+    /// Each publish with the items it holds and the disconnect count when it was made.
+    pending: VecDeque<(T, u64, AckFuture, u64)>,
+    pending_items: u64,
     stats: Arc<Stats>,
     disconnects: crate::Disconnects,
 }
@@ -309,6 +301,7 @@ impl<T> Window<T> {
     fn new(unit: &SourceUnit) -> Window<T> {
         Window {
             pending: VecDeque::new(),
+            pending_items: 0,
             stats: unit.stats.clone(),
             disconnects: unit.disconnects.clone(),
         }
@@ -316,24 +309,33 @@ impl<T> Window<T> {
 
     /// Adds a publish and returns the newest item confirmed by now, if any; when the window is full,
     /// waits for the oldest first.
-    async fn push(&mut self, item: T, ack: PublishAckFuture) -> Result<Option<T>, SourceError> {
+    async fn push(
+        &mut self,
+        item: T,
+        items: u64,
+        ack: PublishAckFuture,
+    ) -> Result<Option<T>, SourceError> {
         use futures::FutureExt;
         let epoch = *self.disconnects.borrow();
-        self.pending.push_back((item, ack.into_future(), epoch));
+        self.pending
+            .push_back((item, items, ack.into_future(), epoch));
         let mut confirmed = None;
-        while self.pending.len() > WINDOW {
-            if let Some((item, ack, epoch)) = self.pending.pop_front() {
+        self.pending_items += items;
+        while self.pending.len() > WINDOW
+            || (self.pending_items > WINDOW_ITEMS && self.pending.len() > 1)
+        {
+            if let Some((item, items, ack, epoch)) = self.pending.pop_front() {
                 settle(ack, epoch, &self.disconnects).await?;
-                confirmed = Some(self.count(item));
+                confirmed = Some(self.count(item, items));
             }
         }
-        while let Some((_, ack, _)) = self.pending.front_mut() {
+        while let Some((_, _, ack, _)) = self.pending.front_mut() {
             match ack.now_or_never() {
                 None => break,
                 Some(result) => {
                     result.map_err(SourceError::Unacknowledged)?;
-                    if let Some((item, _, _)) = self.pending.pop_front() {
-                        confirmed = Some(self.count(item));
+                    if let Some((item, items, _, _)) = self.pending.pop_front() {
+                        confirmed = Some(self.count(item, items));
                     }
                 }
             }
@@ -344,54 +346,17 @@ impl<T> Window<T> {
     /// Waits for every publish; returns the newest item, if any was still pending.
     async fn drain(&mut self) -> Result<Option<T>, SourceError> {
         let mut confirmed = None;
-        while let Some((item, ack, epoch)) = self.pending.pop_front() {
+        while let Some((item, items, ack, epoch)) = self.pending.pop_front() {
             settle(ack, epoch, &self.disconnects).await?;
-            confirmed = Some(self.count(item));
+            confirmed = Some(self.count(item, items));
         }
         Ok(confirmed)
     }
 
-    fn count(&self, item: T) -> T {
-        Stats::add(&self.stats.processed, 1);
+    fn count(&mut self, item: T, items: u64) -> T {
+        self.pending_items -= items;
+        Stats::add(&self.stats.processed, items);
         item
-    }
-}
-
-/// Records a source's progress at most every `CHECKPOINT_EVERY`, and at the end.
-struct Checkpointer<C> {
-    latest: Option<C>,
-    saved_at: std::time::Instant,
-}
-
-impl<C: Serialize> Checkpointer<C> {
-    fn new() -> Self {
-        Checkpointer {
-            latest: None,
-            saved_at: std::time::Instant::now(),
-        }
-    }
-
-    /// Notes how far the source got; saves it when the last save is long enough ago.
-    async fn advance(
-        &mut self,
-        unit: &SourceUnit,
-        confirmed: Option<C>,
-    ) -> Result<(), SourceError> {
-        if confirmed.is_some() {
-            self.latest = confirmed;
-        }
-        if self.saved_at.elapsed() >= CHECKPOINT_EVERY {
-            self.flush(unit).await?;
-        }
-        Ok(())
-    }
-
-    async fn flush(&mut self, unit: &SourceUnit) -> Result<(), SourceError> {
-        if let Some(latest) = self.latest.take() {
-            unit.save_checkpoint(&latest).await?;
-            self.saved_at = std::time::Instant::now();
-        }
-        Ok(())
     }
 }
 
