@@ -78,6 +78,19 @@ pub struct UnitConfig {
     pub trace: Option<TraceConfig>,
 }
 
+/// The items `pending` stored messages of a unit's input hold, going by how many items the messages
+/// its replicas finished held (frames hold several): one each until a replica has finished one. The
+/// autoscaler, `switchyard run` and `status` count lag in items through this.
+pub fn items_pending<'a>(pending: u64, reports: impl IntoIterator<Item = &'a StatsReport>) -> u64 {
+    let (items, messages) = reports
+        .into_iter()
+        .fold((0u64, 0u64), |(i, m), r| (i + r.processed, m + r.messages));
+    if messages == 0 || items <= messages {
+        return pending;
+    }
+    (pending as f64 * items as f64 / messages as f64).round() as u64
+}
+
 fn one_item() -> u32 {
     1
 }
@@ -314,8 +327,12 @@ pub struct StatsReport {
     pub unit: String,
     /// Distinguishes the processes of one unit (pid in local mode, pod name in a cluster).
     pub replica: String,
-    /// Input messages finished and acknowledged (for a source: messages generated and stored).
+    /// Input items finished and acknowledged (for a source: items generated and stored).
     pub processed: u64,
+    /// Stored input messages finished: frames or single items. With `processed`, how many items a
+    /// message of the unit's input holds, which turns its consumer's pending messages into items.
+    #[serde(default)]
+    pub messages: u64,
     /// Output messages stored downstream (for a sink: messages written).
     pub published: u64,
     /// Messages sent to the dead-letter subject.
@@ -331,8 +348,9 @@ pub struct StatsReport {
     /// The process's final report, sent as it exits.
     #[serde(default)]
     pub last: bool,
-    /// Pending plus unacknowledged messages of the unit's consumer, as the consumer's leader reported
-    /// it during the last interval (absent for sources, or when it could not be read).
+    /// Items in the pending and unacknowledged messages of the unit's consumer (see `items_pending`),
+    /// as the consumer's leader reported them during the last interval (absent for sources, or when
+    /// it could not be read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<u64>,
     /// Inputs finished per second over the last interval.
@@ -382,6 +400,24 @@ mod tests {
         assert_eq!(subject_token("a.b *>c d"), "a_b___c_d");
         assert_eq!(subject_token(""), "_");
         assert_eq!(subject_token("clothes"), "clothes");
+    }
+
+    #[test]
+    fn lag_counts_the_items_the_pending_messages_hold() {
+        let report = |processed, messages| StatsReport {
+            processed,
+            messages,
+            ..StatsReport::default()
+        };
+        // Nothing finished yet, or a reporter from before frames: a message each.
+        assert_eq!(items_pending(7, &[]), 7);
+        assert_eq!(items_pending(7, &[report(500, 0)]), 7);
+        // Two replicas that finished 1,000 items in 40 messages: 25 a message.
+        let replicas = [report(600, 20), report(400, 20)];
+        assert_eq!(items_pending(4, &replicas), 100);
+        assert_eq!(items_pending(0, &replicas), 0);
+        // Single items: as many as messages.
+        assert_eq!(items_pending(9, &[report(30, 30)]), 9);
     }
 
     #[test]

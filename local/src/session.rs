@@ -323,6 +323,7 @@ impl Session {
                 Ok(info) => {
                     let lag = info.num_pending + info.num_ack_pending as u64;
                     all_empty &= lag == 0;
+                    let lag = switchyard_crds::unit::items_pending(lag, &self.reports.fresh(unit));
                     self.lags.insert(unit.clone(), lag);
                 }
                 Err(e) => {
@@ -545,6 +546,7 @@ pub fn totals(reports: &Reports, unit: &str) -> StatsReport {
     let mut sum = StatsReport::default();
     for r in reports.latest(unit) {
         sum.processed += r.processed;
+        sum.messages += r.messages;
         sum.published += r.published;
         sum.dead_lettered += r.dead_lettered;
         sum.duplicates_skipped += r.duplicates_skipped;

@@ -67,6 +67,9 @@ pub async fn read(target: &Target, listen: Duration) -> Result<Vec<UnitStatus>, 
             .filter(|((u, _), _)| *u == unit.name)
             .map(|(_, r)| r)
             .collect();
+        // The consumer counts messages; a frame holds several items.
+        let lag =
+            lag.map(|pending| switchyard_crds::unit::items_pending(pending, mine.iter().copied()));
         out.push(UnitStatus {
             unit: unit.name.clone(),
             kind: match unit.kind {

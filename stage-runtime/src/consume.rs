@@ -15,7 +15,7 @@ use futures::StreamExt;
 use switchyard_crds::unit::{BatchConfig, ConsumerConfig, RetryConfig};
 use tokio::sync::watch;
 
-use crate::crashes::{CrashRecordError, CrashRecords, Verdict};
+use crate::crashes::{CrashRecordError, CrashRecords, FrameRecord, Verdict};
 use crate::lineage::{dead_letter_headers, names, owned_header_value, Lineage, Replay};
 use crate::otlp::{ItemSpan, Spans};
 use crate::payload::Payload;
@@ -131,6 +131,14 @@ impl Emitted {
 
 /// Room left for a message's headers when its payload is measured against the server's limit.
 const HEADERS_ROOM: usize = 4096;
+
+/// How the items of one message run.
+enum Items {
+    /// All at once, each with this verdict.
+    Together(Verdict),
+    /// One after the other, behind a crash record naming each as it runs.
+    OneByOne(FrameRecord),
+}
 
 /// One item of an input message, with its own lineage.
 struct Input {
@@ -574,6 +582,11 @@ impl Worker {
         // into the in-flight set as it starts, so its size is copied per message.
         let result = {
             let processing = async {
+                if let (Work::One(m), Some(seq)) = (&work, recorded_seq) {
+                    if frame::frame_count(m.headers.as_ref()).is_some() {
+                        return self.process_suspect_frame(m, seq).await;
+                    }
+                }
                 let verdict = match recorded_seq {
                     Some(seq) => Box::pin(self.crashes.before_running_alone(seq)).await?,
                     None => Verdict::Run { crashes: 0 },
@@ -674,11 +687,18 @@ impl Worker {
         message: &Message,
         verdict: Verdict,
     ) -> Result<u64, ConsumeError> {
+        self.process_items(message, Items::Together(verdict)).await
+    }
+
+    /// Works on the items of `message` (a single item, or a frame), together or one by one, and
+    /// stores what they made. Returns the number of items.
+    async fn process_items(&self, message: &Message, how: Items) -> Result<u64, ConsumeError> {
         let (stream_seq, delivered) = match message.info() {
             Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
             Err(_) => (0, 1),
         };
         let framed = frame::frame_count(message.headers.as_ref()).is_some();
+        let id = message_id(message, &self.stream, stream_seq);
         let inputs = match self.inputs(message, stream_seq) {
             Ok(inputs) => inputs,
             Err(e) => {
@@ -687,46 +707,36 @@ impl Worker {
                     Lineage::from_headers(message.headers.as_ref(), &self.stream, stream_seq);
                 let unreadable = self.unreadable_frame(Payload::Bytes(message.payload.clone()), &e);
                 let mut item = Processed::of(lineage, None, None, Vec::new(), vec![unreadable]);
-                self.emit(
-                    &message_id(message, &self.stream, stream_seq),
-                    false,
-                    std::slice::from_mut(&mut item),
-                )
-                .await?;
+                self.emit(&id, false, std::slice::from_mut(&mut item))
+                    .await?;
                 return Ok(1);
             }
         };
         let count = inputs.len() as u64;
-        let mut processed: Vec<Processed> =
-            futures::future::join_all(inputs.into_iter().map(|input| async move {
-                let began = self.tracing(&input.lineage).then(Began::now);
-                let (carried, span) = self.begin_span(&input.lineage, &[]);
-                let run_with = carried.as_ref().unwrap_or(&input.lineage).clone();
-                let (outputs, failures) = if let Verdict::DeadLetter { crashes } = verdict {
-                    let crashed = self.crashed_it(input.payload, crashes, delivered);
-                    (Vec::new(), vec![crashed])
-                } else {
-                    let chained = crate::steps::run_chain_from(
-                        &self.steps,
-                        input.first_step,
-                        input.payload.clone(),
-                        &run_with,
-                    )
-                    .await;
-                    self.oversized_to_dead_letters(input.payload, chained)
-                };
-                let mut item = Processed::of(input.lineage, began, span, outputs, failures);
-                item.carried = carried;
-                item
-            }))
-            .await;
-        let emitted = self
-            .emit(
-                &message_id(message, &self.stream, stream_seq),
-                framed,
-                &mut processed,
-            )
-            .await?;
+        let mut processed = match how {
+            Items::Together(verdict) => {
+                futures::future::join_all(
+                    inputs
+                        .into_iter()
+                        .map(|input| self.run_item(input, verdict, delivered)),
+                )
+                .await
+            }
+            Items::OneByOne(record) => {
+                let mut processed = Vec::with_capacity(inputs.len());
+                for (index, input) in inputs.into_iter().enumerate() {
+                    let crashes = record.crashes_of(index);
+                    let verdict = crate::crashes::verdict(crashes, self.crashes.dead_letter_after);
+                    if let Verdict::Run { .. } = verdict {
+                        // Should the process die now, the record names this item.
+                        Box::pin(self.crashes.item_runs(stream_seq, index, crashes + 1)).await?;
+                    }
+                    processed.push(self.run_item(input, verdict, delivered).await);
+                }
+                processed
+            }
+        };
+        let emitted = self.emit(&id, framed, &mut processed).await?;
         for (item, emitted) in processed.into_iter().zip(emitted) {
             if item.began.is_some() || item.span.is_some() {
                 let done = emitted.done(self.is_sink(), delivered);
@@ -739,6 +749,47 @@ impl Worker {
             }
         }
         Ok(count)
+    }
+
+    /// One item through the steps (or, when it kept crashing the process, to the dead letters).
+    async fn run_item(&self, input: Input, verdict: Verdict, delivered: u64) -> Processed {
+        let began = self.tracing(&input.lineage).then(Began::now);
+        let (carried, span) = self.begin_span(&input.lineage, &[]);
+        let run_with = carried.as_ref().unwrap_or(&input.lineage).clone();
+        let (outputs, failures) = if let Verdict::DeadLetter { crashes } = verdict {
+            let crashed = self.crashed_it(input.payload, crashes, delivered);
+            (Vec::new(), vec![crashed])
+        } else {
+            let chained = crate::steps::run_chain_from(
+                &self.steps,
+                input.first_step,
+                input.payload.clone(),
+                &run_with,
+            )
+            .await;
+            self.oversized_to_dead_letters(input.payload, chained)
+        };
+        let mut item = Processed::of(input.lineage, began, span, outputs, failures);
+        item.carried = carried;
+        item
+    }
+
+    /// A frame delivered again, run alone (see `crashes`): whole the first time, as a single message
+    /// is; if the process died while it did, item by item behind a record naming the item, so that
+    /// only the item that kills the process is dead-lettered, never the others beside it.
+    async fn process_suspect_frame(
+        &self,
+        message: &Message,
+        stream_seq: u64,
+    ) -> Result<u64, ConsumeError> {
+        match Box::pin(self.crashes.frame_record(stream_seq)).await? {
+            None => {
+                Box::pin(self.crashes.whole_frame_runs(stream_seq)).await?;
+                self.process_items(message, Items::Together(Verdict::Run { crashes: 0 }))
+                    .await
+            }
+            Some(record) => self.process_items(message, Items::OneByOne(record)).await,
+        }
     }
 
     /// The items a stored message holds, each with its own lineage.

@@ -7,6 +7,11 @@
 //! so. Its record is removed once it is finished. A record still there when the message comes back
 //! means the process died while it ran alone: that is a crash it caused. After
 //! `spec.deadLetter.afterCrashes` of them it is dead-lettered instead of run again.
+//!
+//! A frame (several items in one message) runs alone whole the first time. Should the process die
+//! then, the culprit is one of its items: the next time they run one by one, the record naming each
+//! item before it runs, and only the item that kills the process is counted and, in the end,
+//! dead-lettered.
 
 use async_nats::jetstream::kv;
 use switchyard_crds::layout::CRASH_RECORD_PREFIX;
@@ -26,6 +31,37 @@ pub fn verdict(crashes: u32, dead_letter_after: u32) -> Verdict {
         Verdict::DeadLetter { crashes }
     } else {
         Verdict::Run { crashes }
+    }
+}
+
+/// The crash record of a frame (several items in one message): it crashed the process while it ran
+/// whole (the culprit unknown yet), or item `index` did, `crashes` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameRecord {
+    Whole,
+    Item { index: usize, crashes: u32 },
+}
+
+impl FrameRecord {
+    /// Reads `item <index> <crashes>`; anything else (a count, as a whole frame's record is) is
+    /// `Whole`.
+    pub fn parse(text: &str) -> FrameRecord {
+        let mut words = text.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("item"), Some(index), Some(crashes)) => match (index.parse(), crashes.parse()) {
+                (Ok(index), Ok(crashes)) => FrameRecord::Item { index, crashes },
+                _ => FrameRecord::Whole,
+            },
+            _ => FrameRecord::Whole,
+        }
+    }
+
+    /// How often item `index` crashed the process, as far as the record knows.
+    pub fn crashes_of(self, index: usize) -> u32 {
+        match self {
+            FrameRecord::Item { index: i, crashes } if i == index => crashes,
+            _ => 0,
+        }
     }
 }
 
@@ -87,6 +123,47 @@ impl CrashRecords {
         Ok(verdict)
     }
 
+    /// What the record of the frame at `stream_seq` says, if there is one: the frame crashed the
+    /// process while it ran whole, or the item it names did.
+    pub async fn frame_record(
+        &self,
+        stream_seq: u64,
+    ) -> Result<Option<FrameRecord>, CrashRecordError> {
+        let key = self.key(stream_seq);
+        let stored = self
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| CrashRecordError::new("read", &key, e))?;
+        Ok(stored.map(|bytes| FrameRecord::parse(std::str::from_utf8(&bytes).unwrap_or_default())))
+    }
+
+    /// Records that the frame at `stream_seq` runs whole, alone.
+    pub async fn whole_frame_runs(&self, stream_seq: u64) -> Result<(), CrashRecordError> {
+        self.write(stream_seq, "1".to_string()).await
+    }
+
+    /// Records that item `index` of the frame at `stream_seq` runs, and that should the process die
+    /// now it will have crashed it `crashes` times.
+    pub async fn item_runs(
+        &self,
+        stream_seq: u64,
+        index: usize,
+        crashes: u32,
+    ) -> Result<(), CrashRecordError> {
+        self.write(stream_seq, format!("item {index} {crashes}"))
+            .await
+    }
+
+    async fn write(&self, stream_seq: u64, text: String) -> Result<(), CrashRecordError> {
+        let key = self.key(stream_seq);
+        self.store
+            .put(&key, text.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| CrashRecordError::new("write", &key, e))
+    }
+
     /// Removes the record of a message that is finished: it did not crash the process this time.
     pub async fn forget(&self, stream_seq: u64) -> Result<(), CrashRecordError> {
         let key = self.key(stream_seq);
@@ -100,6 +177,23 @@ impl CrashRecords {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frames_record_names_the_item_that_crashed_the_process() {
+        assert_eq!(FrameRecord::parse("1"), FrameRecord::Whole);
+        assert_eq!(FrameRecord::parse("garbage"), FrameRecord::Whole);
+        let record = FrameRecord::parse("item 17 2");
+        assert_eq!(
+            record,
+            FrameRecord::Item {
+                index: 17,
+                crashes: 2
+            }
+        );
+        assert_eq!(record.crashes_of(17), 2);
+        assert_eq!(record.crashes_of(16), 0);
+        assert_eq!(FrameRecord::Whole.crashes_of(0), 0);
+    }
 
     #[test]
     fn a_message_runs_until_it_crashed_its_process_as_often_as_allowed() {

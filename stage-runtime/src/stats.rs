@@ -40,6 +40,7 @@ impl Stats {
             unit: unit.to_string(),
             replica: replica.to_string(),
             processed: self.processed.load(Ordering::Relaxed),
+            messages: self.messages.load(Ordering::Relaxed),
             published: self.published.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             duplicates_skipped: self.duplicates_skipped.load(Ordering::Relaxed),
@@ -105,13 +106,7 @@ pub fn spawn_reporter(
                 Some(consumer) => {
                     switchyard_platform::nats::read_lag(&ctx.js, &ctx.stream, consumer)
                         .await
-                        .map(|messages| {
-                            items_in(
-                                messages,
-                                report.processed,
-                                stats.messages.load(Ordering::Relaxed),
-                            )
-                        })
+                        .map(|pending| switchyard_crds::unit::items_pending(pending, [&report]))
                 }
                 None => None,
             };
@@ -121,15 +116,6 @@ pub fn spawn_reporter(
             publish(&ctx.client, &ctx.subject, &report).await;
         }
     })
-}
-
-/// The items `pending` stored messages hold, going by how many items the messages finished so far held
-/// (frames hold several): one each until the unit has finished a message.
-pub fn items_in(pending: u64, items_done: u64, messages_done: u64) -> u64 {
-    if messages_done == 0 || items_done <= messages_done {
-        return pending;
-    }
-    (pending as f64 * items_done as f64 / messages_done as f64).round() as u64
 }
 
 /// One report, now (also the last one, before the process exits).

@@ -169,6 +169,13 @@ impl Autoscaler {
             )
             .await
             {
+                // The consumer counts messages; a frame holds several items.
+                let reports = self.ctx.reports.fresh(&keys::unit(
+                    &topology.namespace,
+                    &topology.pipeline,
+                    &consumer.durable,
+                ));
+                let lag = switchyard_crds::unit::items_pending(lag, &reports);
                 lags.insert(consumer.durable.clone(), lag);
             }
         }

@@ -257,7 +257,12 @@ pub fn units(
                 updated: r.updated,
                 rolled_out: r.complete,
                 rollout_failed: r.failed,
-                lag: seen.lag.get(&u.name).copied(),
+                lag: seen.lag.get(&u.name).map(|&pending| {
+                    let reports =
+                        ctx.reports
+                            .fresh(&keys::unit(&plan.namespace, &plan.pipeline, &u.name));
+                    switchyard_crds::unit::items_pending(pending, &reports)
+                }),
                 rate: ctx.rate(&plan.namespace, &plan.pipeline, &u.name),
                 dead_lettered: seen.dead_lettered.get(&u.name).copied().unwrap_or(0),
                 last_scale_time: scaled.as_ref().and_then(|r| r.last_scale_time.clone()),
