@@ -131,6 +131,25 @@ fn run(args: &PeerArgs) -> anyhow::Result<()> {
         ours,
         thousands((items as f64 / ours) as u64)
     );
+    let killed = dir.join("killed-switchyard");
+    prepare_copy(&dir, &killed, &["input.jsonl", "handler.py", "p.yaml"])?;
+    let resumed = kill_and_resume(
+        &killed,
+        "switchyard-out.jsonl",
+        items,
+        &mut || {
+            let mut c = Command::new(&switchyard);
+            c.args(["run", "p.yaml"]);
+            c
+        },
+        &mut || {
+            let mut c = Command::new(&switchyard);
+            c.args(["run", "p.yaml", "--resume"]);
+            c
+        },
+    )
+    .context("switchyard, killed and resumed")?;
+    println!("  switchyard run, SIGKILLed halfway and run again with --resume: {resumed}");
 
     if args.bytewax == "none" {
         return Ok(());
@@ -180,7 +199,151 @@ fn run(args: &PeerArgs) -> anyhow::Result<()> {
         "  switchyard against bytewax: {:.2} × its throughput",
         theirs / ours
     );
+    let killed = dir.join("killed-bytewax");
+    prepare_copy(&dir, &killed, &["input.jsonl", "flow.py"])?;
+    std::fs::create_dir_all(killed.join("recovery"))?;
+    quiet(
+        Command::new(&python)
+            .args(["-m", "bytewax.recovery", "recovery", "1"])
+            .current_dir(&killed),
+    )
+    .context("creating Bytewax's recovery store")?;
+    let bytewax_run = || {
+        let mut c = Command::new(&python);
+        c.args([
+            "-m",
+            "bytewax.run",
+            "flow:flow",
+            "-r",
+            "recovery",
+            "-s",
+            "5",
+            "-b",
+            "0",
+        ]);
+        c
+    };
+    let resumed = kill_and_resume(
+        &killed,
+        "bytewax-out.jsonl",
+        items,
+        &mut || bytewax_run(),
+        &mut || bytewax_run(),
+    )
+    .context("Bytewax, killed and resumed")?;
+    println!(
+        "  bytewax {}, SIGKILLed halfway and run again on its recovery store: {resumed}",
+        args.bytewax
+    );
     Ok(())
+}
+
+/// A folder of its own for a run that is killed, with copies of `files` from `from`.
+fn prepare_copy(from: &Path, to: &Path, files: &[&str]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for file in files {
+        std::fs::copy(from.join(file), to.join(file))
+            .with_context(|| format!("cannot copy {file} to {}", to.display()))?;
+    }
+    Ok(())
+}
+
+/// What an output holds: records once, twice or more, missing, and lines that are not an enriched
+/// record.
+#[derive(Debug, Default, PartialEq)]
+struct Tally {
+    once: u64,
+    repeated: u64,
+    missing: u64,
+    bad: u64,
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.repeated == 0 && self.missing == 0 && self.bad == 0 {
+            return write!(f, "every record once ({})", thousands(self.once));
+        }
+        write!(
+            f,
+            "{} records once, {} more than once, {} missing, {} lines that are no enriched record",
+            thousands(self.once),
+            thousands(self.repeated),
+            thousands(self.missing),
+            thousands(self.bad)
+        )
+    }
+}
+
+fn tally(path: &Path, count: u64) -> Tally {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut seen = std::collections::HashMap::<u64, u64>::new();
+    let mut bad = 0;
+    for line in text.lines() {
+        let record: Option<serde_json::Value> = serde_json::from_str(line).ok();
+        match record.as_ref().and_then(|r| Some((r["id"].as_u64()?, r))) {
+            Some((id, r)) if r["tag"].as_str() == Some(format!("ITEM-{id:06}").as_str()) => {
+                *seen.entry(id).or_default() += 1;
+            }
+            _ => bad += 1,
+        }
+    }
+    Tally {
+        once: seen.values().filter(|&&n| n == 1).count() as u64,
+        repeated: seen.values().filter(|&&n| n > 1).count() as u64,
+        missing: (0..count).filter(|id| !seen.contains_key(id)).count() as u64,
+        bad,
+    }
+}
+
+/// Starts `first` in `dir`, SIGKILLs it and everything it started once `output` holds half the
+/// records, runs `again` to its end, and says what the output holds and how long it all took.
+fn kill_and_resume(
+    dir: &Path,
+    output: &str,
+    count: u64,
+    first: &mut dyn FnMut() -> Command,
+    again: &mut dyn FnMut() -> Command,
+) -> anyhow::Result<String> {
+    use std::os::unix::process::CommandExt as _;
+    let out = dir.join(output);
+    let started = Instant::now();
+    let mut child = first()
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // A group of its own: the kill takes its servers and workers too, as a power cut would.
+        .process_group(0)
+        .spawn()
+        .context("cannot start the first run")?;
+    let lines = |path: &Path| {
+        std::fs::read(path)
+            .map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64)
+            .unwrap_or(0)
+    };
+    let mut at = 0;
+    while started.elapsed() < std::time::Duration::from_secs(300) {
+        at = lines(&out);
+        if at >= count / 2 {
+            break;
+        }
+        if child.try_wait()?.is_some() {
+            bail!("the first run ended before it was killed, with {at} lines");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: kill(2) on the process group this function started; nothing else is in it.
+    unsafe {
+        libc::kill(-(child.id() as i32), libc::SIGKILL);
+    }
+    let _ = child.wait();
+    let killed_at = started.elapsed().as_secs_f64();
+    let again_took = timed(again().current_dir(dir))?;
+    Ok(format!(
+        "killed at {} lines after {killed_at:.2} s, the second run took {again_took:.2} s; {}",
+        thousands(at),
+        tally(&out, count)
+    ))
 }
 
 /// Writes `count` records of about 100 bytes such as `{"id": 7, "name": "item-000007", "category":
@@ -304,6 +467,30 @@ mod tests {
         assert!(short.ends_with("2 of 3 records"), "{short}");
         let plain = check(record(0) + "{\"id\": 1}\n" + &record(2)).unwrap_err();
         assert!(plain.contains("line 2: not enriched"), "{plain}");
+    }
+
+    #[test]
+    fn a_tally_counts_records_once_repeated_missing_and_bad() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("out.jsonl");
+        let record = |id: u64| format!("{{\"id\": {id}, \"tag\": \"ITEM-{id:06}\"}}\n");
+        std::fs::write(&file, record(0) + &record(1) + &record(1) + "{\"id\": 3}\n").unwrap();
+        let t = tally(&file, 4);
+        assert_eq!(
+            t,
+            Tally {
+                once: 1,
+                repeated: 1,
+                missing: 2,
+                bad: 1
+            }
+        );
+        assert_eq!(
+            t.to_string(),
+            "1 records once, 1 more than once, 2 missing, 1 lines that are no enriched record"
+        );
+        std::fs::write(&file, record(1) + &record(0)).unwrap();
+        assert_eq!(tally(&file, 2).to_string(), "every record once (2)");
     }
 
     #[test]

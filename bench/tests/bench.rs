@@ -53,18 +53,28 @@ fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
         .iter()
         .map(|r| r["scenario"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        scenarios,
-        vec![
-            "raw",
-            "passthrough",
-            "chain",
-            "group",
-            "jq",
-            "exec",
-            "exec-bad-lines",
-            "traced"
-        ]
+    // The raw loop once (it is the per-message limit), every other scenario without frames and with.
+    let mut expected = vec!["raw"];
+    for kind in [
+        "passthrough",
+        "chain",
+        "group",
+        "jq",
+        "exec",
+        "exec-bad-lines",
+        "traced",
+    ] {
+        expected.extend([kind, kind]);
+    }
+    assert_eq!(scenarios, expected);
+    let frames: Vec<bool> = results
+        .iter()
+        .map(|r| r["frames"].as_bool().unwrap())
+        .collect();
+    assert!(!frames[0], "the raw loop has no frames");
+    assert!(
+        frames[1..].chunks(2).all(|pair| pair == [false, true]),
+        "{frames:?}"
     );
     let raw = results[0]["perSecond"].as_f64().unwrap();
     for r in results {
@@ -88,6 +98,8 @@ fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
         "× raw",
         "Targets:",
         "- one unit ≥ 0.70 of the raw limit",
+        "- one passthrough unit with frames ≥ 3 × the raw loop: ",
+        "- one exec step (Python echo) with frames ≥ 2 × the raw loop: ",
         "Finding the item behind each bad line (1 in 1,000, tried alone, dead-lettered), 128 B: ",
     ] {
         assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");

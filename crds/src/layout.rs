@@ -231,7 +231,7 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
         let input = if unit.inputs.is_empty() {
             None
         } else {
-            let consumer = consumer_for(&names, unit, ack_wait_ms);
+            let consumer = consumer_for(&names, topology, unit, ack_wait_ms);
             consumers.push(consumer.clone());
             Some(consumer)
         };
@@ -320,15 +320,31 @@ fn frame_items(topology: &Topology, unit: &Unit) -> u32 {
         .clamp(1, MOST_FRAME_ITEMS)
 }
 
-/// Messages one replica holds at once: its concurrency, times the batch size for a batch stage.
-fn messages_in_flight_per_replica(unit: &Unit) -> u64 {
+/// Messages one replica holds at once: its concurrency (in items), times the batch size for a batch
+/// stage, in messages of as many items as the frames of its inputs hold at most. Pulled in messages,
+/// frames counted as one each, a replica would fetch hundreds of times what it works on, and what
+/// waits in its buffer meanwhile would be delivered again once the acknowledgement deadline passed.
+fn messages_in_flight_per_replica(topology: &Topology, unit: &Unit) -> u64 {
     let concurrency = u64::from(unit.concurrency.unwrap_or(DEFAULT_CONCURRENCY));
     let batch = unit.batch.as_ref().map_or(1, |b| u64::from(b.size.max(1)));
-    concurrency.saturating_mul(batch)
+    let frame = topology
+        .units
+        .iter()
+        .filter(|u| unit.inputs.contains(&u.name))
+        .map(|u| u64::from(frame_items(topology, u)))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    concurrency.saturating_mul(batch).div_ceil(frame)
 }
 
-fn consumer_for(names: &Names, unit: &Unit, ack_wait_ms: u64) -> ConsumerConfig {
-    let per_replica = messages_in_flight_per_replica(unit);
+fn consumer_for(
+    names: &Names,
+    topology: &Topology,
+    unit: &Unit,
+    ack_wait_ms: u64,
+) -> ConsumerConfig {
+    let per_replica = messages_in_flight_per_replica(topology, unit);
     let replicas = unit.switcher.as_ref().map_or(1, |s| s.max_replicas.max(1));
     // Room for every replica to be full and to have its next pull arriving, and never below JetStream's
     // own default.

@@ -1033,33 +1033,44 @@ impl Worker {
                 }
             }
             Output::Sink { sink, retry } => {
-                for (item, emitted) in items.iter_mut().zip(emitted.iter_mut()) {
-                    for output in std::mem::take(&mut item.outputs) {
-                        let written = crate::sinks::write_with_retry(
-                            sink.as_ref(),
-                            retry,
-                            &self.unit,
-                            item.carried(),
-                            output.into_bytes(),
-                        )
-                        .await;
-                        match written {
-                            Ok(Written::New) => {
-                                emitted.stored += 1;
-                                Stats::add(&self.stats.published, 1)
-                            }
-                            Ok(Written::Duplicate) => {
-                                emitted.duplicates += 1;
-                                Stats::add(&self.stats.duplicates_skipped, 1)
-                            }
-                            Err(failure) => item.failures.push(StepFailure {
-                                stage: self.unit.clone(),
-                                step_index: self.steps.len(),
-                                item_index: 0,
-                                replay_step: self.steps.len(),
-                                failure,
-                            }),
+                let writes: Vec<(usize, bytes::Bytes)> = items
+                    .iter_mut()
+                    .enumerate()
+                    .flat_map(|(i, item)| {
+                        std::mem::take(&mut item.outputs)
+                            .into_iter()
+                            .map(move |output| (i, output.into_bytes()))
+                    })
+                    .collect();
+                // All at once: the sink sees a frame's items together (the file sink writes them
+                // in one go, in this order) rather than one round trip each.
+                let written = futures::future::join_all(writes.iter().map(|(i, bytes)| {
+                    crate::sinks::write_with_retry(
+                        sink.as_ref(),
+                        retry,
+                        &self.unit,
+                        items[*i].carried(),
+                        bytes.clone(),
+                    )
+                }))
+                .await;
+                for ((i, _), written) in writes.iter().zip(written) {
+                    match written {
+                        Ok(Written::New) => {
+                            emitted[*i].stored += 1;
+                            Stats::add(&self.stats.published, 1)
                         }
+                        Ok(Written::Duplicate) => {
+                            emitted[*i].duplicates += 1;
+                            Stats::add(&self.stats.duplicates_skipped, 1)
+                        }
+                        Err(failure) => items[*i].failures.push(StepFailure {
+                            stage: self.unit.clone(),
+                            step_index: self.steps.len(),
+                            item_index: 0,
+                            replay_step: self.steps.len(),
+                            failure,
+                        }),
                     }
                 }
             }

@@ -142,12 +142,21 @@ fn pod_settings_roll_and_switcher_bounds_rescale() {
                 .to_string(),
         ]
     );
-    // More replicas at most: the consumer holds more at once; the processes read that limit.
-    let wider = before.replace("maxReplicas: 4", "maxReplicas: 8");
+    // More replicas at most: the consumer holds more at once; the processes read that limit. (Its
+    // input comes in frames of 256 items: two messages fill a replica, and below 250 replicas the
+    // limit stays at JetStream's default of 1,000.)
+    let wider = before.replace("maxReplicas: 4", "maxReplicas: 400");
     let steps = printed(&plan(&states(&before), &states(&wider), Policy::default()));
     assert_eq!(steps[0], format!("consumer b reads {}", data("a")));
     assert_eq!(steps[1], "roll b (its consumer's limits)");
     assert!(steps[2].starts_with("rescale b (1..4"), "{steps:?}");
+    let a_little_wider = before.replace("maxReplicas: 4", "maxReplicas: 8");
+    let steps = printed(&plan(
+        &states(&before),
+        &states(&a_little_wider),
+        Policy::default(),
+    ));
+    assert_eq!(steps.len(), 1, "{steps:?}");
 }
 
 #[test]
