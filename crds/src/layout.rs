@@ -187,6 +187,7 @@ impl Layout {
             unit.trace = Some(TraceConfig {
                 subject_prefix: names.trace_prefix(),
                 sample_rate: rate.min(1.0),
+                every_up_to_per_second: None,
             });
         }
     }
@@ -335,8 +336,21 @@ fn messages_in_flight_per_replica(topology: &Topology, unit: &Unit) -> u64 {
         .max()
         .unwrap_or(1)
         .max(1);
-    concurrency.saturating_mul(batch).div_ceil(frame)
+    let items = concurrency.saturating_mul(batch);
+    if frame == 1 {
+        return items;
+    }
+    // Twice the frames that fill the replica, and never fewer than a few messages: when its inputs
+    // come slowly their frames are small or single items, and a pull of two of those would leave the
+    // replica waiting on the round trips.
+    items
+        .div_ceil(frame)
+        .saturating_mul(2)
+        .max(FEWEST_PULLED_WITH_FRAMES.min(items))
 }
+
+/// The fewest messages a replica pulls at once when its inputs come in frames.
+const FEWEST_PULLED_WITH_FRAMES: u64 = 16;
 
 fn consumer_for(
     names: &Names,

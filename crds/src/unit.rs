@@ -38,6 +38,9 @@ pub mod headers {
     pub const REPLAY_FOR: &str = "Switchyard-Replay-For";
     /// How often the item was replayed from the dead-letter queue; carried downstream.
     pub const REPLAYS: &str = "Switchyard-Replays";
+    /// Whether the item is traced (`1`) or not (`0`), as its source decided; without it, every unit
+    /// decides the same way from the item's identity (see `traced`).
+    pub const TRACED: &str = "Switchyard-Traced";
     /// On a message that holds several items (a frame, `switchyard_platform::frame`): how many.
     pub const FRAME: &str = "Switchyard-Frame";
     /// On a dead letter stored again at the end of its subject, so that the letters around it could
@@ -103,6 +106,12 @@ pub struct TraceConfig {
     pub subject_prefix: String,
     /// Share of items traced, 0 to 1; see [`traced`].
     pub sample_rate: f64,
+    /// When set, a source traces every item while it makes no more than this many a second, and
+    /// `sample_rate` of the rest; it says which in each item's `Switchyard-Traced` header, which the
+    /// units downstream follow. `switchyard run`'s default: every item of a slow run, a sample of a
+    /// fast one, whose trace events would otherwise outnumber its stored messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_up_to_per_second: Option<u32>,
 }
 
 /// Whether the item `origin:seq` is traced at `rate`: a hash of its identity, so every unit of the
@@ -450,6 +459,7 @@ mod tests {
             trace: Some(TraceConfig {
                 subject_prefix: "t".into(),
                 sample_rate: 0.5,
+                every_up_to_per_second: Some(100),
             }),
         };
         let text = serde_json::to_string(&cfg).unwrap();

@@ -10,6 +10,11 @@ use switchyard_crds::unit::UnitRole;
 use switchyard_crds::validate::analyze;
 use switchyard_crds::{ExecStep, FileSink, FileSource, HttpSource, SinkKind, SourceKind, StepKind};
 
+/// Without `spec.tracing.sampleRate`, `switchyard run` traces every item while a source makes no
+/// more than this many a second, and this share of the items beyond.
+pub const LOCAL_TRACE_EVERY_UP_TO: u32 = 1000;
+pub const LOCAL_SAMPLE_RATE_BEYOND: f64 = 0.01;
+
 /// Everything a run needs to know about its Pipeline.
 pub struct Prepared {
     pub name: String,
@@ -101,9 +106,20 @@ pub fn lay_out(file: &Path) -> Result<Prepared, PrepareError> {
         .and_then(|t| t.sample_rate)
         .is_none()
     {
-        // On one's own machine every item is worth a trace: `switchyard trace` finds any of them.
+        // On one's own machine every item is worth a trace (`switchyard trace` finds any of them)
+        // while they come at a pace a person follows; beyond that the trace events of a fast run
+        // would outnumber its stored messages (frames hold hundreds of items), and a sample does.
         let names = Names::new(&topology.namespace, &topology.pipeline);
-        layout.set_sample_rate(1.0, &names, trace_retention(&pipeline.spec));
+        layout.set_sample_rate(
+            LOCAL_SAMPLE_RATE_BEYOND,
+            &names,
+            trace_retention(&pipeline.spec),
+        );
+        for unit in &mut layout.units {
+            if let Some(trace) = &mut unit.trace {
+                trace.every_up_to_per_second = Some(LOCAL_TRACE_EVERY_UP_TO);
+            }
+        }
     }
     let folder = file
         .parent()

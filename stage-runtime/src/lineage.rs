@@ -22,6 +22,7 @@ pub mod names {
     pub const REPLAY_STEP: HeaderName = HeaderName::from_static(headers::REPLAY_STEP);
     pub const REPLAY_FOR: HeaderName = HeaderName::from_static(headers::REPLAY_FOR);
     pub const REPLAYS: HeaderName = HeaderName::from_static(headers::REPLAYS);
+    pub const TRACED: HeaderName = HeaderName::from_static(headers::TRACED);
 }
 
 /// A message put back from the dead-letter queue: which unit takes it, and at which of its steps.
@@ -57,6 +58,8 @@ pub struct Lineage {
     pub tracestate: Option<String>,
     /// How often the item was replayed from the dead-letter queue.
     pub replays: u32,
+    /// Whether its source traces it; None: every unit decides from its identity.
+    pub traced: Option<bool>,
 }
 
 impl Lineage {
@@ -70,6 +73,7 @@ impl Lineage {
             traceparent: None,
             tracestate: None,
             replays: 0,
+            traced: None,
         }
     }
 
@@ -92,6 +96,11 @@ impl Lineage {
             replays: get(names::REPLAYS)
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0),
+            traced: match get(names::TRACED).as_deref() {
+                Some("1") => Some(true),
+                Some("0") => Some(false),
+                _ => None,
+            },
         }
     }
 
@@ -131,7 +140,14 @@ impl Lineage {
         if self.replays > 0 {
             map.insert(names::REPLAYS, HeaderValue::from(self.replays.to_string()));
         }
+        self.insert_traced(&mut map);
         map
+    }
+
+    fn insert_traced(&self, map: &mut HeaderMap) {
+        if let Some(traced) = self.traced {
+            map.insert(names::TRACED, if traced { "1" } else { "0" });
+        }
     }
 
     /// Headers for a message a source creates (its path is just the source).
@@ -147,6 +163,7 @@ impl Lineage {
         if let Some(t) = &self.tracestate {
             map.insert(names::TRACESTATE, header_value(t));
         }
+        self.insert_traced(&mut map);
         map
     }
 }
@@ -223,6 +240,18 @@ mod tests {
         assert_eq!(second.traceparent, first.traceparent);
         let third = second.headers_after("b");
         assert_eq!(third.get(headers::PATH).unwrap().as_str(), "src,a,b");
+    }
+
+    #[test]
+    fn a_sources_decision_to_trace_travels_with_the_item() {
+        for decided in [Some(true), Some(false), None] {
+            let mut l = Lineage::at_source("src", "3".into(), "src:3".into());
+            l.traced = decided;
+            let at_source = Lineage::from_headers(Some(&l.source_headers()), "s", 1);
+            assert_eq!(at_source.traced, decided);
+            let downstream = Lineage::from_headers(Some(&at_source.headers_after("a")), "s", 2);
+            assert_eq!(downstream.traced, decided);
+        }
     }
 
     #[test]

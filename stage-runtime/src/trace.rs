@@ -14,6 +14,52 @@ pub struct Tracer {
     config: TraceConfig,
     unit: String,
     replica: String,
+    /// A source's allowance of items it traces all of (`every_up_to_per_second`).
+    allowance: std::sync::Arc<std::sync::Mutex<Allowance>>,
+}
+
+/// Items a second a source traces every one of: a bucket that refills at that rate and holds a
+/// second's worth.
+struct Allowance {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Allowance {
+    /// One more item at `now`: within the allowance of `most` a second, or not.
+    fn take(&mut self, now: Instant, most: u32) -> bool {
+        let most = f64::from(most);
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * most).min(most);
+        self.at = now;
+        let within = self.tokens >= 1.0;
+        if within {
+            self.tokens -= 1.0;
+        }
+        within
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_source_traces_every_item_up_to_its_allowance_a_second() {
+        let start = Instant::now();
+        let mut a = Allowance {
+            tokens: 100.0,
+            at: start,
+        };
+        let taken = (0..150).filter(|_| a.take(start, 100)).count();
+        assert_eq!(taken, 100, "a second's worth at once, no more");
+        let later = start + Duration::from_millis(500);
+        let taken = (0..150).filter(|_| a.take(later, 100)).count();
+        assert_eq!(taken, 50, "half a second refills half of it");
+        let much_later = start + Duration::from_secs(60);
+        let taken = (0..150).filter(|_| a.take(much_later, 100)).count();
+        assert_eq!(taken, 100, "never more than a second's worth saved up");
+    }
 }
 
 /// When a traced item reached the unit.
@@ -51,21 +97,50 @@ impl Tracer {
         replica: &str,
     ) -> Option<Tracer> {
         let config = config.filter(|c| c.sample_rate > 0.0)?.clone();
+        let tokens = f64::from(config.every_up_to_per_second.unwrap_or(0));
         Some(Tracer {
             client,
             config,
             unit: unit.to_string(),
             replica: replica.to_string(),
+            allowance: std::sync::Arc::new(std::sync::Mutex::new(Allowance {
+                tokens,
+                at: Instant::now(),
+            })),
         })
     }
 
-    /// Whether this item is traced: then `record` its events.
+    /// Whether this item is traced: then `record` its events. Its source's decision when it made
+    /// one, otherwise the one every unit makes alike from its identity.
     pub fn samples(&self, lineage: &Lineage) -> bool {
-        traced(
-            self.config.sample_rate,
-            &lineage.origin,
-            &lineage.origin_seq,
-        )
+        lineage.traced.unwrap_or_else(|| {
+            traced(
+                self.config.sample_rate,
+                &lineage.origin,
+                &lineage.origin_seq,
+            )
+        })
+    }
+
+    /// At a source: decides whether the new item is traced and says so in its lineage, when the
+    /// Pipeline traces every item up to a pace (`every_up_to_per_second`); otherwise leaves the
+    /// decision to each unit.
+    pub fn decide(&self, lineage: &mut Lineage) {
+        let Some(most) = self.config.every_up_to_per_second else {
+            return;
+        };
+        let within = match self.allowance.lock() {
+            Ok(mut a) => a.take(Instant::now(), most),
+            Err(_) => false,
+        };
+        lineage.traced = Some(
+            within
+                || traced(
+                    self.config.sample_rate,
+                    &lineage.origin,
+                    &lineage.origin_seq,
+                ),
+        );
     }
 
     /// Subject of the events of item `origin:seq`.

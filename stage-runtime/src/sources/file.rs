@@ -62,7 +62,7 @@ async fn read_files(unit: &SourceUnit, path: &Path) -> Result<(), SourceError> {
             };
             // A file's lines are all waiting: they go in frames as full as the limits allow.
             framer
-                .offer(unit, &lineage, Bytes::copy_from_slice(line), position)
+                .offer(unit, lineage, Bytes::copy_from_slice(line), position)
                 .await?;
         }
         if unit.stopping() {

@@ -141,13 +141,13 @@ impl<P: Serialize + Clone> Framer<P> {
     pub(super) async fn offer(
         &mut self,
         unit: &SourceUnit,
-        lineage: &Lineage,
+        mut lineage: Lineage,
         payload: Bytes,
         position: P,
     ) -> Result<(), SourceError> {
         let carried =
-            super::record_emitted(unit.tracer.as_ref(), unit.spans.as_ref(), lineage).await;
-        let headers = carried.as_ref().unwrap_or(lineage).source_headers();
+            super::record_emitted(unit.tracer.as_ref(), unit.spans.as_ref(), &mut lineage).await;
+        let headers = carried.as_ref().unwrap_or(&lineage).source_headers();
         let size = FrameWriter::encoded_size(&headers, &payload);
         let item = Held {
             headers,

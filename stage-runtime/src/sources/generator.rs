@@ -57,7 +57,7 @@ impl Generator<'_> {
             framer
                 .offer(
                     unit,
-                    &unit.lineage(seq.to_string()),
+                    unit.lineage(seq.to_string()),
                     template.render(seq),
                     SeqCheckpoint { seq },
                 )

@@ -126,7 +126,7 @@ async fn ingest(
     lineage.traceparent = header(headers::TRACEPARENT);
     lineage.tracestate = header(headers::TRACESTATE);
     let carried =
-        super::record_emitted(state.tracer.as_ref(), state.spans.as_ref(), &lineage).await;
+        super::record_emitted(state.tracer.as_ref(), state.spans.as_ref(), &mut lineage).await;
     let stored = async {
         publish(
             &state.js,

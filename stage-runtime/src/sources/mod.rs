@@ -153,8 +153,9 @@ impl SourceUnit {
         lineage: &Lineage,
         payload: Bytes,
     ) -> Result<PublishAckFuture, SourceError> {
-        let carried = record_emitted(self.tracer.as_ref(), self.spans.as_ref(), lineage).await;
-        let lineage = carried.as_ref().unwrap_or(lineage);
+        let mut lineage = lineage.clone();
+        let carried = record_emitted(self.tracer.as_ref(), self.spans.as_ref(), &mut lineage).await;
+        let lineage = carried.as_ref().unwrap_or(&lineage);
         publish(&self.js, &self.subject, lineage, payload).await
     }
 
@@ -228,8 +229,12 @@ fn lineage(name: &str, key: String) -> Lineage {
 async fn record_emitted(
     tracer: Option<&crate::trace::Tracer>,
     spans: Option<&crate::otlp::Spans>,
-    lineage: &Lineage,
+    lineage: &mut Lineage,
 ) -> Option<Lineage> {
+    if let Some(tracer) = tracer {
+        tracer.decide(lineage);
+    }
+    let lineage = &*lineage;
     let done = || crate::trace::Done {
         outputs: 1,
         ..Default::default()
