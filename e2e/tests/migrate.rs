@@ -147,6 +147,41 @@ fn three_edits_while_it_runs_lose_and_double_nothing() {
     );
 }
 
+/// The same, with the items in frames: a generator fast enough that each message holds many, and
+/// a stage inserted while they flow. Its frames go on being cut and read across the edit, and each
+/// item still reaches the sink once.
+#[test]
+fn items_in_frames_cross_an_edit_once_each() {
+    const FAST: u64 = 150_000;
+    let generator = format!("{{count: {FAST}, ratePerSecond: 15000}}");
+    let mut run = BackgroundRun::start(&spec(&generator, &[A, B]), &["--watch"], &[]);
+    run.wait_for_lines("out.jsonl", 15_000);
+    // What b reads now: frames, each item a record of its own with its place in the frame.
+    let tapped = std::process::Command::new(switchyard_e2e::binary("switchyard"))
+        .args(["tap", "p.yaml", "b", "--count", "200"])
+        .current_dir(run.dir.path())
+        .output()
+        .expect("switchyard tap");
+    let records = String::from_utf8_lossy(&tapped.stdout).into_owned();
+    assert!(
+        records.lines().any(|l| l.contains("\"item\":1,")),
+        "b's input holds no frames: {records}\n{}",
+        String::from_utf8_lossy(&tapped.stderr)
+    );
+    std::fs::write(run.path("p.yaml"), spec(&generator, &[A, INS, B])).unwrap();
+    run.wait_for_note("edit 1 done");
+    let status = run.wait(LIMIT);
+    assert!(status.success(), "{}\n{}", run.notes(), run.output());
+    let tally = switchyard_e2e::run::Tally::of(&run.path("out.jsonl"), "seq", FAST);
+    tally.assert_exactly_once(FAST);
+    let text = std::fs::read_to_string(run.path("out.jsonl")).unwrap();
+    let through_ins = text.lines().filter(|l| l.contains("\"ins\":true")).count();
+    assert!(
+        through_ins > 0 && through_ins < FAST as usize,
+        "{through_ins} items went through the inserted stage"
+    );
+}
+
 #[test]
 fn an_edit_that_would_drop_messages_or_is_invalid_is_refused_and_the_run_goes_on() {
     // A slow stage builds a queue that removing it without draining would drop.

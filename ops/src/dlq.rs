@@ -755,11 +755,13 @@ pub fn replay_message(
         }
     };
     let mut map = HeaderMap::new();
+    // The source's decision to trace the item too: a replay is traced if the item was.
     for name in [
         headers::ORIGIN,
         headers::ORIGIN_SEQ,
         headers::TRACEPARENT,
         headers::TRACESTATE,
+        headers::TRACED,
     ] {
         if let Some(value) = letter.headers.get(name) {
             map.insert(name, value.clone());
@@ -1156,6 +1158,7 @@ spec:
         d.replays = 1;
         d.headers.insert(headers::ORIGIN, "src");
         d.headers.insert(headers::ORIGIN_SEQ, "1");
+        d.headers.insert(headers::TRACED, "1");
         let (subject, map) = replay_message(&layout, &d).unwrap();
         assert_eq!(subject, "switchyard.default.p.data.src");
         let get = |name| map.get(name).unwrap().as_str().to_string();
@@ -1165,6 +1168,11 @@ spec:
         assert_eq!(get(headers::MSG_ID), "src:1/machines!0.0~2");
         assert_eq!(get(headers::PATH), "src");
         assert_eq!(get(headers::ORIGIN), "src");
+        assert_eq!(
+            get(headers::TRACED),
+            "1",
+            "traced again, as its source decided"
+        );
         let mut old = d.clone();
         old.replay_step = None;
         assert_eq!(
