@@ -460,7 +460,11 @@ fn render_targets(out: &mut String, report: &Report, args: &BenchArgs) {
             .fold(f64::INFINITY, f64::min)
     };
     let worst_unit = worst(Kind::Passthrough, false, |r| r.ratio_to_raw);
-    let exec = worst(Kind::Exec, false, |r| r.per_second);
+    // Frames are what a unit does by default; without them measured, the figure is the one there is.
+    let exec = match worst(Kind::Exec, true, |r| r.per_second) {
+        framed if framed.is_finite() => framed,
+        _ => worst(Kind::Exec, false, |r| r.per_second),
+    };
     let framed_unit = worst(Kind::Passthrough, true, |r| r.ratio_to_raw);
     let framed_exec = worst(Kind::Exec, true, |r| r.ratio_to_raw);
     let p99_hop = report

@@ -41,7 +41,7 @@ pub enum FrameError {
     Format(u8),
     #[error("it ends inside item {0} of {1}")]
     Truncated(usize, usize),
-    #[error("item {0} has a header name or value that is not text")]
+    #[error("item {0} has a header name or value that is not one line of text")]
     NotText(usize),
     #[error("it holds {0} bytes after its last item")]
     Trailing(usize),
@@ -93,7 +93,11 @@ pub fn decode(payload: &Bytes, count: usize) -> Result<Vec<FrameItem>, FrameErro
                 .ok()
                 .and_then(|n| n.parse::<HeaderName>().ok())
                 .ok_or(FrameError::NotText(index + 1))?;
-            let value = std::str::from_utf8(&value).map_err(|_| FrameError::NotText(index + 1))?;
+            // A header value cannot hold a line break (the client would refuse to build it).
+            let value = std::str::from_utf8(&value)
+                .ok()
+                .filter(|v| !v.contains(['\r', '\n']))
+                .ok_or(FrameError::NotText(index + 1))?;
             headers.append(name, HeaderValue::from(value));
         }
         let payload = reader.field().ok_or_else(|| truncated(index))?;
@@ -309,6 +313,9 @@ mod tests {
         );
         // A huge claimed count is refused when the bytes run out, not allocated.
         assert!(decode(&payload, usize::MAX).is_err());
+        // A header value with a line break (found by fuzzing: it panicked in the NATS client).
+        let broken = Bytes::from_static(&[1, 1, 1, b'a', 2, b'x', b'\n', 0]);
+        assert_eq!(decode(&broken, 1).unwrap_err(), FrameError::NotText(1));
     }
 
     #[test]
