@@ -515,11 +515,13 @@ async fn a_spec_change_updates_consumers_in_place() {
     let before = stream.consumer_info("machines").await.unwrap();
     w.api.update(PIPELINES, "default", "laundry", |p| {
         p["spec"]["stages"][1]["concurrency"] = json!(100);
+        p["spec"]["stages"][1]["switcher"]["maxReplicas"] = json!(40);
     });
     settle(&w, "laundry").await.unwrap();
     let after = stream.consumer_info("machines").await.unwrap();
-    // Eight replicas of 100 in flight, twice over.
-    assert_eq!(after.config.max_ack_pending, 1600);
+    // Its input comes in frames of 100 items (its concurrency): a replica pulls 16 messages at
+    // least; forty replicas of 16, twice over.
+    assert_eq!(after.config.max_ack_pending, 1280);
     assert_ne!(before.config.max_ack_pending, after.config.max_ack_pending);
     assert_eq!(
         before.created, after.created,
