@@ -164,30 +164,8 @@ fn run(args: &PeerArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    std::fs::create_dir_all(dir.join("recovery"))?;
-    quiet(
-        Command::new(&python)
-            .args(["-m", "bytewax.recovery", "recovery", "1"])
-            .current_dir(&dir),
-    )
-    .context("creating Bytewax's recovery store")?;
-    // Snapshots every 5 s, none kept longer: the cheapest recovery it offers.
-    let theirs = timed(
-        Command::new(&python)
-            .args([
-                "-m",
-                "bytewax.run",
-                "flow:flow",
-                "-r",
-                "recovery",
-                "-s",
-                "5",
-                "-b",
-                "0",
-            ])
-            .current_dir(&dir),
-    )
-    .context("the Bytewax flow")?;
+    recovery_store(&python, &dir)?;
+    let theirs = timed(bytewax_run(&python).current_dir(&dir)).context("the Bytewax flow")?;
     check_output(&dir.join("bytewax-out.jsonl"), items).context("Bytewax's output")?;
     println!(
         "  bytewax {} (FileSource → map → FileSink, recovery on): {:.2} s, {} items/s",
@@ -201,34 +179,13 @@ fn run(args: &PeerArgs) -> anyhow::Result<()> {
     );
     let killed = dir.join("killed-bytewax");
     prepare_copy(&dir, &killed, &["input.jsonl", "flow.py"])?;
-    std::fs::create_dir_all(killed.join("recovery"))?;
-    quiet(
-        Command::new(&python)
-            .args(["-m", "bytewax.recovery", "recovery", "1"])
-            .current_dir(&killed),
-    )
-    .context("creating Bytewax's recovery store")?;
-    let bytewax_run = || {
-        let mut c = Command::new(&python);
-        c.args([
-            "-m",
-            "bytewax.run",
-            "flow:flow",
-            "-r",
-            "recovery",
-            "-s",
-            "5",
-            "-b",
-            "0",
-        ]);
-        c
-    };
+    recovery_store(&python, &killed)?;
     let resumed = kill_and_resume(
         &killed,
         "bytewax-out.jsonl",
         items,
-        &mut || bytewax_run(),
-        &mut || bytewax_run(),
+        &mut || bytewax_run(&python),
+        &mut || bytewax_run(&python),
     )
     .context("Bytewax, killed and resumed")?;
     println!(
@@ -236,6 +193,34 @@ fn run(args: &PeerArgs) -> anyhow::Result<()> {
         args.bytewax
     );
     Ok(())
+}
+
+/// Bytewax's recovery store in `dir`, one partition.
+fn recovery_store(python: &Path, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("recovery"))?;
+    quiet(
+        Command::new(python)
+            .args(["-m", "bytewax.recovery", "recovery", "1"])
+            .current_dir(dir),
+    )
+    .context("creating Bytewax's recovery store")
+}
+
+/// The flow with its recovery on: snapshots every 5 s, none kept longer, the cheapest it offers.
+fn bytewax_run(python: &Path) -> Command {
+    let mut c = Command::new(python);
+    c.args([
+        "-m",
+        "bytewax.run",
+        "flow:flow",
+        "-r",
+        "recovery",
+        "-s",
+        "5",
+        "-b",
+        "0",
+    ]);
+    c
 }
 
 /// A folder of its own for a run that is killed, with copies of `files` from `from`.

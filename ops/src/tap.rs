@@ -87,10 +87,12 @@ pub fn records(message: &jetstream::Message) -> Vec<String> {
                 )
             })
             .collect(),
-        Some(Err(e)) => {
-            tracing::warn!(
-                "message {seq} says it is a frame but cannot be read as one ({e}); shown as it is"
-            );
+        unreadable_or_single => {
+            if let Some(Err(e)) = unreadable_or_single {
+                tracing::warn!(
+                    "message {seq} says it is a frame but cannot be read as one ({e}); shown as it is"
+                );
+            }
             vec![one_record(
                 message.subject.as_str(),
                 seq,
@@ -100,14 +102,6 @@ pub fn records(message: &jetstream::Message) -> Vec<String> {
                 &message.payload,
             )]
         }
-        None => vec![one_record(
-            message.subject.as_str(),
-            seq,
-            None,
-            &time,
-            message.headers.as_ref(),
-            &message.payload,
-        )],
     }
 }
 

@@ -643,20 +643,25 @@ impl Worker {
             1 => "once".to_string(),
             n => format!("{n} times"),
         };
+        self.failed_whole(Failure {
+            item,
+            error: format!(
+                "the unit's process died {how_often} while it worked on this message alone (each time after it was delivered again): it probably crashes on it; spec.deadLetter.afterCrashes is the limit"
+            ),
+            // Attempts stay within what the unit's retry allows; the deliveries say the rest.
+            attempts: crashes.min(self.allowed_attempts()),
+            deliveries: Some(delivered),
+        })
+    }
+
+    /// A failure of the unit's input as it came, before any step: a replay starts at the first.
+    fn failed_whole(&self, failure: Failure) -> StepFailure {
         StepFailure {
             stage: self.unit.clone(),
             step_index: 0,
             item_index: 0,
             replay_step: 0,
-            failure: Failure {
-                item,
-                error: format!(
-                    "the unit's process died {how_often} while it worked on this message alone (each time after it was delivered again): it probably crashes on it; spec.deadLetter.afterCrashes is the limit"
-                ),
-                // Attempts stay within what the unit's retry allows; the deliveries say the rest.
-                attempts: crashes.min(self.allowed_attempts()),
-                deliveries: Some(delivered),
-            },
+            failure,
         }
     }
 
@@ -821,21 +826,15 @@ impl Worker {
     }
 
     fn unreadable_frame(&self, item: Payload, error: &FrameError) -> StepFailure {
-        StepFailure {
-            stage: self.unit.clone(),
-            step_index: 0,
-            item_index: 0,
-            replay_step: 0,
-            failure: Failure {
-                item,
-                error: format!(
-                    "the message says it is a frame of several items ({} header) but cannot be read as one: {error}",
-                    switchyard_crds::unit::headers::FRAME
-                ),
-                attempts: 1,
-                deliveries: None,
-            },
-        }
+        self.failed_whole(Failure {
+            item,
+            error: format!(
+                "the message says it is a frame of several items ({} header) but cannot be read as one: {error}",
+                switchyard_crds::unit::headers::FRAME
+            ),
+            attempts: 1,
+            deliveries: None,
+        })
     }
 
     /// The item's span in this unit, when it gets one, and the lineage its outputs then carry.

@@ -103,22 +103,15 @@ impl CrashRecords {
     /// Reads how often the message at `stream_seq` crashed the process and, when it is to run again,
     /// records that it runs now, before it does: should the process die, the record stays.
     pub async fn before_running_alone(&self, stream_seq: u64) -> Result<Verdict, CrashRecordError> {
-        let key = self.key(stream_seq);
-        let stored = self
-            .store
-            .get(&key)
-            .await
-            .map_err(|e| CrashRecordError::new("read", &key, e))?;
         // A record that does not parse is one this runtime did not write: count it as none.
-        let crashes = stored
+        let crashes = self
+            .read(stream_seq)
+            .await?
             .and_then(|bytes| std::str::from_utf8(&bytes).ok()?.trim().parse().ok())
             .unwrap_or(0);
         let verdict = verdict(crashes, self.dead_letter_after);
         if matches!(verdict, Verdict::Run { .. }) {
-            self.store
-                .put(&key, (crashes + 1).to_string().into())
-                .await
-                .map_err(|e| CrashRecordError::new("write", &key, e))?;
+            self.write(stream_seq, (crashes + 1).to_string()).await?;
         }
         Ok(verdict)
     }
@@ -129,13 +122,10 @@ impl CrashRecords {
         &self,
         stream_seq: u64,
     ) -> Result<Option<FrameRecord>, CrashRecordError> {
-        let key = self.key(stream_seq);
-        let stored = self
-            .store
-            .get(&key)
-            .await
-            .map_err(|e| CrashRecordError::new("read", &key, e))?;
-        Ok(stored.map(|bytes| FrameRecord::parse(std::str::from_utf8(&bytes).unwrap_or_default())))
+        Ok(self
+            .read(stream_seq)
+            .await?
+            .map(|bytes| FrameRecord::parse(std::str::from_utf8(&bytes).unwrap_or_default())))
     }
 
     /// Records that the frame at `stream_seq` runs whole, alone.
@@ -153,6 +143,14 @@ impl CrashRecords {
     ) -> Result<(), CrashRecordError> {
         self.write(stream_seq, format!("item {index} {crashes}"))
             .await
+    }
+
+    async fn read(&self, stream_seq: u64) -> Result<Option<bytes::Bytes>, CrashRecordError> {
+        let key = self.key(stream_seq);
+        self.store
+            .get(&key)
+            .await
+            .map_err(|e| CrashRecordError::new("read", &key, e))
     }
 
     async fn write(&self, stream_seq: u64, text: String) -> Result<(), CrashRecordError> {

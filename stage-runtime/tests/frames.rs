@@ -42,6 +42,26 @@ async fn stored_items(h: &Harness, items: usize) -> Vec<usize> {
     }
 }
 
+/// Runs `unit` as a process (the harness's only one) that kills itself once it has stored its
+/// `nth` input's outputs (a source: its `nth` message), and waits until it has.
+async fn kill_after_stored(h: &mut Harness, unit: &str, nth: &str) {
+    h.spawn_with_env(
+        unit,
+        "first",
+        &[(switchyard_stage::faults::KILL_AFTER_STORED, nth)],
+    );
+    let mut first = h.take_process(0);
+    let status = tokio::task::spawn_blocking(move || first.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{status}: {}",
+        h.log_of(unit, "first")
+    );
+}
+
 fn seqs(lines: &[String]) -> Vec<u64> {
     json_lines(lines)
         .iter()
@@ -117,21 +137,7 @@ async fn a_kill_between_storing_a_frames_outputs_and_acknowledging_it_stores_not
     );
     let sink = h.watch_stats("out").await;
     h.start("out");
-    h.spawn_with_env(
-        "copy",
-        "first",
-        &[(switchyard_stage::faults::KILL_AFTER_STORED, "2")],
-    );
-    let mut first = h.take_process(0);
-    let status = tokio::task::spawn_blocking(move || first.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "{status}: {}",
-        h.log_of("copy", "first")
-    );
+    kill_after_stored(&mut h, "copy", "2").await;
     // Its second input's outputs are stored; the input itself comes again to the next process.
     h.spawn("copy", "second");
     let lines = h.wait_for_lines(&h.path("out.jsonl"), 600, LIMIT).await;
@@ -207,21 +213,7 @@ async fn a_source_killed_after_storing_frames_resumes_without_storing_an_item_tw
 "#,
     ))
     .await;
-    h.spawn_with_env(
-        "src",
-        "first",
-        &[(switchyard_stage::faults::KILL_AFTER_STORED, "40")],
-    );
-    let mut first = h.take_process(0);
-    let status = tokio::task::spawn_blocking(move || first.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "{status}: {}",
-        h.log_of("src", "first")
-    );
+    kill_after_stored(&mut h, "src", "40").await;
     let before = stored_items(&h, 1).await;
     assert!(
         before.len() >= 40 && before.iter().filter(|&&n| n > 1).count() >= 10,
