@@ -6,6 +6,14 @@
 //! carries only its own de-duplication id and `Switchyard-Frame: <items>`. A message without that
 //! header is one item, as every message was before frames: both are read everywhere.
 //!
+//! A frame's message id names what it holds: `[<items>:<first item's id>..<last item's id>]`. JetStream
+//! drops a message whose id it has already stored, so an id must never stand for other contents than
+//! the ones stored under it. A frame once took its first item's id, which is also the id of that item
+//! published alone: after a NATS failover a stream can hold an item alone that a resumed source then
+//! put first in a frame, and the frame was dropped with every item after the first (issue 38). The
+//! brackets start no item's id (item ids start with a unit's or a stream's name), so a frame and a
+//! lone item never share one, and two frames share one only when they hold the same items.
+//!
 //! The payload of a frame is a format byte, then per item: the number of headers, each header's name
 //! and value, then the item's payload, every length an unsigned LEB128 number.
 
@@ -151,6 +159,9 @@ impl Reader<'_> {
 pub struct FrameWriter {
     buf: Vec<u8>,
     count: usize,
+    /// The ids of the first and the last item so far (the last one's buffer is reused).
+    first_id: String,
+    last_id: String,
 }
 
 impl Default for FrameWriter {
@@ -164,6 +175,8 @@ impl FrameWriter {
         FrameWriter {
             buf: vec![FORMAT],
             count: 0,
+            first_id: String::new(),
+            last_id: String::new(),
         }
     }
 
@@ -199,15 +212,31 @@ impl FrameWriter {
             }
         }
         write_field(&mut self.buf, payload);
+        let id = item_headers.get(headers::MSG_ID).map_or("", |v| v.as_str());
+        if self.count == 0 {
+            self.first_id.push_str(id);
+        }
+        self.last_id.clear();
+        self.last_id.push_str(id);
         self.count += 1;
     }
 
-    /// The frame's payload and the headers its message needs besides its id.
+    /// The frame's payload and its message's headers: the item count and the frame's id.
     pub fn finish(self) -> (HeaderMap, Bytes) {
         let mut map = HeaderMap::new();
         map.insert(FRAME_HEADER, HeaderValue::from(self.count.to_string()));
+        map.insert(
+            headers::MSG_ID,
+            HeaderValue::from(frame_id(self.count, &self.first_id, &self.last_id)),
+        );
         (map, Bytes::from(self.buf))
     }
+}
+
+/// The message id of a frame of `items` items from `first` to `last` (item ids, in frame order): see the
+/// module's comment.
+pub fn frame_id(items: usize, first: &str, last: &str) -> String {
+    format!("[{items}:{first}..{last}]")
 }
 
 fn number_size(n: usize) -> usize {
@@ -276,6 +305,29 @@ mod tests {
                 assert_eq!(got.headers.get(name), h.get(name));
             }
         }
+    }
+
+    /// Its id names what it holds: never an item's own id, nor that of a frame with other items.
+    #[test]
+    fn a_frame_is_named_by_its_items() {
+        let id = |written: &[(HeaderMap, Bytes)]| {
+            let (map, _) = frame_of(written);
+            map.get(headers::MSG_ID).unwrap().as_str().to_string()
+        };
+        let three = id(&[
+            item("src:12", "a"),
+            item("src:13", "b"),
+            item("src:14", "c"),
+        ]);
+        assert_eq!(three, "[3:src:12..src:14]");
+        let two = id(&[item("src:12", "a"), item("src:13", "b")]);
+        assert_ne!(two, three);
+        assert_ne!(two, "src:12");
+        assert_eq!(
+            two,
+            id(&[item("src:12", "a again"), item("src:13", "b again")]),
+            "the same items make the same id, so a redelivery's frame is dropped as a duplicate"
+        );
     }
 
     #[test]

@@ -183,18 +183,6 @@ impl Processed {
     }
 }
 
-/// The id a stored message was published with (its place in the stream when it has none): what the
-/// ids of the frames made of it derive from.
-fn message_id(message: &Message, stream: &str, stream_seq: u64) -> String {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(names::MSG_ID))
-        .map(|v| v.as_str().to_string())
-        .filter(|id| !id.is_empty())
-        .unwrap_or_else(|| format!("{stream}:{stream_seq}"))
-}
-
 /// Work for one future: a single input, or a batch of them.
 // The single message is the hot path: keep it inline rather than boxing it per message.
 #[allow(clippy::large_enum_variant)]
@@ -703,7 +691,6 @@ impl Worker {
             Err(_) => (0, 1),
         };
         let framed = frame::frame_count(message.headers.as_ref()).is_some();
-        let id = message_id(message, &self.stream, stream_seq);
         let inputs = match self.inputs(message, stream_seq) {
             Ok(inputs) => inputs,
             Err(e) => {
@@ -712,8 +699,7 @@ impl Worker {
                     Lineage::from_headers(message.headers.as_ref(), &self.stream, stream_seq);
                 let unreadable = self.unreadable_frame(Payload::Bytes(message.payload.clone()), &e);
                 let mut item = Processed::of(lineage, None, None, Vec::new(), vec![unreadable]);
-                self.emit(&id, false, std::slice::from_mut(&mut item))
-                    .await?;
+                self.emit(false, std::slice::from_mut(&mut item)).await?;
                 return Ok(1);
             }
         };
@@ -741,7 +727,7 @@ impl Worker {
                 processed
             }
         };
-        let emitted = self.emit(&id, framed, &mut processed).await?;
+        let emitted = self.emit(framed, &mut processed).await?;
         for (item, emitted) in processed.into_iter().zip(emitted) {
             if item.began.is_some() || item.span.is_some() {
                 let done = emitted.done(self.is_sink(), delivered);
@@ -931,12 +917,7 @@ impl Worker {
             let lineage = Lineage::from_headers(m.headers.as_ref(), &self.stream, seq);
             let failure = self.unreadable_frame(Payload::Bytes(m.payload.clone()), &e);
             let mut item = Processed::of(lineage, None, None, Vec::new(), vec![failure]);
-            self.emit(
-                &message_id(m, &self.stream, seq),
-                false,
-                std::slice::from_mut(&mut item),
-            )
-            .await?;
+            self.emit(false, std::slice::from_mut(&mut item)).await?;
         }
         let Some((first, _)) = members.first() else {
             return Ok(messages.len() as u64);
@@ -972,11 +953,7 @@ impl Worker {
         let mut batch = Processed::of(lineage, None, None, outputs, failures);
         batch.carried = carried;
         let emitted = self
-            .emit(
-                &batch.lineage.id.clone(),
-                false,
-                std::slice::from_mut(&mut batch),
-            )
+            .emit(false, std::slice::from_mut(&mut batch))
             .await?
             .pop()
             .unwrap_or_default();
@@ -1006,7 +983,6 @@ impl Worker {
     /// frames, which JetStream drops); a single item's each go out alone, as they always did.
     async fn emit(
         &self,
-        input_id: &str,
         framed: bool,
         items: &mut [Processed],
     ) -> Result<Vec<Emitted>, ConsumeError> {
@@ -1021,8 +997,7 @@ impl Worker {
                     emitted.stored = item.outputs.len() as u64;
                 }
                 if framed {
-                    self.publish_frames(input_id, items, subject, &mut acks)
-                        .await?
+                    self.publish_frames(items, subject, &mut acks).await?
                 } else {
                     for item in items.iter_mut() {
                         let outputs = std::mem::take(&mut item.outputs);
@@ -1123,11 +1098,11 @@ impl Worker {
     }
 
     /// Publishes the outputs of a frame's items as frames, in item order, each within the server's
-    /// limit. Frame `k` of input `input_id` has the id `input_id/unit` (`…#k` after the first), and
-    /// each item in it the id it would have had alone.
+    /// limit. Each item in them has the id it would have had alone, and each frame the id of what it
+    /// holds (`frame::frame_id`): a redelivery that makes the same outputs makes the same frames,
+    /// which JetStream drops, and never a frame under the id of other contents.
     async fn publish_frames(
         &self,
-        input_id: &str,
         items: &mut [Processed],
         subject: &Subject,
         acks: &mut Pending,
@@ -1135,7 +1110,6 @@ impl Worker {
         let most_bytes = frame::MOST_BYTES.min(self.max_payload.saturating_sub(HEADERS_ROOM));
         let most_items = self.frame_items.clamp(1, frame::MOST_ITEMS);
         let mut writer = FrameWriter::new();
-        let mut frames = 0usize;
         let mut published = 0u64;
         for item in items.iter_mut() {
             let outputs = std::mem::take(&mut item.outputs);
@@ -1155,17 +1129,14 @@ impl Worker {
                     && (writer.count() >= most_items || writer.size() + size > most_bytes)
                 {
                     let full = std::mem::take(&mut writer);
-                    self.publish_frame(input_id, frames, full, subject, acks)
-                        .await?;
-                    frames += 1;
+                    self.publish_frame(full, subject, acks).await?;
                 }
                 writer.push(&map, &bytes);
                 published += 1;
             }
         }
         if writer.count() > 0 {
-            self.publish_frame(input_id, frames, writer, subject, acks)
-                .await?;
+            self.publish_frame(writer, subject, acks).await?;
         }
         Stats::add(&self.stats.published, published);
         Ok(())
@@ -1173,18 +1144,11 @@ impl Worker {
 
     async fn publish_frame(
         &self,
-        input_id: &str,
-        index: usize,
         writer: FrameWriter,
         subject: &Subject,
         acks: &mut Pending,
     ) -> Result<(), ConsumeError> {
-        let (mut map, payload) = writer.finish();
-        let id = match index {
-            0 => format!("{input_id}/{}", self.unit),
-            k => format!("{input_id}/{}#{k}", self.unit),
-        };
-        map.insert(names::MSG_ID, owned_header_value(id));
+        let (map, payload) = writer.finish();
         let publish = jetstream::message::PublishMessage::build()
             .headers(map)
             .payload(payload);

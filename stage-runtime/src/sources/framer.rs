@@ -4,16 +4,19 @@
 //! else is ready (`flush`), and whatever is held goes then.
 //!
 //! Exactly once across a restart. A lone item's message has the item's id (`source:key`) and a
-//! frame its first item's, so a restarted source that makes the same messages again is dropped by
-//! JetStream's de-duplication. But where a frame ends depends on timing (which items were waiting),
-//! and a restarted source would cut its frames elsewhere: a frame stored under the same first id
-//! with fewer items would lose the rest, one with more would store some twice. So the source's
-//! checkpoint also lists the frames it has published beyond the checkpointed position (their first
-//! and last items' ids), written before each frame is published. A restarted source cuts exactly
-//! those frames again, and publishes the items around them alone, as they were. Beyond the last
-//! listed frame it publishes items alone and waits for each acknowledgement, until JetStream takes
-//! one as new: nothing stored earlier can follow it (one connection stores in order), and frames may
-//! form again from there.
+//! frame an id naming its items (`frame::frame_id`), so a restarted source that makes the same
+//! messages again is dropped by JetStream's de-duplication, and a message it makes otherwise is never
+//! mistaken for one already stored. But where a frame ends depends on timing (which items were
+//! waiting), and a restarted source would cut its frames elsewhere and store the items of the stored
+//! frames again (the sinks drop those copies, at a cost on every hop). So the source's checkpoint also
+//! lists the frames it has published beyond the checkpointed position (their first and last items'
+//! ids), written before each frame is published. A restarted source cuts exactly those frames again,
+//! and publishes the items around them alone, as they were. Beyond the last listed frame it
+//! publishes items alone and waits for each acknowledgement, until JetStream takes one as new, and
+//! frames form again from there. That one item is new says nothing of the items after it: a NATS
+//! failover loses a publish in flight to the old leader and stores the ones made after it on the new
+//! one, so later items can be stored already. They are stored again inside new frames, never lost:
+//! a frame only ever shares its id with the very same items.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -292,7 +295,8 @@ impl<P: Serialize + Clone> Framer<P> {
     }
 }
 
-/// Publishes held items: alone as one message, several as a frame under the first one's id.
+/// Publishes held items: alone as one message, several as a frame under an id naming them all
+/// (`frame::frame_id`), never the first one's own.
 async fn publish_items<P>(
     unit: &SourceUnit,
     held: &[Held<P>],
@@ -304,11 +308,7 @@ async fn publish_items<P>(
             for h in several {
                 writer.push(&h.headers, &h.payload);
             }
-            let (mut map, payload) = writer.finish();
-            if let Some(first) = several.first() {
-                map.insert(names::MSG_ID, first.id());
-            }
-            (map, payload)
+            writer.finish()
         }
     };
     let message = async_nats::jetstream::message::PublishMessage::build()
