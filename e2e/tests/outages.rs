@@ -1,8 +1,6 @@
 //! NATS outages through `switchyard run`, with nothing lost and nothing doubled at the sinks:
 //!
-//! - a three-node cluster (`--nats-cluster 3`, R3) whose stream leader is SIGKILLed mid-run, one
-//!   whose follower hangs (SIGSTOP) for the rest of the run, and one whose stream leader is cut off
-//!   for 10 s (frozen, its connections open and silent) and then comes back;
+//! - a private server that keeps exiting: the run stops, keeps its store, and `--resume` finishes;
 //! - the storm: 50,000 items through a group, a three-replica exec switcher and two filtered sinks,
 //!   a stage process SIGKILLed every 2 s and NATS (the one server, or the cluster's stream leader)
 //!   SIGKILLed once;
@@ -70,14 +68,6 @@ fn stream_peers(url: &str, stream: &str) -> (String, Vec<String>) {
     })
 }
 
-/// How long after `at` the file grew by `by` lines: the sinks moving again after an outage.
-fn time_to_move_again(file: &Path, at: Instant, from: usize, by: usize) -> Duration {
-    wait_until(LIMIT, "the sink to move again", || {
-        line_count(file) >= from + by
-    });
-    at.elapsed()
-}
-
 fn kill(pid: u32, signal: i32) {
     // SAFETY: kill(2) on a process of the run, which the test found by its parent.
     unsafe {
@@ -85,126 +75,6 @@ fn kill(pid: u32, signal: i32) {
     }
 }
 
-/// A run on a three-node cluster, 5,000 of its 20,000 items at the sink: ready for a fault.
-struct ClusterRun {
-    run: BackgroundRun,
-    leader: String,
-    followers: Vec<String>,
-    /// Lines at the sink when the fault began, and when.
-    at_fault: usize,
-    fault: Instant,
-}
-
-impl ClusterRun {
-    const TOTAL: u64 = 20_000;
-
-    fn start() -> ClusterRun {
-        let run = BackgroundRun::start(
-            &generator_through_a_switcher(Self::TOTAL, 2000),
-            &["--nats-cluster", "3"],
-            &[],
-        );
-        run.wait_for_note("a private cluster of 3 servers");
-        assert!(run.notes().contains("with 3 replicas"), "{}", run.notes());
-        let (leader, followers) = stream_peers(&run.nats_url(), &run.stream());
-        assert_eq!(followers.len(), 2, "R3: two followers beside {leader}");
-        run.wait_for_lines("out.jsonl", 5_000);
-        ClusterRun {
-            at_fault: line_count(&run.path("out.jsonl")),
-            fault: Instant::now(),
-            run,
-            leader,
-            followers,
-        }
-    }
-
-    /// Sends `signal` to the node `name`; the fault's clock starts here.
-    fn signal(&mut self, name: &str, signal: i32) -> u32 {
-        let pid = self.run.nats_server_pid(Some(name));
-        self.at_fault = line_count(&self.run.path("out.jsonl"));
-        self.fault = Instant::now();
-        kill(pid, signal);
-        pid
-    }
-
-    /// How long after the fault the sink took 500 more items.
-    fn moved_again(&self) -> Duration {
-        time_to_move_again(&self.run.path("out.jsonl"), self.fault, self.at_fault, 500)
-    }
-
-    /// Waits for the end of the run, prints what was measured, and checks every item arrived once.
-    fn finish(mut self, fault: &str, moved: Duration) {
-        let status = self.run.wait(LIMIT);
-        assert!(status.success(), "{}", self.run.notes());
-        let tally = Tally::of(&self.run.path("out.jsonl"), "seq", Self::TOTAL);
-        println!(
-            "  {} items, {fault} at {}: the sink moved 500 on {:.1}s later; {} lost, {} duplicated; the run ended {:.1}s after",
-            Self::TOTAL,
-            self.at_fault,
-            moved.as_secs_f64(),
-            tally.lost.len(),
-            tally.duplicated.len(),
-            self.fault.elapsed().as_secs_f64()
-        );
-        tally.assert_exactly_once(Self::TOTAL);
-    }
-}
-
-#[test]
-fn a_cluster_loses_its_stream_leader_and_nothing_is_lost() {
-    let _one = one_at_a_time();
-    let mut cluster = ClusterRun::start();
-    let leader = cluster.leader.clone();
-    cluster.signal(&leader, libc::SIGKILL);
-    let moved = cluster.moved_again();
-    cluster
-        .run
-        .wait_for_note(&format!("nats-server {leader} is back after"));
-    let (now, _) = stream_peers(&cluster.run.nats_url(), &cluster.run.stream());
-    cluster.finish(
-        &format!("stream leader {leader} SIGKILLed (leader now {now})"),
-        moved,
-    );
-}
-
-/// Frozen, not dead: its connections stay open and silent, as with a node cut off the network.
-#[test]
-fn a_cluster_with_a_hung_follower_finishes_and_nothing_is_lost() {
-    let _one = one_at_a_time();
-    let mut cluster = ClusterRun::start();
-    let hung = cluster.followers[0].clone();
-    let pid = cluster.signal(&hung, libc::SIGSTOP);
-    let moved = cluster.moved_again();
-    let leader = cluster.leader.clone();
-    // Thawed once the run is over, so that it can be stopped.
-    let thaw = scopeguard(move || kill(pid, libc::SIGCONT));
-    cluster.finish(
-        &format!("follower {hung} (leader {leader}) hung for good"),
-        moved,
-    );
-    drop(thaw);
-}
-
-/// The stream leader cut off for 10 s — frozen, so that every connection to it stays open and
-/// silent, as in a network partition — and then back: the others elect a leader and go on, the old one
-/// rejoins as a follower, and nothing is lost or doubled.
-#[test]
-fn a_cluster_whose_stream_leader_is_cut_off_for_ten_seconds_loses_nothing() {
-    let _one = one_at_a_time();
-    let mut cluster = ClusterRun::start();
-    let leader = cluster.leader.clone();
-    let pid = cluster.signal(&leader, libc::SIGSTOP);
-    std::thread::sleep(Duration::from_secs(10));
-    kill(pid, libc::SIGCONT);
-    let moved = cluster.moved_again();
-    let (now, _) = stream_peers(&cluster.run.nats_url(), &cluster.run.stream());
-    cluster.finish(
-        &format!("stream leader {leader} cut off for 10 s (leader then {now})"),
-        moved,
-    );
-}
-
-/// Runs `f` when dropped, also when the test fails on the way.
 /// A private server that cannot start any more (here: something else took its port) used to be
 /// started again ten times a second; now it is started again with a backoff, and after five quick
 /// exits the run stops, saying why with the server's last log lines, and keeps its store, from
@@ -348,18 +218,6 @@ spec:
         took.as_secs_f64(),
         tally.lines
     );
-}
-
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
 }
 
 /// A group, a three-replica exec switcher and two filtered sinks: the storm's Pipeline.
