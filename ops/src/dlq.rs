@@ -401,6 +401,9 @@ struct OnSubject {
     staying: Vec<u64>,
     /// Letters deleted one by one while `staying` were there: what not copying them has cost.
     deleted_one_by_one: u64,
+    /// Letters that stayed were stored again at the end of the subject: every later one that stays
+    /// must follow them there, or it would come before them (see `finish`).
+    moved: bool,
 }
 
 impl Removal {
@@ -431,6 +434,7 @@ impl Removal {
             let deletes = on.deleted_one_by_one + going.len() as u64;
             let copies = on.staying.len() as u64;
             if copies * COPY_US + PURGE_US <= deletes * DELETE_US {
+                on.moved |= !on.staying.is_empty();
                 ready.push(Remove::Below {
                     subject: subject.clone(),
                     seq: on.last + 1,
@@ -441,6 +445,25 @@ impl Removal {
             } else {
                 on.deleted_one_by_one = deletes;
                 ready.extend(going.into_iter().map(Remove::One));
+            }
+        }
+        ready
+    }
+
+    /// Once everything was told: the letters that stayed where they were on a subject whose earlier
+    /// stayers were stored again at its end would now come before those (a replay whose last window
+    /// held only letters that stay, or whose stayers after a copy were cheaper to leave): they follow
+    /// them to the end, so what stays keeps its order.
+    pub fn finish(&mut self) -> Vec<Remove> {
+        let mut ready = Vec::new();
+        for (subject, on) in &mut self.subjects {
+            if on.moved && !on.staying.is_empty() {
+                ready.push(Remove::Below {
+                    subject: subject.clone(),
+                    seq: on.last + 1,
+                    letters: Vec::new(),
+                    keep: std::mem::take(&mut on.staying),
+                });
             }
         }
         ready
@@ -811,6 +834,14 @@ pub async fn replay(target: &Target, selection: &Selection) -> Result<Replayed, 
             }
         }
         if window.is_empty() {
+            let Carried { moved, failed, .. } = carry_out(target, &stream, removal.finish()).await;
+            report.moved(&moved);
+            for (_, e) in failed {
+                // Nothing is lost: the letters are where they were, only not after the others.
+                tracing::warn!(
+                    "dead letters that stay could not follow the others stored again: {e}"
+                );
+            }
             return Ok(report);
         }
         let mut acks = Vec::with_capacity(window.len());
@@ -1080,6 +1111,37 @@ mod tests {
             removal.take(),
             vec![below("dlq.wash", 107, vec![106], vec![])]
         );
+    }
+
+    /// Stayers at the end of a subject, after others were stored again, used to stay where they were
+    /// and so came before those (the day-2 test saw 7925..9995 before 5..7915 once the pack unit
+    /// lagged behind price); they follow them now. A subject where nothing moved is left as it is.
+    #[test]
+    fn letters_that_stay_after_others_were_stored_again_follow_them() {
+        let mut removal = Removal::default();
+        removal.keep("dlq.wash", 1);
+        for seq in 2..=20 {
+            removal.remove("dlq.wash", seq);
+        }
+        assert_eq!(
+            removal.take(),
+            vec![below("dlq.wash", 21, (2..=20).collect(), vec![1])]
+        );
+        // Cheaper to delete 22 than to copy 21 and purge: 21 stays where it is, for now.
+        removal.keep("dlq.wash", 21);
+        removal.remove("dlq.wash", 22);
+        assert_eq!(removal.take(), vec![Remove::One(22)]);
+        // The last window holds only letters that stay.
+        removal.keep("dlq.wash", 23);
+        assert_eq!(removal.take(), vec![]);
+        removal.keep("dlq.dry", 5);
+        removal.remove("dlq.dry", 6);
+        assert_eq!(removal.take(), vec![Remove::One(6)]);
+        assert_eq!(
+            removal.finish(),
+            vec![below("dlq.wash", 24, vec![], vec![21, 23])]
+        );
+        assert_eq!(removal.finish(), vec![]);
     }
 
     #[test]
