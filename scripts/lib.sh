@@ -5,15 +5,29 @@ set -euo pipefail
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
-# Warns, before hours of building, when the target folder's disk has less than $1 GB free: a full
-# build and test run fills up to that much (5.5 GB measured), and running out shows up as a compiler error.
+# Stops before any building when a place the run writes to has less free space than it needs:
+# running out an hour in shows up as a compiler error, a failed etcd or a pod that never starts.
+# Each argument is FOLDER:GB. On a shortage it names this project's own largest folders (build
+# output, caches, clusters), the usual things to remove.
 ensure_disk_space() {
-  local need=$1 target=${CARGO_TARGET_DIR:-target} free
-  mkdir -p "$target"
-  free=$(df -Pk "$target" | awk 'NR == 2 { print int($4 / 1048576) }')
-  if [ "${free:-0}" -lt "$need" ]; then
-    say "warning: $free GB free where $target is; a full run needs up to $need GB (cargo clean, or set CARGO_TARGET_DIR)"
-  fi
+  local spec folder need free short=""
+  for spec in "$@"; do
+    folder=${spec%:*}
+    need=${spec##*:}
+    # A folder not made yet is on its nearest existing parent's disk.
+    while [ ! -d "$folder" ]; do folder=$(dirname "$folder"); done
+    free=$(df -Pk "$folder" | awk 'NR == 2 { print int($4 / 1048576) }')
+    if [ "${free:-0}" -lt "$need" ]; then
+      short="$short  $folder: $free GB free, $need GB needed\n"
+    fi
+  done
+  [ -z "$short" ] && return 0
+  printf 'scripts: not enough free disk to run:\n%b' "$short" >&2
+  echo "the largest folders of this project's own (remove what you do not need; caches are rebuilt):" >&2
+  local candidates=("${CARGO_TARGET_DIR:-target}" fuzz/target "${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}"
+    "${SWITCHYARD_CLUSTER_ROOT:-/var/lib/switchyard-cluster}" "${TMPDIR:-/tmp}"/switchyard-*)
+  du -sh "${candidates[@]}" 2>/dev/null | sort -rh | head -8 | sed 's/^/  /' >&2
+  return 1
 }
 
 as_root() {

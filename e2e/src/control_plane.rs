@@ -25,7 +25,8 @@ pub struct Binaries {
 }
 
 pub struct ControlPlane {
-    pub dir: tempfile::TempDir,
+    /// `target/<profile>/suites/control-plane`: keys, etcd's data, every log (see `SuiteFolder`).
+    pub dir: crate::SuiteFolder,
     /// `https://127.0.0.1:PORT`
     pub url: String,
     /// A kubeconfig of a cluster administrator (`system:masters`).
@@ -197,10 +198,10 @@ fn make_keys(dir: &Path) {
 fn spawn(name: &'static str, command: &mut Command, log: &Path) -> (&'static str, Child) {
     let out = std::fs::File::create(log).expect("create a log file");
     let err = out.try_clone().expect("clone a log file");
+    command.stdin(Stdio::null()).stdout(out).stderr(err);
+    // Should the test process be killed, so is the control plane, instead of running on.
+    switchyard_platform::os::die_with_parent(command);
     let child = command
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
         .spawn()
         .unwrap_or_else(|e| panic!("start {name}: {e}"));
     (name, child)
@@ -262,7 +263,7 @@ pub struct Options {
 
 impl ControlPlane {
     pub fn start(binaries: &Binaries, options: &Options) -> ControlPlane {
-        let dir = tempfile::tempdir().expect("a temporary folder");
+        let dir = crate::SuiteFolder::fresh("control-plane");
         let d = dir.path();
         make_keys(d);
         std::fs::write(
@@ -421,12 +422,8 @@ impl Drop for ControlPlane {
             let _ = child.wait();
         }
         if std::thread::panicking() || std::env::var_os("SWITCHYARD_KEEP_CONTROL_PLANE").is_some() {
-            let kept = self.dir.path().to_path_buf();
-            eprintln!("control plane logs kept in {}", kept.display());
-            std::mem::forget(std::mem::replace(
-                &mut self.dir,
-                tempfile::tempdir().expect("a temporary folder"),
-            ));
+            eprintln!("control plane logs kept in {}", self.dir.path().display());
+            self.dir.keep();
         }
     }
 }

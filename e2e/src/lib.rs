@@ -27,6 +27,56 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A suite's own folder, `target/<profile>/suites/<name>`: what the run before left there (the logs
+/// of a failure) is replaced, and it is removed when dropped unless the suite failed
+/// (`std::thread::panicking`) or `keep` was called, so a failure's logs are always in one known place
+/// and nothing piles up in the temporary folder.
+pub struct SuiteFolder {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl SuiteFolder {
+    pub fn fresh(name: &str) -> SuiteFolder {
+        let exe = std::env::current_exe().expect("the test's own path");
+        let profile = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test runs from target/<profile>/deps");
+        let path = profile.join("suites").join(name);
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!(
+                "cannot remove what an earlier run left in {}: {e}",
+                path.display()
+            ),
+        }
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        SuiteFolder { path, keep: false }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Keeps the folder when dropped, and says where it is.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for SuiteFolder {
+    fn drop(&mut self) {
+        if self.keep || std::thread::panicking() {
+            eprintln!("kept in {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
 pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }

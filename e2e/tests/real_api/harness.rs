@@ -157,7 +157,8 @@ impl Suite {
         ));
         let out = std::fs::File::create(&log).expect("create the operator's log");
         let err = out.try_clone().expect("clone a log file");
-        let child = Command::new(&self.operator_binary)
+        let mut command = Command::new(&self.operator_binary);
+        command
             .arg("operator")
             .arg(format!("--nats-url={}", self.nats.url()))
             .arg("--stage-image=switchyard:test")
@@ -171,9 +172,10 @@ impl Suite {
             .env("SWITCHYARD_LOG", "info,switchyard_operator=debug")
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start the operator");
+            .stderr(err);
+        // Should the suite be killed, so is the operator.
+        switchyard_platform::os::die_with_parent(&mut command);
+        let child = command.spawn().expect("start the operator");
         let operator = Operator {
             child,
             metrics,
