@@ -10,15 +10,18 @@ pub mod secure;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// `target/<profile>`: the test runs from its `deps` folder.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/<profile>/deps")
+        .to_path_buf()
+}
+
 /// A binary of the workspace, built beside the test (`cargo build --workspace --bins`).
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test runs from target/<profile>/deps");
-    let path = dir.join(name);
+    let path = profile_dir().join(name);
     assert!(
         path.is_file(),
         "{} is not built: run `cargo build --workspace --bins` first (scripts/test does)",
@@ -38,12 +41,7 @@ pub struct SuiteFolder {
 
 impl SuiteFolder {
     pub fn fresh(name: &str) -> SuiteFolder {
-        let exe = std::env::current_exe().expect("the test's own path");
-        let profile = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test runs from target/<profile>/deps");
-        let path = profile.join("suites").join(name);
+        let path = profile_dir().join("suites").join(name);
         match std::fs::remove_dir_all(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

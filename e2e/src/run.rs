@@ -129,6 +129,39 @@ impl BackgroundRun {
             .to_string()
     }
 
+    /// The leader of the run's stream and its followers, as JetStream reports them (a run on a
+    /// cluster of its own, `--nats-cluster N`); waits up to a minute for a leader.
+    pub fn stream_peers(&self) -> (String, Vec<String>) {
+        let (url, stream) = (self.nats_url(), self.stream());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let servers = switchyard_platform::nats::server_addrs(&url).expect("the run's servers");
+            let client = async_nats::connect(servers).await.expect("connect");
+            let js = async_nats::jetstream::new(client);
+            let started = Instant::now();
+            loop {
+                let info = match js.get_stream(&stream).await {
+                    Ok(mut s) => s.info().await.ok().cloned(),
+                    Err(_) => None,
+                };
+                if let Some(cluster) = info.and_then(|i| i.cluster) {
+                    if let Some(leader) = cluster.leader.filter(|l| !l.is_empty()) {
+                        let followers = cluster.replicas.into_iter().map(|r| r.name).collect();
+                        return (leader, followers);
+                    }
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "no leader of stream {stream}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
     /// The pid of the run's own nats-server named `name` (`node-2`), or its only one.
     pub fn nats_server_pid(&self, name: Option<&str>) -> u32 {
         let servers = crate::children_with(self.child.id(), "nats-server");
@@ -143,6 +176,14 @@ impl BackgroundRun {
         assert_eq!(chosen.len(), 1, "nats-server {name:?}: {chosen:?}");
         chosen[0]
     }
+}
+
+/// A generator (`count` items at `rate` a second) through a two-replica jq switcher to a file sink
+/// `out.jsonl`: the Pipeline of the outage and failover tests.
+pub fn generator_through_a_switcher(count: u64, rate: u64) -> String {
+    format!(
+        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: outage}}\nspec:\n  sources: [{{name: numbers, generator: {{count: {count}, ratePerSecond: {rate}}}}}]\n  stages:\n    - name: work\n      switcher: {{minReplicas: 2, maxReplicas: 2}}\n      jq: '. + {{seen: true}}'\n  sinks: [{{name: out, file: {{path: out.jsonl}}}}]\n"
+    )
 }
 
 impl Drop for BackgroundRun {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use switchyard_e2e::run::{BackgroundRun, Tally};
+use switchyard_e2e::run::{generator_through_a_switcher, BackgroundRun, Tally};
 use switchyard_e2e::{line_count, wait_until};
 
 /// These runs load both cores: one at a time, or they measure each other.
@@ -69,43 +69,6 @@ impl Drop for Load {
             let _ = thread.join();
         }
     }
-}
-
-fn generator_through_a_switcher(count: u64, rate: u64) -> String {
-    format!(
-        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: outage}}\nspec:\n  sources: [{{name: numbers, generator: {{count: {count}, ratePerSecond: {rate}}}}}]\n  stages:\n    - name: work\n      switcher: {{minReplicas: 2, maxReplicas: 2}}\n      jq: '. + {{seen: true}}'\n  sinks: [{{name: out, file: {{path: out.jsonl}}}}]\n"
-    )
-}
-
-/// The stream's leader and its followers, as JetStream reports them.
-fn stream_peers(url: &str, stream: &str) -> (String, Vec<String>) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    runtime.block_on(async {
-        let servers = switchyard_platform::nats::server_addrs(url).expect("the run's servers");
-        let client = async_nats::connect(servers).await.expect("connect");
-        let js = async_nats::jetstream::new(client);
-        let started = Instant::now();
-        loop {
-            let info = match js.get_stream(stream).await {
-                Ok(mut s) => s.info().await.ok().cloned(),
-                Err(_) => None,
-            };
-            if let Some(cluster) = info.and_then(|i| i.cluster) {
-                if let Some(leader) = cluster.leader.filter(|l| !l.is_empty()) {
-                    let followers = cluster.replicas.into_iter().map(|r| r.name).collect();
-                    return (leader, followers);
-                }
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "no stream leader"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
 }
 
 /// How long after `at` the file grew by `by` lines: the sinks moving again after an outage.
@@ -170,7 +133,7 @@ impl ClusterRun {
 
     /// The stream's leader and followers now.
     fn peers(&self) -> (String, Vec<String>) {
-        stream_peers(&self.run.nats_url(), &self.run.stream())
+        self.run.stream_peers()
     }
 
     /// Sends `signal` to the node `name`; the fault's clock starts here.

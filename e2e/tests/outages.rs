@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use switchyard_e2e::run::{BackgroundRun, Tally};
+use switchyard_e2e::run::{generator_through_a_switcher, BackgroundRun, Tally};
 use switchyard_e2e::{children_with, command_line, line_count, wait_until};
 
 /// These runs load both cores: one at a time, or they measure each other.
@@ -26,47 +26,6 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 
 /// Messages held by a killed stage process come back after JetStream's acknowledgement deadline (10 s).
 const LIMIT: Duration = Duration::from_secs(300);
-
-fn generator_through_a_switcher(count: u64, rate: u64) -> String {
-    format!(
-        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: outage}}\nspec:\n  sources: [{{name: numbers, generator: {{count: {count}, ratePerSecond: {rate}}}}}]\n  stages:\n    - name: work\n      switcher: {{minReplicas: 2, maxReplicas: 2}}\n      jq: '. + {{seen: true}}'\n  sinks: [{{name: out, file: {{path: out.jsonl}}}}]\n"
-    )
-}
-
-/// The stream's leader and its followers, as JetStream reports them.
-fn stream_peers(url: &str, stream: &str) -> (String, Vec<String>) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    runtime.block_on(async {
-        let servers = switchyard_platform::nats::server_addrs(url).expect("the run's servers");
-        let client = async_nats::connect(servers).await.expect("connect");
-        let js = async_nats::jetstream::new(client);
-        let started = Instant::now();
-        loop {
-            let info = js
-                .get_stream(stream)
-                .await
-                .expect("the run's stream")
-                .info()
-                .await
-                .expect("its info")
-                .clone();
-            if let Some(cluster) = info.cluster {
-                if let Some(leader) = cluster.leader.filter(|l| !l.is_empty()) {
-                    let followers = cluster.replicas.into_iter().map(|r| r.name).collect();
-                    return (leader, followers);
-                }
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "no stream leader"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-}
 
 fn kill(pid: u32, signal: i32) {
     // SAFETY: kill(2) on a process of the run, which the test found by its parent.
@@ -364,7 +323,7 @@ fn storm_with_one_nats_server() {
 #[test]
 fn storm_with_a_three_node_cluster_losing_its_stream_leader() {
     storm(&["--nats-cluster", "3"], |run| {
-        let (leader, _) = stream_peers(&run.nats_url(), &run.stream());
+        let (leader, _) = run.stream_peers();
         let pid = run.nats_server_pid(Some(&leader));
         (format!("stream leader {leader}"), pid)
     });
