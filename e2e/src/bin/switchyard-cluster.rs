@@ -74,7 +74,14 @@ fn main() -> ExitCode {
         }
     };
     let result = match args.command.as_str() {
-        "up" => Cluster::up(&args.name, &Options { nodes: args.nodes }).map(|cluster| {
+        "up" => Cluster::up(
+            &args.name,
+            &Options {
+                nodes: args.nodes,
+                owned_by_this_process: false,
+            },
+        )
+        .map(|cluster| {
             for (phase, took) in &cluster.timings {
                 eprintln!("  {phase}: {:.1}s", took.as_secs_f64());
             }

@@ -249,11 +249,56 @@ pub fn coredns_image() -> String {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub nodes: u8,
+    /// The cluster belongs to this process (a test suite): should the process die without taking
+    /// it down, the next `up` of the same name takes it down and starts afresh instead of refusing.
+    /// A cluster someone brought up by hand (`scripts/cluster up`) has no owner and is left alone.
+    pub owned_by_this_process: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { nodes: 1 }
+        Options {
+            nodes: 1,
+            owned_by_this_process: false,
+        }
+    }
+}
+
+/// The process a cluster belongs to: its pid, and its program (so that a pid used again by another
+/// program is not taken for it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub program: String,
+}
+
+impl Owner {
+    fn this_process() -> Option<Owner> {
+        let program = std::env::current_exe().ok()?.display().to_string();
+        Some(Owner {
+            pid: std::process::id(),
+            program,
+        })
+    }
+}
+
+/// Pure: what `up` does about a cluster of the same name whose state it found: `running` says
+/// whether any of its processes still runs, `owner_alive` whether the process it belongs to does.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// Nothing of it runs: what a crashed run left, taken away first.
+    Leftover,
+    /// It runs, and its owner is gone (a suite killed before it could take it down): taken away.
+    Orphaned,
+    /// It runs and is someone's: refused.
+    InUse,
+}
+
+fn found(running: bool, owner: Option<&Owner>, owner_alive: impl Fn(&Owner) -> bool) -> Found {
+    match (running, owner) {
+        (false, _) => Found::Leftover,
+        (true, Some(owner)) if !owner_alive(owner) => Found::Orphaned,
+        (true, _) => Found::InUse,
     }
 }
 
@@ -266,6 +311,8 @@ pub struct Cluster {
     pub processes: Vec<Process>,
     /// How long `up` took, by phase, for the suite to print.
     pub timings: Vec<(String, Duration)>,
+    /// The process it belongs to, if any (`Options::owned_by_this_process`).
+    pub owner: Option<Owner>,
 }
 
 impl Cluster {
@@ -283,17 +330,25 @@ impl Cluster {
         let programs = Programs::find()?;
         let layout = Layout::new(&Cluster::root(), name, options.nodes);
         if let Ok(cluster) = Cluster::load(&layout.dir) {
-            if cluster
+            let running = cluster
                 .processes
                 .iter()
-                .any(|p| host::is_running(p.pid, &p.program))
-            {
-                return Err(ClusterError::AlreadyUp {
-                    name: name.to_string(),
-                    kubeconfig: layout.admin_kubeconfig(),
-                });
+                .any(|p| host::is_running(p.pid, &p.program));
+            match found(running, cluster.owner.as_ref(), |o| {
+                host::is_running(o.pid, &o.program)
+            }) {
+                Found::InUse => {
+                    return Err(ClusterError::AlreadyUp {
+                        name: name.to_string(),
+                        kubeconfig: layout.admin_kubeconfig(),
+                    })
+                }
+                Found::Orphaned => eprintln!(
+                    "cluster {name}: the process it belonged to ({}) is gone; taking it down to start afresh",
+                    cluster.owner.as_ref().map_or(String::new(), |o| format!("pid {}, {}", o.pid, o.program))
+                ),
+                Found::Leftover => {}
             }
-            // What a crashed run left: take it away first.
             cluster.down()?;
         }
         let mut cluster = Cluster {
@@ -301,6 +356,10 @@ impl Cluster {
             programs,
             processes: Vec::new(),
             timings: Vec::new(),
+            owner: options
+                .owned_by_this_process
+                .then(Owner::this_process)
+                .flatten(),
         };
         match cluster.start() {
             Ok(()) => Ok(cluster),
@@ -880,6 +939,7 @@ impl Cluster {
             "processes": self.processes.iter().map(|p| json!({
                 "name": p.name, "pid": p.pid, "program": p.program, "log": p.log,
             })).collect::<Vec<_>>(),
+            "owner": self.owner.as_ref().map(|o| json!({"pid": o.pid, "program": o.program})),
         });
         let path = self.layout.path(STATE);
         std::fs::write(
@@ -919,11 +979,20 @@ impl Cluster {
             containerd: on_path("containerd").unwrap_or_default(),
             ctr: on_path("ctr").unwrap_or_else(|| PathBuf::from("ctr")),
         };
+        let owner = state["owner"].as_object().map(|o| Owner {
+            pid: o.get("pid").and_then(Value::as_u64).unwrap_or(0) as u32,
+            program: o
+                .get("program")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        });
         Ok(Cluster {
             layout,
             programs,
             processes,
             timings: Vec::new(),
+            owner,
         })
     }
 
@@ -1083,4 +1152,24 @@ pub fn copy_logs(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A killed pod suite left its cluster running and the next run stopped on `AlreadyUp` until
+    /// someone ran `scripts/cluster down`; a cluster someone brought up by hand is still left alone.
+    #[test]
+    fn a_running_cluster_is_taken_down_only_when_the_process_it_belonged_to_is_gone() {
+        let suite = Owner {
+            pid: 4242,
+            program: "/work/target/debug/deps/pods-0123".into(),
+        };
+        assert_eq!(found(false, Some(&suite), |_| true), Found::Leftover);
+        assert_eq!(found(false, None, |_| false), Found::Leftover);
+        assert_eq!(found(true, Some(&suite), |_| false), Found::Orphaned);
+        assert_eq!(found(true, Some(&suite), |_| true), Found::InUse);
+        assert_eq!(found(true, None, |_| false), Found::InUse);
+    }
 }

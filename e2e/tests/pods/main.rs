@@ -122,7 +122,14 @@ fn main() {
 
     let started = Instant::now();
     let keep = std::env::var_os("SWITCHYARD_KEEP_CLUSTER").is_some();
-    let (cluster, reused) = match Cluster::up(CLUSTER, &Options { nodes: 2 }) {
+    let (cluster, reused) = match Cluster::up(
+        CLUSTER,
+        &Options {
+            nodes: 2,
+            // Should the suite be killed, its next run takes the cluster down and starts afresh.
+            owned_by_this_process: !keep,
+        },
+    ) {
         Ok(c) => (c, false),
         // While working on the suite: the cluster an earlier run kept, with its chart upgraded.
         Err(switchyard_e2e::cluster::ClusterError::AlreadyUp { .. }) if keep => {
