@@ -205,10 +205,12 @@ async fn a_source_killed_after_storing_frames_resumes_without_storing_an_item_tw
         "framesource",
         // At this rate the generator waits for the clock every millisecond or so and stores what
         // it made meanwhile: frames of a few items each, cut by timing, which a restart cuts
-        // elsewhere.
+        // elsewhere. At most 16 items each (the copy stage's concurrency): on a loaded machine the
+        // generator fell far behind, frames grew to hundreds of items, and the first run finished
+        // its 3,000 in fewer than the 40 messages it was to die after.
         r#"  sources: [{name: src, generator: {count: 3000, ratePerSecond: 20000}}]
   stages:
-    - {name: copy, passthrough: {}}
+    - {name: copy, passthrough: {}, concurrency: 16}
   sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
 "#,
     ))
