@@ -7,25 +7,39 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 # Stops before any building when a place the run writes to has less free space than it needs:
 # running out an hour in shows up as a compiler error, a failed etcd or a pod that never starts.
-# Each argument is FOLDER:GB. On a shortage it names this project's own largest folders (build
-# output, caches, clusters), the usual things to remove.
+# Each argument is FOLDER:GB; what folders on one file system need is added up. On a shortage it
+# names this project's own largest folders (build output, caches, clusters), the usual things to remove.
 ensure_disk_space() {
-  local spec folder need free short=""
+  local spec folder need mount free short="" i
+  local -a mounts=() needs=() names=()
   for spec in "$@"; do
     folder=${spec%:*}
     need=${spec##*:}
     # A folder not made yet is on its nearest existing parent's disk.
     while [ ! -d "$folder" ]; do folder=$(dirname "$folder"); done
-    free=$(df -Pk "$folder" | awk 'NR == 2 { print int($4 / 1048576) }')
-    if [ "${free:-0}" -lt "$need" ]; then
-      short="$short  $folder: $free GB free, $need GB needed\n"
+    mount=$(df -P "$folder" | awk 'NR == 2 { print $6 }')
+    for i in "${!mounts[@]}"; do
+      if [ "${mounts[$i]}" = "$mount" ]; then
+        needs[$i]=$((needs[$i] + need))
+        names[$i]="${names[$i]}, ${spec%:*}"
+        continue 2
+      fi
+    done
+    mounts+=("$mount")
+    needs+=("$need")
+    names+=("${spec%:*}")
+  done
+  for i in "${!mounts[@]}"; do
+    free=$(df -Pk "${mounts[$i]}" | awk 'NR == 2 { print int($4 / 1048576) }')
+    if [ "${free:-0}" -lt "${needs[$i]}" ]; then
+      short="$short  ${mounts[$i]} (${names[$i]}): $free GB free, ${needs[$i]} GB needed\n"
     fi
   done
   [ -z "$short" ] && return 0
   printf 'scripts: not enough free disk to run:\n%b' "$short" >&2
   echo "the largest folders of this project's own (remove what you do not need; caches are rebuilt):" >&2
   local candidates=("${CARGO_TARGET_DIR:-target}" fuzz/target "${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}"
-    "${SWITCHYARD_CLUSTER_ROOT:-/var/lib/switchyard-cluster}" "${TMPDIR:-/tmp}"/switchyard-*)
+    "$HOME/.cache/go-build" "${SWITCHYARD_CLUSTER_ROOT:-/var/lib/switchyard-cluster}" "${TMPDIR:-/tmp}"/switchyard-*)
   du -sh "${candidates[@]}" 2>/dev/null | sort -rh | head -8 | sed 's/^/  /' >&2
   return 1
 }
