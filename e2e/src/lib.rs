@@ -68,11 +68,27 @@ impl SuiteFolder {
 impl Drop for SuiteFolder {
     fn drop(&mut self) {
         if self.keep || std::thread::panicking() {
-            eprintln!("kept in {}", self.path.display());
+            eprintln!("logs and state kept in {}", self.path.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.path);
         }
     }
+}
+
+/// Sends `signal` to `pid`: a process of the test's own run (a stage, a nats-server), found by its
+/// parent. A process already gone is no error.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory effects; a pid that is gone gives ESRCH, which is fine here.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+/// Held by a test that loads both cores, so that such tests in one binary run one at a time
+/// instead of measuring each other.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub fn examples() -> PathBuf {

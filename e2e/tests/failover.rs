@@ -15,18 +15,11 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_e2e::run::{generator_through_a_switcher, BackgroundRun, Tally};
-use switchyard_e2e::{line_count, wait_until};
-
-/// These runs load both cores: one at a time, or they measure each other.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
+use switchyard_e2e::{line_count, one_at_a_time, wait_until};
 
 /// Messages held by a killed stage process come back after JetStream's acknowledgement deadline.
 const LIMIT: Duration = Duration::from_secs(300);
@@ -77,13 +70,6 @@ fn time_to_move_again(file: &Path, at: Instant, from: usize, by: usize) -> Durat
         line_count(file) >= from + by
     });
     at.elapsed()
-}
-
-fn kill(pid: u32, signal: i32) {
-    // SAFETY: kill(2) on a process of the run, which the test found by its parent.
-    unsafe {
-        libc::kill(pid as i32, signal);
-    }
 }
 
 /// Runs `f` when dropped, also when the test fails on the way.
@@ -141,7 +127,7 @@ impl ClusterRun {
         let pid = self.run.nats_server_pid(Some(name));
         self.at_fault = line_count(&self.run.path("out.jsonl"));
         self.fault = Instant::now();
-        kill(pid, signal);
+        switchyard_e2e::signal(pid, signal);
         pid
     }
 
@@ -206,7 +192,7 @@ fn a_cluster_with_a_hung_follower_then_a_dead_leader_loses_nothing() {
     let hung = followers[0].clone();
     let pid = cluster.signal(&hung, libc::SIGSTOP);
     // Thawed once the run is over, so that it can be stopped.
-    let thaw = scopeguard(move || kill(pid, libc::SIGCONT));
+    let thaw = scopeguard(move || switchyard_e2e::signal(pid, libc::SIGCONT));
     cluster.moved_again(format!("follower {hung} (leader {leader}) hung for good"));
     cluster.carry_on();
     cluster.signal(&leader, libc::SIGKILL);
@@ -228,7 +214,7 @@ fn a_cluster_whose_stream_leader_is_cut_off_for_ten_seconds_then_dies_loses_noth
     let (leader, _) = cluster.peers();
     let pid = cluster.signal(&leader, libc::SIGSTOP);
     std::thread::sleep(Duration::from_secs(10));
-    kill(pid, libc::SIGCONT);
+    switchyard_e2e::signal(pid, libc::SIGCONT);
     let (now, _) = cluster.peers();
     cluster.moved_again(format!(
         "stream leader {leader} cut off for 10 s (leader then {now})"

@@ -11,28 +11,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use switchyard_e2e::run::{generator_through_a_switcher, BackgroundRun, Tally};
-use switchyard_e2e::{children_with, command_line, line_count, wait_until};
-
-/// These runs load both cores: one at a time, or they measure each other.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
+use switchyard_e2e::{children_with, command_line, line_count, one_at_a_time, wait_until};
 
 /// Messages held by a killed stage process come back after JetStream's acknowledgement deadline (10 s).
 const LIMIT: Duration = Duration::from_secs(300);
-
-fn kill(pid: u32, signal: i32) {
-    // SAFETY: kill(2) on a process of the run, which the test found by its parent.
-    unsafe {
-        libc::kill(pid as i32, signal);
-    }
-}
 
 /// A private server that cannot start any more (here: something else took its port) used to be
 /// started again ten times a second; now it is started again with a backoff, and after five quick
@@ -54,7 +39,7 @@ fn a_private_server_that_keeps_exiting_stops_the_run_and_loses_nothing() {
     // race, kill the server it started and try again.
     let started = Instant::now();
     let squatter = loop {
-        kill(run.nats_server_pid(None), libc::SIGKILL);
+        switchyard_e2e::signal(run.nats_server_pid(None), libc::SIGKILL);
         let taken = Instant::now();
         let mut bound = None;
         while bound.is_none() && taken.elapsed() < Duration::from_secs(2) {
@@ -270,7 +255,7 @@ fn storm(extra: &[&str], nats_victim: impl Fn(&BackgroundRun) -> (String, u32)) 
             let (name, pid) = nats_victim(&run);
             let from = at_sinks(&run);
             let killed = Instant::now();
-            kill(pid, libc::SIGKILL);
+            switchyard_e2e::signal(pid, libc::SIGKILL);
             wait_until(LIMIT, "the sinks to move again after the NATS kill", || {
                 at_sinks(&run) >= from + 500
             });
@@ -287,7 +272,7 @@ fn storm(extra: &[&str], nats_victim: impl Fn(&BackgroundRun) -> (String, u32)) 
         }
         let (unit, pid) = stages[turn % stages.len()].clone();
         turn += 1;
-        kill(pid, libc::SIGKILL);
+        switchyard_e2e::signal(pid, libc::SIGKILL);
         *kills.entry(unit).or_default() += 1;
     }
     let (nats_name, nats_from, recovered) = nats_kill.expect("NATS was killed during the storm");
