@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use switchyard_ops::{dlq, graph, status, tap, trace, Target};
+use switchyard_ops::{books, dlq, graph, status, tap, trace, Target};
 use switchyard_platform::credentials::NatsAuthArgs;
 
 use crate::errors::CommandError;
@@ -460,8 +460,20 @@ pub async fn status_command(reach: Reach) -> Result<ExitCode, CommandError> {
         "{}",
         render_status(&r.target.names.pipeline, &r.how, &units, &[])
     );
+    match books::now(&r.target).await {
+        Ok(now) => {
+            print!("\n{}", books::render(&now));
+            if !now.problems().is_empty() {
+                return Ok(ExitCode::from(BOOKS_DO_NOT_BALANCE));
+            }
+        }
+        Err(e) => println!("\n  The books cannot be read: {e}"),
+    }
     Ok(ExitCode::SUCCESS)
 }
+
+/// The exit status of `switchyard status` and `run` when the books do not balance.
+pub const BOOKS_DO_NOT_BALANCE: u8 = switchyard_local::BOOKS_DO_NOT_BALANCE;
 
 /// The units' table; `scaling` adds each unit's last scaling reason (from the Pipeline's status).
 pub fn render_status(

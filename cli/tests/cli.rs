@@ -479,7 +479,7 @@ fn a_given_nats_server_that_goes_away_is_waited_for() {
     server.restart().unwrap();
     run.wait_for_note("is reachable again");
     let status = run.wait(Duration::from_secs(90));
-    assert!(status.success(), "{}", run.notes());
+    assert!(status.success(), "{}\n{}", run.notes(), run.output());
     Tally::of(&run.path("out.jsonl"), "seq", 3000).assert_exactly_once(3000);
 }
 

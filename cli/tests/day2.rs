@@ -438,8 +438,14 @@ fn a_tap_changes_nothing_and_a_paused_run_drains_stops_and_resumes() {
         status
             .lines()
             .skip(3)
+            .take_while(|l| !l.trim().is_empty())
             .all(|l| l.split_whitespace().nth(2) == Some("0")),
         "no replica while paused:\n{status}"
+    );
+    // Drained: every edge is settled, and what each unit stored the next took in.
+    assert!(
+        status.contains("The books balance") && status.contains("ticks → double"),
+        "{status}"
     );
     let resumed = ok(&dir, &["resume", "p.yaml"]);
     assert!(resumed.contains("resumed"), "{resumed}");

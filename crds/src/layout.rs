@@ -14,8 +14,8 @@ use crate::pipeline::{
 use crate::problem::Problem;
 use crate::topology::{Step, Topology, Unit, UnitKind};
 use crate::unit::{
-    BatchConfig, ConsumerConfig, CrashRecords, RetryConfig, StepConfig, TraceConfig, UnitConfig,
-    UnitRole,
+    BatchConfig, BooksConfig, ConsumerConfig, CrashRecords, RetryConfig, StepConfig, TraceConfig,
+    UnitConfig, UnitRole,
 };
 
 /// Input messages in flight per replica when a stage does not say. High, because for fast steps
@@ -103,6 +103,27 @@ impl Names {
         format!("{}.trace", self.prefix())
     }
 
+    /// The stream of the Pipeline's books (`books.rs`): records, apart from the data, kept until a
+    /// replica rolls them up.
+    pub fn books_stream(&self) -> String {
+        format!("switchyard_{}_{}_books", self.namespace, self.pipeline)
+    }
+
+    /// What every book subject begins with: `<this>.<unit>.<replica>`.
+    pub fn books_root(&self) -> String {
+        format!("{}.books", self.prefix())
+    }
+
+    /// Where the books of `unit` go: `<this>.<replica>` for each of its processes.
+    pub fn books_prefix(&self, unit: &str) -> String {
+        format!("{}.{unit}", self.books_root())
+    }
+
+    /// Every book message of the Pipeline.
+    pub fn all_books_subjects(&self) -> String {
+        format!("{}.>", self.books_root())
+    }
+
     /// Where `switchyard pause` and `resume` reach a local run (core NATS).
     pub fn control_subject(&self) -> String {
         format!("{}.control", self.prefix())
@@ -129,6 +150,18 @@ pub struct NatsLayout {
     /// The stream of trace events; absent when nothing is traced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceStreamLayout>,
+    /// The stream of the Pipeline's books (`books.rs`).
+    pub books: BooksStreamLayout,
+}
+
+/// Book records are kept until the replica that wrote them rolls them up (limits retention, no
+/// age: a record is data about data, and lost it would unbalance the books); they are deduplicated
+/// over the data stream's window, so a message delivered again is recorded once.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BooksStreamLayout {
+    pub name: String,
+    pub subjects: Vec<String>,
 }
 
 /// Trace events are kept for `max_age_ms` (limits retention), at most `max_messages` of them.
@@ -264,6 +297,10 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
             dead_letter_subject: dead_letter_subject(&unit.name),
             stats_subject: names.stats_subject(&unit.name),
             trace: None,
+            books: Some(BooksConfig {
+                stream: names.books_stream(),
+                prefix: names.books_prefix(&unit.name),
+            }),
         });
     }
     if !problems.is_empty() {
@@ -289,6 +326,10 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
             checkpoint_bucket: names.checkpoint_bucket(),
             consumers,
             trace: None,
+            books: BooksStreamLayout {
+                name: names.books_stream(),
+                subjects: vec![names.all_books_subjects()],
+            },
         },
         units,
     };

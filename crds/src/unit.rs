@@ -76,9 +76,21 @@ pub struct UnitConfig {
     pub dead_letter_subject: String,
     /// Core NATS subject the process reports its counters on.
     pub stats_subject: String,
+    /// Where the unit's processes record its books (`books.rs`); absent in a config written before
+    /// the books, whose unit keeps none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub books: Option<BooksConfig>,
     /// Where the unit records trace events, and for which items.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceConfig>,
+}
+
+/// The stream of the Pipeline's books, and the subjects of one unit's: `<prefix>.<replica>`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BooksConfig {
+    pub stream: String,
+    pub prefix: String,
 }
 
 /// The items `pending` stored messages of a unit's input hold, going by how many items the messages
@@ -453,6 +465,10 @@ mod tests {
                 dead_letter_after: 3,
             }),
             output_subject: Some("x".into()),
+            books: Some(BooksConfig {
+                stream: "switchyard_default_p_books".into(),
+                prefix: "switchyard.default.p.books.u".into(),
+            }),
             frame_items: 16,
             dead_letter_subject: "d".into(),
             stats_subject: "st".into(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
-use switchyard_crds::layout::DEAD_LETTER_CONSUMER;
+use switchyard_crds::layout::{Names, DEAD_LETTER_CONSUMER};
 use switchyard_crds::unit::{headers, UnitConfig, UnitRole};
 use switchyard_crds::{FileSink, GeneratorSource, SinkKind, SourceKind};
 use switchyard_operator::plan::{type_of, UnitType};
@@ -50,6 +50,20 @@ pub async fn finish(
         append: args.append,
     };
     let mut summary = summarize(prepared, &session.supervisor, &session.reports, end);
+    if nats.connected() {
+        let target = switchyard_ops::Target {
+            names: Names::new(&prepared.topology.namespace, &prepared.name),
+            topology: prepared.topology.clone(),
+            layout: prepared.layout.clone(),
+            js: nats.js.clone(),
+        };
+        match switchyard_ops::books::now(&target).await {
+            Ok(books) => summary.take_books(books),
+            Err(e) => eprintln!(
+                "The books cannot be read, so whether every item arrived is not known: {e}"
+            ),
+        }
+    }
     summary.switchers = session.scaler.settings();
     summary.scale_events = std::mem::take(&mut session.scaler.events);
     summary.timeline = std::mem::take(&mut session.scaler.timeline);
@@ -94,8 +108,13 @@ pub async fn finish(
             file = args.file.display()
         );
     }
+    let unbalanced = summary
+        .books
+        .as_ref()
+        .is_some_and(|b| !b.problems().is_empty());
     Ok(match ending {
         Ending::Interrupted => ExitCode::from(130),
+        Ending::Completed if unbalanced => ExitCode::from(crate::BOOKS_DO_NOT_BALANCE),
         Ending::Completed => ExitCode::SUCCESS,
     })
 }
@@ -148,6 +167,7 @@ fn summarize(
             most_replicas: processes.map_or(0, |p| p.most_replicas),
             processed: t.processed,
             published: t.published,
+            filtered: None,
             dead_lettered: t.dead_lettered,
             duplicates_skipped: t.duplicates_skipped,
             restarts: processes.map_or(0, |p| p.restarts),
@@ -169,6 +189,7 @@ fn summarize(
         switchers: BTreeMap::new(),
         scale_events: Vec::new(),
         timeline: BTreeMap::new(),
+        books: None,
     }
 }
 

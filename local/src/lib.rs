@@ -38,6 +38,10 @@ pub use run_nats::RunNats;
 use session::Session;
 pub use session::{PAUSE, RESUME, SCALING};
 
+/// The exit status of a run (and of `switchyard status`) whose books do not balance: an item was
+/// lost, or taken in twice, on the way from one unit to the next.
+pub const BOOKS_DO_NOT_BALANCE: u8 = 3;
+
 /// Why a run could not start or go on.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

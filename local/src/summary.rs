@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::progress::thousands;
 use crate::scaling::{Point, ScaleEvent, SwitcherSettings};
 use switchyard_operator::plan::UnitType;
+use switchyard_ops::books::BooksNow;
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -36,6 +37,10 @@ pub struct Summary {
     pub scale_events: Vec<ScaleEvent>,
     /// Every unit's lag and replicas, once a second.
     pub timeline: BTreeMap<String, Vec<Point>>,
+    /// The Pipeline's books (exact: every delivery counted once) and its edges, when they could
+    /// be read; the units' counts come from them then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub books: Option<BooksNow>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -46,6 +51,9 @@ pub struct UnitSummary {
     pub most_replicas: usize,
     pub processed: u64,
     pub published: u64,
+    /// Inputs the steps dropped (known from the books only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filtered: Option<u64>,
     pub dead_lettered: u64,
     pub duplicates_skipped: u64,
     pub restarts: u32,
@@ -55,6 +63,34 @@ pub struct UnitSummary {
 }
 
 impl Summary {
+    /// Takes the units' counts from the books, which count every delivery once, whatever process
+    /// died or how often a message came. They are the Pipeline's since its stream began (a resumed
+    /// run's with the runs before).
+    pub fn take_books(&mut self, books: BooksNow) {
+        let (mut from_sources, mut at_sinks, mut dead) = (0, 0, 0);
+        for unit in &mut self.units {
+            let total = books.books.total(&unit.name);
+            let source = unit.kind == Some(UnitType::Source);
+            unit.processed = if source { total.out } else { total.received };
+            unit.published = total.out;
+            unit.filtered = (!source).then_some(total.filtered);
+            unit.dead_lettered = total.dead_lettered;
+            unit.duplicates_skipped = total.duplicates;
+            unit.exact = true;
+            match unit.kind {
+                Some(UnitType::Source) => from_sources += total.out,
+                Some(UnitType::Sink) => at_sinks += total.out,
+                _ => {}
+            }
+            dead += total.dead_lettered;
+        }
+        self.from_sources = from_sources;
+        self.at_sinks = at_sinks;
+        self.dead_lettered = dead;
+        self.throughput = from_sources as f64 / self.wall_seconds.max(0.001);
+        self.books = Some(books);
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let how = if self.completed {
@@ -81,8 +117,8 @@ impl Summary {
             .max(4);
         let _ = writeln!(
             out,
-            "\n  {:<width$}  {:<8} {:>8} {:>10} {:>10} {:>13} {:>8}",
-            "unit", "kind", "replicas", "in", "out", "dead-lettered", "restarts"
+            "\n  {:<width$}  {:<8} {:>8} {:>10} {:>10} {:>9} {:>13} {:>8}",
+            "unit", "kind", "replicas", "in", "out", "filtered", "dead-lettered", "restarts"
         );
         for u in &self.units {
             let source = u.kind == Some(UnitType::Source);
@@ -98,17 +134,20 @@ impl Summary {
             };
             let _ = writeln!(
                 out,
-                "  {:<width$}  {:<8} {:>8} {:>10} {:>10} {:>13} {:>8}",
+                "  {:<width$}  {:<8} {:>8} {:>10} {:>10} {:>9} {:>13} {:>8}",
                 u.name,
                 u.kind.map_or("-", UnitType::as_str),
                 u.most_replicas,
                 input,
                 output,
+                u.filtered.map_or("-".to_string(), thousands),
                 thousands(u.dead_lettered),
                 u.restarts,
             );
         }
-        if self.units.iter().any(|u| u.restarts > 0) {
+        if let Some(books) = &self.books {
+            let _ = write!(out, "\n{}", switchyard_ops::books::render(books));
+        } else if self.units.iter().any(|u| u.restarts > 0) {
             let _ = writeln!(
                 out,
                 "\n  Counts of a restarted unit miss what its dead process did after its last report (up\n  to a second); the messages themselves were delivered again and reached the sinks once."

@@ -4,6 +4,7 @@
 //! run's state, `--nats-url`, a port-forward into a cluster) is the caller's business. Reading never
 //! acknowledges: it goes through ordered consumers of its own that the server forgets afterwards.
 
+pub mod books;
 pub mod dlq;
 pub mod graph;
 pub mod read;

@@ -140,6 +140,26 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), A
         }
     })?;
     ensure_checkpoint_bucket(js, &layout.checkpoint_bucket, replicas).await?;
+    let books = &layout.books;
+    js.create_or_update_stream(stream::Config {
+        name: books.name.clone(),
+        description: Some("switchyard books: what each unit took in and what became of it".into()),
+        subjects: books.subjects.clone(),
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: replicas as usize,
+        // A message delivered again records what it did under the same id: kept once.
+        duplicate_window: Duration::from_millis(layout.stream.duplicate_window_ms),
+        // Each replica sums its own records into one message now and then.
+        allow_rollup: true,
+        deny_purge: false,
+        ..Default::default()
+    })
+    .await
+    .map_err(AdminError::nats(format!(
+        "create or update stream {}",
+        books.name
+    )))?;
     if let Some(trace) = &layout.trace {
         // Trace events are an aid, not data: a server that will not keep them leaves the Pipeline
         // running without them (units publish their events all the same; nobody stores them).
@@ -253,12 +273,14 @@ pub async fn delete_named(
         Err(e) if is_not_found(&e.to_string()) => {}
         Err(e) => return Err(AdminError::nats(format!("delete stream {stream}"))(e)),
     }
-    // Named as `Names::trace_stream` names it; a Pipeline that never traced has none.
-    let trace = format!("{stream}_trace");
-    match js.delete_stream(&trace).await {
-        Ok(_) => {}
-        Err(e) if is_not_found(&e.to_string()) => {}
-        Err(e) => return Err(AdminError::nats(format!("delete stream {trace}"))(e)),
+    // Named as `Names::trace_stream` and `books_stream` name them; a Pipeline that never traced
+    // has no trace stream, one made before the books no books.
+    for other in [format!("{stream}_trace"), format!("{stream}_books")] {
+        match js.delete_stream(&other).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e.to_string()) => {}
+            Err(e) => return Err(AdminError::nats(format!("delete stream {other}"))(e)),
+        }
     }
     match js.delete_key_value(bucket).await {
         Ok(_) => {}

@@ -4,6 +4,7 @@
 //! endpoints (`probes`), and child processes that die with their parent (`os`).
 
 pub mod admin;
+pub mod books;
 pub mod credentials;
 pub mod embedded;
 pub mod frame;

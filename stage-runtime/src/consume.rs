@@ -12,6 +12,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind, Message};
 use async_nats::Subject;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use switchyard_crds::books::Counts;
 use switchyard_crds::unit::{BatchConfig, ConsumerConfig, RetryConfig};
 use tokio::sync::watch;
 
@@ -68,6 +69,8 @@ pub enum ConsumeError {
     ConnectionLost(#[from] crate::acks::ConnectionLost),
     #[error(transparent)]
     CrashRecord(#[from] CrashRecordError),
+    #[error(transparent)]
+    Books(#[from] crate::books::BooksError),
 }
 
 pub struct Worker {
@@ -96,6 +99,8 @@ pub struct Worker {
     pub spans: Option<Spans>,
     /// Where a message delivered again is recorded while it runs alone: see `crashes`.
     pub crashes: CrashRecords,
+    /// Where what became of each input is recorded before it is acknowledged (see `books`).
+    pub books: Option<Arc<crate::books::Ledger>>,
 }
 
 /// What storing one input's results came to, for its trace event.
@@ -104,6 +109,8 @@ struct Emitted {
     /// Published downstream, or written by the sink.
     stored: u64,
     duplicates: u64,
+    /// Dead letters stored.
+    dead_letters: u64,
     /// The first dead letter's stage and error, and the most attempts any failure took.
     dead: Option<(String, String)>,
     attempts: u32,
@@ -126,6 +133,39 @@ impl Emitted {
             error,
             stage,
         }
+    }
+}
+
+/// The books of one input message that held `received` items, from what its items came to: each
+/// is dead-lettered (whatever else it made), passed on (it made an output, or a sink found it
+/// written), or filtered out.
+fn counts_of(received: u64, emitted: &[Emitted]) -> Counts {
+    let mut counts = Counts {
+        received,
+        ..Counts::default()
+    };
+    for item in emitted {
+        if item.dead_letters > 0 {
+            counts.dead_lettered += 1;
+        } else if item.stored + item.duplicates > 0 {
+            counts.passed += 1;
+        } else {
+            counts.filtered += 1;
+        }
+        counts.out += item.stored;
+        counts.duplicates += item.duplicates;
+    }
+    counts
+}
+
+/// The books of a message that could not be read as the frame it says it is: every item it says it
+/// holds is dead-lettered with it.
+fn unreadable_counts(message: &Message) -> Counts {
+    let items = items_held(message) as u64;
+    Counts {
+        received: items,
+        dead_lettered: items,
+        ..Counts::default()
     }
 }
 
@@ -572,7 +612,7 @@ impl Worker {
             let processing = async {
                 if let (Work::One(m), Some(seq)) = (&work, recorded_seq) {
                     if frame::frame_count(m.headers.as_ref()).is_some() {
-                        return self.process_suspect_frame(m, seq).await;
+                        return self.process_suspect_frame(m, seq).await.map(|c| vec![c]);
                     }
                 }
                 let verdict = match recorded_seq {
@@ -583,14 +623,21 @@ impl Worker {
                     (Work::Batch(ms), Verdict::Run { .. }) => self.process_batch(ms).await,
                     // A suspect of a batch stage is a batch of one.
                     (Work::Batch(ms), dead @ Verdict::DeadLetter { .. }) => match ms.first() {
-                        Some(m) => self.process_message(m, dead).await,
-                        None => Ok(0),
+                        Some(m) => self.process_message(m, dead).await.map(|c| vec![c]),
+                        None => Ok(Vec::new()),
                     },
-                    (Work::One(m), verdict) => self.process_message(m, verdict).await,
+                    (Work::One(m), verdict) => {
+                        self.process_message(m, verdict).await.map(|c| vec![c])
+                    }
                 }
             };
-            tokio::pin!(processing);
-            self.with_progress(messages, processing).await
+            let recorded = async {
+                let counts = processing.await?;
+                self.record_books(messages, &counts).await?;
+                Ok::<_, ConsumeError>(counts.iter().map(|c| c.received).sum::<u64>())
+            };
+            tokio::pin!(recorded);
+            self.with_progress(messages, recorded).await
         };
         match result {
             Ok(items) => {
@@ -623,6 +670,38 @@ impl Worker {
             .in_flight
             .fetch_sub(items as u64, std::sync::atomic::Ordering::Relaxed);
         (alone, items)
+    }
+
+    /// Records what became of each message's items (`books`) and waits until the stream has every
+    /// record: only then may the messages be acknowledged.
+    async fn record_books(
+        &self,
+        messages: &[Message],
+        counts: &[Counts],
+    ) -> Result<(), ConsumeError> {
+        let Some(books) = &self.books else {
+            return Ok(());
+        };
+        let records = messages.iter().zip(counts).map(|(message, counts)| {
+            let key = match message.headers.as_ref().and_then(|h| h.get(names::MSG_ID)) {
+                Some(id) => id.as_str().to_string(),
+                None => {
+                    let seq = message.info().map_or(0, |i| i.stream_sequence);
+                    format!("{}:{seq}", self.stream)
+                }
+            };
+            let from = if Replay::of(message.headers.as_ref()).is_some() {
+                switchyard_crds::books::FROM_REPLAY
+            } else {
+                // `<prefix>.data.<unit>`: the unit that stored it.
+                message.subject.rsplit('.').next().unwrap_or_default()
+            };
+            async move { books.record(&key, from, *counts).await }
+        });
+        for recorded in futures::future::join_all(records).await {
+            recorded?;
+        }
+        Ok(())
     }
 
     /// The dead letter of a message that crashed its unit's process `crashes` times when it ran alone.
@@ -679,13 +758,13 @@ impl Worker {
         &self,
         message: &Message,
         verdict: Verdict,
-    ) -> Result<u64, ConsumeError> {
+    ) -> Result<Counts, ConsumeError> {
         self.process_items(message, Items::Together(verdict)).await
     }
 
     /// Works on the items of `message` (a single item, or a frame), together or one by one, and
-    /// stores what they made. Returns the number of items.
-    async fn process_items(&self, message: &Message, how: Items) -> Result<u64, ConsumeError> {
+    /// stores what they made. Returns what became of them.
+    async fn process_items(&self, message: &Message, how: Items) -> Result<Counts, ConsumeError> {
         let (stream_seq, delivered) = match message.info() {
             Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
             Err(_) => (0, 1),
@@ -700,7 +779,7 @@ impl Worker {
                 let unreadable = self.unreadable_frame(Payload::Bytes(message.payload.clone()), &e);
                 let mut item = Processed::of(lineage, None, None, Vec::new(), vec![unreadable]);
                 self.emit(false, std::slice::from_mut(&mut item)).await?;
-                return Ok(1);
+                return Ok(unreadable_counts(message));
             }
         };
         let count = inputs.len() as u64;
@@ -728,6 +807,7 @@ impl Worker {
             }
         };
         let emitted = self.emit(framed, &mut processed).await?;
+        let books = counts_of(count, &emitted);
         for (item, emitted) in processed.into_iter().zip(emitted) {
             if item.began.is_some() || item.span.is_some() {
                 let done = emitted.done(self.is_sink(), delivered);
@@ -739,7 +819,7 @@ impl Worker {
                 }
             }
         }
-        Ok(count)
+        Ok(books)
     }
 
     /// One item through the steps (or, when it kept crashing the process, to the dead letters).
@@ -772,7 +852,7 @@ impl Worker {
         &self,
         message: &Message,
         stream_seq: u64,
-    ) -> Result<u64, ConsumeError> {
+    ) -> Result<Counts, ConsumeError> {
         match Box::pin(self.crashes.frame_record(stream_seq)).await? {
             None => {
                 Box::pin(self.crashes.whole_frame_runs(stream_seq)).await?;
@@ -903,24 +983,31 @@ impl Worker {
     }
 
     /// A batch is one JSON array of the items of its messages; it carries the first item's ancestry.
-    async fn process_batch(&self, messages: &[Message]) -> Result<u64, ConsumeError> {
+    /// Returns the books of each message: its items share the batch's fate, and the batch's outputs
+    /// are the first message's.
+    async fn process_batch(&self, messages: &[Message]) -> Result<Vec<Counts>, ConsumeError> {
         let mut members = Vec::new();
         let mut unreadable = Vec::new();
-        for m in messages {
+        let mut books = vec![Counts::default(); messages.len()];
+        for (index, m) in messages.iter().enumerate() {
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
             match self.inputs(m, seq) {
-                Ok(inputs) => members.extend(inputs.into_iter().map(|i| (i, m))),
-                Err(e) => unreadable.push((m, seq, e)),
+                Ok(inputs) => {
+                    books[index].received = inputs.len() as u64;
+                    members.extend(inputs.into_iter().map(|i| (i, m)));
+                }
+                Err(e) => unreadable.push((index, m, seq, e)),
             }
         }
-        for (m, seq, e) in unreadable {
+        for (index, m, seq, e) in unreadable {
             let lineage = Lineage::from_headers(m.headers.as_ref(), &self.stream, seq);
             let failure = self.unreadable_frame(Payload::Bytes(m.payload.clone()), &e);
             let mut item = Processed::of(lineage, None, None, Vec::new(), vec![failure]);
             self.emit(false, std::slice::from_mut(&mut item)).await?;
+            books[index] = unreadable_counts(m);
         }
         let Some((first, _)) = members.first() else {
-            return Ok(messages.len() as u64);
+            return Ok(books);
         };
         let mut lineage = first.lineage.clone();
         lineage.id = format!("{}*{}", lineage.id, members.len());
@@ -960,6 +1047,17 @@ impl Worker {
         if let Some(span) = span {
             span.end(&emitted.clone().done(false, 1));
         }
+        let fate = counts_of(1, std::slice::from_ref(&emitted));
+        let mut first = true;
+        for counts in books.iter_mut().filter(|c| c.dead_lettered == 0) {
+            let n = counts.received;
+            counts.passed = fate.passed * n;
+            counts.filtered = fate.filtered * n;
+            counts.dead_lettered = fate.dead_lettered * n;
+            if std::mem::take(&mut first) {
+                counts.out = fate.out;
+            }
+        }
         if let Some(tracer) = &self.tracer {
             // Each traced member of the batch gets the batch's event, under its own identity.
             for (member, m) in &members {
@@ -975,7 +1073,7 @@ impl Worker {
                 }
             }
         }
-        Ok(members.len() as u64)
+        Ok(books)
     }
 
     /// Stores every item's outputs and dead letters; Ok only when all of them are stored. The outputs
@@ -1053,6 +1151,7 @@ impl Worker {
         for (item, emitted) in items.iter_mut().zip(emitted.iter_mut()) {
             for failure in std::mem::take(&mut item.failures) {
                 dead += 1;
+                emitted.dead_letters += 1;
                 emitted.attempts = emitted.attempts.max(failure.failure.attempts);
                 if emitted.dead.is_none() && self.tracer.is_some() {
                     emitted.dead = Some((failure.stage.clone(), failure.failure.error.clone()));

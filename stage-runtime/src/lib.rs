@@ -5,6 +5,7 @@
 //! `switchyard-platform`.
 
 pub mod acks;
+pub mod books;
 pub mod consume;
 pub mod crashes;
 pub mod faults;
@@ -175,7 +176,19 @@ pub async fn run_unit(
         })
     });
     let spans = export_spans(&config, &options.replica);
+    let books = config.books.as_ref().map(|b| {
+        Arc::new(books::Ledger::new(
+            js.clone(),
+            b.stream.clone(),
+            &b.prefix,
+            &config.unit,
+            &options.replica,
+            disconnects.clone(),
+        ))
+    });
+    let roll_ups = books.clone().map(books::Ledger::spawn_roll_ups);
     let unit = Unit {
+        books: &books,
         config: &config,
         options: &options,
         client: &client,
@@ -185,6 +198,17 @@ pub async fn run_unit(
         spans: &spans,
     };
     let result = unit.run(shutdown).await;
+    if let Some(roll_ups) = roll_ups {
+        roll_ups.abort();
+    }
+    if let Some(books) = &books {
+        // What this process recorded, in one message: the books of a stopped process stay small.
+        match tokio::time::timeout(FINAL_FLUSH_WITHIN, books.roll_up()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cannot roll up the books: {e}"),
+            Err(_) => tracing::warn!("the books were not rolled up within {FINAL_FLUSH_WITHIN:?}"),
+        }
+    }
     if let Some(spans) = spans {
         spans.shutdown().await;
     }
@@ -242,6 +266,7 @@ struct Unit<'a> {
     stats: &'a Arc<Stats>,
     disconnects: &'a Disconnects,
     spans: &'a Option<otlp::Spans>,
+    books: &'a Option<Arc<books::Ledger>>,
 }
 
 impl Unit<'_> {
@@ -308,6 +333,7 @@ impl Unit<'_> {
             tracer: self.tracer(),
             spans: self.spans.clone(),
             frame_items: config.frame_items as usize,
+            books: self.books.clone(),
         };
         stats.ready.store(true, Ordering::Relaxed);
         sources::run(source, &unit).await?;
@@ -415,6 +441,7 @@ impl Unit<'_> {
             disconnects: self.disconnects.clone(),
             tracer: self.tracer(),
             spans: self.spans.clone(),
+            books: self.books.clone(),
         };
         let result = worker.run(input, shutdown).await;
         for step in &worker.steps {

@@ -71,6 +71,19 @@ impl Case {
             .expect("publish")
             .await
             .expect("stored");
+        // And its record in the books, as the source that stored it before it died wrote it.
+        let books = h.config("src").books.expect("books");
+        let mut map = HeaderMap::new();
+        map.insert(headers::MSG_ID, format!("src/src:{key}#1").as_str());
+        h.js.publish_with_headers(
+            format!("{}.before", books.prefix),
+            map,
+            r#"{"_source":{"out":1}}"#.into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
     }
 
     /// Writes the source's checkpoint: every item up to `seq` is stored.
@@ -131,6 +144,18 @@ impl Case {
         );
         assert!(twice.is_empty(), "written more than once: {twice:?}");
         assert_eq!(lines.len() as u64, TOTAL);
+        // The books say so too: a frame the stream took for another would have unbalanced them.
+        let books = h.books().await;
+        assert_eq!(
+            switchyard_crds::books::check(&h.topology, &books),
+            Vec::new()
+        );
+        // Items 12 and 13 are stored alone and then again in a frame after 11 (the source cannot
+        // know they were stored): the books count them twice on every edge, and the sink's ledger
+        // drops the second of each.
+        let twice = books.total("src").out - TOTAL;
+        assert_eq!(twice, 2, "{books:?}");
+        assert_eq!(books.total("out").duplicates, twice, "{books:?}");
     }
 }
 

@@ -245,9 +245,7 @@ impl<P: Serialize + Clone> Framer<P> {
         }
         if self.checking {
             let epoch = *unit.disconnects.borrow();
-            let stored = crate::acks::acknowledged(ack, epoch, &unit.disconnects)
-                .await?
-                .map_err(SourceError::Unacknowledged)?;
+            let stored = crate::acks::acknowledged(ack, epoch, &unit.disconnects).await??;
             if !stored.duplicate {
                 self.checking = false;
             }
@@ -300,7 +298,7 @@ impl<P: Serialize + Clone> Framer<P> {
 async fn publish_items<P>(
     unit: &SourceUnit,
     held: &[Held<P>],
-) -> Result<async_nats::jetstream::context::PublishAckFuture, SourceError> {
+) -> Result<super::Stored, SourceError> {
     let (headers, payload) = match held {
         [one] => (one.headers.clone(), one.payload.clone()),
         several => {
@@ -311,16 +309,15 @@ async fn publish_items<P>(
             writer.finish()
         }
     };
-    let message = async_nats::jetstream::message::PublishMessage::build()
-        .headers(headers)
-        .payload(payload);
-    unit.js
-        .send_publish(unit.subject.clone(), message)
-        .await
-        .map_err(|source| SourceError::Publish {
-            subject: unit.subject.clone(),
-            source,
-        })
+    super::send(
+        &unit.js,
+        &unit.subject,
+        headers,
+        payload,
+        held.len() as u64,
+        unit.books.as_ref(),
+    )
+    .await
 }
 
 #[cfg(test)]

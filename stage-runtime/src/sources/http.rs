@@ -17,6 +17,7 @@ use crate::stats::Stats;
 pub struct HttpSource<'a>(pub &'a Settings);
 
 struct Ingest {
+    books: Option<Arc<crate::books::Ledger>>,
     name: String,
     js: jetstream::Context,
     subject: Subject,
@@ -63,6 +64,7 @@ impl Source for HttpSource<'_> {
         let max_body = (self.0.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES) as usize)
             .min(unit.client.server_info().max_payload);
         let state = Arc::new(Ingest {
+            books: unit.books.clone(),
             name: unit.name.clone(),
             js: unit.js.clone(),
             subject: unit.subject.clone(),
@@ -133,10 +135,10 @@ async fn ingest(
             &state.subject,
             carried.as_ref().unwrap_or(&lineage),
             body,
+            state.books.as_ref(),
         )
         .await?
         .await
-        .map_err(SourceError::Unacknowledged)
     };
     match stored.await {
         Ok(ack) => {

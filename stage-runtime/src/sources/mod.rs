@@ -14,14 +14,15 @@ mod nats;
 mod timer;
 
 use std::collections::VecDeque;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishError, kv};
+use async_nats::jetstream::{self, context::PublishError, kv};
 use async_nats::Subject;
 use bytes::Bytes;
+use futures::FutureExt;
 use serde::Serialize;
 use switchyard_crds::SourceKind;
 use tokio::sync::watch;
@@ -53,6 +54,10 @@ pub enum SourceError {
     Unacknowledged(PublishError),
     #[error(transparent)]
     ConnectionLost(#[from] crate::acks::ConnectionLost),
+    #[error(transparent)]
+    Books(#[from] crate::books::BooksError),
+    #[error("the task that waits for a message to be stored and recorded ended: {0}")]
+    Task(tokio::task::JoinError),
     /// The input of a file source is missing or unreadable.
     #[error("cannot read {}: {source}{hint}", path.display())]
     Read {
@@ -123,6 +128,8 @@ pub struct SourceUnit {
     pub spans: Option<crate::otlp::Spans>,
     /// The most items one message holds (1: no frames).
     pub frame_items: usize,
+    /// Where each stored message is recorded (see `books`).
+    pub books: Option<Arc<crate::books::Ledger>>,
 }
 
 impl SourceUnit {
@@ -147,24 +154,25 @@ impl SourceUnit {
         Ok(())
     }
 
-    /// Sends one message to the stream; the returned future resolves when the stream has it.
-    async fn publish(
-        &self,
-        lineage: &Lineage,
-        payload: Bytes,
-    ) -> Result<PublishAckFuture, SourceError> {
+    /// Sends one message to the stream; the returned future resolves when the stream has it (and
+    /// its book record).
+    async fn publish(&self, lineage: &Lineage, payload: Bytes) -> Result<Stored, SourceError> {
         let mut lineage = lineage.clone();
         let carried = record_emitted(self.tracer.as_ref(), self.spans.as_ref(), &mut lineage).await;
         let lineage = carried.as_ref().unwrap_or(&lineage);
-        publish(&self.js, &self.subject, lineage, payload).await
+        publish(
+            &self.js,
+            &self.subject,
+            lineage,
+            payload,
+            self.books.as_ref(),
+        )
+        .await
     }
 
     /// Publishes one message and waits until the stream has it.
     async fn publish_stored(&self, lineage: &Lineage, payload: Bytes) -> Result<(), SourceError> {
-        self.publish(lineage, payload)
-            .await?
-            .await
-            .map_err(SourceError::Unacknowledged)?;
+        self.publish(lineage, payload).await?.await?;
         Stats::add(&self.stats.processed, 1);
         Ok(())
     }
@@ -266,19 +274,66 @@ async fn publish(
     subject: &Subject,
     lineage: &Lineage,
     payload: Bytes,
-) -> Result<PublishAckFuture, SourceError> {
+    books: Option<&Arc<crate::books::Ledger>>,
+) -> Result<Stored, SourceError> {
+    send(js, subject, lineage.source_headers(), payload, 1, books).await
+}
+
+/// Sends one message (`items` items, its id in `headers`) and its book record; the returned future
+/// resolves when the stream has both.
+async fn send(
+    js: &jetstream::Context,
+    subject: &Subject,
+    headers: async_nats::HeaderMap,
+    payload: Bytes,
+    items: u64,
+    books: Option<&Arc<crate::books::Ledger>>,
+) -> Result<Stored, SourceError> {
+    let id = headers
+        .get(crate::lineage::names::MSG_ID)
+        .map(|v| v.as_str().to_string());
     let message = jetstream::message::PublishMessage::build()
-        .headers(lineage.source_headers())
+        .headers(headers)
         .payload(payload);
-    js.send_publish(subject.clone(), message)
+    let ack = js
+        .send_publish(subject.clone(), message)
         .await
         .map_err(|source| SourceError::Publish {
             subject: subject.clone(),
             source,
-        })
+        })?;
+    let (Some(books), Some(id)) = (books.cloned(), id) else {
+        // Every message a source makes has an id (without one, JetStream could not keep it once);
+        // a unit configured before the books keeps none.
+        return Ok(async move { ack.await.map_err(SourceError::Unacknowledged) }.boxed());
+    };
+    // Recorded once the stream has the message, never before: a record of a message that was not
+    // stored would count its items, published again in another message, twice. Named by the
+    // message's id and its items, so that should the stream ever take a message for one it holds
+    // under the same id with other contents, the books say so (issue 38). A task of its own, so
+    // that the records of a window of messages go out together, not one round trip after another.
+    let recorded = tokio::spawn(async move {
+        let stored = ack.await.map_err(SourceError::Unacknowledged)?;
+        let counts = switchyard_crds::books::Counts {
+            out: items,
+            ..Default::default()
+        };
+        books
+            .record(
+                &format!("{id}#{items}"),
+                switchyard_crds::books::FROM_SOURCE,
+                counts,
+            )
+            .await?;
+        Ok(stored)
+    });
+    Ok(async move { recorded.await.map_err(SourceError::Task)? }.boxed())
 }
 
-type AckFuture = <PublishAckFuture as IntoFuture>::IntoFuture;
+/// A message on its way: resolves once the stream has it and the books record it.
+type Stored =
+    futures::future::BoxFuture<'static, Result<jetstream::publish::PublishAck, SourceError>>;
+type AckFuture = Stored;
 
 /// A publish's acknowledgement, or the lost connection that took it.
 async fn settle(
@@ -286,9 +341,7 @@ async fn settle(
     epoch: u64,
     disconnects: &crate::Disconnects,
 ) -> Result<(), SourceError> {
-    crate::acks::acknowledged(ack, epoch, disconnects)
-        .await?
-        .map_err(SourceError::Unacknowledged)?;
+    crate::acks::acknowledged(ack, epoch, disconnects).await??;
     Ok(())
 }
 
@@ -314,16 +367,9 @@ impl<T> Window<T> {
 
     /// Adds a publish and returns the newest item confirmed by now, if any; when the window is full,
     /// waits for the oldest first.
-    async fn push(
-        &mut self,
-        item: T,
-        items: u64,
-        ack: PublishAckFuture,
-    ) -> Result<Option<T>, SourceError> {
-        use futures::FutureExt;
+    async fn push(&mut self, item: T, items: u64, ack: Stored) -> Result<Option<T>, SourceError> {
         let epoch = *self.disconnects.borrow();
-        self.pending
-            .push_back((item, items, ack.into_future(), epoch));
+        self.pending.push_back((item, items, ack, epoch));
         let mut confirmed = None;
         self.pending_items += items;
         while self.pending.len() > WINDOW
@@ -338,7 +384,7 @@ impl<T> Window<T> {
             match ack.now_or_never() {
                 None => break,
                 Some(result) => {
-                    result.map_err(SourceError::Unacknowledged)?;
+                    result?;
                     if let Some((item, items, _, _)) = self.pending.pop_front() {
                         confirmed = Some(self.count(item, items));
                     }

@@ -24,6 +24,7 @@ type UnitTask = tokio::task::JoinHandle<Result<(), switchyard_stage::RunError>>;
 pub struct Harness {
     pub nats: NatsServer,
     pub dir: tempfile::TempDir,
+    pub topology: switchyard_crds::topology::Topology,
     pub layout: Layout,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
@@ -45,6 +46,7 @@ pub async fn harness(yaml: &str) -> Harness {
     Harness {
         nats,
         dir,
+        topology,
         layout,
         client,
         js,
@@ -142,6 +144,11 @@ impl Harness {
         self.processes.remove(index)
     }
 
+    /// Takes the process spawned last out of the harness's care.
+    pub fn take_newest_process(&mut self) -> Child {
+        self.processes.pop().expect("a process was spawned")
+    }
+
     /// What a unit's process printed on stdout.
     pub fn output_of(&self, unit: &str, replica: &str) -> String {
         std::fs::read_to_string(self.path(&format!("{unit}-{replica}.out"))).unwrap_or_default()
@@ -168,6 +175,20 @@ impl Harness {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The Pipeline's books as stored now.
+    pub async fn books(&self) -> switchyard_crds::books::Books {
+        let names =
+            switchyard_crds::layout::Names::new(&self.topology.namespace, &self.topology.pipeline);
+        switchyard_platform::books::read(
+            &self.js,
+            &self.layout.nats.books.name,
+            &names.all_books_subjects(),
+        )
+        .await
+        .expect("read the books")
+        .books(&names.books_root())
     }
 
     /// Waits until no unit's consumer has anything pending or unacknowledged.
