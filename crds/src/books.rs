@@ -67,11 +67,44 @@ impl Counts {
     }
 }
 
-/// One book message: counts by where the inputs came from (a unit's name, `FROM_SOURCE`,
-/// `FROM_REPLAY`). A record holds one entry; a roll-up sums a replica's records.
+/// The key of a record's entry: the subject its inputs came on and the one its outputs went to, by
+/// their last tokens (`src>copy`; `wash_2>dry` after edits moved `wash` to epoch 2; `copy>` for a
+/// sink; `_source>src` for what a source made). Unit names are DNS labels: `>` and `_` never occur
+/// in them.
+pub fn route(from: &str, to: &str) -> String {
+    format!("{from}>{to}")
+}
+
+/// A route's two tokens.
+pub fn parse_route(key: &str) -> (&str, &str) {
+    key.split_once('>').unwrap_or((key, ""))
+}
+
+/// The unit and epoch a subject token names (`wash_2`: `wash`, 2), if a unit's.
+pub fn writer_of(token: &str) -> Option<(&str, u32)> {
+    if token.is_empty() || token.starts_with('_') {
+        return None;
+    }
+    match token.rsplit_once('_') {
+        Some((unit, epoch)) => epoch.parse().ok().map(|e| (unit, e)),
+        None => Some((token, 0)),
+    }
+}
+
+/// The token of `unit`'s output subject in `epoch` (see `migration::epoch_subject`).
+pub fn token_of(unit: &str, epoch: u32) -> String {
+    if epoch == 0 {
+        unit.to_string()
+    } else {
+        format!("{unit}_{epoch}")
+    }
+}
+
+/// One book message: counts by route (`route`). A record holds one entry; a roll-up sums a
+/// replica's records.
 pub type Record = BTreeMap<String, Counts>;
 
-/// A Pipeline's books: by unit, by where its inputs came from.
+/// A Pipeline's books: by unit, by route.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Books {
     pub units: BTreeMap<String, Record>,
@@ -80,12 +113,12 @@ pub struct Books {
 impl Books {
     pub fn add(&mut self, unit: &str, record: &Record) {
         let mine = self.units.entry(unit.to_string()).or_default();
-        for (from, counts) in record {
-            mine.entry(from.clone()).or_default().add(counts);
+        for (key, counts) in record {
+            mine.entry(key.clone()).or_default().add(counts);
         }
     }
 
-    /// Everything `unit` did, whatever its inputs.
+    /// Everything `unit` did, whatever its routes.
     pub fn total(&self, unit: &str) -> Counts {
         let mut total = Counts::default();
         for counts in self.units.get(unit).into_iter().flat_map(|r| r.values()) {
@@ -94,24 +127,81 @@ impl Books {
         total
     }
 
-    /// What `unit` took in from `from`.
-    pub fn received(&self, unit: &str, from: &str) -> u64 {
-        self.units
-            .get(unit)
-            .and_then(|r| r.get(from))
-            .map_or(0, |c| c.received)
+    /// Items stored on the subject of `token`, by whoever stored them.
+    pub fn stored_on(&self, token: &str) -> u64 {
+        self.entries()
+            .filter(|(_, (_, to), _)| *to == token)
+            .map(|(_, _, c)| c.out)
+            .sum()
     }
 
-    /// Every edge of the topology with its two ends' counts, in topology order.
-    pub fn edges(&self, topology: &Topology) -> Vec<Edge> {
+    /// Items `unit` took in from the subject of `token`.
+    pub fn taken_from(&self, unit: &str, token: &str) -> u64 {
+        self.entries()
+            .filter(|(u, (from, _), _)| *u == unit && *from == token)
+            .map(|(_, _, c)| c.received)
+            .sum()
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (&str, (&str, &str), &Counts)> {
+        self.units.iter().flat_map(|(unit, record)| {
+            record
+                .iter()
+                .map(move |(key, counts)| (unit.as_str(), parse_route(key), counts))
+        })
+    }
+
+    /// The latest epoch `unit` stored anything in.
+    fn latest_epoch(&self, unit: &str) -> u32 {
+        self.entries()
+            .filter_map(|(_, (_, to), _)| writer_of(to))
+            .filter(|(u, _)| *u == unit)
+            .map(|(_, e)| e)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Every edge with its two ends' counts: the topology's (each writer at its epoch now, the
+    /// later of `epochs` and what the books saw), then those of earlier epochs that someone took
+    /// from. After an edit a unit writes to a subject of a new epoch that its new readers read; the
+    /// readers of an old one drained it.
+    pub fn edges(&self, topology: &Topology, epochs: &BTreeMap<String, u32>) -> Vec<Edge> {
         let mut edges = Vec::new();
+        let mut current = Vec::new();
         for reader in &topology.units {
             for writer in &reader.inputs {
+                let epoch = epochs
+                    .get(writer)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(self.latest_epoch(writer));
+                let token = token_of(writer, epoch);
                 edges.push(Edge {
                     from: writer.clone(),
+                    epoch,
                     to: reader.name.clone(),
-                    out: self.total(writer).out,
-                    received: self.received(&reader.name, writer),
+                    out: self.stored_on(&token),
+                    received: self.taken_from(&reader.name, &token),
+                });
+                current.push((token, reader.name.clone()));
+            }
+        }
+        let mut earlier: Vec<(String, String)> = self
+            .entries()
+            .filter(|(_, (from, _), _)| writer_of(from).is_some())
+            .map(|(unit, (from, _), _)| (from.to_string(), unit.to_string()))
+            .filter(|pair| !current.contains(pair))
+            .collect();
+        earlier.sort();
+        earlier.dedup();
+        for (token, reader) in earlier {
+            if let Some((writer, epoch)) = writer_of(&token) {
+                edges.push(Edge {
+                    from: writer.to_string(),
+                    epoch,
+                    to: reader.clone(),
+                    out: self.stored_on(&token),
+                    received: self.taken_from(&reader, &token),
                 });
             }
         }
@@ -119,13 +209,25 @@ impl Books {
     }
 }
 
-/// Items one unit stored on its output, and what one unit reading it took in.
+/// Items one unit stored on its output subject of one epoch, and what one unit reading it took in.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Edge {
     pub from: String,
+    /// 0 until an edit moved the writer to a subject of a new epoch.
+    pub epoch: u32,
     pub to: String,
     pub out: u64,
     pub received: u64,
+}
+
+impl Edge {
+    /// `wash → dry`, or `wash (epoch 2) → dry`.
+    pub fn name(&self) -> String {
+        match self.epoch {
+            0 => format!("{} → {}", self.from, self.to),
+            n => format!("{} (epoch {n}) → {}", self.from, self.to),
+        }
+    }
 }
 
 /// Where the books do not balance once nothing is on its way.
@@ -145,26 +247,19 @@ pub enum Imbalance {
 impl fmt::Display for Imbalance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Imbalance::Edge(Edge {
-                from,
-                to,
-                out,
-                received,
-            }) if out > received => write!(
-                f,
-                "{from} → {to}: {from} stored {out} items, {to} took in {received}: {} lost on the way",
-                out - received
-            ),
-            Imbalance::Edge(Edge {
-                from,
-                to,
-                out,
-                received,
-            }) => write!(
-                f,
-                "{from} → {to}: {from} stored {out} items, {to} took in {received}: {} taken in twice",
-                received - out
-            ),
+            Imbalance::Edge(edge) => {
+                let (from, to, out, received) = (&edge.from, &edge.to, edge.out, edge.received);
+                let what = if out > received {
+                    format!("{} lost on the way", out - received)
+                } else {
+                    format!("{} taken in twice", received - out)
+                };
+                write!(
+                    f,
+                    "{}: {from} stored {out} items, {to} took in {received}: {what}",
+                    edge.name()
+                )
+            }
             Imbalance::Unit {
                 unit,
                 received,
@@ -179,11 +274,12 @@ impl fmt::Display for Imbalance {
 }
 
 /// Where the books do not balance, for a Pipeline with nothing on its way (a run that finished, or
-/// edges whose reader has nothing pending; see `ops::books`). Sources take nothing in; what a unit
-/// took in from a replay has no writer to balance against.
-pub fn check(topology: &Topology, books: &Books) -> Vec<Imbalance> {
+/// edges whose reader has nothing pending; see `ops::books`). `epochs`: each writer's epoch now, as
+/// far as the caller knows. Sources take nothing in; what a unit took in from a replay has no writer
+/// to balance against.
+pub fn check(topology: &Topology, books: &Books, epochs: &BTreeMap<String, u32>) -> Vec<Imbalance> {
     let mut found: Vec<Imbalance> = books
-        .edges(topology)
+        .edges(topology, epochs)
         .into_iter()
         .filter(|e| e.out != e.received)
         .map(Imbalance::Edge)
@@ -239,27 +335,39 @@ mod tests {
         }
     }
 
-    fn record(from: &str, counts: Counts) -> Record {
-        Record::from([(from.to_string(), counts)])
+    fn record(from: &str, to: &str, counts: Counts) -> Record {
+        Record::from([(route(from, to), counts)])
+    }
+
+    fn made(out: u64) -> Counts {
+        Counts {
+            out,
+            ..Counts::default()
+        }
+    }
+
+    fn passed(n: u64) -> Counts {
+        Counts {
+            received: n,
+            passed: n,
+            out: n,
+            ..Counts::default()
+        }
+    }
+
+    fn none() -> BTreeMap<String, u32> {
+        BTreeMap::new()
     }
 
     fn balanced() -> Books {
         let mut books = Books::default();
-        books.add(
-            "baskets",
-            &record(
-                FROM_SOURCE,
-                Counts {
-                    out: 100,
-                    ..Counts::default()
-                },
-            ),
-        );
+        books.add("baskets", &record(FROM_SOURCE, "baskets", made(100)));
         for (received, passed, filtered, dead) in [(60, 50, 8, 2), (40, 40, 0, 0)] {
             books.add(
                 "wash",
                 &record(
                     "baskets",
+                    "wash",
                     Counts {
                         received,
                         passed,
@@ -275,6 +383,7 @@ mod tests {
             "fold",
             &record(
                 "wash",
+                "",
                 Counts {
                     received: 90,
                     passed: 90,
@@ -290,30 +399,22 @@ mod tests {
     #[test]
     fn books_that_balance_have_nothing_to_say() {
         let books = balanced();
-        assert_eq!(check(&laundry(), &books), Vec::new());
+        assert_eq!(check(&laundry(), &books, &none()), Vec::new());
         assert_eq!(books.total("wash").received, 100);
-        assert_eq!(books.edges(&laundry()).len(), 2);
+        assert_eq!(books.edges(&laundry(), &none()).len(), 2);
     }
 
     #[test]
     fn items_lost_on_an_edge_are_named_with_the_edge_and_how_many() {
         let mut books = balanced();
         // The source stored twelve items more than wash ever took in.
-        books.add(
-            "baskets",
-            &record(
-                FROM_SOURCE,
-                Counts {
-                    out: 12,
-                    ..Counts::default()
-                },
-            ),
-        );
-        let found = check(&laundry(), &books);
+        books.add("baskets", &record(FROM_SOURCE, "baskets", made(12)));
+        let found = check(&laundry(), &books, &none());
         assert_eq!(
             found,
             vec![Imbalance::Edge(Edge {
                 from: "baskets".into(),
+                epoch: 0,
                 to: "wash".into(),
                 out: 112,
                 received: 100
@@ -332,13 +433,14 @@ mod tests {
             "fold",
             &record(
                 "wash",
+                "",
                 Counts {
                     received: 1,
                     ..Counts::default()
                 },
             ),
         );
-        let found: Vec<String> = check(&laundry(), &books)
+        let found: Vec<String> = check(&laundry(), &books, &none())
             .iter()
             .map(ToString::to_string)
             .collect();
@@ -355,38 +457,90 @@ mod tests {
     #[test]
     fn replays_are_counted_apart_and_do_not_unbalance_an_edge() {
         let mut books = balanced();
+        books.add("wash", &record(FROM_REPLAY, "wash", passed(2)));
+        // What wash stored is now 92: fold must take in the two replayed items too.
+        books.add("fold", &record("wash", "", passed(2)));
+        assert_eq!(check(&laundry(), &books, &none()), Vec::new());
+        assert_eq!(books.taken_from("wash", FROM_REPLAY), 2);
+    }
+
+    #[test]
+    fn each_epoch_of_a_writer_balances_with_the_readers_that_took_from_it() {
+        // wash wrote 90 items for fold; an edit put `rinse` between them: wash (epoch 1) writes
+        // for rinse, which writes for fold.
+        let mut topology = laundry();
+        topology
+            .units
+            .insert(2, unit("rinse", UnitKind::Process, &["wash"]));
+        topology.units[3].inputs = vec!["rinse".into()];
+        let mut books = balanced();
+        books.add("wash", &record("baskets", "wash_1", passed(30)));
+        books.add("baskets", &record(FROM_SOURCE, "baskets", made(30)));
+        books.add("rinse", &record("wash_1", "rinse", passed(30)));
+        books.add("fold", &record("rinse", "", passed(30)));
+        assert_eq!(check(&topology, &books, &none()), Vec::new());
+        let names: Vec<String> = books
+            .edges(&topology, &none())
+            .iter()
+            .map(Edge::name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "baskets → wash",
+                "wash (epoch 1) → rinse",
+                "rinse → fold",
+                "wash → fold"
+            ]
+        );
+        // A reader of the old epoch that missed some of it is named with that epoch.
+        books.add("wash", &record("baskets", "wash", made(3)));
+        books.add("baskets", &record(FROM_SOURCE, "baskets", made(3)));
         books.add(
             "wash",
             &record(
-                FROM_REPLAY,
+                "baskets",
+                "wash_1",
                 Counts {
-                    received: 2,
-                    passed: 2,
-                    out: 2,
+                    received: 3,
+                    passed: 3,
                     ..Counts::default()
                 },
             ),
         );
-        // What wash stored is now 92: fold must take in the two replayed items too.
-        books.add(
-            "fold",
-            &record(
-                "wash",
-                Counts {
-                    received: 2,
-                    passed: 2,
-                    out: 2,
-                    ..Counts::default()
-                },
-            ),
+        assert_eq!(
+            check(&topology, &books, &none())
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["wash → fold: wash stored 93 items, fold took in 90: 3 lost on the way"]
         );
-        assert_eq!(check(&laundry(), &books), Vec::new());
-        assert_eq!(books.received("wash", FROM_REPLAY), 2);
+        // A writer already at a new epoch it stored nothing in yet: its new readers await it.
+        let epochs = BTreeMap::from([("wash".to_string(), 2)]);
+        let edge = books
+            .edges(&topology, &epochs)
+            .into_iter()
+            .find(|e| e.to == "rinse")
+            .expect("wash → rinse");
+        assert_eq!((edge.epoch, edge.out, edge.received), (2, 0, 0));
+    }
+
+    #[test]
+    fn routes_and_tokens_read_back() {
+        assert_eq!(parse_route(&route("wash_2", "dry")), ("wash_2", "dry"));
+        assert_eq!(parse_route(&route("wash", "")), ("wash", ""));
+        assert_eq!(writer_of("wash_2"), Some(("wash", 2)));
+        assert_eq!(writer_of("wash"), Some(("wash", 0)));
+        assert_eq!(writer_of(FROM_SOURCE), None);
+        assert_eq!(writer_of("wash_x"), None);
+        assert_eq!(token_of("wash", 0), "wash");
+        assert_eq!(token_of("wash", 3), "wash_3");
     }
 
     #[test]
     fn records_read_back_as_written() {
         let r = record(
+            "src",
             "wash",
             Counts {
                 received: 3,
@@ -397,7 +551,10 @@ mod tests {
             },
         );
         let text = serde_json::to_string(&r).unwrap();
-        assert_eq!(text, r#"{"wash":{"in":3,"passed":2,"filtered":1,"out":2}}"#);
+        assert_eq!(
+            text,
+            r#"{"src>wash":{"in":3,"passed":2,"filtered":1,"out":2}}"#
+        );
         assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), r);
     }
 }

@@ -65,21 +65,30 @@ pub struct UnitSummary {
 impl Summary {
     /// Takes the units' counts from the books, which count every delivery once, whatever process
     /// died or how often a message came. They are the Pipeline's since its stream began (a resumed
-    /// run's with the runs before).
+    /// run's with the runs before). What a finished generator made and a file sink holds stay as
+    /// counted there: an item a failover made its source store twice went through the books twice,
+    /// and into the file once.
     pub fn take_books(&mut self, books: BooksNow) {
         let (mut from_sources, mut at_sinks, mut dead) = (0, 0, 0);
         for unit in &mut self.units {
             let total = books.books.total(&unit.name);
             let source = unit.kind == Some(UnitType::Source);
-            unit.processed = if source { total.out } else { total.received };
-            unit.published = total.out;
+            let sink = unit.kind == Some(UnitType::Sink);
+            // What a finished generator made and what a file sink holds, counted there, stay.
+            let counted_there = (source || sink) && unit.exact;
+            if !counted_there {
+                unit.processed = if source { total.out } else { total.received };
+                unit.published = total.out;
+            } else if sink {
+                unit.processed = total.received;
+            }
             unit.filtered = (!source).then_some(total.filtered);
             unit.dead_lettered = total.dead_lettered;
             unit.duplicates_skipped = total.duplicates;
             unit.exact = true;
             match unit.kind {
-                Some(UnitType::Source) => from_sources += total.out,
-                Some(UnitType::Sink) => at_sinks += total.out,
+                Some(UnitType::Source) => from_sources += unit.processed,
+                Some(UnitType::Sink) => at_sinks += unit.published,
                 _ => {}
             }
             dead += total.dead_lettered;

@@ -97,15 +97,17 @@ async fn once(target: &Target) -> Result<BooksNow, OpsError> {
         };
         matches!((at(&before), at(&after)), (Some(a), Some(b)) if a == b)
     };
+    // Each writer's epoch as the layout has it (a migrated Pipeline's are past 0).
+    let epochs = switchyard_crds::migration::epochs(&target.layout.units);
     let edges = books
-        .edges(&target.topology)
+        .edges(&target.topology, &epochs)
         .into_iter()
         .map(|edge| EdgeNow {
             settled: settled(&edge.to),
             edge,
         })
         .collect();
-    let unaccounted = books::check(&target.topology, &books)
+    let unaccounted = books::check(&target.topology, &books, &epochs)
         .into_iter()
         .filter(|i| matches!(i, books::Imbalance::Unit { unit, .. } if settled(unit)))
         .map(|i| i.to_string())
@@ -143,7 +145,7 @@ async fn idle_readers(target: &Target) -> Result<Vec<(String, u64)>, OpsError> {
 pub fn render(now: &BooksNow) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let name = |e: &EdgeNow| format!("{} → {}", e.edge.from, e.edge.to);
+    let name = |e: &EdgeNow| e.edge.name();
     let width = now
         .edges
         .iter()

@@ -73,14 +73,15 @@ impl Ledger {
         }
     }
 
-    /// Sends the record of the message `key` (its id), whose items came `from`.
+    /// Sends the record of the message `key` (its id), whose items took `route`
+    /// (`switchyard_crds::books::route`).
     async fn send(
         &self,
         key: &str,
-        from: &str,
+        route: String,
         counts: Counts,
     ) -> Result<PublishAckFuture, BooksError> {
-        let record = Record::from([(from.to_string(), counts)]);
+        let record = Record::from([(route, counts)]);
         // A map of strings to numbers always encodes.
         let body = serde_json::to_vec(&record).unwrap_or_default();
         let mut headers = HeaderMap::new();
@@ -102,9 +103,9 @@ impl Ledger {
     }
 
     /// Records what became of the message `key` and waits until the stream has it (or had it).
-    pub async fn record(&self, key: &str, from: &str, counts: Counts) -> Result<(), BooksError> {
+    pub async fn record(&self, key: &str, route: String, counts: Counts) -> Result<(), BooksError> {
         let epoch = *self.disconnects.borrow();
-        let ack = self.send(key, from, counts).await?;
+        let ack = self.send(key, route, counts).await?;
         crate::acks::acknowledged(ack, epoch, &self.disconnects)
             .await?
             .map_err(|source| BooksError::Unacknowledged {

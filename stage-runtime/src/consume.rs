@@ -138,8 +138,9 @@ impl Emitted {
 
 /// The books of one input message that held `received` items, from what its items came to: each
 /// is dead-lettered (whatever else it made), passed on (it made an output, or a sink found it
-/// written), or filtered out.
-fn counts_of(received: u64, emitted: &[Emitted]) -> Counts {
+/// written), or filtered out. What a sink finds written when the message comes `again` was written
+/// by its delivery before (whose process died before it recorded that): written, not a duplicate.
+fn counts_of(received: u64, emitted: &[Emitted], again: bool) -> Counts {
     let mut counts = Counts {
         received,
         ..Counts::default()
@@ -152,10 +153,19 @@ fn counts_of(received: u64, emitted: &[Emitted]) -> Counts {
         } else {
             counts.filtered += 1;
         }
-        counts.out += item.stored;
-        counts.duplicates += item.duplicates;
+        if again {
+            counts.out += item.stored + item.duplicates;
+        } else {
+            counts.out += item.stored;
+            counts.duplicates += item.duplicates;
+        }
     }
     counts
+}
+
+/// The last token of a subject: a unit's output subject's names the unit and its epoch.
+fn last_token(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or_default()
 }
 
 /// The books of a message that could not be read as the frame it says it is: every item it says it
@@ -682,6 +692,10 @@ impl Worker {
         let Some(books) = &self.books else {
             return Ok(());
         };
+        let to = match &self.output {
+            Output::Publish(subject) => last_token(subject),
+            Output::Sink { .. } => "",
+        };
         let records = messages.iter().zip(counts).map(|(message, counts)| {
             let key = match message.headers.as_ref().and_then(|h| h.get(names::MSG_ID)) {
                 Some(id) => id.as_str().to_string(),
@@ -693,10 +707,11 @@ impl Worker {
             let from = if Replay::of(message.headers.as_ref()).is_some() {
                 switchyard_crds::books::FROM_REPLAY
             } else {
-                // `<prefix>.data.<unit>`: the unit that stored it.
-                message.subject.rsplit('.').next().unwrap_or_default()
+                // `<prefix>.data.<unit>[_<epoch>]`: the subject's own token.
+                last_token(&message.subject)
             };
-            async move { books.record(&key, from, *counts).await }
+            let route = switchyard_crds::books::route(from, to);
+            async move { books.record(&key, route, *counts).await }
         });
         for recorded in futures::future::join_all(records).await {
             recorded?;
@@ -807,7 +822,7 @@ impl Worker {
             }
         };
         let emitted = self.emit(framed, &mut processed).await?;
-        let books = counts_of(count, &emitted);
+        let books = counts_of(count, &emitted, delivered > 1);
         for (item, emitted) in processed.into_iter().zip(emitted) {
             if item.began.is_some() || item.span.is_some() {
                 let done = emitted.done(self.is_sink(), delivered);
@@ -1047,7 +1062,7 @@ impl Worker {
         if let Some(span) = span {
             span.end(&emitted.clone().done(false, 1));
         }
-        let fate = counts_of(1, std::slice::from_ref(&emitted));
+        let fate = counts_of(1, std::slice::from_ref(&emitted), false);
         let mut first = true;
         for counts in books.iter_mut().filter(|c| c.dead_lettered == 0) {
             let n = counts.received;

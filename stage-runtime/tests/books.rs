@@ -7,7 +7,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use common::{harness, Harness};
-use switchyard_crds::books::{check, Books, Counts, Edge, Imbalance, FROM_SOURCE};
+use switchyard_crds::books::{check, route, Books, Counts, Edge, Imbalance, FROM_SOURCE};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -83,16 +83,20 @@ async fn processes_killed_between_storing_and_acknowledging_are_recorded_once() 
     })
     .await;
     h.stop().await;
-    assert_eq!(check(&h.topology, &books), Vec::new(), "{books:?}");
     assert_eq!(
-        books.units["src"][FROM_SOURCE],
+        check(&h.topology, &books, &Default::default()),
+        Vec::new(),
+        "{books:?}"
+    );
+    assert_eq!(
+        books.units["src"][&route(FROM_SOURCE, "src")],
         Counts {
             out: 600,
             ..Counts::default()
         }
     );
     assert_eq!(
-        books.units["copy"]["src"],
+        books.units["copy"][&route("src", "copy")],
         Counts {
             received: 600,
             passed: 600,
@@ -101,7 +105,7 @@ async fn processes_killed_between_storing_and_acknowledging_are_recorded_once() 
         }
     );
     assert_eq!(
-        books.units["out"]["copy"],
+        books.units["out"][&route("copy", "")],
         Counts {
             received: 600,
             passed: 600,
@@ -141,7 +145,11 @@ async fn filtered_and_dead_lettered_items_are_accounted_for() {
     })
     .await;
     h.stop().await;
-    assert_eq!(check(&h.topology, &books), Vec::new(), "{books:?}");
+    assert_eq!(
+        check(&h.topology, &books, &Default::default()),
+        Vec::new(),
+        "{books:?}"
+    );
     assert_eq!(
         books.total("sort"),
         Counts {
@@ -192,11 +200,12 @@ async fn a_message_removed_from_an_edge_unbalances_the_books_by_its_items() {
     })
     .await;
     h.stop().await;
-    let found = check(&h.topology, &books);
+    let found = check(&h.topology, &books, &Default::default());
     assert_eq!(
         found,
         vec![Imbalance::Edge(Edge {
             from: "src".into(),
+            epoch: 0,
             to: "copy".into(),
             out: 100,
             received: 100 - items,

@@ -312,6 +312,8 @@ async fn send(
     // message's id and its items, so that should the stream ever take a message for one it holds
     // under the same id with other contents, the books say so (issue 38). A task of its own, so
     // that the records of a window of messages go out together, not one round trip after another.
+    let to = subject.rsplit('.').next().unwrap_or_default();
+    let route = switchyard_crds::books::route(switchyard_crds::books::FROM_SOURCE, to);
     let recorded = tokio::spawn(async move {
         let stored = ack.await.map_err(SourceError::Unacknowledged)?;
         let counts = switchyard_crds::books::Counts {
@@ -319,11 +321,7 @@ async fn send(
             ..Default::default()
         };
         books
-            .record(
-                &format!("{id}#{items}"),
-                switchyard_crds::books::FROM_SOURCE,
-                counts,
-            )
+            .record(&format!("{id}#{items}"), route, counts)
             .await?;
         Ok(stored)
     });
