@@ -13,7 +13,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::topology::{Topology, UnitKind};
+use crate::unit::{UnitConfig, UnitRole};
 
 /// The key of what a source made itself (unit names are DNS labels: no `_`).
 pub const FROM_SOURCE: &str = "_source";
@@ -91,15 +91,6 @@ pub fn writer_of(token: &str) -> Option<(&str, u32)> {
     }
 }
 
-/// The token of `unit`'s output subject in `epoch` (see `migration::epoch_subject`).
-pub fn token_of(unit: &str, epoch: u32) -> String {
-    if epoch == 0 {
-        unit.to_string()
-    } else {
-        format!("{unit}_{epoch}")
-    }
-}
-
 /// One book message: counts by route (`route`). A record holds one entry; a roll-up sums a
 /// replica's records.
 pub type Record = BTreeMap<String, Counts>;
@@ -151,62 +142,65 @@ impl Books {
         })
     }
 
-    /// The latest epoch `unit` stored anything in.
-    fn latest_epoch(&self, unit: &str) -> u32 {
-        self.entries()
-            .filter_map(|(_, (_, to), _)| writer_of(to))
-            .filter(|(u, _)| *u == unit)
-            .map(|(_, e)| e)
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// Every edge with its two ends' counts: the topology's (each writer at its epoch now, the
-    /// later of `epochs` and what the books saw), then those of earlier epochs that someone took
-    /// from. After an edit a unit writes to a subject of a new epoch that its new readers read; the
-    /// readers of an old one drained it.
-    pub fn edges(&self, topology: &Topology, epochs: &BTreeMap<String, u32>) -> Vec<Edge> {
-        let mut edges = Vec::new();
-        let mut current = Vec::new();
-        for reader in &topology.units {
-            for writer in &reader.inputs {
-                let epoch = epochs
-                    .get(writer)
-                    .copied()
-                    .unwrap_or(0)
-                    .max(self.latest_epoch(writer));
-                let token = token_of(writer, epoch);
-                edges.push(Edge {
-                    from: writer.clone(),
-                    epoch,
-                    to: reader.name.clone(),
-                    out: self.stored_on(&token),
-                    received: self.taken_from(&reader.name, &token),
-                });
-                current.push((token, reader.name.clone()));
-            }
-        }
+    /// Every edge with its two ends' counts: each unit's inputs as it reads them now (a subject
+    /// of each writer's epoch), then the subjects of earlier epochs that someone took from. After an
+    /// edit a unit writes to a subject of a new epoch that its new readers read; the readers of an
+    /// old one drained it.
+    pub fn edges(&self, wiring: &[Wired]) -> Vec<Edge> {
+        let mut pairs: Vec<(String, String)> = wiring
+            .iter()
+            .flat_map(|w| w.reads.iter().map(|t| (t.clone(), w.unit.clone())))
+            .collect();
         let mut earlier: Vec<(String, String)> = self
             .entries()
             .filter(|(_, (from, _), _)| writer_of(from).is_some())
             .map(|(unit, (from, _), _)| (from.to_string(), unit.to_string()))
-            .filter(|pair| !current.contains(pair))
+            .filter(|pair| !pairs.contains(pair))
             .collect();
         earlier.sort();
         earlier.dedup();
-        for (token, reader) in earlier {
-            if let Some((writer, epoch)) = writer_of(&token) {
-                edges.push(Edge {
+        pairs.extend(earlier);
+        pairs
+            .into_iter()
+            .filter_map(|(token, reader)| {
+                let (writer, epoch) = writer_of(&token)?;
+                Some(Edge {
                     from: writer.to_string(),
                     epoch,
                     to: reader.clone(),
                     out: self.stored_on(&token),
                     received: self.taken_from(&reader, &token),
-                });
-            }
-        }
-        edges
+                })
+            })
+            .collect()
     }
+}
+
+/// A unit as the books see it: the subjects it reads now, by their last tokens (`wash_2`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wired {
+    pub unit: String,
+    pub reads: Vec<String>,
+    pub source: bool,
+}
+
+/// How the units read each other, from the configs they run with (a migrated Pipeline's read
+/// subjects of later epochs).
+pub fn wiring(units: &[UnitConfig]) -> Vec<Wired> {
+    units
+        .iter()
+        .map(|config| Wired {
+            unit: config.unit.clone(),
+            reads: config
+                .input
+                .iter()
+                .flat_map(|i| &i.filter_subjects)
+                .filter_map(|s| s.rsplit('.').next())
+                .map(str::to_string)
+                .collect(),
+            source: matches!(config.role, UnitRole::Source { .. }),
+        })
+        .collect()
 }
 
 /// Items one unit stored on its output subject of one epoch, and what one unit reading it took in.
@@ -274,24 +268,20 @@ impl fmt::Display for Imbalance {
 }
 
 /// Where the books do not balance, for a Pipeline with nothing on its way (a run that finished, or
-/// edges whose reader has nothing pending; see `ops::books`). `epochs`: each writer's epoch now, as
-/// far as the caller knows. Sources take nothing in; what a unit took in from a replay has no writer
-/// to balance against.
-pub fn check(topology: &Topology, books: &Books, epochs: &BTreeMap<String, u32>) -> Vec<Imbalance> {
+/// edges whose reader has nothing pending; see `ops::books`). Sources take nothing in; what a unit
+/// took in from a replay has no writer to balance against.
+pub fn check(wiring: &[Wired], books: &Books) -> Vec<Imbalance> {
     let mut found: Vec<Imbalance> = books
-        .edges(topology, epochs)
+        .edges(wiring)
         .into_iter()
         .filter(|e| e.out != e.received)
         .map(Imbalance::Edge)
         .collect();
-    for unit in &topology.units {
-        if matches!(unit.kind, UnitKind::Source(_)) {
-            continue;
-        }
-        let total = books.total(&unit.name);
+    for unit in wiring.iter().filter(|w| !w.source) {
+        let total = books.total(&unit.unit);
         if total.received != total.accounted() {
             found.push(Imbalance::Unit {
-                unit: unit.name.clone(),
+                unit: unit.unit.clone(),
                 received: total.received,
                 accounted: total.accounted(),
             });
@@ -303,36 +293,21 @@ pub fn check(topology: &Topology, books: &Books, epochs: &BTreeMap<String, u32>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::Unit;
 
-    fn unit(name: &str, kind: UnitKind, inputs: &[&str]) -> Unit {
-        Unit {
-            name: name.into(),
-            kind,
-            spec_path: name.into(),
-            inputs: inputs.iter().map(|s| s.to_string()).collect(),
-            steps: Vec::new(),
-            switcher: None,
-            batch: None,
-            concurrency: None,
-            image: None,
-            env: Vec::new(),
-            resources: None,
-            node_selector: None,
-            tolerations: None,
+    fn wired(unit: &str, reads: &[&str]) -> Wired {
+        Wired {
+            unit: unit.into(),
+            reads: reads.iter().map(|s| s.to_string()).collect(),
+            source: reads.is_empty(),
         }
     }
 
-    fn laundry() -> Topology {
-        Topology {
-            pipeline: "laundry".into(),
-            namespace: "default".into(),
-            units: vec![
-                unit("baskets", UnitKind::Source(Default::default()), &[]),
-                unit("wash", UnitKind::Process, &["baskets"]),
-                unit("fold", UnitKind::Sink(Default::default()), &["wash"]),
-            ],
-        }
+    fn laundry() -> Vec<Wired> {
+        vec![
+            wired("baskets", &[]),
+            wired("wash", &["baskets"]),
+            wired("fold", &["wash"]),
+        ]
     }
 
     fn record(from: &str, to: &str, counts: Counts) -> Record {
@@ -353,10 +328,6 @@ mod tests {
             out: n,
             ..Counts::default()
         }
-    }
-
-    fn none() -> BTreeMap<String, u32> {
-        BTreeMap::new()
     }
 
     fn balanced() -> Books {
@@ -399,9 +370,9 @@ mod tests {
     #[test]
     fn books_that_balance_have_nothing_to_say() {
         let books = balanced();
-        assert_eq!(check(&laundry(), &books, &none()), Vec::new());
+        assert_eq!(check(&laundry(), &books), Vec::new());
         assert_eq!(books.total("wash").received, 100);
-        assert_eq!(books.edges(&laundry(), &none()).len(), 2);
+        assert_eq!(books.edges(&laundry()).len(), 2);
     }
 
     #[test]
@@ -409,7 +380,7 @@ mod tests {
         let mut books = balanced();
         // The source stored twelve items more than wash ever took in.
         books.add("baskets", &record(FROM_SOURCE, "baskets", made(12)));
-        let found = check(&laundry(), &books, &none());
+        let found = check(&laundry(), &books);
         assert_eq!(
             found,
             vec![Imbalance::Edge(Edge {
@@ -440,7 +411,7 @@ mod tests {
                 },
             ),
         );
-        let found: Vec<String> = check(&laundry(), &books, &none())
+        let found: Vec<String> = check(&laundry(), &books)
             .iter()
             .map(ToString::to_string)
             .collect();
@@ -460,7 +431,7 @@ mod tests {
         books.add("wash", &record(FROM_REPLAY, "wash", passed(2)));
         // What wash stored is now 92: fold must take in the two replayed items too.
         books.add("fold", &record("wash", "", passed(2)));
-        assert_eq!(check(&laundry(), &books, &none()), Vec::new());
+        assert_eq!(check(&laundry(), &books), Vec::new());
         assert_eq!(books.taken_from("wash", FROM_REPLAY), 2);
     }
 
@@ -468,22 +439,19 @@ mod tests {
     fn each_epoch_of_a_writer_balances_with_the_readers_that_took_from_it() {
         // wash wrote 90 items for fold; an edit put `rinse` between them: wash (epoch 1) writes
         // for rinse, which writes for fold.
-        let mut topology = laundry();
-        topology
-            .units
-            .insert(2, unit("rinse", UnitKind::Process, &["wash"]));
-        topology.units[3].inputs = vec!["rinse".into()];
+        let wiring = vec![
+            wired("baskets", &[]),
+            wired("wash", &["baskets"]),
+            wired("rinse", &["wash_1"]),
+            wired("fold", &["rinse"]),
+        ];
         let mut books = balanced();
         books.add("wash", &record("baskets", "wash_1", passed(30)));
         books.add("baskets", &record(FROM_SOURCE, "baskets", made(30)));
         books.add("rinse", &record("wash_1", "rinse", passed(30)));
         books.add("fold", &record("rinse", "", passed(30)));
-        assert_eq!(check(&topology, &books, &none()), Vec::new());
-        let names: Vec<String> = books
-            .edges(&topology, &none())
-            .iter()
-            .map(Edge::name)
-            .collect();
+        assert_eq!(check(&wiring, &books), Vec::new());
+        let names: Vec<String> = books.edges(&wiring).iter().map(Edge::name).collect();
         assert_eq!(
             names,
             [
@@ -509,20 +477,32 @@ mod tests {
             ),
         );
         assert_eq!(
-            check(&topology, &books, &none())
+            check(&wiring, &books)
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>(),
             ["wash → fold: wash stored 93 items, fold took in 90: 3 lost on the way"]
         );
-        // A writer already at a new epoch it stored nothing in yet: its new readers await it.
-        let epochs = BTreeMap::from([("wash".to_string(), 2)]);
-        let edge = books
-            .edges(&topology, &epochs)
-            .into_iter()
-            .find(|e| e.to == "rinse")
-            .expect("wash → rinse");
+        // A reader of an epoch nothing was stored in yet: nothing either way.
+        let later = vec![wired("dry", &["wash_2"])];
+        let edge = &books.edges(&later)[0];
         assert_eq!((edge.epoch, edge.out, edge.received), (2, 0, 0));
+    }
+
+    #[test]
+    fn the_wiring_is_read_off_the_configs() {
+        let yaml = "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: w}\nspec:\n  sources: [{name: src, generator: {count: 1}}]\n  stages:\n    - {name: copy, passthrough: {}}\n  sinks: [{name: out, log: {}}]\n";
+        let pipeline = crate::validate::parse_pipeline(yaml).unwrap();
+        let topology = crate::validate::analyze(&pipeline).unwrap();
+        let layout = crate::layout::layout(&topology, &pipeline.spec).unwrap();
+        assert_eq!(
+            wiring(&layout.units),
+            vec![
+                wired("src", &[]),
+                wired("copy", &["src"]),
+                wired("out", &["copy"])
+            ]
+        );
     }
 
     #[test]
@@ -533,8 +513,6 @@ mod tests {
         assert_eq!(writer_of("wash"), Some(("wash", 0)));
         assert_eq!(writer_of(FROM_SOURCE), None);
         assert_eq!(writer_of("wash_x"), None);
-        assert_eq!(token_of("wash", 0), "wash");
-        assert_eq!(token_of("wash", 3), "wash_3");
     }
 
     #[test]

@@ -161,7 +161,15 @@ pub struct NatsLayout {
 #[serde(rename_all = "camelCase")]
 pub struct BooksStreamLayout {
     pub name: String,
-    pub subjects: Vec<String>,
+    /// Every book subject is `<root>.<unit>.<replica>` (`Names::books_root`).
+    pub root: String,
+}
+
+impl BooksStreamLayout {
+    /// Every book subject of the Pipeline.
+    pub fn filter(&self) -> String {
+        format!("{}.>", self.root)
+    }
 }
 
 /// Trace events are kept for `max_age_ms` (limits retention), at most `max_messages` of them.
@@ -328,7 +336,7 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
             trace: None,
             books: BooksStreamLayout {
                 name: names.books_stream(),
-                subjects: vec![names.all_books_subjects()],
+                root: names.books_root(),
             },
         },
         units,

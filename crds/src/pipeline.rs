@@ -608,6 +608,32 @@ pub struct PipelineStatus {
     /// An edit being carried out step by step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationStatus>,
+    /// The books per edge: the items a unit stored for the next and what that one took in, each
+    /// counted once however often it was delivered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edges: Vec<EdgeStatus>,
+}
+
+/// One edge of a Pipeline's books.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeStatus {
+    /// The unit that stored the items.
+    pub from: String,
+    /// The subject's epoch (edits move a unit's output to a new one); absent: 0.
+    #[serde(default, skip_serializing_if = "is_zero_epoch")]
+    pub epoch: u32,
+    /// The unit that reads them.
+    pub to: String,
+    pub stored: u64,
+    pub taken_in: u64,
+    /// The reader had nothing pending or unacknowledged: stored and taken in must agree.
+    #[serde(default)]
+    pub settled: bool,
+}
+
+fn is_zero_epoch(epoch: &u32) -> bool {
+    *epoch == 0
 }
 
 /// An edit of a running Pipeline being carried out, step by step; an operator that restarts goes on

@@ -97,17 +97,17 @@ async fn once(target: &Target) -> Result<BooksNow, OpsError> {
         };
         matches!((at(&before), at(&after)), (Some(a), Some(b)) if a == b)
     };
-    // Each writer's epoch as the layout has it (a migrated Pipeline's are past 0).
-    let epochs = switchyard_crds::migration::epochs(&target.layout.units);
+    // What each unit reads now (a migrated Pipeline's units read subjects of later epochs).
+    let wiring = books::wiring(&target.layout.units);
     let edges = books
-        .edges(&target.topology, &epochs)
+        .edges(&wiring)
         .into_iter()
         .map(|edge| EdgeNow {
             settled: settled(&edge.to),
             edge,
         })
         .collect();
-    let unaccounted = books::check(&target.topology, &books, &epochs)
+    let unaccounted = books::check(&wiring, &books)
         .into_iter()
         .filter(|i| matches!(i, books::Imbalance::Unit { unit, .. } if settled(unit)))
         .map(|i| i.to_string())

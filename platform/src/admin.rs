@@ -144,7 +144,7 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), A
     js.create_or_update_stream(stream::Config {
         name: books.name.clone(),
         description: Some("switchyard books: what each unit took in and what became of it".into()),
-        subjects: books.subjects.clone(),
+        subjects: vec![books.filter()],
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         num_replicas: replicas as usize,

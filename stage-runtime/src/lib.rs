@@ -334,6 +334,7 @@ impl Unit<'_> {
             spans: self.spans.clone(),
             frame_items: config.frame_items as usize,
             books: self.books.clone(),
+            last_sent: Default::default(),
         };
         stats.ready.store(true, Ordering::Relaxed);
         sources::run(source, &unit).await?;

@@ -7,7 +7,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use common::{harness, Harness};
-use switchyard_crds::books::{check, route, Books, Counts, Edge, Imbalance, FROM_SOURCE};
+use switchyard_crds::books::{check, route, wiring, Books, Counts, Edge, Imbalance, FROM_SOURCE};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -84,7 +84,7 @@ async fn processes_killed_between_storing_and_acknowledging_are_recorded_once() 
     .await;
     h.stop().await;
     assert_eq!(
-        check(&h.topology, &books, &Default::default()),
+        check(&wiring(&h.layout.units), &books),
         Vec::new(),
         "{books:?}"
     );
@@ -146,7 +146,7 @@ async fn filtered_and_dead_lettered_items_are_accounted_for() {
     .await;
     h.stop().await;
     assert_eq!(
-        check(&h.topology, &books, &Default::default()),
+        check(&wiring(&h.layout.units), &books),
         Vec::new(),
         "{books:?}"
     );
@@ -200,7 +200,7 @@ async fn a_message_removed_from_an_edge_unbalances_the_books_by_its_items() {
     })
     .await;
     h.stop().await;
-    let found = check(&h.topology, &books, &Default::default());
+    let found = check(&wiring(&h.layout.units), &books);
     assert_eq!(
         found,
         vec![Imbalance::Edge(Edge {

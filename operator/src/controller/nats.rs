@@ -4,12 +4,13 @@
 //! Every call is bounded in time, and connecting to one server never waits on another: a server that
 //! accepts connections but never answers slows only the Pipelines that use it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use switchyard_crds::books::Books;
 use switchyard_crds::layout::{NatsLayout, DEAD_LETTER_CONSUMER};
 use switchyard_platform::credentials::NatsCredentials;
 
@@ -107,6 +108,9 @@ pub async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
 pub struct NatsObservation {
     pub lag: BTreeMap<String, u64>,
     pub dead_lettered: BTreeMap<String, u64>,
+    /// The books as read now, with the units whose consumer was idle before and after they were
+    /// read (and took nothing new meanwhile); None when they could not be read.
+    pub books: Option<(Books, BTreeSet<String>)>,
 }
 
 pub async fn observe(
@@ -147,6 +151,7 @@ async fn observe_unbounded(
         .await
         .map_err(refused(format!("reading stream {}", layout.stream.name)))?;
     let mut observation = NatsObservation::default();
+    let mut idle_before = BTreeMap::new();
     for consumer in &layout.consumers {
         if consumer.durable == DEAD_LETTER_CONSUMER {
             continue;
@@ -159,6 +164,30 @@ async fn observe_unbounded(
             consumer.durable.clone(),
             info.num_pending + info.num_ack_pending as u64,
         );
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            idle_before.insert(consumer.durable.clone(), info.delivered.stream_sequence);
+        }
+    }
+    // The books, and which readers stayed idle while they were read: a Pipeline made before the
+    // books has none, which leaves the rest of the status as it was.
+    match switchyard_platform::books::read(js, &layout.books.name, &layout.books.filter()).await {
+        Ok(read) => {
+            let mut settled = BTreeSet::new();
+            for (durable, seq) in idle_before {
+                let info = stream
+                    .consumer_info(&durable)
+                    .await
+                    .map_err(refused(format!("reading consumer {durable}")))?;
+                if info.num_pending == 0
+                    && info.num_ack_pending == 0
+                    && info.delivered.stream_sequence == seq
+                {
+                    settled.insert(durable);
+                }
+            }
+            observation.books = Some((read.books(&layout.books.root), settled));
+        }
+        Err(e) => tracing::debug!("cannot read the books of {}: {e}", layout.stream.name),
     }
     // Dead letters wait in the stream (their own consumer keeps them): count them per subject.
     let counting = "counting dead letters".to_string();

@@ -278,6 +278,27 @@ pub fn units(
         .collect()
 }
 
+/// The books per edge, each settled when its reader stayed idle while they were read; none when
+/// they could not be read.
+pub fn edges(plan: &Plan, seen: &NatsObservation) -> Vec<switchyard_crds::EdgeStatus> {
+    let Some((books, settled)) = &seen.books else {
+        return Vec::new();
+    };
+    let configs: Vec<_> = plan.units.iter().map(|u| u.config.clone()).collect();
+    books
+        .edges(&switchyard_crds::books::wiring(&configs))
+        .into_iter()
+        .map(|e| switchyard_crds::EdgeStatus {
+            settled: settled.contains(&e.to),
+            from: e.from,
+            epoch: e.epoch,
+            to: e.to,
+            stored: e.out,
+            taken_in: e.received,
+        })
+        .collect()
+}
+
 /// Where the Pipeline stands with `spec.paused`, from its Deployments (cached) and the lags just read.
 pub fn pause(
     ctx: &Context,

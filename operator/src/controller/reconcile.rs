@@ -108,6 +108,7 @@ async fn reconcile_pipeline(pipeline: &Pipeline, ctx: &Context) -> Result<Action
         let units = observe::units(ctx, &target, &deployments, &figures);
         let found = Found {
             units,
+            edges: observe::edges(&target, &figures),
             pause: PauseState::Running,
             epochs,
             migration: state,
@@ -130,6 +131,7 @@ async fn reconcile_pipeline(pipeline: &Pipeline, ctx: &Context) -> Result<Action
     let draining = matches!(pause, PauseState::Draining { .. });
     let found = Found {
         units,
+        edges: observe::edges(&plan, &figures),
         pause,
         epochs: pipeline
             .status
@@ -168,6 +170,7 @@ pub fn next_look(draining: bool, has_switchers: bool, lag: u64) -> Duration {
 /// What a reconcile found, for the status.
 struct Found {
     units: Vec<UnitObservation>,
+    edges: Vec<switchyard_crds::EdgeStatus>,
     pause: PauseState,
     epochs: std::collections::BTreeMap<String, u32>,
     migration: MigrationState,
@@ -181,6 +184,7 @@ async fn update_status(
 ) -> Result<(), StatusError> {
     let Found {
         units,
+        edges,
         pause,
         epochs,
         migration,
@@ -189,6 +193,7 @@ async fn update_status(
         generation: pipeline.metadata.generation,
         outcome: Outcome::Applied,
         units,
+        edges,
         pause,
         epochs,
         migration,
@@ -278,6 +283,7 @@ async fn report(
         generation: meta.generation,
         outcome,
         units: Vec::new(),
+        edges: Vec::new(),
         pause: PauseState::Running,
         dead_letter_subject: String::new(),
         // Not written: a failed reconcile keeps what the status had of them.

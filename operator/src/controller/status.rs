@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use switchyard_crds::{MigrationStatus, PipelineStatus, UnitStatus};
+use switchyard_crds::{EdgeStatus, MigrationStatus, PipelineStatus, UnitStatus};
 
 use crate::pause::PauseState;
 
@@ -27,6 +27,8 @@ pub struct Observation {
     pub generation: Option<i64>,
     pub outcome: Outcome,
     pub units: Vec<UnitObservation>,
+    /// The books per edge, as just read (none when they could not be).
+    pub edges: Vec<EdgeStatus>,
     /// Where the Pipeline stands with `spec.paused`.
     pub pause: PauseState,
     /// Where dead letters can be inspected, for messages.
@@ -165,7 +167,12 @@ fn shape(s: &PipelineStatus) -> impl PartialEq + '_ {
 }
 
 pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time) -> PipelineStatus {
-    let (ready, progressing, degraded, phase) = conditions(obs);
+    let (ready, progressing, mut degraded, phase) = conditions(obs);
+    if obs.outcome == Outcome::Applied {
+        if let Some(unbalanced) = books_condition(previous, &obs.edges) {
+            degraded = unbalanced;
+        }
+    }
     let previous_conditions = previous
         .map(|p| p.conditions.as_slice())
         .unwrap_or_default();
@@ -217,6 +224,7 @@ pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time)
             MigrationState::Migrating { status, .. } => Some(status.clone()),
             _ => None,
         },
+        edges: obs.edges.clone(),
         units_summary: applied.then(|| format!("{ready_units}/{}", obs.units.len())),
         lag: applied.then(|| obs.units.iter().filter_map(|u| u.lag).sum()),
         units: obs
@@ -477,6 +485,44 @@ fn degraded_condition(obs: &Observation, failed: &[String], failing: &[String]) 
     }
 }
 
+/// Degraded, when an edge whose reader has nothing pending does not balance, and did not the last
+/// time either, with the same figures: a record of what was stored can land a moment after what it
+/// records was taken in, never for two looks in a row.
+fn books_condition(
+    previous: Option<&PipelineStatus>,
+    edges: &[EdgeStatus],
+) -> Option<Cond<'static>> {
+    let unbalanced = |e: &&EdgeStatus| e.settled && e.stored != e.taken_in;
+    let before: Vec<&EdgeStatus> = previous
+        .map(|p| p.edges.iter().filter(unbalanced).collect())
+        .unwrap_or_default();
+    let lasting: Vec<String> = edges
+        .iter()
+        .filter(unbalanced)
+        .filter(|e| before.contains(e))
+        .map(|e| {
+            switchyard_crds::books::Imbalance::Edge(switchyard_crds::books::Edge {
+                from: e.from.clone(),
+                epoch: e.epoch,
+                to: e.to.clone(),
+                out: e.stored,
+                received: e.taken_in,
+            })
+            .to_string()
+        })
+        .collect();
+    (!lasting.is_empty()).then(|| {
+        let message = format!(
+            "the books do not balance: {}; `switchyard status` (or `kubectl switchyard status`) shows every edge",
+            lasting.join("; ")
+        );
+        (DEGRADED, true, BOOKS_DO_NOT_BALANCE, message)
+    })
+}
+
+/// Reason of Degraded when an edge's reader took in a different number of items than were stored.
+pub const BOOKS_DO_NOT_BALANCE: &str = "BooksDoNotBalance";
+
 /// The condition of `type_`, if set.
 pub fn condition<'a>(status: &'a PipelineStatus, type_: &str) -> Option<&'a Condition> {
     status.conditions.iter().find(|c| c.type_ == type_)
@@ -509,11 +555,58 @@ mod tests {
             generation: Some(2),
             outcome,
             units,
+            edges: Vec::new(),
             pause: PauseState::Running,
             epochs: BTreeMap::new(),
             migration: MigrationState::None,
             dead_letter_subject: "switchyard.default.p.dlq.*".into(),
         }
+    }
+
+    fn edge(stored: u64, taken_in: u64, settled: bool) -> EdgeStatus {
+        EdgeStatus {
+            from: "src".into(),
+            epoch: 0,
+            to: "work".into(),
+            stored,
+            taken_in,
+            settled,
+        }
+    }
+
+    #[test]
+    fn books_that_do_not_balance_twice_in_a_row_make_the_pipeline_degraded() {
+        let mut obs = observe(
+            Outcome::Applied,
+            vec![unit("src", 1, 1), unit("work", 1, 1)],
+        );
+        // Items on their way: nothing to say, however far apart the ends are.
+        obs.edges = vec![edge(400, 300, false)];
+        let first = compute(None, &obs, &at(10));
+        assert_eq!(first.edges, obs.edges);
+        assert_eq!(condition(&first, DEGRADED).unwrap().reason, "AsExpected");
+        // Settled and short: once could be a record still on its way…
+        obs.edges = vec![edge(400, 388, true)];
+        let once = compute(Some(&first), &obs, &at(20));
+        assert_eq!(condition(&once, DEGRADED).unwrap().status, "False");
+        // …twice with the same figures is not.
+        let twice = compute(Some(&once), &obs, &at(30));
+        let degraded = condition(&twice, DEGRADED).unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", BOOKS_DO_NOT_BALANCE)
+        );
+        assert!(
+            degraded
+                .message
+                .contains("src → work: src stored 400 items, work took in 388: 12 lost on the way"),
+            "{}",
+            degraded.message
+        );
+        // Taken in after all: as expected again.
+        obs.edges = vec![edge(400, 400, true)];
+        let caught_up = compute(Some(&twice), &obs, &at(40));
+        assert_eq!(condition(&caught_up, DEGRADED).unwrap().status, "False");
     }
 
     /// Found on a real node: with every switcher pod in CrashLoopBackOff the status said

@@ -118,10 +118,19 @@ pub(super) struct Framer<P> {
     gathering_planned: bool,
     /// Items go alone and each waits for its acknowledgement, until one is new to the stream.
     checking: bool,
+    /// The last item this process sent before it resumed: items go alone at least up to it.
+    check_until: Option<String>,
 }
 
 impl<P: Serialize + Clone> Framer<P> {
     pub(super) fn new(unit: &SourceUnit, resumed: Resumed<P>) -> Framer<P> {
+        // Resuming in the same process (its connection was lost, its stream changed leader): what
+        // it sent beyond the checkpoint may be stored although no acknowledgement said so. Stored
+        // again in other messages, such an item would be stored twice under two ids; alone, as it
+        // went, JetStream knows it by its id. So items go alone up to the last one sent, whatever
+        // JetStream says of the ones before: after a server restart it no longer knows the ids of
+        // messages already taken and removed, and says "new" of one it had.
+        let last_sent = unit.last_sent();
         let server_takes = unit.client.server_info().max_payload;
         Framer {
             held: Vec::new(),
@@ -136,7 +145,8 @@ impl<P: Serialize + Clone> Framer<P> {
             saved_at: Instant::now(),
             plan: resumed.frames.into(),
             gathering_planned: false,
-            checking: resumed.ran_before,
+            checking: resumed.ran_before || last_sent.is_some(),
+            check_until: last_sent,
         }
     }
 
@@ -236,7 +246,9 @@ impl<P: Serialize + Clone> Framer<P> {
                 self.save(unit).await?;
             }
         }
+        let last_id = held.last().map(|h| h.id().to_string()).unwrap_or_default();
         let ack = publish_items(unit, &held).await?;
+        unit.sent(&last_id);
         if crate::faults::due() {
             // Stored, and not checkpointed: where a restart must neither lose nor repeat it.
             let _ = ack.await;
@@ -246,7 +258,10 @@ impl<P: Serialize + Clone> Framer<P> {
         if self.checking {
             let epoch = *unit.disconnects.borrow();
             let stored = crate::acks::acknowledged(ack, epoch, &unit.disconnects).await??;
-            if !stored.duplicate {
+            if self.check_until.as_deref() == Some(last_id.as_str()) {
+                self.check_until = None;
+            }
+            if !stored.duplicate && self.check_until.is_none() {
                 self.checking = false;
             }
             Stats::add(&unit.stats.processed, items);

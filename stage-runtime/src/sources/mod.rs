@@ -130,11 +130,25 @@ pub struct SourceUnit {
     pub frame_items: usize,
     /// Where each stored message is recorded (see `books`).
     pub books: Option<Arc<crate::books::Ledger>>,
+    /// The id of the last item this process sent to the stream, across resumes (see `framer`).
+    pub last_sent: std::sync::Mutex<Option<String>>,
 }
 
 impl SourceUnit {
     fn stopping(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    /// Notes the last item sent to the stream.
+    fn sent(&self, id: &str) {
+        if let Ok(mut last) = self.last_sent.lock() {
+            *last = Some(id.to_string());
+        }
+    }
+
+    /// The last item this process sent before it resumed, if any.
+    fn last_sent(&self) -> Option<String> {
+        self.last_sent.lock().ok().and_then(|last| last.clone())
     }
 
     fn checkpoint_key(&self) -> String {
