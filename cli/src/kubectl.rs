@@ -490,12 +490,75 @@ fn render_status(pipeline: &Pipeline, live: Option<&(Vec<status::UnitStatus>, St
             u.last_scale_reason.as_deref().unwrap_or("-"),
         ));
     }
+    out.push_str(&render_edges(&st.edges));
+    out
+}
+
+/// The books per edge as the operator last wrote them (`status.edges`).
+fn render_edges(edges: &[switchyard_crds::EdgeStatus]) -> String {
+    if edges.is_empty() {
+        return String::new();
+    }
+    let name = |e: &switchyard_crds::EdgeStatus| match e.epoch {
+        0 => format!("{} → {}", e.from, e.to),
+        n => format!("{} (epoch {n}) → {}", e.from, e.to),
+    };
+    let width = edges
+        .iter()
+        .map(|e| name(e).chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!(
+        "\n  {:<width$}  {:>12} {:>12} {:>12}   (the books, as of the operator's last status write)\n",
+        "edge", "stored", "taken in", "on its way"
+    );
+    for e in edges {
+        let on_its_way = if e.settled {
+            "-".to_string()
+        } else {
+            e.stored.saturating_sub(e.taken_in).to_string()
+        };
+        out.push_str(&format!(
+            "  {:<width$}  {:>12} {:>12} {:>12}\n",
+            name(e),
+            e.stored,
+            e.taken_in,
+            on_its_way
+        ));
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_books_per_edge_show_what_is_on_its_way() {
+        let edge = |from: &str, epoch, stored, taken_in, settled| switchyard_crds::EdgeStatus {
+            from: from.into(),
+            epoch,
+            to: "work".into(),
+            stored,
+            taken_in,
+            settled,
+        };
+        let text = render_edges(&[
+            edge("src", 0, 400, 300, false),
+            edge("old", 2, 90, 90, true),
+        ]);
+        let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+        assert_eq!(
+            lines[2],
+            "  src → work                     400          300          100"
+        );
+        assert_eq!(
+            lines[3],
+            "  old (epoch 2) → work            90           90            -"
+        );
+        assert_eq!(render_edges(&[]), "");
+    }
 
     #[test]
     fn a_nats_url_names_a_service_of_the_cluster_or_none() {
