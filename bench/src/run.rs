@@ -56,6 +56,16 @@ pub struct BenchArgs {
     /// or both in the same run.
     #[arg(long, value_enum, default_value = "both")]
     pub frames: Frames,
+    /// Whether the units keep the Pipeline's books (a record per input message before its
+    /// acknowledgement, as they always do): `off` measures what the books cost.
+    #[arg(long, value_enum, default_value = "on")]
+    pub books: Books,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Books {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -721,6 +731,11 @@ impl Bench<'_> {
         frames: bool,
     ) -> anyhow::Result<Run> {
         let mut layout = self.pipeline(scenario, size)?;
+        if self.args.books == Books::Off {
+            for unit in &mut layout.units {
+                unit.books = None;
+            }
+        }
         if !frames {
             // As before frames: one item a message, and pulls as large as the concurrency.
             for unit in &mut layout.units {
