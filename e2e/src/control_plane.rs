@@ -225,6 +225,9 @@ fn etcd_command(binary: &Path, d: &Path, client: u16) -> Command {
     etcd
 }
 
+/// Megabytes of audit log before the API server rotates it (it keeps one old file).
+pub const AUDIT_LOG_MB: u32 = 200;
+
 /// kube-apiserver as a cluster runs it: TLS, RBAC, tokens, an audit log of every request, and the
 /// owner-reference admission check.
 fn apiserver_command(binary: &Path, d: &Path, etcd_client: u16, port: u16) -> Command {
@@ -252,7 +255,10 @@ fn apiserver_command(binary: &Path, d: &Path, etcd_client: u16, port: u16) -> Co
         .arg("--service-cluster-ip-range=10.0.0.0/24")
         .arg(format!("--audit-policy-file={}", file("audit-policy.yaml")))
         .arg(format!("--audit-log-path={}", file("audit.log")))
-        .arg("--audit-log-maxsize=1000");
+        // At most 200 MB and one rotated file: a kept folder stays small, and a suite's requests
+        // (tens of MB at most) never rotate out from under `audit_events`.
+        .arg(format!("--audit-log-maxsize={AUDIT_LOG_MB}"))
+        .arg("--audit-log-maxbackup=1");
     apiserver
 }
 

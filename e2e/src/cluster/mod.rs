@@ -697,7 +697,8 @@ impl Cluster {
                     l.path("audit-policy.yaml").display()
                 ),
                 format!("--audit-log-path={}", l.path("logs/audit.log").display()),
-                "--audit-log-maxsize=1000".into(),
+                format!("--audit-log-maxsize={}", crate::control_plane::AUDIT_LOG_MB),
+                "--audit-log-maxbackup=1".into(),
                 "--profiling=false".into(),
             ],
             |_| Ok(()),
