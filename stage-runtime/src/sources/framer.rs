@@ -130,7 +130,15 @@ impl<P: Serialize + Clone> Framer<P> {
         // went, JetStream knows it by its id. So items go alone up to the last one sent, whatever
         // JetStream says of the ones before: after a server restart it no longer knows the ids of
         // messages already taken and removed, and says "new" of one it had.
-        let last_sent = unit.last_sent();
+        // Nothing sent beyond the checkpoint: the items to come were never sent.
+        let at = resumed
+            .at
+            .as_ref()
+            .and_then(|p| serde_json::to_string(p).ok());
+        let last_sent = unit
+            .last_sent()
+            .filter(|(_, position)| at.as_deref() != Some(position.as_str()))
+            .map(|(id, _)| id);
         let server_takes = unit.client.server_info().max_payload;
         Framer {
             held: Vec::new(),
@@ -248,7 +256,10 @@ impl<P: Serialize + Clone> Framer<P> {
         }
         let last_id = held.last().map(|h| h.id().to_string()).unwrap_or_default();
         let ack = publish_items(unit, &held).await?;
-        unit.sent(&last_id);
+        unit.sent(
+            &last_id,
+            serde_json::to_string(&last_position).unwrap_or_default(),
+        );
         if crate::faults::due() {
             // Stored, and not checkpointed: where a restart must neither lose nor repeat it.
             let _ = ack.await;

@@ -130,8 +130,9 @@ pub struct SourceUnit {
     pub frame_items: usize,
     /// Where each stored message is recorded (see `books`).
     pub books: Option<Arc<crate::books::Ledger>>,
-    /// The id of the last item this process sent to the stream, across resumes (see `framer`).
-    pub last_sent: std::sync::Mutex<Option<String>>,
+    /// The last item this process sent to the stream, across resumes (see `framer`): its id and
+    /// its position as a checkpoint writes it.
+    pub last_sent: std::sync::Mutex<Option<(String, String)>>,
 }
 
 impl SourceUnit {
@@ -139,15 +140,15 @@ impl SourceUnit {
         *self.shutdown.borrow()
     }
 
-    /// Notes the last item sent to the stream.
-    fn sent(&self, id: &str) {
+    /// Notes the last item sent to the stream: its id and its position (as JSON).
+    fn sent(&self, id: &str, position: String) {
         if let Ok(mut last) = self.last_sent.lock() {
-            *last = Some(id.to_string());
+            *last = Some((id.to_string(), position));
         }
     }
 
     /// The last item this process sent before it resumed, if any.
-    fn last_sent(&self) -> Option<String> {
+    fn last_sent(&self) -> Option<(String, String)> {
         self.last_sent.lock().ok().and_then(|last| last.clone())
     }
 
