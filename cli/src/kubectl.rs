@@ -494,40 +494,23 @@ fn render_status(pipeline: &Pipeline, live: Option<&(Vec<status::UnitStatus>, St
     out
 }
 
-/// The books per edge as the operator last wrote them (`status.edges`).
+/// The books per edge as the operator last wrote them (`status.edges`), as `switchyard status`
+/// shows them.
 fn render_edges(edges: &[switchyard_crds::EdgeStatus]) -> String {
     if edges.is_empty() {
         return String::new();
     }
-    let name = |e: &switchyard_crds::EdgeStatus| match e.epoch {
-        0 => format!("{} → {}", e.from, e.to),
-        n => format!("{} (epoch {n}) → {}", e.from, e.to),
-    };
-    let width = edges
+    let rows: Vec<switchyard_ops::books::EdgeNow> = edges
         .iter()
-        .map(|e| name(e).chars().count())
-        .max()
-        .unwrap_or(4)
-        .max(4);
-    let mut out = format!(
-        "\n  {:<width$}  {:>12} {:>12} {:>12}   (the books, as of the operator's last status write)\n",
-        "edge", "stored", "taken in", "on its way"
-    );
-    for e in edges {
-        let on_its_way = if e.settled {
-            "-".to_string()
-        } else {
-            e.stored.saturating_sub(e.taken_in).to_string()
-        };
-        out.push_str(&format!(
-            "  {:<width$}  {:>12} {:>12} {:>12}\n",
-            name(e),
-            e.stored,
-            e.taken_in,
-            on_its_way
-        ));
-    }
-    out
+        .map(|e| switchyard_ops::books::EdgeNow {
+            edge: e.into(),
+            settled: e.settled,
+        })
+        .collect();
+    format!(
+        "\n{}  (the books, as of the operator's last status write)\n",
+        switchyard_ops::books::render_edges(&rows)
+    )
 }
 
 #[cfg(test)]

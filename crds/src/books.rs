@@ -224,6 +224,18 @@ impl Edge {
     }
 }
 
+impl From<&crate::EdgeStatus> for Edge {
+    fn from(e: &crate::EdgeStatus) -> Edge {
+        Edge {
+            from: e.from.clone(),
+            epoch: e.epoch,
+            to: e.to.clone(),
+            out: e.stored,
+            received: e.taken_in,
+        }
+    }
+}
+
 /// Where the books do not balance once nothing is on its way.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]

@@ -119,11 +119,6 @@ impl Names {
         format!("{}.{unit}", self.books_root())
     }
 
-    /// Every book message of the Pipeline.
-    pub fn all_books_subjects(&self) -> String {
-        format!("{}.>", self.books_root())
-    }
-
     /// Where `switchyard pause` and `resume` reach a local run (core NATS).
     pub fn control_subject(&self) -> String {
         format!("{}.control", self.prefix())

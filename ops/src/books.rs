@@ -10,15 +10,14 @@ use crate::{OpsError, Target};
 
 /// The books as stored now.
 pub async fn read(target: &Target) -> Result<Books, OpsError> {
-    let stream = &target.layout.nats.books.name;
-    let read =
-        switchyard_platform::books::read(&target.js, stream, &target.names.all_books_subjects())
-            .await
-            .map_err(|e| OpsError::Nats {
-                action: "read the Pipeline's books".to_string(),
-                source: Box::new(e),
-            })?;
-    Ok(read.books(&target.names.books_root()))
+    let books = &target.layout.nats.books;
+    let read = switchyard_platform::books::read(&target.js, &books.name, &books.filter())
+        .await
+        .map_err(|e| OpsError::Nats {
+            action: "read the Pipeline's books".to_string(),
+            source: Box::new(e),
+        })?;
+    Ok(read.books(&books.root))
 }
 
 /// One edge now.
@@ -141,15 +140,13 @@ async fn idle_readers(target: &Target) -> Result<Vec<(String, u64)>, OpsError> {
     Ok(idle)
 }
 
-/// The edges as a table, and what does not balance.
-pub fn render(now: &BooksNow) -> String {
+/// The edges as a table: stored, taken in, and what is on its way while the edge is not settled.
+pub fn render_edges(edges: &[EdgeNow]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let name = |e: &EdgeNow| e.edge.name();
-    let width = now
-        .edges
+    let width = edges
         .iter()
-        .map(|e| name(e).chars().count())
+        .map(|e| e.edge.name().chars().count())
         .max()
         .unwrap_or(4)
         .max(4);
@@ -158,7 +155,7 @@ pub fn render(now: &BooksNow) -> String {
         "  {:<width$}  {:>12} {:>12} {:>12}",
         "edge", "stored", "taken in", "on its way"
     );
-    for e in &now.edges {
+    for e in edges {
         let on_its_way = if e.settled {
             "-".to_string()
         } else {
@@ -167,12 +164,19 @@ pub fn render(now: &BooksNow) -> String {
         let _ = writeln!(
             out,
             "  {:<width$}  {:>12} {:>12} {:>12}",
-            name(e),
+            e.edge.name(),
             crate::thousands(e.edge.out),
             crate::thousands(e.edge.received),
             on_its_way,
         );
     }
+    out
+}
+
+/// The edges as a table, and what does not balance.
+pub fn render(now: &BooksNow) -> String {
+    use std::fmt::Write as _;
+    let mut out = render_edges(&now.edges);
     let problems = now.problems();
     if problems.is_empty() {
         let _ = writeln!(

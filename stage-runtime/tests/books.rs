@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use common::{harness, Harness};
@@ -31,24 +30,18 @@ async fn books_until(h: &Harness, what: &str, done: impl Fn(&Books) -> bool) -> 
     }
 }
 
-/// Runs `unit` as a process that kills itself once it has stored its `nth` input's outputs (a
-/// source: its `nth` message) and before it records that as done, and waits until it has.
-async fn killed_after_stored(h: &mut Harness, unit: &str, nth: &str) {
-    h.spawn_with_env(
-        unit,
-        "killed",
-        &[(switchyard_stage::faults::KILL_AFTER_STORED, nth)],
-    );
-    let mut process = h.take_newest_process();
-    let status = tokio::task::spawn_blocking(move || process.wait().expect("wait"))
-        .await
-        .expect("join");
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "{status}: {}",
-        h.log_of(unit, "killed")
-    );
+/// Waits until `items` lines are in the sink's file, nothing is pending, and the sink recorded
+/// taking them in; stops the units and returns the books.
+async fn books_once_through(h: &mut Harness, items: u64) -> Books {
+    h.wait_for_lines(&h.path("out.jsonl"), items as usize, LIMIT)
+        .await;
+    h.wait_until_drained(LIMIT).await;
+    let books = books_until(h, "the sink recorded what came", |b| {
+        b.total("out").received >= items
+    })
+    .await;
+    h.stop().await;
+    books
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,7 +58,7 @@ async fn processes_killed_between_storing_and_acknowledging_are_recorded_once() 
     .await;
     // The source dies once its second message and that message's record are stored, before its
     // checkpoint says so: the next process stores both again, and the stream keeps one of each.
-    killed_after_stored(&mut h, "src", "2").await;
+    h.killed_after_stored("src", "killed", "2").await;
     h.spawn("src", "again");
     books_until(&h, "the source stored its items", |b| {
         b.total("src").out >= 600
@@ -74,15 +67,9 @@ async fn processes_killed_between_storing_and_acknowledging_are_recorded_once() 
     h.start("out");
     // The unit dies once an input's outputs and its record are stored, before the input is
     // acknowledged: the input comes again to the next process, which records it again.
-    killed_after_stored(&mut h, "copy", "2").await;
+    h.killed_after_stored("copy", "killed", "2").await;
     h.spawn("copy", "again");
-    h.wait_for_lines(&h.path("out.jsonl"), 600, LIMIT).await;
-    h.wait_until_drained(LIMIT).await;
-    let books = books_until(&h, "the sink recorded every item", |b| {
-        b.total("out").received >= 600
-    })
-    .await;
-    h.stop().await;
+    let books = books_once_through(&mut h, 600).await;
     assert_eq!(
         check(&wiring(&h.layout.units), &books),
         Vec::new(),
@@ -138,13 +125,7 @@ async fn filtered_and_dead_lettered_items_are_accounted_for() {
     .await;
     h.start_all();
     // 10 multiples of ten fail; 30 multiples of three that are not are dropped; 60 go on.
-    h.wait_for_lines(&h.path("out.jsonl"), 60, LIMIT).await;
-    h.wait_until_drained(LIMIT).await;
-    let books = books_until(&h, "the sink recorded every item", |b| {
-        b.total("out").received >= 60
-    })
-    .await;
-    h.stop().await;
+    let books = books_once_through(&mut h, 60).await;
     assert_eq!(
         check(&wiring(&h.layout.units), &books),
         Vec::new(),
@@ -192,14 +173,7 @@ async fn a_message_removed_from_an_edge_unbalances_the_books_by_its_items() {
     assert!(stream.delete_message(first).await.expect("deleted"));
     h.start("copy");
     h.start("out");
-    h.wait_for_lines(&h.path("out.jsonl"), (100 - items) as usize, LIMIT)
-        .await;
-    h.wait_until_drained(LIMIT).await;
-    let books = books_until(&h, "the sink recorded what came", |b| {
-        b.total("out").received >= 100 - items
-    })
-    .await;
-    h.stop().await;
+    let books = books_once_through(&mut h, 100 - items).await;
     let found = check(&wiring(&h.layout.units), &books);
     assert_eq!(
         found,

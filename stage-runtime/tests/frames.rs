@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use common::{harness, header, json_lines, settled_reports, Harness};
@@ -40,26 +39,6 @@ async fn stored_items(h: &Harness, items: usize) -> Vec<usize> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Runs `unit` as a process (the harness's only one) that kills itself once it has stored its
-/// `nth` input's outputs (a source: its `nth` message), and waits until it has.
-async fn kill_after_stored(h: &mut Harness, unit: &str, nth: &str) {
-    h.spawn_with_env(
-        unit,
-        "first",
-        &[(switchyard_stage::faults::KILL_AFTER_STORED, nth)],
-    );
-    let mut first = h.take_process(0);
-    let status = tokio::task::spawn_blocking(move || first.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "{status}: {}",
-        h.log_of(unit, "first")
-    );
 }
 
 fn seqs(lines: &[String]) -> Vec<u64> {
@@ -137,7 +116,7 @@ async fn a_kill_between_storing_a_frames_outputs_and_acknowledging_it_stores_not
     );
     let sink = h.watch_stats("out").await;
     h.start("out");
-    kill_after_stored(&mut h, "copy", "2").await;
+    h.killed_after_stored("copy", "first", "2").await;
     // Its second input's outputs are stored; the input itself comes again to the next process.
     h.spawn("copy", "second");
     let lines = h.wait_for_lines(&h.path("out.jsonl"), 600, LIMIT).await;
@@ -215,7 +194,7 @@ async fn a_source_killed_after_storing_frames_resumes_without_storing_an_item_tw
 "#,
     ))
     .await;
-    kill_after_stored(&mut h, "src", "40").await;
+    h.killed_after_stored("src", "first", "40").await;
     let before = stored_items(&h, 1).await;
     assert!(
         before.len() >= 40 && before.iter().filter(|&&n| n > 1).count() >= 10,

@@ -500,16 +500,7 @@ fn books_condition(
         .iter()
         .filter(unbalanced)
         .filter(|e| before.contains(e))
-        .map(|e| {
-            switchyard_crds::books::Imbalance::Edge(switchyard_crds::books::Edge {
-                from: e.from.clone(),
-                epoch: e.epoch,
-                to: e.to.clone(),
-                out: e.stored,
-                received: e.taken_in,
-            })
-            .to_string()
-        })
+        .map(|e| switchyard_crds::books::Imbalance::Edge(e.into()).to_string())
         .collect();
     (!lasting.is_empty()).then(|| {
         let message = format!(

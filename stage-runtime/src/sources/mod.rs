@@ -346,11 +346,10 @@ async fn send(
 /// A message on its way: resolves once the stream has it and the books record it.
 type Stored =
     futures::future::BoxFuture<'static, Result<jetstream::publish::PublishAck, SourceError>>;
-type AckFuture = Stored;
 
 /// A publish's acknowledgement, or the lost connection that took it.
 async fn settle(
-    ack: AckFuture,
+    ack: Stored,
     epoch: u64,
     disconnects: &crate::Disconnects,
 ) -> Result<(), SourceError> {
@@ -362,7 +361,7 @@ async fn settle(
 /// newest confirmed one is what a checkpoint may record.
 struct Window<T> {
     /// Each publish with the items it holds and the disconnect count when it was made.
-    pending: VecDeque<(T, u64, AckFuture, u64)>,
+    pending: VecDeque<(T, u64, Stored, u64)>,
     pending_items: u64,
     stats: Arc<Stats>,
     disconnects: crate::Disconnects,

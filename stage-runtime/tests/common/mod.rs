@@ -144,9 +144,26 @@ impl Harness {
         self.processes.remove(index)
     }
 
-    /// Takes the process spawned last out of the harness's care.
-    pub fn take_newest_process(&mut self) -> Child {
-        self.processes.pop().expect("a process was spawned")
+    /// Runs `unit` as a process named `replica` that kills itself once it has stored its `nth`
+    /// input's outputs (a source: its `nth` message) and before it records that as done, and waits
+    /// until it has.
+    pub async fn killed_after_stored(&mut self, unit: &str, replica: &str, nth: &str) {
+        use std::os::unix::process::ExitStatusExt;
+        self.spawn_with_env(
+            unit,
+            replica,
+            &[(switchyard_stage::faults::KILL_AFTER_STORED, nth)],
+        );
+        let mut process = self.processes.pop().expect("the process just spawned");
+        let status = tokio::task::spawn_blocking(move || process.wait().expect("wait"))
+            .await
+            .expect("join");
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{status}: {}",
+            self.log_of(unit, replica)
+        );
     }
 
     /// What a unit's process printed on stdout.
@@ -179,16 +196,11 @@ impl Harness {
 
     /// The Pipeline's books as stored now.
     pub async fn books(&self) -> switchyard_crds::books::Books {
-        let names =
-            switchyard_crds::layout::Names::new(&self.topology.namespace, &self.topology.pipeline);
-        switchyard_platform::books::read(
-            &self.js,
-            &self.layout.nats.books.name,
-            &names.all_books_subjects(),
-        )
-        .await
-        .expect("read the books")
-        .books(&names.books_root())
+        let books = &self.layout.nats.books;
+        switchyard_platform::books::read(&self.js, &books.name, &books.filter())
+            .await
+            .expect("read the books")
+            .books(&books.root)
     }
 
     /// Waits until no unit's consumer has anything pending or unacknowledged.
