@@ -19,8 +19,19 @@ use crate::unit::{UnitConfig, UnitRole};
 pub const FROM_SOURCE: &str = "_source";
 /// The key of what `switchyard dlq replay` put back on a unit's input.
 pub const FROM_REPLAY: &str = "_replay";
-/// Header of a book message that sums the records of its subject before it (a roll-up).
-pub const ROLLUP_HEADER: &str = "Switchyard-Books-Rollup";
+/// Header of a roll-up: the stream sequence of the last record it sums. A roll-up of the records on
+/// `<root>.<unit>.<replica>` is stored on that subject followed by `.sum` (`sum_subject`).
+pub const THROUGH_HEADER: &str = "Switchyard-Books-Through";
+
+/// The subject of the roll-ups of the records on `records`.
+pub fn sum_subject(records: &str) -> String {
+    format!("{records}.sum")
+}
+
+/// The records subject a roll-up on `subject` sums, if `subject` is a roll-up's.
+pub fn records_of_sum(subject: &str) -> Option<&str> {
+    subject.strip_suffix(".sum")
+}
 
 /// What became of the items of one input (or, summed, of many).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -94,6 +105,67 @@ pub fn writer_of(token: &str) -> Option<(&str, u32)> {
 /// One book message: counts by route (`route`). A record holds one entry; a roll-up sums a
 /// replica's records.
 pub type Record = BTreeMap<String, Counts>;
+
+/// One replica's books as read in stream order: its latest roll-up, and the records stored after the
+/// last one that roll-up sums.
+///
+/// A roll-up never removes the records it sums at once: the stream's duplicate window is rebuilt,
+/// when its server restarts, from the messages it still holds, and a record removed early would be
+/// forgotten there, so the same input recorded again would count twice. They go once they are older
+/// than the window; until then a reader skips them by their sequence.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    rolled: Record,
+    through: u64,
+    after: BTreeMap<u64, Record>,
+}
+
+impl Tally {
+    /// The record stored at `sequence`; nothing if a roll-up read before sums it already.
+    pub fn record(&mut self, sequence: u64, record: Record) {
+        if sequence > self.through {
+            self.after.insert(sequence, record);
+        }
+    }
+
+    /// A roll-up that sums every record up to `through`; nothing if a later one was read before.
+    pub fn rolled_up(&mut self, through: u64, sum: Record) {
+        if through < self.through {
+            return;
+        }
+        self.rolled = sum;
+        self.through = through;
+        self.after = self.after.split_off(&(through + 1));
+    }
+
+    /// The sequence of the last record the roll-up sums (0 without one).
+    pub fn through(&self) -> u64 {
+        self.through
+    }
+
+    /// Records after the roll-up.
+    pub fn records_after(&self) -> usize {
+        self.after.len()
+    }
+
+    /// The sequence of the last record read.
+    pub fn last(&self) -> u64 {
+        self.after
+            .last_key_value()
+            .map_or(self.through, |(sequence, _)| *sequence)
+    }
+
+    /// Everything the replica recorded: its roll-up and the records after it.
+    pub fn total(&self) -> Record {
+        let mut total = self.rolled.clone();
+        for record in self.after.values() {
+            for (route, counts) in record {
+                total.entry(route.clone()).or_default().add(counts);
+            }
+        }
+        total
+    }
+}
 
 /// A Pipeline's books: by unit, by route.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -546,5 +618,35 @@ mod tests {
             r#"{"src>wash":{"in":3,"passed":2,"filtered":1,"out":2}}"#
         );
         assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), r);
+    }
+
+    #[test]
+    fn a_tally_counts_each_record_once_whatever_order_its_roll_ups_come_in() {
+        let took = |n| record("src", "wash", received(n));
+        let mut tally = Tally::default();
+        tally.record(3, took(1));
+        tally.record(5, took(2));
+        tally.record(8, took(4));
+        assert_eq!(tally.total(), took(7));
+        assert_eq!(tally.last(), 8);
+        // A roll-up through 5 sums the first two records: they are counted once, from it.
+        tally.rolled_up(5, took(3));
+        assert_eq!(tally.total(), took(7));
+        assert_eq!((tally.through(), tally.records_after()), (5, 1));
+        // A record it sums, still stored beside it, and an older roll-up read late change nothing.
+        tally.record(5, took(2));
+        tally.rolled_up(3, took(1));
+        assert_eq!(tally.total(), took(7));
+        tally.rolled_up(8, took(7));
+        tally.record(9, took(10));
+        assert_eq!(tally.total(), took(17));
+        assert_eq!(tally.last(), 9);
+    }
+
+    fn received(n: u64) -> Counts {
+        Counts {
+            received: n,
+            ..Counts::default()
+        }
     }
 }

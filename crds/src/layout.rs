@@ -149,14 +149,15 @@ pub struct NatsLayout {
     pub books: BooksStreamLayout,
 }
 
-/// Book records are kept until the replica that wrote them rolls them up (limits retention, no
-/// age: a record is data about data, and lost it would unbalance the books); they are deduplicated
-/// over the data stream's window, so a message delivered again is recorded once.
+/// Book records are kept until a roll-up sums them and they are older than the duplicate window
+/// (limits retention, no age: a record is data about data, and lost it would unbalance the books);
+/// they are deduplicated over the data stream's window, so a message delivered again is recorded once.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct BooksStreamLayout {
     pub name: String,
-    /// Every book subject is `<root>.<unit>.<replica>` (`Names::books_root`).
+    /// Every book subject is `<root>.<unit>.<replica>` (`Names::books_root`), and its roll-up's
+    /// that followed by `.sum`.
     pub root: String,
 }
 

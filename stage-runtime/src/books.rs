@@ -2,7 +2,9 @@
 //! message it finished (per message stored, for a source), stored before the input is acknowledged
 //! (before the checkpoint moves), under an id taken from the message's, so that JetStream keeps one
 //! however often the message comes. Records go on a subject of this process's own, which it rolls
-//! up into one message now and then and as it stops, so the books stay a few messages per process.
+//! up into one message now and then and as it stops; the records summed go once they are older than
+//! the stream's duplicate window (`switchyard_platform::books::roll_up`), so the books stay a roll-up
+//! and a window's records per process.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,7 +14,6 @@ use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishErr
 use async_nats::{HeaderMap, Subject};
 use switchyard_crds::books::{Counts, Record};
 use switchyard_crds::unit::headers as names;
-use tokio::sync::RwLock;
 
 use crate::Disconnects;
 
@@ -20,8 +21,8 @@ use crate::Disconnects;
 const ROLL_UP_AFTER: u64 = 5_000;
 /// A roll-up of whatever came since is due this often.
 const ROLL_UP_EVERY: Duration = Duration::from_secs(30);
-/// A roll-up that finds a record stored after its read tries again this often, at most.
-const ROLL_UP_ATTEMPTS: u32 = 20;
+/// A roll-up that finds another stored since it read tries again this often, at most.
+const ROLL_UP_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BooksError {
@@ -46,9 +47,6 @@ pub struct Ledger {
     subject: Subject,
     unit: String,
     disconnects: Disconnects,
-    /// Sends hold it shared; a roll-up holds it alone, so that no new record lands while it reads
-    /// the subject back (one that was on its way lands after it, or makes it try again).
-    gate: RwLock<()>,
     since_roll_up: AtomicU64,
 }
 
@@ -68,7 +66,6 @@ impl Ledger {
             subject: format!("{prefix}.{}", subject_token(replica)).into(),
             unit: unit.to_string(),
             disconnects,
-            gate: RwLock::new(()),
             since_roll_up: AtomicU64::new(0),
         }
     }
@@ -89,7 +86,6 @@ impl Ledger {
         let message = jetstream::message::PublishMessage::build()
             .headers(headers)
             .payload(body.into());
-        let _sending = self.gate.read().await;
         let ack = self
             .js
             .send_publish(self.subject.clone(), message)
@@ -115,18 +111,24 @@ impl Ledger {
         Ok(())
     }
 
-    /// Rolls this process's records up into one message, if more than one is there.
+    /// Sums this process's records into its roll-up. A record on its way meanwhile is summed by the
+    /// next one.
     pub async fn roll_up(&self) -> Result<(), switchyard_platform::books::BooksError> {
-        let _alone = self.gate.write().await;
         let mut attempt = 0;
         loop {
             attempt += 1;
             match switchyard_platform::books::roll_up(&self.js, &self.stream, &self.subject).await {
-                Ok(()) => {
-                    self.since_roll_up.store(0, Ordering::Relaxed);
+                Ok(rolled) => {
+                    // It may have summed records an earlier process left on this subject too.
+                    let summed = rolled.summed as u64;
+                    let _ = self.since_roll_up.fetch_update(
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                        |n| Some(n.saturating_sub(summed)),
+                    );
                     return Ok(());
                 }
-                // A record that was on its way landed after the read: read again once it has.
+                // Another roll-up of this subject was stored since the read: read again.
                 Err(e) if attempt < ROLL_UP_ATTEMPTS => {
                     tracing::debug!("roll-up of {} tried again: {e}", self.subject);
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -193,3 +193,137 @@ async fn a_message_removed_from_an_edge_unbalances_the_books_by_its_items() {
         )
     );
 }
+
+/// A nats-server that restarts rebuilds its duplicate window from the messages it still holds: a
+/// record that a roll-up had folded away was forgotten, so the same input recorded again after the
+/// restart (its redelivery, or its writer's outputs stored again) counted twice. `switchyard-bench
+/// peer` met it: a SIGKILLed run resumed with "256 taken in twice" and every line once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_recorded_again_after_a_roll_up_and_a_server_restart_counts_once() {
+    let mut h = harness(&pipeline(
+        "booksrestart",
+        r#"  sources: [{name: src, generator: {count: 10}}]
+  stages:
+    - {name: copy, passthrough: {}}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    let config = h.config("copy").books.expect("books");
+    let (_connected, disconnects) = tokio::sync::watch::channel(0u64);
+    let ledger = switchyard_stage::books::Ledger::new(
+        h.js.clone(),
+        config.stream.clone(),
+        &config.prefix,
+        "copy",
+        "copy-1",
+        disconnects,
+    );
+    let taken = |items| Counts {
+        received: items,
+        passed: items,
+        out: items,
+        ..Counts::default()
+    };
+    let edge = || route("src", "copy");
+    ledger.record("m1", edge(), taken(256)).await.expect("m1");
+    ledger.record("m2", edge(), taken(100)).await.expect("m2");
+    ledger.roll_up().await.expect("roll-up");
+    tokio::task::block_in_place(|| h.nats.restart()).expect("restart");
+    // The client reconnects by itself; the record goes out once it has.
+    let started = Instant::now();
+    while let Err(e) = ledger.record("m1", edge(), taken(256)).await {
+        assert!(
+            started.elapsed() < LIMIT,
+            "no record after the restart: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ledger.roll_up().await.expect("roll-up after the restart");
+    assert_eq!(h.books().await.total("copy"), taken(356));
+    h.stop().await;
+}
+
+/// A roll-up removes the records it summed only once they are older than the stream's duplicate
+/// window (here shortened to a second): the books read the same before and after, and the subject
+/// keeps a roll-up and the records of the last window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summed_records_go_once_they_are_older_than_the_duplicate_window() {
+    let mut h = harness(&pipeline(
+        "bookswindow",
+        r#"  sources: [{name: src, generator: {count: 10}}]
+  stages:
+    - {name: copy, passthrough: {}}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    let config = h.config("copy").books.expect("books");
+    let mut stream = h.js.get_stream(&config.stream).await.expect("books stream");
+    let mut shortened = stream.cached_info().config.clone();
+    shortened.duplicate_window = Duration::from_secs(1);
+    h.js.update_stream(shortened)
+        .await
+        .expect("shorten the window");
+    let (_connected, disconnects) = tokio::sync::watch::channel(0u64);
+    let ledger = switchyard_stage::books::Ledger::new(
+        h.js.clone(),
+        config.stream.clone(),
+        &config.prefix,
+        "copy",
+        "copy-1",
+        disconnects,
+    );
+    let subject = format!("{}.copy-1", config.prefix);
+    let taken = |items| Counts {
+        received: items,
+        passed: items,
+        out: items,
+        ..Counts::default()
+    };
+    let roll_up = || switchyard_platform::books::roll_up(&h.js, &config.stream, &subject);
+    for key in ["m1", "m2"] {
+        ledger
+            .record(key, route("src", "copy"), taken(5))
+            .await
+            .expect(key);
+    }
+    let first = roll_up().await.expect("roll-up");
+    assert_eq!((first.summed, first.removed), (2, 0));
+    assert_eq!(h.books().await.total("copy"), taken(10));
+    let sum = switchyard_crds::books::sum_subject(&subject);
+    assert_eq!(
+        messages_by_subject(&mut stream, &config.prefix).await,
+        [(subject.clone(), 2), (sum.clone(), 1)].into()
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ledger
+        .record("m3", route("src", "copy"), taken(5))
+        .await
+        .expect("m3");
+    let second = roll_up().await.expect("roll-up");
+    assert_eq!((second.summed, second.removed), (1, 2));
+    assert_eq!(h.books().await.total("copy"), taken(15));
+    assert_eq!(
+        messages_by_subject(&mut stream, &config.prefix).await,
+        [(subject.clone(), 1), (sum, 1)].into()
+    );
+    h.stop().await;
+}
+
+/// How many messages the books stream holds on each subject under `prefix`.
+async fn messages_by_subject(
+    stream: &mut async_nats::jetstream::stream::Stream,
+    prefix: &str,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut info = stream
+        .info_with_subjects(format!("{prefix}.>"))
+        .await
+        .expect("subjects");
+    let mut counts = std::collections::BTreeMap::new();
+    while let Some(entry) = futures::StreamExt::next(&mut info).await {
+        let (subject, count) = entry.expect("a subject");
+        counts.insert(subject, count);
+    }
+    counts
+}
