@@ -42,8 +42,7 @@ fn nats<E: std::error::Error + Send + Sync + 'static>(
 
 /// How long one book message may take to come before a read gives up.
 const NEXT_MESSAGE_WITHIN: Duration = Duration::from_secs(10);
-/// Records stay a quarter longer than the stream's duplicate window, at most this much, for clocks
-/// that disagree.
+/// At most this much longer than the duplicate window do summed records stay (`kept_for`).
 const KEEP_MARGIN: Duration = Duration::from_secs(30);
 
 /// Every book message on a filter of the books stream, by replica (`Tally`).
@@ -56,6 +55,8 @@ pub struct Read {
     pub messages: u64,
     /// Messages that are not books (written by hand, or by something else): skipped, and counted.
     pub unreadable: u64,
+    /// When the last record on each records subject was stored.
+    pub last_recorded: BTreeMap<String, time::OffsetDateTime>,
 }
 
 impl Read {
@@ -125,11 +126,15 @@ pub async fn read(js: &jetstream::Context, stream: &str, filter: &str) -> Result
         read.messages += 1;
         let sequence = message.info().map_or(0, |i| i.stream_sequence);
         match book(&message.subject, message.headers.as_ref(), &message.payload) {
-            Ok(Book::Record { subject, record }) => read
-                .by_subject
-                .entry(subject)
-                .or_default()
-                .record(sequence, record),
+            Ok(Book::Record { subject, record }) => {
+                if let Ok(info) = message.info() {
+                    read.last_recorded.insert(subject.clone(), info.published);
+                }
+                read.by_subject
+                    .entry(subject)
+                    .or_default()
+                    .record(sequence, record)
+            }
             Ok(Book::RollUp {
                 records,
                 through,
@@ -204,6 +209,12 @@ async fn each_message(
     }
 }
 
+/// How long summed records stay: the stream's duplicate window, and a quarter more (at most
+/// `KEEP_MARGIN`) for clocks that disagree.
+fn kept_for(window: Duration) -> Duration {
+    window + (window / 4).min(KEEP_MARGIN)
+}
+
 /// What a roll-up did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RolledUp {
@@ -226,8 +237,7 @@ pub async fn roll_up(
         .get_stream(stream)
         .await
         .map_err(nats("open the books", stream))?;
-    let window = handle.cached_info().config.duplicate_window;
-    let keep_for = window + (window / 4).min(KEEP_MARGIN);
+    let keep_for = kept_for(handle.cached_info().config.duplicate_window);
     let sums = sum_subject(subject);
     let mut tally = Tally::default();
     let last_sum = match handle.get_last_raw_message_by_subject(&sums).await {
@@ -296,6 +306,28 @@ pub async fn roll_up(
             .purged;
     }
     Ok(rolled)
+}
+
+/// Rolls up the subjects in `read` whose writer has recorded nothing for longer than the stream's
+/// duplicate window and left records: a process that stopped leaves its last window's records (or,
+/// killed, everything since its last roll-up), and nobody else writes its subject. Returns the
+/// records removed.
+/// `window` is the stream's duplicate window, which the caller knows from the layout: with nothing
+/// idle, this asks the server nothing.
+pub async fn roll_up_idle(
+    js: &jetstream::Context,
+    stream: &str,
+    read: &Read,
+    window: Duration,
+) -> Result<u64, BooksError> {
+    let idle_before = time::OffsetDateTime::now_utc() - kept_for(window);
+    let mut removed = 0;
+    for (subject, at) in &read.last_recorded {
+        if *at < idle_before {
+            removed += roll_up(js, stream, subject).await?.removed;
+        }
+    }
+    Ok(removed)
 }
 
 /// The sequence of the first message on `subject` stored at `since` or later.

@@ -327,3 +327,85 @@ async fn messages_by_subject(
     }
     counts
 }
+
+/// What a stopped replica leaves (its last window's records beside its roll-up) and what a killed
+/// one leaves (records nobody summed) are rolled up by whoever reads the books once the window has
+/// passed: the books read the same, and each subject keeps one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_stopped_recording_are_rolled_up_once_their_window_has_passed() {
+    let mut h = harness(&pipeline(
+        "booksidle",
+        r#"  sources: [{name: src, generator: {count: 10}}]
+  stages:
+    - {name: copy, passthrough: {}}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    let config = h.config("copy").books.expect("books");
+    let mut stream = h.js.get_stream(&config.stream).await.expect("books stream");
+    let mut shortened = stream.cached_info().config.clone();
+    let window = Duration::from_secs(1);
+    shortened.duplicate_window = window;
+    h.js.update_stream(shortened)
+        .await
+        .expect("shorten the window");
+    let (_connected, disconnects) = tokio::sync::watch::channel(0u64);
+    let ledger = |replica| {
+        switchyard_stage::books::Ledger::new(
+            h.js.clone(),
+            config.stream.clone(),
+            &config.prefix,
+            "copy",
+            replica,
+            disconnects.clone(),
+        )
+    };
+    let taken = |items| Counts {
+        received: items,
+        passed: items,
+        out: items,
+        ..Counts::default()
+    };
+    let (stopped, killed) = (ledger("copy-stopped"), ledger("copy-killed"));
+    for key in ["m1", "m2"] {
+        stopped
+            .record(key, route("src", "copy"), taken(5))
+            .await
+            .expect(key);
+    }
+    stopped.roll_up().await.expect("the roll-up as it stops");
+    killed
+        .record("m3", route("src", "copy"), taken(5))
+        .await
+        .expect("m3");
+    let subject = |replica| format!("{}.{replica}", config.prefix);
+    let sum = |replica| switchyard_crds::books::sum_subject(&subject(replica));
+    assert_eq!(
+        messages_by_subject(&mut stream, &config.prefix).await,
+        [
+            (subject("copy-killed"), 1),
+            (subject("copy-stopped"), 2),
+            (sum("copy-stopped"), 1)
+        ]
+        .into()
+    );
+    let filter = format!("{}.>", config.prefix);
+    let read = || switchyard_platform::books::read(&h.js, &config.stream, &filter);
+    // Within the window nothing is idle yet.
+    let within = read().await.expect("read");
+    let removed =
+        switchyard_platform::books::roll_up_idle(&h.js, &config.stream, &within, window).await;
+    assert_eq!(removed.expect("roll-up"), 0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = read().await.expect("read");
+    let removed =
+        switchyard_platform::books::roll_up_idle(&h.js, &config.stream, &after, window).await;
+    assert_eq!(removed.expect("roll-up"), 3);
+    assert_eq!(
+        messages_by_subject(&mut stream, &config.prefix).await,
+        [(sum("copy-killed"), 1), (sum("copy-stopped"), 1)].into()
+    );
+    assert_eq!(h.books().await.total("copy"), taken(15));
+    h.stop().await;
+}

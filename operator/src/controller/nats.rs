@@ -186,6 +186,14 @@ async fn observe_unbounded(
                 }
             }
             observation.books = Some((read.books(&layout.books.root), settled));
+            // Replicas that stopped leave their last records; nobody else writes their subjects.
+            let window = std::time::Duration::from_millis(layout.stream.duplicate_window_ms);
+            if let Err(e) =
+                switchyard_platform::books::roll_up_idle(js, &layout.books.name, &read, window)
+                    .await
+            {
+                tracing::warn!("cannot roll up the books of stopped replicas: {e}");
+            }
         }
         Err(e) => tracing::debug!("cannot read the books of {}: {e}", layout.stream.name),
     }
