@@ -420,13 +420,14 @@ fn quiet(command: &mut Command) -> anyhow::Result<()> {
         .output()
         .with_context(|| format!("cannot start {:?}", command.get_program()))?;
     if !output.status.success() {
+        // The end of what it said: a `switchyard run` that fails ends with its summary and why.
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
         bail!(
-            "{:?} {}: {}",
+            "{:?} {}:\n{}",
             command.get_program(),
             output.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
     Ok(())

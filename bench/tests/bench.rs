@@ -112,11 +112,21 @@ fn the_benchmark_measures_every_scenario_against_the_raw_limit() {
 #[test]
 fn the_peer_comparison_runs_the_job_through_switchyard_and_checks_every_record() {
     let dir = tempfile::tempdir().unwrap();
-    let stdout = stdout_of(
-        bench_needing("switchyard")
-            .args(["peer", "--items", "2000", "--bytewax", "none", "--keep"])
-            .arg(dir.path()),
-    );
+    let output = bench_needing("switchyard")
+        .args(["peer", "--items", "2000", "--bytewax", "none", "--keep"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        // The runs' folders (with their NATS stores) are what tells why.
+        let kept = dir.keep();
+        panic!(
+            "{stdout}\n{}\nthe runs' folders are kept in {}",
+            String::from_utf8_lossy(&output.stderr),
+            kept.display()
+        );
+    }
     assert!(
         stdout.contains("file → Python function → file, 2,000 records of ")
             && stdout.contains("switchyard run (exec step, file sink with its ledger): "),

@@ -21,6 +21,12 @@ pub enum ServerError {
         status: std::process::ExitStatus,
         log: String,
     },
+    #[error("nats-server {pid}, started on {} by a run that has ended, still runs after {waited:?} and SIGKILL: stop it, then try again", store.display())]
+    StoreHeld {
+        pid: u32,
+        store: PathBuf,
+        waited: Duration,
+    },
     #[error("nats-server did not accept connections within {limit:?}: {log}")]
     NotReady { limit: Duration, log: String },
 }
@@ -293,6 +299,70 @@ impl Drop for NatsServer {
     }
 }
 
+/// The file in a server's folder that names the process serving its store.
+const PID_FILE: &str = "nats-server.pid";
+/// How long a server left by an ended run gets to finish stopping by itself (it had SIGTERM when
+/// its parent died, and writes its state as it stops), and then after SIGTERM and after SIGKILL.
+const EARLIER_SERVER_STOPS_WITHIN: Duration = Duration::from_secs(10);
+
+/// Waits until the server an earlier process started on `dir` has stopped. Two servers on one store
+/// corrupt it: a run killed and resumed at once started the second while the first, told to stop
+/// when its parent died, was still writing its state, and items were counted twice. Only a process
+/// whose command line names this store is waited for or signalled, never another that took the pid.
+fn stop_earlier_server(dir: &Path) -> Result<(), ServerError> {
+    let Some(pid) = std::fs::read_to_string(dir.join(PID_FILE))
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+    else {
+        return Ok(());
+    };
+    let store = dir.join("store");
+    let serving = || serves(pid, &store);
+    for signal in [None, Some(libc::SIGTERM), Some(libc::SIGKILL)] {
+        if let Some(signal) = signal {
+            // SAFETY: kill(2) on a process that `serves` just found running nats-server on our store.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+        let started = Instant::now();
+        while serving() && started.elapsed() < EARLIER_SERVER_STOPS_WITHIN {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !serving() {
+            return Ok(());
+        }
+        tracing::warn!(
+            "nats-server {pid}, left on {} by an earlier run, is still running: stopping it",
+            store.display()
+        );
+    }
+    Err(ServerError::StoreHeld {
+        pid,
+        store,
+        waited: EARLIER_SERVER_STOPS_WITHIN * 3,
+    })
+}
+
+/// Whether `pid` is a live process (not a zombie) whose command line names `store`.
+fn serves(pid: u32, store: &Path) -> bool {
+    let zombie_or_gone = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // `pid (comm) state …`: the state follows the last ')', the name may hold anything.
+            let after = stat.rsplit_once(')')?.1;
+            after.split_whitespace().next().map(|state| state == "Z")
+        })
+        .unwrap_or(true);
+    if zombie_or_gone {
+        return false;
+    }
+    let needle = store.as_os_str().as_encoded_bytes();
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|line| line.split(|&b| b == 0).any(|arg| arg == needle))
+        .unwrap_or(false)
+}
+
 fn spawn(
     binary: &Path,
     port: u16,
@@ -305,6 +375,8 @@ fn spawn(
         .append(true)
         .open(dir.join("nats-server.log"))
         .map_err(io("open the NATS server's log file"))?;
+    // Absolute, so that `serves` knows the server by it whatever folder a later run starts from.
+    let dir = &dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let mut command = Command::new(binary);
     command
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
@@ -332,9 +404,13 @@ fn spawn(
     // server.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     crate::os::die_with_parent(&mut command);
-    command
+    stop_earlier_server(dir)?;
+    let child = command
         .spawn()
-        .map_err(io(format!("start {}", binary.display())))
+        .map_err(io(format!("start {}", binary.display())))?;
+    std::fs::write(dir.join(PID_FILE), child.id().to_string())
+        .map_err(io("write the NATS server's pid file"))?;
+    Ok(child)
 }
 
 fn free_port() -> Result<u16, ServerError> {
@@ -429,5 +505,34 @@ impl NatsCluster {
     /// The node named `name` (`node-2`).
     pub fn node_mut(&mut self, name: &str) -> Option<&mut NatsServer> {
         self.nodes.iter_mut().find(|n| n.name() == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run killed and resumed at once started a second server on its store while the first, told
+    /// to stop when its parent died, was still writing its state: the books counted 256 items twice.
+    /// Here the first is left running, as a server whose stop never came would be.
+    #[test]
+    fn a_server_left_on_a_store_has_stopped_before_another_starts_on_it() {
+        if find_binary().is_none() {
+            eprintln!("skipped: no nats-server on PATH ({INSTALL_HINT})");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("a folder");
+        let first = NatsServer::start_in(dir.path()).expect("the first server");
+        let first_pid = first.pid();
+        let store = dir.path().canonicalize().expect("the folder").join("store");
+        assert!(serves(first_pid, &store));
+        // Nobody will stop it: its owner is gone.
+        std::mem::forget(first);
+        let second = NatsServer::start_in(dir.path()).expect("the second server");
+        assert!(
+            !serves(first_pid, &store),
+            "the first server still serves the store beside the second"
+        );
+        assert!(serves(second.pid(), &store));
     }
 }
