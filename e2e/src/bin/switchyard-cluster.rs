@@ -1,7 +1,7 @@
 //! `switchyard-cluster`: a real one-node (or more) Kubernetes cluster on this machine, as `kind`
 //! gives one, for trying the chart and the examples with pods. `scripts/cluster` runs it as root.
 //!
-//!   switchyard-cluster up [--name NAME] [--nodes N]
+//!   switchyard-cluster up [--name NAME] [--nodes N] [--hold]
 //!   switchyard-cluster images [--name NAME] --binaries DIR --nats-server PATH
 //!   switchyard-cluster status [--name NAME]
 //!   switchyard-cluster down [--name NAME]
@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use switchyard_e2e::cluster::{images, Cluster, Options};
 
-const USAGE: &str = "usage: switchyard-cluster up|images|status|down [--name NAME] [--nodes N] [--binaries DIR] [--nats-server PATH]";
+const USAGE: &str = "usage: switchyard-cluster up|images|status|down [--name NAME] [--nodes N] [--hold] [--binaries DIR] [--nats-server PATH]";
 
 struct Args {
     command: String,
@@ -19,6 +19,9 @@ struct Args {
     nodes: u8,
     binaries: Option<PathBuf>,
     nats_server: Option<PathBuf>,
+    /// `up --hold`: the cluster belongs to this command, which takes it down once its input closes;
+    /// killed, it leaves the cluster to the next `up` of the name, which takes it down first.
+    hold: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -30,6 +33,7 @@ fn parse() -> Result<Args, String> {
         nodes: 1,
         binaries: None,
         nats_server: None,
+        hold: false,
     };
     while let Some(flag) = args.next() {
         let mut value = || {
@@ -48,6 +52,7 @@ fn parse() -> Result<Args, String> {
             }
             "--binaries" => parsed.binaries = Some(value()?.into()),
             "--nats-server" => parsed.nats_server = Some(value()?.into()),
+            "--hold" => parsed.hold = true,
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
     }
@@ -78,10 +83,10 @@ fn main() -> ExitCode {
             &args.name,
             &Options {
                 nodes: args.nodes,
-                owned_by_this_process: false,
+                owned_by_this_process: args.hold,
             },
         )
-        .map(|cluster| {
+        .and_then(|cluster| {
             for (phase, took) in &cluster.timings {
                 eprintln!("  {phase}: {:.1}s", took.as_secs_f64());
             }
@@ -94,6 +99,18 @@ fn main() -> ExitCode {
                 "export KUBECONFIG={}",
                 cluster.layout.admin_kubeconfig().display()
             );
+            if !args.hold {
+                return Ok(());
+            }
+            eprintln!(
+                "holding cluster {} until this command's input closes",
+                args.name
+            );
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+            cluster
+                .down()
+                .map(|()| eprintln!("cluster {} is down", args.name))
         }),
         "images" => (|| {
             let cluster = Cluster::find(&args.name)?;

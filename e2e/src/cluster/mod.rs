@@ -1085,6 +1085,60 @@ impl Cluster {
         }
     }
 
+    /// What of the cluster is still on this machine, looked at afresh rather than taken from what
+    /// `down` says: processes (by the cluster's folder in their command line, or in its nodes'
+    /// cgroups), mounts, the network namespace, the link, the forwarding rule, cgroups, the folder.
+    pub fn leftovers(layout: &Layout) -> Vec<String> {
+        let mut left = Vec::new();
+        let mut pids = host::processes_with(&layout.dir.display().to_string());
+        for node in &layout.nodes {
+            pids.extend(host::cgroup_processes(&node.cgroup_root));
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        for pid in pids {
+            let command = host::command_line(pid).unwrap_or_default();
+            left.push(format!("process {pid}: {command}"));
+        }
+        for point in host::mounts_under(&layout.dir) {
+            left.push(format!("mount {}", point.display()));
+        }
+        if Path::new(&format!("/run/netns/{}", layout.netns)).exists() {
+            left.push(format!("network namespace {}", layout.netns));
+        }
+        if Path::new("/sys/class/net").join(&layout.host_link).exists() {
+            left.push(format!("interface {}", layout.host_link));
+        }
+        let rule_is_there = run(Command::new("iptables").args([
+            "-C",
+            "FORWARD",
+            "-i",
+            &layout.host_link,
+            "-m",
+            "comment",
+            "--comment",
+            &host_rule_comment(layout),
+            "-j",
+            "DROP",
+        ]))
+        .is_ok();
+        if rule_is_there {
+            left.push(format!("the FORWARD rule for {}", layout.host_link));
+        }
+        for node in &layout.nodes {
+            for hierarchy in host::cgroup_hierarchies() {
+                let cgroup = hierarchy.join(node.cgroup_root.trim_start_matches('/'));
+                if cgroup.is_dir() {
+                    left.push(format!("cgroup {}", cgroup.display()));
+                }
+            }
+        }
+        if layout.dir.exists() {
+            left.push(format!("folder {}", layout.dir.display()));
+        }
+        left
+    }
+
     /// One line per process and node, and the guard's counter, for `scripts/cluster status`.
     pub fn status(&self) -> String {
         let mut lines = vec![format!(

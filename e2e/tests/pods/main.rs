@@ -14,7 +14,7 @@ mod harness;
 mod nats;
 mod scenarios;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use switchyard_e2e::cluster::{images, machine_allows, Cluster, Options, Programs};
@@ -120,6 +120,8 @@ fn main() {
     // The plugin is the debug build of the command: check before a cluster is started for nothing.
     let plugin = switchyard_e2e::binary("switchyard");
 
+    // A failed scenario's logs, in one folder the next run replaces.
+    let mut logs = switchyard_e2e::SuiteFolder::fresh("pods");
     let started = Instant::now();
     let keep = std::env::var_os("SWITCHYARD_KEEP_CLUSTER").is_some();
     let (cluster, reused) = match Cluster::up(
@@ -180,8 +182,9 @@ fn main() {
     let suite = guard.0.as_ref().expect("the suite");
     install_chart(suite, reused);
 
-    let (passed, mut failed) =
-        switchyard_e2e::scenarios::run_each(&chosen, suite, |name| keep_logs(suite, name));
+    let (passed, mut failed) = switchyard_e2e::scenarios::run_each(&chosen, suite, |name| {
+        keep_logs(suite, logs.path(), name)
+    });
     let forwarded = suite.cluster.forwarded_by_host().unwrap_or(u64::MAX);
     println!("packets this machine dropped instead of forwarding from the cluster: {forwarded}");
     if forwarded != 0 {
@@ -193,6 +196,8 @@ fn main() {
     println!("pods: {passed} passed, {} failed", failed.len());
     drop(guard);
     if !failed.is_empty() {
+        logs.keep();
+        drop(logs);
         std::process::exit(1);
     }
 }
@@ -255,9 +260,8 @@ fn install_chart(suite: &Suite, reused: bool) {
 }
 
 /// Copies the cluster's and pods' logs of a failed scenario where they outlive the cluster.
-fn keep_logs(suite: &Suite, scenario: &str) {
-    let kept = std::env::temp_dir().join(format!("switchyard-pods-{scenario}"));
-    let _ = std::fs::remove_dir_all(&kept);
+fn keep_logs(suite: &Suite, folder: &Path, scenario: &str) {
+    let kept = folder.join(scenario);
     let layout = &suite.cluster.layout;
     let _ = switchyard_e2e::cluster::copy_logs(&layout.dir.join("logs"), &kept);
     for node in &layout.nodes {
