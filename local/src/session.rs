@@ -2,7 +2,7 @@
 //! and the progress view, until the sources are done and everything is drained (or Ctrl-C).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -95,6 +95,40 @@ pub const RESUME: &str = "resume";
 /// Asks a run for each switcher's last scaling change, as JSON (`{"unit": "2 → 4: why"}`).
 pub const SCALING: &str = "scaling";
 
+/// A run's folder in the temporary folder: `switchyard-run-<pid>-<pipeline>-<random>`.
+const RUN_FOLDER_PREFIX: &str = "switchyard-run-";
+/// In a run's folder kept on purpose (a unit kept failing: its logs are there).
+const KEPT_MARK: &str = "kept";
+
+/// Removes the folders that runs killed outright left (a SIGKILL or a power cut gives no chance to
+/// remove one): each names its run's process, which is gone. Folders kept on purpose stay.
+fn remove_folders_of_ended_runs(temporary: &Path) {
+    let Ok(entries) = std::fs::read_dir(temporary) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(RUN_FOLDER_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        if crate::state::alive(pid) || path.join(KEPT_MARK).exists() {
+            continue;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::debug!(
+                "cannot remove {}, left by an ended run: {e}",
+                path.display()
+            );
+        }
+    }
+}
+
 impl Session {
     /// Listens for reports and starts every unit's processes, readers first, so that every consumer is
     /// being pulled from before anything is produced.
@@ -104,9 +138,15 @@ impl Session {
         stage_bin: PathBuf,
         args: &RunArgs,
     ) -> Result<Session, RunError> {
+        let temporary = std::env::temp_dir();
+        remove_folders_of_ended_runs(&temporary);
         let run_dir = tempfile::Builder::new()
-            .prefix(&format!("switchyard-run-{}-", prepared.name))
-            .tempdir()
+            .prefix(&format!(
+                "{RUN_FOLDER_PREFIX}{}-{}-",
+                std::process::id(),
+                prepared.name
+            ))
+            .tempdir_in(&temporary)
             .map_err(RunError::io("create the run's folder"))?;
         let logs_dir = args
             .logs
@@ -495,7 +535,8 @@ impl Session {
                 }
             }
         };
-        // Kept, since it may hold the logs.
+        // Kept, since it may hold the logs; marked, so that no later run takes it for a leftover.
+        let _ = std::fs::write(self.run_dir.path().join(KEPT_MARK), "");
         let _ = self.run_dir.keep();
         let log = if crash.log.as_os_str().is_empty() {
             String::new()
@@ -581,4 +622,40 @@ fn totals_of_sources(prepared: &Prepared) -> HashMap<String, u64> {
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run SIGKILLed (the peer comparison does it every time) left its folder in the temporary
+    /// folder for good: 192 of them here after a day's runs.
+    #[test]
+    fn folders_of_runs_whose_process_is_gone_are_removed_and_no_other() {
+        let temporary = tempfile::tempdir().expect("a folder");
+        let mut ended = std::process::Command::new("true").spawn().expect("true");
+        let gone = ended.id();
+        ended.wait().expect("it ends");
+        let folder = |name: String, kept: bool| {
+            let path = temporary.path().join(name);
+            std::fs::create_dir_all(path.join("logs")).expect("a run's folder");
+            if kept {
+                std::fs::write(path.join(KEPT_MARK), "").expect("the mark");
+            }
+            path
+        };
+        let killed = folder(format!("{RUN_FOLDER_PREFIX}{gone}-wash-a1b2c3"), false);
+        let failed = folder(format!("{RUN_FOLDER_PREFIX}{gone}-wash-d4e5f6"), true);
+        let running = folder(
+            format!("{RUN_FOLDER_PREFIX}{}-wash-g7h8i9", std::process::id()),
+            false,
+        );
+        let unknown = folder(format!("{RUN_FOLDER_PREFIX}wash-j0k1l2"), false);
+        let other = folder("something-else".into(), false);
+        remove_folders_of_ended_runs(temporary.path());
+        assert!(!killed.exists());
+        for stays in [failed, running, unknown, other] {
+            assert!(stays.exists(), "{} was removed", stays.display());
+        }
+    }
 }

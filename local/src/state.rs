@@ -190,7 +190,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     std::fs::rename(&partial, path)
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     // SAFETY: kill(2) with signal 0 only asks whether the process exists.
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
