@@ -200,31 +200,9 @@ async fn a_message_removed_from_an_edge_unbalances_the_books_by_its_items() {
 /// peer` met it: a SIGKILLed run resumed with "256 taken in twice" and every line once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_input_recorded_again_after_a_roll_up_and_a_server_restart_counts_once() {
-    let mut h = harness(&pipeline(
-        "booksrestart",
-        r#"  sources: [{name: src, generator: {count: 10}}]
-  stages:
-    - {name: copy, passthrough: {}}
-  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
-"#,
-    ))
-    .await;
-    let config = h.config("copy").books.expect("books");
+    let (mut h, config) = copy_books("booksrestart").await;
     let (_connected, disconnects) = tokio::sync::watch::channel(0u64);
-    let ledger = switchyard_stage::books::Ledger::new(
-        h.js.clone(),
-        config.stream.clone(),
-        &config.prefix,
-        "copy",
-        "copy-1",
-        disconnects,
-    );
-    let taken = |items| Counts {
-        received: items,
-        passed: items,
-        out: items,
-        ..Counts::default()
-    };
+    let ledger = copy_ledger(&h, &config, "copy-1", disconnects);
     let edge = || route("src", "copy");
     ledger.record("m1", edge(), taken(256)).await.expect("m1");
     ledger.record("m2", edge(), taken(100)).await.expect("m2");
@@ -249,16 +227,7 @@ async fn an_input_recorded_again_after_a_roll_up_and_a_server_restart_counts_onc
 /// keeps a roll-up and the records of the last window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn summed_records_go_once_they_are_older_than_the_duplicate_window() {
-    let mut h = harness(&pipeline(
-        "bookswindow",
-        r#"  sources: [{name: src, generator: {count: 10}}]
-  stages:
-    - {name: copy, passthrough: {}}
-  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
-"#,
-    ))
-    .await;
-    let config = h.config("copy").books.expect("books");
+    let (mut h, config) = copy_books("bookswindow").await;
     let mut stream = h.js.get_stream(&config.stream).await.expect("books stream");
     let mut shortened = stream.cached_info().config.clone();
     shortened.duplicate_window = Duration::from_secs(1);
@@ -266,21 +235,8 @@ async fn summed_records_go_once_they_are_older_than_the_duplicate_window() {
         .await
         .expect("shorten the window");
     let (_connected, disconnects) = tokio::sync::watch::channel(0u64);
-    let ledger = switchyard_stage::books::Ledger::new(
-        h.js.clone(),
-        config.stream.clone(),
-        &config.prefix,
-        "copy",
-        "copy-1",
-        disconnects,
-    );
+    let ledger = copy_ledger(&h, &config, "copy-1", disconnects);
     let subject = format!("{}.copy-1", config.prefix);
-    let taken = |items| Counts {
-        received: items,
-        passed: items,
-        out: items,
-        ..Counts::default()
-    };
     let roll_up = || switchyard_platform::books::roll_up(&h.js, &config.stream, &subject);
     for key in ["m1", "m2"] {
         ledger
@@ -333,16 +289,7 @@ async fn messages_by_subject(
 /// passed: the books read the same, and each subject keeps one message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_that_stopped_recording_are_rolled_up_once_their_window_has_passed() {
-    let mut h = harness(&pipeline(
-        "booksidle",
-        r#"  sources: [{name: src, generator: {count: 10}}]
-  stages:
-    - {name: copy, passthrough: {}}
-  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
-"#,
-    ))
-    .await;
-    let config = h.config("copy").books.expect("books");
+    let (mut h, config) = copy_books("booksidle").await;
     let mut stream = h.js.get_stream(&config.stream).await.expect("books stream");
     let mut shortened = stream.cached_info().config.clone();
     let window = Duration::from_secs(1);
@@ -351,22 +298,7 @@ async fn replicas_that_stopped_recording_are_rolled_up_once_their_window_has_pas
         .await
         .expect("shorten the window");
     let (_connected, disconnects) = tokio::sync::watch::channel(0u64);
-    let ledger = |replica| {
-        switchyard_stage::books::Ledger::new(
-            h.js.clone(),
-            config.stream.clone(),
-            &config.prefix,
-            "copy",
-            replica,
-            disconnects.clone(),
-        )
-    };
-    let taken = |items| Counts {
-        received: items,
-        passed: items,
-        out: items,
-        ..Counts::default()
-    };
+    let ledger = |replica| copy_ledger(&h, &config, replica, disconnects.clone());
     let (stopped, killed) = (ledger("copy-stopped"), ledger("copy-killed"));
     for key in ["m1", "m2"] {
         stopped
@@ -408,4 +340,46 @@ async fn replicas_that_stopped_recording_are_rolled_up_once_their_window_has_pas
     );
     assert_eq!(h.books().await.total("copy"), taken(15));
     h.stop().await;
+}
+
+/// A Pipeline whose `copy` unit's books a test writes itself, and where they go.
+async fn copy_books(name: &str) -> (Harness, switchyard_crds::unit::BooksConfig) {
+    let h = harness(&pipeline(
+        name,
+        r#"  sources: [{name: src, generator: {count: 10}}]
+  stages:
+    - {name: copy, passthrough: {}}
+  sinks: [{name: out, file: {path: "{dir}/out.jsonl"}}]
+"#,
+    ))
+    .await;
+    let config = h.config("copy").books.expect("books");
+    (h, config)
+}
+
+/// The ledger a `copy` process named `replica` would keep.
+fn copy_ledger(
+    h: &Harness,
+    config: &switchyard_crds::unit::BooksConfig,
+    replica: &str,
+    disconnects: tokio::sync::watch::Receiver<u64>,
+) -> switchyard_stage::books::Ledger {
+    switchyard_stage::books::Ledger::new(
+        h.js.clone(),
+        config.stream.clone(),
+        &config.prefix,
+        "copy",
+        replica,
+        disconnects,
+    )
+}
+
+/// `items` taken in and passed on.
+fn taken(items: u64) -> Counts {
+    Counts {
+        received: items,
+        passed: items,
+        out: items,
+        ..Counts::default()
+    }
 }
