@@ -312,6 +312,7 @@ pub async fn roll_up(
 /// duplicate window and left records: a process that stopped leaves its last window's records (or,
 /// killed, everything since its last roll-up), and nobody else writes its subject. Returns the
 /// records removed.
+///
 /// `window` is the stream's duplicate window, which the caller knows from the layout: with nothing
 /// idle, this asks the server nothing.
 pub async fn roll_up_idle(
