@@ -157,14 +157,14 @@ pub async fn read(js: &jetstream::Context, stream: &str, filter: &str) -> Result
     Ok(read)
 }
 
-/// Calls `each` with every message on `filter` from `from` on that is stored now, in order.
-async fn each_message(
+/// An ordered reader of the messages on `filter` from `from` on, and how many it has to read; none
+/// when there is nothing.
+async fn reader(
     handle: &jetstream::stream::Stream,
     stream: &str,
     filter: &str,
     from: consumer::DeliverPolicy,
-    mut each: impl FnMut(&jetstream::Message),
-) -> Result<(), BooksError> {
+) -> Result<Option<(consumer::pull::Ordered, u64)>, BooksError> {
     let mut reader = handle
         .create_consumer(consumer::pull::OrderedConfig {
             description: Some("switchyard books reader".to_string()),
@@ -180,12 +180,26 @@ async fn each_message(
         .map_err(nats("read the books", stream))?
         .num_pending;
     if expected == 0 {
-        return Ok(());
+        return Ok(None);
     }
-    let mut messages = reader
+    let messages = reader
         .messages()
         .await
         .map_err(nats("read the books", stream))?;
+    Ok(Some((messages, expected)))
+}
+
+/// Calls `each` with every message on `filter` from `from` on that is stored now, in order.
+async fn each_message(
+    handle: &jetstream::stream::Stream,
+    stream: &str,
+    filter: &str,
+    from: consumer::DeliverPolicy,
+    mut each: impl FnMut(&jetstream::Message),
+) -> Result<(), BooksError> {
+    let Some((mut messages, expected)) = reader(handle, stream, filter, from).await? else {
+        return Ok(());
+    };
     let mut count = 0;
     loop {
         let message = match tokio::time::timeout(NEXT_MESSAGE_WITHIN, messages.next()).await {
@@ -338,27 +352,10 @@ async fn first_since(
     subject: &str,
     since: time::OffsetDateTime,
 ) -> Result<Option<u64>, BooksError> {
-    let mut reader = handle
-        .create_consumer(consumer::pull::OrderedConfig {
-            description: Some("switchyard books reader".to_string()),
-            filter_subject: subject.to_string(),
-            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: since },
-            ..Default::default()
-        })
-        .await
-        .map_err(nats("read the books", stream))?;
-    let pending = reader
-        .info()
-        .await
-        .map_err(nats("read the books", stream))?
-        .num_pending;
-    if pending == 0 {
+    let from = consumer::DeliverPolicy::ByStartTime { start_time: since };
+    let Some((mut messages, _)) = reader(handle, stream, subject, from).await? else {
         return Ok(None);
-    }
-    let mut messages = reader
-        .messages()
-        .await
-        .map_err(nats("read the books", stream))?;
+    };
     match tokio::time::timeout(NEXT_MESSAGE_WITHIN, messages.next()).await {
         Ok(Some(Ok(message))) => Ok(message.info().ok().map(|i| i.stream_sequence)),
         Ok(Some(Err(e))) => Err(nats("read the books", stream)(e)),
