@@ -147,8 +147,11 @@ pub fn children_with(parent: u32, needle: &str) -> Vec<u32> {
 
 /// A process's command line, its arguments separated by spaces (and ending with one).
 pub fn command_line(pid: u32) -> String {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    String::from_utf8_lossy(&cmdline).replace('\0', " ")
+    switchyard_platform::os::arguments(pid)
+        .unwrap_or_default()
+        .iter()
+        .map(|arg| format!("{arg} "))
+        .collect()
 }
 
 /// Counts the lines of a file that is being written.

@@ -346,21 +346,7 @@ fn stop_earlier_server(dir: &Path) -> Result<(), ServerError> {
 
 /// Whether `pid` is a live process (not a zombie) whose command line names `store`.
 fn serves(pid: u32, store: &Path) -> bool {
-    let zombie_or_gone = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // `pid (comm) state …`: the state follows the last ')', the name may hold anything.
-            let after = stat.rsplit_once(')')?.1;
-            after.split_whitespace().next().map(|state| state == "Z")
-        })
-        .unwrap_or(true);
-    if zombie_or_gone {
-        return false;
-    }
-    let needle = store.as_os_str().as_encoded_bytes();
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|line| line.split(|&b| b == 0).any(|arg| arg == needle))
-        .unwrap_or(false)
+    crate::os::arguments(pid).is_some_and(|args| args.iter().any(|arg| Path::new(arg) == store))
 }
 
 fn spawn(

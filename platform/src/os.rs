@@ -17,3 +17,22 @@ pub fn die_with_parent(command: &mut std::process::Command) {
     #[cfg(not(target_os = "linux"))]
     let _ = command;
 }
+
+/// The arguments `pid` runs with (its program first); none once it is gone or a zombie, or for a
+/// kernel thread. What finds a process of its own by its command line uses it, so that a pid taken
+/// by another process is never mistaken for it.
+pub fn arguments(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state …`: the state follows the last ')', the name may hold anything.
+    let state = stat.rsplit_once(')')?.1.split_whitespace().next();
+    if state == Some("Z") {
+        return None;
+    }
+    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let arguments: Vec<String> = bytes
+        .split(|&b| b == 0)
+        .filter(|arg| !arg.is_empty())
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect();
+    (!arguments.is_empty()).then_some(arguments)
+}

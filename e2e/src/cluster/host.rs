@@ -91,15 +91,7 @@ pub fn spawn_daemon(
 /// The command line of a live process, arguments separated by spaces; None once it is gone (or a
 /// zombie).
 pub fn command_line(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let state = stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next());
-    if state == Some("Z") {
-        return None;
-    }
-    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    (!bytes.is_empty()).then(|| String::from_utf8_lossy(&bytes).replace('\0', " "))
+    switchyard_platform::os::arguments(pid).map(|args| args.join(" "))
 }
 
 /// Whether `pid` still runs the program it was started as (a PID can be reused once it is gone).
