@@ -7,6 +7,7 @@ pub mod admin;
 pub mod books;
 pub mod credentials;
 pub mod embedded;
+pub mod embedded_postgres;
 pub mod frame;
 pub mod image;
 pub mod logging;
