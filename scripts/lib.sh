@@ -95,6 +95,14 @@ ensure_nats_server() {
   command -v nats-server >/dev/null || { echo "nats-server is still not on PATH" >&2; return 1; }
 }
 
+# The postgres source's and sink's tests start their own server from Debian's package.
+ensure_postgres() {
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${SWITCHYARD_POSTGRES_BIN:-}" ]; then
+    say "installing PostgreSQL (the postgres source and sink are tested against a real server)"
+    apt_install postgresql
+  fi
+}
+
 ensure_ruby() {
   if ! command -v ruby >/dev/null; then
     say "installing Ruby (the laundry's basket handler is Ruby)"

@@ -489,7 +489,10 @@ mod tests {
 
     #[test]
     fn names_come_from_the_enum_in_its_order() {
-        assert_eq!(names::<SinkKind>(), ["file", "log", "nats", "http"]);
+        assert_eq!(
+            names::<SinkKind>(),
+            ["file", "log", "nats", "http", "postgres"]
+        );
         assert_eq!(
             name_of(&StepKind::Sleep("1s".into())),
             Some("sleep"),
@@ -552,7 +555,7 @@ mod tests {
         let rule = &schema.get("x-kubernetes-validations").unwrap()[0];
         assert_eq!(
             rule["rule"],
-            "(has(self.file) ? 1 : 0) + (has(self.log) ? 1 : 0) + (has(self.nats) ? 1 : 0) + (has(self.http) ? 1 : 0) == 1"
+            "(has(self.file) ? 1 : 0) + (has(self.log) ? 1 : 0) + (has(self.nats) ? 1 : 0) + (has(self.http) ? 1 : 0) + (has(self.postgres) ? 1 : 0) == 1"
         );
     }
 }

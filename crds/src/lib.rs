@@ -11,6 +11,7 @@ pub mod layout;
 pub mod load;
 pub mod migration;
 pub mod pipeline;
+pub mod postgres;
 pub mod problem;
 pub mod topology;
 pub mod unit;

@@ -212,6 +212,17 @@ pub enum SourceKind {
 }
 
 impl SourceKind {
+    /// The secrets the source reads from its unit's environment, each with the field that names it.
+    pub fn secrets(&self) -> Vec<(String, &SecretFromEnv)> {
+        match self {
+            SourceKind::Http(HttpSource {
+                bearer_token: Some(token),
+                ..
+            }) => vec![("http.bearerToken".to_string(), token)],
+            _ => Vec::new(),
+        }
+    }
+
     /// A finite source ends by itself; `switchyard run` exits once every source has and all is drained.
     pub fn is_finite(&self) -> bool {
         matches!(
@@ -251,21 +262,22 @@ pub struct HttpSource {
     pub max_body_bytes: Option<u32>,
     /// Take only requests with `Authorization: Bearer <token>`; others are answered 401.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bearer_token: Option<BearerToken>,
+    pub bearer_token: Option<SecretFromEnv>,
 }
 
 /// Default of `http.maxBodyBytes`.
 pub const DEFAULT_MAX_BODY_BYTES: u32 = 1024 * 1024;
 
-/// Where an http source's token comes from: the unit's environment variable `env`, which in a cluster
-/// the operator sets from `secretKeyRef` (locally, export it before `switchyard run`).
+/// Where a secret comes from (an http source's token, a database's password): the unit's environment
+/// variable `env`, which in a cluster the operator sets from `secretKeyRef` (locally, export it
+/// before `switchyard run`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BearerToken {
-    /// The environment variable holding the token, such as `INGEST_TOKEN`.
+pub struct SecretFromEnv {
+    /// The environment variable holding the secret, such as `INGEST_TOKEN` or `PGPASSWORD`.
     #[schemars(length(min = 1), pattern(r"^[A-Za-z_][A-Za-z0-9_]*$"))]
     pub env: String,
-    /// In a cluster: the key of a Secret in the Pipeline's namespace that holds the token.
+    /// In a cluster: the key of a Secret in the Pipeline's namespace that holds the secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_key_ref: Option<SecretKeyRef>,
 }
@@ -518,6 +530,17 @@ pub enum SinkKind {
     Log(LogSink),
     Nats(NatsSink),
     Http(HttpSink),
+    Postgres(Box<crate::postgres::PostgresSink>),
+}
+
+impl SinkKind {
+    /// The secrets the sink reads from its unit's environment, each with the field that names it.
+    pub fn secrets(&self) -> Vec<(String, &SecretFromEnv)> {
+        match self {
+            SinkKind::Postgres(p) => p.connection.secrets("postgres.connection"),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// Serde for the holders of a kind: their own fields through the `remote = "Self"` derive, their kinds

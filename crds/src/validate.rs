@@ -270,7 +270,7 @@ pub fn is_dns_label(name: &str) -> bool {
         && bytes[bytes.len() - 1] != b'-'
 }
 
-fn is_env_name(name: &str) -> bool {
+pub(crate) fn is_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars
         .next()
@@ -411,6 +411,7 @@ fn check_sink_kind(problems: &mut Vec<Problem>, path: &str, kind: &SinkKind) {
             }
         }
         SinkKind::Http(h) => check_url(problems, path, "http.url", &h.url),
+        SinkKind::Postgres(p) => crate::postgres::check_sink(problems, path, p),
     }
 }
 

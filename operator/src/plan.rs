@@ -219,21 +219,27 @@ pub fn plan(pipeline: &Pipeline, settings: &PlanSettings) -> Result<Plan, Vec<Pr
     })
 }
 
-/// What a local run can do but a cluster cannot: a token read from a variable that nothing in the
-/// unit's pod would set.
+/// What a local run can do but a cluster cannot: a secret (a token, a password) read from a variable
+/// that nothing in the unit's pod would set.
 fn cluster_problems(spec: &switchyard_crds::PipelineSpec) -> Vec<Problem> {
-    spec.sources
-        .iter()
-        .enumerate()
-        .filter_map(|(i, source)| match source.kind.one() {
-            Some(SourceKind::Http(HttpSource {
-                bearer_token: Some(token),
-                ..
-            })) if token.secret_key_ref.is_none() => Some(Problem::at(
-                format!("sources[{i}] {}", source.name),
-                format!("http.bearerToken.env `{}` is set by nothing in a cluster: add http.bearerToken.secretKeyRef (the Secret and key that hold the token)", token.env),
-            )),
-            _ => None,
+    let sources = spec.sources.iter().enumerate().filter_map(|(i, source)| {
+        let secrets = source.kind.one()?.secrets();
+        Some((format!("sources[{i}] {}", source.name), secrets))
+    });
+    let sinks = spec.sinks.iter().enumerate().filter_map(|(i, sink)| {
+        let secrets = sink.kind.one()?.secrets();
+        Some((format!("sinks[{i}] {}", sink.name), secrets))
+    });
+    sources
+        .chain(sinks)
+        .flat_map(|(path, secrets)| {
+            secrets
+                .into_iter()
+                .filter(|(_, secret)| secret.secret_key_ref.is_none())
+                .map(move |(field, secret)| Problem::at(
+                    path.clone(),
+                    format!("{field}.env `{}` is set by nothing in a cluster: add {field}.secretKeyRef (the Secret and key that hold it)", secret.env),
+                ))
         })
         .collect()
 }
@@ -500,18 +506,15 @@ impl ObjectsFor<'_> {
                 CREDENTIALS_DIR,
             ));
         }
-        if let UnitRole::Source {
-            source:
-                SourceKind::Http(HttpSource {
-                    bearer_token: Some(token),
-                    ..
-                }),
-            ..
-        } = &self.config.role
-        {
-            if let Some(secret) = &token.secret_key_ref {
+        let secrets = match &self.config.role {
+            UnitRole::Source { source, .. } => source.secrets(),
+            UnitRole::Sink { sink, .. } => sink.secrets(),
+            _ => Vec::new(),
+        };
+        for (_, secret_env) in secrets {
+            if let Some(secret) = &secret_env.secret_key_ref {
                 env.push(EnvVar {
-                    name: token.env.clone(),
+                    name: secret_env.env.clone(),
                     value_from: Some(EnvVarSource {
                         secret_key_ref: Some(SecretKeySelector {
                             name: secret.name.clone(),

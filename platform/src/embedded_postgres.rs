@@ -56,11 +56,22 @@ pub struct PostgresServer {
     password: String,
     /// The user and group the server runs as, when this process is root.
     run_as: Option<(u32, u32)>,
+    /// Serves TLS with `server.crt` and `server.key` of its data folder.
+    tls: bool,
 }
 
 impl PostgresServer {
     /// `initdb` into a new temporary folder, then the server on a free loopback port.
     pub fn start() -> Result<PostgresServer, PostgresError> {
+        PostgresServer::start_with(None)
+    }
+
+    /// The same, serving TLS with the certificate and key given (PEM) beside plain connections.
+    pub fn start_with_tls(certificate: &str, key: &str) -> Result<PostgresServer, PostgresError> {
+        PostgresServer::start_with(Some((certificate, key)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Result<PostgresServer, PostgresError> {
         let bin = programs()?;
         let run_as = run_as()?;
         let dir = tempfile::Builder::new()
@@ -101,6 +112,21 @@ impl PostgresServer {
             .args(["--encoding=UTF8", "--locale=C", "--no-sync"]);
         run_checked(as_user(&mut initdb, run_as), "initdb")?;
         let _ = std::fs::remove_file(&password_file);
+        let mut tls_on = false;
+        if let Some((certificate, key)) = tls {
+            // PostgreSQL takes a key only if its own user alone may read it.
+            for (name, text) in [("server.crt", certificate), ("server.key", key)] {
+                let path = dir.path().join("data").join(name);
+                std::fs::write(&path, text).map_err(io(format!("write {}", path.display())))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io(format!("restrict {}", path.display())))?;
+                if let Some((uid, gid)) = run_as {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                        .map_err(io(format!("give {} to the postgres user", path.display())))?;
+                }
+            }
+            tls_on = true;
+        }
         let mut server = PostgresServer {
             child: None,
             bin,
@@ -108,6 +134,7 @@ impl PostgresServer {
             port: free_port()?,
             password,
             run_as,
+            tls: tls_on,
         };
         // Another process can take the port between our probe and the server's bind: try a few.
         let mut attempts = 0;
@@ -148,6 +175,18 @@ impl PostgresServer {
             // A test server: nothing to keep through a power cut.
             .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
             .args(["-c", "max_connections=200"])
+            .args(if self.tls {
+                &[
+                    "-c",
+                    "ssl=on",
+                    "-c",
+                    "ssl_cert_file=server.crt",
+                    "-c",
+                    "ssl_key_file=server.key",
+                ][..]
+            } else {
+                &[][..]
+            })
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);

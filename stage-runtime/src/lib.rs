@@ -13,6 +13,7 @@ pub mod http;
 pub mod lineage;
 pub mod otlp;
 pub mod payload;
+pub mod postgres;
 pub mod retry;
 pub mod sinks;
 pub mod sources;
@@ -466,12 +467,7 @@ impl Unit<'_> {
             .created
             .unix_timestamp_nanos()
             .to_string();
-        Ok(sinks::open(
-            &self.config.unit,
-            sink,
-            self.client,
-            &instance,
-        )?)
+        Ok(sinks::open(&self.config.unit, sink, self.client, &instance).await?)
     }
 }
 

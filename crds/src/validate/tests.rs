@@ -305,6 +305,34 @@ fn sources_and_sinks_are_checked() {
 }
 
 #[test]
+fn postgres_sinks_are_checked_before_anything_runs() {
+    let text = spec(
+        "  sources: [{name: src, generator: {count: 3}}]\n  stages: [{name: a, passthrough: {}}]\n  sinks:\n    - {name: secret, postgres: {connection: {url: 'postgres://app:hunter2@db/app'}, table: t, itemIdColumn: id}}\n    - {name: twice, postgres: {connection: {url: 'postgres://app@db/app', urlFrom: {env: DATABASE_URL}}, table: t, itemIdColumn: id}}\n    - {name: nokey, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: t, columns: {v: .v}}}\n    - {name: unwritten, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: 'x; drop', columns: {v: '.v |'}, conflict: {columns: [k]}}}\n    - {name: env, postgres: {connection: {url: 'postgres://app@db/app', password: {env: 'PG-PASS'}, statementTimeout: soon}, table: t, itemIdColumn: id}}\n    - {name: fine, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: app.results, columns: {value: .value, is_odd: .odd}, conflict: {columns: [value], action: update}}}\n",
+    );
+    let found = problems(&text);
+    assert_has(&found, "sinks[0] secret", "holds a password");
+    assert!(
+        !found.iter().any(|p| p.contains("hunter2")),
+        "a password in a problem: {found:?}"
+    );
+    assert_has(&found, "sinks[1] twice", "not both");
+    assert_has(&found, "sinks[2] nokey", "what makes a row a repeat");
+    assert_has(&found, "sinks[3] unwritten", "not a table's name");
+    assert_has(&found, "sinks[3] unwritten", "does not compile");
+    assert_has(
+        &found,
+        "sinks[3] unwritten",
+        "`k` is not written by the sink",
+    );
+    assert_has(&found, "sinks[4] env", "password.env `PG-PASS`");
+    assert_has(&found, "sinks[4] env", "statementTimeout");
+    assert!(
+        !found.iter().any(|p| p.starts_with("sinks[5]")),
+        "{found:?}"
+    );
+}
+
+#[test]
 fn batch_and_concurrency_belong_to_units() {
     let text = spec(&format!(
         "{SOURCE_AND_SINK}  stages:\n    - name: g\n      stages:\n        - {{name: inner, passthrough: {{}}, batch: {{size: 3}}, concurrency: 2}}\n"

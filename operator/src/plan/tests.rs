@@ -376,3 +376,40 @@ fn every_unit_exports_spans_where_the_operator_says_unless_its_stage_says_otherw
     assert_eq!(endpoints(&settings, "own"), ["http://mine:4318"]);
     assert!(endpoints(&PlanSettings::default(), "copy").is_empty());
 }
+
+#[test]
+fn a_postgres_sink_password_comes_from_its_secret_and_never_from_nowhere() {
+    let sink = |password: &str| {
+        parse_pipeline(&format!(
+            "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: p, namespace: default}}\nspec:\n  sources: [{{name: src, generator: {{count: 3}}}}]\n  stages: [{{name: copy, passthrough: {{}}}}]\n  sinks: [{{name: db, postgres: {{connection: {{url: 'postgres://app@db/app', password: {password}}}, table: results, itemIdColumn: id}}}}]\n"
+        ))
+        .unwrap()
+    };
+    let planned = plan(
+        &sink("{env: PGPASSWORD, secretKeyRef: {name: app-db, key: password}}"),
+        &PlanSettings::default(),
+    )
+    .unwrap();
+    let env = pod_of(&planned, "db").containers[0].env.clone().unwrap();
+    let password = env.iter().find(|e| e.name == "PGPASSWORD").unwrap();
+    assert_eq!(password.value, None, "a reference, never the value");
+    let selector = password
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .unwrap();
+    assert_eq!(
+        (selector.name.as_str(), selector.key.as_str()),
+        ("app-db", "password")
+    );
+
+    let problems = plan(&sink("{env: PGPASSWORD}"), &PlanSettings::default()).unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert!(
+        problems[0].to_string().contains(
+            "sinks[0] db: postgres.connection.password.env `PGPASSWORD` is set by nothing in a cluster"
+        ),
+        "{}",
+        problems[0]
+    );
+}

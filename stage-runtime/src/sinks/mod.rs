@@ -6,6 +6,7 @@ pub mod http;
 mod ledger;
 mod log;
 mod nats;
+mod postgres;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -35,6 +36,8 @@ pub enum SinkError {
     },
     #[error(transparent)]
     Endpoint(#[from] crate::http::EndpointError),
+    #[error("sink {unit}: the postgres sink cannot write: {message}")]
+    Postgres { unit: String, message: String },
 }
 
 /// One kind of sink. Boxed futures: a sink's write costs far more than the allocation.
@@ -65,7 +68,7 @@ pub trait Sink: Send + Sync {
 
 /// Opens the sink `kind` for `unit`. `instance` names the life of the stream the sink reads (see the
 /// ledger).
-pub fn open(
+pub async fn open(
     unit: &str,
     kind: &SinkKind,
     client: &async_nats::Client,
@@ -79,6 +82,9 @@ pub fn open(
         SinkKind::Log(_) => Box::new(log::LogSink),
         SinkKind::Nats(settings) => Box::new(nats::NatsSink::new(unit, settings, client)),
         SinkKind::Http(settings) => Box::new(http::HttpSink::new(settings)?),
+        SinkKind::Postgres(settings) => {
+            Box::new(postgres::PostgresSink::open(unit, settings).await?)
+        }
     })
 }
 

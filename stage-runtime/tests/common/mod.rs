@@ -148,12 +148,21 @@ impl Harness {
     /// input's outputs (a source: its `nth` message) and before it records that as done, and waits
     /// until it has.
     pub async fn killed_after_stored(&mut self, unit: &str, replica: &str, nth: &str) {
+        self.killed_after_stored_with(unit, replica, nth, &[]).await
+    }
+
+    /// Like `killed_after_stored`, with more variables in the process's environment.
+    pub async fn killed_after_stored_with(
+        &mut self,
+        unit: &str,
+        replica: &str,
+        nth: &str,
+        env: &[(&str, &str)],
+    ) {
         use std::os::unix::process::ExitStatusExt;
-        self.spawn_with_env(
-            unit,
-            replica,
-            &[(switchyard_stage::faults::KILL_AFTER_STORED, nth)],
-        );
+        let mut env = env.to_vec();
+        env.push((switchyard_stage::faults::KILL_AFTER_STORED, nth));
+        self.spawn_with_env(unit, replica, &env);
         let mut process = self.processes.pop().expect("the process just spawned");
         let status = tokio::task::spawn_blocking(move || process.wait().expect("wait"))
             .await

@@ -1,0 +1,373 @@
+//! What a Pipeline says about PostgreSQL: how a unit connects, and what the `postgres` sink writes.
+//! The checks of these settings are here too, beside what they check; `validate` calls them.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::parse_duration;
+use crate::pipeline::SecretFromEnv;
+use crate::problem::Problem;
+
+/// Rows in one statement of the sink, unless `batch` says otherwise.
+pub const DEFAULT_SINK_BATCH: u32 = 500;
+/// Connections each replica keeps to the database, unless `poolSize` says otherwise.
+pub const DEFAULT_POOL_SIZE: u32 = 4;
+/// How long one statement may run, unless `statementTimeout` says otherwise.
+pub const DEFAULT_STATEMENT_TIMEOUT: &str = "30s";
+/// How long connecting may take, unless `connectTimeout` says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "10s";
+
+/// How a unit reaches its database. The password never appears in the Pipeline: it comes from the
+/// unit's environment (`password.env`, or a URL in `urlFrom.env`), which in a cluster the operator
+/// fills from a Secret (`secretKeyRef`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresConnection {
+    /// `postgres://USER@HOST:PORT/DATABASE`, without a password (use `password`). Exactly one of
+    /// `url` and `urlFrom`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The environment variable that holds the URL, password included, such as `DATABASE_URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_from: Option<SecretFromEnv>,
+    /// The environment variable that holds the password, such as `PGPASSWORD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<SecretFromEnv>,
+    /// Encryption: `disable` (the default), `require` (encrypted, the server's certificate not
+    /// checked) or `verify-full` (the certificate checked against `caFile`, or the system's roots,
+    /// and its name against the host's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<PostgresTls>,
+    /// Connections each replica keeps (default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub pool_size: Option<u32>,
+    /// The longest a statement may run before the server cancels it (default `30s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement_timeout: Option<String>,
+    /// The longest connecting may take (default `10s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+}
+
+impl PostgresConnection {
+    /// The secrets read from the unit's environment, each with its field under `field`.
+    pub fn secrets(&self, field: &str) -> Vec<(String, &SecretFromEnv)> {
+        let mut secrets = Vec::new();
+        if let Some(from) = &self.url_from {
+            secrets.push((format!("{field}.urlFrom"), from));
+        }
+        if let Some(password) = &self.password {
+            secrets.push((format!("{field}.password"), password));
+        }
+        secrets
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresTls {
+    pub mode: TlsMode,
+    /// A PEM file of the certificate authorities to trust (`verify-full`); default: the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    #[default]
+    Disable,
+    Require,
+    VerifyFull,
+}
+
+/// Writes each item as a row of `table`, many rows to a statement, each item once: a repeat of an
+/// item (delivered again after a crash) meets its own row and changes nothing (`conflict: nothing`)
+/// or writes the same values again (`update`). A row the database refuses (a constraint, a value of
+/// the wrong type) is dead-lettered alone, with its SQLSTATE, and its neighbours are written.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresSink {
+    pub connection: PostgresConnection,
+    /// The table, as `name` or `schema.name`. It must exist: the sink checks its columns at start.
+    #[schemars(length(min = 1))]
+    pub table: String,
+    /// Each column written, and the jq expression of the item that gives its value, such as
+    /// `is_odd: .is_odd`; a JSON value is converted to the column's type by the database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<BTreeMap<String, String>>,
+    /// A column that gets the item's id: the same on every delivery of the item, so it makes a
+    /// repeat known (and the default `conflict.columns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_id_column: Option<String>,
+    /// What makes a row a repeat: a unique key among the written columns (default: the
+    /// `itemIdColumn`), and what a repeat does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<Conflict>,
+    /// The most rows one statement writes (default 500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub batch: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Conflict {
+    /// Columns of a unique index or primary key of the table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    /// `nothing` (the default: a repeat is skipped) or `update` (the row takes the item's values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<ConflictAction>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum ConflictAction {
+    #[default]
+    Nothing,
+    Update,
+}
+
+impl PostgresSink {
+    /// The columns that make a row a repeat, as the settings give them or by default.
+    pub fn conflict_columns(&self) -> Vec<String> {
+        match &self.conflict {
+            Some(c) if !c.columns.is_empty() => c.columns.clone(),
+            _ => self.item_id_column.iter().cloned().collect(),
+        }
+    }
+
+    pub fn conflict_action(&self) -> ConflictAction {
+        self.conflict
+            .as_ref()
+            .and_then(|c| c.action)
+            .unwrap_or_default()
+    }
+
+    /// Every column written: the mapped ones, then the item id's.
+    pub fn written_columns(&self) -> Vec<String> {
+        let mut columns: Vec<String> = self
+            .columns
+            .iter()
+            .flat_map(|c| c.keys().cloned())
+            .collect();
+        columns.extend(self.item_id_column.iter().cloned());
+        columns
+    }
+}
+
+/// A table's or a column's name as the sink will quote it: letters, digits, `_` and `$`, not
+/// starting with a digit (a schema may come first, `app.results`). Names are case-sensitive as
+/// written, as they are in quotes in SQL.
+pub fn is_sql_name(name: &str, qualified: bool) -> bool {
+    let one = |part: &str| {
+        let mut chars = part.chars();
+        chars.next().is_some_and(|c| c.is_alphabetic() || c == '_')
+            && chars.all(|c| c.is_alphanumeric() || c == '_' || c == '$')
+            && part.len() <= 63
+    };
+    match name.split_once('.') {
+        Some((schema, table)) if qualified => one(schema) && one(table),
+        _ => one(name),
+    }
+}
+
+/// What is wrong with a connection's settings; `field` is where they sit (`postgres.connection`).
+pub fn check_connection(
+    problems: &mut Vec<Problem>,
+    path: &str,
+    field: &str,
+    c: &PostgresConnection,
+) {
+    match (&c.url, &c.url_from) {
+        (Some(_), Some(_)) => problems.push(Problem::at(
+            path,
+            format!("{field}: give the database's address once, in url or in urlFrom, not both"),
+        )),
+        (None, None) => problems.push(Problem::at(
+            path,
+            format!("{field}: say where the database is: url (postgres://USER@HOST:PORT/DATABASE) or urlFrom.env (the environment variable that holds it)"),
+        )),
+        (Some(url), None) => check_url(problems, path, &format!("{field}.url"), url),
+        (None, Some(from)) => check_secret(problems, path, &format!("{field}.urlFrom"), from),
+    }
+    if let Some(password) = &c.password {
+        check_secret(problems, path, &format!("{field}.password"), password);
+    }
+    for (name, value) in [
+        ("statementTimeout", &c.statement_timeout),
+        ("connectTimeout", &c.connect_timeout),
+    ] {
+        if let Some(value) = value {
+            match parse_duration(value) {
+                Ok(d) if d.is_zero() => problems.push(Problem::at(
+                    path,
+                    format!("{field}.{name} `{value}` must be longer than zero"),
+                )),
+                Ok(_) => {}
+                Err(e) => problems.push(Problem::at(path, format!("{field}.{name}: {e}"))),
+            }
+        }
+    }
+    if c.pool_size == Some(0) {
+        problems.push(Problem::at(
+            path,
+            format!("{field}.poolSize must be at least 1"),
+        ));
+    }
+    if let Some(tls) = &c.tls {
+        if tls.ca_file.is_some() && tls.mode != TlsMode::VerifyFull {
+            problems.push(Problem::at(
+                path,
+                format!("{field}.tls.caFile is only read with mode verify-full, which checks the server's certificate against it"),
+            ));
+        }
+    }
+}
+
+fn check_url(problems: &mut Vec<Problem>, path: &str, field: &str, url: &str) {
+    let Some(rest) = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+    else {
+        problems.push(Problem::at(
+            path,
+            format!(
+                "{field} `{}` must start with postgres://, as postgres://USER@HOST:PORT/DATABASE",
+                shown_url(url)
+            ),
+        ));
+        return;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    if let Some((user_info, _)) = authority.rsplit_once('@') {
+        if user_info.contains(':') {
+            problems.push(Problem::at(
+                path,
+                format!("{field} holds a password: a Pipeline is no place for one. Put it in an environment variable and name it in password.env (in a cluster, with password.secretKeyRef)"),
+            ));
+        }
+    }
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if host.is_empty() {
+        problems.push(Problem::at(
+            path,
+            format!(
+                "{field} `{}` names no host: postgres://USER@HOST:PORT/DATABASE",
+                shown_url(url)
+            ),
+        ));
+    }
+}
+
+/// A URL as a message may show it: the password, if any, replaced.
+pub fn shown_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            let hidden = if user_info.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn check_secret(problems: &mut Vec<Problem>, path: &str, field: &str, secret: &SecretFromEnv) {
+    if !crate::validate::is_env_name(&secret.env) {
+        problems.push(Problem::at(path, format!("{field}.env `{}` is not an environment variable's name: use letters, digits and `_`, not starting with a digit", secret.env)));
+    }
+    if let Some(r) = &secret.secret_key_ref {
+        if r.name.is_empty() || r.key.is_empty() {
+            problems.push(Problem::at(
+                path,
+                format!(
+                    "{field}.secretKeyRef needs the Secret's name and the key that holds the value"
+                ),
+            ));
+        }
+    }
+}
+
+/// What is wrong with a `postgres` sink's settings.
+pub fn check_sink(problems: &mut Vec<Problem>, path: &str, sink: &PostgresSink) {
+    check_connection(problems, path, "postgres.connection", &sink.connection);
+    if !is_sql_name(&sink.table, true) {
+        problems.push(Problem::at(path, format!("postgres.table `{}` is not a table's name: letters, digits and `_`, optionally after a schema (`app.results`)", sink.table)));
+    }
+    let mut columns = sink.written_columns();
+    for column in &columns {
+        if !is_sql_name(column, false) {
+            problems.push(Problem::at(path, format!("postgres column `{column}` is not a column's name: letters, digits and `_`, not starting with a digit")));
+        }
+    }
+    if let Some(mapped) = &sink.columns {
+        for (column, expression) in mapped {
+            if let Err(e) = crate::jq::JqFilter::compile(expression) {
+                problems.push(Problem::at(
+                    path,
+                    format!("postgres.columns.{column}: the jq expression `{expression}` does not compile: {e}"),
+                ));
+            }
+        }
+        if let Some(id) = &sink.item_id_column {
+            if mapped.contains_key(id) {
+                problems.push(Problem::at(path, format!("postgres: the column `{id}` is both the itemIdColumn and in columns: it can hold only one of them")));
+            }
+        }
+    }
+    if columns.is_empty() {
+        problems.push(Problem::at(path, "postgres: nothing to write: map columns (`columns: {value: .value}`) or name an itemIdColumn"));
+    }
+    let conflict = sink.conflict_columns();
+    if conflict.is_empty() {
+        problems.push(Problem::at(path, "postgres: say what makes a row a repeat, so that an item delivered again is not written twice: an itemIdColumn (a unique column that gets the item's id) or conflict.columns (a unique key among the written columns)"));
+    }
+    columns.sort();
+    for column in &conflict {
+        if columns.binary_search(column).is_err() {
+            problems.push(Problem::at(path, format!("postgres.conflict.columns: `{column}` is not written by the sink: a repeat is known by the columns it writes (add it to columns, or name it the itemIdColumn)")));
+        }
+    }
+    if sink.batch == Some(0) {
+        problems.push(Problem::at(path, "postgres.batch must be at least 1"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_is_never_shown() {
+        assert_eq!(
+            shown_url("postgres://app:s3cret@db:5432/jobs?sslmode=require"),
+            "postgres://app:***@db:5432/jobs?sslmode=require"
+        );
+        assert_eq!(
+            shown_url("postgres://app@db/jobs"),
+            "postgres://app@db/jobs"
+        );
+        assert_eq!(shown_url("postgres://db/jobs"), "postgres://db/jobs");
+    }
+
+    #[test]
+    fn sql_names_are_plain_words() {
+        assert!(is_sql_name("results", true));
+        assert!(is_sql_name("app.results", true));
+        assert!(!is_sql_name("app.results", false));
+        assert!(!is_sql_name("1st", false));
+        assert!(!is_sql_name("a\"; drop table x; --", true));
+        assert!(!is_sql_name("", false));
+    }
+}

@@ -1,0 +1,352 @@
+//! A unit's way to its PostgreSQL database, shared by the postgres source and sink: the connection
+//! settings turned into a pool of connections, and a database error sorted by what may help it
+//! (waiting, trying again, or nothing: the row itself is refused).
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use switchyard_crds::duration::parse_duration;
+use switchyard_crds::postgres::{
+    shown_url, PostgresConnection, TlsMode, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE,
+    DEFAULT_STATEMENT_TIMEOUT,
+};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+/// Why a unit cannot use its database at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{variable} is not set (or empty) in this unit's environment: {hint}")]
+    MissingVariable {
+        variable: String,
+        hint: &'static str,
+    },
+    #[error("the database URL {url} cannot be read: {reason}")]
+    Url { url: String, reason: String },
+    #[error("{0}")]
+    Settings(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+const SECRET_HINT: &str = "export it before `switchyard run`; in a cluster, name the Secret that holds it in secretKeyRef";
+
+/// How one attempt at a statement failed.
+#[derive(Clone, Debug)]
+pub enum Failure {
+    /// The database refused the statement for what it holds: a constraint, a value of the wrong
+    /// type, a missing column. Trying again will not help.
+    Row(String),
+    /// It may work next time: a serialization failure, a deadlock, a statement cancelled for its
+    /// timeout, a server short of resources.
+    Transient(String),
+    /// No connection: the database is down, restarting, or out of reach.
+    Unreachable(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Row(m) | Failure::Transient(m) | Failure::Unreachable(m) => f.write_str(m),
+        }
+    }
+}
+
+impl Failure {
+    /// Sorts a database error; its message says the SQLSTATE, the server's words and detail.
+    pub fn of(error: &tokio_postgres::Error) -> Failure {
+        let Some(db) = error.as_db_error() else {
+            // No answer from a server: the connection broke or could not be made. The causes say
+            // why (refused, a certificate of an unknown authority, …).
+            let mut message = error.to_string();
+            let mut cause = std::error::Error::source(error);
+            while let Some(e) = cause {
+                message.push_str(": ");
+                message.push_str(&e.to_string());
+                cause = e.source();
+            }
+            return Failure::Unreachable(message);
+        };
+        let mut message = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            message.push_str(": ");
+            message.push_str(detail);
+        }
+        let code = db.code();
+        let class = &code.code()[..2];
+        if class == "08"
+            || *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW
+        {
+            Failure::Unreachable(message)
+        } else if class == "40"
+            || class == "53"
+            || *code == SqlState::QUERY_CANCELED
+            || *code == SqlState::LOCK_NOT_AVAILABLE
+            || *code == SqlState::TOO_MANY_CONNECTIONS
+        {
+            Failure::Transient(message)
+        } else {
+            Failure::Row(message)
+        }
+    }
+
+    fn of_pool(error: PoolError) -> Failure {
+        match error {
+            PoolError::Backend(e) => Failure::of(&e),
+            other => Failure::Unreachable(other.to_string()),
+        }
+    }
+}
+
+/// A pool of connections to one database.
+pub struct Database {
+    pool: Pool,
+    size: usize,
+    /// The address as messages show it (no password).
+    shown: String,
+}
+
+impl Database {
+    /// The pool the settings describe; nothing is connected yet (see
+    /// [`Database::prepare_when_reachable`]).
+    pub async fn connect(settings: &PostgresConnection) -> Result<Database, ConnectError> {
+        let (url, from) = match (&settings.url, &settings.url_from) {
+            (Some(url), _) => (url.clone(), None),
+            (None, Some(from)) => (read_variable(&from.env)?, Some(from.env.clone())),
+            (None, None) => {
+                return Err(ConnectError::Settings(
+                    "the connection names no database: url or urlFrom".into(),
+                ))
+            }
+        };
+        let shown = match &from {
+            Some(variable) => format!("{} (from {variable})", shown_url(&url)),
+            None => shown_url(&url),
+        };
+        let mut config: tokio_postgres::Config =
+            url.parse()
+                .map_err(|e: tokio_postgres::Error| ConnectError::Url {
+                    url: shown_url(&url),
+                    reason: e.to_string(),
+                })?;
+        if let Some(password) = &settings.password {
+            config.password(read_variable(&password.env)?);
+        }
+        let duration = |field: &str, value: &Option<String>, default: &str| {
+            let value = value.as_deref().unwrap_or(default);
+            parse_duration(value)
+                .map_err(|e| ConnectError::Settings(format!("connection.{field}: {e}")))
+        };
+        let statement_timeout = duration(
+            "statementTimeout",
+            &settings.statement_timeout,
+            DEFAULT_STATEMENT_TIMEOUT,
+        )?;
+        let connect_timeout = duration(
+            "connectTimeout",
+            &settings.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
+        config.connect_timeout(connect_timeout);
+        config.options(format!(
+            "-c statement_timeout={}",
+            statement_timeout.as_millis()
+        ));
+        if config.get_application_name().is_none() {
+            config.application_name("switchyard");
+        }
+        let recycling = || ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &settings.tls {
+            Some(tls) if tls.mode != TlsMode::Disable => {
+                // Encrypted or nothing: never the plain connection libpq's `prefer` falls back to.
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Manager::from_config(config, tls_connector(tls)?, recycling())
+            }
+            _ => Manager::from_config(config, tokio_postgres::NoTls, recycling()),
+        };
+        let size = settings.pool_size.unwrap_or(DEFAULT_POOL_SIZE).max(1) as usize;
+        let pool = Pool::builder(manager)
+            .max_size(size)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(connect_timeout))
+            .wait_timeout(Some(connect_timeout + statement_timeout))
+            .build()
+            .map_err(|e| ConnectError::Settings(e.to_string()))?;
+        Ok(Database { pool, size, shown })
+    }
+
+    pub fn pool_size(&self) -> usize {
+        self.size
+    }
+
+    /// The columns of `table` (quoted as in SQL), in their order; a table that is not there is
+    /// the database's refusal. Waits while the database cannot be reached.
+    pub async fn columns_when_reachable(&self, table: &str) -> Result<Vec<String>, ConnectError> {
+        const COLUMNS: &str = "SELECT attname::text FROM pg_attribute \
+            WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum";
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match self.query(COLUMNS, &[&table]).await {
+                Ok(rows) => return Ok(rows.iter().map(|row| row.get(0)).collect()),
+                Err(Failure::Unreachable(e)) | Err(Failure::Transient(e)) => {
+                    tracing::warn!("cannot reach the database at {} yet: {e}", self.shown);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(Failure::Row(e)) => return Err(ConnectError::Refused(e)),
+            }
+        }
+    }
+
+    /// Checks `statement` against the database, waiting while the database cannot be reached (it
+    /// may start after the unit); the database's refusal is the error.
+    pub async fn prepare_when_reachable(&self, statement: &str) -> Result<(), ConnectError> {
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match self.prepare(statement).await {
+                Ok(()) => return Ok(()),
+                Err(Failure::Unreachable(e)) | Err(Failure::Transient(e)) => {
+                    tracing::warn!("cannot reach the database at {} yet: {e}", self.shown);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(Failure::Row(e)) => return Err(ConnectError::Refused(e)),
+            }
+        }
+    }
+
+    async fn prepare(&self, statement: &str) -> Result<(), Failure> {
+        let client = self.pool.get().await.map_err(Failure::of_pool)?;
+        client
+            .prepare_cached(statement)
+            .await
+            .map_err(|e| Failure::of(&e))?;
+        Ok(())
+    }
+
+    /// Runs one statement (prepared once per connection) on a connection of the pool.
+    pub async fn query(
+        &self,
+        statement: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Failure> {
+        let client = self.pool.get().await.map_err(Failure::of_pool)?;
+        let prepared = client
+            .prepare_cached(statement)
+            .await
+            .map_err(|e| Failure::of(&e))?;
+        client
+            .query(&prepared, params)
+            .await
+            .map_err(|e| Failure::of(&e))
+    }
+}
+
+/// The TLS client `tls` asks for: the server's certificate checked against `caFile` (or the
+/// system's roots) and the host's name (`verify-full`), or not checked at all (`require`, as libpq
+/// means it: encrypted against eavesdropping, not against a server in the middle).
+fn tls_connector(
+    tls: &switchyard_crds::postgres::PostgresTls,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, ConnectError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let invalid = |reason: String| ConnectError::Settings(format!("connection.tls: {reason}"));
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(e.to_string()))?;
+    let config = match tls.mode {
+        TlsMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth(),
+        _ => {
+            let mut roots = rustls::RootCertStore::empty();
+            match &tls.ca_file {
+                Some(path) => {
+                    let pem = std::fs::read(path)
+                        .map_err(|e| invalid(format!("cannot read caFile {path}: {e}")))?;
+                    for cert in CertificateDer::pem_slice_iter(&pem) {
+                        let cert = cert.map_err(|e| invalid(format!("caFile {path}: {e}")))?;
+                        roots
+                            .add(cert)
+                            .map_err(|e| invalid(format!("caFile {path}: {e}")))?;
+                    }
+                    if roots.is_empty() {
+                        return Err(invalid(format!("caFile {path} holds no certificate")));
+                    }
+                }
+                None => {
+                    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                }
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// `tls.mode: require`: any certificate is taken (libpq's `sslmode=require`); the handshake's
+/// signatures are still checked, so the session is encrypted with the key the certificate holds.
+#[derive(Debug)]
+struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn read_variable(variable: &str) -> Result<String, ConnectError> {
+    match std::env::var(variable) {
+        Ok(value) if !value.is_empty() => Ok(value),
+        _ => Err(ConnectError::MissingVariable {
+            variable: variable.to_string(),
+            hint: SECRET_HINT,
+        }),
+    }
+}
