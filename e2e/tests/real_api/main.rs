@@ -111,6 +111,9 @@ fn main() {
     }
     let started = Instant::now();
     let plane = ControlPlane::start(&binaries, &Options::default());
+    // The nats-server's store and the scenarios' files live in the control plane's folder, which the
+    // next run replaces: a killed run leaves nothing in /tmp.
+    plane.dir.holds_temporary_files();
     println!(
         "control plane ready in {:.1}s at {}",
         started.elapsed().as_secs_f64(),

@@ -998,7 +998,7 @@ fn plugin(suite: &Suite, bin: &std::path::Path, args: &[&str]) -> std::process::
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    std::process::Command::new("kubectl")
+    switchyard_e2e::control_plane::with_the_suite(&mut std::process::Command::new("kubectl"))
         .arg("switchyard")
         .args(args)
         .env("PATH", path)
