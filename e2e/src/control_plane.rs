@@ -372,10 +372,10 @@ impl ControlPlane {
                 .args(args),
         )
         .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run kubectl");
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
         if let Some(mut input) = child.stdin.take() {
             input.write_all(stdin.as_bytes()).expect("write to kubectl");
         }
