@@ -13,6 +13,7 @@ pub mod migration;
 pub mod pipeline;
 pub mod postgres;
 pub mod problem;
+pub mod secret;
 pub mod topology;
 pub mod unit;
 pub mod validate;

@@ -15,6 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::kinds::{self, Kinds, KindsSchema};
+pub use crate::secret::{SecretFromEnv, SecretKeyRef};
 
 /// A declarative data pipeline: sources feed nested stages, whose output reaches sinks.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -267,30 +268,6 @@ pub struct HttpSource {
 
 /// Default of `http.maxBodyBytes`.
 pub const DEFAULT_MAX_BODY_BYTES: u32 = 1024 * 1024;
-
-/// Where a secret comes from (an http source's token, a database's password): the unit's environment
-/// variable `env`, which in a cluster the operator sets from `secretKeyRef` (locally, export it
-/// before `switchyard run`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SecretFromEnv {
-    /// The environment variable holding the secret, such as `INGEST_TOKEN` or `PGPASSWORD`.
-    #[schemars(length(min = 1), pattern(r"^[A-Za-z_][A-Za-z0-9_]*$"))]
-    pub env: String,
-    /// In a cluster: the key of a Secret in the Pipeline's namespace that holds the secret.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_key_ref: Option<SecretKeyRef>,
-}
-
-/// A key of a Secret in the Pipeline's namespace.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SecretKeyRef {
-    #[schemars(length(min = 1, max = 253))]
-    pub name: String,
-    #[schemars(length(min = 1))]
-    pub key: String,
-}
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -7,8 +7,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::parse_duration;
-use crate::pipeline::SecretFromEnv;
 use crate::problem::Problem;
+use crate::secret::SecretFromEnv;
 
 /// Rows in one statement of the sink, unless `batch` says otherwise.
 pub const DEFAULT_SINK_BATCH: u32 = 500;
@@ -284,7 +284,7 @@ pub fn shown_url(url: &str) -> String {
 }
 
 fn check_secret(problems: &mut Vec<Problem>, path: &str, field: &str, secret: &SecretFromEnv) {
-    if !crate::validate::is_env_name(&secret.env) {
+    if !crate::secret::is_env_name(&secret.env) {
         problems.push(Problem::at(path, format!("{field}.env `{}` is not an environment variable's name: use letters, digits and `_`, not starting with a digit", secret.env)));
     }
     if let Some(r) = &secret.secret_key_ref {

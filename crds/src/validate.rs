@@ -270,14 +270,6 @@ pub fn is_dns_label(name: &str) -> bool {
         && bytes[bytes.len() - 1] != b'-'
 }
 
-pub(crate) fn is_env_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
 fn is_valid_subject(subject: &str) -> bool {
     !subject.is_empty()
         && subject
@@ -351,7 +343,7 @@ fn check_source_kind(problems: &mut Vec<Problem>, path: &str, kind: &SourceKind)
                 problems.push(Problem::at(path, "http.maxBodyBytes must be at least 1"));
             }
             if let Some(token) = &h.bearer_token {
-                if !is_env_name(&token.env) {
+                if !crate::secret::is_env_name(&token.env) {
                     problems.push(Problem::at(path, format!("http.bearerToken.env `{}` is not an environment variable's name: use letters, digits and `_`, not starting with a digit", token.env)));
                 }
                 if let Some(r) = &token.secret_key_ref {
