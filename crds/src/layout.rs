@@ -109,6 +109,16 @@ impl Names {
         format!("switchyard_{}_{}_books", self.namespace, self.pipeline)
     }
 
+    /// The stream of the accounts units give of jobs (see `crate::jobs`).
+    pub fn jobs_stream(&self) -> String {
+        format!("switchyard_{}_{}_jobs", self.namespace, self.pipeline)
+    }
+
+    /// What every jobs subject begins with: `<this>.<source>`.
+    pub fn jobs_prefix(&self) -> String {
+        format!("{}.jobs", self.prefix())
+    }
+
     /// What every book subject begins with: `<this>.<unit>.<replica>`.
     pub fn books_root(&self) -> String {
         format!("{}.books", self.prefix())
@@ -147,6 +157,21 @@ pub struct NatsLayout {
     pub trace: Option<TraceStreamLayout>,
     /// The stream of the Pipeline's books (`books.rs`).
     pub books: BooksStreamLayout,
+    /// The stream of the accounts units give of the jobs of sources that follow them to their end
+    /// (`crate::jobs`); absent when no source does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<JobsStreamLayout>,
+}
+
+/// Accounts of jobs are kept until the source that follows the job has written its outcome back
+/// and acknowledges them (work-queue retention): what is in the stream is exactly the accounts of
+/// jobs still open, which a source that restarts reads again to know where each one stands.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JobsStreamLayout {
+    pub name: String,
+    /// Each followed source's accounts go to `<prefix>.<source>`.
+    pub prefix: String,
 }
 
 /// Book records are kept until a roll-up sums them and they are older than the duplicate window
@@ -305,6 +330,8 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
                 stream: names.books_stream(),
                 prefix: names.books_prefix(&unit.name),
             }),
+            jobs: None,
+            output_readers: Vec::new(),
         });
     }
     if !problems.is_empty() {
@@ -334,9 +361,11 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
                 name: names.books_stream(),
                 root: names.books_root(),
             },
+            jobs: None,
         },
         units,
     };
+    follow_jobs(&mut layout, spec, &names);
     let rate = spec
         .tracing
         .as_ref()
@@ -538,4 +567,47 @@ fn step_config(step: &Step) -> Result<StepConfig, Problem> {
         timeout_ms,
         retry,
     })
+}
+
+/// The sources whose jobs are followed to their end (a `postgres` source that completes a row once
+/// its item is finished): every unit then says what became of their items, and knows who reads
+/// what it stores, whose deliveries make the job's tags.
+fn follow_jobs(layout: &mut Layout, spec: &PipelineSpec, names: &Names) {
+    let followed: Vec<String> = spec
+        .sources
+        .iter()
+        .filter(|source| {
+            matches!(
+                source.kind.one(),
+                Some(crate::pipeline::SourceKind::Postgres(p))
+                    if p.complete_on.unwrap_or_default() == crate::postgres::CompleteOn::Finished
+            )
+        })
+        .map(|source| source.name.clone())
+        .collect();
+    if followed.is_empty() {
+        return;
+    }
+    let jobs = crate::unit::JobsConfig {
+        stream: names.jobs_stream(),
+        prefix: names.jobs_prefix(),
+        sources: followed,
+    };
+    layout.nats.jobs = Some(JobsStreamLayout {
+        name: jobs.stream.clone(),
+        prefix: jobs.prefix.clone(),
+    });
+    let consumers = layout.nats.consumers.clone();
+    for unit in &mut layout.units {
+        unit.jobs = Some(jobs.clone());
+        unit.output_readers = match &unit.output_subject {
+            Some(subject) => consumers
+                .iter()
+                .filter(|c| c.filter_subjects.contains(subject))
+                .filter(|c| c.durable != DEAD_LETTER_CONSUMER)
+                .map(|c| c.durable.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+    }
 }

@@ -5,6 +5,7 @@
 pub mod books;
 pub mod crd;
 pub mod duration;
+pub mod jobs;
 pub mod jq;
 pub mod kinds;
 pub mod layout;

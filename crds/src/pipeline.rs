@@ -210,6 +210,7 @@ pub enum SourceKind {
     Cron(CronSource),
     Nats(NatsSource),
     File(FileSource),
+    Postgres(Box<crate::postgres::PostgresSource>),
 }
 
 impl SourceKind {
@@ -220,6 +221,7 @@ impl SourceKind {
                 bearer_token: Some(token),
                 ..
             }) => vec![("http.bearerToken".to_string(), token)],
+            SourceKind::Postgres(p) => p.connection.secrets("postgres.connection"),
             _ => Vec::new(),
         }
     }
@@ -229,7 +231,7 @@ impl SourceKind {
         matches!(
             self,
             SourceKind::Generator(GeneratorSource { count: Some(_), .. }) | SourceKind::File(_)
-        )
+        ) || matches!(self, SourceKind::Postgres(p) if p.end_when_empty)
     }
 }
 

@@ -84,6 +84,226 @@ pub enum TlsMode {
     VerifyFull,
 }
 
+/// Dispatches the rows of a table as jobs: claims them in key order with a lease, publishes each
+/// as an item, and writes its outcome back into the row once the item is finished (or as soon as it
+/// is stored, `completeOn: publish`). A row whose lease runs out is claimed again, by the next
+/// attempt; one that used `maxAttempts` is finished as failed. Every write-back is fenced by the
+/// claim's reservation, so a late replica cannot overwrite a newer claim.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresSource {
+    pub connection: PostgresConnection,
+    /// The table, as `name` or `schema.name`.
+    #[schemars(length(min = 1))]
+    pub table: String,
+    /// The column that names a row and orders the claims: its primary key.
+    #[schemars(length(min = 1))]
+    pub key: String,
+    /// The columns that make the item, as one JSON object (default: the key alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    /// Rather than `columns`: one column that holds the item (json, jsonb or text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_column: Option<String>,
+    /// Only rows for which this SQL condition holds are claimed, such as `kind = 'odd'`.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "where")]
+    pub filter: Option<String>,
+    /// Rows claimed at once (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub batch: Option<u32>,
+    /// Rows claimed and not yet done, at most (default 1,000): beyond them a row waits unclaimed,
+    /// its lease not yet running, rather than in a queue downstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_claimed: Option<u32>,
+    /// How long a claimed row may take before another attempt may claim it (default `15m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// Claims of one row at most; the row whose last lease runs out is finished as failed
+    /// (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_attempts: Option<u32>,
+    /// When a row is done: `finished` (the default: its item reached every sink it was routed to,
+    /// or was dead-lettered, which fails the row), or `publish` (once its item is stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete_on: Option<CompleteOn>,
+    /// End once no row is left to claim and every claimed row is done, as a file source ends at
+    /// the end of its file.
+    #[serde(default)]
+    pub end_when_empty: bool,
+    /// How often to look for new rows once none is left to claim (default `1s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll: Option<String>,
+    /// The table's own names for the columns the source writes (defaults in [`OutcomeColumns`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<OutcomeColumns>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum CompleteOn {
+    #[default]
+    Finished,
+    Publish,
+}
+
+/// The columns the postgres source writes a row's claims and outcome in. Each has a default; a
+/// table names its own.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutcomeColumns {
+    /// The current claim's token, which every write-back must match (text; default
+    /// `reservation_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<String>,
+    /// When it was claimed (timestamptz; default `reservation_time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_at: Option<String>,
+    /// Claims so far (integer; default `reservation_times`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<String>,
+    /// When the current attempt started (timestamptz; default `start_time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When it was done (timestamptz; default `end_time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    /// Whether it succeeded (boolean; default `success`); empty while it is not done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success: Option<String>,
+    /// Why it failed (text; default `error_description`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The outcome columns with every default applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub reservation: String,
+    pub reserved_at: String,
+    pub attempts: String,
+    pub started_at: String,
+    pub ended_at: String,
+    pub success: String,
+    pub error: String,
+}
+
+impl OutcomeColumns {
+    pub fn resolved(&self) -> Outcome {
+        let or = |value: &Option<String>, default: &str| {
+            value.clone().unwrap_or_else(|| default.to_string())
+        };
+        Outcome {
+            reservation: or(&self.reservation, "reservation_id"),
+            reserved_at: or(&self.reserved_at, "reservation_time"),
+            attempts: or(&self.attempts, "reservation_times"),
+            started_at: or(&self.started_at, "start_time"),
+            ended_at: or(&self.ended_at, "end_time"),
+            success: or(&self.success, "success"),
+            error: or(&self.error, "error_description"),
+        }
+    }
+}
+
+impl Outcome {
+    pub fn all(&self) -> [&str; 7] {
+        [
+            self.reservation.as_str(),
+            self.reserved_at.as_str(),
+            self.attempts.as_str(),
+            self.started_at.as_str(),
+            self.ended_at.as_str(),
+            self.success.as_str(),
+            self.error.as_str(),
+        ]
+    }
+}
+
+/// Rows a source claims at once, unless `batch` says otherwise.
+pub const DEFAULT_SOURCE_BATCH: u32 = 100;
+pub const DEFAULT_LEASE: &str = "15m";
+pub const DEFAULT_MAX_CLAIMED: u32 = 1000;
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_POLL: &str = "1s";
+
+impl PostgresSource {
+    pub fn outcome(&self) -> Outcome {
+        self.outcome.clone().unwrap_or_default().resolved()
+    }
+
+    /// The columns of the item: the named ones, or the key alone.
+    pub fn item_columns(&self) -> Vec<String> {
+        if self.columns.is_empty() {
+            vec![self.key.clone()]
+        } else {
+            self.columns.clone()
+        }
+    }
+}
+
+/// What is wrong with a `postgres` source's settings.
+pub fn check_source(problems: &mut Vec<Problem>, path: &str, source: &PostgresSource) {
+    check_connection(problems, path, "postgres.connection", &source.connection);
+    if !is_sql_name(&source.table, true) {
+        problems.push(Problem::at(path, format!("postgres.table `{}` is not a table's name: letters, digits and `_`, optionally after a schema (`app.jobs`)", source.table)));
+    }
+    let outcome = source.outcome();
+    let mut named: Vec<(&str, &str)> = vec![("key", source.key.as_str())];
+    named.extend(source.columns.iter().map(|c| ("columns", c.as_str())));
+    named.extend(
+        source
+            .item_column
+            .iter()
+            .map(|c| ("itemColumn", c.as_str())),
+    );
+    named.extend(outcome.all().into_iter().map(|c| ("outcome", c)));
+    for (field, column) in &named {
+        if !is_sql_name(column, false) {
+            problems.push(Problem::at(path, format!("postgres.{field}: `{column}` is not a column's name: letters, digits and `_`, not starting with a digit")));
+        }
+    }
+    let outcome_columns = outcome.all();
+    for (i, column) in outcome_columns.iter().enumerate() {
+        if outcome_columns[..i].contains(column) {
+            problems.push(Problem::at(path, format!("postgres.outcome: the column `{column}` is named twice: each outcome needs its own")));
+        }
+        if *column == source.key {
+            problems.push(Problem::at(path, format!("postgres.outcome: `{column}` is the key: the source would overwrite what names the row")));
+        }
+    }
+    if source.item_column.is_some() && !source.columns.is_empty() {
+        problems.push(Problem::at(path, "postgres: the item is either `columns` (a JSON object of them) or one `itemColumn`, not both"));
+    }
+    if source.batch == Some(0) {
+        problems.push(Problem::at(path, "postgres.batch must be at least 1"));
+    }
+    if source.max_claimed == Some(0) {
+        problems.push(Problem::at(path, "postgres.maxClaimed must be at least 1"));
+    }
+    if source.max_attempts == Some(0) {
+        problems.push(Problem::at(path, "postgres.maxAttempts must be at least 1"));
+    }
+    for (name, value) in [("lease", &source.lease), ("poll", &source.poll)] {
+        if let Some(value) = value {
+            match parse_duration(value) {
+                Ok(d) if d.is_zero() => problems.push(Problem::at(
+                    path,
+                    format!("postgres.{name} `{value}` must be longer than zero"),
+                )),
+                Ok(_) => {}
+                Err(e) => problems.push(Problem::at(path, format!("postgres.{name}: {e}"))),
+            }
+        }
+    }
+    if let Some(filter) = &source.filter {
+        if filter.trim().is_empty() || filter.contains(';') {
+            problems.push(Problem::at(path, format!("postgres.where `{filter}` must be one SQL condition, such as `kind = 'odd'`, without `;`")));
+        }
+    }
+}
+
 /// Writes each item as a row of `table`, many rows to a statement, each item once: a repeat of an
 /// item (delivered again after a crash) meets its own row and changes nothing (`conflict: nothing`)
 /// or writes the same values again (`update`). A row the database refuses (a constraint, a value of

@@ -83,6 +83,24 @@ pub struct UnitConfig {
     /// Where the unit records trace events, and for which items.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceConfig>,
+    /// Sources whose jobs are followed to their end, and where the unit's accounts of their items
+    /// go (`crate::jobs`); absent when no source of the Pipeline follows its jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<JobsConfig>,
+    /// The units that read what this one stores (their consumers' names), whose deliveries make the
+    /// tags of a followed job; set only when jobs are followed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_readers: Vec<String>,
+}
+
+/// Where accounts of followed jobs go: `<prefix>.<source>` in `stream`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JobsConfig {
+    pub stream: String,
+    pub prefix: String,
+    /// The sources whose items' ends are followed.
+    pub sources: Vec<String>,
 }
 
 /// The stream of the Pipeline's books, and the subjects of one unit's: `<prefix>.<replica>`.
@@ -470,6 +488,12 @@ mod tests {
                 prefix: "switchyard.default.p.books.u".into(),
             }),
             frame_items: 16,
+            jobs: Some(JobsConfig {
+                stream: "switchyard_default_p_jobs".into(),
+                prefix: "switchyard.default.p.jobs".into(),
+                sources: vec!["rows".into()],
+            }),
+            output_readers: vec!["next".into()],
             dead_letter_subject: "d".into(),
             stats_subject: "st".into(),
             trace: Some(TraceConfig {

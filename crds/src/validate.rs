@@ -375,6 +375,7 @@ fn check_source_kind(problems: &mut Vec<Problem>, path: &str, kind: &SourceKind)
                 ));
             }
         }
+        SourceKind::Postgres(p) => crate::postgres::check_source(problems, path, p),
     }
 }
 

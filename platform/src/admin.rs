@@ -160,6 +160,27 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), A
         "create or update stream {}",
         books.name
     )))?;
+    if let Some(jobs) = &layout.jobs {
+        js.create_or_update_stream(stream::Config {
+            name: jobs.name.clone(),
+            description: Some(
+                "switchyard jobs: what became of each item of a job its source follows".into(),
+            ),
+            subjects: vec![format!("{}.>", jobs.prefix)],
+            // Kept until the source has written the job's outcome back and acknowledges them.
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: replicas as usize,
+            // An input run again after a crash gives its account under the same id: kept once.
+            duplicate_window: Duration::from_millis(layout.stream.duplicate_window_ms),
+            ..Default::default()
+        })
+        .await
+        .map_err(AdminError::nats(format!(
+            "create or update stream {}",
+            jobs.name
+        )))?;
+    }
     if let Some(trace) = &layout.trace {
         // Trace events are an aid, not data: a server that will not keep them leaves the Pipeline
         // running without them (units publish their events all the same; nobody stores them).
@@ -273,9 +294,14 @@ pub async fn delete_named(
         Err(e) if is_not_found(&e.to_string()) => {}
         Err(e) => return Err(AdminError::nats(format!("delete stream {stream}"))(e)),
     }
-    // Named as `Names::trace_stream` and `books_stream` name them; a Pipeline that never traced
-    // has no trace stream, one made before the books no books.
-    for other in [format!("{stream}_trace"), format!("{stream}_books")] {
+    // Named as `Names::trace_stream`, `books_stream` and `jobs_stream` name them; a Pipeline that
+    // never traced has no trace stream, one made before the books no books, one whose sources
+    // follow no jobs no jobs stream.
+    for other in [
+        format!("{stream}_trace"),
+        format!("{stream}_books"),
+        format!("{stream}_jobs"),
+    ] {
         match js.delete_stream(&other).await {
             Ok(_) => {}
             Err(e) if is_not_found(&e.to_string()) => {}

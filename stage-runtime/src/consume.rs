@@ -101,6 +101,16 @@ pub struct Worker {
     pub crashes: CrashRecords,
     /// Where what became of each input is recorded before it is acknowledged (see `books`).
     pub books: Option<Arc<crate::books::Ledger>>,
+    /// The sources whose jobs are followed to their end, and who reads what this unit stores:
+    /// each item of theirs gets an account before its input is acknowledged
+    /// (`switchyard_crds::jobs`).
+    pub jobs: Option<Jobs>,
+}
+
+/// What a unit needs to account for the items of followed jobs.
+pub struct Jobs {
+    pub config: switchyard_crds::unit::JobsConfig,
+    pub readers: Vec<String>,
 }
 
 /// What storing one input's results came to, for its trace event.
@@ -1104,6 +1114,8 @@ impl Worker {
             acks: Vec::new(),
             epoch: *self.disconnects.borrow(),
         };
+        // Counted before the outputs leave: the account of a followed job names them.
+        let outputs: Vec<usize> = items.iter().map(|item| item.outputs.len()).collect();
         match &self.output {
             Output::Publish(subject) => {
                 for (item, emitted) in items.iter().zip(emitted.iter_mut()) {
@@ -1162,6 +1174,7 @@ impl Worker {
                 }
             }
         }
+        self.account_for_jobs(items, &outputs, &mut acks).await?;
         let mut dead = 0;
         for (item, emitted) in items.iter_mut().zip(emitted.iter_mut()) {
             for failure in std::mem::take(&mut item.failures) {
@@ -1179,6 +1192,63 @@ impl Worker {
         }
         Stats::add(&self.stats.dead_lettered, dead);
         Ok(emitted)
+    }
+
+    /// Stores this unit's account of each item of a followed job (`switchyard_crds::jobs`): the
+    /// tags of the item as this unit took it and of its outputs for every reader, or its dead
+    /// letter's error. Under an id derived from the item's, so a redelivery is stored once; before
+    /// the input is acknowledged, like the outputs.
+    async fn account_for_jobs(
+        &self,
+        items: &[Processed],
+        outputs: &[usize],
+        acks: &mut Pending,
+    ) -> Result<(), ConsumeError> {
+        let Some(jobs) = &self.jobs else {
+            return Ok(());
+        };
+        let readers: &[String] = match &self.output {
+            Output::Publish(_) => &jobs.readers,
+            Output::Sink { .. } => &[],
+        };
+        for (item, &count) in items.iter().zip(outputs) {
+            let lineage = item.carried();
+            if !jobs.config.sources.contains(&lineage.origin) {
+                continue;
+            }
+            let account = match item.failures.first() {
+                Some(failure) => switchyard_crds::jobs::Contribution::failed(
+                    &lineage.origin_seq,
+                    &lineage.id,
+                    &self.unit,
+                    &failure.failure.error,
+                ),
+                None => {
+                    let ids: Vec<String> = (0..count)
+                        .map(|index| lineage.output_id(&self.unit, index))
+                        .collect();
+                    switchyard_crds::jobs::Contribution::finished(
+                        &lineage.origin_seq,
+                        &lineage.id,
+                        &self.unit,
+                        &ids,
+                        readers,
+                    )
+                }
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                names::MSG_ID,
+                owned_header_value(format!("{}/{}", self.unit, lineage.id)),
+            );
+            let payload = serde_json::to_vec(&account).unwrap_or_default();
+            let subject: Subject = format!("{}.{}", jobs.config.prefix, lineage.origin).into();
+            let publish = jetstream::message::PublishMessage::build()
+                .headers(headers)
+                .payload(payload.into());
+            self.publish_into(acks, &subject, publish).await?;
+        }
+        Ok(())
     }
 
     /// Publishes the outputs with ids derived from the input's, so a redelivery publishes the same ids.

@@ -336,6 +336,8 @@ impl Unit<'_> {
             frame_items: config.frame_items as usize,
             books: self.books.clone(),
             last_sent: Default::default(),
+            jobs: config.jobs.clone(),
+            readers: config.output_readers.clone(),
         };
         stats.ready.store(true, Ordering::Relaxed);
         sources::run(source, &unit).await?;
@@ -444,6 +446,10 @@ impl Unit<'_> {
             tracer: self.tracer(),
             spans: self.spans.clone(),
             books: self.books.clone(),
+            jobs: config.jobs.clone().map(|jobs| consume::Jobs {
+                config: jobs,
+                readers: config.output_readers.clone(),
+            }),
         };
         let result = worker.run(input, shutdown).await;
         for step in &worker.steps {

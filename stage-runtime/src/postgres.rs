@@ -57,8 +57,8 @@ impl Failure {
     /// Sorts a database error; its message says the SQLSTATE, the server's words and detail.
     pub fn of(error: &tokio_postgres::Error) -> Failure {
         let Some(db) = error.as_db_error() else {
-            // No answer from a server: the connection broke or could not be made. The causes say
-            // why (refused, a certificate of an unknown authority, …).
+            // No answer from a server. The causes say why (refused, a certificate of an unknown
+            // authority, …).
             let mut message = error.to_string();
             let mut cause = std::error::Error::source(error);
             while let Some(e) = cause {
@@ -66,7 +66,21 @@ impl Failure {
                 message.push_str(&e.to_string());
                 cause = e.source();
             }
-            return Failure::Unreachable(message);
+            // The client's own kinds of error are not public; their words are stable. A connection
+            // that broke or could not be made is waited for; anything else (a value that cannot be
+            // sent as the parameter's type) would fail the same way every time.
+            const NO_CONNECTION: [&str; 6] = [
+                "error connecting to server",
+                "error performing TLS handshake",
+                "connection closed",
+                "error communicating with the server",
+                "timeout waiting for server",
+                "unexpected message from server",
+            ];
+            if error.is_closed() || NO_CONNECTION.iter().any(|m| message.starts_with(m)) {
+                return Failure::Unreachable(message);
+            }
+            return Failure::Row(message);
         };
         let mut message = format!("{} (SQLSTATE {})", db.message(), db.code().code());
         if let Some(detail) = db.detail() {
@@ -101,7 +115,8 @@ impl Failure {
     }
 }
 
-/// A pool of connections to one database.
+/// A pool of connections to one database; a clone shares the pool.
+#[derive(Clone)]
 pub struct Database {
     pool: Pool,
     size: usize,
@@ -193,6 +208,32 @@ impl Database {
         loop {
             match self.query(COLUMNS, &[&table]).await {
                 Ok(rows) => return Ok(rows.iter().map(|row| row.get(0)).collect()),
+                Err(Failure::Unreachable(e)) | Err(Failure::Transient(e)) => {
+                    tracing::warn!("cannot reach the database at {} yet: {e}", self.shown);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(Failure::Row(e)) => return Err(ConnectError::Refused(e)),
+            }
+        }
+    }
+
+    /// The type of `column` of `table` (quoted as in SQL) as SQL writes it (`bigint`, `text`, …).
+    pub async fn column_type_when_reachable(
+        &self,
+        table: &str,
+        column: &str,
+    ) -> Result<String, ConnectError> {
+        const TYPE: &str = "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+            WHERE attrelid = $1::text::regclass AND attname = $2 AND NOT attisdropped";
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match self.query(TYPE, &[&table, &column]).await {
+                Ok(rows) => {
+                    return rows.first().map(|row| row.get(0)).ok_or_else(|| {
+                        ConnectError::Refused(format!("{table} has no column {column}"))
+                    })
+                }
                 Err(Failure::Unreachable(e)) | Err(Failure::Transient(e)) => {
                     tracing::warn!("cannot reach the database at {} yet: {e}", self.shown);
                     tokio::time::sleep(pause).await;

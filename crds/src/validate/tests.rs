@@ -47,6 +47,10 @@ fn every_example_is_valid() {
             "exec-ruby",
             include_str!("../../../examples/exec-ruby.yaml"),
         ),
+        (
+            "odd-numbers",
+            include_str!("../../../examples/odd-numbers.yaml"),
+        ),
     ] {
         if let Err(problems) = check(text) {
             panic!("{name}: {problems:?}");
@@ -468,4 +472,69 @@ fn redelivery_and_crash_limits_are_checked_and_reach_every_unit_that_reads() {
     let reader = laid.units.iter().find(|u| u.input.is_some()).unwrap();
     assert_eq!(reader.input.as_ref().unwrap().ack_wait_ms, 10_000);
     assert_eq!(reader.crashes.as_ref().unwrap().dead_letter_after, 10);
+}
+
+#[test]
+fn a_source_that_follows_its_jobs_makes_every_unit_account_for_them_and_know_its_readers() {
+    let text = spec(
+        "  sources:\n    - {name: rows, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: numbers, key: value, endWhenEmpty: true}}\n    - {name: ticks, generator: {count: 3}}\n  stages:\n    - {name: work, inputs: [rows, ticks], passthrough: {}}\n  sinks:\n    - {name: db, inputs: [work], log: {}}\n    - {name: audit, inputs: [work], log: {}}\n",
+    );
+    let pipeline = parse_pipeline(&text).unwrap();
+    let laid = crate::layout::layout(&analyze(&pipeline).unwrap(), &pipeline.spec).unwrap();
+    let jobs = laid.nats.jobs.as_ref().expect("a jobs stream");
+    assert_eq!(jobs.name, "switchyard_default_p_jobs");
+    let unit = |name: &str| laid.units.iter().find(|u| u.unit == name).unwrap();
+    for u in &laid.units {
+        assert_eq!(
+            u.jobs.as_ref().unwrap().sources,
+            vec!["rows".to_string()],
+            "{}",
+            u.unit
+        );
+    }
+    assert_eq!(unit("rows").output_readers, vec!["work".to_string()]);
+    let mut readers = unit("work").output_readers.clone();
+    readers.sort();
+    assert_eq!(readers, vec!["audit".to_string(), "db".to_string()]);
+    assert!(unit("db").output_readers.is_empty());
+
+    // Rows completed once stored: nobody follows them, nothing changes for anyone.
+    let published = parse_pipeline(&text.replace(
+        "endWhenEmpty: true",
+        "endWhenEmpty: true, completeOn: publish",
+    ))
+    .unwrap();
+    let laid = crate::layout::layout(&analyze(&published).unwrap(), &published.spec).unwrap();
+    assert!(laid.nats.jobs.is_none());
+    assert!(laid
+        .units
+        .iter()
+        .all(|u| u.jobs.is_none() && u.output_readers.is_empty()));
+}
+
+#[test]
+fn postgres_sources_are_checked_before_anything_runs() {
+    let text = spec(
+        "  sources:\n    - {name: both, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: t, key: id, columns: [a], itemColumn: body}}\n    - {name: outcome, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: t, key: success, outcome: {error: reservation_id}, lease: never, maxAttempts: 0}}\n    - {name: filter, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: 't;', key: id, where: 'true; drop table t'}}\n    - {name: fine, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: jobs, key: id, columns: [id, payload], where: \"kind = 'odd'\", lease: 5m, completeOn: publish, endWhenEmpty: true}}\n  stages: [{name: a, passthrough: {}}]\n  sinks: [{name: out, log: {}}]\n",
+    );
+    let found = problems(&text);
+    assert_has(&found, "sources[0] both", "not both");
+    assert_has(&found, "sources[1] outcome", "`success` is the key");
+    assert_has(
+        &found,
+        "sources[1] outcome",
+        "`reservation_id` is named twice",
+    );
+    assert_has(&found, "sources[1] outcome", "postgres.lease");
+    assert_has(
+        &found,
+        "sources[1] outcome",
+        "maxAttempts must be at least 1",
+    );
+    assert_has(&found, "sources[2] filter", "not a table's name");
+    assert_has(&found, "sources[2] filter", "without `;`");
+    assert!(
+        !found.iter().any(|p| p.starts_with("sources[3]")),
+        "{found:?}"
+    );
 }

@@ -11,6 +11,7 @@ mod framer;
 mod generator;
 mod http;
 mod nats;
+mod postgres;
 mod timer;
 
 use std::collections::VecDeque;
@@ -82,6 +83,9 @@ pub enum SourceError {
     /// The source's settings cannot be used (validation catches these before a unit runs).
     #[error("{0}")]
     Settings(String),
+    /// The accounts of the source's jobs cannot be read (`switchyard_crds::jobs`).
+    #[error("cannot follow the source's jobs: {0}")]
+    Jobs(String),
 }
 
 impl SourceError {
@@ -106,6 +110,7 @@ pub async fn run(kind: &SourceKind, unit: &SourceUnit) -> Result<(), SourceError
         SourceKind::Cron(settings) => cron::Cron(settings).run(unit).await,
         SourceKind::Http(settings) => http::HttpSource(settings).run(unit).await,
         SourceKind::Nats(settings) => nats::NatsSource(settings).run(unit).await,
+        SourceKind::Postgres(settings) => postgres::PostgresSource(settings).run(unit).await,
     }
 }
 
@@ -133,6 +138,10 @@ pub struct SourceUnit {
     /// The last item this process sent to the stream, across resumes (see `framer`): its id and
     /// its position as a checkpoint writes it.
     pub last_sent: std::sync::Mutex<Option<(String, String)>>,
+    /// Where the accounts of this source's items arrive, when it follows its jobs to their end.
+    pub jobs: Option<switchyard_crds::unit::JobsConfig>,
+    /// The units that read what this source stores.
+    pub readers: Vec<String>,
 }
 
 impl SourceUnit {

@@ -1,0 +1,16 @@
+-- The table of examples/odd-numbers.yaml: 100,000 numbers to tell odd from even, and the columns
+-- the postgres source writes each row's claim and outcome in (its default names).
+--   psql "$DATABASE_URL" -f examples/odd-numbers.sql
+DROP TABLE IF EXISTS numbers;
+CREATE TABLE numbers (
+    value             bigint PRIMARY KEY,
+    is_odd            boolean,
+    reservation_id    text,
+    reservation_time  timestamptz,
+    reservation_times int,
+    start_time        timestamptz,
+    end_time          timestamptz,
+    success           boolean,
+    error_description text
+);
+INSERT INTO numbers (value) SELECT generate_series(1, 100000);

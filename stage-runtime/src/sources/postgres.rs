@@ -1,0 +1,757 @@
+//! The postgres source: the rows of a table dispatched as jobs.
+//!
+//! Rows are claimed in key order, a batch at a time, with `FOR UPDATE SKIP LOCKED` inside a CTE (so
+//! that the planner cannot update more rows than the limit, and claimers never wait for each
+//! other). A claim writes a lease into the row: a reservation token (`<namespace>/<pipeline>/
+//! <unit>/<random>`), the time, the attempt (one more than before) and the start time. Each row
+//! becomes an item with the id `<table>/<key>/<attempt>`, so that a row published again after a
+//! crash, within JetStream's duplicate window, is stored once.
+//!
+//! A row's outcome is written back fenced by its reservation (`… AND reservation = $token`): a
+//! replica whose lease ran out, and whose row another attempt took, changes nothing. A row whose last
+//! lease ran out after `maxAttempts` claims is finished as failed, never left stuck. On start, the
+//! source takes back its own earlier claims (those whose token names its unit) and publishes them
+//! again under their ids instead of waiting for their leases.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures::FutureExt;
+use switchyard_crds::duration::parse_duration;
+use switchyard_crds::postgres::{
+    CompleteOn, Outcome, PostgresSource as Settings, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_CLAIMED, DEFAULT_POLL, DEFAULT_SOURCE_BATCH,
+};
+
+use super::{Source, SourceError, SourceUnit, Stored};
+use crate::lineage::Lineage;
+use crate::postgres::{Database, Failure};
+
+pub struct PostgresSource<'a>(pub &'a Settings);
+
+/// How long the source waits before it looks again while `maxClaimed` rows are open.
+const FULL_PAUSE: Duration = Duration::from_millis(20);
+
+/// A claimed row on its way.
+struct Claimed {
+    key: String,
+    attempt: i32,
+    reservation: String,
+    item: String,
+}
+
+/// What the source writes back about one row.
+struct Done {
+    key: String,
+    reservation: String,
+    success: bool,
+    error: Option<String>,
+}
+
+/// The statements, built once from the settings.
+struct Statements {
+    claim: String,
+    give_up: String,
+    finish: String,
+    take_back: String,
+    unfinished: String,
+}
+
+impl Source for PostgresSource<'_> {
+    async fn run(&self, unit: &SourceUnit) -> Result<(), SourceError> {
+        let settings = self.0;
+        let failed =
+            |e: String| SourceError::Settings(format!("postgres source {}: {e}", unit.name));
+        let database = Database::connect(&settings.connection)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let table = quoted(&settings.table);
+        let present = database
+            .columns_when_reachable(&table)
+            .await
+            .map_err(|e| failed(format!("table {}: {e}", settings.table)))?;
+        let outcome = settings.outcome();
+        let mut needed: Vec<String> = vec![settings.key.clone()];
+        needed.extend(settings.item_columns());
+        needed.extend(settings.item_column.iter().cloned());
+        needed.extend(outcome.all().iter().map(|c| c.to_string()));
+        let absent: Vec<&String> = needed.iter().filter(|c| !present.contains(c)).collect();
+        if !absent.is_empty() {
+            return Err(failed(format!(
+                "table {} has no column {} (it has {}); name the table's own outcome columns under postgres.outcome",
+                settings.table,
+                absent.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "),
+                present.join(", ")
+            )));
+        }
+        let key_type = database
+            .column_type_when_reachable(&table, &settings.key)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let statements = statements(settings, &outcome, &key_type);
+        for statement in [
+            &statements.claim,
+            &statements.give_up,
+            &statements.finish,
+            &statements.take_back,
+            &statements.unfinished,
+        ] {
+            database
+                .prepare_when_reachable(statement)
+                .await
+                .map_err(|e| failed(format!("table {}: {e}", settings.table)))?;
+        }
+        let dispatcher = Dispatcher {
+            settings,
+            database,
+            statements,
+            lease: duration(&settings.lease, DEFAULT_LEASE).map_err(failed)?,
+            poll: duration(&settings.poll, DEFAULT_POLL).map_err(failed)?,
+            max_attempts: settings.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS) as i32,
+            batch: settings.batch.unwrap_or(DEFAULT_SOURCE_BATCH) as i64,
+            max_claimed: settings.max_claimed.unwrap_or(DEFAULT_MAX_CLAIMED) as usize,
+            // `switchyard.<namespace>.<pipeline>.<unit>/`: this unit's claims, no other's.
+            token_prefix: format!("{}/", unit.queue_group),
+        };
+        unit.resuming(|| dispatcher.dispatch(unit)).await
+    }
+}
+
+fn duration(value: &Option<String>, default: &str) -> Result<Duration, String> {
+    let value = value.as_deref().unwrap_or(default);
+    parse_duration(value).map_err(|e| e.to_string())
+}
+
+struct Dispatcher<'a> {
+    settings: &'a Settings,
+    database: Database,
+    statements: Statements,
+    lease: Duration,
+    poll: Duration,
+    max_attempts: i32,
+    batch: i64,
+    max_claimed: usize,
+    /// What every reservation of this unit starts with: its earlier claims are known by it.
+    token_prefix: String,
+}
+
+impl Dispatcher<'_> {
+    /// Claims, publishes and writes back until the unit stops, or the table is done
+    /// (`endWhenEmpty`).
+    async fn dispatch(&self, unit: &SourceUnit) -> Result<(), SourceError> {
+        let mut in_flight: VecDeque<(Claimed, Stored)> = VecDeque::new();
+        // Earlier claims of this unit: published again under the same ids, so that what the stream
+        // has already is not stored twice.
+        let earlier = self.take_back().await?;
+        if !earlier.is_empty() {
+            tracing::info!(
+                rows = earlier.len(),
+                "taking back the rows this source had claimed before it restarted"
+            );
+        }
+        let tracker = match self.settings.complete_on.unwrap_or_default() {
+            CompleteOn::Publish => None,
+            CompleteOn::Finished => {
+                let config = unit.jobs.as_ref().ok_or_else(|| {
+                    SourceError::Settings(
+                        "the unit's configuration names no jobs stream: it was written by an older switchyard; apply the Pipeline again".into(),
+                    )
+                })?;
+                let known = earlier.iter().map(|row| self.job(unit, row)).collect();
+                Some(
+                    Tracker::start(
+                        unit,
+                        config,
+                        self.database.clone(),
+                        self.statements.finish.clone(),
+                        known,
+                        self.lease,
+                    )
+                    .await?,
+                )
+            }
+        };
+        for row in earlier {
+            let stored = self.publish(unit, &row).await?;
+            in_flight.push_back((row, stored));
+        }
+        let result = self
+            .claim_and_publish(unit, &mut in_flight, tracker.as_ref())
+            .await;
+        match tracker {
+            Some(tracker) => {
+                let finished = tracker.finish().await;
+                result.and(finished)
+            }
+            None => result,
+        }
+    }
+
+    /// The job a claimed row is, as the tracker follows it: where it starts, before its item is
+    /// published (an account of it never comes first).
+    fn job(&self, unit: &SourceUnit, row: &Claimed) -> (String, Open) {
+        (
+            format!("{}/{}", row.key, row.attempt),
+            Open {
+                key: row.key.clone(),
+                reservation: row.reservation.clone(),
+                state: switchyard_crds::jobs::JobState::started(&self.item_id(row), &unit.readers),
+                accounts: Vec::new(),
+                since: std::time::Instant::now(),
+            },
+        )
+    }
+
+    fn item_id(&self, row: &Claimed) -> String {
+        format!("{}/{}/{}", self.settings.table, row.key, row.attempt)
+    }
+
+    async fn claim_and_publish(
+        &self,
+        unit: &SourceUnit,
+        in_flight: &mut VecDeque<(Claimed, Stored)>,
+        tracker: Option<&Tracker>,
+    ) -> Result<(), SourceError> {
+        let mut last_sweep = std::time::Instant::now() - self.poll;
+        loop {
+            self.settle(unit, in_flight, false).await?;
+            if unit.stopping() {
+                break;
+            }
+            if last_sweep.elapsed() >= self.poll {
+                self.give_up().await?;
+                last_sweep = std::time::Instant::now();
+            }
+            // Claim no further ahead of the workers than maxClaimed: a lease runs from the claim.
+            let open = tracker.map_or(in_flight.len(), Tracker::open);
+            if open >= self.max_claimed {
+                if !unit.sleep_or_stop(FULL_PAUSE).await {
+                    break;
+                }
+                continue;
+            }
+            let claimed = self
+                .claim(self.batch.min((self.max_claimed - open) as i64))
+                .await?;
+            if claimed.is_empty() {
+                self.settle(unit, in_flight, true).await?;
+                if self.settings.end_when_empty && self.unfinished().await? == 0 {
+                    tracing::info!("every row is done: the source ends");
+                    return Ok(());
+                }
+                if !unit.sleep_or_stop(self.poll).await {
+                    break;
+                }
+                continue;
+            }
+            for row in claimed {
+                if let Some(tracker) = tracker {
+                    let (job, open) = self.job(unit, &row);
+                    tracker.follow(job, open);
+                }
+                let stored = self.publish(unit, &row).await?;
+                in_flight.push_back((row, stored));
+            }
+        }
+        self.settle(unit, in_flight, true).await
+    }
+
+    async fn publish(&self, unit: &SourceUnit, row: &Claimed) -> Result<Stored, SourceError> {
+        let id = self.item_id(row);
+        let lineage = Lineage::at_source(&unit.name, format!("{}/{}", row.key, row.attempt), id);
+        unit.publish(&lineage, bytes::Bytes::from(row.item.clone()))
+            .await
+    }
+
+    /// Waits for the publishes that are done (all of them with `all`), and writes back the rows
+    /// they complete.
+    async fn settle(
+        &self,
+        unit: &SourceUnit,
+        in_flight: &mut VecDeque<(Claimed, Stored)>,
+        all: bool,
+    ) -> Result<(), SourceError> {
+        let mut done = Vec::new();
+        while let Some((_, stored)) = in_flight.front_mut() {
+            let result = if all {
+                Some(stored.await)
+            } else {
+                stored.now_or_never()
+            };
+            let Some(result) = result else { break };
+            let (row, _) = in_flight.pop_front().expect("the front");
+            result?;
+            if crate::faults::due() {
+                // Stored, not yet written back: the row is still this source's claim.
+                crate::faults::kill();
+            }
+            crate::stats::Stats::add(&unit.stats.processed, 1);
+            if self.settings.complete_on == Some(CompleteOn::Publish) {
+                done.push(Done {
+                    key: row.key,
+                    reservation: row.reservation,
+                    success: true,
+                    error: None,
+                });
+            }
+        }
+        self.finish(done).await
+    }
+
+    /// Writes the outcomes back, each fenced by its reservation.
+    async fn finish(&self, done: Vec<Done>) -> Result<(), SourceError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&str> = done.iter().map(|d| d.key.as_str()).collect();
+        let reservations: Vec<&str> = done.iter().map(|d| d.reservation.as_str()).collect();
+        let successes: Vec<bool> = done.iter().map(|d| d.success).collect();
+        let errors: Vec<Option<&str>> = done.iter().map(|d| d.error.as_deref()).collect();
+        let written = self
+            .until_reachable(
+                &self.statements.finish,
+                &[&keys, &reservations, &successes, &errors],
+            )
+            .await?;
+        let fenced = done.len() - written.len();
+        if fenced > 0 {
+            tracing::warn!(
+                rows = fenced,
+                "outcomes not written: another attempt holds those rows now (their lease ran out)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Claims up to `limit` rows.
+    async fn claim(&self, limit: i64) -> Result<Vec<Claimed>, SourceError> {
+        let reservation = format!("{}{}", self.token_prefix, nuid::next());
+        let lease_ms = self.lease.as_millis() as i64;
+        let rows = self
+            .until_reachable(
+                &self.statements.claim,
+                &[&reservation, &limit, &lease_ms, &self.max_attempts],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| Claimed {
+                key: row.get(0),
+                attempt: row.get(1),
+                reservation: reservation.clone(),
+                item: row
+                    .get::<_, Option<String>>(2)
+                    .unwrap_or_else(|| "null".into()),
+            })
+            .collect())
+    }
+
+    async fn take_back(&self) -> Result<Vec<Claimed>, SourceError> {
+        let pattern = format!("{}%", like_escaped(&self.token_prefix));
+        let rows = self
+            .until_reachable(&self.statements.take_back, &[&pattern])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| Claimed {
+                key: row.get(0),
+                attempt: row.get(1),
+                reservation: row.get(3),
+                item: row
+                    .get::<_, Option<String>>(2)
+                    .unwrap_or_else(|| "null".into()),
+            })
+            .collect())
+    }
+
+    /// Finishes as failed the rows whose last lease ran out.
+    async fn give_up(&self) -> Result<(), SourceError> {
+        let lease_ms = self.lease.as_millis() as i64;
+        let rows = self
+            .until_reachable(&self.statements.give_up, &[&self.max_attempts, &lease_ms])
+            .await?;
+        if !rows.is_empty() {
+            tracing::warn!(
+                rows = rows.len(),
+                "rows finished as failed: their last attempt's lease ran out"
+            );
+        }
+        Ok(())
+    }
+
+    async fn unfinished(&self) -> Result<i64, SourceError> {
+        let rows = self
+            .until_reachable(&self.statements.unfinished, &[])
+            .await?;
+        Ok(rows.first().map_or(0, |row| row.get(0)))
+    }
+
+    /// Runs `statement` until it is answered: a database that cannot be reached is waited for
+    /// (the rows keep their leases meanwhile); a refusal stops the attempt, which the source resumes.
+    async fn until_reachable(
+        &self,
+        statement: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, SourceError> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.database.query(statement, params).await {
+                Ok(rows) => return Ok(rows),
+                Err(Failure::Unreachable(e)) | Err(Failure::Transient(e)) => {
+                    tracing::warn!("the database cannot answer ({e}); trying again in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(Failure::Row(e)) => return Err(SourceError::Settings(e)),
+            }
+        }
+    }
+}
+
+/// `%` and `_` taken literally in a LIKE pattern.
+fn like_escaped(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+}
+
+fn quoted(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{part}\""))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn statements(settings: &Settings, outcome: &Outcome, key_type: &str) -> Statements {
+    let t = quoted(&settings.table);
+    let k = quoted(&settings.key);
+    let q = |c: &str| quoted(c);
+    let (reservation, reserved_at, attempts, started_at, ended_at, success, error) = (
+        q(&outcome.reservation),
+        q(&outcome.reserved_at),
+        q(&outcome.attempts),
+        q(&outcome.started_at),
+        q(&outcome.ended_at),
+        q(&outcome.success),
+        q(&outcome.error),
+    );
+    let filter = settings
+        .filter
+        .as_deref()
+        .map_or("TRUE".to_string(), |f| format!("({f})"));
+    let item = match &settings.item_column {
+        Some(column) => format!("row.{}::text", q(column)),
+        None => {
+            let fields: Vec<String> = settings
+                .item_columns()
+                .iter()
+                .map(|c| format!("'{c}', row.{}", q(c)))
+                .collect();
+            format!("json_build_object({})::text", fields.join(", "))
+        }
+    };
+    let claim = format!(
+        "WITH claimable AS (\
+           SELECT {k} FROM {t} \
+           WHERE {success} IS NULL \
+             AND ({reservation} IS NULL OR {reserved_at} < now() - $3::int8 * interval '1 millisecond') \
+             AND coalesce({attempts}, 0) < $4::int4 \
+             AND {filter} \
+           ORDER BY {k} LIMIT $2::int8 FOR UPDATE SKIP LOCKED\
+         ), claimed AS (\
+           UPDATE {t} AS row SET {reservation} = $1::text, {reserved_at} = now(), \
+             {attempts} = coalesce(row.{attempts}, 0) + 1, {started_at} = now(), {ended_at} = NULL \
+           FROM claimable WHERE row.{k} = claimable.{k} \
+           RETURNING row.{k} AS sort_key, row.{k}::text AS key, row.{attempts}::int4 AS attempt, {item} AS item\
+         ) \
+         SELECT key, attempt, item FROM claimed ORDER BY sort_key"
+    );
+    let give_up = format!(
+        "UPDATE {t} SET {success} = false, {ended_at} = now(), \
+           {error} = format('gave up after %s attempts: the last lease ran out', {attempts}) \
+         WHERE {success} IS NULL AND {reservation} IS NOT NULL \
+           AND {reserved_at} < now() - $2::int8 * interval '1 millisecond' \
+           AND coalesce({attempts}, 0) >= $1::int4 AND {filter} \
+         RETURNING {k}::text"
+    );
+    let finish = format!(
+        "UPDATE {t} AS row SET {success} = done.success, {ended_at} = now(), {error} = done.error \
+         FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[]) AS done(key, reservation, success, error) \
+         WHERE row.{k} = CAST(done.key AS {key_type}) AND row.{reservation} = done.reservation \
+           AND row.{success} IS NULL \
+         RETURNING row.{k}::text"
+    );
+    // The lease starts again: the rows are this source's again from now.
+    let take_back = format!(
+        "WITH taken AS (\
+           UPDATE {t} AS row SET {reserved_at} = now() \
+           WHERE row.{reservation} LIKE $1::text AND row.{success} IS NULL \
+           RETURNING row.{k} AS sort_key, row.{k}::text AS key, row.{attempts}::int4 AS attempt, {item} AS item, row.{reservation} AS reservation\
+         ) \
+         SELECT key, attempt, item, reservation FROM taken ORDER BY sort_key"
+    );
+    let unfinished = format!("SELECT count(*) FROM {t} WHERE {success} IS NULL AND {filter}");
+    Statements {
+        claim,
+        give_up,
+        finish,
+        take_back,
+        unfinished,
+    }
+}
+
+/// A job the tracker follows: its row, its claim, where it stands, and the accounts that brought it
+/// there (acknowledged once its outcome is written back, so that a restarted source reads them
+/// again).
+struct Open {
+    key: String,
+    reservation: String,
+    state: switchyard_crds::jobs::JobState,
+    accounts: Vec<async_nats::jetstream::Message>,
+    since: std::time::Instant,
+}
+
+/// Follows the jobs of a source that completes a row once its item is finished: reads the units'
+/// accounts, and writes each row's outcome back once its job has ended.
+struct Tracker {
+    /// Jobs followed and not yet written back (or forgotten): the source claims no more while
+    /// `maxClaimed` are.
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    jobs: tokio::sync::mpsc::UnboundedSender<(String, Open)>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), SourceError>>,
+}
+
+/// Jobs that ended are written back together, at most this often.
+const WRITE_BACK_EVERY: Duration = Duration::from_millis(100);
+
+impl Tracker {
+    /// Starts reading the accounts of `unit`'s jobs: every one still in the stream, that is every
+    /// job not yet written back, so jobs taken back after a restart pick up where they stood.
+    async fn start(
+        unit: &SourceUnit,
+        config: &switchyard_crds::unit::JobsConfig,
+        database: Database,
+        finish: String,
+        known: Vec<(String, Open)>,
+        lease: Duration,
+    ) -> Result<Tracker, SourceError> {
+        use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+        let failed =
+            |what: &str, e: &dyn std::fmt::Display| SourceError::Jobs(format!("{what}: {e}"));
+        let stream = unit
+            .js
+            .get_stream(config.stream.clone())
+            .await
+            .map_err(|e| failed(&format!("stream {}", config.stream), &e))?;
+        let durable = format!("{}-jobs", unit.name);
+        // A consumer left by an earlier process holds what it delivered until its deadline: start
+        // afresh, from everything still in the stream.
+        let _ = stream.delete_consumer(&durable).await;
+        let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(durable.clone()),
+                filter_subject: format!("{}.{}", config.prefix, unit.name),
+                ack_policy: AckPolicy::Explicit,
+                deliver_policy: DeliverPolicy::All,
+                // Accounts are held until their job ends, however long its lease.
+                ack_wait: Duration::from_secs(24 * 3600),
+                max_ack_pending: -1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed(&format!("consumer {durable}"), &e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| failed("reading accounts", &e))?;
+        let (jobs, registered) = tokio::sync::mpsc::unbounded_channel();
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let stats = unit.stats.clone();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(known.len()));
+        let task = tokio::spawn(follow(
+            messages,
+            known.into_iter().collect(),
+            Following {
+                registered,
+                stopping,
+                database,
+                finish,
+                stats,
+                open: open.clone(),
+                forget_after: lease * 2,
+            },
+        ));
+        Ok(Tracker {
+            open,
+            jobs,
+            stop,
+            task,
+        })
+    }
+
+    fn follow(&self, job: String, open: Open) {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.jobs.send((job, open));
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes back what has ended and stops.
+    async fn finish(self) -> Result<(), SourceError> {
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(SourceError::Task(e)),
+        }
+    }
+}
+
+/// What the tracker's task works with besides the accounts.
+struct Following {
+    registered: tokio::sync::mpsc::UnboundedReceiver<(String, Open)>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    database: Database,
+    finish: String,
+    stats: std::sync::Arc<crate::stats::Stats>,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// A job followed this long has had its row claimed again or given up by now: a late outcome
+    /// would be refused by the fence anyway.
+    forget_after: Duration,
+}
+
+async fn follow(
+    mut messages: async_nats::jetstream::consumer::pull::Stream,
+    mut open: std::collections::HashMap<String, Open>,
+    mut with: Following,
+) -> Result<(), SourceError> {
+    use futures::StreamExt;
+    let mut ended: Vec<(Open, switchyard_crds::jobs::Ended)> = Vec::new();
+    let mut tick = tokio::time::interval(WRITE_BACK_EVERY);
+    let mut forgotten = Vec::new();
+    loop {
+        tokio::select! {
+            // A job is known before its item is published: its accounts never come first.
+            biased;
+            // An earlier attempt of the same row stays followed: should it end first, the fence
+            // refuses its outcome in the database.
+            Some((job, entry)) = with.registered.recv() => {
+                open.insert(job, entry);
+            }
+            message = messages.next() => {
+                let Some(message) = message else { break };
+                let message = message.map_err(|e| SourceError::Jobs(format!("reading accounts: {e}")))?;
+                let sequence = message.info().map(|i| i.stream_sequence).unwrap_or_default();
+                let account: Option<switchyard_crds::jobs::Contribution> =
+                    serde_json::from_slice(&message.payload).ok();
+                let Some(account) = account else {
+                    tracing::warn!("an account that cannot be read: dropped");
+                    let _ = message.ack().await;
+                    continue;
+                };
+                match open.get_mut(&account.job) {
+                    Some(job) => {
+                        let end = job.state.apply(sequence, 0, &account);
+                        job.accounts.push(message);
+                        if let Some(end) = end {
+                            if let Some(job) = open.remove(&account.job) {
+                                ended.push((job, end));
+                            }
+                        }
+                    }
+                    // A job already written back (or another attempt's): nothing to do.
+                    None => {
+                        let _ = message.ack().await;
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                write_back(&with.database, &with.finish, &mut ended, &with.stats, &with.open).await?;
+                let stale: Vec<String> = open
+                    .iter()
+                    .filter(|(_, o)| o.since.elapsed() > with.forget_after)
+                    .map(|(job, _)| job.clone())
+                    .collect();
+                for job in stale {
+                    if let Some(o) = open.remove(&job) {
+                        forgotten.push(o);
+                    }
+                }
+                for job in forgotten.drain(..) {
+                    with.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    for account in job.accounts {
+                        let _ = account.ack().await;
+                    }
+                }
+            }
+            _ = crate::stopped(&mut with.stopping) => break,
+        }
+    }
+    write_back(
+        &with.database,
+        &with.finish,
+        &mut ended,
+        &with.stats,
+        &with.open,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Writes the outcomes of the jobs that ended, fenced by their reservations, then acknowledges their
+/// accounts.
+async fn write_back(
+    database: &Database,
+    finish: &str,
+    ended: &mut Vec<(Open, switchyard_crds::jobs::Ended)>,
+    stats: &crate::stats::Stats,
+    open: &std::sync::atomic::AtomicUsize,
+) -> Result<(), SourceError> {
+    if ended.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = ended.iter().map(|(j, _)| j.key.as_str()).collect();
+    let reservations: Vec<&str> = ended.iter().map(|(j, _)| j.reservation.as_str()).collect();
+    let successes: Vec<bool> = ended
+        .iter()
+        .map(|(_, e)| *e == switchyard_crds::jobs::Ended::Succeeded)
+        .collect();
+    let errors: Vec<Option<&str>> = ended
+        .iter()
+        .map(|(_, e)| match e {
+            switchyard_crds::jobs::Ended::Failed(error) => Some(error.as_str()),
+            switchyard_crds::jobs::Ended::Succeeded => None,
+        })
+        .collect();
+    let mut pause = Duration::from_millis(100);
+    let written = loop {
+        match database
+            .query(finish, &[&keys, &reservations, &successes, &errors])
+            .await
+        {
+            Ok(rows) => break rows.len(),
+            Err(Failure::Unreachable(e)) | Err(Failure::Transient(e)) => {
+                tracing::warn!("cannot write outcomes back yet ({e}); trying again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(Failure::Row(e)) => return Err(SourceError::Settings(e)),
+        }
+    };
+    if written < ended.len() {
+        tracing::warn!(
+            rows = ended.len() - written,
+            "outcomes not written: another attempt holds those rows now (their lease ran out)"
+        );
+    }
+    crate::stats::Stats::add(&stats.published, written as u64);
+    open.fetch_sub(ended.len(), std::sync::atomic::Ordering::Relaxed);
+    for (job, _) in ended.drain(..) {
+        for account in job.accounts {
+            let _ = account.ack().await;
+        }
+    }
+    Ok(())
+}
