@@ -18,23 +18,9 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-/// The tag of `item` delivered to `reader`: FNV-1a over both, then a final mix, never 0.
+/// The tag of `item` delivered to `reader`: a hash of both, never 0.
 pub fn tag(item: &str, reader: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in item.bytes().chain([0]).chain(reader.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    hash ^= hash >> 33;
-    if hash == 0 {
-        1
-    } else {
-        hash
-    }
+    crate::unit::spread_hash(item.bytes().chain([0]).chain(reader.bytes())).max(1)
 }
 
 /// The tags of `item` for every reader of the subject it is stored on.

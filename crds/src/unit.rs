@@ -153,20 +153,26 @@ pub fn traced(rate: f64, origin: &str, seq: &str) -> bool {
     if rate <= 0.0 {
         return false;
     }
-    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let hash = spread_hash(origin.bytes().chain([b':']).chain(seq.bytes()));
+    (hash as f64) < rate * (u64::MAX as f64)
+}
+
+/// A 64-bit hash of `bytes` that every build and platform computes alike (FNV-1a, unlike std's
+/// hasher), with its bits spread: FNV leaves the high bits of short, similar keys (`1`, `2`, …)
+/// alike, and a final mix (MurmurHash3's) spreads them, so that any share of consecutive items is
+/// sampled evenly and tags of similar ids differ everywhere.
+pub fn spread_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in origin.bytes().chain([b':']).chain(seq.bytes()) {
+    for byte in bytes {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    // FNV leaves the high bits of short, similar keys (`1`, `2`, …) alike; a final mix (MurmurHash3's)
-    // spreads them, so that any share of consecutive items is sampled evenly.
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     hash ^= hash >> 33;
-    (hash as f64) < rate * (u64::MAX as f64)
+    hash
 }
 
 /// A subject token for any text: NATS tokens cannot hold `.`, `*`, `>` or white space.

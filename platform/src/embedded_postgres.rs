@@ -199,21 +199,7 @@ impl PostgresServer {
     /// Stops the server at once, as `pg_ctl stop -m immediate` does (SIGQUIT): no checkpoint, open
     /// transactions cut off; the next start recovers from the write-ahead log.
     pub fn stop_immediately(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) has no memory effects; our own child, not yet waited for.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGQUIT);
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop_with(libc::SIGQUIT);
     }
 
     /// Whether the server process runs.
@@ -322,10 +308,15 @@ impl PostgresServer {
 
     /// Stops the server as a clean shutdown would (SIGINT: "fast"), waiting for it.
     fn stop(&mut self) {
+        self.stop_with(libc::SIGINT);
+    }
+
+    /// Sends `signal` to the server and waits up to 10 s for it to end, then kills it.
+    fn stop_with(&mut self, signal: libc::c_int) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: as in stop_immediately.
+            // SAFETY: kill(2) has no memory effects; our own child, not yet waited for.
             unsafe {
-                libc::kill(child.id() as i32, libc::SIGINT);
+                libc::kill(child.id() as i32, signal);
             }
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {

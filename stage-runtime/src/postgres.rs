@@ -204,18 +204,8 @@ impl Database {
     pub async fn columns_when_reachable(&self, table: &str) -> Result<Vec<String>, ConnectError> {
         const COLUMNS: &str = "SELECT attname::text FROM pg_attribute \
             WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum";
-        let mut pause = Duration::from_millis(200);
-        loop {
-            match self.query(COLUMNS, &[&table]).await {
-                Ok(rows) => return Ok(rows.iter().map(|row| row.get(0)).collect()),
-                Err(Failure::Unreachable(e)) | Err(Failure::Transient(e)) => {
-                    tracing::warn!("cannot reach the database at {} yet: {e}", self.shown);
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(Failure::Row(e)) => return Err(ConnectError::Refused(e)),
-            }
-        }
+        let rows = self.query_when_reachable(COLUMNS, &[&table]).await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
     /// The type of `column` of `table` (quoted as in SQL) as SQL writes it (`bigint`, `text`, …).
@@ -226,14 +216,23 @@ impl Database {
     ) -> Result<String, ConnectError> {
         const TYPE: &str = "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
             WHERE attrelid = $1::text::regclass AND attname = $2 AND NOT attisdropped";
+        let rows = self.query_when_reachable(TYPE, &[&table, &column]).await?;
+        rows.first()
+            .map(|row| row.get(0))
+            .ok_or_else(|| ConnectError::Refused(format!("{table} has no column {column}")))
+    }
+
+    /// Runs a question about the database's catalog, waiting while the database cannot be reached
+    /// (it may start after the unit); the database's refusal is the error.
+    async fn query_when_reachable(
+        &self,
+        statement: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, ConnectError> {
         let mut pause = Duration::from_millis(200);
         loop {
-            match self.query(TYPE, &[&table, &column]).await {
-                Ok(rows) => {
-                    return rows.first().map(|row| row.get(0)).ok_or_else(|| {
-                        ConnectError::Refused(format!("{table} has no column {column}"))
-                    })
-                }
+            match self.query(statement, params).await {
+                Ok(rows) => return Ok(rows),
                 Err(Failure::Unreachable(e)) | Err(Failure::Transient(e)) => {
                     tracing::warn!("cannot reach the database at {} yet: {e}", self.shown);
                     tokio::time::sleep(pause).await;

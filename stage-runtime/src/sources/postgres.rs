@@ -40,6 +40,20 @@ struct Claimed {
     item: String,
 }
 
+impl Claimed {
+    /// A row as the claim and take-back statements return it: key, attempt, item.
+    fn of(row: &tokio_postgres::Row, reservation: String) -> Claimed {
+        Claimed {
+            key: row.get(0),
+            attempt: row.get(1),
+            reservation,
+            item: row
+                .get::<_, Option<String>>(2)
+                .unwrap_or_else(|| "null".into()),
+        }
+    }
+}
+
 /// What the source writes back about one row.
 struct Done {
     key: String,
@@ -335,14 +349,7 @@ impl Dispatcher<'_> {
             .await?;
         Ok(rows
             .iter()
-            .map(|row| Claimed {
-                key: row.get(0),
-                attempt: row.get(1),
-                reservation: reservation.clone(),
-                item: row
-                    .get::<_, Option<String>>(2)
-                    .unwrap_or_else(|| "null".into()),
-            })
+            .map(|row| Claimed::of(row, reservation.clone()))
             .collect())
     }
 
@@ -353,14 +360,7 @@ impl Dispatcher<'_> {
             .await?;
         Ok(rows
             .iter()
-            .map(|row| Claimed {
-                key: row.get(0),
-                attempt: row.get(1),
-                reservation: row.get(3),
-                item: row
-                    .get::<_, Option<String>>(2)
-                    .unwrap_or_else(|| "null".into()),
-            })
+            .map(|row| Claimed::of(row, row.get(3)))
             .collect())
     }
 
