@@ -136,6 +136,11 @@ pub struct PostgresSource {
     /// How often to look for new rows once none is left to claim (default `1s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll: Option<String>,
+    /// A channel to `LISTEN` on: a `NOTIFY` there (from a trigger on the table) wakes the source
+    /// at once, the poll still backing it. Leave it out behind a connection pooler that cannot hold
+    /// a `LISTEN` (transaction pooling): the source then only polls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify_channel: Option<String>,
     /// The table's own names for the columns the source writes (defaults in [`OutcomeColumns`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<OutcomeColumns>,
@@ -278,6 +283,11 @@ pub fn check_source(problems: &mut Vec<Problem>, path: &str, source: &PostgresSo
     }
     if source.batch == Some(0) {
         problems.push(Problem::at(path, "postgres.batch must be at least 1"));
+    }
+    if let Some(channel) = &source.notify_channel {
+        if !is_sql_name(channel, false) {
+            problems.push(Problem::at(path, format!("postgres.notifyChannel `{channel}` is not a channel's name: letters, digits and `_`, not starting with a digit")));
+        }
     }
     if source.max_claimed == Some(0) {
         problems.push(Problem::at(path, "postgres.maxClaimed must be at least 1"));

@@ -122,6 +122,9 @@ pub struct Database {
     size: usize,
     /// The address as messages show it (no password).
     shown: String,
+    /// How to open a connection of its own, outside the pool (one that listens).
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
 impl Database {
@@ -176,13 +179,17 @@ impl Database {
         let recycling = || ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = match &settings.tls {
+        let tls = match &settings.tls {
             Some(tls) if tls.mode != TlsMode::Disable => {
                 // Encrypted or nothing: never the plain connection libpq's `prefer` falls back to.
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);
-                Manager::from_config(config, tls_connector(tls)?, recycling())
+                Some(tls_connector(tls)?)
             }
-            _ => Manager::from_config(config, tokio_postgres::NoTls, recycling()),
+            _ => None,
+        };
+        let manager = match &tls {
+            Some(tls) => Manager::from_config(config.clone(), tls.clone(), recycling()),
+            None => Manager::from_config(config.clone(), tokio_postgres::NoTls, recycling()),
         };
         let size = settings.pool_size.unwrap_or(DEFAULT_POOL_SIZE).max(1) as usize;
         let pool = Pool::builder(manager)
@@ -192,7 +199,50 @@ impl Database {
             .wait_timeout(Some(connect_timeout + statement_timeout))
             .build()
             .map_err(|e| ConnectError::Settings(e.to_string()))?;
-        Ok(Database { pool, size, shown })
+        Ok(Database {
+            pool,
+            size,
+            shown,
+            config,
+            tls,
+        })
+    }
+
+    /// Listens on `channel` (a plain name) on a connection of its own, and says on `woken` each time
+    /// a `NOTIFY` arrives there. A lost connection is opened again; meanwhile nothing is said, and
+    /// whoever waits falls back on its own polling. Ends when `woken` is dropped.
+    pub async fn listen(&self, channel: String, woken: tokio::sync::mpsc::Sender<()>) {
+        let mut pause = Duration::from_millis(200);
+        while !woken.is_closed() {
+            match self.listen_once(&channel, &woken).await {
+                Ok(()) => pause = Duration::from_millis(200),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot listen on {channel} at {} ({e}); polling meanwhile",
+                        self.shown
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn listen_once(
+        &self,
+        channel: &str,
+        woken: &tokio::sync::mpsc::Sender<()>,
+    ) -> Result<(), tokio_postgres::Error> {
+        match &self.tls {
+            Some(tls) => {
+                let (client, connection) = self.config.connect(tls.clone()).await?;
+                relay(client, connection, channel, woken).await
+            }
+            None => {
+                let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
+                relay(client, connection, channel, woken).await
+            }
+        }
     }
 
     pub fn pool_size(&self) -> usize {
@@ -378,6 +428,45 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Says on `woken` each notification `connection` brings, after `LISTEN channel`, until the
+/// connection ends (Ok: open another) or fails.
+async fn relay<S, T>(
+    client: tokio_postgres::Client,
+    mut connection: tokio_postgres::Connection<S, T>,
+    channel: &str,
+    woken: &tokio::sync::mpsc::Sender<()>,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures::StreamExt;
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    // The connection only moves while it is polled: LISTEN is sent while the messages are read.
+    let statement = format!("LISTEN \"{channel}\"");
+    let listen = client.batch_execute(&statement);
+    tokio::pin!(listen);
+    let mut listening = false;
+    loop {
+        tokio::select! {
+            done = &mut listen, if !listening => {
+                done?;
+                listening = true;
+            }
+            message = messages.next() => match message {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                    // A full channel already holds a wake-up: one is enough.
+                    let _ = woken.try_send(());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            },
+            _ = woken.closed() => return Ok(()),
+        }
     }
 }
 

@@ -427,3 +427,47 @@ async fn a_late_attempt_is_refused_by_the_fence_once_its_lease_ran_out() {
         "the first attempt's outcome was to be refused: {log}"
     );
 }
+
+/// With an hour's poll, rows inserted into an empty table are claimed as soon as a trigger's
+/// NOTIFY says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_wakes_the_source_long_before_its_poll() {
+    let db = database();
+    numbers(&db, 0);
+    db.psql(
+        "create function numbers_added() returns trigger as $$ begin perform pg_notify('numbers_added', ''); return null; end $$ language plpgsql; \
+         create trigger numbers_added after insert on numbers for each statement execute function numbers_added()",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let mut h = harness(&source_pipeline(
+        "pg-notify",
+        &db,
+        "        completeOn: publish\n        poll: 1h\n        notifyChannel: numbers_added\n",
+        &out.display().to_string(),
+    ))
+    .await;
+    h.spawn("out", "r");
+    h.spawn("pass", "r");
+    h.spawn_with_env("jobs", "r", &[(PASSWORD, db.password())]);
+    // Once the source has looked and found nothing, it waits for an hour or a NOTIFY.
+    let started = Instant::now();
+    while !h.log_of("jobs", "r").contains("starting") {
+        assert!(started.elapsed() < LIMIT, "the source did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let inserted = Instant::now();
+    db.psql("insert into numbers (value) select generate_series(1, 10)")
+        .unwrap();
+    let lines = h.wait_for_lines(&out, 10, Duration::from_secs(30)).await;
+    let took = inserted.elapsed();
+    h.stop().await;
+    println!(
+        "10 rows inserted: at the sink {:.2}s later",
+        took.as_secs_f64()
+    );
+    assert_eq!(lines.len(), 10);
+    assert_eq!(count(&db, "select count(*) from numbers where success"), 10);
+}

@@ -515,7 +515,7 @@ fn a_source_that_follows_its_jobs_makes_every_unit_account_for_them_and_know_its
 #[test]
 fn postgres_sources_are_checked_before_anything_runs() {
     let text = spec(
-        "  sources:\n    - {name: both, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: t, key: id, columns: [a], itemColumn: body}}\n    - {name: outcome, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: t, key: success, outcome: {error: reservation_id}, lease: never, maxAttempts: 0}}\n    - {name: filter, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: 't;', key: id, where: 'true; drop table t'}}\n    - {name: fine, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: jobs, key: id, columns: [id, payload], where: \"kind = 'odd'\", lease: 5m, completeOn: publish, endWhenEmpty: true}}\n  stages: [{name: a, passthrough: {}}]\n  sinks: [{name: out, log: {}}]\n",
+        "  sources:\n    - {name: both, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: t, key: id, columns: [a], itemColumn: body}}\n    - {name: outcome, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: t, key: success, outcome: {error: reservation_id}, lease: never, maxAttempts: 0}}\n    - {name: filter, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: 't;', key: id, where: 'true; drop table t', notifyChannel: 'new-rows'}}\n    - {name: fine, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: jobs, key: id, columns: [id, payload], where: \"kind = 'odd'\", lease: 5m, completeOn: publish, endWhenEmpty: true}}\n  stages: [{name: a, passthrough: {}}]\n  sinks: [{name: out, log: {}}]\n",
     );
     let found = problems(&text);
     assert_has(&found, "sources[0] both", "not both");
@@ -533,6 +533,7 @@ fn postgres_sources_are_checked_before_anything_runs() {
     );
     assert_has(&found, "sources[2] filter", "not a table's name");
     assert_has(&found, "sources[2] filter", "without `;`");
+    assert_has(&found, "sources[2] filter", "notifyChannel `new-rows`");
     assert!(
         !found.iter().any(|p| p.starts_with("sources[3]")),
         "{found:?}"

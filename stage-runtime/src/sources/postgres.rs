@@ -189,8 +189,15 @@ impl Dispatcher<'_> {
             let stored = self.publish(unit, &row).await?;
             in_flight.push_back((row, stored));
         }
+        // Woken by a NOTIFY as well as by the poll, when the table has a trigger that says so.
+        let mut woken = self.settings.notify_channel.clone().map(|channel| {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let database = self.database.clone();
+            tokio::spawn(async move { database.listen(channel, tx).await });
+            rx
+        });
         let result = self
-            .claim_and_publish(unit, &mut in_flight, tracker.as_ref())
+            .claim_and_publish(unit, &mut in_flight, tracker.as_ref(), &mut woken)
             .await;
         match tracker {
             Some(tracker) => {
@@ -225,6 +232,7 @@ impl Dispatcher<'_> {
         unit: &SourceUnit,
         in_flight: &mut VecDeque<(Claimed, Stored)>,
         tracker: Option<&Tracker>,
+        woken: &mut Option<tokio::sync::mpsc::Receiver<()>>,
     ) -> Result<(), SourceError> {
         let mut last_sweep = std::time::Instant::now() - self.poll;
         loop {
@@ -253,7 +261,7 @@ impl Dispatcher<'_> {
                     tracing::info!("every row is done: the source ends");
                     return Ok(());
                 }
-                if !unit.sleep_or_stop(self.poll).await {
+                if !wait_for_rows(unit, self.poll, woken).await {
                     break;
                 }
                 continue;
@@ -405,6 +413,32 @@ impl Dispatcher<'_> {
                 Err(Failure::Row(e)) => return Err(SourceError::Settings(e)),
             }
         }
+    }
+}
+
+/// Waits for the poll, a NOTIFY, or the unit's stop; false on the stop.
+async fn wait_for_rows(
+    unit: &SourceUnit,
+    poll: Duration,
+    woken: &mut Option<tokio::sync::mpsc::Receiver<()>>,
+) -> bool {
+    let Some(notified) = woken else {
+        return unit.sleep_or_stop(poll).await;
+    };
+    let mut shutdown = unit.shutdown.clone();
+    if *shutdown.borrow() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(poll) => true,
+        wake = notified.recv() => {
+            if wake.is_none() {
+                // The listener is gone: the poll alone from now on.
+                *woken = None;
+            }
+            true
+        }
+        _ = shutdown.changed() => false,
     }
 }
 
