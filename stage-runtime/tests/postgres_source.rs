@@ -59,22 +59,43 @@ async fn ended(h: &mut Harness, index: usize, limit: Duration) -> std::process::
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rows_are_claimed_in_key_order_published_once_and_finished_once_stored() {
-    const ROWS: u64 = 1000;
+/// A table of `rows` numbers, and a Pipeline reading it with `settings` into a file through a
+/// pass-through stage, whose sink and stage already run: the test starts the source.
+struct JobsRun {
+    db: PostgresServer,
+    h: Harness,
+    out: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn jobs_run(name: &str, rows: u64, settings: &str) -> JobsRun {
     let db = database();
-    numbers(&db, ROWS);
+    numbers(&db, rows);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
     let mut h = harness(&source_pipeline(
-        "pg-jobs",
+        name,
         &db,
-        "        completeOn: publish\n        endWhenEmpty: true\n        batch: 50\n        maxClaimed: 20\n",
+        settings,
         &out.display().to_string(),
     ))
     .await;
     h.spawn("out", "r");
     h.spawn("pass", "r");
+    JobsRun {
+        db,
+        h,
+        out,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_are_claimed_in_key_order_published_once_and_finished_once_stored() {
+    const ROWS: u64 = 1000;
+    let JobsRun {
+        db, mut h, out, ..
+    } = jobs_run("pg-jobs", ROWS, "        completeOn: publish\n        endWhenEmpty: true\n        batch: 50\n        maxClaimed: 20\n").await;
     h.spawn_with_env("jobs", "r", &[(PASSWORD, db.password())]);
     let status = ended(&mut h, 2, LIMIT).await;
     assert!(status.success(), "{}", h.log_of("jobs", "r"));
@@ -121,19 +142,9 @@ async fn rows_are_claimed_in_key_order_published_once_and_finished_once_stored()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_killed_after_publishing_takes_its_claims_back_at_once() {
     const ROWS: u64 = 300;
-    let db = database();
-    numbers(&db, ROWS);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.jsonl");
-    let mut h = harness(&source_pipeline(
-        "pg-taken-back",
-        &db,
-        "        completeOn: publish\n        endWhenEmpty: true\n        batch: 100\n        lease: 1h\n",
-        &out.display().to_string(),
-    ))
-    .await;
-    h.spawn("out", "r");
-    h.spawn("pass", "r");
+    let JobsRun {
+        db, mut h, out, ..
+    } = jobs_run("pg-taken-back", ROWS, "        completeOn: publish\n        endWhenEmpty: true\n        batch: 100\n        lease: 1h\n").await;
     h.killed_after_stored_with("jobs", "killed", "30", &[(PASSWORD, db.password())])
         .await;
     let claimed = count(
@@ -432,24 +443,17 @@ async fn a_late_attempt_is_refused_by_the_fence_once_its_lease_ran_out() {
 /// NOTIFY says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notify_wakes_the_source_long_before_its_poll() {
-    let db = database();
-    numbers(&db, 0);
+    let JobsRun { db, mut h, out, .. } = jobs_run(
+        "pg-notify",
+        0,
+        "        completeOn: publish\n        poll: 1h\n        notifyChannel: numbers_added\n",
+    )
+    .await;
     db.psql(
         "create function numbers_added() returns trigger as $$ begin perform pg_notify('numbers_added', ''); return null; end $$ language plpgsql; \
          create trigger numbers_added after insert on numbers for each statement execute function numbers_added()",
     )
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.jsonl");
-    let mut h = harness(&source_pipeline(
-        "pg-notify",
-        &db,
-        "        completeOn: publish\n        poll: 1h\n        notifyChannel: numbers_added\n",
-        &out.display().to_string(),
-    ))
-    .await;
-    h.spawn("out", "r");
-    h.spawn("pass", "r");
     h.spawn_with_env("jobs", "r", &[(PASSWORD, db.password())]);
     // Once the source has looked and found nothing, it waits for an hour or a NOTIFY.
     let started = Instant::now();
