@@ -30,3 +30,20 @@ pub fn parse_duration(value: &str) -> Result<Duration, DurationError> {
         reason: e.to_string(),
     })
 }
+
+/// A problem at `path` when `value` of `field` is no duration, or zero.
+pub fn check_duration(
+    problems: &mut Vec<crate::problem::Problem>,
+    path: &str,
+    field: &str,
+    value: &str,
+) {
+    match parse_duration(value) {
+        Ok(d) if d.is_zero() => problems.push(crate::problem::Problem::at(
+            path,
+            format!("{field} `{value}` must be longer than zero"),
+        )),
+        Ok(_) => {}
+        Err(e) => problems.push(crate::problem::Problem::at(path, format!("{field}: {e}"))),
+    }
+}

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::duration::parse_duration;
+use crate::duration::check_duration;
 use crate::problem::Problem;
 use crate::secret::SecretFromEnv;
 
@@ -297,14 +297,7 @@ pub fn check_source(problems: &mut Vec<Problem>, path: &str, source: &PostgresSo
     }
     for (name, value) in [("lease", &source.lease), ("poll", &source.poll)] {
         if let Some(value) = value {
-            match parse_duration(value) {
-                Ok(d) if d.is_zero() => problems.push(Problem::at(
-                    path,
-                    format!("postgres.{name} `{value}` must be longer than zero"),
-                )),
-                Ok(_) => {}
-                Err(e) => problems.push(Problem::at(path, format!("postgres.{name}: {e}"))),
-            }
+            check_duration(problems, path, &format!("postgres.{name}"), value);
         }
     }
     if let Some(filter) = &source.filter {
@@ -433,14 +426,7 @@ pub fn check_connection(
         ("connectTimeout", &c.connect_timeout),
     ] {
         if let Some(value) = value {
-            match parse_duration(value) {
-                Ok(d) if d.is_zero() => problems.push(Problem::at(
-                    path,
-                    format!("{field}.{name} `{value}` must be longer than zero"),
-                )),
-                Ok(_) => {}
-                Err(e) => problems.push(Problem::at(path, format!("{field}.{name}: {e}"))),
-            }
+            check_duration(problems, path, &format!("{field}.{name}"), value);
         }
     }
     if c.pool_size == Some(0) {

@@ -277,17 +277,6 @@ fn is_valid_subject(subject: &str) -> bool {
             .all(|t| !t.is_empty() && !t.contains(['*', '>', ' ', '\t']))
 }
 
-fn check_duration(problems: &mut Vec<Problem>, path: &str, field: &str, value: &str) {
-    match parse_duration(value) {
-        Ok(d) if d.is_zero() => problems.push(Problem::at(
-            path,
-            format!("{field} `{value}` must be longer than zero"),
-        )),
-        Ok(_) => {}
-        Err(e) => problems.push(Problem::at(path, format!("{field}: {e}"))),
-    }
-}
-
 /// Reports a holder given no kind or several; `names` are the kinds given, `all` every kind it may have.
 fn exactly_one(problems: &mut Vec<Problem>, path: &str, what: &str, names: &[&str], all: &str) {
     match names {
@@ -353,7 +342,9 @@ fn check_source_kind(problems: &mut Vec<Problem>, path: &str, kind: &SourceKind)
                 }
             }
         }
-        SourceKind::Timer(t) => check_duration(problems, path, "timer.interval", &t.interval),
+        SourceKind::Timer(t) => {
+            crate::duration::check_duration(problems, path, "timer.interval", &t.interval)
+        }
         SourceKind::Cron(c) => {
             if let Err(e) = c.schedule.parse::<croner::Cron>() {
                 problems.push(Problem::at(path, format!("cron.schedule `{}` is not a cron schedule ({e}): use five fields, minute hour day-of-month month day-of-week, such as `*/5 * * * *` (or six, with seconds first)", c.schedule)));
@@ -466,7 +457,7 @@ fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, depth: us
     );
     exactly_one(problems, path, "the stage", &kinds, &all);
     if let Some(timeout) = &stage.timeout {
-        check_duration(problems, path, "timeout", timeout);
+        crate::duration::check_duration(problems, path, "timeout", timeout);
     }
     if let Some(retry) = &stage.retry {
         check_retry(problems, path, retry);
@@ -479,7 +470,7 @@ fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, depth: us
             problems.push(Problem::at(path, "batch.size must be at least 1"));
         }
         if let Some(t) = &batch.timeout {
-            check_duration(problems, path, "batch.timeout", t);
+            crate::duration::check_duration(problems, path, "batch.timeout", t);
         }
     }
     if let Some(switcher) = &stage.switcher {
@@ -583,7 +574,7 @@ fn check_switcher(problems: &mut Vec<Problem>, path: &str, sw: &Switcher) {
         ));
     }
     if let Some(window) = &sw.scale_down_stabilization {
-        check_duration(problems, path, "switcher.scaleDownStabilization", window);
+        crate::duration::check_duration(problems, path, "switcher.scaleDownStabilization", window);
     }
 }
 

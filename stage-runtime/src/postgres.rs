@@ -279,16 +279,32 @@ impl Database {
         statement: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, ConnectError> {
-        let mut pause = Duration::from_millis(200);
+        self.query_until_answered(statement, params)
+            .await
+            .map_err(ConnectError::Refused)
+    }
+
+    /// Runs `statement` until the database answers it: while it cannot be reached, or asks for
+    /// another try (a serialization failure, a deadlock), it is asked again after 0.1 s, then up
+    /// to 5 s; its refusal (the statement's own fault) is the error.
+    pub async fn query_until_answered(
+        &self,
+        statement: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, String> {
+        let mut pause = Duration::from_millis(100);
         loop {
             match self.query(statement, params).await {
                 Ok(rows) => return Ok(rows),
                 Err(Failure::Unreachable(e)) | Err(Failure::Transient(e)) => {
-                    tracing::warn!("cannot reach the database at {} yet: {e}", self.shown);
+                    tracing::warn!(
+                        "the database at {} cannot answer yet ({e}); asking again in {pause:?}",
+                        self.shown
+                    );
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
-                Err(Failure::Row(e)) => return Err(ConnectError::Refused(e)),
+                Err(Failure::Row(e)) => return Err(e),
             }
         }
     }
@@ -468,6 +484,15 @@ where
             _ = woken.closed() => return Ok(()),
         }
     }
+}
+
+/// `"name"` or `"schema"."name"`: names are checked to be plain words, quoted all the same so that
+/// upper case and reserved words mean what the Pipeline says.
+pub fn quoted(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{part}\""))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 fn read_variable(variable: &str) -> Result<String, ConnectError> {

@@ -27,7 +27,7 @@ use tokio_postgres::types::Json;
 
 use super::{SinkError, Written};
 use crate::lineage::Lineage;
-use crate::postgres::{self as pg, Database};
+use crate::postgres::{self as pg, quoted, Database};
 use crate::retry::StepError;
 
 /// Rows waiting for a statement, at most: a unit's writes in flight are far fewer.
@@ -325,15 +325,6 @@ fn one_value(column: &str, filter: &JqFilter, item: Val) -> Result<String, StepE
 
 fn json_string(text: &str) -> String {
     serde_json::Value::String(text.to_string()).to_string()
-}
-
-/// `"name"` or `"schema"."name"`: names are checked to be plain words, quoted all the same so that
-/// upper case and reserved words mean what the Pipeline says.
-fn quoted(name: &str) -> String {
-    name.split('.')
-        .map(|part| format!("\"{part}\""))
-        .collect::<Vec<_>>()
-        .join(".")
 }
 
 /// The sink's one statement: `$1` is a JSON array of rows; it returns the positions of the rows it

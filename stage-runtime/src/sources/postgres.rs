@@ -25,7 +25,7 @@ use switchyard_crds::postgres::{
 
 use super::{Source, SourceError, SourceUnit, Stored};
 use crate::lineage::Lineage;
-use crate::postgres::{Database, Failure};
+use crate::postgres::{quoted, Database};
 
 pub struct PostgresSource<'a>(pub &'a Settings);
 
@@ -52,6 +52,34 @@ impl Claimed {
                 .unwrap_or_else(|| "null".into()),
         }
     }
+}
+
+/// Writes the outcomes back in one statement, each fenced by its reservation; how many were
+/// written (the others' rows are held by another attempt now).
+async fn write_outcomes(
+    database: &Database,
+    finish: &str,
+    done: &[Done],
+) -> Result<usize, SourceError> {
+    if done.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&str> = done.iter().map(|d| d.key.as_str()).collect();
+    let reservations: Vec<&str> = done.iter().map(|d| d.reservation.as_str()).collect();
+    let successes: Vec<bool> = done.iter().map(|d| d.success).collect();
+    let errors: Vec<Option<&str>> = done.iter().map(|d| d.error.as_deref()).collect();
+    let written = database
+        .query_until_answered(finish, &[&keys, &reservations, &successes, &errors])
+        .await
+        .map_err(SourceError::Settings)?
+        .len();
+    if written < done.len() {
+        tracing::warn!(
+            rows = done.len() - written,
+            "outcomes not written: another attempt holds those rows now (their lease ran out)"
+        );
+    }
+    Ok(written)
 }
 
 /// What the source writes back about one row.
@@ -322,26 +350,7 @@ impl Dispatcher<'_> {
 
     /// Writes the outcomes back, each fenced by its reservation.
     async fn finish(&self, done: Vec<Done>) -> Result<(), SourceError> {
-        if done.is_empty() {
-            return Ok(());
-        }
-        let keys: Vec<&str> = done.iter().map(|d| d.key.as_str()).collect();
-        let reservations: Vec<&str> = done.iter().map(|d| d.reservation.as_str()).collect();
-        let successes: Vec<bool> = done.iter().map(|d| d.success).collect();
-        let errors: Vec<Option<&str>> = done.iter().map(|d| d.error.as_deref()).collect();
-        let written = self
-            .until_reachable(
-                &self.statements.finish,
-                &[&keys, &reservations, &successes, &errors],
-            )
-            .await?;
-        let fenced = done.len() - written.len();
-        if fenced > 0 {
-            tracing::warn!(
-                rows = fenced,
-                "outcomes not written: another attempt holds those rows now (their lease ran out)"
-            );
-        }
+        write_outcomes(&self.database, &self.statements.finish, &done).await?;
         Ok(())
     }
 
@@ -394,25 +403,17 @@ impl Dispatcher<'_> {
         Ok(rows.first().map_or(0, |row| row.get(0)))
     }
 
-    /// Runs `statement` until it is answered: a database that cannot be reached is waited for
-    /// (the rows keep their leases meanwhile); a refusal stops the attempt, which the source resumes.
+    /// Runs `statement` until it is answered (the rows keep their leases meanwhile); a refusal
+    /// stops the attempt, which the source resumes.
     async fn until_reachable(
         &self,
         statement: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, SourceError> {
-        let mut pause = Duration::from_millis(100);
-        loop {
-            match self.database.query(statement, params).await {
-                Ok(rows) => return Ok(rows),
-                Err(Failure::Unreachable(e)) | Err(Failure::Transient(e)) => {
-                    tracing::warn!("the database cannot answer ({e}); trying again in {pause:?}");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(Failure::Row(e)) => return Err(SourceError::Settings(e)),
-            }
-        }
+        self.database
+            .query_until_answered(statement, params)
+            .await
+            .map_err(SourceError::Settings)
     }
 }
 
@@ -447,13 +448,6 @@ fn like_escaped(text: &str) -> String {
     text.replace('\\', "\\\\")
         .replace('%', "\\%")
         .replace('_', "\\_")
-}
-
-fn quoted(name: &str) -> String {
-    name.split('.')
-        .map(|part| format!("\"{part}\""))
-        .collect::<Vec<_>>()
-        .join(".")
 }
 
 fn statements(settings: &Settings, outcome: &Outcome, key_type: &str) -> Statements {
@@ -743,43 +737,19 @@ async fn write_back(
     stats: &crate::stats::Stats,
     open: &std::sync::atomic::AtomicUsize,
 ) -> Result<(), SourceError> {
-    if ended.is_empty() {
-        return Ok(());
-    }
-    let keys: Vec<&str> = ended.iter().map(|(j, _)| j.key.as_str()).collect();
-    let reservations: Vec<&str> = ended.iter().map(|(j, _)| j.reservation.as_str()).collect();
-    let successes: Vec<bool> = ended
+    let done: Vec<Done> = ended
         .iter()
-        .map(|(_, e)| *e == switchyard_crds::jobs::Ended::Succeeded)
-        .collect();
-    let errors: Vec<Option<&str>> = ended
-        .iter()
-        .map(|(_, e)| match e {
-            switchyard_crds::jobs::Ended::Failed(error) => Some(error.as_str()),
-            switchyard_crds::jobs::Ended::Succeeded => None,
+        .map(|(job, end)| Done {
+            key: job.key.clone(),
+            reservation: job.reservation.clone(),
+            success: *end == switchyard_crds::jobs::Ended::Succeeded,
+            error: match end {
+                switchyard_crds::jobs::Ended::Failed(error) => Some(error.clone()),
+                switchyard_crds::jobs::Ended::Succeeded => None,
+            },
         })
         .collect();
-    let mut pause = Duration::from_millis(100);
-    let written = loop {
-        match database
-            .query(finish, &[&keys, &reservations, &successes, &errors])
-            .await
-        {
-            Ok(rows) => break rows.len(),
-            Err(Failure::Unreachable(e)) | Err(Failure::Transient(e)) => {
-                tracing::warn!("cannot write outcomes back yet ({e}); trying again in {pause:?}");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
-            Err(Failure::Row(e)) => return Err(SourceError::Settings(e)),
-        }
-    };
-    if written < ended.len() {
-        tracing::warn!(
-            rows = ended.len() - written,
-            "outcomes not written: another attempt holds those rows now (their lease ran out)"
-        );
-    }
+    let written = write_outcomes(database, finish, &done).await?;
     crate::stats::Stats::add(&stats.published, written as u64);
     open.fetch_sub(ended.len(), std::sync::atomic::Ordering::Relaxed);
     for (job, _) in ended.drain(..) {
