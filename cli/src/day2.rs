@@ -503,6 +503,9 @@ pub fn render_status(
             u.dead_letters,
         ));
     }
+    out.push_str(&status::render_rows(
+        units.iter().map(|u| (u.unit.as_str(), u.rows)),
+    ));
     out
 }
 

@@ -490,6 +490,10 @@ fn render_status(pipeline: &Pipeline, live: Option<&(Vec<status::UnitStatus>, St
             u.last_scale_reason.as_deref().unwrap_or("-"),
         ));
     }
+    out.push_str(&status::render_rows(st.units.iter().map(|u| {
+        let now = live.and_then(|(units, _)| units.iter().find(|l| l.unit == u.name));
+        (u.name.as_str(), now.and_then(|l| l.rows).or(u.rows))
+    })));
     out.push_str(&render_edges(&st.edges));
     out
 }

@@ -579,8 +579,7 @@ fn follow_jobs(layout: &mut Layout, spec: &PipelineSpec, names: &Names) {
         .filter(|source| {
             matches!(
                 source.kind.one(),
-                Some(crate::pipeline::SourceKind::Postgres(p))
-                    if p.complete_on.unwrap_or_default() == crate::postgres::CompleteOn::Finished
+                Some(crate::pipeline::SourceKind::Postgres(p)) if p.follows_its_jobs()
             )
         })
         .map(|source| source.name.clone())

@@ -685,4 +685,32 @@ pub struct UnitStatus {
     pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_reason: Option<String>,
+    /// For a postgres source: where the rows of its table stand, as it last counted them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<RowCounts>,
+}
+
+/// Where the rows of a postgres source's table stand (those its `where` selects), as the source
+/// last counted them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RowCounts {
+    /// Not finished and not under a running lease: the next claims take them.
+    pub waiting: u64,
+    /// Under a lease that still runs: on their way through the Pipeline.
+    pub claimed: u64,
+    /// Finished with success.
+    pub succeeded: u64,
+    /// Finished as failed (dead-lettered, or given up after their last attempt).
+    pub failed: u64,
+}
+
+impl RowCounts {
+    /// One line for a person: `12 waiting, 30 claimed, 99950 succeeded, 8 failed`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} waiting, {} claimed, {} succeeded, {} failed",
+            self.waiting, self.claimed, self.succeeded, self.failed
+        )
+    }
 }

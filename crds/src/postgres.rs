@@ -89,6 +89,9 @@ pub enum TlsMode {
 /// is stored, `completeOn: publish`). A row whose lease runs out is claimed again, by the next
 /// attempt; one that used `maxAttempts` is finished as failed. Every write-back is fenced by the
 /// claim's reservation, so a late replica cannot overwrite a newer claim.
+///
+/// With `follow`, it writes nothing: it reads the rows in the order of a column that only grows,
+/// from where it stopped, as a file source reads new lines.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PostgresSource {
@@ -144,6 +147,26 @@ pub struct PostgresSource {
     /// The table's own names for the columns the source writes (defaults in [`OutcomeColumns`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<OutcomeColumns>,
+    /// Read the table without writing to it: its rows in the order of a column that only grows,
+    /// each once, from where the source stopped (its checkpoint) rather than claimed as jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow: Option<PostgresFollow>,
+}
+
+/// How a postgres source follows a table it must not write.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresFollow {
+    /// A column whose value only grows as rows are added (or changed): a serial id, an
+    /// `updated_at` time (default: the key). Rows are read in the order of this column, then of the
+    /// key, so rows that share a value are neither skipped nor read twice; an index on
+    /// (column, key) serves the reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    /// For a time column: read only rows at least this old (such as `5s`), so that a transaction that
+    /// commits after a later one, with an earlier time, is not passed over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
@@ -234,6 +257,19 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_POLL: &str = "1s";
 
 impl PostgresSource {
+    /// The column a following source reads in the order of, when it follows.
+    pub fn follow_column(&self) -> Option<&str> {
+        self.follow
+            .as_ref()
+            .map(|f| f.column.as_deref().unwrap_or(&self.key))
+    }
+
+    /// Whether a row is done only once its item is finished downstream, which the source learns
+    /// from the units' accounts of its jobs (not when it follows the table, which it never writes).
+    pub fn follows_its_jobs(&self) -> bool {
+        self.follow.is_none() && self.complete_on.unwrap_or_default() == CompleteOn::Finished
+    }
+
     pub fn outcome(&self) -> Outcome {
         self.outcome.clone().unwrap_or_default().resolved()
     }
@@ -263,7 +299,13 @@ pub fn check_source(problems: &mut Vec<Problem>, path: &str, source: &PostgresSo
             .iter()
             .map(|c| ("itemColumn", c.as_str())),
     );
-    named.extend(outcome.all().into_iter().map(|c| ("outcome", c)));
+    match &source.follow {
+        None => named.extend(outcome.all().into_iter().map(|c| ("outcome", c))),
+        Some(follow) => {
+            named.extend(follow.column.iter().map(|c| ("follow.column", c.as_str())));
+            check_follow(problems, path, source, follow);
+        }
+    }
     for (field, column) in &named {
         if !is_sql_name(column, false) {
             problems.push(Problem::at(path, format!("postgres.{field}: `{column}` is not a column's name: letters, digits and `_`, not starting with a digit")));
@@ -271,6 +313,9 @@ pub fn check_source(problems: &mut Vec<Problem>, path: &str, source: &PostgresSo
     }
     let outcome_columns = outcome.all();
     for (i, column) in outcome_columns.iter().enumerate() {
+        if source.follow.is_some() {
+            break;
+        }
         if outcome_columns[..i].contains(column) {
             problems.push(Problem::at(path, format!("postgres.outcome: the column `{column}` is named twice: each outcome needs its own")));
         }
@@ -304,6 +349,30 @@ pub fn check_source(problems: &mut Vec<Problem>, path: &str, source: &PostgresSo
         if filter.trim().is_empty() || filter.contains(';') {
             problems.push(Problem::at(path, format!("postgres.where `{filter}` must be one SQL condition, such as `kind = 'odd'`, without `;`")));
         }
+    }
+}
+
+/// What a following source refuses: the settings of claims, which it does not make.
+fn check_follow(
+    problems: &mut Vec<Problem>,
+    path: &str,
+    source: &PostgresSource,
+    follow: &PostgresFollow,
+) {
+    let claims_only = [
+        ("maxClaimed", source.max_claimed.is_some()),
+        ("lease", source.lease.is_some()),
+        ("maxAttempts", source.max_attempts.is_some()),
+        ("completeOn", source.complete_on.is_some()),
+        ("outcome", source.outcome.is_some()),
+    ];
+    for (field, set) in claims_only {
+        if set {
+            problems.push(Problem::at(path, format!("postgres.{field} belongs to claimed rows, and postgres.follow reads without claiming or writing: leave out one or the other")));
+        }
+    }
+    if let Some(delay) = &follow.delay {
+        check_duration(problems, path, "postgres.follow.delay", delay);
     }
 }
 

@@ -407,6 +407,9 @@ pub struct StatsReport {
     /// Inputs (for a batch stage: batches) this replica works on at once.
     #[serde(default)]
     pub concurrency: u32,
+    /// Where the rows of a postgres source's table stand, as it last counted them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<crate::pipeline::RowCounts>,
 }
 
 #[cfg(test)]

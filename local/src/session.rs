@@ -574,7 +574,19 @@ impl Session {
                     published: t.published,
                     lag: self.lags.get(&config.unit).copied(),
                     dead_lettered: t.dead_lettered,
-                    total: self.totals_of_source.get(&config.unit).copied(),
+                    // A postgres source's table is as big as its rows, as it last counted them.
+                    total: self
+                        .totals_of_source
+                        .get(&config.unit)
+                        .copied()
+                        .or_else(|| {
+                            let rows = self
+                                .reports
+                                .latest(&config.unit)
+                                .iter()
+                                .find_map(|r| r.rows)?;
+                            Some(rows.waiting + rows.claimed + rows.succeeded + rows.failed)
+                        }),
                     finished: processes.is_some_and(|p| p.finished),
                 }
             })

@@ -23,6 +23,9 @@ pub struct UnitStatus {
     /// Inputs per second, summed over its replicas.
     pub rate: f64,
     pub dead_letters: u64,
+    /// For a postgres source: where its table's rows stand, as it last counted them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<switchyard_crds::RowCounts>,
 }
 
 /// Reads every unit's status, listening `listen` for the replicas' reports (they come every second).
@@ -83,7 +86,47 @@ pub async fn read(target: &Target, listen: Duration) -> Result<Vec<UnitStatus>, 
             lag,
             rate: mine.iter().fold(0.0, |sum, r| sum + r.rate),
             dead_letters: dead_letters.get(&unit.name).copied().unwrap_or(0),
+            rows: mine.iter().find_map(|r| r.rows),
         });
     }
     Ok(out)
+}
+
+/// The rows of the postgres sources among `units` (name, counts), as `switchyard status` shows them
+/// below the units' table; nothing when there are none.
+pub fn render_rows<'a>(
+    units: impl IntoIterator<Item = (&'a str, Option<switchyard_crds::RowCounts>)>,
+) -> String {
+    let lines: Vec<String> = units
+        .into_iter()
+        .filter_map(|(unit, rows)| rows.map(|rows| format!("  {unit}: {}\n", rows.describe())))
+        .collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n  rows of the postgres sources' tables:\n{}",
+        lines.concat()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_crds::RowCounts;
+
+    #[test]
+    fn only_sources_that_counted_rows_are_listed() {
+        let rows = RowCounts {
+            waiting: 12,
+            claimed: 30,
+            succeeded: 99_950,
+            failed: 8,
+        };
+        assert_eq!(render_rows([("work", None), ("decide", None)]), "");
+        assert_eq!(
+            render_rows([("jobs", Some(rows)), ("work", None)]),
+            "\n  rows of the postgres sources' tables:\n  jobs: 12 waiting, 30 claimed, 99950 succeeded, 8 failed\n"
+        );
+    }
 }

@@ -27,6 +27,8 @@ pub struct Stats {
     pub finished: AtomicBool,
     /// Set once the unit is working: connected, its consumer open or its source running.
     pub ready: AtomicBool,
+    /// A postgres source's table, as it last counted it.
+    pub rows: Mutex<Option<switchyard_crds::RowCounts>>,
 }
 
 impl Stats {
@@ -46,6 +48,7 @@ impl Stats {
             duplicates_skipped: self.duplicates_skipped.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             finished: self.finished.load(Ordering::Relaxed),
+            rows: self.rows.lock().ok().and_then(|rows| *rows),
             ..StatsReport::default()
         }
     }

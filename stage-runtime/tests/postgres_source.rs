@@ -236,12 +236,32 @@ async fn rows_finish_once_their_item_is_written_and_fail_with_their_dead_letters
     for replica in ["w1", "w2", "w3"] {
         h.spawn("work", replica);
     }
+    let reports = h.watch_stats("jobs").await;
     h.spawn_with_env("jobs", "r", &env);
     let started = Instant::now();
     let status = ended(&mut h, 4, LIMIT).await;
     assert!(status.success(), "{}", h.log_of("jobs", "r"));
     h.wait_until_drained(LIMIT).await;
     h.stop().await;
+    // The source counted the table as it ended, and said so in its last report.
+    let reports = common::settled_reports(&reports, Duration::from_secs(5), |r| {
+        r.values().any(|r| r.last)
+    })
+    .await;
+    let rows = reports
+        .values()
+        .find(|r| r.last)
+        .and_then(|r| r.rows)
+        .unwrap_or_else(|| panic!("no count of the rows in the source's last report: {reports:?}"));
+    assert_eq!(
+        rows,
+        switchyard_crds::RowCounts {
+            waiting: 0,
+            claimed: 0,
+            succeeded: ROWS - ROWS / 500,
+            failed: ROWS / 500
+        }
+    );
     println!(
         "{ROWS} rows through 3 workers, each finished, in {:.1}s",
         started.elapsed().as_secs_f64()
@@ -474,4 +494,95 @@ async fn a_notify_wakes_the_source_long_before_its_poll() {
     );
     assert_eq!(lines.len(), 10);
     assert_eq!(count(&db, "select count(*) from numbers where success"), 10);
+}
+
+/// A table the source must not write, followed by its `updated_at` (ten rows share each time, and a
+/// batch of 7 ends inside such a group, where reading on by the time alone would skip or repeat
+/// rows): every row once across a kill right after a frame was stored; rows added later and a row
+/// changed later arrive as new items; nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_following_source_reads_each_row_once_across_a_kill_and_writes_nothing() {
+    let db = database();
+    let events = |from: u64, to: u64| {
+        format!(
+            "insert into events (id, updated_at, body) select n, timestamptz '2026-01-01' + (n / 10) * interval '1 second', \
+             json_build_object('n', n) from generate_series({from}, {to}) n"
+        )
+    };
+    db.psql(&format!(
+        "create table events (id bigint primary key, updated_at timestamptz not null, body jsonb); {}",
+        events(1, 500)
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let mut h = harness(&format!(
+        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: pg-follow}}\nspec:\n  sources:\n    - name: events\n      postgres: {{connection: {{url: \"{url}\", password: {{env: {PASSWORD}}}}}, table: events, key: id, itemColumn: body, follow: {{column: updated_at}}, batch: 7, poll: 100ms}}\n  stages: [{{name: pass, passthrough: {{}}}}]\n  sinks: [{{name: out, file: {{path: \"{out}\"}}}}]\n",
+        url = db.url(),
+        out = out.display()
+    ))
+    .await;
+    h.spawn("out", "r");
+    h.spawn("pass", "r");
+    let env = [(PASSWORD, db.password())];
+    h.killed_after_stored_with("events", "killed", "1", &env)
+        .await;
+    h.spawn_with_env("events", "r", &env);
+    h.wait_for_lines(&out, 500, LIMIT).await;
+    // Later rows, and a row changed later: new items.
+    db.psql(&format!(
+        "{}; update events set updated_at = timestamptz '2026-02-01', body = '{{\"n\": 3, \"again\": true}}' where id = 3",
+        events(501, 800)
+    ))
+    .unwrap();
+    let lines = h.wait_for_lines(&out, 801, LIMIT).await;
+    h.wait_until_drained(LIMIT).await;
+    let log = h.log_of("events", "r");
+    h.stop().await;
+    let items = common::json_lines(&lines);
+    let numbers: Vec<u64> = items.iter().map(|i| i["n"].as_u64().unwrap()).collect();
+    let mut expected: Vec<u64> = (1..=800).collect();
+    expected.push(3);
+    assert_eq!(numbers.len(), 801, "{log}");
+    let once: BTreeSet<u64> = numbers.iter().copied().collect();
+    assert_eq!(once.len(), 800, "a row is missing");
+    assert_eq!(
+        numbers.iter().filter(|&&n| n == 3).count(),
+        2,
+        "the changed row once more"
+    );
+    assert_eq!(
+        items
+            .iter()
+            .filter(|i| **i == serde_json::json!({"n": 3, "again": true}))
+            .count(),
+        1,
+        "the changed row, as it is now"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "select n_tup_upd + n_tup_del from pg_stat_user_tables where relname = 'events'"
+        ),
+        1,
+        "the source wrote to the table (the one update is the test's)"
+    );
+}
+
+/// A delay counts back from a time: following a number with one is refused at start, by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_on_a_column_that_is_not_a_time_is_refused_at_start() {
+    let JobsRun { db, mut h, .. } =
+        jobs_run("pg-follow-delay", 10, "        follow: {delay: 5s}\n").await;
+    h.spawn_with_env("jobs", "r", &[(PASSWORD, db.password())]);
+    let status = ended(&mut h, 2, LIMIT).await;
+    let log = h.log_of("jobs", "r");
+    h.stop().await;
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(
+            "postgres.follow.delay counts back from a time, and value is a column of bigint"
+        ),
+        "{log}"
+    );
 }

@@ -539,3 +539,32 @@ fn postgres_sources_are_checked_before_anything_runs() {
         "{found:?}"
     );
 }
+
+#[test]
+fn a_following_source_refuses_the_settings_of_claims_and_needs_no_outcome_columns() {
+    let text = spec(
+        "  sources:\n    - {name: claims, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: t, key: id, follow: {column: 'updated at', delay: soon}, lease: 5m, completeOn: publish, outcome: {success: done}}}\n    - {name: fine, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: events, key: success, follow: {column: updated_at, delay: 5s}, endWhenEmpty: true}}\n  stages: [{name: a, passthrough: {}}]\n  sinks: [{name: out, log: {}}]\n",
+    );
+    let found = problems(&text);
+    for field in ["postgres.lease", "postgres.completeOn", "postgres.outcome"] {
+        assert_has(
+            &found,
+            "sources[0] claims",
+            &format!("{field} belongs to claimed rows"),
+        );
+    }
+    assert_has(&found, "sources[0] claims", "follow.column: `updated at`");
+    assert_has(&found, "sources[0] claims", "postgres.follow.delay");
+    // `success` may be a following source's key: it writes no outcome.
+    assert!(
+        !found.iter().any(|p| p.starts_with("sources[1]")),
+        "{found:?}"
+    );
+    // And nobody accounts for its items.
+    let fine = parse_pipeline(&spec(
+        "  sources:\n    - {name: fine, postgres: {connection: {urlFrom: {env: DATABASE_URL}}, table: events, key: id, follow: {}}}\n  stages: [{name: a, passthrough: {}}]\n  sinks: [{name: out, log: {}}]\n",
+    ))
+    .unwrap();
+    let laid = crate::layout::layout(&analyze(&fine).unwrap(), &fine.spec).unwrap();
+    assert!(laid.nats.jobs.is_none());
+}

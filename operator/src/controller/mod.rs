@@ -157,6 +157,19 @@ impl Context {
             .then(|| (fresh.iter().map(|r| r.rate).sum::<f64>() * 10.0).round() / 10.0)
     }
 
+    /// Where a postgres source's table stands, as a live replica last counted it.
+    pub fn rows(
+        &self,
+        namespace: &str,
+        pipeline: &str,
+        unit: &str,
+    ) -> Option<switchyard_crds::RowCounts> {
+        self.reports
+            .fresh(&keys::unit(namespace, pipeline, unit))
+            .iter()
+            .find_map(|r| r.rows)
+    }
+
     pub fn scale_record(&self, key: &str) -> Option<autoscaler::ScaleRecord> {
         lock(&self.scaling).get(key).cloned()
     }

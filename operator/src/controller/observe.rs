@@ -264,6 +264,7 @@ pub fn units(
                     switchyard_crds::unit::items_pending(pending, &reports)
                 }),
                 rate: ctx.rate(&plan.namespace, &plan.pipeline, &u.name),
+                rows: ctx.rows(&plan.namespace, &plan.pipeline, &u.name),
                 dead_lettered: seen.dead_lettered.get(&u.name).copied().unwrap_or(0),
                 last_scale_time: scaled.as_ref().and_then(|r| r.last_scale_time.clone()),
                 last_scale_reason: scaled.map(|r| r.reason),

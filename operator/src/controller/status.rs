@@ -88,6 +88,8 @@ pub struct UnitObservation {
     pub lag: Option<u64>,
     /// Inputs finished per second, from the replicas' reports.
     pub rate: Option<f64>,
+    /// A postgres source's table, as a live replica last counted it.
+    pub rows: Option<switchyard_crds::RowCounts>,
     pub dead_lettered: u64,
     /// When the autoscaler last changed the replicas, and why it did (or why it holds).
     pub last_scale_time: Option<Time>,
@@ -248,6 +250,8 @@ pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time)
                         .last_scale_reason
                         .clone()
                         .or_else(|| before.and_then(|b| b.last_scale_reason.clone())),
+                    // A source that ended (or is between replicas) leaves its last count standing.
+                    rows: u.rows.or_else(|| before.and_then(|b| b.rows)),
                 }
             })
             .collect(),
@@ -777,6 +781,27 @@ mod tests {
             d.message.contains("12 messages") && d.message.contains("switchyard.default.p.dlq.*")
         );
         assert_eq!(s.units[0].dead_lettered, 12);
+    }
+
+    #[test]
+    fn a_sources_row_counts_are_shown_and_outlive_its_replica() {
+        let rows = switchyard_crds::RowCounts {
+            waiting: 5,
+            claimed: 3,
+            succeeded: 90,
+            failed: 2,
+        };
+        let mut jobs = unit("jobs", 1, 1);
+        jobs.rows = Some(rows);
+        let first = compute(None, &observe(Outcome::Applied, vec![jobs]), &at(10));
+        assert_eq!(first.units[0].rows, Some(rows));
+        // The source ended (or is being replaced): no live replica counts, the last count stands.
+        let later = compute(
+            Some(&first),
+            &observe(Outcome::Applied, vec![unit("jobs", 1, 0)]),
+            &at(20),
+        );
+        assert_eq!(later.units[0].rows, Some(rows));
     }
 
     #[test]

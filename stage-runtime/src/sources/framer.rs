@@ -221,6 +221,22 @@ impl<P: Serialize + Clone> Framer<P> {
         self.store_held(unit, true).await
     }
 
+    /// Nothing else is ready, and the source will wait for more (a followed table): stores what is
+    /// held, waits for every acknowledgement and writes the checkpoint, so that an idle source's
+    /// checkpoint is where its items are. A planned frame still being gathered stays held.
+    pub(super) async fn settle(&mut self, unit: &SourceUnit) -> Result<(), SourceError> {
+        if self.gathering_planned {
+            return Ok(());
+        }
+        self.flush(unit).await?;
+        let confirmed = self.window.drain().await?;
+        self.confirm(confirmed);
+        if self.moved {
+            self.save(unit).await?;
+        }
+        Ok(())
+    }
+
     /// Stores what is held, waits for every acknowledgement and writes the checkpoint.
     pub(super) async fn finish(&mut self, unit: &SourceUnit) -> Result<(), SourceError> {
         if self.gathering_planned {

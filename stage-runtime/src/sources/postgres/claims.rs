@@ -1,4 +1,4 @@
-//! The postgres source: the rows of a table dispatched as jobs.
+//! The rows of a table dispatched as jobs.
 //!
 //! Rows are claimed in key order, a batch at a time, with `FOR UPDATE SKIP LOCKED` inside a CTE (so
 //! that the planner cannot update more rows than the limit, and claimers never wait for each
@@ -17,20 +17,21 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures::FutureExt;
-use switchyard_crds::duration::parse_duration;
 use switchyard_crds::postgres::{
     CompleteOn, Outcome, PostgresSource as Settings, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_CLAIMED, DEFAULT_POLL, DEFAULT_SOURCE_BATCH,
 };
+use switchyard_crds::RowCounts;
 
-use super::{Source, SourceError, SourceUnit, Stored};
+use super::{duration, item_expression, open_table, wait_for_rows};
 use crate::lineage::Lineage;
 use crate::postgres::{quoted, Database};
-
-pub struct PostgresSource<'a>(pub &'a Settings);
+use crate::sources::{SourceError, SourceUnit, Stored};
 
 /// How long the source waits before it looks again while `maxClaimed` rows are open.
 const FULL_PAUSE: Duration = Duration::from_millis(20);
+/// How often the source counts where its table's rows stand, at most (see `Dispatcher::count`).
+const COUNT_EVERY: Duration = Duration::from_secs(5);
 
 /// A claimed row on its way.
 struct Claimed {
@@ -96,72 +97,51 @@ struct Statements {
     give_up: String,
     finish: String,
     take_back: String,
-    unfinished: String,
+    count: String,
 }
 
-impl Source for PostgresSource<'_> {
-    async fn run(&self, unit: &SourceUnit) -> Result<(), SourceError> {
-        let settings = self.0;
-        let failed =
-            |e: String| SourceError::Settings(format!("postgres source {}: {e}", unit.name));
-        let database = Database::connect(&settings.connection)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let table = quoted(&settings.table);
-        let present = database
-            .columns_when_reachable(&table)
+/// Claims, publishes and writes back until the unit stops, or the table is done (`endWhenEmpty`).
+pub(super) async fn run(settings: &Settings, unit: &SourceUnit) -> Result<(), SourceError> {
+    let failed = |e: String| SourceError::Settings(format!("postgres source {}: {e}", unit.name));
+    let outcome = settings.outcome();
+    let written: Vec<String> = outcome.all().iter().map(|c| c.to_string()).collect();
+    let (database, table) = open_table(
+        settings,
+        unit,
+        &written,
+        "name the table's own outcome columns under postgres.outcome",
+    )
+    .await?;
+    let key_type = database
+        .column_type_when_reachable(&table, &settings.key)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let statements = statements(settings, &outcome, &key_type);
+    for statement in [
+        &statements.claim,
+        &statements.give_up,
+        &statements.finish,
+        &statements.take_back,
+        &statements.count,
+    ] {
+        database
+            .prepare_when_reachable(statement)
             .await
             .map_err(|e| failed(format!("table {}: {e}", settings.table)))?;
-        let outcome = settings.outcome();
-        let mut needed: Vec<String> = vec![settings.key.clone()];
-        needed.extend(settings.item_columns());
-        needed.extend(settings.item_column.iter().cloned());
-        needed.extend(outcome.all().iter().map(|c| c.to_string()));
-        let absent: Vec<&String> = needed.iter().filter(|c| !present.contains(c)).collect();
-        if !absent.is_empty() {
-            return Err(failed(format!(
-                "table {} has no column {} (it has {}); name the table's own outcome columns under postgres.outcome",
-                settings.table,
-                absent.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "),
-                present.join(", ")
-            )));
-        }
-        let key_type = database
-            .column_type_when_reachable(&table, &settings.key)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let statements = statements(settings, &outcome, &key_type);
-        for statement in [
-            &statements.claim,
-            &statements.give_up,
-            &statements.finish,
-            &statements.take_back,
-            &statements.unfinished,
-        ] {
-            database
-                .prepare_when_reachable(statement)
-                .await
-                .map_err(|e| failed(format!("table {}: {e}", settings.table)))?;
-        }
-        let dispatcher = Dispatcher {
-            settings,
-            database,
-            statements,
-            lease: duration(&settings.lease, DEFAULT_LEASE).map_err(failed)?,
-            poll: duration(&settings.poll, DEFAULT_POLL).map_err(failed)?,
-            max_attempts: settings.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS) as i32,
-            batch: settings.batch.unwrap_or(DEFAULT_SOURCE_BATCH) as i64,
-            max_claimed: settings.max_claimed.unwrap_or(DEFAULT_MAX_CLAIMED) as usize,
-            // `switchyard.<namespace>.<pipeline>.<unit>/`: this unit's claims, no other's.
-            token_prefix: format!("{}/", unit.queue_group),
-        };
-        unit.resuming(|| dispatcher.dispatch(unit)).await
     }
-}
-
-fn duration(value: &Option<String>, default: &str) -> Result<Duration, String> {
-    let value = value.as_deref().unwrap_or(default);
-    parse_duration(value).map_err(|e| e.to_string())
+    let dispatcher = Dispatcher {
+        settings,
+        database,
+        statements,
+        lease: duration(&settings.lease, DEFAULT_LEASE).map_err(failed)?,
+        poll: duration(&settings.poll, DEFAULT_POLL).map_err(failed)?,
+        max_attempts: settings.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS) as i32,
+        batch: settings.batch.unwrap_or(DEFAULT_SOURCE_BATCH) as i64,
+        max_claimed: settings.max_claimed.unwrap_or(DEFAULT_MAX_CLAIMED) as usize,
+        // `switchyard.<namespace>.<pipeline>.<unit>/`: this unit's claims, no other's.
+        token_prefix: format!("{}/", unit.queue_group),
+    };
+    unit.resuming(|| dispatcher.dispatch(unit)).await
 }
 
 struct Dispatcher<'a> {
@@ -218,12 +198,7 @@ impl Dispatcher<'_> {
             in_flight.push_back((row, stored));
         }
         // Woken by a NOTIFY as well as by the poll, when the table has a trigger that says so.
-        let mut woken = self.settings.notify_channel.clone().map(|channel| {
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let database = self.database.clone();
-            tokio::spawn(async move { database.listen(channel, tx).await });
-            rx
-        });
+        let mut woken = super::listen(self.settings, &self.database);
         let result = self
             .claim_and_publish(unit, &mut in_flight, tracker.as_ref(), &mut woken)
             .await;
@@ -263,6 +238,7 @@ impl Dispatcher<'_> {
         woken: &mut Option<tokio::sync::mpsc::Receiver<()>>,
     ) -> Result<(), SourceError> {
         let mut last_sweep = std::time::Instant::now() - self.poll;
+        let mut next_count = std::time::Instant::now();
         loop {
             self.settle(unit, in_flight, false).await?;
             if unit.stopping() {
@@ -271,6 +247,12 @@ impl Dispatcher<'_> {
             if last_sweep.elapsed() >= self.poll {
                 self.give_up().await?;
                 last_sweep = std::time::Instant::now();
+            }
+            if std::time::Instant::now() >= next_count {
+                let started = std::time::Instant::now();
+                self.count(unit).await?;
+                // Counting reads the whole table: on a big one, count less often.
+                next_count = std::time::Instant::now() + (started.elapsed() * 20).max(COUNT_EVERY);
             }
             // Claim no further ahead of the workers than maxClaimed: a lease runs from the claim.
             let open = tracker.map_or(in_flight.len(), Tracker::open);
@@ -285,9 +267,16 @@ impl Dispatcher<'_> {
                 .await?;
             if claimed.is_empty() {
                 self.settle(unit, in_flight, true).await?;
-                if self.settings.end_when_empty && self.unfinished().await? == 0 {
-                    tracing::info!("every row is done: the source ends");
-                    return Ok(());
+                if self.settings.end_when_empty {
+                    let rows = self.count(unit).await?;
+                    if rows.waiting + rows.claimed == 0 {
+                        tracing::info!(
+                            succeeded = rows.succeeded,
+                            failed = rows.failed,
+                            "every row is done: the source ends"
+                        );
+                        return Ok(());
+                    }
                 }
                 if !wait_for_rows(unit, self.poll, woken).await {
                     break;
@@ -396,11 +385,25 @@ impl Dispatcher<'_> {
         Ok(())
     }
 
-    async fn unfinished(&self) -> Result<i64, SourceError> {
+    /// Counts where the table's rows stand, and reports it with the unit's stats.
+    async fn count(&self, unit: &SourceUnit) -> Result<RowCounts, SourceError> {
+        let lease_ms = self.lease.as_millis() as i64;
         let rows = self
-            .until_reachable(&self.statements.unfinished, &[])
+            .until_reachable(&self.statements.count, &[&lease_ms])
             .await?;
-        Ok(rows.first().map_or(0, |row| row.get(0)))
+        let counts = rows.first().map_or_else(RowCounts::default, |row| {
+            let at = |i: usize| row.get::<_, i64>(i).max(0) as u64;
+            RowCounts {
+                waiting: at(0),
+                claimed: at(1),
+                succeeded: at(2),
+                failed: at(3),
+            }
+        });
+        if let Ok(mut rows) = unit.stats.rows.lock() {
+            *rows = Some(counts);
+        }
+        Ok(counts)
     }
 
     /// Runs `statement` until it is answered (the rows keep their leases meanwhile); a refusal
@@ -414,32 +417,6 @@ impl Dispatcher<'_> {
             .query_until_answered(statement, params)
             .await
             .map_err(SourceError::Settings)
-    }
-}
-
-/// Waits for the poll, a NOTIFY, or the unit's stop; false on the stop.
-async fn wait_for_rows(
-    unit: &SourceUnit,
-    poll: Duration,
-    woken: &mut Option<tokio::sync::mpsc::Receiver<()>>,
-) -> bool {
-    let Some(notified) = woken else {
-        return unit.sleep_or_stop(poll).await;
-    };
-    let mut shutdown = unit.shutdown.clone();
-    if *shutdown.borrow() {
-        return false;
-    }
-    tokio::select! {
-        _ = tokio::time::sleep(poll) => true,
-        wake = notified.recv() => {
-            if wake.is_none() {
-                // The listener is gone: the poll alone from now on.
-                *woken = None;
-            }
-            true
-        }
-        _ = shutdown.changed() => false,
     }
 }
 
@@ -467,17 +444,7 @@ fn statements(settings: &Settings, outcome: &Outcome, key_type: &str) -> Stateme
         .filter
         .as_deref()
         .map_or("TRUE".to_string(), |f| format!("({f})"));
-    let item = match &settings.item_column {
-        Some(column) => format!("row.{}::text", q(column)),
-        None => {
-            let fields: Vec<String> = settings
-                .item_columns()
-                .iter()
-                .map(|c| format!("'{c}', row.{}", q(c)))
-                .collect();
-            format!("json_build_object({})::text", fields.join(", "))
-        }
-    };
+    let item = item_expression(settings);
     let claim = format!(
         "WITH claimable AS (\
            SELECT {k} FROM {t} \
@@ -518,13 +485,23 @@ fn statements(settings: &Settings, outcome: &Outcome, key_type: &str) -> Stateme
          ) \
          SELECT key, attempt, item, reservation FROM taken ORDER BY sort_key"
     );
-    let unfinished = format!("SELECT count(*) FROM {t} WHERE {success} IS NULL AND {filter}");
+    // A row is claimed while its lease runs; unfinished and not claimed, it waits.
+    let leased = format!(
+        "{reservation} IS NOT NULL AND coalesce({reserved_at} >= now() - $1::int8 * interval '1 millisecond', false)"
+    );
+    let count = format!(
+        "SELECT count(*) FILTER (WHERE {success} IS NULL AND NOT ({leased})), \
+           count(*) FILTER (WHERE {success} IS NULL AND {leased}), \
+           count(*) FILTER (WHERE {success}), \
+           count(*) FILTER (WHERE NOT {success}) \
+         FROM {t} WHERE {filter}"
+    );
     Statements {
         claim,
         give_up,
         finish,
         take_back,
-        unfinished,
+        count,
     }
 }
 
