@@ -2,6 +2,7 @@
 //! on a private nats-server. Kept out of the `switchyard` command: users run pipelines, we measure.
 
 mod peer;
+mod postgres;
 mod procfs;
 mod raw;
 mod run;
@@ -32,6 +33,9 @@ enum Inner {
     Raw(raw::RawArgs),
     /// File → Python function → file through `switchyard run`, against Bytewax on the same input.
     Peer(peer::PeerArgs),
+    /// Rows per second through the postgres source and sink, against raw claim and insert loops on
+    /// the same server.
+    Postgres(postgres::PostgresArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
     match cli.inner {
         Some(Inner::Raw(args)) => raw::main(args),
         Some(Inner::Peer(args)) => peer::main(args),
+        Some(Inner::Postgres(args)) => postgres::main(args),
         None => run::main(cli.args),
     }
 }

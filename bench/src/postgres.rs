@@ -1,0 +1,300 @@
+//! `switchyard-bench postgres`: rows per second through the postgres source and sink, against raw
+//! loops on the same private server in the same run.
+//!
+//! - Jobs: `examples/odd-numbers.yaml` as it is (a source claiming 500 rows at a time with leases, a
+//!   switcher of three workers, a sink writing `is_odd` into each row, each row's outcome written
+//!   back once that is done), against three connections that only claim a batch with the same
+//!   statement shape and update it (`is_odd`, success, end time) in one statement.
+//! - Inserts: a generator into a postgres sink (one row per item, idempotent by the item's id),
+//!   against four connections inserting batches of 500 with `unnest` and the same conflict clause.
+//!
+//! Switchyard's rate is counted twice: on the database's clock (first claim to last outcome, first
+//! row to last), which leaves out starting NATS and the units, and over the whole `switchyard run`.
+//! Every run's table is checked: every row done once.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use switchyard_local::thousands;
+use switchyard_platform::embedded_postgres::PostgresServer;
+
+#[derive(Args, Debug)]
+pub struct PostgresArgs {
+    /// Rows in each table.
+    #[arg(long, default_value_t = 100_000)]
+    rows: u64,
+    /// The `switchyard` binary (default: the one beside this program).
+    #[arg(long, env = "SWITCHYARD_BIN")]
+    switchyard: Option<PathBuf>,
+}
+
+const JOBS_PIPELINE: &str = include_str!("../../examples/odd-numbers.yaml");
+const JOBS_TABLE: &str = include_str!("../../examples/odd-numbers.sql");
+
+/// Claimers in the raw loop: as many as the example's workers.
+const RAW_CLAIMERS: usize = 3;
+/// Writers in the raw insert loop: as many connections as the sink's pool.
+const RAW_WRITERS: usize = 4;
+const BATCH: i64 = 500;
+
+const INSERT_PIPELINE: &str = r#"apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {name: inserts}
+spec:
+  sources:
+    - name: numbers
+      generator: {count: ROWS, payload: '{"value": {{seq}}}'}
+  stages:
+    - name: decide
+      jq: '{value: .value, is_odd: (.value % 2 == 1)}'
+  sinks:
+    - name: results
+      postgres:
+        connection: {urlFrom: {env: DATABASE_URL}}
+        table: results
+        columns: {value: .value, is_odd: .is_odd}
+        itemIdColumn: item_id
+"#;
+
+const RESULTS_TABLE: &str = "DROP TABLE IF EXISTS results; CREATE TABLE results (value bigint PRIMARY KEY, \
+    is_odd boolean, item_id text UNIQUE, written_at timestamptz NOT NULL DEFAULT clock_timestamp())";
+
+pub fn main(args: PostgresArgs) -> std::process::ExitCode {
+    match run(&args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard-bench postgres: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &PostgresArgs) -> anyhow::Result<()> {
+    let db = PostgresServer::start().context("a PostgreSQL server for the benchmark")?;
+    let dir = tempfile::tempdir()?;
+    let switchyard = match &args.switchyard {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()?.with_file_name("switchyard"),
+    };
+    let rows = args.rows;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "postgres: {} rows a table, PostgreSQL on the same machine, on {}",
+        thousands(rows),
+        crate::run::machine()
+    );
+
+    // Jobs: claimed, decided, written back.
+    fill_numbers(&db, rows)?;
+    let raw = runtime.block_on(raw_claims(&db.url_with_password(), rows))?;
+    check(&db, "select count(*) from numbers where success and is_odd = (value % 2 = 1) and reservation_times = 1", rows)
+        .context("the raw claim loop")?;
+    println!(
+        "  raw claim + update loop ({RAW_CLAIMERS} connections, {BATCH} rows a claim): {}",
+        rate(rows, raw)
+    );
+    fill_numbers(&db, rows)?;
+    std::fs::write(dir.path().join("jobs.yaml"), JOBS_PIPELINE)?;
+    let wall = switchyard_run(&switchyard, dir.path(), "jobs.yaml", &db)?;
+    check(&db, "select count(*) from numbers where success and is_odd = (value % 2 = 1) and reservation_times = 1", rows)
+        .context("examples/odd-numbers.yaml")?;
+    let span = seconds(
+        &db,
+        "select extract(epoch from max(end_time) - min(start_time)) from numbers",
+    )?;
+    println!(
+        "  examples/odd-numbers.yaml (source with leases, 3 workers, sink, outcomes): {} on the database's clock, {} over the whole run ({wall:.1} s)",
+        rate(rows, span),
+        rate(rows, wall)
+    );
+    println!(
+        "  claimed and written against the raw loop: {:.2} × (whole run {:.2} ×)",
+        raw / span,
+        raw / wall
+    );
+
+    // Inserts.
+    db.psql(RESULTS_TABLE)?;
+    let raw = runtime.block_on(raw_inserts(&db.url_with_password(), rows))?;
+    check(&db, "select count(*) from results", rows).context("the raw insert loop")?;
+    println!(
+        "  raw insert loop ({RAW_WRITERS} connections, {BATCH} rows a statement, unnest, on conflict do nothing): {}",
+        rate(rows, raw)
+    );
+    db.psql(RESULTS_TABLE)?;
+    std::fs::write(
+        dir.path().join("inserts.yaml"),
+        INSERT_PIPELINE.replace("ROWS", &rows.to_string()),
+    )?;
+    let wall = switchyard_run(&switchyard, dir.path(), "inserts.yaml", &db)?;
+    check(
+        &db,
+        "select count(*) from results where is_odd = (value % 2 = 1) and item_id is not null",
+        rows,
+    )
+    .context("generator → postgres sink")?;
+    let span = seconds(
+        &db,
+        "select extract(epoch from max(written_at) - min(written_at)) from results",
+    )?;
+    println!(
+        "  generator → jq → postgres sink: {} on the database's clock, {} over the whole run ({wall:.1} s)",
+        rate(rows, span),
+        rate(rows, wall)
+    );
+    println!(
+        "  written against the raw loop: {:.2} × (whole run {:.2} ×)",
+        raw / span,
+        raw / wall
+    );
+    Ok(())
+}
+
+fn rate(rows: u64, seconds: f64) -> String {
+    format!(
+        "{} rows/s",
+        thousands((rows as f64 / seconds.max(1e-9)) as u64)
+    )
+}
+
+/// The example's table, filled afresh.
+fn fill_numbers(db: &PostgresServer, rows: u64) -> anyhow::Result<()> {
+    let sql = JOBS_TABLE.replace(
+        "generate_series(1, 100000)",
+        &format!("generate_series(1, {rows})"),
+    );
+    if sql == JOBS_TABLE && rows != 100_000 {
+        bail!("examples/odd-numbers.sql no longer fills the table with generate_series(1, 100000): the benchmark cannot size it");
+    }
+    db.psql(&sql)?;
+    db.psql("VACUUM ANALYZE numbers")?;
+    Ok(())
+}
+
+fn check(db: &PostgresServer, sql: &str, rows: u64) -> anyhow::Result<()> {
+    let found: u64 = db.psql(sql)?.trim().parse()?;
+    if found != rows {
+        bail!("{found} rows of {rows} done as they should be ({sql})");
+    }
+    Ok(())
+}
+
+fn seconds(db: &PostgresServer, sql: &str) -> anyhow::Result<f64> {
+    Ok(db.psql(sql)?.trim().parse()?)
+}
+
+/// `switchyard run FILE` in `dir` with the server's URL in `DATABASE_URL`; its wall time.
+fn switchyard_run(
+    switchyard: &Path,
+    dir: &Path,
+    file: &str,
+    db: &PostgresServer,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let output = Command::new(switchyard)
+        .args(["run", file, "--progress", "none"])
+        .env("DATABASE_URL", db.url_with_password())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start {}", switchyard.display()))?;
+    let wall = started.elapsed().as_secs_f64();
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
+        bail!(
+            "`switchyard run {file}` {}:\n{}",
+            output.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(wall)
+}
+
+async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("cannot connect to the benchmark's database")?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Claims `BATCH` rows at a time the way the source does (a CTE with `FOR UPDATE SKIP LOCKED`,
+/// lease columns written) and updates them as done, on `RAW_CLAIMERS` connections until none is
+/// left; its seconds.
+async fn raw_claims(url: &str, rows: u64) -> anyhow::Result<f64> {
+    const CLAIM: &str = "WITH claimable AS (SELECT value FROM numbers WHERE success IS NULL \
+        AND reservation_id IS NULL ORDER BY value LIMIT $2 FOR UPDATE SKIP LOCKED) \
+        UPDATE numbers AS row SET reservation_id = $1, reservation_time = now(), \
+        reservation_times = coalesce(row.reservation_times, 0) + 1, start_time = now() \
+        FROM claimable WHERE row.value = claimable.value RETURNING row.value";
+    const DONE: &str = "UPDATE numbers AS row SET is_odd = done.value % 2 = 1, success = true, \
+        end_time = now() FROM unnest($1::int8[]) AS done(value) \
+        WHERE row.value = done.value AND row.reservation_id = $2";
+    let started = Instant::now();
+    let mut claimers = Vec::new();
+    for worker in 0..RAW_CLAIMERS {
+        let client = connect(url).await?;
+        claimers.push(tokio::spawn(async move {
+            let claim = client.prepare(CLAIM).await?;
+            let done = client.prepare(DONE).await?;
+            let mut claimed = 0u64;
+            for round in 0u64.. {
+                let token = format!("raw/{worker}/{round}");
+                let values: Vec<i64> = client
+                    .query(&claim, &[&token, &BATCH])
+                    .await?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                if values.is_empty() {
+                    break;
+                }
+                claimed += values.len() as u64;
+                client.execute(&done, &[&values, &token]).await?;
+            }
+            anyhow::Ok(claimed)
+        }));
+    }
+    let mut claimed = 0;
+    for claimer in claimers {
+        claimed += claimer.await??;
+    }
+    if claimed != rows {
+        bail!("the raw loop claimed {claimed} rows of {rows}");
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Inserts `rows` rows in statements of `BATCH` on `RAW_WRITERS` connections; its seconds.
+async fn raw_inserts(url: &str, rows: u64) -> anyhow::Result<f64> {
+    const INSERT: &str = "INSERT INTO results (value, is_odd, item_id) \
+        SELECT value, value % 2 = 1, 'numbers:' || value FROM unnest($1::int8[]) AS v(value) \
+        ON CONFLICT (item_id) DO NOTHING";
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for writer in 0..RAW_WRITERS as u64 {
+        let client = connect(url).await?;
+        writers.push(tokio::spawn(async move {
+            let insert = client.prepare(INSERT).await?;
+            // Batches dealt out in turn: writer w takes the w-th, the (w + writers)-th, …
+            let mut first = 1 + writer * BATCH as u64;
+            while first <= rows {
+                let last = (first + BATCH as u64 - 1).min(rows);
+                let values: Vec<i64> = (first as i64..=last as i64).collect();
+                client.execute(&insert, &[&values]).await?;
+                first += RAW_WRITERS as u64 * BATCH as u64;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for writer in writers {
+        writer.await??;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
