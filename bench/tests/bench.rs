@@ -135,3 +135,21 @@ fn the_peer_comparison_runs_the_job_through_switchyard_and_checks_every_record()
     let written = std::fs::read_to_string(dir.path().join("switchyard-out.jsonl")).unwrap();
     assert_eq!(written.lines().count(), 2000);
 }
+
+/// The postgres comparison on a small table: both raw loops and both Switchyard runs, each
+/// checked against its table (every row done once), and their figures as ratios.
+#[test]
+fn the_postgres_comparison_runs_both_jobs_against_their_raw_loops_and_checks_every_row() {
+    let stdout = stdout_of(bench_needing("switchyard").args(["postgres", "--rows", "2000"]));
+    for needle in [
+        "postgres: 2,000 rows a table",
+        "raw claim + update loop (3 connections, 500 rows a claim): ",
+        "examples/odd-numbers.yaml (source with leases, 3 workers, sink, outcomes): ",
+        "claimed and written against the raw loop: ",
+        "raw insert loop (4 connections, 500 rows a statement",
+        "generator → jq → postgres sink: ",
+        "written against the raw loop: ",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
+    }
+}
