@@ -195,12 +195,37 @@ impl Harness {
             }
             assert!(
                 started.elapsed() < limit,
-                "{} has {} lines after {limit:?}, expected {lines}",
+                "{} has {} lines after {limit:?}, expected {lines}; the units' logs:\n{}",
                 path.display(),
-                found.len()
+                found.len(),
+                self.logs_tail(20)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The last `lines` lines of every unit process's log, for a failure's message.
+    pub fn logs_tail(&self, lines: usize) -> String {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        logs.sort();
+        let mut out = String::new();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {}\n", log.display()));
+            for line in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// The Pipeline's books as stored now.
