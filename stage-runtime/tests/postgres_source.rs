@@ -60,7 +60,8 @@ async fn ended(h: &mut Harness, index: usize, limit: Duration) -> std::process::
 }
 
 /// A table of `rows` numbers, and a Pipeline reading it with `settings` into a file through a
-/// pass-through stage, whose sink and stage already run: the test starts the source.
+/// pass-through stage, whose sink and stage already run: the test starts the source. Bind `_dir`
+/// by name: left to `..`, it is removed at once, and the sink writes into a file nobody can read.
 struct JobsRun {
     db: PostgresServer,
     h: Harness,
@@ -94,7 +95,7 @@ async fn jobs_run(name: &str, rows: u64, settings: &str) -> JobsRun {
 async fn rows_are_claimed_in_key_order_published_once_and_finished_once_stored() {
     const ROWS: u64 = 1000;
     let JobsRun {
-        db, mut h, out, ..
+        db, mut h, out, _dir
     } = jobs_run("pg-jobs", ROWS, "        completeOn: publish\n        endWhenEmpty: true\n        batch: 50\n        maxClaimed: 20\n").await;
     h.spawn_with_env("jobs", "r", &[(PASSWORD, db.password())]);
     let status = ended(&mut h, 2, LIMIT).await;
@@ -143,7 +144,7 @@ async fn rows_are_claimed_in_key_order_published_once_and_finished_once_stored()
 async fn a_source_killed_after_publishing_takes_its_claims_back_at_once() {
     const ROWS: u64 = 300;
     let JobsRun {
-        db, mut h, out, ..
+        db, mut h, out, _dir
     } = jobs_run("pg-taken-back", ROWS, "        completeOn: publish\n        endWhenEmpty: true\n        batch: 100\n        lease: 1h\n").await;
     h.killed_after_stored_with("jobs", "killed", "30", &[(PASSWORD, db.password())])
         .await;
@@ -463,7 +464,12 @@ async fn a_late_attempt_is_refused_by_the_fence_once_its_lease_ran_out() {
 /// NOTIFY says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notify_wakes_the_source_long_before_its_poll() {
-    let JobsRun { db, mut h, out, .. } = jobs_run(
+    let JobsRun {
+        db,
+        mut h,
+        out,
+        _dir,
+    } = jobs_run(
         "pg-notify",
         0,
         "        completeOn: publish\n        poll: 1h\n        notifyChannel: numbers_added\n",
@@ -580,8 +586,9 @@ async fn a_following_source_reads_each_row_once_across_a_kill_and_writes_nothing
 /// A delay counts back from a time: following a number with one is refused at start, by name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delay_on_a_column_that_is_not_a_time_is_refused_at_start() {
-    let JobsRun { db, mut h, .. } =
-        jobs_run("pg-follow-delay", 10, "        follow: {delay: 5s}\n").await;
+    let JobsRun {
+        db, mut h, _dir, ..
+    } = jobs_run("pg-follow-delay", 10, "        follow: {delay: 5s}\n").await;
     h.spawn_with_env("jobs", "r", &[(PASSWORD, db.password())]);
     let status = ended(&mut h, 2, LIMIT).await;
     let log = h.log_of("jobs", "r");
