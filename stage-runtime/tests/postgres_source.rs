@@ -137,7 +137,7 @@ async fn rows_are_claimed_in_key_order_published_once_and_finished_once_stored()
     assert!(!log.contains(db.password()), "the password is in the log");
 }
 
-/// The source dies right after a row's item is stored and before the row is written back; started
+/// The source dies right after a claim's rows are stored and before they are written back; started
 /// again, it takes its claims back at once (its lease is an hour) and publishes them under the same
 /// ids, which the stream drops: every row once, each claimed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,7 +146,7 @@ async fn a_source_killed_after_publishing_takes_its_claims_back_at_once() {
     let JobsRun {
         db, mut h, out, _dir
     } = jobs_run("pg-taken-back", ROWS, "        completeOn: publish\n        endWhenEmpty: true\n        batch: 100\n        lease: 1h\n").await;
-    h.killed_after_stored_with("jobs", "killed", "30", &[(PASSWORD, db.password())])
+    h.killed_after_stored_with("jobs", "killed", "2", &[(PASSWORD, db.password())])
         .await;
     let claimed = count(
         &db,

@@ -24,14 +24,14 @@ use std::time::Instant;
 use async_nats::header::HeaderMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use switchyard_platform::frame::{self, FrameWriter};
+use switchyard_platform::frame::FrameWriter;
 
 use super::{SourceError, SourceUnit, Window, CHECKPOINT_EVERY};
 use crate::lineage::{names, Lineage};
 use crate::stats::Stats;
 
 /// Room left for a frame message's own headers.
-const HEADERS_ROOM: usize = 4096;
+pub(super) const HEADERS_ROOM: usize = 4096;
 
 /// A source's checkpoint: how far its stored items reach (`at`, the source's own position type), and
 /// the frames it published beyond that, first and last item ids, in publish order.
@@ -139,12 +139,12 @@ impl<P: Serialize + Clone> Framer<P> {
             .last_sent()
             .filter(|(_, position)| at.as_deref() != Some(position.as_str()))
             .map(|(id, _)| id);
-        let server_takes = unit.client.server_info().max_payload;
+        let (most_items, most_bytes) = unit.frame_limits();
         Framer {
             held: Vec::new(),
             held_bytes: 0,
-            most_bytes: frame::MOST_BYTES.min(server_takes.saturating_sub(HEADERS_ROOM)),
-            most_items: unit.frame_items.clamp(1, frame::MOST_ITEMS),
+            most_bytes,
+            most_items,
             window: Window::new(unit),
             published: 0,
             unconfirmed: VecDeque::new(),
@@ -335,31 +335,13 @@ impl<P: Serialize + Clone> Framer<P> {
     }
 }
 
-/// Publishes held items: alone as one message, several as a frame under an id naming them all
-/// (`frame::frame_id`), never the first one's own.
+/// Publishes held items: alone as one message, several as a frame (`SourceUnit::publish_together`).
 async fn publish_items<P>(
     unit: &SourceUnit,
     held: &[Held<P>],
 ) -> Result<super::Stored, SourceError> {
-    let (headers, payload) = match held {
-        [one] => (one.headers.clone(), one.payload.clone()),
-        several => {
-            let mut writer = FrameWriter::new();
-            for h in several {
-                writer.push(&h.headers, &h.payload);
-            }
-            writer.finish()
-        }
-    };
-    super::send(
-        &unit.js,
-        &unit.subject,
-        headers,
-        payload,
-        held.len() as u64,
-        unit.books.as_ref(),
-    )
-    .await
+    let items: Vec<(&HeaderMap, &Bytes)> = held.iter().map(|h| (&h.headers, &h.payload)).collect();
+    unit.publish_together(&items).await
 }
 
 #[cfg(test)]

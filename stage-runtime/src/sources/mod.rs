@@ -194,6 +194,44 @@ impl SourceUnit {
         .await
     }
 
+    /// The most items and bytes one frame of this unit holds: no more items than its readers work on
+    /// at once, no more bytes than the server takes in a message.
+    fn frame_limits(&self) -> (usize, usize) {
+        use switchyard_platform::frame;
+        let server_takes = self.client.server_info().max_payload;
+        (
+            self.frame_items.clamp(1, frame::MOST_ITEMS),
+            frame::MOST_BYTES.min(server_takes.saturating_sub(framer::HEADERS_ROOM)),
+        )
+    }
+
+    /// Publishes items (their headers and payloads) as one message: a lone item as itself, several as
+    /// a frame under an id naming them all (`frame::frame_id`), never the first one's own.
+    async fn publish_together(
+        &self,
+        items: &[(&async_nats::HeaderMap, &Bytes)],
+    ) -> Result<Stored, SourceError> {
+        let (headers, payload) = match items {
+            [(headers, payload)] => ((*headers).clone(), (*payload).clone()),
+            several => {
+                let mut writer = switchyard_platform::frame::FrameWriter::new();
+                for (headers, payload) in several {
+                    writer.push(headers, payload);
+                }
+                writer.finish()
+            }
+        };
+        send(
+            &self.js,
+            &self.subject,
+            headers,
+            payload,
+            items.len() as u64,
+            self.books.as_ref(),
+        )
+        .await
+    }
+
     /// Publishes one message and waits until the stream has it.
     async fn publish_stored(&self, lineage: &Lineage, payload: Bytes) -> Result<(), SourceError> {
         self.publish(lineage, payload).await?.await?;

@@ -5,7 +5,9 @@
 //! other). A claim writes a lease into the row: a reservation token (`<namespace>/<pipeline>/
 //! <unit>/<random>`), the time, the attempt (one more than before) and the start time. Each row
 //! becomes an item with the id `<table>/<key>/<attempt>`, so that a row published again after a
-//! crash, within JetStream's duplicate window, is stored once.
+//! crash, within JetStream's duplicate window, is stored once. A claim's rows go out in frames as
+//! full as the readers take, cut in key order, so that the same rows of a claim make the same
+//! frames (named by their first and last items) and a claim published again is dropped as a whole.
 //!
 //! A row's outcome is written back fenced by its reservation (`… AND reservation = $token`): a
 //! replica whose lease ran out, and whose row another attempt took, changes nothing. A row whose last
@@ -16,12 +18,15 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use async_nats::HeaderMap;
+use bytes::Bytes;
 use futures::FutureExt;
 use switchyard_crds::postgres::{
     CompleteOn, Outcome, PostgresSource as Settings, DEFAULT_LEASE, DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_CLAIMED, DEFAULT_POLL, DEFAULT_SOURCE_BATCH,
 };
 use switchyard_crds::RowCounts;
+use switchyard_platform::frame::FrameWriter;
 
 use super::{duration, item_expression, open_table, wait_for_rows};
 use crate::lineage::Lineage;
@@ -32,6 +37,21 @@ use crate::sources::{SourceError, SourceUnit, Stored};
 const FULL_PAUSE: Duration = Duration::from_millis(20);
 /// How often the source counts where its table's rows stand, at most (see `Dispatcher::count`).
 const COUNT_EVERY: Duration = Duration::from_secs(5);
+
+/// Messages sent and not yet known stored, each with the rows it holds, in the order sent.
+type InFlight = VecDeque<(Vec<Claimed>, Stored)>;
+
+/// Publishes held rows as one message; the rows with the future of their storing.
+async fn publish_held(
+    unit: &SourceUnit,
+    held: Vec<(Claimed, HeaderMap, Bytes)>,
+) -> Result<(Vec<Claimed>, Stored), SourceError> {
+    let stored = {
+        let items: Vec<(&HeaderMap, &Bytes)> = held.iter().map(|(_, h, p)| (h, p)).collect();
+        unit.publish_together(&items).await?
+    };
+    Ok((held.into_iter().map(|(row, ..)| row).collect(), stored))
+}
 
 /// A claimed row on its way.
 struct Claimed {
@@ -161,7 +181,7 @@ impl Dispatcher<'_> {
     /// Claims, publishes and writes back until the unit stops, or the table is done
     /// (`endWhenEmpty`).
     async fn dispatch(&self, unit: &SourceUnit) -> Result<(), SourceError> {
-        let mut in_flight: VecDeque<(Claimed, Stored)> = VecDeque::new();
+        let mut in_flight = InFlight::new();
         // Earlier claims of this unit: published again under the same ids, so that what the stream
         // has already is not stored twice.
         let earlier = self.take_back().await?;
@@ -193,9 +213,14 @@ impl Dispatcher<'_> {
                 )
             }
         };
+        // Each claim's rows framed as they were the first time: the frames the stream has are
+        // made again, under the same ids, and dropped.
+        let mut claims: std::collections::BTreeMap<String, Vec<Claimed>> = Default::default();
         for row in earlier {
-            let stored = self.publish(unit, &row).await?;
-            in_flight.push_back((row, stored));
+            claims.entry(row.reservation.clone()).or_default().push(row);
+        }
+        for rows in claims.into_values() {
+            self.publish_rows(unit, rows, &mut in_flight).await?;
         }
         // Woken by a NOTIFY as well as by the poll, when the table has a trigger that says so.
         let mut woken = super::listen(self.settings, &self.database);
@@ -233,7 +258,7 @@ impl Dispatcher<'_> {
     async fn claim_and_publish(
         &self,
         unit: &SourceUnit,
-        in_flight: &mut VecDeque<(Claimed, Stored)>,
+        in_flight: &mut InFlight,
         tracker: Option<&Tracker>,
         woken: &mut Option<tokio::sync::mpsc::Receiver<()>>,
     ) -> Result<(), SourceError> {
@@ -255,7 +280,10 @@ impl Dispatcher<'_> {
                 next_count = std::time::Instant::now() + (started.elapsed() * 20).max(COUNT_EVERY);
             }
             // Claim no further ahead of the workers than maxClaimed: a lease runs from the claim.
-            let open = tracker.map_or(in_flight.len(), Tracker::open);
+            let open = tracker.map_or_else(
+                || in_flight.iter().map(|(rows, _)| rows.len()).sum(),
+                Tracker::open,
+            );
             if open >= self.max_claimed {
                 if !unit.sleep_or_stop(FULL_PAUSE).await {
                     break;
@@ -283,23 +311,56 @@ impl Dispatcher<'_> {
                 }
                 continue;
             }
-            for row in claimed {
-                if let Some(tracker) = tracker {
-                    let (job, open) = self.job(unit, &row);
+            if let Some(tracker) = tracker {
+                for row in &claimed {
+                    let (job, open) = self.job(unit, row);
                     tracker.follow(job, open);
                 }
-                let stored = self.publish(unit, &row).await?;
-                in_flight.push_back((row, stored));
             }
+            self.publish_rows(unit, claimed, in_flight).await?;
         }
         self.settle(unit, in_flight, true).await
     }
 
-    async fn publish(&self, unit: &SourceUnit, row: &Claimed) -> Result<Stored, SourceError> {
-        let id = self.item_id(row);
-        let lineage = Lineage::at_source(&unit.name, format!("{}/{}", row.key, row.attempt), id);
-        unit.publish(&lineage, bytes::Bytes::from(row.item.clone()))
-            .await
+    /// Publishes the rows of one claim, in key order, in frames as full as the readers take (a
+    /// lone row as itself): the same rows of a claim make the same frames, under the same ids.
+    async fn publish_rows(
+        &self,
+        unit: &SourceUnit,
+        rows: Vec<Claimed>,
+        in_flight: &mut InFlight,
+    ) -> Result<(), SourceError> {
+        let (most_items, most_bytes) = unit.frame_limits();
+        let mut held: Vec<(Claimed, HeaderMap, Bytes)> = Vec::new();
+        let mut held_bytes = 0;
+        for row in rows {
+            let (headers, payload) = self.item(unit, &row).await;
+            let size = FrameWriter::encoded_size(&headers, &payload);
+            if !held.is_empty() && (held.len() >= most_items || held_bytes + size > most_bytes) {
+                in_flight.push_back(publish_held(unit, std::mem::take(&mut held)).await?);
+                held_bytes = 0;
+            }
+            held_bytes += size;
+            held.push((row, headers, payload));
+        }
+        if !held.is_empty() {
+            in_flight.push_back(publish_held(unit, held).await?);
+        }
+        Ok(())
+    }
+
+    /// A row as an item: its headers (its id, `<table>/<key>/<attempt>`, and lineage) and payload.
+    async fn item(&self, unit: &SourceUnit, row: &Claimed) -> (HeaderMap, Bytes) {
+        let mut lineage = Lineage::at_source(
+            &unit.name,
+            format!("{}/{}", row.key, row.attempt),
+            self.item_id(row),
+        );
+        let carried =
+            crate::sources::record_emitted(unit.tracer.as_ref(), unit.spans.as_ref(), &mut lineage)
+                .await;
+        let headers = carried.as_ref().unwrap_or(&lineage).source_headers();
+        (headers, Bytes::from(row.item.clone()))
     }
 
     /// Waits for the publishes that are done (all of them with `all`), and writes back the rows
@@ -307,7 +368,7 @@ impl Dispatcher<'_> {
     async fn settle(
         &self,
         unit: &SourceUnit,
-        in_flight: &mut VecDeque<(Claimed, Stored)>,
+        in_flight: &mut InFlight,
         all: bool,
     ) -> Result<(), SourceError> {
         let mut done = Vec::new();
@@ -318,20 +379,20 @@ impl Dispatcher<'_> {
                 stored.now_or_never()
             };
             let Some(result) = result else { break };
-            let (row, _) = in_flight.pop_front().expect("the front");
+            let (rows, _) = in_flight.pop_front().expect("the front");
             result?;
             if crate::faults::due() {
-                // Stored, not yet written back: the row is still this source's claim.
+                // Stored, not yet written back: the rows are still this source's claims.
                 crate::faults::kill();
             }
-            crate::stats::Stats::add(&unit.stats.processed, 1);
+            crate::stats::Stats::add(&unit.stats.processed, rows.len() as u64);
             if self.settings.complete_on == Some(CompleteOn::Publish) {
-                done.push(Done {
+                done.extend(rows.into_iter().map(|row| Done {
                     key: row.key,
                     reservation: row.reservation,
                     success: true,
                     error: None,
-                });
+                }));
             }
         }
         self.finish(done).await
