@@ -28,7 +28,7 @@ use switchyard_crds::postgres::{
 use switchyard_crds::RowCounts;
 use switchyard_platform::frame::FrameWriter;
 
-use super::{duration, item_expression, open_table, wait_for_rows};
+use super::{duration, item_expression, open_table, refused, wait_for_rows};
 use crate::lineage::Lineage;
 use crate::postgres::{quoted, Database};
 use crate::sources::{SourceError, SourceUnit, Stored};
@@ -122,36 +122,30 @@ struct Statements {
 
 /// Claims, publishes and writes back until the unit stops, or the table is done (`endWhenEmpty`).
 pub(super) async fn run(settings: &Settings, unit: &SourceUnit) -> Result<(), SourceError> {
-    let failed = |e: String| SourceError::Settings(format!("postgres source {}: {e}", unit.name));
     let outcome = settings.outcome();
     let written: Vec<String> = outcome.all().iter().map(|c| c.to_string()).collect();
-    let (database, table) = open_table(
+    let table = open_table(
         settings,
         unit,
         &written,
         "name the table's own outcome columns under postgres.outcome",
     )
     .await?;
-    let key_type = database
-        .column_type_when_reachable(&table, &settings.key)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+    let key_type = table.column_type(&settings.key).await?;
     let statements = statements(settings, &outcome, &key_type);
-    for statement in [
-        &statements.claim,
-        &statements.give_up,
-        &statements.finish,
-        &statements.take_back,
-        &statements.count,
-    ] {
-        database
-            .prepare_when_reachable(statement)
-            .await
-            .map_err(|e| failed(format!("table {}: {e}", settings.table)))?;
-    }
+    table
+        .prepare(&[
+            &statements.claim,
+            &statements.give_up,
+            &statements.finish,
+            &statements.take_back,
+            &statements.count,
+        ])
+        .await?;
+    let failed = |e: String| refused(unit, e);
     let dispatcher = Dispatcher {
         settings,
-        database,
+        database: table.database,
         statements,
         lease: duration(&settings.lease, DEFAULT_LEASE).map_err(failed)?,
         poll: duration(&settings.poll, DEFAULT_POLL).map_err(failed)?,

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use switchyard_crds::postgres::{PostgresFollow, PostgresSource as Settings};
 use switchyard_crds::postgres::{DEFAULT_POLL, DEFAULT_SOURCE_BATCH};
 
-use super::{duration, item_expression, listen, open_table, wait_for_rows};
+use super::{duration, item_expression, listen, open_table, refused, wait_for_rows};
 use crate::postgres::{quoted, Database};
 use crate::sources::framer::{self, Framer};
 use crate::sources::{SourceError, SourceUnit};
@@ -39,30 +39,20 @@ pub(super) async fn run(
     following: &PostgresFollow,
     unit: &SourceUnit,
 ) -> Result<(), SourceError> {
-    let failed = |e: String| SourceError::Settings(format!("postgres source {}: {e}", unit.name));
+    let failed = |e: String| refused(unit, e);
     let column = settings
         .follow_column()
         .unwrap_or(&settings.key)
         .to_string();
-    let (database, table) = open_table(
+    let table = open_table(
         settings,
         unit,
         std::slice::from_ref(&column),
         "postgres.follow.column names the column to follow",
     )
     .await?;
-    let type_of = |name: String| {
-        let database = database.clone();
-        let table = table.clone();
-        async move {
-            database
-                .column_type_when_reachable(&table, &name)
-                .await
-                .map_err(|e| failed(e.to_string()))
-        }
-    };
-    let key_type = type_of(settings.key.clone()).await?;
-    let column_type = type_of(column.clone()).await?;
+    let key_type = table.column_type(&settings.key).await?;
+    let column_type = table.column_type(&column).await?;
     let delay = match &following.delay {
         None => None,
         Some(_) if !TIMES.contains(&column_type.as_str()) => {
@@ -74,21 +64,16 @@ pub(super) async fn run(
     };
     let reads = Reads::new(
         settings,
-        &table,
+        &table.name,
         &column,
         &column_type,
         &key_type,
         delay.is_some(),
     );
-    for statement in [&reads.first, &reads.next] {
-        database
-            .prepare_when_reachable(statement)
-            .await
-            .map_err(|e| failed(format!("table {}: {e}", settings.table)))?;
-    }
+    table.prepare(&[&reads.first, &reads.next]).await?;
     let follower = Follower {
         settings,
-        database,
+        database: table.database,
         reads,
         same_column: column == settings.key,
         batch: settings.batch.unwrap_or(DEFAULT_SOURCE_BATCH) as i64,

@@ -24,30 +24,45 @@ impl Source for PostgresSource<'_> {
     }
 }
 
-/// Connects, and checks that the table has the key, the item's columns and `more`; the database
-/// and the table's quoted name. `hint` says what to do about a missing one of `more`.
-async fn open_table(
-    settings: &Settings,
-    unit: &SourceUnit,
+/// A postgres source's table once checked: its database, its quoted name, and the source its
+/// refusals name.
+struct Table<'a> {
+    database: Database,
+    name: String,
+    settings: &'a Settings,
+    unit: &'a SourceUnit,
+}
+
+/// Connects, and checks that the table has the key, the item's columns and `more`. `hint` says what
+/// to do about a missing one of `more`.
+async fn open_table<'a>(
+    settings: &'a Settings,
+    unit: &'a SourceUnit,
     more: &[String],
     hint: &str,
-) -> Result<(Database, String), SourceError> {
-    let failed = |e: String| SourceError::Settings(format!("postgres source {}: {e}", unit.name));
+) -> Result<Table<'a>, SourceError> {
+    let refused = |e: String| refused(unit, e);
     let database = Database::connect(&settings.connection)
         .await
-        .map_err(|e| failed(e.to_string()))?;
-    let table = quoted(&settings.table);
-    let present = database
-        .columns_when_reachable(&table)
+        .map_err(|e| refused(e.to_string()))?;
+    let table = Table {
+        database,
+        name: quoted(&settings.table),
+        settings,
+        unit,
+    };
+    let present = table
+        .database
+        .columns_when_reachable(&table.name)
         .await
-        .map_err(|e| failed(format!("table {}: {e}", settings.table)))?;
+        .map_err(|e| table.refused_for_table(e))?;
     let mut needed: Vec<String> = vec![settings.key.clone()];
     needed.extend(settings.item_columns());
     needed.extend(settings.item_column.iter().cloned());
     needed.extend(more.iter().cloned());
     let absent: Vec<&String> = needed.iter().filter(|c| !present.contains(c)).collect();
     if !absent.is_empty() {
-        return Err(failed(format!(
+        return Err(refused(format!(
             "table {} has no column {} (it has {}); {hint}",
             settings.table,
             absent
@@ -58,7 +73,41 @@ async fn open_table(
             present.join(", ")
         )));
     }
-    Ok((database, table))
+    Ok(table)
+}
+
+impl Table<'_> {
+    /// What the database said of the table, with the source and the table named.
+    fn refused_for_table(&self, problem: impl std::fmt::Display) -> SourceError {
+        refused(
+            self.unit,
+            format!("table {}: {problem}", self.settings.table),
+        )
+    }
+
+    /// The type of `column`, as SQL writes it (`bigint`, `timestamp with time zone`, …).
+    async fn column_type(&self, column: &str) -> Result<String, SourceError> {
+        self.database
+            .column_type_when_reachable(&self.name, column)
+            .await
+            .map_err(|e| refused(self.unit, e))
+    }
+
+    /// Checks each statement against the database, waiting while it cannot be reached.
+    async fn prepare(&self, statements: &[&str]) -> Result<(), SourceError> {
+        for statement in statements {
+            self.database
+                .prepare_when_reachable(statement)
+                .await
+                .map_err(|e| self.refused_for_table(e))?;
+        }
+        Ok(())
+    }
+}
+
+/// A setting or table the source cannot work with, the source named.
+fn refused(unit: &SourceUnit, problem: impl std::fmt::Display) -> SourceError {
+    SourceError::Settings(format!("postgres source {}: {problem}", unit.name))
 }
 
 /// The SQL expression of a row's item as text, the row being `row`: one column, or the chosen
