@@ -11,10 +11,15 @@
 //! arrive before the one that created its input and the state simply is not 0 yet.
 //!
 //! Ids are derived from the input's, so a unit that runs an input again after a crash makes the
-//! same outputs with the same tags, and its contribution carries the same id, which the stream
-//! takes once. The state is pure: `JobState` is what the source keeps per job.
+//! same outputs with the same tags. Each contribution names the delivery it settles (the input's
+//! tag at the unit), and a job applies a delivery's contribution once: a unit that ran a frame
+//! again, whole or item by item, after the stream's duplicate window, adds nothing twice (XOR would
+//! take it back). A unit stores the contributions of one input message together, as one account
+//! (`account_messages`): one stored message per frame rather than one per item, which is most of
+//! what following jobs costs the NATS server. The state is pure: `JobState` is what the source
+//! keeps per job.
 
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +41,8 @@ pub struct Contribution {
     pub job: String,
     /// The XOR this unit adds to the job's state, in hex.
     pub xor: String,
+    /// The delivery it settles: the input item's tag at this unit, in hex. A job applies it once.
+    pub settles: String,
     /// Set when the unit dead-lettered the item: why. The job has failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -51,21 +58,25 @@ impl Contribution {
         outputs: &[String],
         readers: &[String],
     ) -> Contribution {
+        let settles = tag(input, unit);
         let xor = outputs
             .iter()
-            .fold(tag(input, unit), |x, output| x ^ delivered(output, readers));
+            .fold(settles, |x, output| x ^ delivered(output, readers));
         Contribution {
             job: job.to_string(),
             xor: format!("{xor:016x}"),
+            settles: format!("{settles:016x}"),
             error: None,
         }
     }
 
     /// Unit `unit` dead-lettered input item `input` of `job`.
     pub fn failed(job: &str, input: &str, unit: &str, error: &str) -> Contribution {
+        let settles = format!("{:016x}", tag(input, unit));
         Contribution {
             job: job.to_string(),
-            xor: format!("{:016x}", tag(input, unit)),
+            xor: settles.clone(),
+            settles,
             error: Some(error.to_string()),
         }
     }
@@ -73,6 +84,41 @@ impl Contribution {
     fn value(&self) -> Option<u64> {
         u64::from_str_radix(&self.xor, 16).ok()
     }
+
+    fn delivery(&self) -> Option<u64> {
+        u64::from_str_radix(&self.settles, 16).ok()
+    }
+}
+
+/// The contributions of one input message, as the payloads of the messages that store them: a JSON
+/// array each, every one within `most_bytes` unless a single contribution is larger (it then goes
+/// alone; the server refuses it, and the job is settled by its lease instead). The cut depends only
+/// on the contributions, so an input run again makes the same messages.
+pub fn account_messages(contributions: &[Contribution], most_bytes: usize) -> Vec<Vec<u8>> {
+    let mut messages = Vec::new();
+    let mut current: Vec<u8> = Vec::new();
+    for contribution in contributions {
+        let Ok(json) = serde_json::to_vec(contribution) else {
+            continue;
+        };
+        // `[` before the first, `,` before the others, `]` at the end.
+        if !current.is_empty() && current.len() + json.len() + 2 > most_bytes {
+            current.push(b']');
+            messages.push(std::mem::take(&mut current));
+        }
+        current.push(if current.is_empty() { b'[' } else { b',' });
+        current.extend_from_slice(&json);
+    }
+    if !current.is_empty() {
+        current.push(b']');
+        messages.push(current);
+    }
+    messages
+}
+
+/// Reads what `account_messages` stored: None when it is no account at all.
+pub fn read_account(payload: &[u8]) -> Option<Vec<Contribution>> {
+    serde_json::from_slice(payload).ok()
 }
 
 /// How a job ended.
@@ -88,9 +134,9 @@ pub enum Ended {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobState {
     xor: u64,
-    /// The contributions applied, by the stream sequence of the message that carried them: one
-    /// delivered again is not applied twice (XOR would take it back).
-    applied: BTreeSet<(u64, usize)>,
+    /// The deliveries settled: a contribution stored again (the unit ran its input again) is not
+    /// applied twice, XOR would take it back.
+    settled: HashSet<u64>,
     failed: Option<String>,
 }
 
@@ -99,28 +145,24 @@ impl JobState {
     pub fn started(item: &str, readers: &[String]) -> JobState {
         JobState {
             xor: delivered(item, readers),
-            applied: BTreeSet::new(),
+            settled: HashSet::new(),
             failed: None,
         }
     }
 
-    /// Applies contribution number `index` of the message stored at `sequence`; how the job ended,
-    /// once it has. A contribution that cannot be read fails the job: its state can no longer
-    /// reach 0 by itself.
-    pub fn apply(
-        &mut self,
-        sequence: u64,
-        index: usize,
-        contribution: &Contribution,
-    ) -> Option<Ended> {
-        if self.applied.insert((sequence, index)) {
-            match contribution.value() {
+    /// Applies a contribution, unless its delivery is settled already; how the job ended, once it
+    /// has. A contribution that cannot be read fails the job: its state can no longer reach 0 by
+    /// itself.
+    pub fn apply(&mut self, contribution: &Contribution) -> Option<Ended> {
+        let delivery = contribution.delivery();
+        if delivery.is_none_or(|delivery| self.settled.insert(delivery)) {
+            match contribution.value().filter(|_| delivery.is_some()) {
                 Some(value) => self.xor ^= value,
                 None => {
                     self.failed.get_or_insert_with(|| {
                         format!(
-                            "a unit's account of this job cannot be read: `{}`",
-                            contribution.xor
+                            "a unit's account of this job cannot be read: xor `{}`, settles `{}`",
+                            contribution.xor, contribution.settles
                         )
                     });
                 }
@@ -172,7 +214,7 @@ mod tests {
             order.rotate_left(first);
             let mut state = JobState::started("n/1/1", &names(&["work"]));
             for (i, c) in order.iter().enumerate() {
-                let ended = state.apply(i as u64, 0, c);
+                let ended = state.apply(c);
                 assert_eq!(
                     ended.is_some(),
                     i + 1 == order.len(),
@@ -189,33 +231,85 @@ mod tests {
     fn a_contribution_delivered_again_is_applied_once() {
         let mut state = JobState::started("n/2/1", &names(&["sink"]));
         let c = Contribution::finished("2/1", "n/2/1", "sink", &[], &[]);
-        assert_eq!(state.apply(7, 0, &c), Some(Ended::Succeeded));
-        assert_eq!(
-            state.apply(7, 0, &c),
-            Some(Ended::Succeeded),
-            "not taken back"
-        );
+        assert_eq!(state.apply(&c), Some(Ended::Succeeded));
+        assert_eq!(state.apply(&c), Some(Ended::Succeeded), "not taken back");
     }
 
     #[test]
     fn a_filtered_item_finishes_its_job_and_a_dead_letter_fails_it() {
         let mut filtered = JobState::started("n/3/1", &names(&["select"]));
         let c = Contribution::finished("3/1", "n/3/1", "select", &[], &names(&["sink"]));
-        assert_eq!(filtered.apply(1, 0, &c), Some(Ended::Succeeded));
+        assert_eq!(filtered.apply(&c), Some(Ended::Succeeded));
 
         let mut failed = JobState::started("n/4/1", &names(&["work", "audit"]));
         let dead = Contribution::failed("4/1", "n/4/1", "work", "4 is bad");
-        assert_eq!(
-            failed.apply(1, 0, &dead),
-            Some(Ended::Failed("4 is bad".into()))
-        );
+        assert_eq!(failed.apply(&dead), Some(Ended::Failed("4 is bad".into())));
     }
 
     #[test]
     fn a_missing_branch_keeps_the_job_open() {
         let mut state = JobState::started("n/5/1", &names(&["a", "b"]));
         let a = Contribution::finished("5/1", "n/5/1", "a", &[], &[]);
-        assert_eq!(state.apply(1, 0, &a), None, "b has not finished it");
+        assert_eq!(state.apply(&a), None, "b has not finished it");
+    }
+
+    #[test]
+    fn a_unit_that_ran_its_input_again_settles_each_delivery_once() {
+        // work → sink; work ran the item, stored its account, died before the ack, and ran it
+        // again after the duplicate window: a second account of the same delivery, in another
+        // message, that XOR would otherwise cancel.
+        let mut state = JobState::started("n/6/1", &names(&["work"]));
+        let outputs = names(&["n/6/1/work"]);
+        let work = Contribution::finished("6/1", "n/6/1", "work", &outputs, &names(&["sink"]));
+        assert_eq!(state.apply(&work), None);
+        assert_eq!(state.apply(&work.clone()), None, "the same delivery again");
+        let sink = Contribution::finished("6/1", "n/6/1/work", "sink", &[], &[]);
+        assert_eq!(state.apply(&sink), Some(Ended::Succeeded));
+    }
+
+    #[test]
+    fn an_account_that_names_no_delivery_fails_its_job() {
+        let mut state = JobState::started("n/7/1", &names(&["sink"]));
+        let mut c = Contribution::finished("7/1", "n/7/1", "sink", &[], &[]);
+        c.settles = "not hex".into();
+        assert!(matches!(state.apply(&c), Some(Ended::Failed(e)) if e.contains("not hex")));
+    }
+
+    #[test]
+    fn an_inputs_contributions_are_stored_in_as_few_messages_as_fit_and_read_back_alike() {
+        let contributions: Vec<Contribution> = (0..500)
+            .map(|i| {
+                Contribution::finished(
+                    &format!("{i}/1"),
+                    &format!("n/{i}/1"),
+                    "work",
+                    &[format!("n/{i}/1/work")],
+                    &names(&["sink"]),
+                )
+            })
+            .collect();
+        let one = account_messages(&contributions, 1 << 20);
+        assert_eq!(one.len(), 1);
+        assert_eq!(read_account(&one[0]).as_deref(), Some(&contributions[..]));
+
+        let cut = account_messages(&contributions, 4096);
+        assert!(cut.len() > 1);
+        assert!(cut.iter().all(|m| m.len() <= 4096));
+        let read: Vec<Contribution> = cut.iter().flat_map(|m| read_account(m).unwrap()).collect();
+        assert_eq!(read, contributions);
+        assert_eq!(
+            cut,
+            account_messages(&contributions, 4096),
+            "cut alike again"
+        );
+
+        // One larger than the limit still goes, alone.
+        let mut big = Contribution::failed("9/1", "n/9/1", "work", &"x".repeat(5000));
+        big.job = "9/1".into();
+        let alone = account_messages(&[contributions[0].clone(), big.clone()], 4096);
+        assert_eq!(alone.len(), 2);
+        assert_eq!(read_account(&alone[1]), Some(vec![big]));
+        assert_eq!(read_account(b"{}"), None);
     }
 
     #[test]

@@ -560,15 +560,56 @@ fn statements(settings: &Settings, outcome: &Outcome, key_type: &str) -> Stateme
     }
 }
 
-/// A job the tracker follows: its row, its claim, where it stands, and the accounts that brought it
-/// there (acknowledged once its outcome is written back, so that a restarted source reads them
-/// again).
+/// A job the tracker follows: its row, its claim, where it stands, and the account messages that
+/// brought it there (by stream sequence; see `Held`).
 struct Open {
     key: String,
     reservation: String,
     state: switchyard_crds::jobs::JobState,
-    accounts: Vec<async_nats::jetstream::Message>,
+    accounts: Vec<u64>,
     since: std::time::Instant,
+}
+
+/// The account messages read and not yet acknowledged, by stream sequence. A message speaks of
+/// the items of one input, often of many jobs; it is acknowledged once every job it spoke of is
+/// written back or forgotten, so that a restarted source reads again what it has not done.
+#[derive(Default)]
+struct Held {
+    messages: std::collections::HashMap<u64, (async_nats::jetstream::Message, usize)>,
+}
+
+impl Held {
+    /// Holds `message`, which open jobs spoke of `waiting` times; acknowledges it now if none did.
+    async fn hold(
+        &mut self,
+        sequence: u64,
+        message: async_nats::jetstream::Message,
+        waiting: usize,
+    ) {
+        if waiting == 0 {
+            let _ = message.ack().await;
+        } else {
+            self.messages.insert(sequence, (message, waiting));
+        }
+    }
+
+    /// A job is done with: the messages no other open job waits on are acknowledged.
+    async fn release(&mut self, accounts: Vec<u64>) {
+        for sequence in accounts {
+            let last = match self.messages.get_mut(&sequence) {
+                Some((_, waiting)) => {
+                    *waiting = waiting.saturating_sub(1);
+                    *waiting == 0
+                }
+                None => false,
+            };
+            if last {
+                if let Some((message, _)) = self.messages.remove(&sequence) {
+                    let _ = message.ack().await;
+                }
+            }
+        }
+    }
 }
 
 /// Follows the jobs of a source that completes a row once its item is finished: reads the units'
@@ -691,6 +732,7 @@ async fn follow(
     let mut ended: Vec<(Open, switchyard_crds::jobs::Ended)> = Vec::new();
     let mut tick = tokio::time::interval(WRITE_BACK_EVERY);
     let mut forgotten = Vec::new();
+    let mut held = Held::default();
     loop {
         tokio::select! {
             // A job is known before its item is published: its accounts never come first.
@@ -704,31 +746,28 @@ async fn follow(
                 let Some(message) = message else { break };
                 let message = message.map_err(|e| SourceError::Jobs(format!("reading accounts: {e}")))?;
                 let sequence = message.info().map(|i| i.stream_sequence).unwrap_or_default();
-                let account: Option<switchyard_crds::jobs::Contribution> =
-                    serde_json::from_slice(&message.payload).ok();
-                let Some(account) = account else {
-                    tracing::warn!("an account that cannot be read: dropped");
+                let Some(accounts) = switchyard_crds::jobs::read_account(&message.payload) else {
+                    tracing::warn!(sequence, "an account that cannot be read: dropped");
                     let _ = message.ack().await;
                     continue;
                 };
-                match open.get_mut(&account.job) {
-                    Some(job) => {
-                        let end = job.state.apply(sequence, 0, &account);
-                        job.accounts.push(message);
-                        if let Some(end) = end {
-                            if let Some(job) = open.remove(&account.job) {
-                                ended.push((job, end));
-                            }
+                let mut waiting = 0;
+                for account in accounts {
+                    // A job already written back (or another attempt's): nothing to do.
+                    let Some(job) = open.get_mut(&account.job) else { continue };
+                    let end = job.state.apply(&account);
+                    job.accounts.push(sequence);
+                    waiting += 1;
+                    if let Some(end) = end {
+                        if let Some(job) = open.remove(&account.job) {
+                            ended.push((job, end));
                         }
                     }
-                    // A job already written back (or another attempt's): nothing to do.
-                    None => {
-                        let _ = message.ack().await;
-                    }
                 }
+                held.hold(sequence, message, waiting).await;
             }
             _ = tick.tick() => {
-                write_back(&with.database, &with.finish, &mut ended, &with.stats, &with.open).await?;
+                write_back(&with, &mut ended, &mut held).await?;
                 let stale: Vec<String> = open
                     .iter()
                     .filter(|(_, o)| o.since.elapsed() > with.forget_after)
@@ -741,33 +780,22 @@ async fn follow(
                 }
                 for job in forgotten.drain(..) {
                     with.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                    for account in job.accounts {
-                        let _ = account.ack().await;
-                    }
+                    held.release(job.accounts).await;
                 }
             }
             _ = crate::stopped(&mut with.stopping) => break,
         }
     }
-    write_back(
-        &with.database,
-        &with.finish,
-        &mut ended,
-        &with.stats,
-        &with.open,
-    )
-    .await?;
+    write_back(&with, &mut ended, &mut held).await?;
     Ok(())
 }
 
-/// Writes the outcomes of the jobs that ended, fenced by their reservations, then acknowledges their
-/// accounts.
+/// Writes the outcomes of the jobs that ended, fenced by their reservations, then acknowledges the
+/// accounts nothing else waits on.
 async fn write_back(
-    database: &Database,
-    finish: &str,
+    with: &Following,
     ended: &mut Vec<(Open, switchyard_crds::jobs::Ended)>,
-    stats: &crate::stats::Stats,
-    open: &std::sync::atomic::AtomicUsize,
+    held: &mut Held,
 ) -> Result<(), SourceError> {
     let done: Vec<Done> = ended
         .iter()
@@ -781,13 +809,12 @@ async fn write_back(
             },
         })
         .collect();
-    let written = write_outcomes(database, finish, &done).await?;
-    crate::stats::Stats::add(&stats.published, written as u64);
-    open.fetch_sub(ended.len(), std::sync::atomic::Ordering::Relaxed);
+    let written = write_outcomes(&with.database, &with.finish, &done).await?;
+    crate::stats::Stats::add(&with.stats.published, written as u64);
+    with.open
+        .fetch_sub(ended.len(), std::sync::atomic::Ordering::Relaxed);
     for (job, _) in ended.drain(..) {
-        for account in job.accounts {
-            let _ = account.ack().await;
-        }
+        held.release(job.accounts).await;
     }
     Ok(())
 }
