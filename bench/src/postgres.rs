@@ -26,6 +26,10 @@ pub struct PostgresArgs {
     /// Rows in each table.
     #[arg(long, default_value_t = 100_000)]
     rows: u64,
+    /// The jobs Pipeline, to try a setting (default: examples/odd-numbers.yaml as built in). It
+    /// must read and finish the table `numbers` as the example does.
+    #[arg(long)]
+    jobs: Option<PathBuf>,
     /// The `switchyard` binary (default: the one beside this program).
     #[arg(long, env = "SWITCHYARD_BIN")]
     switchyard: Option<PathBuf>,
@@ -99,16 +103,26 @@ fn run(args: &PostgresArgs) -> anyhow::Result<()> {
         rate(rows, raw)
     );
     fill_numbers(&db, rows)?;
-    std::fs::write(dir.path().join("jobs.yaml"), JOBS_PIPELINE)?;
+    let (jobs_name, jobs_pipeline) = match &args.jobs {
+        Some(file) => (
+            file.display().to_string(),
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?,
+        ),
+        None => (
+            "examples/odd-numbers.yaml".to_string(),
+            JOBS_PIPELINE.to_string(),
+        ),
+    };
+    std::fs::write(dir.path().join("jobs.yaml"), jobs_pipeline)?;
     let wall = switchyard_run(&switchyard, dir.path(), "jobs.yaml", &db)?;
     check(&db, "select count(*) from numbers where success and is_odd = (value % 2 = 1) and reservation_times = 1", rows)
-        .context("examples/odd-numbers.yaml")?;
+        .with_context(|| jobs_name.clone())?;
     let span = seconds(
         &db,
         "select extract(epoch from max(end_time) - min(start_time)) from numbers",
     )?;
     println!(
-        "  examples/odd-numbers.yaml (source with leases, 3 workers, sink, outcomes): {} on the database's clock, {} over the whole run ({wall:.1} s)",
+        "  {jobs_name} (source with leases, 3 workers, sink, outcomes): {} on the database's clock, {} over the whole run ({wall:.1} s)",
         rate(rows, span),
         rate(rows, wall)
     );

@@ -33,7 +33,8 @@ use crate::lineage::Lineage;
 use crate::postgres::{quoted, Database};
 use crate::sources::{SourceError, SourceUnit, Stored};
 
-/// How long the source waits before it looks again while `maxClaimed` rows are open.
+/// How long the source waits before it looks again while `maxClaimed` rows are open (unless the
+/// tracker wakes it first).
 const FULL_PAUSE: Duration = Duration::from_millis(20);
 /// How often the source counts where its table's rows stand, at most (see `Dispatcher::count`).
 const COUNT_EVERY: Duration = Duration::from_secs(5);
@@ -279,8 +280,15 @@ impl Dispatcher<'_> {
                 Tracker::open,
             );
             if open >= self.max_claimed {
-                if !unit.sleep_or_stop(FULL_PAUSE).await {
-                    break;
+                let freed = async {
+                    match tracker {
+                        Some(tracker) => tracker.freed().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = freed => {}
+                    alive = unit.sleep_or_stop(FULL_PAUSE) => if !alive { break },
                 }
                 continue;
             }
@@ -615,16 +623,35 @@ impl Held {
 /// Follows the jobs of a source that completes a row once its item is finished: reads the units'
 /// accounts, and writes each row's outcome back once its job has ended.
 struct Tracker {
-    /// Jobs followed and not yet written back (or forgotten): the source claims no more while
-    /// `maxClaimed` are.
-    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    open: std::sync::Arc<OpenJobs>,
     jobs: tokio::sync::mpsc::UnboundedSender<(String, Open)>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), SourceError>>,
 }
 
-/// Jobs that ended are written back together, at most this often.
-const WRITE_BACK_EVERY: Duration = Duration::from_millis(100);
+/// Jobs followed and not yet written back (or forgotten): the source claims no more while
+/// `maxClaimed` are, and is woken as soon as some are done with.
+#[derive(Default)]
+struct OpenJobs {
+    count: std::sync::atomic::AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl OpenJobs {
+    fn done_with(&self, jobs: usize) {
+        if jobs > 0 {
+            self.count
+                .fetch_sub(jobs, std::sync::atomic::Ordering::Relaxed);
+            self.freed.notify_one();
+        }
+    }
+}
+
+/// Jobs that ended are written back as soon as no account is waiting to be read (so they go
+/// together under load), and once this many have, whatever is waiting.
+const WRITE_BACK_AT_ONCE: usize = 2000;
+/// How often the tracker looks for jobs followed too long.
+const FORGET_EVERY: Duration = Duration::from_millis(500);
 
 impl Tracker {
     /// Starts reading the accounts of `unit`'s jobs: every one still in the stream, that is every
@@ -669,7 +696,10 @@ impl Tracker {
         let (jobs, registered) = tokio::sync::mpsc::unbounded_channel();
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let stats = unit.stats.clone();
-        let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(known.len()));
+        let open = std::sync::Arc::new(OpenJobs {
+            count: known.len().into(),
+            freed: tokio::sync::Notify::new(),
+        });
         let task = tokio::spawn(follow(
             messages,
             known.into_iter().collect(),
@@ -692,12 +722,19 @@ impl Tracker {
     }
 
     fn follow(&self, job: String, open: Open) {
-        self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.open
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = self.jobs.send((job, open));
     }
 
     fn open(&self) -> usize {
-        self.open.load(std::sync::atomic::Ordering::Relaxed)
+        self.open.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Until some open jobs are done with (at once if some were since the last call).
+    async fn freed(&self) {
+        self.open.freed.notified().await
     }
 
     /// Writes back what has ended and stops.
@@ -717,7 +754,7 @@ struct Following {
     database: Database,
     finish: String,
     stats: std::sync::Arc<crate::stats::Stats>,
-    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    open: std::sync::Arc<OpenJobs>,
     /// A job followed this long has had its row claimed again or given up by now: a late outcome
     /// would be refused by the fence anyway.
     forget_after: Duration,
@@ -730,7 +767,7 @@ async fn follow(
 ) -> Result<(), SourceError> {
     use futures::StreamExt;
     let mut ended: Vec<(Open, switchyard_crds::jobs::Ended)> = Vec::new();
-    let mut tick = tokio::time::interval(WRITE_BACK_EVERY);
+    let mut tick = tokio::time::interval(FORGET_EVERY);
     let mut forgotten = Vec::new();
     let mut held = Held::default();
     loop {
@@ -765,9 +802,15 @@ async fn follow(
                     }
                 }
                 held.hold(sequence, message, waiting).await;
+                if ended.len() >= WRITE_BACK_AT_ONCE {
+                    write_back(&with, &mut ended, &mut held).await?;
+                }
+            }
+            // No account is waiting to be read: what ended goes now.
+            _ = std::future::ready(()), if !ended.is_empty() => {
+                write_back(&with, &mut ended, &mut held).await?;
             }
             _ = tick.tick() => {
-                write_back(&with, &mut ended, &mut held).await?;
                 let stale: Vec<String> = open
                     .iter()
                     .filter(|(_, o)| o.since.elapsed() > with.forget_after)
@@ -778,8 +821,8 @@ async fn follow(
                         forgotten.push(o);
                     }
                 }
+                with.open.done_with(forgotten.len());
                 for job in forgotten.drain(..) {
-                    with.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     held.release(job.accounts).await;
                 }
             }
@@ -811,8 +854,7 @@ async fn write_back(
         .collect();
     let written = write_outcomes(&with.database, &with.finish, &done).await?;
     crate::stats::Stats::add(&with.stats.published, written as u64);
-    with.open
-        .fetch_sub(ended.len(), std::sync::atomic::Ordering::Relaxed);
+    with.open.done_with(ended.len());
     for (job, _) in ended.drain(..) {
         held.release(job.accounts).await;
     }
