@@ -4,7 +4,9 @@
 //! - Jobs: `examples/odd-numbers.yaml` as it is (a source claiming 500 rows at a time with leases, a
 //!   switcher of three workers, a sink writing `is_odd` into each row, each row's outcome written
 //!   back once that is done), against three connections that only claim a batch with the same
-//!   statement shape and update it (`is_odd`, success, end time) in one statement.
+//!   statement shape and update it (`is_odd`, success, end time) in one statement, and against
+//!   three that run the example's own statements on each claim (`is_odd` upserted, the outcome
+//!   fenced): the second says what the database alone costs the example, the rest is Switchyard.
 //! - Inserts: a generator into a postgres sink (one row per item, idempotent by the item's id),
 //!   against four connections inserting batches of 500 with `unnest` and the same conflict clause.
 //!
@@ -95,12 +97,28 @@ fn run(args: &PostgresArgs) -> anyhow::Result<()> {
 
     // Jobs: claimed, decided, written back.
     fill_numbers(&db, rows)?;
-    let raw = runtime.block_on(raw_claims(&db.url_with_password(), rows))?;
+    let raw = runtime.block_on(raw_claims(
+        &db.url_with_password(),
+        rows,
+        RawWrites::OneUpdate,
+    ))?;
     check(&db, "select count(*) from numbers where success and is_odd = (value % 2 = 1) and reservation_times = 1", rows)
         .context("the raw claim loop")?;
     println!(
         "  raw claim + update loop ({RAW_CLAIMERS} connections, {BATCH} rows a claim): {}",
         rate(rows, raw)
+    );
+    fill_numbers(&db, rows)?;
+    let raw_as_example = runtime.block_on(raw_claims(
+        &db.url_with_password(),
+        rows,
+        RawWrites::AsTheExample,
+    ))?;
+    check(&db, "select count(*) from numbers where success and is_odd = (value % 2 = 1) and reservation_times = 1", rows)
+        .context("the raw loop of the example's statements")?;
+    println!(
+        "  raw loop of the example's statements (claim, is_odd upserted, outcome fenced; {RAW_CLAIMERS} connections): {}",
+        rate(rows, raw_as_example)
     );
     fill_numbers(&db, rows)?;
     let (jobs_name, jobs_pipeline) = match &args.jobs {
@@ -127,9 +145,10 @@ fn run(args: &PostgresArgs) -> anyhow::Result<()> {
         rate(rows, wall)
     );
     println!(
-        "  claimed and written against the raw loop: {:.2} × (whole run {:.2} ×)",
+        "  claimed and written against the raw loop: {:.2} × (whole run {:.2} ×); against the example's statements: {:.2} ×",
         raw / span,
-        raw / wall
+        raw / wall,
+        raw_as_example / span
     );
 
     // Inserts.
@@ -238,10 +257,20 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
+/// What a raw claim loop writes into a claimed batch.
+#[derive(Clone, Copy, PartialEq)]
+enum RawWrites {
+    /// `is_odd` and the outcome in one update: the least a claim loop can do.
+    OneUpdate,
+    /// The example's statements: `is_odd` upserted as its sink does, then the outcome fenced by
+    /// the reservation as its source does. What the database itself costs the example.
+    AsTheExample,
+}
+
 /// Claims `BATCH` rows at a time the way the source does (a CTE with `FOR UPDATE SKIP LOCKED`,
-/// lease columns written) and updates them as done, on `RAW_CLAIMERS` connections until none is
-/// left; its seconds.
-async fn raw_claims(url: &str, rows: u64) -> anyhow::Result<f64> {
+/// lease columns written) and writes them done, on `RAW_CLAIMERS` connections until none is left;
+/// its seconds.
+async fn raw_claims(url: &str, rows: u64, writes: RawWrites) -> anyhow::Result<f64> {
     const CLAIM: &str = "WITH claimable AS (SELECT value FROM numbers WHERE success IS NULL \
         AND reservation_id IS NULL ORDER BY value LIMIT $2 FOR UPDATE SKIP LOCKED) \
         UPDATE numbers AS row SET reservation_id = $1, reservation_time = now(), \
@@ -250,6 +279,12 @@ async fn raw_claims(url: &str, rows: u64) -> anyhow::Result<f64> {
     const DONE: &str = "UPDATE numbers AS row SET is_odd = done.value % 2 = 1, success = true, \
         end_time = now() FROM unnest($1::int8[]) AS done(value) \
         WHERE row.value = done.value AND row.reservation_id = $2";
+    const IS_ODD: &str = "INSERT INTO numbers (value, is_odd) \
+        SELECT value, value % 2 = 1 FROM unnest($1::int8[]) AS v(value) \
+        ON CONFLICT (value) DO UPDATE SET is_odd = excluded.is_odd";
+    const OUTCOME: &str = "UPDATE numbers AS row SET success = true, end_time = now() \
+        FROM unnest($1::int8[]) AS done(value) \
+        WHERE row.value = done.value AND row.reservation_id = $2 AND row.success IS NULL";
     let started = Instant::now();
     let mut claimers = Vec::new();
     for worker in 0..RAW_CLAIMERS {
@@ -257,6 +292,8 @@ async fn raw_claims(url: &str, rows: u64) -> anyhow::Result<f64> {
         claimers.push(tokio::spawn(async move {
             let claim = client.prepare(CLAIM).await?;
             let done = client.prepare(DONE).await?;
+            let is_odd = client.prepare(IS_ODD).await?;
+            let outcome = client.prepare(OUTCOME).await?;
             let mut claimed = 0u64;
             for round in 0u64.. {
                 let token = format!("raw/{worker}/{round}");
@@ -270,7 +307,15 @@ async fn raw_claims(url: &str, rows: u64) -> anyhow::Result<f64> {
                     break;
                 }
                 claimed += values.len() as u64;
-                client.execute(&done, &[&values, &token]).await?;
+                match writes {
+                    RawWrites::OneUpdate => {
+                        client.execute(&done, &[&values, &token]).await?;
+                    }
+                    RawWrites::AsTheExample => {
+                        client.execute(&is_odd, &[&values]).await?;
+                        client.execute(&outcome, &[&values, &token]).await?;
+                    }
+                }
             }
             anyhow::Ok(claimed)
         }));

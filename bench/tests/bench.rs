@@ -144,8 +144,10 @@ fn the_postgres_comparison_runs_both_jobs_against_their_raw_loops_and_checks_eve
     for needle in [
         "postgres: 2,000 rows a table",
         "raw claim + update loop (3 connections, 500 rows a claim): ",
+        "raw loop of the example's statements (claim, is_odd upserted, outcome fenced; 3 connections): ",
         "examples/odd-numbers.yaml (source with leases, 3 workers, sink, outcomes): ",
         "claimed and written against the raw loop: ",
+        "against the example's statements: ",
         "raw insert loop (4 connections, 500 rows a statement",
         "generator → jq → postgres sink: ",
         "written against the raw loop: ",

@@ -272,6 +272,31 @@ impl Database {
             .ok_or_else(|| ConnectError::Refused(format!("{table} has no column {column}")))
     }
 
+    /// The predicates of the partial indexes of `table` (quoted as in SQL) that lead with `column`,
+    /// as the database writes them back (`(success IS NULL)`), and the table's size in bytes.
+    pub async fn partial_indexes_on(
+        &self,
+        table: &str,
+        column: &str,
+    ) -> Result<(Vec<String>, i64), ConnectError> {
+        const PREDICATES: &str = "SELECT pg_get_expr(i.indpred, i.indrelid) FROM pg_index i \
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+            WHERE i.indrelid = $1::text::regclass AND a.attname = $2 AND i.indpred IS NOT NULL";
+        const SIZE: &str = "SELECT pg_relation_size($1::text::regclass)";
+        let rows = self
+            .query_when_reachable(PREDICATES, &[&table, &column])
+            .await?;
+        let size = self.query_when_reachable(SIZE, &[&table]).await?;
+        Ok((
+            rows.iter()
+                .filter_map(|row| row.try_get::<_, String>(0).ok())
+                .collect(),
+            size.first()
+                .and_then(|row| row.try_get::<_, i64>(0).ok())
+                .unwrap_or(0),
+        ))
+    }
+
     /// Runs a question about the database's catalog, waiting while the database cannot be reached
     /// (it may start after the unit); the database's refusal is the error.
     async fn query_when_reachable(

@@ -327,6 +327,9 @@ async fn every_row_is_finished_once_across_kills_and_a_database_restart() {
     const ROWS: u64 = 100_000;
     let mut db = database();
     numbers(&db, ROWS);
+    // As the README advises for a table this big.
+    db.psql("create index on numbers (value) where success is null")
+        .unwrap();
     let connection = format!("{{url: \"{}\", password: {{env: {PASSWORD}}}}}", db.url());
     let mut h = harness(&format!(
         "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: pg-chaos}}\nspec:\n  nats: {{redeliverAfter: 2s}}\n  sources:\n    - name: jobs\n      postgres: {{connection: {connection}, table: numbers, key: value, batch: 200}}\n  stages:\n    - name: work\n      switcher: {{minReplicas: 3, maxReplicas: 3}}\n      stages:\n        - name: decide\n          jq: 'if .value % 500 == 0 then error(\"no \\(.value)\") else {{value: .value, is_odd: (.value % 2 == 1)}} end'\n  sinks:\n    - name: results\n      postgres: {{connection: {connection}, table: numbers, columns: {{value: .value, is_odd: .is_odd}}, conflict: {{columns: [value], action: update}}}}\n"
@@ -600,4 +603,46 @@ async fn a_delay_on_a_column_that_is_not_a_time_is_refused_at_start() {
         ),
         "{log}"
     );
+}
+
+/// A big table whose finished rows every claim would read again is named at the start, with the
+/// index to add; once it has that index, nothing is said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_table_without_an_index_of_its_unfinished_rows_gets_the_statement_to_add_one() {
+    const ROWS: u64 = 40_000;
+    let JobsRun {
+        db, mut h, _dir, ..
+    } = jobs_run(
+        "pg-index",
+        ROWS,
+        "        completeOn: publish\n        batch: 10\n        maxClaimed: 10\n",
+    )
+    .await;
+    let advice = "Add one: CREATE INDEX ON \"numbers\" (\"value\") WHERE \"success\" IS NULL";
+    let claimed = |db: &PostgresServer| {
+        count(
+            db,
+            "select count(*) from numbers where reservation_id is not null",
+        )
+    };
+    h.spawn_with_env("jobs", "r1", &[(PASSWORD, db.password())]);
+    let started = Instant::now();
+    while claimed(&db) == 0 {
+        assert!(started.elapsed() < LIMIT, "{}", h.logs_tail(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = h.log_of("jobs", "r1");
+    assert!(log.contains(advice), "{log}");
+
+    h.stop().await;
+    db.psql("create index on numbers (value) where success is null")
+        .unwrap();
+    let before = claimed(&db);
+    h.spawn_with_env("jobs", "r2", &[(PASSWORD, db.password())]);
+    while claimed(&db) == before {
+        assert!(started.elapsed() < LIMIT, "{}", h.logs_tail(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = h.log_of("jobs", "r2");
+    assert!(!log.contains("has no index"), "{log}");
 }

@@ -143,6 +143,22 @@ pub(super) async fn run(settings: &Settings, unit: &SourceUnit) -> Result<(), So
             &statements.count,
         ])
         .await?;
+    let (predicates, size) = table
+        .database
+        .partial_indexes_on(&table.name, &settings.key)
+        .await
+        .map_err(|e| table.refused_for_table(e))?;
+    if size >= BIG_TABLE && !claims_read_unfinished_rows_only(&predicates, &outcome.success) {
+        tracing::warn!(
+            "postgres source {}: table {} has no index on {} of its unfinished rows alone: each claim reads every finished row before the first it takes, and claims slow down as the table is done (on 100,000 rows, 37 ms a claim of 500 rather than 6). Add one: CREATE INDEX ON {} ({}) WHERE {} IS NULL",
+            unit.name,
+            settings.table,
+            settings.key,
+            table.name,
+            quoted(&settings.key),
+            quoted(&outcome.success)
+        );
+    }
     let failed = |e: String| refused(unit, e);
     let dispatcher = Dispatcher {
         settings,
@@ -157,6 +173,26 @@ pub(super) async fn run(settings: &Settings, unit: &SourceUnit) -> Result<(), So
         token_prefix: format!("{}/", unit.queue_group),
     };
     unit.resuming(|| dispatcher.dispatch(unit)).await
+}
+
+/// A table this big (in bytes, about 10,000 narrow rows) is worth a word about its index.
+const BIG_TABLE: i64 = 1 << 20;
+
+/// Whether a partial index with one of `predicates` (as the database writes them back) leaves the
+/// finished rows out, so that a claim in key order starts at the first unfinished row: one that
+/// holds `<success> IS NULL`, alone or among other conditions joined by AND.
+fn claims_read_unfinished_rows_only(predicates: &[String], success: &str) -> bool {
+    let wanted = [
+        format!("{success} IS NULL"),
+        format!("{} IS NULL", quoted(success)),
+    ];
+    predicates.iter().any(|predicate| {
+        !predicate.contains(" OR ")
+            && predicate
+                .split(" AND ")
+                .map(|part| part.trim_matches(|c| c == '(' || c == ')' || c == ' '))
+                .any(|part| wanted.iter().any(|w| part == w))
+    })
 }
 
 struct Dispatcher<'a> {
@@ -859,4 +895,33 @@ async fn write_back(
         held.release(job.accounts).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::claims_read_unfinished_rows_only as unfinished_only;
+
+    fn texts(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn an_index_of_the_unfinished_rows_is_known_by_its_predicate() {
+        assert!(unfinished_only(&texts(&["(success IS NULL)"]), "success"));
+        assert!(unfinished_only(
+            &texts(&["((success IS NULL) AND (kind = 'a'::text))"]),
+            "success"
+        ));
+        assert!(unfinished_only(&texts(&["(\"Done\" IS NULL)"]), "Done"));
+        assert!(!unfinished_only(&texts(&[]), "success"));
+        assert!(!unfinished_only(
+            &texts(&["(success IS NOT NULL)"]),
+            "success"
+        ));
+        assert!(!unfinished_only(&texts(&["(ok IS NULL)"]), "success"));
+        assert!(!unfinished_only(
+            &texts(&["((success IS NULL) OR (kind = 'a'::text))"]),
+            "success"
+        ));
+    }
 }
