@@ -241,7 +241,7 @@ fn validate(files: &[PathBuf]) -> ExitCode {
             .and_then(|p| plan(&p, &PlanSettings::default()).map_err(LoadError::Invalid))
         {
             Ok(plan) => {
-                let parts: Vec<String> = plan::UnitType::ALL
+                let parts: Vec<String> = switchyard_crds::topology::UnitType::ALL
                     .iter()
                     .map(|kind| (kind, plan.units.iter().filter(|u| u.kind == *kind).count()))
                     .filter(|(_, n)| *n > 0)

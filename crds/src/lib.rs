@@ -2,6 +2,7 @@
 //! validation, how it maps onto NATS, and the per-unit configuration that the operator hands to the stage
 //! runtime.
 
+pub mod autoscale;
 pub mod books;
 pub mod crd;
 pub mod duration;

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
 
+use serde::Serialize;
+
 use crate::pipeline::{Batch, Retry, Sink, Source, Stage, Switcher};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +45,67 @@ pub struct Unit {
     pub resources: Option<ResourceRequirements>,
     pub node_selector: Option<BTreeMap<String, String>>,
     pub tolerations: Option<Vec<Toleration>>,
+}
+
+/// What a unit is, as `plan`, `run` and the status name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnitType {
+    Source,
+    Group,
+    Switcher,
+    Sink,
+}
+
+impl UnitType {
+    pub const ALL: [UnitType; 4] = [
+        UnitType::Source,
+        UnitType::Group,
+        UnitType::Switcher,
+        UnitType::Sink,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnitType::Source => "source",
+            UnitType::Group => "group",
+            UnitType::Switcher => "switcher",
+            UnitType::Sink => "sink",
+        }
+    }
+}
+
+impl std::fmt::Display for UnitType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Replicas {
+    pub min: u32,
+    pub max: u32,
+}
+
+pub fn type_of(unit: &Unit) -> UnitType {
+    match unit.kind {
+        UnitKind::Source(_) => UnitType::Source,
+        UnitKind::Sink(_) => UnitType::Sink,
+        UnitKind::Process if unit.switcher.is_some() => UnitType::Switcher,
+        UnitKind::Process => UnitType::Group,
+    }
+}
+
+/// Sources and sinks run once: two copies of a generator would generate twice, two file sinks would
+/// write one file from two places.
+pub fn replicas_of(unit: &Unit) -> Replicas {
+    match &unit.switcher {
+        Some(s) => Replicas {
+            min: s.min_replicas,
+            max: s.max_replicas,
+        },
+        None => Replicas { min: 1, max: 1 },
+    }
 }
 
 /// One step with the settings it inherits from the groups around it.

@@ -9,11 +9,11 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use switchyard_crds::layout::{Names, DEAD_LETTER_CONSUMER};
+use switchyard_crds::topology::{type_of, UnitType};
 use switchyard_crds::unit::{headers, UnitConfig, UnitRole};
 use switchyard_crds::{FileSink, GeneratorSource, SinkKind, SourceKind};
-use switchyard_operator::plan::{type_of, UnitType};
-use switchyard_operator::reports::Reports;
 use switchyard_ops::read;
+use switchyard_platform::reports::Reports;
 
 use crate::prepare::Prepared;
 use crate::session::{totals, Ending, Session};

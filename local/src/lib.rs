@@ -76,7 +76,7 @@ pub enum RunError {
     #[error("the run to resume had {kept} NATS server{}, and --nats-cluster asks for {asked}: resume with --nats-cluster {kept}, or start afresh without --resume", if *.kept == 1 { "" } else { "s" })]
     ResumeCluster { kept: usize, asked: usize },
     #[error(transparent)]
-    Reports(#[from] switchyard_operator::reports::ListenError),
+    Reports(#[from] switchyard_platform::reports::ListenError),
     #[error("cannot {action}: {source}")]
     Io {
         action: String,

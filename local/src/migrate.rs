@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use switchyard_crds::migration::{self, Migration, Step, UnitState};
+use switchyard_crds::topology::replicas_of;
 use switchyard_crds::unit::UnitRole;
-use switchyard_operator::plan::replicas_of;
 use switchyard_platform::admin;
 
 use crate::prepare::{self, Prepared};

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use crate::scaling::Point;
 use crate::summary::Summary;
-use switchyard_operator::plan::UnitType;
+use switchyard_crds::topology::UnitType;
 
 const WIDTH: f64 = 960.0;
 const PANEL: f64 = 150.0;

@@ -10,7 +10,7 @@ use switchyard_crds::topology::Topology;
 use switchyard_crds::unit::StatsReport;
 
 use crate::supervisor::Supervisor;
-use switchyard_operator::autoscale::{self, Policy, Window};
+use switchyard_crds::autoscale::{self, Policy, Window};
 
 /// One scaling change.
 #[derive(Clone, Debug, Serialize)]

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use switchyard_crds::layout::Names;
+use switchyard_crds::topology::{replicas_of, type_of};
 use switchyard_crds::topology::{Unit, UnitKind};
 use switchyard_crds::unit::{StatsReport, UnitConfig, UnitRole};
 use switchyard_crds::{GeneratorSource, SourceKind};
-use switchyard_operator::plan::{replicas_of, type_of};
-use switchyard_operator::reports::Reports;
+use switchyard_platform::reports::Reports;
 use tokio::sync::mpsc;
 
 use crate::migrate::{self, Edit, FileWatch, Hands, Planned, Progress};

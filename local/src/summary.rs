@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::progress::thousands;
 use crate::scaling::{Point, ScaleEvent, SwitcherSettings};
-use switchyard_operator::plan::UnitType;
+use switchyard_crds::topology::UnitType;
 use switchyard_ops::books::BooksNow;
 
 #[derive(Clone, Debug, Serialize)]

@@ -19,7 +19,7 @@ use kube::Resource;
 use serde::Serialize;
 use switchyard_crds::layout::{layout, NatsLayout};
 use switchyard_crds::problem::Problem;
-use switchyard_crds::topology::{Topology, Unit, UnitKind};
+use switchyard_crds::topology::{replicas_of, type_of, Replicas, Topology, Unit, UnitType};
 use switchyard_crds::unit::{UnitConfig, UnitRole};
 use switchyard_crds::validate::analyze;
 use switchyard_crds::Pipeline;
@@ -92,46 +92,6 @@ impl UnitPlan {
     pub fn is_switcher(&self) -> bool {
         self.kind == UnitType::Switcher
     }
-}
-
-/// What a unit is, as `plan`, `run` and the status name it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UnitType {
-    Source,
-    Group,
-    Switcher,
-    Sink,
-}
-
-impl UnitType {
-    pub const ALL: [UnitType; 4] = [
-        UnitType::Source,
-        UnitType::Group,
-        UnitType::Switcher,
-        UnitType::Sink,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UnitType::Source => "source",
-            UnitType::Group => "group",
-            UnitType::Switcher => "switcher",
-            UnitType::Sink => "sink",
-        }
-    }
-}
-
-impl std::fmt::Display for UnitType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Replicas {
-    pub min: u32,
-    pub max: u32,
 }
 
 /// Labels every object of a unit carries; the selector uses the last two.
@@ -242,27 +202,6 @@ fn cluster_problems(spec: &switchyard_crds::PipelineSpec) -> Vec<Problem> {
                 ))
         })
         .collect()
-}
-
-pub fn type_of(unit: &Unit) -> UnitType {
-    match unit.kind {
-        UnitKind::Source(_) => UnitType::Source,
-        UnitKind::Sink(_) => UnitType::Sink,
-        UnitKind::Process if unit.switcher.is_some() => UnitType::Switcher,
-        UnitKind::Process => UnitType::Group,
-    }
-}
-
-/// Sources and sinks run once: two copies of a generator would generate twice, two file sinks would
-/// write one file from two places.
-pub fn replicas_of(unit: &Unit) -> Replicas {
-    match &unit.switcher {
-        Some(s) => Replicas {
-            min: s.min_replicas,
-            max: s.max_replicas,
-        },
-        None => Replicas { min: 1, max: 1 },
-    }
 }
 
 fn owner_reference(pipeline: &Pipeline) -> Option<OwnerReference> {

@@ -239,7 +239,10 @@ pub async fn kubernetes_objects(
     let target = Target::new(ctx, plan, &uid);
     let mut applied = Applied::default();
     for unit in &plan.units {
-        let held = crate::pause::held_replicas(pause, unit.kind == plan::UnitType::Source);
+        let held = crate::pause::held_replicas(
+            pause,
+            unit.kind == switchyard_crds::topology::UnitType::Source,
+        );
         let deployment = target.unit(unit, held, &mut applied).await?;
         applied.deployments.insert(unit.name.clone(), deployment);
     }

@@ -24,8 +24,8 @@ use switchyard_crds::Pipeline;
 use super::caches::PipelineObject;
 use super::status::{PHASE_PAUSED, PHASE_PAUSING};
 use super::{keys, lock, Context, SCALE_FIELD_MANAGER};
-use crate::autoscale::{self, Policy, Window};
 use crate::plan;
+use switchyard_crds::autoscale::{self, Policy, Window};
 
 /// Longest one Pipeline's scaling step may take before it is abandoned for this pass.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,7 +35,7 @@ pub enum ScaleError {
     #[error(transparent)]
     Resolve(#[from] super::resolve::ResolveError),
     #[error(transparent)]
-    Reports(#[from] crate::reports::ListenError),
+    Reports(#[from] switchyard_platform::reports::ListenError),
     #[error("cannot scale {deployment}: {source}")]
     Scale {
         deployment: String,

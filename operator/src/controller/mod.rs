@@ -73,7 +73,7 @@ pub struct Context {
     resyncs: apply::Resyncs,
     credentials: resolve::CredentialsCache,
     /// Every unit's latest reports (rate, utilization), by `keys::unit`.
-    pub reports: crate::reports::Reports,
+    pub reports: switchyard_platform::reports::Reports,
     /// NATS servers whose stats subjects are subscribed to.
     listening: tokio::sync::Mutex<std::collections::HashSet<String>>,
     /// Consecutive failures per Pipeline, for the retry back-off.
@@ -109,7 +109,7 @@ impl Context {
             claims: apply::Claims::default(),
             resyncs: apply::Resyncs::default(),
             credentials: resolve::CredentialsCache::default(),
-            reports: crate::reports::Reports::default(),
+            reports: switchyard_platform::reports::Reports::default(),
             listening: tokio::sync::Mutex::new(std::collections::HashSet::new()),
             failures: Mutex::new(HashMap::new()),
             status_writes: Mutex::new(HashMap::new()),
@@ -121,7 +121,7 @@ impl Context {
         &self,
         spec: &switchyard_crds::PipelineSpec,
         js: &async_nats::jetstream::Context,
-    ) -> Result<(), crate::reports::ListenError> {
+    ) -> Result<(), switchyard_platform::reports::ListenError> {
         let url = spec
             .nats
             .as_ref()

@@ -321,7 +321,7 @@ pub fn pause(
                 .unwrap_or(0);
             UnitNow {
                 name: u.name.clone(),
-                is_source: u.kind == plan::UnitType::Source,
+                is_source: u.kind == switchyard_crds::topology::UnitType::Source,
                 pods,
                 lag: seen.lag.get(&u.name).copied(),
             }

@@ -15,8 +15,8 @@
 
 use std::time::Duration;
 
+use crate::Switcher;
 use serde::Serialize;
-use switchyard_crds::Switcher;
 
 /// Relative changes this small are noise.
 pub const TOLERANCE: f64 = 0.1;
@@ -39,7 +39,7 @@ impl Policy {
         let stabilization = switcher
             .scale_down_stabilization
             .as_deref()
-            .and_then(|t| switchyard_crds::duration::parse_duration(t).ok())
+            .and_then(|t| crate::duration::parse_duration(t).ok())
             .unwrap_or(DEFAULT_STABILIZATION);
         Policy {
             min: switcher.min_replicas,
@@ -310,8 +310,8 @@ mod tests;
 /// How much backlog a unit holds before it counts as full: a switcher's `maxReplicas ×
 /// targetLagPerReplica`, any other unit ten times its consumer's `maxAckPending`.
 pub fn lag_limit(
-    unit: &switchyard_crds::topology::Unit,
-    consumer: Option<&switchyard_crds::unit::ConsumerConfig>,
+    unit: &crate::topology::Unit,
+    consumer: Option<&crate::unit::ConsumerConfig>,
 ) -> u64 {
     match &unit.switcher {
         Some(s) => u64::from(s.max_replicas.max(1)).saturating_mul(s.target_lag_per_replica.max(1)),
@@ -323,8 +323,8 @@ pub fn lag_limit(
 
 /// Of the units reading `unit`'s output, the one nearest its limit, from their current lag.
 pub fn downstream_pressure(
-    topology: &switchyard_crds::topology::Topology,
-    consumers: &[switchyard_crds::unit::ConsumerConfig],
+    topology: &crate::topology::Topology,
+    consumers: &[crate::unit::ConsumerConfig],
     unit: &str,
     lags: &std::collections::HashMap<String, u64>,
 ) -> Option<Pressure> {
@@ -348,7 +348,7 @@ pub fn downstream_pressure(
 }
 
 /// A sample from the consumer's lag and the latest reports of the replicas alive now.
-pub fn sample(at: Duration, lag: u64, reports: &[switchyard_crds::unit::StatsReport]) -> Sample {
+pub fn sample(at: Duration, lag: u64, reports: &[crate::unit::StatsReport]) -> Sample {
     Sample {
         at,
         lag,
