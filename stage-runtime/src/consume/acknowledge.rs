@@ -28,16 +28,9 @@ impl Worker {
             Work::One(m) => std::slice::from_ref(m),
             Work::Batch(ms) => ms,
         };
-        let count = messages.len() as u64;
         let items = work.items();
-        if let Work::One(message) = &work {
-            if Replay::of(message.headers.as_ref()).is_some_and(|r| r.unit != self.unit) {
-                // Put back on a subject this unit reads for the one unit that failed it.
-                if let Err(e) = message.ack().await {
-                    tracing::debug!("cannot acknowledge another unit's replay: {e}");
-                }
-                return (alone, items);
-            }
+        if self.let_replay_pass(&work).await {
+            return (alone, items);
         }
         let recorded_seq = alone
             .then(|| messages.first().and_then(|m| m.info().ok()))
@@ -48,56 +41,15 @@ impl Worker {
         // stored twice in this future (rust-lang/rust#62958), and every message's future is moved
         // into the in-flight set as it starts, so its size is copied per message.
         let result = {
-            let processing = async {
-                if let (Work::One(m), Some(seq)) = (&work, recorded_seq) {
-                    if frame::frame_count(m.headers.as_ref()).is_some() {
-                        return self.process_suspect_frame(m, seq).await.map(|c| vec![c]);
-                    }
-                }
-                let verdict = match recorded_seq {
-                    Some(seq) => Box::pin(self.crashes.before_running_alone(seq)).await?,
-                    None => Verdict::Run { crashes: 0 },
-                };
-                match (&work, verdict) {
-                    (Work::Batch(ms), Verdict::Run { .. }) => self.process_batch(ms).await,
-                    // A suspect of a batch stage is a batch of one.
-                    (Work::Batch(ms), dead @ Verdict::DeadLetter { .. }) => match ms.first() {
-                        Some(m) => self.process_message(m, dead).await.map(|c| vec![c]),
-                        None => Ok(Vec::new()),
-                    },
-                    (Work::One(m), verdict) => {
-                        self.process_message(m, verdict).await.map(|c| vec![c])
-                    }
-                }
-            };
             let recorded = async {
-                let counts = processing.await?;
+                let counts = self.process_work(&work, recorded_seq).await?;
                 self.record_books(messages, &counts).await?;
                 Ok::<_, ConsumeError>(counts.iter().map(|c| c.received).sum::<u64>())
             };
             tokio::pin!(recorded);
             self.with_progress(messages, recorded).await
         };
-        match result {
-            Ok(items) => {
-                if crate::faults::due() {
-                    crate::faults::kill();
-                }
-                for m in messages {
-                    if let Err(e) = m.ack().await {
-                        tracing::warn!("cannot acknowledge a message: {e}; it will be redelivered and de-duplicated");
-                    }
-                }
-                Stats::add(&self.stats.processed, items);
-                Stats::add(&self.stats.messages, count);
-            }
-            Err(e) => {
-                tracing::warn!("{e}; the input will be delivered again");
-                for m in messages {
-                    let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                }
-            }
-        }
+        self.acknowledge(messages, result).await;
         if let Some(seq) = recorded_seq {
             // Finished, or handed back: either way the process did not die on it. (Should it die
             // right here, the record outlives a message that is done, which is never delivered again.)
@@ -109,6 +61,75 @@ impl Worker {
             .in_flight
             .fetch_sub(items as u64, std::sync::atomic::Ordering::Relaxed);
         (alone, items)
+    }
+
+    /// A dead letter replayed for another unit that reads the same subject: acknowledged, nothing
+    /// else. True when it was one.
+    async fn let_replay_pass(&self, work: &Work) -> bool {
+        let Work::One(message) = work else {
+            return false;
+        };
+        if Replay::of(message.headers.as_ref()).is_none_or(|r| r.unit == self.unit) {
+            return false;
+        }
+        // Put back on a subject this unit reads for the one unit that failed it.
+        if let Err(e) = message.ack().await {
+            tracing::debug!("cannot acknowledge another unit's replay: {e}");
+        }
+        true
+    }
+
+    /// Runs the work's items and stores what they made: a frame delivered again item by item, a
+    /// message or batch as its crash record says (`recorded_seq`: it runs alone). The books of
+    /// each message.
+    async fn process_work(
+        &self,
+        work: &Work,
+        recorded_seq: Option<u64>,
+    ) -> Result<Vec<Counts>, ConsumeError> {
+        if let (Work::One(m), Some(seq)) = (work, recorded_seq) {
+            if frame::frame_count(m.headers.as_ref()).is_some() {
+                return self.process_suspect_frame(m, seq).await.map(|c| vec![c]);
+            }
+        }
+        let verdict = match recorded_seq {
+            Some(seq) => Box::pin(self.crashes.before_running_alone(seq)).await?,
+            None => Verdict::Run { crashes: 0 },
+        };
+        match (work, verdict) {
+            (Work::Batch(ms), Verdict::Run { .. }) => self.process_batch(ms).await,
+            // A suspect of a batch stage is a batch of one.
+            (Work::Batch(ms), dead @ Verdict::DeadLetter { .. }) => match ms.first() {
+                Some(m) => self.process_message(m, dead).await.map(|c| vec![c]),
+                None => Ok(Vec::new()),
+            },
+            (Work::One(m), verdict) => self.process_message(m, verdict).await.map(|c| vec![c]),
+        }
+    }
+
+    /// Acknowledges the messages once what they made is stored (`result`: their items), or hands
+    /// them back to be delivered again.
+    async fn acknowledge(&self, messages: &[Message], result: Result<u64, ConsumeError>) {
+        match result {
+            Ok(items) => {
+                if crate::faults::due() {
+                    crate::faults::kill();
+                }
+                for m in messages {
+                    if let Err(e) = m.ack().await {
+                        tracing::warn!("cannot acknowledge a message: {e}; it will be redelivered and de-duplicated");
+                    }
+                }
+                Stats::add(&self.stats.processed, items);
+                Stats::add(&self.stats.messages, messages.len() as u64);
+            }
+            Err(e) => {
+                tracing::warn!("{e}; the input will be delivered again");
+                for m in messages {
+                    let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                }
+            }
+        }
     }
 
     /// Records what became of each message's items (`books`) and waits until the stream has every

@@ -8,7 +8,7 @@ use crate::lineage::{dead_letter_headers, Lineage};
 use crate::payload::Payload;
 use crate::steps::{Failure, Step, StepFailure};
 
-use super::input::Pending;
+use super::input::{Emitted, Pending, Processed};
 use super::worker::{ConsumeError, Output, Worker, HEADERS_ROOM};
 
 impl Worker {
@@ -128,5 +128,28 @@ impl Worker {
             .payload(failure.item.into_bytes());
         self.publish_into(acks, &self.dead_letter_subject, publish)
             .await
+    }
+
+    /// Stores every item's failures as dead letters, noting them in what the item came to; how
+    /// many.
+    pub(super) async fn store_dead_letters(
+        &self,
+        items: &mut [Processed],
+        emitted: &mut [Emitted],
+        acks: &mut Pending,
+    ) -> Result<u64, ConsumeError> {
+        let mut dead = 0;
+        for (item, emitted) in items.iter_mut().zip(emitted.iter_mut()) {
+            for failure in std::mem::take(&mut item.failures) {
+                dead += 1;
+                emitted.dead_letters += 1;
+                emitted.attempts = emitted.attempts.max(failure.failure.attempts);
+                if emitted.dead.is_none() && self.tracer.is_some() {
+                    emitted.dead = Some((failure.stage.clone(), failure.failure.error.clone()));
+                }
+                self.dead_letter(item.carried(), failure, acks).await?;
+            }
+        }
+        Ok(dead)
     }
 }

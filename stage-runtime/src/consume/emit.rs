@@ -4,11 +4,12 @@
 
 use async_nats::jetstream;
 use async_nats::Subject;
+use switchyard_crds::unit::RetryConfig;
 use switchyard_platform::frame::{self, FrameWriter};
 
 use crate::lineage::{names, owned_header_value, Lineage};
 use crate::payload::Payload;
-use crate::sinks::Written;
+use crate::sinks::{Sink, Written};
 use crate::stats::Stats;
 use crate::steps::StepFailure;
 
@@ -50,66 +51,69 @@ impl Worker {
                 }
             }
             Output::Sink { sink, retry } => {
-                let writes: Vec<(usize, bytes::Bytes)> = items
-                    .iter_mut()
-                    .enumerate()
-                    .flat_map(|(i, item)| {
-                        std::mem::take(&mut item.outputs)
-                            .into_iter()
-                            .map(move |output| (i, output.into_bytes()))
-                    })
-                    .collect();
-                // All at once: the sink sees a frame's items together (the file sink writes them
-                // in one go, in this order) rather than one round trip each.
-                let written = futures::future::join_all(writes.iter().map(|(i, bytes)| {
-                    crate::sinks::write_with_retry(
-                        sink.as_ref(),
-                        retry,
-                        &self.unit,
-                        items[*i].carried(),
-                        bytes.clone(),
-                    )
-                }))
-                .await;
-                for ((i, _), written) in writes.iter().zip(written) {
-                    match written {
-                        Ok(Written::New) => {
-                            emitted[*i].stored += 1;
-                            Stats::add(&self.stats.published, 1)
-                        }
-                        Ok(Written::Duplicate) => {
-                            emitted[*i].duplicates += 1;
-                            Stats::add(&self.stats.duplicates_skipped, 1)
-                        }
-                        Err(failure) => items[*i].failures.push(StepFailure {
-                            stage: self.unit.clone(),
-                            step_index: self.steps.len(),
-                            item_index: 0,
-                            replay_step: self.steps.len(),
-                            failure,
-                        }),
-                    }
-                }
+                self.write(sink.as_ref(), retry, items, &mut emitted).await
             }
         }
         self.account_for_jobs(items, &outputs, &mut acks).await?;
-        let mut dead = 0;
-        for (item, emitted) in items.iter_mut().zip(emitted.iter_mut()) {
-            for failure in std::mem::take(&mut item.failures) {
-                dead += 1;
-                emitted.dead_letters += 1;
-                emitted.attempts = emitted.attempts.max(failure.failure.attempts);
-                if emitted.dead.is_none() && self.tracer.is_some() {
-                    emitted.dead = Some((failure.stage.clone(), failure.failure.error.clone()));
-                }
-                self.dead_letter(item.carried(), failure, &mut acks).await?;
-            }
-        }
+        let dead = self
+            .store_dead_letters(items, &mut emitted, &mut acks)
+            .await?;
         for ack in acks.acks {
             self.settle(ack, acks.epoch).await?;
         }
         Stats::add(&self.stats.dead_lettered, dead);
         Ok(emitted)
+    }
+
+    /// Writes the items' outputs through the sink, all at once; what fails joins the item's
+    /// failures (for its dead letter).
+    async fn write(
+        &self,
+        sink: &dyn Sink,
+        retry: &RetryConfig,
+        items: &mut [Processed],
+        emitted: &mut [Emitted],
+    ) {
+        let writes: Vec<(usize, bytes::Bytes)> = items
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(i, item)| {
+                std::mem::take(&mut item.outputs)
+                    .into_iter()
+                    .map(move |output| (i, output.into_bytes()))
+            })
+            .collect();
+        // All at once: the sink sees a frame's items together (the file sink writes them
+        // in one go, in this order) rather than one round trip each.
+        let written = futures::future::join_all(writes.iter().map(|(i, bytes)| {
+            crate::sinks::write_with_retry(
+                sink,
+                retry,
+                &self.unit,
+                items[*i].carried(),
+                bytes.clone(),
+            )
+        }))
+        .await;
+        for ((i, _), written) in writes.iter().zip(written) {
+            match written {
+                Ok(Written::New) => {
+                    emitted[*i].stored += 1;
+                    Stats::add(&self.stats.published, 1)
+                }
+                Ok(Written::Duplicate) => {
+                    emitted[*i].duplicates += 1;
+                    Stats::add(&self.stats.duplicates_skipped, 1)
+                }
+                Err(failure) => items[*i].failures.push(StepFailure {
+                    stage: self.unit.clone(),
+                    step_index: self.steps.len(),
+                    item_index: 0,
+                    replay_step: self.steps.len(),
+                    failure,
+                }),
+            }
+        }
     }
 
     /// Publishes the outputs with ids derived from the input's, so a redelivery publishes the same ids.

@@ -198,22 +198,7 @@ impl Worker {
         };
         let mut lineage = first.lineage.clone();
         lineage.id = format!("{}*{}", lineage.id, members.len());
-        let mut array = Vec::with_capacity(
-            members
-                .iter()
-                .map(|(i, _)| i.payload.size() + 1)
-                .sum::<usize>()
-                + 2,
-        );
-        array.push(b'[');
-        for (i, (member, _)) in members.iter().enumerate() {
-            if i > 0 {
-                array.push(b',');
-            }
-            member.payload.write_as_json(&mut array);
-        }
-        array.push(b']');
-        let input = Payload::Bytes(array.into());
+        let input = json_array(members.iter().map(|(member, _)| &member.payload));
         let began = Began::now();
         let others: Vec<&Lineage> = if self.spans.is_some() {
             members[1..].iter().map(|(i, _)| &i.lineage).collect()
@@ -234,17 +219,10 @@ impl Worker {
         if let Some(span) = span {
             span.end(&emitted.clone().done(false, 1));
         }
-        let fate = counts_of(1, std::slice::from_ref(&emitted), false);
-        let mut first = true;
-        for counts in books.iter_mut().filter(|c| c.dead_lettered == 0) {
-            let n = counts.received;
-            counts.passed = fate.passed * n;
-            counts.filtered = fate.filtered * n;
-            counts.dead_lettered = fate.dead_lettered * n;
-            if std::mem::take(&mut first) {
-                counts.out = fate.out;
-            }
-        }
+        share_fate(
+            &mut books,
+            counts_of(1, std::slice::from_ref(&emitted), false),
+        );
         if let Some(tracer) = &self.tracer {
             // Each traced member of the batch gets the batch's event, under its own identity.
             for (member, m) in &members {
@@ -261,5 +239,35 @@ impl Worker {
             }
         }
         Ok(books)
+    }
+}
+
+/// One JSON array of the payloads, in order: a batch's input.
+fn json_array<'a>(payloads: impl Iterator<Item = &'a Payload> + Clone) -> Payload {
+    let size = payloads.clone().map(|p| p.size() + 1).sum::<usize>() + 2;
+    let mut array = Vec::with_capacity(size);
+    array.push(b'[');
+    for (i, payload) in payloads.enumerate() {
+        if i > 0 {
+            array.push(b',');
+        }
+        payload.write_as_json(&mut array);
+    }
+    array.push(b']');
+    Payload::Bytes(array.into())
+}
+
+/// Each readable message of a batch shares the batch's `fate`, item for item; the batch's outputs
+/// count as the first one's.
+fn share_fate(books: &mut [Counts], fate: Counts) {
+    let mut first = true;
+    for counts in books.iter_mut().filter(|c| c.dead_lettered == 0) {
+        let n = counts.received;
+        counts.passed = fate.passed * n;
+        counts.filtered = fate.filtered * n;
+        counts.dead_lettered = fate.dead_lettered * n;
+        if std::mem::take(&mut first) {
+            counts.out = fate.out;
+        }
     }
 }

@@ -146,6 +146,42 @@ impl Isolation {
     pub(super) fn queued(&self) -> usize {
         self.suspects.len() + self.waiting.len()
     }
+
+    /// What may start now: the next suspect, alone, once nothing else is in flight; or, with no
+    /// suspect left, the first deliveries that waited for them (as the batches they complete).
+    fn ready(&mut self, batch: &mut Batcher, nothing_in_flight: bool) -> Vec<(Work, bool)> {
+        if self.running {
+            return Vec::new();
+        }
+        if !self.suspects.is_empty() {
+            // Alone means alone: the suspect starts once everything else has finished.
+            let suspect = nothing_in_flight
+                .then(|| self.suspects.pop_front())
+                .flatten();
+            self.running = suspect.is_some();
+            return suspect
+                .map(|suspect| vec![(batch.alone(suspect), true)])
+                .unwrap_or_default();
+        }
+        std::mem::take(&mut self.waiting)
+            .into_iter()
+            .filter_map(|message| batch.add(message).map(|work| (work, false)))
+            .collect()
+    }
+
+    /// A message just pulled: held as a suspect if it was delivered before, kept waiting while
+    /// suspects are, or added to the batch (the work it completes, if any).
+    fn admit(&mut self, message: Message, batch: &mut Batcher) -> Option<Work> {
+        if delivered_again(&message) {
+            self.suspects.push_back(message);
+            None
+        } else if self.busy() {
+            self.waiting.push_back(message);
+            None
+        } else {
+            batch.add(message)
+        }
+    }
 }
 
 /// A message JetStream delivered before: its process died holding it, or its acknowledgement was lost.
@@ -176,44 +212,19 @@ impl Worker {
         let mut isolation = Isolation::default();
         // Items in the work in flight.
         let mut held = 0usize;
+        let start =
+            |work: Work, alone: bool, held: &mut usize, in_flight: &mut FuturesUnordered<_>| {
+                *held += work.items();
+                in_flight.push(self.work(work, alone));
+            };
         // Queued messages are not being worked on, but they must not be redelivered meanwhile.
         let mut queued_progress = tokio::time::interval(self.progress_every);
         queued_progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if !isolation.running {
-                if !isolation.suspects.is_empty() {
-                    // Alone means alone: the suspect starts once everything else has finished.
-                    if in_flight.is_empty() {
-                        if let Some(suspect) = isolation.suspects.pop_front() {
-                            isolation.running = true;
-                            let work = batch.alone(suspect);
-                            held += work.items();
-                            in_flight.push(self.work(work, true));
-                        }
-                    }
-                } else {
-                    while let Some(message) = isolation.waiting.pop_front() {
-                        if let Some(work) = batch.add(message) {
-                            held += work.items();
-                            in_flight.push(self.work(work, false));
-                        }
-                    }
-                }
+            for (work, alone) in isolation.ready(&mut batch, in_flight.is_empty()) {
+                start(work, alone, &mut held, &mut in_flight);
             }
-            if pull.messages.is_none() && tokio::time::Instant::now() >= pull.reopen_at {
-                match self.open(consumer_config).await {
-                    Ok(messages) => {
-                        pull.opened(messages);
-                        self.stats
-                            .ready
-                            .store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::warn!("{e}; trying again in {:?}", pull.reopen_delay);
-                        pull.lost();
-                    }
-                }
-            }
+            self.reopen_when_due(&mut pull, consumer_config).await;
             // Concurrency counts items: a frame takes as much of it as the items it holds.
             let can_pull = pull.messages.is_some() && held + isolation.queued() < self.concurrency;
             tokio::select! {
@@ -226,9 +237,7 @@ impl Worker {
                     }
                 }
                 _ = tokio::time::sleep_until(batch.deadline), if !batch.pending.is_empty() && !isolation.busy() => {
-                    let work = Work::Batch(batch.take());
-                    held += work.items();
-                    in_flight.push(self.work(work, false));
+                    start(Work::Batch(batch.take()), false, &mut held, &mut in_flight);
                 }
                 _ = queued_progress.tick(), if isolation.queued() > 0 => {
                     for m in isolation.suspects.iter().chain(&isolation.waiting) {
@@ -238,13 +247,8 @@ impl Worker {
                 _ = tokio::time::sleep_until(pull.reopen_at), if pull.messages.is_none() => {}
                 next = next_message(&mut pull.messages), if can_pull => match next {
                     Some(Ok(message)) => {
-                        if delivered_again(&message) {
-                            isolation.suspects.push_back(message);
-                        } else if isolation.busy() {
-                            isolation.waiting.push_back(message);
-                        } else if let Some(work) = batch.add(message) {
-                            held += work.items();
-                            in_flight.push(self.work(work, false));
+                        if let Some(work) = isolation.admit(message, &mut batch) {
+                            start(work, false, &mut held, &mut in_flight);
                         }
                     }
                     Some(Err(e)) => {
@@ -263,6 +267,25 @@ impl Worker {
         }
         self.wind_down(pull, batch, in_flight).await;
         Ok(())
+    }
+
+    /// Opens the pull again once it is lost and its delay has passed.
+    async fn reopen_when_due(&self, pull: &mut Pull, consumer_config: &ConsumerConfig) {
+        if pull.messages.is_some() || tokio::time::Instant::now() < pull.reopen_at {
+            return;
+        }
+        match self.open(consumer_config).await {
+            Ok(messages) => {
+                pull.opened(messages);
+                self.stats
+                    .ready
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!("{e}; trying again in {:?}", pull.reopen_delay);
+                pull.lost();
+            }
+        }
     }
 
     /// Stops pulling, hands back what was fetched but not started (so other replicas get it now
