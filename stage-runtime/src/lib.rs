@@ -168,14 +168,7 @@ pub async fn run_unit(
         stats.clone(),
         latest.clone(),
     );
-    let server = options.metrics_addr.map(|addr| {
-        let (pipeline, latest, stats) = (config.pipeline.clone(), latest.clone(), stats.clone());
-        tokio::spawn(async move {
-            if let Err(e) = stats::serve(addr, pipeline, latest, stats).await {
-                tracing::error!("cannot serve metrics on {addr}: {e}");
-            }
-        })
-    });
+    let server = serve_metrics(&options, &config, &latest, &stats);
     let spans = export_spans(&config, &options.replica);
     let books = config.books.as_ref().map(|b| {
         Arc::new(books::Ledger::new(
@@ -203,12 +196,7 @@ pub async fn run_unit(
         roll_ups.abort();
     }
     if let Some(books) = &books {
-        // What this process recorded, in one message: the books of a stopped process stay small.
-        match tokio::time::timeout(FINAL_FLUSH_WITHIN, books.roll_up()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("cannot roll up the books: {e}"),
-            Err(_) => tracing::warn!("the books were not rolled up within {FINAL_FLUSH_WITHIN:?}"),
-        }
+        close_books(books).await;
     }
     if let Some(spans) = spans {
         spans.shutdown().await;
@@ -222,6 +210,32 @@ pub async fn run_unit(
     last.last = true;
     goodbye(&client, &config.stats_subject, &last).await;
     result
+}
+
+/// Serves `/metrics` and the probes, when the unit was given an address for them.
+fn serve_metrics(
+    options: &RunOptions,
+    config: &UnitConfig,
+    latest: &stats::Latest,
+    stats: &Arc<Stats>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    options.metrics_addr.map(|addr| {
+        let (pipeline, latest, stats) = (config.pipeline.clone(), latest.clone(), stats.clone());
+        tokio::spawn(async move {
+            if let Err(e) = stats::serve(addr, pipeline, latest, stats).await {
+                tracing::error!("cannot serve metrics on {addr}: {e}");
+            }
+        })
+    })
+}
+
+/// What this process recorded, in one message: the books of a stopped process stay small.
+async fn close_books(books: &books::Ledger) {
+    match tokio::time::timeout(FINAL_FLUSH_WITHIN, books.roll_up()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("cannot roll up the books: {e}"),
+        Err(_) => tracing::warn!("the books were not rolled up within {FINAL_FLUSH_WITHIN:?}"),
+    }
 }
 
 /// The OTLP exporter, when the environment asks for one. A misconfigured one is logged and the unit

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use switchyard_crds::postgres::{PostgresFollow, PostgresSource as Settings};
 use switchyard_crds::postgres::{DEFAULT_POLL, DEFAULT_SOURCE_BATCH};
 
-use super::{duration, item_expression, listen, open_table, refused, wait_for_rows};
+use super::table::{duration, item_expression, listen, open_table, refused, wait_for_rows};
 use crate::postgres::{quoted, Database};
 use crate::sources::framer::{self, Framer};
 use crate::sources::{SourceError, SourceUnit};
