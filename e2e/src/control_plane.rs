@@ -81,7 +81,7 @@ fn find_binary(variable: &str, name: &str, also_on_path: bool) -> Result<PathBuf
             })
         };
     }
-    if let Some(built) = crate::cluster::kube_bin_dir().map(|d| d.join(name)) {
+    if let Some(built) = kube_bin_dir().map(|d| d.join(name)) {
         if built.is_file() {
             return Ok(built);
         }
@@ -454,4 +454,17 @@ fn write_kubeconfig(path: &Path, url: &str, ca_file: &Path, token: &str) {
         ca_file.display()
     );
     std::fs::write(path, text).expect("write a kubeconfig");
+}
+
+/// The folder of the Kubernetes programs: `KUBE_BIN_DIR`, or what `scripts/kube-binaries --check`
+/// names.
+pub fn kube_bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("KUBE_BIN_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kube-binaries");
+    let out = Command::new(script).arg("--check").output().ok()?;
+    out.status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }

@@ -1,84 +1,143 @@
-//! The rooms of a folder import one another in one direction: a lower room never reaches up. A cycle
-//! (a file that imports a file that, by some path, imports it back) fails here with the loop spelled
-//! out, so that it is undone where it starts rather than discovered when the two no longer compile
-//! apart. Unit tests (`#[cfg(test)]` and `tests.rs`) may use whatever they test with, and are left out.
+//! The rooms of every crate import one another in one direction: a lower room never reaches up. A
+//! room is a file (`consume/pull.rs` is the module `consume::pull`, `consume/mod.rs` is `consume`).
+//! A cycle (a file that imports a file that, by some path, imports it back) fails here with the
+//! loop spelled out, so that it is undone where it starts rather than discovered when the two no
+//! longer compile apart. So does an index file (`mod.rs`, `lib.rs`) whose own item its children
+//! import: the index names its children, so that import is a loop through it, and what the
+//! children share belongs in a room of its own below them. Unit tests (`#[cfg(test)]` and
+//! `tests.rs`) may use whatever they test with, and are left out.
+//!
+//! What an index re-exports (`pub use pull::Worker`, `pub use pipeline::*`) is not its own: an
+//! import of it is an import of the room that defines it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// Each room of `folder` (a `.rs` file or a subfolder, named without `.rs`) and the rooms it names
-/// after one of `prefixes` (`crate::`, `super::`), in a `use` or a path.
-fn imports(folder: &Path, prefixes: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
-    let mut files: Vec<(String, PathBuf)> = Vec::new();
-    collect(folder, None, &mut files);
-    let rooms: BTreeSet<String> = files.iter().map(|(room, _)| room.clone()).collect();
-    let glob_reexports = reexported_globs(folder, &rooms);
-    let mut graph: BTreeMap<String, BTreeSet<String>> =
-        rooms.iter().map(|r| (r.clone(), BTreeSet::new())).collect();
-    for (room, path) in &files {
-        let text = std::fs::read_to_string(path).expect("a source file is readable");
-        let code = without_tests_and_comments(&text);
-        for prefix in prefixes {
-            for named in named_after(&code, prefix) {
-                let target = if rooms.contains(&named) {
-                    Some(&named)
-                } else if named.starts_with(char::is_uppercase) {
-                    // `crate::Pipeline` is the room whose items lib.rs re-exports with a glob.
-                    glob_reexports.iter().next()
-                } else {
-                    None
-                };
-                if let Some(target) = target.filter(|t| *t != room) {
-                    graph
-                        .entry(room.clone())
-                        .or_default()
-                        .insert(target.clone());
-                }
-            }
-        }
-    }
-    graph
+/// The crates whose rooms are checked, each by its source folder.
+const CRATES: &[&str] = &[
+    "crds/src",
+    "platform/src",
+    "operator/src",
+    "stage-runtime/src",
+    "local/src",
+    "ops/src",
+    "cli/src",
+    "bench/src",
+    "e2e/src",
+];
+
+/// Index items their children still import, each `<crate folder>: <index module>::<item>`: known,
+/// and to be moved below the children that share them (issue 40). The test fails on one that is
+/// not listed, and on one listed that is gone, so that the list stays true.
+const KNOWN_INDEX_ITEMS: &[&str] = &[
+    "e2e/src: (the crate root)::SuiteFolder",
+    "e2e/src: (the crate root)::binary",
+    "e2e/src: (the crate root)::children_with",
+    "e2e/src: (the crate root)::command_line",
+    "e2e/src: (the crate root)::line_count",
+    "e2e/src: (the crate root)::wait_until",
+    "e2e/src: cluster::ClusterError",
+    "e2e/src: cluster::Programs",
+    "e2e/src: cluster::coredns_image",
+    "e2e/src: cluster::pause_image",
+    "local/src: (the crate root)::BOOKS_DO_NOT_BALANCE",
+    "local/src: (the crate root)::RunArgs",
+    "local/src: (the crate root)::RunError",
+    "local/src: (the crate root)::connect",
+    "operator/src: controller::Context",
+    "operator/src: controller::FIELD_MANAGER",
+    "operator/src: controller::FINALIZER",
+    "operator/src: controller::REFRESH",
+    "operator/src: controller::REFRESH_SWITCHERS",
+    "operator/src: controller::SCALE_FIELD_MANAGER",
+    "operator/src: controller::lock",
+    "operator/src: controller::now",
+    "operator/src: controller::publish",
+    "ops/src: (the crate root)::OpsError",
+    "ops/src: (the crate root)::Target",
+    "ops/src: (the crate root)::thousands",
+    "ops/src: (the crate root)::when",
+    "stage-runtime/src: (the crate root)::Disconnects",
+    "stage-runtime/src: (the crate root)::stopped",
+    "stage-runtime/src: sinks::Sink",
+    "stage-runtime/src: sinks::SinkError",
+    "stage-runtime/src: sinks::Written",
+    "stage-runtime/src: sources::CHECKPOINT_EVERY",
+    "stage-runtime/src: sources::Source",
+    "stage-runtime/src: sources::SourceError",
+    "stage-runtime/src: sources::SourceUnit",
+    "stage-runtime/src: sources::Stored",
+    "stage-runtime/src: sources::Template",
+    "stage-runtime/src: sources::WINDOW",
+    "stage-runtime/src: sources::Window",
+    "stage-runtime/src: sources::lineage",
+    "stage-runtime/src: sources::publish",
+    "stage-runtime/src: sources::record_emitted",
+    "stage-runtime/src: steps::BuildError",
+    "stage-runtime/src: steps::Handler",
+    "stage-runtime/src: steps::humanize",
+];
+
+/// One file of a crate.
+struct Room {
+    /// Its module path: `""` for the crate root, `consume::pull`.
+    module: String,
+    /// Its code without unit tests and comments.
+    code: String,
+    /// `mod.rs` or the crate root: it declares children.
+    index: bool,
 }
 
-fn collect(folder: &Path, room: Option<&str>, files: &mut Vec<(String, PathBuf)>) {
-    let mut entries: Vec<_> = std::fs::read_dir(folder)
+/// The rooms of the crate whose source folder is `src`, by module path.
+fn rooms(src: &Path) -> BTreeMap<String, Room> {
+    let root = if src.join("lib.rs").exists() {
+        "lib.rs"
+    } else {
+        "main.rs"
+    };
+    let mut files = Vec::new();
+    walk(src, &mut files);
+    let mut rooms = BTreeMap::new();
+    for path in files {
+        let relative = path.strip_prefix(src).expect("below src");
+        let parts: Vec<String> = relative
+            .iter()
+            .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
+            .collect();
+        let (module, index) = match parts.as_slice() {
+            [only] if *only == root.trim_end_matches(".rs") => (String::new(), true),
+            [only] if only == "lib" || only == "main" => continue,
+            [first, ..] if first == "bin" => continue,
+            [.., last] if last == "tests" => continue,
+            [folders @ .., last] if last == "mod" => (folders.join("::"), true),
+            all => (all.join("::"), false),
+        };
+        let text = std::fs::read_to_string(&path).expect("a source file is readable");
+        rooms.insert(
+            module.clone(),
+            Room {
+                module,
+                code: without_tests_and_comments(&text),
+                index,
+            },
+        );
+    }
+    rooms
+}
+
+fn walk(folder: &Path, files: &mut Vec<PathBuf>) {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(folder)
         .expect("the folder exists")
         .map(|e| e.expect("a folder entry").path())
         .collect();
     entries.sort();
     for path in entries {
-        let name = path
-            .file_stem()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_string();
         if path.is_dir() {
-            collect(&path, Some(room.unwrap_or(&name)), files);
-        } else if path.extension().is_some_and(|e| e == "rs") && name != "tests" {
-            match room {
-                Some(room) => files.push((room.to_string(), path)),
-                None if !["lib", "mod", "main"].contains(&name.as_str()) => {
-                    files.push((name, path))
-                }
-                None => {}
-            }
+            walk(&path, files);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
         }
     }
-}
-
-/// Rooms that `lib.rs` or `mod.rs` re-export whole (`pub use pipeline::*;`).
-fn reexported_globs(folder: &Path, rooms: &BTreeSet<String>) -> BTreeSet<String> {
-    ["lib.rs", "mod.rs"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(folder.join(f)).ok())
-        .flat_map(|text| {
-            text.lines()
-                .filter_map(|l| l.trim().strip_prefix("pub use ")?.strip_suffix("::*;"))
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .filter(|r| rooms.contains(r))
-        .collect()
 }
 
 fn without_tests_and_comments(text: &str) -> String {
@@ -89,59 +148,336 @@ fn without_tests_and_comments(text: &str) -> String {
         .join("\n")
 }
 
-/// The first name after each `prefix`, or every name inside the braces that follow it.
-fn named_after(code: &str, prefix: &str) -> Vec<String> {
-    let mut names = Vec::new();
+/// The paths `code` names after `prefix` (`crate::`, `super::`, `pull::`): each as its segments,
+/// groups spelled out (`crate::{a::{b, c}, d}` is `a::b`, `a::c` and `d`).
+fn paths_after(code: &str, prefix: &str) -> Vec<Vec<String>> {
+    paths_after_at(code, prefix)
+        .into_iter()
+        .map(|(_, path)| path)
+        .collect()
+}
+
+/// `paths_after`, each with where in `code` it is.
+fn paths_after_at(code: &str, prefix: &str) -> Vec<(usize, Vec<String>)> {
+    let mut paths = Vec::new();
     for (at, _) in code.match_indices(prefix) {
         let preceded_by_name = code[..at]
             .chars()
             .next_back()
-            .is_some_and(|c| c.is_alphanumeric() || c == '_');
-        if preceded_by_name {
+            .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
+        if !preceded_by_name {
+            let mut found = Vec::new();
+            expand(&code[at + prefix.len()..], &mut Vec::new(), &mut found);
+            paths.extend(found.into_iter().map(|path| (at, path)));
+        }
+    }
+    paths
+}
+
+/// Where the modules written inside a file (`mod names { … }`) are in its code.
+fn inline_modules(code: &str) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    for (at, _) in code.match_indices("mod ") {
+        let line_start = code[..at].rfind('\n').map_or(0, |i| i + 1);
+        let before = code[line_start..at].trim();
+        if !(before.is_empty() || before.starts_with("pub")) {
             continue;
         }
-        let rest = &code[at + prefix.len()..];
-        if let Some(group) = rest.strip_prefix('{') {
-            let mut depth = 1;
-            let end = group
-                .char_indices()
-                .find(|&(_, c)| {
-                    depth += match c {
-                        '{' => 1,
-                        '}' => -1,
-                        _ => 0,
-                    };
-                    depth == 0
-                })
-                .map_or(group.len(), |(i, _)| i);
-            // Only names at the group's top level are rooms: `{nats::{self, X}, Context}`.
-            let mut depth = 0;
-            let mut top = String::new();
-            for c in group[..end].chars() {
-                match c {
-                    '{' => depth += 1,
-                    '}' => depth -= 1,
-                    _ if depth == 0 => top.push(c),
-                    _ => {}
+        let rest = &code[at + 4..];
+        let name_end = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let Some(body) = rest[name_end..].trim_start().strip_prefix('{') else {
+            continue;
+        };
+        let open = code.len() - body.len();
+        let mut depth = 1;
+        let close = body
+            .char_indices()
+            .find(|&(_, c)| {
+                depth += match c {
+                    '{' => 1,
+                    '}' => -1,
+                    _ => 0,
+                };
+                depth == 0
+            })
+            .map_or(code.len(), |(i, _)| open + i);
+        ranges.push(open..close);
+    }
+    ranges
+}
+
+/// Reads one path (or group) at the start of `rest`, below `stem`, into `paths`.
+fn expand(rest: &str, stem: &mut Vec<String>, paths: &mut Vec<Vec<String>>) {
+    if let Some(group) = rest.strip_prefix('{') {
+        let mut depth = 1;
+        let end = group
+            .char_indices()
+            .find(|&(_, c)| {
+                depth += match c {
+                    '{' => 1,
+                    '}' => -1,
+                    _ => 0,
+                };
+                depth == 0
+            })
+            .map_or(group.len(), |(i, _)| i);
+        let inner = &group[..end];
+        let mut depth = 0;
+        let mut start = 0;
+        for (i, c) in inner.char_indices().chain([(inner.len(), ',')]) {
+            match c {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    let part = inner[start..i].trim();
+                    if !part.is_empty() {
+                        expand(part, &mut stem.clone(), paths);
+                    }
+                    start = i + 1;
                 }
+                _ => {}
             }
-            names.extend(
-                top.split(',')
-                    .filter_map(|part| part.trim().split("::").next())
-                    .filter(|n| !n.is_empty())
-                    .map(str::to_string),
-            );
-        } else {
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            if !name.is_empty() {
-                names.push(name);
+        }
+        return;
+    }
+    let name: String = rest
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    if name.is_empty() {
+        if !stem.is_empty() {
+            paths.push(stem.clone());
+        }
+        return;
+    }
+    stem.push(name.clone());
+    match rest[name.len()..].strip_prefix("::") {
+        Some(more) => expand(more, stem, paths),
+        None => paths.push(stem.clone()),
+    }
+}
+
+/// The items `room` defines itself (`pub struct X`, `fn y`, …), not those it re-exports.
+fn defined(room: &Room) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in room.code.lines() {
+        let mut words = line.split_whitespace().peekable();
+        while let Some(word) = words.peek() {
+            if word.starts_with("pub") || *word == "async" || *word == "unsafe" {
+                words.next();
+            } else {
+                break;
+            }
+        }
+        if let (Some(kind), Some(name)) = (words.next(), words.next()) {
+            if ["struct", "enum", "fn", "trait", "type", "const", "static"].contains(&kind) {
+                let name: String = name
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() && line.starts_with(|c: char| !c.is_whitespace()) {
+                    names.insert(name);
+                }
             }
         }
     }
     names
+}
+
+/// What a crate's rooms import: the edges between rooms, and the index items children import.
+struct Imports {
+    edges: BTreeMap<String, BTreeSet<String>>,
+    /// `(child, index, item)`.
+    index_items: BTreeSet<(String, String, String)>,
+}
+
+fn imports(rooms: &BTreeMap<String, Room>) -> Imports {
+    let mut imports = Imports {
+        edges: rooms.keys().map(|m| (m.clone(), BTreeSet::new())).collect(),
+        index_items: BTreeSet::new(),
+    };
+    for room in rooms.values() {
+        let parent = parent_of(&room.module);
+        let mut named: Vec<(String, Vec<String>)> = paths_after(&room.code, "crate::")
+            .into_iter()
+            .map(|p| (String::new(), p))
+            .collect();
+        let inline = inline_modules(&room.code);
+        named.extend(
+            paths_after_at(&room.code, "super::")
+                .into_iter()
+                .map(|(at, p)| {
+                    // In a module written inside the file, `super` is the file itself.
+                    let base = if inline.iter().any(|r| r.contains(&at)) {
+                        room.module.clone()
+                    } else {
+                        parent.clone().unwrap_or_default()
+                    };
+                    supers(&base, p)
+                }),
+        );
+        named.extend(
+            paths_after(&room.code, "self::")
+                .into_iter()
+                .map(|p| (room.module.clone(), p)),
+        );
+        if room.index {
+            // An index names its children by their own names: `pull::Worker`.
+            for child in children_of(rooms, &room.module) {
+                let leaf = child.rsplit("::").next().unwrap_or_default().to_string();
+                named.extend(
+                    paths_after(&room.code, &format!("{leaf}::"))
+                        .into_iter()
+                        .map(|mut p| {
+                            p.insert(0, leaf.clone());
+                            (room.module.clone(), p)
+                        }),
+                );
+            }
+        }
+        for (base, path) in named {
+            let Some((target, item)) = resolve(rooms, &base, &path) else {
+                continue;
+            };
+            if target == room.module {
+                continue;
+            }
+            if let Some(item) = &item {
+                if rooms[&target].index
+                    && is_below(&room.module, &target)
+                    && defined(&rooms[&target]).contains(item)
+                {
+                    imports
+                        .index_items
+                        .insert((room.module.clone(), target.clone(), item.clone()));
+                }
+            }
+            imports
+                .edges
+                .entry(room.module.clone())
+                .or_default()
+                .insert(target);
+        }
+    }
+    imports
+}
+
+fn parent_of(module: &str) -> Option<String> {
+    if module.is_empty() {
+        return None;
+    }
+    Some(
+        module
+            .rsplit_once("::")
+            .map_or(String::new(), |(p, _)| p.to_string()),
+    )
+}
+
+/// `super::super::x` from `base`: the module it starts at, and the rest.
+fn supers(base: &str, mut path: Vec<String>) -> (String, Vec<String>) {
+    let mut base = base.to_string();
+    while path.first().is_some_and(|s| s == "super") {
+        path.remove(0);
+        base = parent_of(&base).unwrap_or_default();
+    }
+    (base, path)
+}
+
+fn children_of(rooms: &BTreeMap<String, Room>, module: &str) -> Vec<String> {
+    rooms
+        .keys()
+        .filter(|m| parent_of(m).as_deref() == Some(module) && !m.is_empty())
+        .cloned()
+        .collect()
+}
+
+fn is_below(module: &str, ancestor: &str) -> bool {
+    ancestor.is_empty() && !module.is_empty() || module.starts_with(&format!("{ancestor}::"))
+}
+
+/// The room a path from `base` lands in and the item it names there, an index's re-export
+/// followed to the room that defines it. None for a path outside the crate's rooms.
+fn resolve(
+    rooms: &BTreeMap<String, Room>,
+    base: &str,
+    path: &[String],
+) -> Option<(String, Option<String>)> {
+    let mut module = base.to_string();
+    let mut rest = path;
+    while let Some((first, more)) = rest.split_first() {
+        let next = if module.is_empty() {
+            first.clone()
+        } else {
+            format!("{module}::{first}")
+        };
+        if !rooms.contains_key(&next) {
+            break;
+        }
+        module = next;
+        rest = more;
+    }
+    let room = rooms.get(&module)?;
+    let item = rest.first().cloned();
+    match &item {
+        Some(name) if room.index && !defined(room).contains(name) => {
+            reexporter(rooms, room, name).or(Some((module, item)))
+        }
+        _ => Some((module, item)),
+    }
+}
+
+/// The child room an index re-exports `name` from, by `pub use child::name`, `pub use
+/// child::{.., name, ..}` or `pub use child::*` (whose room defines it).
+fn reexporter(
+    rooms: &BTreeMap<String, Room>,
+    index: &Room,
+    name: &str,
+) -> Option<(String, Option<String>)> {
+    for line in index.code.lines() {
+        let Some(used) = line.trim().strip_prefix("pub use ") else {
+            continue;
+        };
+        let used = used.trim_end_matches(';');
+        let mut paths = Vec::new();
+        expand(used, &mut Vec::new(), &mut paths);
+        for path in paths {
+            let (base, path) = match path.first().map(String::as_str) {
+                Some("crate") => (String::new(), path[1..].to_vec()),
+                Some("self") => (index.module.clone(), path[1..].to_vec()),
+                _ => (index.module.clone(), path),
+            };
+            let Some((target, item)) = resolve(rooms, &base, &path) else {
+                continue;
+            };
+            if target == index.module {
+                continue;
+            }
+            let names_it = item.as_deref() == Some(name)
+                || (item.is_none()
+                    && used.ends_with("::*")
+                    && defined(&rooms[&target]).contains(name));
+            if names_it {
+                return Some((target, Some(name.to_string())));
+            }
+        }
+    }
+    // An item no room spells out (a derive's, such as `Pipeline`) is the one glob's, if one.
+    let globs: Vec<String> = index
+        .code
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub use ")?.strip_suffix("::*;"))
+        .map(|room| match index.module.as_str() {
+            "" => room.to_string(),
+            module => format!("{module}::{room}"),
+        })
+        .filter(|room| rooms.contains_key(room))
+        .collect();
+    match globs.as_slice() {
+        [only] => Some((only.clone(), Some(name.to_string()))),
+        _ => None,
+    }
 }
 
 /// One loop of the graph, spelled `a -> b -> a`, if there is any.
@@ -183,34 +519,56 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-fn assert_one_direction(folder: &str, prefixes: &[&str]) {
-    let graph = imports(&workspace().join(folder), prefixes);
-    assert!(graph.len() > 3, "{folder}: no rooms found: {graph:?}");
-    if let Some(cycle) = a_cycle(&graph) {
-        panic!("{folder} imports in a loop: {cycle}\n(the whole graph: {graph:#?})");
+fn shown(module: &str) -> &str {
+    if module.is_empty() {
+        "(the crate root)"
+    } else {
+        module
     }
 }
 
 #[test]
-fn the_api_crate_imports_in_one_direction() {
-    assert_one_direction("crds/src", &["crate::"]);
-}
-
-#[test]
-fn the_controller_imports_in_one_direction() {
-    assert_one_direction(
-        "operator/src/controller",
-        &["super::", "crate::controller::"],
+fn every_crate_imports_in_one_direction() {
+    let mut found = BTreeSet::new();
+    let mut loops = Vec::new();
+    for folder in CRATES {
+        let rooms = rooms(&workspace().join(folder));
+        assert!(rooms.len() > 1, "{folder}: no rooms found");
+        let mut imports = imports(&rooms);
+        for (child, index, item) in &imports.index_items {
+            found.insert(format!("{folder}: {}::{item}", shown(index)));
+            // A known one is reported below, not as the loop it makes.
+            if let Some(edges) = imports.edges.get_mut(child) {
+                edges.remove(index);
+            }
+        }
+        if let Some(cycle) = a_cycle(&imports.edges) {
+            loops.push(format!("{folder}: {cycle}"));
+        }
+    }
+    let known: BTreeSet<String> = KNOWN_INDEX_ITEMS.iter().map(|s| s.to_string()).collect();
+    let new: Vec<&String> = found.difference(&known).collect();
+    let gone: Vec<&String> = known.difference(&found).collect();
+    assert!(
+        loops.is_empty() && new.is_empty() && gone.is_empty(),
+        "rooms that import in a loop:\n{}\nindex items their children import (move each below them):\n{}\nlisted in KNOWN_INDEX_ITEMS but no longer imported (take them off):\n{}",
+        loops.join("\n"),
+        new.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
+        gone.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
     );
 }
 
 #[test]
-fn a_loop_is_found_and_spelled_out() {
+fn a_loop_and_an_index_item_imported_back_are_found() {
     let folder = tempfile::tempdir().expect("a temporary folder");
-    let write = |name: &str, text: &str| std::fs::write(folder.path().join(name), text).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = folder.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
     write(
         "lib.rs",
-        "pub mod a;\npub mod b;\npub mod c;\npub mod d;\npub use d::*;\n",
+        "pub mod a;\npub mod b;\npub mod c;\npub mod d;\npub mod e;\npub use d::*;\n",
     );
     write(
         "a.rs",
@@ -222,14 +580,38 @@ fn a_loop_is_found_and_spelled_out() {
     );
     write("c.rs", "use crate::Spec;\n");
     write("d.rs", "pub struct Spec;\n");
-    let graph = imports(folder.path(), &["crate::"]);
-    assert_eq!(graph["a"], BTreeSet::from(["b".to_string()]));
-    assert_eq!(a_cycle(&graph), None, "{graph:?}");
-    write("d.rs", "pub struct Spec;\nfn h() { crate::a::f() }\n");
-    let graph = imports(folder.path(), &["crate::"]);
+    write("e/mod.rs", "mod pull;\nmod worker;\npub use worker::Worker;\npub struct Shared;\nfn run() { pull::go() }\n");
+    write("e/worker.rs", "pub struct Worker;\n");
+    write(
+        "e/pull.rs",
+        "use super::worker::Worker;\nuse crate::e::Worker as Same;\n",
+    );
+    let found = imports(&rooms(folder.path()));
+    assert_eq!(found.edges["a"], BTreeSet::from(["b".to_string()]));
     assert_eq!(
-        a_cycle(&graph).as_deref(),
+        found.edges["c"],
+        BTreeSet::from(["d".to_string()]),
+        "the glob followed to d"
+    );
+    assert_eq!(
+        found.edges["e::pull"],
+        BTreeSet::from(["e::worker".to_string()]),
+        "the re-export followed"
+    );
+    assert_eq!(a_cycle(&found.edges), None, "{:?}", found.edges);
+    assert!(found.index_items.is_empty());
+
+    write("d.rs", "pub struct Spec;\nfn h() { crate::a::f() }\n");
+    write("e/pull.rs", "use super::{worker::Worker, Shared};\n");
+    let found = imports(&rooms(folder.path()));
+    assert_eq!(
+        a_cycle(&found.edges).as_deref(),
         Some("a -> b -> c -> d -> a"),
-        "{graph:?}"
+        "{:?}",
+        found.edges
+    );
+    assert_eq!(
+        found.index_items,
+        BTreeSet::from([("e::pull".into(), "e".into(), "Shared".into())])
     );
 }

@@ -121,23 +121,10 @@ fn on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The folder of the Kubernetes programs: `KUBE_BIN_DIR`, or what `scripts/kube-binaries --check`
-/// names.
-pub fn kube_bin_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("KUBE_BIN_DIR") {
-        return Some(PathBuf::from(dir));
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kube-binaries");
-    let out = Command::new(script).arg("--check").output().ok()?;
-    out.status
-        .success()
-        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
 impl Programs {
     /// Finds every program, or says in one line what is missing and how to get it.
     pub fn find() -> Result<Programs, ClusterError> {
-        let kube_bin = kube_bin_dir().ok_or_else(|| {
+        let kube_bin = crate::control_plane::kube_bin_dir().ok_or_else(|| {
             ClusterError::Unavailable(
                 "no Kubernetes programs (run scripts/kube-binaries, or set KUBE_BIN_DIR)".into(),
             )
