@@ -10,21 +10,12 @@
 //! What an index re-exports (`pub use pull::Worker`, `pub use pipeline::*`) is not its own: an
 //! import of it is an import of the room that defines it.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+mod source_tree;
 
-/// The crates whose rooms are checked, each by its source folder.
-const CRATES: &[&str] = &[
-    "crds/src",
-    "platform/src",
-    "operator/src",
-    "stage-runtime/src",
-    "local/src",
-    "ops/src",
-    "cli/src",
-    "bench/src",
-    "e2e/src",
-];
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use source_tree::{rust_files, workspace, CRATES};
 
 /// Index items their children still import, each `<crate folder>: <index module>::<item>`: known,
 /// and to be moved below the children that share them (issue 40). The test fails on one that is
@@ -95,10 +86,8 @@ fn rooms(src: &Path) -> BTreeMap<String, Room> {
     } else {
         "main.rs"
     };
-    let mut files = Vec::new();
-    walk(src, &mut files);
     let mut rooms = BTreeMap::new();
-    for path in files {
+    for path in rust_files(src) {
         let relative = path.strip_prefix(src).expect("below src");
         let parts: Vec<String> = relative
             .iter()
@@ -123,21 +112,6 @@ fn rooms(src: &Path) -> BTreeMap<String, Room> {
         );
     }
     rooms
-}
-
-fn walk(folder: &Path, files: &mut Vec<PathBuf>) {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(folder)
-        .expect("the folder exists")
-        .map(|e| e.expect("a folder entry").path())
-        .collect();
-    entries.sort();
-    for path in entries {
-        if path.is_dir() {
-            walk(&path, files);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            files.push(path);
-        }
-    }
 }
 
 fn without_tests_and_comments(text: &str) -> String {
@@ -191,39 +165,31 @@ fn inline_modules(code: &str) -> Vec<std::ops::Range<usize>> {
             continue;
         };
         let open = code.len() - body.len();
-        let mut depth = 1;
-        let close = body
-            .char_indices()
-            .find(|&(_, c)| {
-                depth += match c {
-                    '{' => 1,
-                    '}' => -1,
-                    _ => 0,
-                };
-                depth == 0
-            })
-            .map_or(code.len(), |(i, _)| open + i);
-        ranges.push(open..close);
+        ranges.push(open..open + block_end(body));
     }
     ranges
+}
+
+/// Where the block whose `{` is just before `text` closes: the index of its `}` in `text`, or
+/// the end.
+fn block_end(text: &str) -> usize {
+    let mut depth = 1;
+    text.char_indices()
+        .find(|&(_, c)| {
+            depth += match c {
+                '{' => 1,
+                '}' => -1,
+                _ => 0,
+            };
+            depth == 0
+        })
+        .map_or(text.len(), |(i, _)| i)
 }
 
 /// Reads one path (or group) at the start of `rest`, below `stem`, into `paths`.
 fn expand(rest: &str, stem: &mut Vec<String>, paths: &mut Vec<Vec<String>>) {
     if let Some(group) = rest.strip_prefix('{') {
-        let mut depth = 1;
-        let end = group
-            .char_indices()
-            .find(|&(_, c)| {
-                depth += match c {
-                    '{' => 1,
-                    '}' => -1,
-                    _ => 0,
-                };
-                depth == 0
-            })
-            .map_or(group.len(), |(i, _)| i);
-        let inner = &group[..end];
+        let inner = &group[..block_end(group)];
         let mut depth = 0;
         let mut start = 0;
         for (i, c) in inner.char_indices().chain([(inner.len(), ',')]) {
@@ -510,13 +476,6 @@ fn a_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<String> {
     graph
         .keys()
         .find_map(|room| visit(room, graph, &mut Vec::new(), &mut done))
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e/ sits in the workspace")
-        .to_path_buf()
 }
 
 fn shown(module: &str) -> &str {
