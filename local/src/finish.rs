@@ -51,54 +51,17 @@ pub async fn finish(
     };
     let mut summary = summarize(prepared, &session.supervisor, &session.reports, end);
     if nats.connected() {
-        let target = switchyard_ops::Target {
-            names: Names::new(&prepared.topology.namespace, &prepared.name),
-            topology: prepared.topology.clone(),
-            layout: prepared.layout.clone(),
-            js: nats.js.clone(),
-        };
-        match switchyard_ops::books::now(&target).await {
-            Ok(books) => summary.take_books(books),
-            Err(e) => eprintln!(
-                "The books cannot be read, so whether every item arrived is not known: {e}"
-            ),
-        }
+        read_books(prepared, nats, &mut summary).await;
     }
     summary.switchers = session.scaler.settings();
     summary.scale_events = std::mem::take(&mut session.scaler.events);
     summary.timeline = std::mem::take(&mut session.scaler.timeline);
-    if let Some(path) = &args.summary_json {
-        let text = serde_json::to_string_pretty(&summary)?;
-        std::fs::write(path, text).map_err(RunError::io(format!("write {}", path.display())))?;
-    }
-    if let Some(path) = &args.plot {
-        std::fs::write(path, plot::render(&summary))
-            .map_err(RunError::io(format!("write {}", path.display())))?;
-    }
+    write_asked_for(args, &summary)?;
     // The stream stays (in the local state, or on the given server) for `dlq`, `trace` and `--resume`;
     // so do the sinks' ledgers, which keep a resumed run from writing an item twice.
     if let Some((state, _)) = &nats.state {
         let mut kept = state.kept();
-        let before = std::mem::take(&mut kept.counts);
-        kept.counts = summary
-            .units
-            .iter()
-            .map(|u| {
-                let mut counts = UnitCounts {
-                    processed: u.processed,
-                    published: u.published,
-                    dead_lettered: u.dead_lettered,
-                };
-                // A resumed run goes on with the one before: what this one counted adds to it, unless
-                // the count is a total read off a finished source or a sink's file.
-                if let Some(earlier) = before.get(&u.name).filter(|_| nats.resumed && !u.exact) {
-                    counts.processed += earlier.processed;
-                    counts.published += earlier.published;
-                    counts.dead_lettered += earlier.dead_lettered;
-                }
-                (u.name.clone(), counts)
-            })
-            .collect();
+        kept.counts = counts_to_keep(&kept.counts, &summary.units, nats.resumed);
         state.save_kept(&kept)?;
     }
     print!("{}", summary.render());
@@ -117,6 +80,61 @@ pub async fn finish(
         Ending::Completed if unbalanced => ExitCode::from(crate::BOOKS_DO_NOT_BALANCE),
         Ending::Completed => ExitCode::SUCCESS,
     })
+}
+
+/// The books as the run leaves them, into its summary; a word if they cannot be read.
+async fn read_books(prepared: &Prepared, nats: &RunNats, summary: &mut Summary) {
+    let target = switchyard_ops::Target {
+        names: Names::new(&prepared.topology.namespace, &prepared.name),
+        topology: prepared.topology.clone(),
+        layout: prepared.layout.clone(),
+        js: nats.js.clone(),
+    };
+    match switchyard_ops::books::now(&target).await {
+        Ok(books) => summary.take_books(books),
+        Err(e) => {
+            eprintln!("The books cannot be read, so whether every item arrived is not known: {e}")
+        }
+    }
+}
+
+/// The summary as JSON and the plot, where the run was asked to write them.
+fn write_asked_for(args: &RunArgs, summary: &Summary) -> Result<(), RunError> {
+    if let Some(path) = &args.summary_json {
+        let text = serde_json::to_string_pretty(summary)?;
+        std::fs::write(path, text).map_err(RunError::io(format!("write {}", path.display())))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, plot::render(summary))
+            .map_err(RunError::io(format!("write {}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Each unit's counts to keep for a resumed run: a resumed run goes on with the one `before`, so
+/// what this one counted adds to it, unless the count is a total read off a finished source or a
+/// sink's file.
+fn counts_to_keep(
+    before: &BTreeMap<String, UnitCounts>,
+    units: &[UnitSummary],
+    resumed: bool,
+) -> BTreeMap<String, UnitCounts> {
+    units
+        .iter()
+        .map(|u| {
+            let mut counts = UnitCounts {
+                processed: u.processed,
+                published: u.published,
+                dead_lettered: u.dead_lettered,
+            };
+            if let Some(earlier) = before.get(&u.name).filter(|_| resumed && !u.exact) {
+                counts.processed += earlier.processed;
+                counts.published += earlier.published;
+                counts.dead_lettered += earlier.dead_lettered;
+            }
+            (u.name.clone(), counts)
+        })
+        .collect()
 }
 
 /// How a run ended, for its summary.

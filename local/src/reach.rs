@@ -83,23 +83,7 @@ pub async fn reach(
     let client = crate::connect("switchyard", &url, &credentials).await?;
     let js = switchyard_platform::nats::jetstream_context(client);
     let stream = prepared.layout.nats.stream.name.clone();
-    let started = Instant::now();
-    // A store's streams come back with their server; a cluster's once it has elected their leaders.
-    loop {
-        match js.get_stream(&stream).await {
-            Ok(_) => break,
-            Err(e) if servers.len() > 1 && started.elapsed() < CLUSTER_BACK_WITHIN => {
-                tracing::debug!("stream {stream} is not back yet: {e}");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => {
-                return Err(RunError::Nats {
-                    action: format!("find stream {stream} at {how} (has the Pipeline run there?)"),
-                    source: Box::new(e),
-                })
-            }
-        }
-    }
+    find_stream(&js, &stream, &how, servers.len() > 1).await?;
     let target = Target {
         names: Names::new(&prepared.topology.namespace, &prepared.name),
         topology: prepared.topology.clone(),
@@ -114,6 +98,32 @@ pub async fn reach(
         _servers: servers,
         _lock: lock,
     })
+}
+
+/// Waits for the Pipeline's stream: a store's streams come back with their server, a `cluster`'s
+/// once it has elected their leaders (within `CLUSTER_BACK_WITHIN`).
+async fn find_stream(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    how: &str,
+    cluster: bool,
+) -> Result<(), RunError> {
+    let started = Instant::now();
+    loop {
+        match js.get_stream(stream).await {
+            Ok(_) => return Ok(()),
+            Err(e) if cluster && started.elapsed() < CLUSTER_BACK_WITHIN => {
+                tracing::debug!("stream {stream} is not back yet: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => {
+                return Err(RunError::Nats {
+                    action: format!("find stream {stream} at {how} (has the Pipeline run there?)"),
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
 }
 
 /// Sends `request` (pause, resume) to the run of `file` in progress; its answer.

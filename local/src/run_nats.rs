@@ -49,79 +49,23 @@ impl RunNats {
         prepared: &mut Prepared,
         display: &mut Display,
     ) -> Result<RunNats, RunError> {
-        let mut state = None;
-        let resumed;
-        let (servers, url, auth) = match &args.nats_url {
-            Some(url) => {
-                resumed = args.resume;
-                (Vec::new(), url.clone(), args.nats_auth.clone())
-            }
+        let (servers, url, auth, state, resumed) = match &args.nats_url {
+            Some(url) => (
+                Vec::new(),
+                url.clone(),
+                args.nats_auth.clone(),
+                None,
+                args.resume,
+            ),
             None => {
-                let local = LocalState::of(&args.file, &prepared.name);
-                let lock = local.lock()?;
-                let kept = local.kept();
-                resumed = args.resume && local.exists();
-                if args.resume && !resumed {
-                    display.note(&format!(
-                        "nothing to resume in {}: starting afresh",
-                        local.dir.display()
-                    ));
-                }
-                let size = args.nats_cluster.unwrap_or(if resumed {
-                    kept.servers.max(1)
-                } else {
-                    prepared.nats_replicas.unwrap_or(1) as usize
-                });
-                if resumed && kept.servers.max(1) != size {
-                    return Err(RunError::ResumeCluster {
-                        kept: kept.servers.max(1),
-                        asked: size,
-                    });
-                }
-                let replicas = prepared.nats_replicas.unwrap_or(size as u32);
-                if replicas as usize > size {
-                    return Err(RunError::ClusterTooSmall {
-                        replicas,
-                        servers: size,
-                    });
-                }
-                prepared.layout.nats.stream.replicas = replicas;
-                if !args.nats_auth.child_env().is_empty() {
-                    display.note("NATS credentials are not used: the run's private server needs none (they are for --nats-url)");
-                }
-                if !resumed {
-                    local.reset()?;
-                }
-                let store = local.store();
-                let servers = if size == 1 {
-                    vec![NatsServer::start_in(&store)?]
-                } else {
-                    NatsCluster::start_in(size, &store)?.nodes
-                };
-                if resumed && !kept.epochs.is_empty() {
-                    // Edits made with --watch moved publishers to subjects of later epochs.
-                    prepared.layout = switchyard_crds::migration::with_epochs(
-                        prepared.layout.clone(),
-                        &kept.epochs,
-                    );
-                }
-                local.save_kept(&Kept {
-                    servers: size,
-                    counts: kept.counts,
-                    epochs: if resumed {
-                        kept.epochs
-                    } else {
-                        Default::default()
-                    },
-                })?;
-                let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
-                let url = urls.join(",");
-                local.record_run(&RunRecord {
-                    pid: std::process::id(),
-                    url: url.clone(),
-                })?;
-                state = Some((local, lock));
-                (servers, url, NatsAuthArgs::default())
+                let private = Private::start(args, prepared, display)?;
+                (
+                    private.servers,
+                    private.url,
+                    NatsAuthArgs::default(),
+                    Some(private.state),
+                    private.resumed,
+                )
             }
         };
         let credentials = auth.load()?;
@@ -198,5 +142,91 @@ impl RunNats {
     /// The run's own connection is up.
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// The run's private server or cluster, on its kept store, and the local state it holds.
+struct Private {
+    servers: Vec<NatsServer>,
+    url: String,
+    state: (LocalState, StateLock),
+    resumed: bool,
+}
+
+impl Private {
+    /// Starts the servers (as many as asked, or as the kept store had when resuming), settles how
+    /// many copies the stream keeps, and records the run in the local state.
+    fn start(
+        args: &RunArgs,
+        prepared: &mut Prepared,
+        display: &mut Display,
+    ) -> Result<Private, RunError> {
+        let local = LocalState::of(&args.file, &prepared.name);
+        let lock = local.lock()?;
+        let kept = local.kept();
+        let resumed = args.resume && local.exists();
+        if args.resume && !resumed {
+            display.note(&format!(
+                "nothing to resume in {}: starting afresh",
+                local.dir.display()
+            ));
+        }
+        let size = args.nats_cluster.unwrap_or(if resumed {
+            kept.servers.max(1)
+        } else {
+            prepared.nats_replicas.unwrap_or(1) as usize
+        });
+        if resumed && kept.servers.max(1) != size {
+            return Err(RunError::ResumeCluster {
+                kept: kept.servers.max(1),
+                asked: size,
+            });
+        }
+        let replicas = prepared.nats_replicas.unwrap_or(size as u32);
+        if replicas as usize > size {
+            return Err(RunError::ClusterTooSmall {
+                replicas,
+                servers: size,
+            });
+        }
+        prepared.layout.nats.stream.replicas = replicas;
+        if !args.nats_auth.child_env().is_empty() {
+            display.note("NATS credentials are not used: the run's private server needs none (they are for --nats-url)");
+        }
+        if !resumed {
+            local.reset()?;
+        }
+        let store = local.store();
+        let servers = if size == 1 {
+            vec![NatsServer::start_in(&store)?]
+        } else {
+            NatsCluster::start_in(size, &store)?.nodes
+        };
+        if resumed && !kept.epochs.is_empty() {
+            // Edits made with --watch moved publishers to subjects of later epochs.
+            prepared.layout =
+                switchyard_crds::migration::with_epochs(prepared.layout.clone(), &kept.epochs);
+        }
+        local.save_kept(&Kept {
+            servers: size,
+            counts: kept.counts,
+            epochs: if resumed {
+                kept.epochs
+            } else {
+                Default::default()
+            },
+        })?;
+        let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
+        let url = urls.join(",");
+        local.record_run(&RunRecord {
+            pid: std::process::id(),
+            url: url.clone(),
+        })?;
+        Ok(Private {
+            servers,
+            url,
+            state: (local, lock),
+            resumed,
+        })
     }
 }

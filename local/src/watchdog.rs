@@ -144,6 +144,13 @@ impl NatsWatch {
                 }
             }
         }
+        self.note_reachability(nats, display);
+        Ok(())
+    }
+
+    /// Says when NATS became unreachable, every `SAY_UNREACHABLE_EVERY` while it stays so, and
+    /// when it is back.
+    fn note_reachability(&mut self, nats: &RunNats, display: &mut Display) {
         match (nats.connected(), self.unreachable) {
             (true, Some((since, _))) => {
                 display.note(&format!(
@@ -164,7 +171,6 @@ impl NatsWatch {
             }
             _ => {}
         }
-        Ok(())
     }
 }
 
