@@ -46,8 +46,6 @@ const KNOWN_LONG_FUNCTIONS: &[&str] = &[
     "local/src/session.rs: start",
     "operator/src/controller/migrate.rs: reconcile",
     "operator/src/controller/runner.rs: controller",
-    "operator/src/controller/status.rs: applied_conditions",
-    "operator/src/controller/status.rs: compute",
     "ops/src/graph.rs: svg",
     "platform/src/admin.rs: apply",
 ];

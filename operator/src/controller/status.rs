@@ -178,22 +178,7 @@ pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time)
     let previous_conditions = previous
         .map(|p| p.conditions.as_slice())
         .unwrap_or_default();
-    let condition = |(type_, status, reason, message): (&str, bool, &str, String)| {
-        let status = if status { "True" } else { "False" };
-        let last_transition_time = previous_conditions
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| now.clone());
-        Condition {
-            type_: type_.to_string(),
-            status: status.to_string(),
-            reason: reason.to_string(),
-            message,
-            last_transition_time,
-            observed_generation: obs.generation,
-        }
-    };
+    let condition = |c: Cond| observed_condition(previous_conditions, obs.generation, now, c);
     let applied = obs.outcome == Outcome::Applied;
     if !applied {
         // Nothing new was observed: the units keep what was last known of them.
@@ -234,27 +219,57 @@ pub fn compute(previous: Option<&PipelineStatus>, obs: &Observation, now: &Time)
             .iter()
             .map(|u| {
                 let before = previous.and_then(|p| p.units.iter().find(|b| b.name == u.name));
-                UnitStatus {
-                    name: u.name.clone(),
-                    deployment: Some(u.deployment.clone()),
-                    desired_replicas: u.desired,
-                    ready_replicas: u.ready,
-                    lag: u.lag.unwrap_or_default(),
-                    rate: u.rate,
-                    dead_lettered: u.dead_lettered,
-                    last_scale_time: u
-                        .last_scale_time
-                        .clone()
-                        .or_else(|| before.and_then(|b| b.last_scale_time.clone())),
-                    last_scale_reason: u
-                        .last_scale_reason
-                        .clone()
-                        .or_else(|| before.and_then(|b| b.last_scale_reason.clone())),
-                    // A source that ended (or is between replicas) leaves its last count standing.
-                    rows: u.rows.or_else(|| before.and_then(|b| b.rows)),
-                }
+                unit_status(u, before)
             })
             .collect(),
+    }
+}
+
+/// A condition as observed, its transition time kept from `previous` while its status is the
+/// same.
+fn observed_condition(
+    previous: &[Condition],
+    generation: Option<i64>,
+    now: &Time,
+    (type_, status, reason, message): Cond,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    }
+}
+
+/// A unit's status as observed; what this observation lacks (the last scaling, a source's last row
+/// count) stays as it was `before`.
+fn unit_status(u: &UnitObservation, before: Option<&UnitStatus>) -> UnitStatus {
+    UnitStatus {
+        name: u.name.clone(),
+        deployment: Some(u.deployment.clone()),
+        desired_replicas: u.desired,
+        ready_replicas: u.ready,
+        lag: u.lag.unwrap_or_default(),
+        rate: u.rate,
+        dead_lettered: u.dead_lettered,
+        last_scale_time: u
+            .last_scale_time
+            .clone()
+            .or_else(|| before.and_then(|b| b.last_scale_time.clone())),
+        last_scale_reason: u
+            .last_scale_reason
+            .clone()
+            .or_else(|| before.and_then(|b| b.last_scale_reason.clone())),
+        // A source that ended (or is between replicas) leaves its last count standing.
+        rows: u.rows.or_else(|| before.and_then(|b| b.rows)),
     }
 }
 
@@ -347,28 +362,17 @@ fn applied_conditions(
     };
     let degraded = degraded_condition(obs, &failed, &failing);
     match (&obs.pause, &obs.migration) {
-        (PauseState::Running, MigrationState::Migrating { status, waiting }) => {
-            let step = status
-                .steps
-                .get(status.done as usize)
-                .map_or("finishing", String::as_str);
-            let mut message = format!(
-                "carrying out generation {} in {} steps: step {} of {}: {step}",
-                status.generation,
-                status.steps.len(),
-                (status.done as usize + 1).min(status.steps.len()),
-                status.steps.len()
-            );
-            if let Some(waiting) = waiting {
-                message.push_str(&format!("; waiting for {waiting}"));
-            }
+        (PauseState::Running, MigrationState::Migrating { status, waiting }) => (
+            ready_condition(&not_ready, total),
             (
-                ready_condition(&not_ready, total),
-                (PROGRESSING, true, "Migrating", message),
-                degraded,
-                PHASE_MIGRATING,
-            )
-        }
+                PROGRESSING,
+                true,
+                "Migrating",
+                migration_message(status, waiting.as_deref()),
+            ),
+            degraded,
+            PHASE_MIGRATING,
+        ),
         (PauseState::Running, MigrationState::Refused { reason }) => (
             ready_condition(&not_ready, total),
             (PROGRESSING, false, MIGRATION_REFUSED, reason.clone()),
@@ -400,6 +404,25 @@ fn applied_conditions(
             )
         }
     }
+}
+
+/// Where an edit being carried out stands: its step, and what it waits for.
+fn migration_message(status: &MigrationStatus, waiting: Option<&str>) -> String {
+    let step = status
+        .steps
+        .get(status.done as usize)
+        .map_or("finishing", String::as_str);
+    let mut message = format!(
+        "carrying out generation {} in {} steps: step {} of {}: {step}",
+        status.generation,
+        status.steps.len(),
+        (status.done as usize + 1).min(status.steps.len()),
+        status.steps.len()
+    );
+    if let Some(waiting) = waiting {
+        message.push_str(&format!("; waiting for {waiting}"));
+    }
+    message
 }
 
 const PAUSED_MESSAGE: &str =
