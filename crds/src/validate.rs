@@ -204,6 +204,12 @@ fn check_spec(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
         names.claim(problems, &sink.name, &path);
         check_sink(problems, &path, sink);
     }
+    check_settings(problems, spec);
+    check_inputs(problems, spec);
+}
+
+/// The Pipeline-wide settings: dead letters, NATS, tracing.
+fn check_settings(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
     if let Some(subject) = spec.dead_letter.as_ref().and_then(|d| d.subject.as_ref()) {
         if !is_valid_subject(subject) {
             problems.push(Problem::at("deadLetter.subject", format!("`{subject}` is not a NATS subject: use dot-separated tokens without spaces or wildcards")));
@@ -247,7 +253,6 @@ fn check_spec(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
             }
         }
     }
-    check_inputs(problems, spec);
 }
 
 fn check_name(problems: &mut Vec<Problem>, path: &str, name: &str) {
