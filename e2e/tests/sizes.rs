@@ -45,7 +45,6 @@ const KNOWN_LONG_FUNCTIONS: &[&str] = &[
     "local/src/session.rs: start",
     "operator/src/controller/migrate.rs: reconcile",
     "operator/src/controller/runner.rs: controller",
-    "ops/src/graph.rs: svg",
     "platform/src/admin.rs: apply",
 ];
 

@@ -176,6 +176,23 @@ pub fn svg(topology: &Topology, counts: &BTreeMap<String, Counts>) -> String {
     );
     out.push_str("  <defs><marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto-start-reverse\"><path d=\"M 0 0 L 10 5 L 0 10 z\" fill=\"#555\"/></marker></defs>\n");
     let _ = writeln!(out, "  <title>{}</title>", xml(&topology.pipeline));
+    svg_edges(&mut out, topology, counts, &place);
+    for unit in &topology.units {
+        if let Some(&at) = place.get(unit.name.as_str()) {
+            svg_box(&mut out, unit, at, counts.get(&unit.name));
+        }
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// The arrows from each unit's inputs to it, each with the items that crossed it.
+fn svg_edges(
+    out: &mut String,
+    topology: &Topology,
+    counts: &BTreeMap<String, Counts>,
+    place: &BTreeMap<&str, (f64, f64)>,
+) {
     for unit in &topology.units {
         let Some(&(x2, y2)) = place.get(unit.name.as_str()) else {
             continue;
@@ -203,60 +220,58 @@ pub fn svg(topology: &Topology, counts: &BTreeMap<String, Counts>) -> String {
             }
         }
     }
-    for unit in &topology.units {
-        let Some(&(x, y)) = place.get(unit.name.as_str()) else {
-            continue;
-        };
-        let (fill, rx) = match unit.kind {
-            UnitKind::Source(_) => ("#e3f2fd", 20),
-            UnitKind::Sink(_) => ("#e8f5e9", 4),
-            UnitKind::Process if unit.switcher.is_some() => ("#fff3e0", 4),
-            UnitKind::Process => ("#f5f5f5", 4),
-        };
+}
+
+/// A unit's box at `(x, y)`: its kind by colour (a switcher doubled), its name and steps, and
+/// its dead letters below it.
+fn svg_box(out: &mut String, unit: &Unit, (x, y): (f64, f64), counts: Option<&Counts>) {
+    let (fill, rx) = match unit.kind {
+        UnitKind::Source(_) => ("#e3f2fd", 20),
+        UnitKind::Sink(_) => ("#e8f5e9", 4),
+        UnitKind::Process if unit.switcher.is_some() => ("#fff3e0", 4),
+        UnitKind::Process => ("#f5f5f5", 4),
+    };
+    let _ = writeln!(
+        out,
+        "  <rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{BOX_W}\" height=\"{BOX_H}\" rx=\"{rx}\" fill=\"{fill}\" stroke=\"#333\"/>"
+    );
+    if unit.switcher.is_some() {
         let _ = writeln!(
             out,
-            "  <rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{BOX_W}\" height=\"{BOX_H}\" rx=\"{rx}\" fill=\"{fill}\" stroke=\"#333\"/>"
+            "  <rect x=\"{:.1}\" y=\"{:.1}\" width=\"{}\" height=\"{}\" rx=\"3\" fill=\"none\" stroke=\"#333\"/>",
+            x + 3.0,
+            y + 3.0,
+            BOX_W - 6.0,
+            BOX_H - 6.0
         );
-        if unit.switcher.is_some() {
-            let _ = writeln!(
-                out,
-                "  <rect x=\"{:.1}\" y=\"{:.1}\" width=\"{}\" height=\"{}\" rx=\"3\" fill=\"none\" stroke=\"#333\"/>",
-                x + 3.0,
-                y + 3.0,
-                BOX_W - 6.0,
-                BOX_H - 6.0
-            );
-        }
-        let steps = steps(unit);
-        // Centred in its box when it is alone, above the steps otherwise.
-        let title_y = if steps.is_empty() { y + 28.0 } else { y + 20.0 };
-        let _ = writeln!(
-            out,
-            "  <text x=\"{:.1}\" y=\"{title_y:.1}\" text-anchor=\"middle\" font-weight=\"bold\">{}</text>",
-            x + BOX_W / 2.0,
-            xml(&label(unit))
-        );
-        if !steps.is_empty() {
-            let _ = writeln!(
-                out,
-                "  <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#444\">{}</text>",
-                x + BOX_W / 2.0,
-                y + 37.0,
-                xml(&steps)
-            );
-        }
-        if let Some(c) = counts.get(&unit.name).filter(|c| c.dead_lettered > 0) {
-            let _ = writeln!(
-                out,
-                "  <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#b71c1c\">{} dead-lettered</text>",
-                x + BOX_W / 2.0,
-                y + BOX_H + 13.0,
-                thousands(c.dead_lettered)
-            );
-        }
     }
-    out.push_str("</svg>\n");
-    out
+    let steps = steps(unit);
+    // Centred in its box when it is alone, above the steps otherwise.
+    let title_y = if steps.is_empty() { y + 28.0 } else { y + 20.0 };
+    let _ = writeln!(
+        out,
+        "  <text x=\"{:.1}\" y=\"{title_y:.1}\" text-anchor=\"middle\" font-weight=\"bold\">{}</text>",
+        x + BOX_W / 2.0,
+        xml(&label(unit))
+    );
+    if !steps.is_empty() {
+        let _ = writeln!(
+            out,
+            "  <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#444\">{}</text>",
+            x + BOX_W / 2.0,
+            y + 37.0,
+            xml(&steps)
+        );
+    }
+    if let Some(c) = counts.filter(|c| c.dead_lettered > 0) {
+        let _ = writeln!(
+            out,
+            "  <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#b71c1c\">{} dead-lettered</text>",
+            x + BOX_W / 2.0,
+            y + BOX_H + 13.0,
+            thousands(c.dead_lettered)
+        );
+    }
 }
 
 fn xml(text: &str) -> String {
