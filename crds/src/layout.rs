@@ -305,34 +305,9 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
                 continue;
             }
         };
-        let output_subject = match unit.kind {
-            UnitKind::Sink(_) => None,
-            _ => Some(names.data_subject(&unit.name)),
-        };
-        units.push(UnitConfig {
-            pipeline: topology.pipeline.clone(),
-            namespace: topology.namespace.clone(),
-            unit: unit.name.clone(),
-            stream: names.stream(),
-            role,
-            crashes: input.is_some().then(|| crashes.clone()),
-            input,
-            frame_items: if output_subject.is_some() {
-                frame_items(topology, unit)
-            } else {
-                1
-            },
-            output_subject,
-            dead_letter_subject: dead_letter_subject(&unit.name),
-            stats_subject: names.stats_subject(&unit.name),
-            trace: None,
-            books: Some(BooksConfig {
-                stream: names.books_stream(),
-                prefix: names.books_prefix(&unit.name),
-            }),
-            jobs: None,
-            output_readers: Vec::new(),
-        });
+        let mut config = unit_config(&names, topology, unit, role, input, &crashes);
+        config.dead_letter_subject = dead_letter_subject(&unit.name);
+        units.push(config);
     }
     if !problems.is_empty() {
         return Err(problems);
@@ -345,24 +320,7 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
         pull_batch: 100,
     });
     let mut layout = Layout {
-        nats: NatsLayout {
-            stream: StreamLayout {
-                name: names.stream(),
-                subjects,
-                retention: "interest".to_string(),
-                storage: "file".to_string(),
-                duplicate_window_ms: DUPLICATE_WINDOW.as_millis() as u64,
-                replicas: spec.nats_replicas(),
-            },
-            checkpoint_bucket: names.checkpoint_bucket(),
-            consumers,
-            trace: None,
-            books: BooksStreamLayout {
-                name: names.books_stream(),
-                root: names.books_root(),
-            },
-            jobs: None,
-        },
+        nats: nats_layout(&names, spec, subjects, consumers),
         units,
     };
     follow_jobs(&mut layout, spec, &names);
@@ -373,6 +331,73 @@ pub fn layout(topology: &Topology, spec: &PipelineSpec) -> Result<Layout, Vec<Pr
         .unwrap_or(DEFAULT_CLUSTER_SAMPLE_RATE);
     layout.set_sample_rate(rate, &names, trace_retention(spec));
     Ok(layout)
+}
+
+/// One unit's configuration, before jobs and tracing are added (`follow_jobs`,
+/// `set_sample_rate`), with the default dead-letter subject.
+fn unit_config(
+    names: &Names,
+    topology: &Topology,
+    unit: &Unit,
+    role: UnitRole,
+    input: Option<ConsumerConfig>,
+    crashes: &CrashRecords,
+) -> UnitConfig {
+    let output_subject = match unit.kind {
+        UnitKind::Sink(_) => None,
+        _ => Some(names.data_subject(&unit.name)),
+    };
+    UnitConfig {
+        pipeline: topology.pipeline.clone(),
+        namespace: topology.namespace.clone(),
+        unit: unit.name.clone(),
+        stream: names.stream(),
+        role,
+        crashes: input.is_some().then(|| crashes.clone()),
+        input,
+        frame_items: if output_subject.is_some() {
+            frame_items(topology, unit)
+        } else {
+            1
+        },
+        output_subject,
+        dead_letter_subject: names.dead_letter_subject(&unit.name),
+        stats_subject: names.stats_subject(&unit.name),
+        trace: None,
+        books: Some(BooksConfig {
+            stream: names.books_stream(),
+            prefix: names.books_prefix(&unit.name),
+        }),
+        jobs: None,
+        output_readers: Vec::new(),
+    }
+}
+
+/// The Pipeline's stream (on `subjects`), checkpoint bucket, consumers and books stream.
+fn nats_layout(
+    names: &Names,
+    spec: &PipelineSpec,
+    subjects: Vec<String>,
+    consumers: Vec<ConsumerConfig>,
+) -> NatsLayout {
+    NatsLayout {
+        stream: StreamLayout {
+            name: names.stream(),
+            subjects,
+            retention: "interest".to_string(),
+            storage: "file".to_string(),
+            duplicate_window_ms: DUPLICATE_WINDOW.as_millis() as u64,
+            replicas: spec.nats_replicas(),
+        },
+        checkpoint_bucket: names.checkpoint_bucket(),
+        consumers,
+        trace: None,
+        books: BooksStreamLayout {
+            name: names.books_stream(),
+            root: names.books_root(),
+        },
+        jobs: None,
+    }
 }
 
 /// The most items a frame holds (see `UnitConfig::frame_items`).

@@ -33,7 +33,6 @@ const KNOWN_LONG_FUNCTIONS: &[&str] = &[
     "bench/src/run.rs: run_once",
     "cli/src/kubectl.rs: forward",
     "cli/src/main.rs: main",
-    "crds/src/layout.rs: layout",
     "e2e/src/bin/switchyard-cluster.rs: main",
     "e2e/src/cluster/images.rs: write_archive",
     "e2e/src/cluster/layout.rs: coredns_manifest",
