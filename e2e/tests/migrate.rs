@@ -198,7 +198,12 @@ fn an_edit_that_would_drop_messages_or_is_invalid_is_refused_and_the_run_goes_on
         "edit 2 refused, nothing changed: with spec.migration.drain false it would drop",
     );
     let status = run.wait(LIMIT);
-    assert!(status.success(), "{}", run.notes());
+    assert!(
+        status.success(),
+        "{status}\n{}\n{}",
+        run.notes(),
+        run.output()
+    );
     assert!(
         run.output()
             .contains("3,000 from sources, 3,000 at sinks, 0 dead-lettered"),

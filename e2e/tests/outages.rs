@@ -71,7 +71,12 @@ fn a_private_server_that_keeps_exiting_stops_the_run_and_loses_nothing() {
     let at_stop = line_count(&run.path("out.jsonl"));
     run.again(&["--resume"]);
     let status = run.wait(LIMIT);
-    assert!(status.success(), "{}", run.notes());
+    assert!(
+        status.success(),
+        "{status}\n{}\n{}",
+        run.notes(),
+        run.output()
+    );
     let tally = Tally::of(&run.path("out.jsonl"), "seq", TOTAL);
     println!(
         "  a server that kept exiting: the run stopped {:.1}s after the first kill with {at_stop} of {TOTAL} at the sink; resumed: {} lost, {} duplicated",
@@ -361,7 +366,12 @@ fn soak_a_million_items_with_flat_memory() {
         }
     }
     let status = run.wait(LIMIT);
-    assert!(status.success(), "{}", run.notes());
+    assert!(
+        status.success(),
+        "{status}\n{}\n{}",
+        run.notes(),
+        run.output()
+    );
     println!("  soak: {total} items; resident memory per unit (all its processes), MiB:");
     for (unit, start) in &first {
         let Some(end) = last.get(unit).copied() else {
