@@ -15,7 +15,7 @@ mod source_tree;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use source_tree::{rust_files, workspace, CRATES};
+use source_tree::{product_lines, rust_files, workspace, CRATES};
 
 /// Index items their children still import, each `<crate folder>: <index module>::<item>`: known,
 /// and to be moved below the children that share them (issue 40). The test fails on one that is
@@ -115,8 +115,8 @@ fn rooms(src: &Path) -> BTreeMap<String, Room> {
 }
 
 fn without_tests_and_comments(text: &str) -> String {
-    let code = text.split("#[cfg(test)]").next().unwrap_or_default();
-    code.lines()
+    product_lines(text)
+        .iter()
         .map(|line| line.split("//").next().unwrap_or_default())
         .collect::<Vec<_>>()
         .join("\n")

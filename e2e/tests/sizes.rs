@@ -7,7 +7,7 @@ mod source_tree;
 
 use std::collections::BTreeSet;
 
-use source_tree::{rust_files, workspace, CRATES};
+use source_tree::{product_lines, rust_files, workspace, CRATES};
 
 const MOST_FILE_LINES: usize = 600;
 const MOST_FUNCTION_LINES: usize = 80;
@@ -46,16 +46,6 @@ const KNOWN_LONG_FUNCTIONS: &[&str] = &[
     "operator/src/controller/runner.rs: controller",
     "platform/src/admin.rs: apply",
 ];
-
-/// The file's lines up to its unit tests.
-fn product_lines(text: &str) -> Vec<&str> {
-    let lines: Vec<&str> = text.lines().collect();
-    let end = lines
-        .windows(2)
-        .position(|w| w[0].trim() == "#[cfg(test)]" && w[1].trim_start().starts_with("mod "))
-        .unwrap_or(lines.len());
-    lines[..end].to_vec()
-}
 
 /// Each line's braces outside strings, chars and comments: +1 for `{`, -1 for `}`, and whether
 /// the line has any.

@@ -45,3 +45,14 @@ fn walk(folder: &Path, files: &mut Vec<PathBuf>) {
         }
     }
 }
+
+/// A file's lines up to its unit tests (`#[cfg(test)]` on a `mod`; one on a single item, such as a
+/// re-export only tests use, is product code around it).
+pub fn product_lines(text: &str) -> Vec<&str> {
+    let lines: Vec<&str> = text.lines().collect();
+    let end = lines
+        .windows(2)
+        .position(|w| w[0].trim() == "#[cfg(test)]" && w[1].trim_start().starts_with("mod "))
+        .unwrap_or(lines.len());
+    lines[..end].to_vec()
+}
