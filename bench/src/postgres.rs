@@ -96,25 +96,13 @@ fn run(args: &PostgresArgs) -> anyhow::Result<()> {
     );
 
     // Jobs: claimed, decided, written back.
-    fill_numbers(&db, rows)?;
-    let raw = runtime.block_on(raw_claims(
-        &db.url_with_password(),
-        rows,
-        RawWrites::OneUpdate,
-    ))?;
-    check(&db, "select count(*) from numbers where success and is_odd = (value % 2 = 1) and reservation_times = 1", rows)
+    let raw = timed_raw_claims(&runtime, &db, rows, RawWrites::OneUpdate)
         .context("the raw claim loop")?;
     println!(
         "  raw claim + update loop ({RAW_CLAIMERS} connections, {BATCH} rows a claim): {}",
         rate(rows, raw)
     );
-    fill_numbers(&db, rows)?;
-    let raw_as_example = runtime.block_on(raw_claims(
-        &db.url_with_password(),
-        rows,
-        RawWrites::AsTheExample,
-    ))?;
-    check(&db, "select count(*) from numbers where success and is_odd = (value % 2 = 1) and reservation_times = 1", rows)
+    let raw_as_example = timed_raw_claims(&runtime, &db, rows, RawWrites::AsTheExample)
         .context("the raw loop of the example's statements")?;
     println!(
         "  raw loop of the example's statements (claim, is_odd upserted, outcome fenced; {RAW_CLAIMERS} connections): {}",
@@ -133,8 +121,7 @@ fn run(args: &PostgresArgs) -> anyhow::Result<()> {
     };
     std::fs::write(dir.path().join("jobs.yaml"), jobs_pipeline)?;
     let wall = switchyard_run(&switchyard, dir.path(), "jobs.yaml", &db)?;
-    check(&db, "select count(*) from numbers where success and is_odd = (value % 2 = 1) and reservation_times = 1", rows)
-        .with_context(|| jobs_name.clone())?;
+    check(&db, EVERY_ROW_DONE_ONCE, rows).with_context(|| jobs_name.clone())?;
     let span = seconds(
         &db,
         "select extract(epoch from max(end_time) - min(start_time)) from numbers",
@@ -196,6 +183,23 @@ fn rate(rows: u64, seconds: f64) -> String {
 }
 
 /// The example's table, filled afresh.
+/// Every row finished once, with its result.
+const EVERY_ROW_DONE_ONCE: &str = "select count(*) from numbers where success and is_odd = (value % 2 = 1) and reservation_times = 1";
+
+/// A fresh table of `rows` numbers through a raw claim loop that writes `writes`, checked; its
+/// seconds.
+fn timed_raw_claims(
+    runtime: &tokio::runtime::Runtime,
+    db: &PostgresServer,
+    rows: u64,
+    writes: RawWrites,
+) -> anyhow::Result<f64> {
+    fill_numbers(db, rows)?;
+    let seconds = runtime.block_on(raw_claims(&db.url_with_password(), rows, writes))?;
+    check(db, EVERY_ROW_DONE_ONCE, rows)?;
+    Ok(seconds)
+}
+
 fn fill_numbers(db: &PostgresServer, rows: u64) -> anyhow::Result<()> {
     let sql = JOBS_TABLE.replace(
         "generate_series(1, 100000)",
