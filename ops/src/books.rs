@@ -121,11 +121,7 @@ async fn once(target: &Target) -> Result<BooksNow, OpsError> {
 /// The units whose consumer has nothing pending or unacknowledged, with the last stream sequence it
 /// delivered.
 async fn idle_readers(target: &Target) -> Result<Vec<(String, u64)>, OpsError> {
-    let stream = target
-        .js
-        .get_stream(&target.layout.nats.stream.name)
-        .await
-        .map_err(OpsError::nats("open the Pipeline's stream"))?;
+    let stream = target.stream().await?;
     let mut idle = Vec::new();
     for config in &target.layout.units {
         let Some(input) = &config.input else { continue };

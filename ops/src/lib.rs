@@ -23,6 +23,16 @@ pub struct Target {
     pub js: async_nats::jetstream::Context,
 }
 
+impl Target {
+    /// The Pipeline's stream.
+    pub(crate) async fn stream(&self) -> Result<async_nats::jetstream::stream::Stream, OpsError> {
+        self.js
+            .get_stream(&self.layout.nats.stream.name)
+            .await
+            .map_err(OpsError::nats("open the Pipeline's stream"))
+    }
+}
+
 /// Why an operation could not be done.
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {

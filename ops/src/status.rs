@@ -46,11 +46,7 @@ pub async fn read(target: &Target, listen: Duration) -> Result<Vec<UnitStatus>, 
             }
         }
     }
-    let stream = target
-        .js
-        .get_stream(&target.layout.nats.stream.name)
-        .await
-        .map_err(OpsError::nats("open the Pipeline's stream"))?;
+    let stream = target.stream().await?;
     let dead_letters = dlq::count_by_unit(target, &stream).await?;
     let mut out = Vec::new();
     for unit in &target.topology.units {

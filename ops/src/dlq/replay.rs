@@ -206,11 +206,7 @@ pub fn replay_message(
 /// reason.
 pub async fn replay(target: &Target, selection: &Selection) -> Result<Replayed, OpsError> {
     let mut letters = open_letters(target, selection, Reading::FromFirst).await?;
-    let stream = target
-        .js
-        .get_stream(&target.layout.nats.stream.name)
-        .await
-        .map_err(OpsError::nats("open the Pipeline's stream"))?;
+    let stream = target.stream().await?;
     let mut report = Replayed::default();
     let mut removal = Removal::default();
     let mut window: Vec<Seen> = Vec::with_capacity(REPLAY_WINDOW);
@@ -336,11 +332,7 @@ pub async fn to_purge(target: &Target, selection: &Selection) -> Result<ToPurge,
 
 /// Removes dead letters for good; returns how many went.
 pub async fn purge(target: &Target, to_purge: ToPurge) -> Result<u64, OpsError> {
-    let stream = target
-        .js
-        .get_stream(&target.layout.nats.stream.name)
-        .await
-        .map_err(OpsError::nats("open the Pipeline's stream"))?;
+    let stream = target.stream().await?;
     let Carried { gone, failed, .. } = carry_out(target, &stream, to_purge.removals).await;
     for (seqs, e) in failed {
         tracing::warn!("cannot remove {} dead letter(s): {e}", seqs.len());
