@@ -8,7 +8,12 @@
 //!   three that run the example's own statements on each claim (`is_odd` upserted, the outcome
 //!   fenced): the second says what the database alone costs the example, the rest is Switchyard.
 //! - Inserts: a generator into a postgres sink (one row per item, idempotent by the item's id),
-//!   against four connections inserting batches of 500 with `unnest` and the same conflict clause.
+//!   against four connections inserting batches of 500 with `unnest` and the same conflict clause,
+//!   and against four that send the sink's own statement the same batches as JSON.
+//!
+//! Each line also gives the CPU a row cost, the database's apart from the rest (the raw loop's
+//! client, or Switchyard's units, NATS and runner): with the database on the same machine, the
+//! two share its CPUs, and their sum bounds the rate.
 //!
 //! Switchyard's rate is counted twice: on the database's clock (first claim to last outcome, first
 //! row to last), which leaves out starting NATS and the units, and over the whole `switchyard run`.
@@ -85,94 +90,197 @@ fn run(args: &PostgresArgs) -> anyhow::Result<()> {
         Some(bin) => bin.clone(),
         None => std::env::current_exe()?.with_file_name("switchyard"),
     };
-    let rows = args.rows;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     println!(
         "postgres: {} rows a table, PostgreSQL on the same machine, on {}",
-        thousands(rows),
+        thousands(args.rows),
         crate::run::machine()
     );
-
-    // Jobs: claimed, decided, written back.
-    let raw = timed_raw_claims(&runtime, &db, rows, RawWrites::OneUpdate)
-        .context("the raw claim loop")?;
-    println!(
-        "  raw claim + update loop ({RAW_CLAIMERS} connections, {BATCH} rows a claim): {}",
-        rate(rows, raw)
-    );
-    let raw_as_example = timed_raw_claims(&runtime, &db, rows, RawWrites::AsTheExample)
-        .context("the raw loop of the example's statements")?;
-    println!(
-        "  raw loop of the example's statements (claim, is_odd upserted, outcome fenced; {RAW_CLAIMERS} connections): {}",
-        rate(rows, raw_as_example)
-    );
-    fill_numbers(&db, rows)?;
-    let (jobs_name, jobs_pipeline) = match &args.jobs {
-        Some(file) => (
-            file.display().to_string(),
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?,
-        ),
-        None => (
-            "examples/odd-numbers.yaml".to_string(),
-            JOBS_PIPELINE.to_string(),
-        ),
+    let bench = Bench {
+        db: &db,
+        runtime: &runtime,
+        dir: dir.path(),
+        switchyard: &switchyard,
+        rows: args.rows,
     };
-    std::fs::write(dir.path().join("jobs.yaml"), jobs_pipeline)?;
-    let wall = switchyard_run(&switchyard, dir.path(), "jobs.yaml", &db)?;
-    check(&db, EVERY_ROW_DONE_ONCE, rows).with_context(|| jobs_name.clone())?;
-    let span = seconds(
-        &db,
-        "select extract(epoch from max(end_time) - min(start_time)) from numbers",
-    )?;
-    println!(
-        "  {jobs_name} (source with leases, 3 workers, sink, outcomes): {} on the database's clock, {} over the whole run ({wall:.1} s)",
-        rate(rows, span),
-        rate(rows, wall)
-    );
-    println!(
-        "  claimed and written against the raw loop: {:.2} × (whole run {:.2} ×); against the example's statements: {:.2} ×",
-        raw / span,
-        raw / wall,
-        raw_as_example / span
-    );
+    bench.jobs(args.jobs.as_deref())?;
+    bench.inserts()
+}
 
-    // Inserts.
-    db.psql(RESULTS_TABLE)?;
-    let raw = runtime.block_on(raw_inserts(&db.url_with_password(), rows))?;
-    check(&db, "select count(*) from results", rows).context("the raw insert loop")?;
-    println!(
-        "  raw insert loop ({RAW_WRITERS} connections, {BATCH} rows a statement, unnest, on conflict do nothing): {}",
-        rate(rows, raw)
-    );
-    db.psql(RESULTS_TABLE)?;
-    std::fs::write(
-        dir.path().join("inserts.yaml"),
-        INSERT_PIPELINE.replace("ROWS", &rows.to_string()),
-    )?;
-    let wall = switchyard_run(&switchyard, dir.path(), "inserts.yaml", &db)?;
-    check(
-        &db,
-        "select count(*) from results where is_odd = (value % 2 = 1) and item_id is not null",
-        rows,
-    )
-    .context("generator → postgres sink")?;
-    let span = seconds(
-        &db,
-        "select extract(epoch from max(written_at) - min(written_at)) from results",
-    )?;
-    println!(
-        "  generator → jq → postgres sink: {} on the database's clock, {} over the whole run ({wall:.1} s)",
-        rate(rows, span),
-        rate(rows, wall)
-    );
-    println!(
-        "  written against the raw loop: {:.2} × (whole run {:.2} ×)",
-        raw / span,
-        raw / wall
-    );
-    Ok(())
+struct Bench<'a> {
+    db: &'a PostgresServer,
+    runtime: &'a tokio::runtime::Runtime,
+    dir: &'a Path,
+    switchyard: &'a Path,
+    rows: u64,
+}
+
+impl Bench<'_> {
+    /// Jobs: claimed, decided, written back.
+    fn jobs(&self, pipeline: Option<&Path>) -> anyhow::Result<()> {
+        let (db, rows) = (self.db, self.rows);
+        let (raw, raw_cost) = self
+            .timed_raw_claims(RawWrites::OneUpdate)
+            .context("the raw claim loop")?;
+        println!(
+            "  raw claim + update loop ({RAW_CLAIMERS} connections, {BATCH} rows a claim): {}; {}",
+            rate(rows, raw),
+            raw_cost.per_row(rows)
+        );
+        let (raw_as_example, raw_as_example_cost) = self
+            .timed_raw_claims(RawWrites::AsTheExample)
+            .context("the raw loop of the example's statements")?;
+        println!(
+            "  raw loop of the example's statements (claim, is_odd upserted, outcome fenced; {RAW_CLAIMERS} connections): {}; {}",
+            rate(rows, raw_as_example),
+            raw_as_example_cost.per_row(rows)
+        );
+        fill_numbers(db, rows)?;
+        let (name, text) = match pipeline {
+            Some(file) => (
+                file.display().to_string(),
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?,
+            ),
+            None => (
+                "examples/odd-numbers.yaml".to_string(),
+                JOBS_PIPELINE.to_string(),
+            ),
+        };
+        std::fs::write(self.dir.join("jobs.yaml"), text)?;
+        let (wall, cost) =
+            self.measured(|| switchyard_run(self.switchyard, self.dir, "jobs.yaml", db))?;
+        check(db, EVERY_ROW_DONE_ONCE, rows).with_context(|| name.clone())?;
+        let span = seconds(
+            db,
+            "select extract(epoch from max(end_time) - min(start_time)) from numbers",
+        )?;
+        println!(
+            "  {name} (source with leases, 3 workers, sink, outcomes): {} on the database's clock, {} over the whole run ({wall:.1} s); {}",
+            rate(rows, span),
+            rate(rows, wall),
+            cost.per_row(rows)
+        );
+        println!(
+            "  claimed and written against the raw loop: {:.2} × (whole run {:.2} ×); against the example's statements: {:.2} ×",
+            raw / span,
+            raw / wall,
+            raw_as_example / span
+        );
+        Ok(())
+    }
+
+    /// Inserts: a generator's items written as rows.
+    fn inserts(&self) -> anyhow::Result<()> {
+        let (db, rows) = (self.db, self.rows);
+        let url = db.url_with_password();
+        db.psql(RESULTS_TABLE)?;
+        let (raw, raw_cost) = self.measured(|| self.runtime.block_on(raw_inserts(&url, rows)))?;
+        check(db, "select count(*) from results", rows).context("the raw insert loop")?;
+        println!(
+            "  raw insert loop ({RAW_WRITERS} connections, {BATCH} rows a statement, unnest, on conflict do nothing): {}; {}",
+            rate(rows, raw),
+            raw_cost.per_row(rows)
+        );
+        db.psql(RESULTS_TABLE)?;
+        let (raw_as_sink, raw_as_sink_cost) =
+            self.measured(|| self.runtime.block_on(raw_inserts_as_the_sink(&url, rows)))?;
+        check(db, "select count(*) from results", rows)
+            .context("the raw loop of the sink's statement")?;
+        println!(
+            "  raw loop of the sink's statement ({RAW_WRITERS} connections, {BATCH} rows a statement as one JSON array): {}; {}",
+            rate(rows, raw_as_sink),
+            raw_as_sink_cost.per_row(rows)
+        );
+        db.psql(RESULTS_TABLE)?;
+        std::fs::write(
+            self.dir.join("inserts.yaml"),
+            INSERT_PIPELINE.replace("ROWS", &rows.to_string()),
+        )?;
+        let (wall, cost) =
+            self.measured(|| switchyard_run(self.switchyard, self.dir, "inserts.yaml", db))?;
+        check(
+            db,
+            "select count(*) from results where is_odd = (value % 2 = 1) and item_id is not null",
+            rows,
+        )
+        .context("generator → postgres sink")?;
+        let span = seconds(
+            db,
+            "select extract(epoch from max(written_at) - min(written_at)) from results",
+        )?;
+        println!(
+            "  generator → jq → postgres sink: {} on the database's clock, {} over the whole run ({wall:.1} s); {}",
+            rate(rows, span),
+            rate(rows, wall),
+            cost.per_row(rows)
+        );
+        println!(
+            "  written against the raw loop: {:.2} × (whole run {:.2} ×); against the sink's statement: {:.2} ×",
+            raw / span,
+            raw / wall,
+            raw_as_sink / span
+        );
+        Ok(())
+    }
+
+    /// Runs `phase`, and what it cost in CPU: the database's processes, and everything else this
+    /// benchmark ran meanwhile (its own raw loop's client, or a `switchyard run` with its NATS and
+    /// units, counted once it has been waited for).
+    fn measured<T>(&self, phase: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Cost)> {
+        let database = || {
+            self.db
+                .pid()
+                .and_then(crate::procfs::tree_cpu_seconds)
+                .unwrap_or(0.0)
+        };
+        let (database_before, rest_before) = (database(), rest_cpu_seconds());
+        let value = phase()?;
+        Ok((
+            value,
+            Cost {
+                database: database() - database_before,
+                rest: rest_cpu_seconds() - rest_before,
+            },
+        ))
+    }
+}
+
+/// CPU seconds a phase of the benchmark used.
+struct Cost {
+    database: f64,
+    rest: f64,
+}
+
+impl Cost {
+    /// What each row cost, and the rate at which the machine's CPUs would be busy all the time.
+    fn per_row(&self, rows: u64) -> String {
+        let micros = |seconds: f64| seconds * 1e6 / rows.max(1) as f64;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let total = micros(self.database + self.rest);
+        format!(
+            "CPU a row: {:.1} µs PostgreSQL + {:.1} µs the rest (at most {} on {cpus} CPUs)",
+            micros(self.database),
+            micros(self.rest),
+            rate(rows, rows as f64 * total / 1e6 / cpus),
+        )
+    }
+}
+
+/// CPU seconds of this process and of the children it has waited for.
+fn rest_cpu_seconds() -> f64 {
+    let used = |who| {
+        // SAFETY: getrusage writes into the struct it is given and has no other precondition.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(who, &mut usage) } != 0 {
+            return 0.0;
+        }
+        let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        seconds(usage.ru_utime) + seconds(usage.ru_stime)
+    };
+    used(libc::RUSAGE_SELF) + used(libc::RUSAGE_CHILDREN)
 }
 
 fn rate(rows: u64, seconds: f64) -> String {
@@ -186,18 +294,16 @@ fn rate(rows: u64, seconds: f64) -> String {
 /// Every row finished once, with its result.
 const EVERY_ROW_DONE_ONCE: &str = "select count(*) from numbers where success and is_odd = (value % 2 = 1) and reservation_times = 1";
 
-/// A fresh table of `rows` numbers through a raw claim loop that writes `writes`, checked; its
-/// seconds.
-fn timed_raw_claims(
-    runtime: &tokio::runtime::Runtime,
-    db: &PostgresServer,
-    rows: u64,
-    writes: RawWrites,
-) -> anyhow::Result<f64> {
-    fill_numbers(db, rows)?;
-    let seconds = runtime.block_on(raw_claims(&db.url_with_password(), rows, writes))?;
-    check(db, EVERY_ROW_DONE_ONCE, rows)?;
-    Ok(seconds)
+impl Bench<'_> {
+    /// A fresh table of `rows` numbers through a raw claim loop that writes `writes`, checked; its
+    /// seconds and what the loop alone cost.
+    fn timed_raw_claims(&self, writes: RawWrites) -> anyhow::Result<(f64, Cost)> {
+        fill_numbers(self.db, self.rows)?;
+        let url = self.db.url_with_password();
+        let timed = self.measured(|| self.runtime.block_on(raw_claims(&url, self.rows, writes)))?;
+        check(self.db, EVERY_ROW_DONE_ONCE, self.rows)?;
+        Ok(timed)
+    }
 }
 
 fn fill_numbers(db: &PostgresServer, rows: u64) -> anyhow::Result<()> {
@@ -330,6 +436,41 @@ async fn raw_claims(url: &str, rows: u64, writes: RawWrites) -> anyhow::Result<f
     }
     if claimed != rows {
         bail!("the raw loop claimed {claimed} rows of {rows}");
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The raw insert loop with the postgres sink's own statement: the rows as one JSON array.
+async fn raw_inserts_as_the_sink(url: &str, rows: u64) -> anyhow::Result<f64> {
+    let settings: switchyard_crds::postgres::PostgresSink =
+        serde_json::from_value(serde_json::json!({
+            "connection": {"url": url},
+            "table": "results",
+            "columns": {"value": ".value", "is_odd": ".is_odd"},
+            "itemIdColumn": "item_id",
+        }))?;
+    let statement = switchyard_stage::sinks::postgres_statement(&settings);
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for writer in 0..RAW_WRITERS as u64 {
+        let client = connect(url).await?;
+        let statement = statement.clone();
+        writers.push(tokio::spawn(async move {
+            let insert = client.prepare(&statement).await?;
+            let mut first = 1 + writer * BATCH as u64;
+            while first <= rows {
+                let last = (first + BATCH as u64 - 1).min(rows);
+                let batch: Vec<serde_json::Value> = (first..=last)
+                    .map(|v| serde_json::json!({"value": v, "is_odd": v % 2 == 1, "item_id": format!("numbers:{v}")}))
+                    .collect();
+                client.query(&insert, &[&tokio_postgres::types::Json(&batch)]).await?;
+                first += RAW_WRITERS as u64 * BATCH as u64;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for writer in writers {
+        writer.await??;
     }
     Ok(started.elapsed().as_secs_f64())
 }

@@ -22,15 +22,43 @@ fn scheduled_seconds(pid: u32) -> Option<f64> {
 
 /// User plus system time from `stat`, in clock ticks.
 fn ticked_seconds(pid: u32) -> Option<f64> {
+    let fields = stat_fields(pid)?;
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks_per_second())
+}
+
+/// CPU seconds a process and every process under it have used so far: its own and its reaped
+/// children's from `stat` (a server's connections come and go), and those of the children still
+/// running, each with theirs.
+pub fn tree_cpu_seconds(pid: u32) -> Option<f64> {
+    let fields = stat_fields(pid)?;
+    // utime, stime, cutime and cstime: fields 14 to 17 of the whole line.
+    let ticks: i64 = fields[11..15]
+        .iter()
+        .map(|f| f.parse::<i64>().ok())
+        .sum::<Option<i64>>()?;
+    let own = ticks as f64 / clock_ticks_per_second();
+    Some(
+        own + children(pid)
+            .into_iter()
+            .filter_map(tree_cpu_seconds)
+            .sum::<f64>(),
+    )
+}
+
+/// The fields of /proc/<pid>/stat after the command name (the third field of the line on).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may hold spaces; fields after it are plain.
-    let after = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let after = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<String> = after.split_whitespace().map(str::to_string).collect();
+    (fields.len() > 15).then_some(fields)
+}
+
+fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Some(ticks as f64 / per_second)
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 /// A memory figure from /proc/<pid>/status in MiB: `VmRSS` now, `VmHWM` at its peak.
@@ -68,5 +96,19 @@ mod tests {
         let rss = memory_mib(me, "VmRSS:").unwrap();
         assert!(rss > 0.5, "{rss}");
         assert!(memory_mib(me, "VmHWM:").unwrap() >= rss);
+    }
+
+    #[test]
+    fn a_tree_counts_the_children_it_has_reaped() {
+        let me = std::process::id();
+        let before = tree_cpu_seconds(me).unwrap();
+        // A child that counts to 300,000 (a few hundred ms of CPU), then is waited for.
+        let status = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i + 1)); done"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let after = tree_cpu_seconds(me).unwrap();
+        assert!(after - before >= 0.05, "{before} → {after}");
     }
 }

@@ -149,9 +149,24 @@ fn the_postgres_comparison_runs_both_jobs_against_their_raw_loops_and_checks_eve
         "claimed and written against the raw loop: ",
         "against the example's statements: ",
         "raw insert loop (4 connections, 500 rows a statement",
+        "raw loop of the sink's statement (4 connections, 500 rows a statement as one JSON array): ",
         "generator → jq → postgres sink: ",
         "written against the raw loop: ",
+        "against the sink's statement: ",
     ] {
         assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
+    }
+    // Each rate comes with its CPU a row; a Switchyard run's units and NATS are counted (they
+    // cost something), not lost with the processes that ran them.
+    let costs: Vec<&str> = stdout.lines().filter(|l| l.contains("CPU a row: ")).collect();
+    assert_eq!(costs.len(), 6, "{stdout}");
+    for run in costs.iter().filter(|l| l.contains("over the whole run")) {
+        let rest = run
+            .split(" µs PostgreSQL + ")
+            .nth(1)
+            .and_then(|r| r.split(" µs the rest").next())
+            .and_then(|r| r.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no CPU the rest in {run}"));
+        assert!(rest > 1.0, "{run}");
     }
 }

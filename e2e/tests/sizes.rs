@@ -29,7 +29,6 @@ const KNOWN_LONG_FILES: &[&str] = &[
 /// Functions over `MOST_FUNCTION_LINES` today, `<file>: <fn>`.
 const KNOWN_LONG_FUNCTIONS: &[&str] = &[
     "bench/src/peer.rs: run",
-    "bench/src/postgres.rs: run",
     "bench/src/run.rs: run_once",
     "cli/src/kubectl.rs: forward",
     "cli/src/main.rs: main",

@@ -202,6 +202,11 @@ impl PostgresServer {
         self.stop_with(libc::SIGQUIT);
     }
 
+    /// The server's process (the postmaster, whose children are the backends), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the server process runs.
     pub fn running(&mut self) -> bool {
         self.child

@@ -7,6 +7,8 @@ mod ledger;
 mod log;
 mod nats;
 mod postgres;
+/// The postgres sink's statement, for the benchmark's raw loop of it.
+pub use postgres::statement as postgres_statement;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;

@@ -329,7 +329,7 @@ fn json_string(text: &str) -> String {
 
 /// The sink's one statement: `$1` is a JSON array of rows; it returns the positions of the rows it
 /// inserted (a repeat skipped is not among them).
-fn statement(settings: &Settings) -> String {
+pub fn statement(settings: &Settings) -> String {
     let table = quoted(&settings.table);
     let columns: Vec<String> = settings
         .written_columns()
