@@ -158,7 +158,10 @@ fn the_postgres_comparison_runs_both_jobs_against_their_raw_loops_and_checks_eve
     }
     // Each rate comes with its CPU a row; a Switchyard run's units and NATS are counted (they
     // cost something), not lost with the processes that ran them.
-    let costs: Vec<&str> = stdout.lines().filter(|l| l.contains("CPU a row: ")).collect();
+    let costs: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("CPU a row: "))
+        .collect();
     assert_eq!(costs.len(), 6, "{stdout}");
     for run in costs.iter().filter(|l| l.contains("over the whole run")) {
         let rest = run
