@@ -31,6 +31,9 @@ pub const FRAME_HEADER: HeaderName = HeaderName::from_static(headers::FRAME);
 /// what a redelivery repeats.
 pub const MOST_ITEMS: usize = switchyard_crds::layout::MOST_FRAME_ITEMS as usize;
 pub const MOST_BYTES: usize = 256 * 1024;
+/// Room left for a message's own headers when its payload is measured against the server's limit
+/// (`max_payload` counts headers and payload together).
+pub const HEADERS_ROOM: usize = 4096;
 
 /// The only format so far; a reader meeting another says so instead of guessing.
 const FORMAT: u8 = 1;

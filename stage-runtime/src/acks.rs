@@ -2,7 +2,12 @@
 
 use std::future::IntoFuture;
 
-use crate::Disconnects;
+use tokio::sync::watch;
+
+/// How many times the connection to NATS has been lost so far. What was published before a loss and
+/// not yet acknowledged never will be: whoever waits for such an acknowledgement gives up at once instead
+/// of at the request timeout.
+pub type Disconnects = watch::Receiver<u64>;
 
 /// The connection to NATS was lost while an acknowledgement was awaited; the publish may or may not
 /// have been stored, and publishing it again (with its id) is safe.

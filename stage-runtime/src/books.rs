@@ -15,7 +15,7 @@ use async_nats::{HeaderMap, Subject};
 use switchyard_crds::books::{Counts, Record};
 use switchyard_crds::unit::headers as names;
 
-use crate::Disconnects;
+use crate::acks::Disconnects;
 
 /// Records since the last roll-up that make one due at once.
 const ROLL_UP_AFTER: u64 = 5_000;

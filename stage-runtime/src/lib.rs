@@ -15,6 +15,7 @@ pub mod otlp;
 pub mod payload;
 pub mod postgres;
 pub mod retry;
+pub mod shutdown;
 pub mod sinks;
 pub mod sources;
 pub mod stats;
@@ -29,6 +30,9 @@ use async_nats::jetstream;
 use switchyard_crds::unit::{StatsReport, UnitConfig, UnitRole};
 use switchyard_platform::credentials::NatsCredentials;
 use tokio::sync::watch;
+
+pub use crate::acks::Disconnects;
+pub use crate::shutdown::stopped;
 
 use crate::consume::{Output, Worker};
 use crate::sources::SourceUnit;
@@ -83,11 +87,6 @@ pub enum RunError {
     #[error(transparent)]
     Consume(#[from] consume::ConsumeError),
 }
-
-/// How many times the connection to NATS has been lost so far. What was published before a loss and
-/// not yet acknowledged never will be: whoever waits for such an acknowledgement gives up at once instead
-/// of at the request timeout.
-pub type Disconnects = watch::Receiver<u64>;
 
 /// Connects to NATS, retrying until it answers or `shutdown` is set. After that the client reconnects
 /// by itself.
@@ -372,7 +371,7 @@ impl Unit<'_> {
                 "source finished"
             );
             if !self.options.exit_when_done {
-                crate::stopped(&mut shutdown).await;
+                crate::shutdown::stopped(&mut shutdown).await;
             }
         }
         Ok(())
@@ -491,11 +490,6 @@ impl Unit<'_> {
     }
 }
 
-/// Resolves once `shutdown` is set (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
-
 /// Retries `get` until it succeeds: in a cluster a stage may start before the operator has created
 /// the stream or bucket it needs.
 async fn wait_for<T, E, F, Fut>(
@@ -516,7 +510,7 @@ where
                 tracing::warn!("cannot open {what}: {e}; trying again in {delay:?}");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = crate::stopped(shutdown) => return Err(RunError::StoppedWaiting(what.to_string())),
+                    _ = crate::shutdown::stopped(shutdown) => return Err(RunError::StoppedWaiting(what.to_string())),
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }

@@ -96,3 +96,14 @@ impl<'a> Retrying<'a> {
         })
     }
 }
+
+/// `1.5s`, `250ms`: short and exact enough for error messages.
+pub(crate) fn humanize(d: Duration) -> String {
+    if d.as_millis() < 1000 {
+        format!("{}ms", d.as_millis())
+    } else if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}

@@ -9,7 +9,8 @@ use crate::payload::Payload;
 use crate::steps::{Failure, Step, StepFailure};
 
 use super::input::{Emitted, Pending, Processed};
-use super::worker::{ConsumeError, Output, Worker, HEADERS_ROOM};
+use super::worker::{ConsumeError, Output, Worker};
+use switchyard_platform::frame::HEADERS_ROOM;
 
 impl Worker {
     /// The dead letter of a message that crashed its unit's process `crashes` times when it ran alone.

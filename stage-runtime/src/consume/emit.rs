@@ -14,7 +14,8 @@ use crate::stats::Stats;
 use crate::steps::StepFailure;
 
 use super::input::{Emitted, Pending, Processed};
-use super::worker::{ConsumeError, Output, Worker, HEADERS_ROOM};
+use super::worker::{ConsumeError, Output, Worker};
+use switchyard_platform::frame::HEADERS_ROOM;
 
 /// Publishes outstanding at once for one input; more fan-out than this waits for the first acks.
 pub(super) const PUBLISH_WINDOW: usize = 256;

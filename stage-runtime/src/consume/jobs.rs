@@ -7,7 +7,8 @@ use async_nats::Subject;
 use crate::lineage::{names, owned_header_value};
 
 use super::input::{Pending, Processed};
-use super::worker::{ConsumeError, Output, Worker, HEADERS_ROOM};
+use super::worker::{ConsumeError, Output, Worker};
+use switchyard_platform::frame::HEADERS_ROOM;
 
 impl Worker {
     /// Stores this unit's account of the items of followed jobs in one input message

@@ -229,7 +229,7 @@ impl Worker {
             let can_pull = pull.messages.is_some() && held + isolation.queued() < self.concurrency;
             tokio::select! {
                 biased;
-                _ = crate::stopped(&mut shutdown) => break,
+                _ = crate::shutdown::stopped(&mut shutdown) => break,
                 Some((alone, items)) = in_flight.next(), if !in_flight.is_empty() => {
                     held -= items;
                     if alone {

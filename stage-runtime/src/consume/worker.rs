@@ -77,7 +77,7 @@ pub struct Worker {
     /// The most items one output message holds (1: no frames).
     pub frame_items: usize,
     /// Lost connections so far: see `acks`.
-    pub disconnects: crate::Disconnects,
+    pub disconnects: crate::acks::Disconnects,
     /// Records what becomes of sampled items, when the Pipeline traces.
     pub tracer: Option<Tracer>,
     /// Exports spans over OTLP, when the environment asks for it.
@@ -97,9 +97,6 @@ pub struct Jobs {
     pub config: switchyard_crds::unit::JobsConfig,
     pub readers: Vec<String>,
 }
-
-/// Room left for a message's headers when its payload is measured against the server's limit.
-pub(super) const HEADERS_ROOM: usize = 4096;
 
 impl Worker {
     pub(super) fn is_sink(&self) -> bool {

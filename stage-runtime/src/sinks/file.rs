@@ -9,7 +9,7 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::ledger::{LedgerWriter, WriteRequest};
-use super::{Sink, SinkError, Written};
+use super::sink::{OpenSink, Sink, SinkContext, SinkError, Written};
 use crate::lineage::Lineage;
 use crate::payload::write_bytes_as_json;
 use crate::retry::StepError;
@@ -66,6 +66,17 @@ impl FileSink {
             Ok(Err(e)) => Err(StepError::transient(format!("cannot write: {e}"))),
             Err(_) => Err(StepError::transient("the file sink's writer stopped")),
         }
+    }
+}
+
+impl OpenSink for FileSink {
+    type Settings = switchyard_crds::FileSink;
+
+    async fn open_with(
+        settings: &Self::Settings,
+        context: &SinkContext<'_>,
+    ) -> Result<FileSink, SinkError> {
+        FileSink::open(Path::new(&settings.path), context.instance)
     }
 }
 

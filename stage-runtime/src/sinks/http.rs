@@ -5,7 +5,7 @@ use futures::future::BoxFuture;
 use switchyard_crds::HttpSink as Settings;
 use tokio::sync::Semaphore;
 
-use super::{Sink, SinkError, Written};
+use super::sink::{OpenSink, Sink, SinkContext, SinkError, Written};
 use crate::http::{Clients, Endpoint};
 use crate::lineage::Lineage;
 use crate::retry::StepError;
@@ -30,6 +30,14 @@ impl HttpSink {
             turns: Semaphore::new(OUTSTANDING_CALLS),
             alone: tokio::sync::Mutex::new(()),
         })
+    }
+}
+
+impl OpenSink for HttpSink {
+    type Settings = Settings;
+
+    async fn open_with(settings: &Settings, _: &SinkContext<'_>) -> Result<HttpSink, SinkError> {
+        HttpSink::new(settings)
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use switchyard_crds::unit::ledger_path;
 
-use super::Written;
+use super::sink::Written;
 
 /// Ids remembered for de-duplication: about a hundred times what a sink can hold unacknowledged. (It
 /// was 2,000,000, which is 300 MiB of ids in a process that otherwise holds 16.)

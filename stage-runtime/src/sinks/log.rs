@@ -5,12 +5,20 @@ use std::io::{self, Write};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
-use super::{Sink, Written};
+use super::sink::{OpenSink, Sink, SinkContext, SinkError, Written};
 use crate::lineage::Lineage;
 use crate::payload::write_bytes_as_json;
 use crate::retry::StepError;
 
 pub struct LogSink;
+
+impl OpenSink for LogSink {
+    type Settings = switchyard_crds::LogSink;
+
+    async fn open_with(_: &Self::Settings, _: &SinkContext<'_>) -> Result<LogSink, SinkError> {
+        Ok(LogSink)
+    }
+}
 
 impl Sink for LogSink {
     fn write<'a>(

@@ -1,5 +1,6 @@
-//! Where a sink unit puts the messages it reads. One file per kind of sink, each behind [`Sink`]; the
-//! file sink's exactly-once ledger is in `ledger.rs`.
+//! Where a sink unit puts the messages it reads. One file per kind of sink, each a [`Sink`] opened
+//! by [`OpenSink`] (`sink.rs`) and registered in one line of `open`; the file sink's exactly-once
+//! ledger is in `ledger.rs`.
 
 mod file;
 pub mod http;
@@ -7,11 +8,12 @@ mod ledger;
 mod log;
 mod nats;
 mod postgres;
+mod sink;
 /// The postgres sink's statement, for the benchmark's raw loop of it.
 pub use postgres::statement as postgres_statement;
+pub use sink::{OpenSink, Sink, SinkContext, SinkError, Written};
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use switchyard_crds::SinkKind;
 
 use crate::lineage::Lineage;
@@ -20,74 +22,33 @@ use crate::retry::{GaveUp, Retrying, StepError};
 use crate::steps::Failure;
 use switchyard_crds::unit::RetryConfig;
 
-/// What became of a message handed to a sink.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Written {
-    New,
-    /// A redelivery of a message this sink already wrote: skipped, so it appears once.
-    Duplicate,
-}
-
-/// Why a sink cannot start.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    #[error("cannot open the sink file {} or its ledger: {source}", path.display())]
-    File {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Endpoint(#[from] crate::http::EndpointError),
-    #[error("sink {unit}: the postgres sink cannot write: {message}")]
-    Postgres { unit: String, message: String },
-}
-
-/// One kind of sink. Boxed futures: a sink's write costs far more than the allocation.
-pub trait Sink: Send + Sync {
-    /// Writes one message; a failure says whether another attempt may succeed.
-    fn write<'a>(
-        &'a self,
-        lineage: &'a Lineage,
-        payload: Bytes,
-    ) -> BoxFuture<'a, Result<Written, StepError>>;
-
-    /// Writes a message whose write failed together with others' (`StepError::suspect`: a
-    /// connection a crash of the service broke), with nothing else in flight beside it, so that what
-    /// fails here is its own. A sink whose failures are always a message's own just writes it.
-    fn write_alone<'a>(
-        &'a self,
-        lineage: &'a Lineage,
-        payload: Bytes,
-    ) -> BoxFuture<'a, Result<Written, StepError>> {
-        self.write(lineage, payload)
-    }
-
-    /// Makes sure everything written has left the process.
-    fn flush(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async {})
-    }
-}
-
-/// Opens the sink `kind` for `unit`. `instance` names the life of the stream the sink reads (see the
-/// ledger).
+/// Opens the sink `kind` for `unit`: one line a kind, the variant of `SinkKind` and the type that
+/// writes it. `instance` names the life of the stream the sink reads (see the ledger).
 pub async fn open(
     unit: &str,
     kind: &SinkKind,
     client: &async_nats::Client,
     instance: &str,
 ) -> Result<Box<dyn Sink>, SinkError> {
-    Ok(match kind {
-        SinkKind::File(settings) => Box::new(file::FileSink::open(
-            std::path::Path::new(&settings.path),
-            instance,
-        )?),
-        SinkKind::Log(_) => Box::new(log::LogSink),
-        SinkKind::Nats(settings) => Box::new(nats::NatsSink::new(unit, settings, client)),
-        SinkKind::Http(settings) => Box::new(http::HttpSink::new(settings)?),
-        SinkKind::Postgres(settings) => {
-            Box::new(postgres::PostgresSink::open(unit, settings).await?)
-        }
-    })
+    let context = SinkContext {
+        unit,
+        client,
+        instance,
+    };
+    match kind {
+        SinkKind::File(settings) => opened::<file::FileSink>(settings, &context).await,
+        SinkKind::Log(settings) => opened::<log::LogSink>(settings, &context).await,
+        SinkKind::Nats(settings) => opened::<nats::NatsSink>(settings, &context).await,
+        SinkKind::Http(settings) => opened::<http::HttpSink>(settings, &context).await,
+        SinkKind::Postgres(settings) => opened::<postgres::PostgresSink>(settings, &context).await,
+    }
+}
+
+async fn opened<S: OpenSink>(
+    settings: &S::Settings,
+    context: &SinkContext<'_>,
+) -> Result<Box<dyn Sink>, SinkError> {
+    Ok(Box::new(S::open_with(settings, context).await?))
 }
 
 /// Writes one message, retrying as `retry` says. A suspect failure does not count until the message

@@ -6,7 +6,7 @@ use futures::future::BoxFuture;
 use switchyard_crds::unit::headers;
 use switchyard_crds::NatsSink as Settings;
 
-use super::{Sink, Written};
+use super::sink::{OpenSink, Sink, SinkContext, SinkError, Written};
 use crate::lineage::{header_value, Lineage};
 use crate::retry::StepError;
 
@@ -23,6 +23,17 @@ impl NatsSink {
             subject: Subject::from(settings.subject.as_str()),
             unit: unit.to_string(),
         }
+    }
+}
+
+impl OpenSink for NatsSink {
+    type Settings = Settings;
+
+    async fn open_with(
+        settings: &Settings,
+        context: &SinkContext<'_>,
+    ) -> Result<NatsSink, SinkError> {
+        Ok(NatsSink::new(context.unit, settings, context.client))
     }
 }
 

@@ -25,7 +25,7 @@ use switchyard_crds::postgres::{ConflictAction, PostgresSink as Settings};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_postgres::types::Json;
 
-use super::{SinkError, Written};
+use super::sink::{OpenSink, SinkContext, SinkError, Written};
 use crate::lineage::Lineage;
 use crate::postgres::{self as pg, quoted, Database};
 use crate::retry::StepError;
@@ -123,7 +123,18 @@ impl PostgresSink {
     }
 }
 
-impl super::Sink for PostgresSink {
+impl OpenSink for PostgresSink {
+    type Settings = Settings;
+
+    async fn open_with(
+        settings: &Settings,
+        context: &SinkContext<'_>,
+    ) -> Result<PostgresSink, SinkError> {
+        PostgresSink::open(context.unit, settings).await
+    }
+}
+
+impl super::sink::Sink for PostgresSink {
     fn write<'a>(
         &'a self,
         lineage: &'a Lineage,

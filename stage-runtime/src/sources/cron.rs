@@ -2,7 +2,9 @@
 
 use switchyard_crds::CronSource;
 
-use super::{Source, SourceError, SourceUnit, Template};
+use super::error::SourceError;
+use super::template::Template;
+use super::unit::{Source, SourceUnit};
 
 pub struct Cron<'a>(pub &'a CronSource);
 

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 use switchyard_crds::FileSource as Settings;
 use tokio::io::AsyncBufReadExt;
 
+use super::error::SourceError;
 use super::framer::{self, Framer};
-use super::{Source, SourceError, SourceUnit};
+use super::unit::{Source, SourceUnit};
 
 pub struct FileSource<'a>(pub &'a Settings);
 

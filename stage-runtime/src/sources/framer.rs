@@ -26,12 +26,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use switchyard_platform::frame::FrameWriter;
 
-use super::{SourceError, SourceUnit, Window, CHECKPOINT_EVERY};
+use super::error::SourceError;
+use super::publish::{record_emitted, Stored, Window};
+use super::unit::{SourceUnit, CHECKPOINT_EVERY};
 use crate::lineage::{names, Lineage};
 use crate::stats::Stats;
-
-/// Room left for a frame message's own headers.
-pub(super) const HEADERS_ROOM: usize = 4096;
 
 /// A source's checkpoint: how far its stored items reach (`at`, the source's own position type), and
 /// the frames it published beyond that, first and last item ids, in publish order.
@@ -145,7 +144,7 @@ impl<P: Serialize + Clone> Framer<P> {
             held_bytes: 0,
             most_bytes,
             most_items,
-            window: Window::new(unit),
+            window: unit.window(),
             published: 0,
             unconfirmed: VecDeque::new(),
             confirmed: resumed.at,
@@ -166,8 +165,7 @@ impl<P: Serialize + Clone> Framer<P> {
         payload: Bytes,
         position: P,
     ) -> Result<(), SourceError> {
-        let carried =
-            super::record_emitted(unit.tracer.as_ref(), unit.spans.as_ref(), &mut lineage).await;
+        let carried = record_emitted(unit.tracer.as_ref(), unit.spans.as_ref(), &mut lineage).await;
         let headers = carried.as_ref().unwrap_or(&lineage).source_headers();
         let size = FrameWriter::encoded_size(&headers, &payload);
         let item = Held {
@@ -336,10 +334,7 @@ impl<P: Serialize + Clone> Framer<P> {
 }
 
 /// Publishes held items: alone as one message, several as a frame (`SourceUnit::publish_together`).
-async fn publish_items<P>(
-    unit: &SourceUnit,
-    held: &[Held<P>],
-) -> Result<super::Stored, SourceError> {
+async fn publish_items<P>(unit: &SourceUnit, held: &[Held<P>]) -> Result<Stored, SourceError> {
     let items: Vec<(&HeaderMap, &Bytes)> = held.iter().map(|h| (&h.headers, &h.payload)).collect();
     unit.publish_together(&items).await
 }

@@ -6,8 +6,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use switchyard_crds::GeneratorSource;
 
+use super::error::SourceError;
 use super::framer::{self, Framer};
-use super::{Source, SourceError, SourceUnit, Template};
+use super::template::Template;
+use super::unit::{Source, SourceUnit};
 
 pub struct Generator<'a>(pub &'a GeneratorSource);
 

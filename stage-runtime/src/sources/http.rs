@@ -11,7 +11,9 @@ use bytes::Bytes;
 use switchyard_crds::unit::headers;
 use switchyard_crds::{HttpSource as Settings, DEFAULT_MAX_BODY_BYTES};
 
-use super::{publish, Source, SourceError, SourceUnit};
+use super::error::SourceError;
+use super::publish::{publish, record_emitted};
+use super::unit::{lineage, Source, SourceUnit};
 use crate::stats::Stats;
 
 pub struct HttpSource<'a>(pub &'a Settings);
@@ -91,7 +93,7 @@ impl Source for HttpSource<'_> {
         let mut shutdown = unit.shutdown.clone();
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
-                crate::stopped(&mut shutdown).await;
+                crate::shutdown::stopped(&mut shutdown).await;
             })
             .await
             .map_err(SourceError::Serve)
@@ -124,11 +126,10 @@ async fn ingest(
     let key = header("Idempotency-Key")
         .or_else(|| header(headers::MSG_ID))
         .unwrap_or_else(|| nuid::next().as_str().to_string());
-    let mut lineage = super::lineage(&state.name, key);
+    let mut lineage = lineage(&state.name, key);
     lineage.traceparent = header(headers::TRACEPARENT);
     lineage.tracestate = header(headers::TRACESTATE);
-    let carried =
-        super::record_emitted(state.tracer.as_ref(), state.spans.as_ref(), &mut lineage).await;
+    let carried = record_emitted(state.tracer.as_ref(), state.spans.as_ref(), &mut lineage).await;
     let stored = async {
         publish(
             &state.js,

@@ -8,7 +8,9 @@ use futures::StreamExt;
 use switchyard_crds::unit::headers;
 use switchyard_crds::NatsSource as Settings;
 
-use super::{Source, SourceError, SourceUnit, WINDOW};
+use super::error::SourceError;
+use super::publish::WINDOW;
+use super::unit::{Source, SourceUnit};
 use crate::stats::Stats;
 
 pub struct NatsSource<'a>(pub &'a Settings);
@@ -49,7 +51,7 @@ impl Source for NatsSource<'_> {
                     let reply = message.reply;
                     acks.push(async move { (reply, ack.await.map(|_| ())) });
                 }
-                _ = crate::stopped(&mut shutdown) => break,
+                _ = crate::shutdown::stopped(&mut shutdown) => break,
             }
         }
         while let Some((reply, stored)) = acks.next().await {

@@ -5,7 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use switchyard_crds::duration::parse_duration;
 use switchyard_crds::TimerSource;
 
-use super::{Source, SourceError, SourceUnit, Template};
+use super::error::SourceError;
+use super::template::Template;
+use super::unit::{Source, SourceUnit};
 
 pub struct Timer<'a>(pub &'a TimerSource);
 

@@ -3,11 +3,12 @@
 use bytes::Bytes;
 use switchyard_crds::HttpStep as Settings;
 
-use super::{BuildError, Handler};
+use super::handler::{BuildContext, BuildError, Handler};
 use crate::http::{Clients, Endpoint};
 use crate::lineage::Lineage;
 use crate::payload::Payload;
 use crate::retry::StepError;
+use switchyard_crds::unit::StepConfig;
 
 pub struct HttpStep {
     endpoint: Endpoint,
@@ -35,13 +36,25 @@ impl HttpStep {
 }
 
 impl Handler for HttpStep {
+    type Settings = Settings;
+
+    fn build(
+        settings: &Settings,
+        _: &StepConfig,
+        context: &BuildContext,
+    ) -> Result<HttpStep, BuildError> {
+        HttpStep::new(settings, &context.http.get()?)
+    }
+
     async fn handle(
         &self,
         item: Payload,
         lineage: &Lineage,
         out: &mut Vec<Payload>,
     ) -> Result<(), StepError> {
-        let response = self.endpoint.post(item.into_bytes(), lineage).await?;
+        // Boxed: an HTTP request's future is large, and unboxed it would make every step's future
+        // (and so every message's) as large, whatever the step's kind.
+        let response = Box::pin(self.endpoint.post(item.into_bytes(), lineage)).await?;
         HttpStep::answered(response, out);
         Ok(())
     }

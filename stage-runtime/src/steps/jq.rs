@@ -2,10 +2,11 @@
 
 use switchyard_crds::jq::JqFilter;
 
-use super::{BuildError, Handler};
+use super::handler::{BuildContext, BuildError, Handler};
 use crate::lineage::Lineage;
 use crate::payload::Payload;
 use crate::retry::StepError;
+use switchyard_crds::unit::StepConfig;
 
 pub struct JqStep(JqFilter);
 
@@ -18,6 +19,12 @@ impl JqStep {
 }
 
 impl Handler for JqStep {
+    type Settings = String;
+
+    fn build(filter: &String, step: &StepConfig, _: &BuildContext) -> Result<JqStep, BuildError> {
+        JqStep::new(&step.path, filter)
+    }
+
     async fn handle(
         &self,
         item: Payload,

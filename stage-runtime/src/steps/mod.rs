@@ -1,13 +1,14 @@
 //! The steps of a unit, run in-process in flow order, each with its timeout and retry policy. One file
-//! per kind of step, each a [`Handler`]; `Step` adds what every kind shares (timeout, retries, turns).
+//! per kind of step, each a [`Handler`] (`handler.rs`), registered in one line of `kinds!` below;
+//! `Step` adds what every kind shares (timeout, retries, turns).
 
 mod exec;
+mod handler;
 mod http;
 mod jq;
 mod passthrough;
 mod sleep;
 
-use std::future::Future;
 use std::time::Duration;
 
 use switchyard_crds::unit::{RetryConfig, StepConfig};
@@ -16,164 +17,86 @@ use tokio::sync::Semaphore;
 
 use crate::lineage::Lineage;
 use crate::payload::Payload;
-use crate::retry::{GaveUp, Retrying};
+use crate::retry::{humanize, GaveUp, Retrying, StepError};
 
 pub use crate::http::{http_client, LazyClient};
-use crate::retry::StepError;
 pub use exec::{parse_reply, shown, ReplyOf};
+pub use handler::{BuildContext, BuildError, Handler};
 
-/// What one kind of step does with one message. Timeouts, retries and turn-taking are `Step`'s.
-pub trait Handler {
-    /// Appends the outputs made of `item` to `out` (nothing when it fails).
-    fn handle(
-        &self,
-        item: Payload,
-        lineage: &Lineage,
-        out: &mut Vec<Payload>,
-    ) -> impl Future<Output = Result<(), StepError>> + Send;
+/// Every kind of step, one line each: `Variant => handler type`, the variant named as in
+/// `StepKind`. From this list the macro writes `Runner` (one variant a kind) and its dispatch: an
+/// enum rather than a boxed trait object, because a step runs for every message and this keeps
+/// each call free of an allocation. A kind missing here is a compile error in `Runner::build`.
+macro_rules! kinds {
+    ($($kind:ident => $handler:ty,)*) => {
+        enum Runner {
+            $($kind($handler),)*
+        }
 
-    /// Like `handle`, for a suspect (`StepError::suspect`) tried again alone: whatever fails now is
-    /// the item's own doing. `Step` runs one such call at a time.
-    fn handle_alone(
-        &self,
-        item: Payload,
-        lineage: &Lineage,
-        out: &mut Vec<Payload>,
-    ) -> impl Future<Output = Result<(), StepError>> + Send {
-        self.handle(item, lineage, out)
-    }
+        impl Runner {
+            fn build(config: &StepConfig, context: &BuildContext) -> Result<Runner, BuildError> {
+                Ok(match &config.kind {
+                    $(StepKind::$kind(settings) => {
+                        Runner::$kind(<$handler as Handler>::build(settings, config, context)?)
+                    })*
+                })
+            }
 
-    /// True for handlers that pass messages on to somebody else (a child, a web service): they get at
-    /// most `OUTSTANDING_CALLS` at a time.
-    fn hands_off(&self) -> bool {
-        false
-    }
+            fn hands_off(&self) -> bool {
+                match self {
+                    $(Runner::$kind(h) => h.hands_off(),)*
+                }
+            }
 
-    /// True when `handle_alone` isolates the item by itself (an exec step's second child); otherwise
-    /// `Step` isolates it by letting no other call run beside it.
-    fn isolates_itself(&self) -> bool {
-        false
-    }
+            fn isolates_itself(&self) -> bool {
+                match self {
+                    $(Runner::$kind(h) => h.isolates_itself(),)*
+                }
+            }
 
-    /// True when the handler applies the step's timeout itself (an exec step restarts its child).
-    fn times_itself(&self) -> bool {
-        false
-    }
+            fn times_itself(&self) -> bool {
+                match self {
+                    $(Runner::$kind(h) => h.times_itself(),)*
+                }
+            }
 
-    /// Stops what the handler runs beside the unit (an exec child) once no more messages will come.
-    fn shutdown(&self) -> impl Future<Output = ()> + Send {
-        async {}
-    }
+            async fn handle(
+                &self,
+                item: Payload,
+                lineage: &Lineage,
+                out: &mut Vec<Payload>,
+            ) -> Result<(), StepError> {
+                match self {
+                    $(Runner::$kind(h) => h.handle(item, lineage, out).await,)*
+                }
+            }
+
+            async fn handle_alone(
+                &self,
+                item: Payload,
+                lineage: &Lineage,
+                out: &mut Vec<Payload>,
+            ) -> Result<(), StepError> {
+                match self {
+                    $(Runner::$kind(h) => h.handle_alone(item, lineage, out).await,)*
+                }
+            }
+
+            async fn shutdown(&self) {
+                match self {
+                    $(Runner::$kind(h) => h.shutdown().await,)*
+                }
+            }
+        }
+    };
 }
 
-/// Why a step cannot start.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    /// The step's settings cannot be used (validation catches these before a unit runs).
-    #[error("{0}")]
-    Settings(String),
-    #[error(transparent)]
-    Endpoint(#[from] crate::http::EndpointError),
-}
-
-/// A step's handler. An enum rather than a boxed trait object: a step runs for every message, and this
-/// keeps each call free of an allocation.
-enum Runner {
-    Jq(jq::JqStep),
-    Exec(exec::ExecStep),
-    Http(http::HttpStep),
-    Sleep(sleep::SleepStep),
-    Passthrough(passthrough::Passthrough),
-}
-
-impl Runner {
-    fn build(config: &StepConfig, http: &LazyClient) -> Result<Runner, BuildError> {
-        let path = config.path.as_str();
-        Ok(match &config.kind {
-            StepKind::Jq(filter) => Runner::Jq(jq::JqStep::new(path, filter)?),
-            StepKind::Exec(settings) => Runner::Exec(exec::ExecStep::start(
-                path,
-                &settings.command,
-                &config.env,
-                config.timeout_ms.map(Duration::from_millis),
-            )?),
-            StepKind::Http(settings) => Runner::Http(http::HttpStep::new(settings, &http.get()?)?),
-            StepKind::Sleep(delay) => Runner::Sleep(sleep::SleepStep::new(path, delay)?),
-            StepKind::Passthrough(_) => Runner::Passthrough(passthrough::Passthrough),
-        })
-    }
-
-    fn hands_off(&self) -> bool {
-        match self {
-            Runner::Jq(h) => h.hands_off(),
-            Runner::Exec(h) => h.hands_off(),
-            Runner::Http(h) => h.hands_off(),
-            Runner::Sleep(h) => h.hands_off(),
-            Runner::Passthrough(h) => h.hands_off(),
-        }
-    }
-
-    fn isolates_itself(&self) -> bool {
-        match self {
-            Runner::Jq(h) => h.isolates_itself(),
-            Runner::Exec(h) => h.isolates_itself(),
-            Runner::Http(h) => h.isolates_itself(),
-            Runner::Sleep(h) => h.isolates_itself(),
-            Runner::Passthrough(h) => h.isolates_itself(),
-        }
-    }
-
-    fn times_itself(&self) -> bool {
-        match self {
-            Runner::Jq(h) => h.times_itself(),
-            Runner::Exec(h) => h.times_itself(),
-            Runner::Http(h) => h.times_itself(),
-            Runner::Sleep(h) => h.times_itself(),
-            Runner::Passthrough(h) => h.times_itself(),
-        }
-    }
-
-    async fn handle_alone(
-        &self,
-        item: Payload,
-        lineage: &Lineage,
-        out: &mut Vec<Payload>,
-    ) -> Result<(), StepError> {
-        match self {
-            Runner::Jq(h) => h.handle_alone(item, lineage, out).await,
-            Runner::Exec(h) => h.handle_alone(item, lineage, out).await,
-            Runner::Http(h) => h.handle_alone(item, lineage, out).await,
-            Runner::Sleep(h) => h.handle_alone(item, lineage, out).await,
-            Runner::Passthrough(h) => h.handle_alone(item, lineage, out).await,
-        }
-    }
-
-    async fn handle(
-        &self,
-        item: Payload,
-        lineage: &Lineage,
-        out: &mut Vec<Payload>,
-    ) -> Result<(), StepError> {
-        match self {
-            Runner::Jq(h) => h.handle(item, lineage, out).await,
-            Runner::Exec(h) => h.handle(item, lineage, out).await,
-            // Boxed: an HTTP request's future is large, and unboxed it would make every step's
-            // future (and so every message's) as large, whatever the step's kind.
-            Runner::Http(h) => Box::pin(h.handle(item, lineage, out)).await,
-            Runner::Sleep(h) => h.handle(item, lineage, out).await,
-            Runner::Passthrough(h) => h.handle(item, lineage, out).await,
-        }
-    }
-
-    async fn shutdown(&self) {
-        match self {
-            Runner::Jq(h) => h.shutdown().await,
-            Runner::Exec(h) => h.shutdown().await,
-            Runner::Http(h) => h.shutdown().await,
-            Runner::Sleep(h) => h.shutdown().await,
-            Runner::Passthrough(h) => h.shutdown().await,
-        }
-    }
+kinds! {
+    Jq => jq::JqStep,
+    Exec => exec::ExecStep,
+    Http => http::HttpStep,
+    Sleep => sleep::SleepStep,
+    Passthrough => passthrough::Passthrough,
 }
 
 /// An item that failed for good at a step: it goes to the dead-letter subject.
@@ -271,7 +194,7 @@ pub struct Step {
 
 impl Step {
     pub fn build(config: &StepConfig, http: &LazyClient) -> Result<Step, BuildError> {
-        let runner = Runner::build(config, http)?;
+        let runner = Runner::build(config, &BuildContext { http })?;
         let turns = runner
             .hands_off()
             .then(|| Semaphore::new(OUTSTANDING_CALLS));
@@ -384,17 +307,6 @@ impl Step {
 /// An attempt that outlived the step's timeout.
 fn timed_out(limit: Duration) -> StepError {
     StepError::transient(format!("timed out after {}", humanize(limit)))
-}
-
-/// `1.5s`, `250ms`: short and exact enough for error messages.
-pub(crate) fn humanize(d: Duration) -> String {
-    if d.as_millis() < 1000 {
-        format!("{}ms", d.as_millis())
-    } else if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
-    }
 }
 
 #[cfg(test)]

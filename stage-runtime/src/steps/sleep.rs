@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use switchyard_crds::duration::parse_duration;
 
-use super::{BuildError, Handler};
+use super::handler::{BuildContext, BuildError, Handler};
 use crate::lineage::Lineage;
 use crate::payload::Payload;
 use crate::retry::StepError;
+use switchyard_crds::unit::StepConfig;
 
 pub struct SleepStep(Duration);
 
@@ -20,6 +21,12 @@ impl SleepStep {
 }
 
 impl Handler for SleepStep {
+    type Settings = String;
+
+    fn build(delay: &String, step: &StepConfig, _: &BuildContext) -> Result<SleepStep, BuildError> {
+        SleepStep::new(&step.path, delay)
+    }
+
     async fn handle(
         &self,
         item: Payload,

@@ -35,7 +35,9 @@ use super::table::{duration, listen, open_table, refused, wait_for_rows};
 use super::tracker::{write_outcomes, Done, Open, Tracker};
 use crate::lineage::Lineage;
 use crate::postgres::{quoted, Database};
-use crate::sources::{SourceError, SourceUnit, Stored};
+use crate::sources::error::SourceError;
+use crate::sources::publish::{record_emitted, Stored};
+use crate::sources::unit::SourceUnit;
 
 /// How long the source waits before it looks again while `maxClaimed` rows are open (unless the
 /// tracker wakes it first).
@@ -333,9 +335,7 @@ impl Dispatcher<'_> {
             format!("{}/{}", row.key, row.attempt),
             self.item_id(row),
         );
-        let carried =
-            crate::sources::record_emitted(unit.tracer.as_ref(), unit.spans.as_ref(), &mut lineage)
-                .await;
+        let carried = record_emitted(unit.tracer.as_ref(), unit.spans.as_ref(), &mut lineage).await;
         let headers = carried.as_ref().unwrap_or(&lineage).source_headers();
         (headers, Bytes::from(row.item.clone()))
     }

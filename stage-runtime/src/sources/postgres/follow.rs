@@ -16,8 +16,9 @@ use switchyard_crds::postgres::{DEFAULT_POLL, DEFAULT_SOURCE_BATCH};
 
 use super::table::{duration, item_expression, listen, open_table, refused, wait_for_rows};
 use crate::postgres::{quoted, Database};
+use crate::sources::error::SourceError;
 use crate::sources::framer::{self, Framer};
-use crate::sources::{SourceError, SourceUnit};
+use crate::sources::unit::SourceUnit;
 
 /// The last row stored: its column's value and its key, as JSON text gives them (the same whatever
 /// the session's date style).

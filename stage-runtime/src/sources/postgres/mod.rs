@@ -11,7 +11,8 @@ mod tracker;
 
 use switchyard_crds::postgres::PostgresSource as Settings;
 
-use super::{Source, SourceError, SourceUnit};
+use super::error::SourceError;
+use super::unit::{Source, SourceUnit};
 
 pub struct PostgresSource<'a>(pub &'a Settings);
 

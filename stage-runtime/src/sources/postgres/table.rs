@@ -7,7 +7,8 @@ use switchyard_crds::duration::parse_duration;
 use switchyard_crds::postgres::PostgresSource as Settings;
 
 use crate::postgres::{quoted, Database};
-use crate::sources::{SourceError, SourceUnit};
+use crate::sources::error::SourceError;
+use crate::sources::unit::SourceUnit;
 
 /// A postgres source's table once checked: its database, its quoted name, and the source its
 /// refusals name.

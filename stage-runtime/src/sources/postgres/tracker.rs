@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use crate::postgres::Database;
-use crate::sources::{SourceError, SourceUnit};
+use crate::sources::error::SourceError;
+use crate::sources::unit::SourceUnit;
 
 /// Writes the outcomes back in one statement, each fenced by its reservation; how many were
 /// written (the others' rows are held by another attempt now).
@@ -301,7 +302,7 @@ pub(super) async fn follow(
                     held.release(job.accounts).await;
                 }
             }
-            _ = crate::stopped(&mut with.stopping) => break,
+            _ = crate::shutdown::stopped(&mut with.stopping) => break,
         }
     }
     write_back(&with, &mut ended, &mut held).await?;

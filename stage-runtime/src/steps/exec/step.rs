@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use crate::lineage::Lineage;
 use crate::payload::Payload;
-use crate::retry::StepError;
-use crate::steps::{humanize, BuildError, Handler};
+use crate::retry::{humanize, StepError};
+use crate::steps::handler::{BuildContext, BuildError, Handler};
+use switchyard_crds::unit::StepConfig;
 
 use super::child::{find_program, lock, ChildSpec, Fate, Lane, Outcome, Reply};
 use super::protocol::REPLY_FORM;
@@ -182,6 +183,21 @@ async fn stop_when_idle(
 }
 
 impl Handler for ExecStep {
+    type Settings = switchyard_crds::ExecStep;
+
+    fn build(
+        settings: &Self::Settings,
+        step: &StepConfig,
+        _: &BuildContext,
+    ) -> Result<ExecStep, BuildError> {
+        ExecStep::start(
+            &step.path,
+            &settings.command,
+            &step.env,
+            step.timeout_ms.map(Duration::from_millis),
+        )
+    }
+
     async fn handle(
         &self,
         item: Payload,
