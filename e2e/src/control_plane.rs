@@ -26,7 +26,7 @@ pub struct Binaries {
 
 pub struct ControlPlane {
     /// `target/<profile>/suites/control-plane`: keys, etcd's data, every log (see `SuiteFolder`).
-    pub dir: crate::SuiteFolder,
+    pub dir: crate::suite_folder::SuiteFolder,
     /// `https://127.0.0.1:PORT`
     pub url: String,
     /// A kubeconfig of a cluster administrator (`system:masters`).
@@ -270,7 +270,7 @@ pub struct Options {
 
 impl ControlPlane {
     pub fn start(binaries: &Binaries, options: &Options) -> ControlPlane {
-        let dir = crate::SuiteFolder::fresh("control-plane");
+        let dir = crate::suite_folder::SuiteFolder::fresh("control-plane");
         let d = dir.path();
         make_keys(d);
         std::fs::write(

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use crate::{binary, wait_until};
+use crate::binaries::binary;
+use crate::wait::wait_until;
 
 pub struct BackgroundRun {
     pub child: Child,
@@ -83,7 +84,7 @@ impl BackgroundRun {
         wait_until(
             Duration::from_secs(120),
             &format!("{lines} lines in {name}"),
-            || crate::line_count(&file) >= lines,
+            || crate::wait::line_count(&file) >= lines,
         );
     }
 
@@ -164,12 +165,12 @@ impl BackgroundRun {
 
     /// The pid of the run's own nats-server named `name` (`node-2`), or its only one.
     pub fn nats_server_pid(&self, name: Option<&str>) -> u32 {
-        let servers = crate::children_with(self.child.id(), "nats-server");
+        let servers = crate::processes::children_with(self.child.id(), "nats-server");
         let chosen: Vec<u32> = servers
             .into_iter()
             .filter(|pid| {
                 name.is_none_or(|name| {
-                    crate::command_line(*pid).contains(&format!("--name {name} "))
+                    crate::processes::command_line(*pid).contains(&format!("--name {name} "))
                 })
             })
             .collect();

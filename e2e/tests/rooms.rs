@@ -17,39 +17,6 @@ use std::path::Path;
 
 use source_tree::{product_lines, rust_files, workspace, CRATES};
 
-/// Index items their children still import, each `<crate folder>: <index module>::<item>`: known,
-/// and to be moved below the children that share them (issue 40). The test fails on one that is
-/// not listed, and on one listed that is gone, so that the list stays true.
-const KNOWN_INDEX_ITEMS: &[&str] = &[
-    "e2e/src: (the crate root)::SuiteFolder",
-    "e2e/src: (the crate root)::binary",
-    "e2e/src: (the crate root)::children_with",
-    "e2e/src: (the crate root)::command_line",
-    "e2e/src: (the crate root)::line_count",
-    "e2e/src: (the crate root)::wait_until",
-    "e2e/src: cluster::ClusterError",
-    "e2e/src: cluster::Programs",
-    "e2e/src: cluster::coredns_image",
-    "e2e/src: cluster::pause_image",
-    "local/src: (the crate root)::BOOKS_DO_NOT_BALANCE",
-    "local/src: (the crate root)::RunArgs",
-    "local/src: (the crate root)::RunError",
-    "local/src: (the crate root)::connect",
-    "operator/src: controller::Context",
-    "operator/src: controller::FIELD_MANAGER",
-    "operator/src: controller::FINALIZER",
-    "operator/src: controller::REFRESH",
-    "operator/src: controller::REFRESH_SWITCHERS",
-    "operator/src: controller::SCALE_FIELD_MANAGER",
-    "operator/src: controller::lock",
-    "operator/src: controller::now",
-    "operator/src: controller::publish",
-    "ops/src: (the crate root)::OpsError",
-    "ops/src: (the crate root)::Target",
-    "ops/src: (the crate root)::thousands",
-    "ops/src: (the crate root)::when",
-];
-
 /// One file of a crate.
 struct Room {
     /// Its module path: `""` for the crate root, `consume::pull`.
@@ -477,7 +444,7 @@ fn every_crate_imports_in_one_direction() {
         let mut imports = imports(&rooms);
         for (child, index, item) in &imports.index_items {
             found.insert(format!("{folder}: {}::{item}", shown(index)));
-            // A known one is reported below, not as the loop it makes.
+            // Reported below as what it is, not as the loop it makes.
             if let Some(edges) = imports.edges.get_mut(child) {
                 edges.remove(index);
             }
@@ -486,15 +453,11 @@ fn every_crate_imports_in_one_direction() {
             loops.push(format!("{folder}: {cycle}"));
         }
     }
-    let known: BTreeSet<String> = KNOWN_INDEX_ITEMS.iter().map(|s| s.to_string()).collect();
-    let new: Vec<&String> = found.difference(&known).collect();
-    let gone: Vec<&String> = known.difference(&found).collect();
     assert!(
-        loops.is_empty() && new.is_empty() && gone.is_empty(),
-        "rooms that import in a loop:\n{}\nindex items their children import (move each below them):\n{}\nlisted in KNOWN_INDEX_ITEMS but no longer imported (take them off):\n{}",
+        loops.is_empty() && found.is_empty(),
+        "rooms that import in a loop:\n{}\nindex items their children import (move each to a room below them):\n{}",
         loops.join("\n"),
-        new.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
-        gone.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
+        found.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
     );
 }
 

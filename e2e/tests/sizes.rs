@@ -22,7 +22,6 @@ const KNOWN_LONG_FILES: &[&str] = &[
     "crds/src/validate.rs",
     "e2e/src/cluster/mod.rs",
     "local/src/session.rs",
-    "operator/src/controller/apply.rs",
     "operator/src/plan.rs",
 ];
 

@@ -15,12 +15,14 @@ use switchyard_crds::{FileSink, GeneratorSource, SinkKind, SourceKind};
 use switchyard_ops::read;
 use switchyard_platform::reports::Reports;
 
+use crate::args::RunArgs;
+use crate::error::RunError;
 use crate::prepare::Prepared;
 use crate::session::{totals, Ending, Session};
 use crate::state::UnitCounts;
 use crate::summary::{Summary, UnitSummary};
 use crate::supervisor::Supervisor;
-use crate::{plot, RunArgs, RunError, RunNats};
+use crate::{plot, RunNats};
 
 /// Writes what the run asked for (summary JSON, plot), cleans up, and prints the summary.
 pub async fn finish(
@@ -77,7 +79,7 @@ pub async fn finish(
         .is_some_and(|b| !b.problems().is_empty());
     Ok(match ending {
         Ending::Interrupted => ExitCode::from(130),
-        Ending::Completed if unbalanced => ExitCode::from(crate::BOOKS_DO_NOT_BALANCE),
+        Ending::Completed if unbalanced => ExitCode::from(crate::error::BOOKS_DO_NOT_BALANCE),
         Ending::Completed => ExitCode::SUCCESS,
     })
 }

@@ -10,10 +10,11 @@ use switchyard_crds::topology::replicas_of;
 use switchyard_crds::unit::UnitRole;
 use switchyard_platform::admin;
 
+use crate::error::RunError;
 use crate::prepare::{self, Prepared};
 use crate::progress::Display;
 use crate::supervisor::Supervisor;
-use crate::{RunError, RunNats};
+use crate::RunNats;
 
 /// How often the file is looked at.
 const LOOK_EVERY: Duration = Duration::from_millis(500);

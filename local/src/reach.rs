@@ -10,9 +10,9 @@ use switchyard_ops::Target;
 use switchyard_platform::credentials::NatsAuthArgs;
 use switchyard_platform::embedded::{NatsCluster, NatsServer};
 
+use crate::error::RunError;
 use crate::prepare::{lay_out, Prepared};
 use crate::state::{LocalState, StateError, StateLock};
-use crate::RunError;
 
 /// A Pipeline reached, and what must live as long as the command: a server started on the local
 /// state, and the lock on it.
@@ -80,7 +80,7 @@ pub async fn reach(
             }
         },
     };
-    let client = crate::connect("switchyard", &url, &credentials).await?;
+    let client = crate::connect::connect("switchyard", &url, &credentials).await?;
     let js = switchyard_platform::nats::jetstream_context(client);
     let stream = prepared.layout.nats.stream.name.clone();
     find_stream(&js, &stream, &how, servers.len() > 1).await?;
@@ -135,7 +135,7 @@ pub async fn control(file: &Path, request: &str) -> Result<String, RunError> {
             file: file.to_path_buf(),
         });
     };
-    let client = crate::connect("switchyard", &run.url, &Default::default()).await?;
+    let client = crate::connect::connect("switchyard", &run.url, &Default::default()).await?;
     let subject = Names::new(&prepared.topology.namespace, &prepared.name).control_subject();
     let answer = tokio::time::timeout(
         Duration::from_secs(10),

@@ -7,10 +7,11 @@ use switchyard_platform::admin::{self, AdminError};
 use switchyard_platform::credentials::NatsAuthArgs;
 use switchyard_platform::embedded::{NatsCluster, NatsServer};
 
+use crate::args::RunArgs;
+use crate::error::RunError;
 use crate::prepare::Prepared;
 use crate::progress::Display;
 use crate::state::{Kept, LocalState, RunRecord, StateLock};
-use crate::{RunArgs, RunError};
 
 /// How long a private cluster may take to elect its JetStream leaders before the run gives up.
 const CLUSTER_READY_WITHIN: Duration = Duration::from_secs(30);
@@ -69,7 +70,7 @@ impl RunNats {
             }
         };
         let credentials = auth.load()?;
-        let client = crate::connect("switchyard run", &url, &credentials).await?;
+        let client = crate::connect::connect("switchyard run", &url, &credentials).await?;
         let js = switchyard_platform::nats::jetstream_context(client.clone());
         let nats = RunNats {
             servers,

@@ -14,13 +14,15 @@ use switchyard_crds::{GeneratorSource, SourceKind};
 use switchyard_platform::reports::Reports;
 use tokio::sync::mpsc;
 
+use crate::args::RunArgs;
+use crate::error::RunError;
 use crate::migrate::{self, Edit, FileWatch, Hands, Planned, Progress};
 use crate::prepare::Prepared;
 use crate::progress::{Display, Row};
 use crate::scaling::LocalScaler;
 use crate::supervisor::{self, CrashLoop, Event, OutputLine, Supervisor};
 use crate::watchdog::{NatsWatch, ServerCrashLoop, StopSignals};
-use crate::{RunArgs, RunError, RunNats};
+use crate::RunNats;
 
 /// Why a run had to end early.
 #[derive(Debug)]

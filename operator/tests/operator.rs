@@ -86,7 +86,7 @@ async fn the_operator_drives_a_pipeline_from_apply_to_ready_to_deleted() {
         leader_election: false,
         lease_namespace: None,
         instance: Some("test".into()),
-        cleanup_timeout: controller::cleanup::DEFAULT_CLEANUP_TIMEOUT,
+        cleanup_timeout: controller::context::DEFAULT_CLEANUP_TIMEOUT,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let operator = tokio::spawn(controller::run_with(api.client(), options, async move {
@@ -170,7 +170,7 @@ async fn the_operator_scales_a_switcher_through_its_deployments_scale_and_report
         leader_election: false,
         lease_namespace: None,
         instance: Some("test".into()),
-        cleanup_timeout: controller::cleanup::DEFAULT_CLEANUP_TIMEOUT,
+        cleanup_timeout: controller::context::DEFAULT_CLEANUP_TIMEOUT,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let operator = tokio::spawn(controller::run_with(api.client(), options, async move {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 use switchyard_crds::books::{self, Books, Edge};
 
-use crate::{OpsError, Target};
+use crate::target::{OpsError, Target};
 
 /// The books as stored now.
 pub async fn read(target: &Target) -> Result<Books, OpsError> {
@@ -155,14 +155,14 @@ pub fn render_edges(edges: &[EdgeNow]) -> String {
         let on_its_way = if e.settled {
             "-".to_string()
         } else {
-            crate::thousands(e.on_its_way())
+            crate::text::thousands(e.on_its_way())
         };
         let _ = writeln!(
             out,
             "  {:<width$}  {:>12} {:>12} {:>12}",
             e.edge.name(),
-            crate::thousands(e.edge.out),
-            crate::thousands(e.edge.received),
+            crate::text::thousands(e.edge.out),
+            crate::text::thousands(e.edge.received),
             on_its_way,
         );
     }

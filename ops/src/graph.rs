@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use switchyard_crds::topology::{Topology, Unit, UnitKind};
 
-use crate::thousands;
+use crate::text::thousands;
 
 /// What a unit took in and put out, as the last run counted it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

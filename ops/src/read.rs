@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 
-use crate::OpsError;
+use crate::target::OpsError;
 
 /// What is on `subjects` of `stream` now, in stream order, from `start`; at most `limit` messages.
 pub async fn stored(

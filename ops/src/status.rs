@@ -9,7 +9,8 @@ use serde::Serialize;
 use switchyard_crds::topology::UnitKind;
 use switchyard_crds::unit::StatsReport;
 
-use crate::{dlq, OpsError, Target};
+use crate::dlq;
+use crate::target::{OpsError, Target};
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]

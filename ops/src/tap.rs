@@ -10,7 +10,7 @@ use switchyard_crds::jq::{parse_json, JqFilter};
 use switchyard_crds::unit::UnitRole;
 
 use crate::read::{self, stored_at_ms};
-use crate::{OpsError, Target};
+use crate::target::{OpsError, Target};
 
 /// Which edge of a unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub fn edge_subjects(target: &Target, unit: &str, edge: Edge) -> Result<Vec<Stri
 /// a record per item, each with its own headers and data and its place in the frame as `item`.
 pub fn records(message: &jetstream::Message) -> Vec<String> {
     let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-    let time = crate::when(stored_at_ms(message));
+    let time = crate::text::when(stored_at_ms(message));
     match switchyard_platform::frame::items(message.headers.as_ref(), &message.payload) {
         Some(Ok(items)) => items
             .iter()

@@ -4,7 +4,8 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use serde::Serialize;
 use switchyard_crds::unit::{TraceEvent, TraceOutcome};
 
-use crate::{read, OpsError, Target};
+use crate::read;
+use crate::target::{OpsError, Target};
 
 /// The events of one item, oldest first, and its end.
 #[derive(Clone, Debug, Serialize, PartialEq)]

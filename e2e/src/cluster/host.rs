@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::ClusterError;
+use super::error::ClusterError;
 
 /// A command with its arguments, for messages.
 pub fn describe(command: &Command) -> String {

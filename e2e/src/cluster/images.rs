@@ -9,8 +9,9 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+use super::error::ClusterError;
 use super::host::run;
-use super::{ClusterError, Programs};
+use super::programs::Programs;
 
 /// The Kubernetes version the cluster's programs were built at (`scripts/kube-binaries`).
 pub fn kube_version() -> String {
@@ -338,7 +339,7 @@ const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 
 /// The sandbox image: Kubernetes' pause, built by `scripts/kube-binaries`.
 pub fn pause(programs: &Programs) -> Result<PathBuf, ClusterError> {
-    let name = super::pause_image();
+    let name = pause_image();
     tiny_image(
         "pause",
         &[(&programs.kube("pause"), "/pause")],
@@ -356,7 +357,7 @@ pub fn pause(programs: &Programs) -> Result<PathBuf, ClusterError> {
 
 /// The cluster DNS: the CoreDNS `scripts/kube-binaries` built.
 pub fn coredns(programs: &Programs) -> Result<PathBuf, ClusterError> {
-    let name = super::coredns_image();
+    let name = coredns_image();
     tiny_image(
         "coredns",
         &[(&programs.kube("coredns"), "/coredns")],
@@ -573,6 +574,15 @@ fn mirror_in(text: &str, suite: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// Images every cluster imports at `up`: the sandbox and the cluster DNS.
+pub fn pause_image() -> String {
+    format!("switchyard.test/pause:{}", kube_version())
+}
+
+pub fn coredns_image() -> String {
+    "switchyard.test/coredns:1".to_string()
 }
 
 #[cfg(test)]

@@ -13,10 +13,12 @@
 //! kubelets and runtimes mounted, deletes the network namespace (its links, bridges and firewall go
 //! with it) and the one rule it added on this machine, and removes the cgroups and the folder.
 
+pub mod error;
 pub mod host;
 pub mod images;
 pub mod layout;
 pub mod pki;
+pub mod programs;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,185 +26,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub use error::ClusterError;
 use host::{in_netns, ip, run, spawn_daemon, wait_for};
+pub use images::{coredns_image, pause_image};
 pub use layout::{Layout, NodeLayout};
-
-/// What went wrong, with what to do where there is something to do.
-#[derive(Debug)]
-pub enum ClusterError {
-    /// The machine cannot run a cluster; the reason is one line (the suite skips with it).
-    Unavailable(String),
-    Io {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    Command {
-        command: String,
-        output: String,
-    },
-    Timeout {
-        what: String,
-        limit: Duration,
-        last: Option<String>,
-    },
-    /// A process of the cluster exited while `up` waited for it.
-    Exited {
-        program: String,
-        log: PathBuf,
-        tail: String,
-    },
-    AlreadyUp {
-        name: String,
-        kubeconfig: PathBuf,
-    },
-    NotUp {
-        name: String,
-    },
-    /// `down` could not remove everything; what is left is named.
-    Leftovers(Vec<String>),
-}
-
-impl ClusterError {
-    pub fn io(path: impl AsRef<Path>, error: std::io::Error) -> ClusterError {
-        ClusterError::Io {
-            path: path.as_ref().to_path_buf(),
-            error,
-        }
-    }
-}
-
-impl std::fmt::Display for ClusterError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ClusterError::Unavailable(why) => write!(f, "{why}"),
-            ClusterError::Io { path, error } => write!(f, "{}: {error}", path.display()),
-            ClusterError::Command { command, output } => write!(f, "`{command}` failed: {output}"),
-            ClusterError::Timeout { what, limit, last } => {
-                write!(f, "{what}: not within {}s", limit.as_secs())?;
-                if let Some(last) = last {
-                    write!(f, " (last: {last})")?;
-                }
-                Ok(())
-            }
-            ClusterError::Exited { program, log, tail } => write!(
-                f,
-                "{program} exited; the end of {}:\n{tail}",
-                log.display()
-            ),
-            ClusterError::AlreadyUp { name, kubeconfig } => write!(
-                f,
-                "cluster {name} is already up (export KUBECONFIG={}); `scripts/cluster down` first to start afresh",
-                kubeconfig.display()
-            ),
-            ClusterError::NotUp { name } => write!(f, "cluster {name} is not up"),
-            ClusterError::Leftovers(left) => {
-                write!(f, "down left these behind:\n  {}", left.join("\n  "))
-            }
-        }
-    }
-}
-
-impl std::error::Error for ClusterError {}
-
-/// Where the programs are.
-#[derive(Clone, Debug)]
-pub struct Programs {
-    /// kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, coredns, pause.
-    pub kube_bin: PathBuf,
-    pub etcd: PathBuf,
-    pub containerd: PathBuf,
-    pub ctr: PathBuf,
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-impl Programs {
-    /// Finds every program, or says in one line what is missing and how to get it.
-    pub fn find() -> Result<Programs, ClusterError> {
-        let kube_bin = crate::control_plane::kube_bin_dir().ok_or_else(|| {
-            ClusterError::Unavailable(
-                "no Kubernetes programs (run scripts/kube-binaries, or set KUBE_BIN_DIR)".into(),
-            )
-        })?;
-        for program in [
-            "kube-apiserver",
-            "kube-controller-manager",
-            "kube-scheduler",
-            "kubelet",
-            "kube-proxy",
-            "coredns",
-            "pause",
-        ] {
-            if !kube_bin.join(program).is_file() {
-                return Err(ClusterError::Unavailable(format!(
-                    "no {program} in {} (run scripts/kube-binaries)",
-                    kube_bin.display()
-                )));
-            }
-        }
-        let need = |name: &str, package: &str| {
-            on_path(name).ok_or_else(|| {
-                ClusterError::Unavailable(format!("no {name} (Debian package {package})"))
-            })
-        };
-        let programs = Programs {
-            kube_bin,
-            etcd: need("etcd", "etcd-server")?,
-            containerd: need("containerd", "containerd")?,
-            ctr: need("ctr", "containerd")?,
-        };
-        need("runc", "runc")?;
-        need("containerd-shim-runc-v2", "containerd")?;
-        need("nsenter", "util-linux")?;
-        need("ip", "iproute2")?;
-        need("iptables", "iptables")?;
-        need("openssl", "openssl")?;
-        need("kubectl", "kubectl")?;
-        if !Path::new("/usr/lib/cni/bridge").is_file() {
-            return Err(ClusterError::Unavailable(
-                "no CNI plugins in /usr/lib/cni (Debian package containernetworking-plugins)"
-                    .into(),
-            ));
-        }
-        Ok(programs)
-    }
-
-    pub fn kube(&self, name: &str) -> PathBuf {
-        self.kube_bin.join(name)
-    }
-}
-
-/// Whether this machine lets a cluster run at all: root (network namespaces, mounts, cgroups) and
-/// cgroups mounted. The reason is one line.
-pub fn machine_allows() -> Result<(), ClusterError> {
-    // SAFETY: geteuid(2) has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(ClusterError::Unavailable(
-            "not root: a cluster needs network namespaces, mounts and cgroups".into(),
-        ));
-    }
-    if host::cgroup_hierarchies().is_empty() {
-        return Err(ClusterError::Unavailable(
-            "no cgroup hierarchy is mounted under /sys/fs/cgroup".into(),
-        ));
-    }
-    if !Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists() {
-        return Err(ClusterError::Unavailable(
-            "the kernel has no bridge netfilter (br_netfilter): Services would not work".into(),
-        ));
-    }
-    let probe = format!("sy-probe-{}", std::process::id());
-    ip(&["netns", "add", &probe]).map_err(|e| {
-        ClusterError::Unavailable(format!("cannot create a network namespace: {e}"))
-    })?;
-    let _ = ip(&["netns", "del", &probe]);
-    Ok(())
-}
+pub use programs::{machine_allows, Programs};
 
 /// One process of the cluster, as `state.json` keeps it.
 #[derive(Clone, Debug, PartialEq)]
@@ -222,15 +50,6 @@ fn host_rule_comment(layout: &Layout) -> String {
         "switchyard test cluster {}: nothing from it is forwarded",
         layout.name
     )
-}
-
-/// Images every cluster imports at `up`: the sandbox and the cluster DNS.
-pub fn pause_image() -> String {
-    format!("switchyard.test/pause:{}", images::kube_version())
-}
-
-pub fn coredns_image() -> String {
-    "switchyard.test/coredns:1".to_string()
 }
 
 #[derive(Clone, Debug)]
@@ -963,9 +782,9 @@ impl Cluster {
             .collect();
         let programs = Programs {
             kube_bin,
-            etcd: on_path("etcd").unwrap_or_default(),
-            containerd: on_path("containerd").unwrap_or_default(),
-            ctr: on_path("ctr").unwrap_or_else(|| PathBuf::from("ctr")),
+            etcd: programs::on_path("etcd").unwrap_or_default(),
+            containerd: programs::on_path("containerd").unwrap_or_default(),
+            ctr: programs::on_path("ctr").unwrap_or_else(|| PathBuf::from("ctr")),
         };
         let owner = state["owner"].as_object().map(|o| Owner {
             pid: o.get("pid").and_then(Value::as_u64).unwrap_or(0) as u32,

@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::process::Command;
 
+use super::error::ClusterError;
 use super::host::run;
 use super::layout::Layout;
-use super::ClusterError;
 
 /// Who talks to the API server, with the groups the static token file gives it. The identities
 /// are the ones Kubernetes' bootstrap RBAC and the Node authorizer expect.

@@ -6,9 +6,8 @@
 //! edits made behind the operator's back). An object that exists and belongs to anything but this
 //! Pipeline is never touched: that is a `NameConflict`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -20,9 +19,10 @@ use serde::Serialize;
 use switchyard_crds::Pipeline;
 use switchyard_platform::admin::AdminError;
 
+use super::context::{Context, FIELD_MANAGER};
+use super::keys;
 use super::nats::{self, NatsError};
 use super::resolve::namespace_terminating;
-use super::{keys, Context, FIELD_MANAGER};
 use crate::pause::PauseState;
 use crate::plan::{self, Plan, UnitPlan, LABEL_PIPELINE};
 
@@ -33,8 +33,6 @@ pub const ANNOTATION_APPLIED: &str = "switchyard.dev/applied-hash";
 pub const ANNOTATION_PAUSED: &str = "switchyard.dev/paused";
 /// On a switcher's Deployment while paused: the replicas it had, which it gets back on resume.
 pub const ANNOTATION_BEFORE_PAUSE: &str = "switchyard.dev/replicas-before-pause";
-/// Everything is applied again this often (spread over ten more minutes per Pipeline).
-pub const RESYNC: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -104,93 +102,6 @@ fn annotate(meta: &mut ObjectMeta, hash: &str) {
     meta.annotations
         .get_or_insert_with(Default::default)
         .insert(ANNOTATION_APPLIED.to_string(), hash.to_string());
-}
-
-/// In-process claims on object names, so that two Pipelines reconciled at the same moment cannot both
-/// create one name before either appears in a cache.
-#[derive(Default)]
-pub struct Claims {
-    names: std::sync::Mutex<HashMap<ClaimedName, Claimant>>,
-}
-
-/// The Pipeline that claimed a name first.
-#[derive(Debug, PartialEq, Eq)]
-pub struct ClaimedBy {
-    pub pipeline: String,
-}
-
-impl std::fmt::Display for ClaimedBy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Pipeline {}", self.pipeline)
-    }
-}
-
-/// (kind, namespace, name)
-type ClaimedName = (&'static str, String, String);
-/// (the Pipeline's uid, its name)
-type Claimant = (String, String);
-
-impl Claims {
-    fn claim(
-        &self,
-        kind: &'static str,
-        namespace: &str,
-        name: &str,
-        uid: &str,
-        pipeline: &str,
-    ) -> Result<(), ClaimedBy> {
-        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (kind, namespace.to_string(), name.to_string());
-        match names.get(&key) {
-            Some((holder, holder_name)) if holder != uid => Err(ClaimedBy {
-                pipeline: holder_name.clone(),
-            }),
-            _ => {
-                names.insert(key, (uid.to_string(), pipeline.to_string()));
-                Ok(())
-            }
-        }
-    }
-
-    /// Forgets what `uid` claimed, except the names in `keep`.
-    pub fn release(&self, uid: &str, keep: &[String]) {
-        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-        names.retain(|(_, _, name), (holder, _)| holder != uid || keep.contains(name));
-    }
-}
-
-/// When each Pipeline last had everything re-sent.
-#[derive(Default)]
-pub struct Resyncs {
-    last: std::sync::Mutex<HashMap<String, Instant>>,
-}
-
-impl Resyncs {
-    /// Whether `uid` is due for a full apply; the first look only starts its clock, so that an
-    /// operator restart re-sends nothing that is current.
-    fn due(&self, uid: &str) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let spread = u64::from_str_radix(&plan::checksum(uid), 16).unwrap_or_default();
-        let jitter = Duration::from_secs(spread % 600);
-        match last.get(uid) {
-            None => {
-                last.insert(uid.to_string(), Instant::now());
-                false
-            }
-            Some(at) if at.elapsed() >= RESYNC + jitter => {
-                last.insert(uid.to_string(), Instant::now());
-                true
-            }
-            Some(_) => false,
-        }
-    }
-
-    pub fn forget(&self, uid: &str) {
-        self.last
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(uid);
-    }
 }
 
 pub async fn nats_objects(
@@ -654,38 +565,5 @@ mod tests {
             hash_of(&without_replicas(&b)),
             hash_of(&without_replicas(&c))
         );
-    }
-
-    #[test]
-    fn the_first_claim_on_a_name_wins_until_released() {
-        let claims = Claims::default();
-        assert!(claims.claim("ConfigMap", "ns", "a-b-c", "u1", "a").is_ok());
-        assert!(claims.claim("ConfigMap", "ns", "a-b-c", "u1", "a").is_ok());
-        assert_eq!(
-            claims.claim("ConfigMap", "ns", "a-b-c", "u2", "a-b"),
-            Err(ClaimedBy {
-                pipeline: "a".into()
-            })
-        );
-        assert!(claims
-            .claim("Deployment", "ns", "a-b-c", "u2", "a-b")
-            .is_ok());
-        claims.release("u1", &[]);
-        assert!(claims
-            .claim("ConfigMap", "ns", "a-b-c", "u2", "a-b")
-            .is_ok());
-    }
-
-    #[test]
-    fn a_resync_is_due_only_after_the_interval() {
-        let resyncs = Resyncs::default();
-        assert!(!resyncs.due("u1"));
-        assert!(!resyncs.due("u1"));
-        resyncs.last.lock().unwrap().insert(
-            "u1".into(),
-            Instant::now() - RESYNC - Duration::from_secs(601),
-        );
-        assert!(resyncs.due("u1"));
-        assert!(!resyncs.due("u1"));
     }
 }

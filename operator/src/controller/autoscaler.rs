@@ -12,7 +12,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Api, Resource};
@@ -22,8 +21,10 @@ use switchyard_crds::validate::analyze;
 use switchyard_crds::Pipeline;
 
 use super::caches::PipelineObject;
+use super::context::{lock, Context, SCALE_FIELD_MANAGER};
+use super::keys;
+use super::memory::ScaleRecord;
 use super::status::{PHASE_PAUSED, PHASE_PAUSING};
-use super::{keys, lock, Context, SCALE_FIELD_MANAGER};
 use crate::plan;
 use switchyard_crds::autoscale::{self, Policy, Window};
 
@@ -42,16 +43,6 @@ pub enum ScaleError {
         #[source]
         source: kube::Error,
     },
-}
-
-/// The latest decision for one switcher.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ScaleRecord {
-    pub desired: u32,
-    /// When the replicas last changed (None: not since the operator started).
-    pub last_scale_time: Option<Time>,
-    /// Why they changed, or why they hold.
-    pub reason: String,
 }
 
 /// Whether the autoscaler leaves a Pipeline alone this interval. The reconcile holds a paused
@@ -275,7 +266,7 @@ impl Autoscaler {
                 source,
             })?;
         let note = format!("{unit}: {}", decision.reason);
-        super::publish(
+        super::context::publish(
             &self.ctx,
             &pipeline.metadata,
             EventType::Normal,
@@ -286,7 +277,7 @@ impl Autoscaler {
         tracing::info!(pipeline = %pipeline.metadata.name.as_deref().unwrap_or_default(), %unit, "{}", decision.reason);
         Ok(ScaleRecord {
             desired: decision.desired,
-            last_scale_time: Some(super::now()),
+            last_scale_time: Some(super::context::now()),
             reason: decision.reason,
         })
     }

@@ -13,12 +13,9 @@ use kube::Api;
 use switchyard_crds::layout::Names;
 use switchyard_crds::{DeletionPolicy, Pipeline, PipelineSpec};
 
+use super::context::Context;
 use super::nats::NatsError;
 use super::resolve::{self, namespace_terminating, ResolveError};
-use super::Context;
-
-/// How long a deleted Pipeline waits for its NATS data to be reachable before it is let go.
-pub const DEFAULT_CLEANUP_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CleanupError {
@@ -80,7 +77,7 @@ pub async fn cleanup(
         .and_then(|s| s.deletion_policy)
         .unwrap_or_default();
     if policy == DeletionPolicy::Retain {
-        super::publish(
+        super::context::publish(
             ctx,
             meta,
             EventType::Normal,
@@ -113,7 +110,7 @@ pub async fn cleanup(
     .await;
     match deleted {
         Ok(()) => {
-            super::publish(
+            super::context::publish(
                 ctx,
                 meta,
                 EventType::Normal,
@@ -159,7 +156,7 @@ async fn give_up_or_retry(
                     ctx.cleanup_timeout.as_secs()
                 )
             };
-            super::publish(
+            super::context::publish(
                 ctx,
                 meta,
                 EventType::Warning,
@@ -170,7 +167,7 @@ async fn give_up_or_retry(
             Ok(())
         }
         Verdict::Retry => {
-            super::publish(
+            super::context::publish(
                 ctx,
                 meta,
                 EventType::Warning,

@@ -18,8 +18,8 @@ use switchyard_crds::{MigrationStatus, Pipeline, PipelineSpec};
 use switchyard_platform::admin::{self, AdminError};
 
 use super::apply::{self, Applied};
+use super::context::Context;
 use super::status::{MigrationState, MIGRATION_REFUSED};
-use super::Context;
 use crate::plan::{self, Plan};
 
 /// How soon a migration that waits is looked at again.
@@ -129,7 +129,7 @@ pub async fn reconcile(
             .and_then(|s| super::status::condition(s, super::status::PROGRESSING))
             .is_some_and(|c| c.reason == MIGRATION_REFUSED && c.message == reason);
         if !said {
-            super::publish(
+            super::context::publish(
                 ctx,
                 &pipeline.metadata,
                 EventType::Warning,
@@ -156,10 +156,10 @@ pub async fn reconcile(
         generation: pipeline.metadata.generation.unwrap_or_default(),
         done: 0,
         steps: migration.steps.iter().map(|s| s.to_string()).collect(),
-        started_at: Some(super::now()),
+        started_at: Some(super::context::now()),
         plan: serde_json::to_value(&stored).map_err(|e| MigrateError::Plan(e.to_string()))?,
     };
-    super::publish(
+    super::context::publish(
         ctx,
         &pipeline.metadata,
         EventType::Normal,
@@ -204,11 +204,11 @@ async fn carry_on(
             .started_at
             .as_ref()
             .map(|t| {
-                let now = super::now();
+                let now = super::context::now();
                 (now.0.as_second() - t.0.as_second()).max(0)
             })
             .unwrap_or(0);
-        super::publish(
+        super::context::publish(
             ctx,
             &pipeline.metadata,
             EventType::Normal,

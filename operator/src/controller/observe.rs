@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
+use super::context::Context;
 use super::keys;
 use super::nats::{self, NatsObservation};
 use super::status::UnitObservation;
-use super::Context;
 use crate::pause::{PauseState, UnitNow};
 use crate::plan::{self, Plan};
 

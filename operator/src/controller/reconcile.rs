@@ -15,12 +15,11 @@ use switchyard_crds::{Pipeline, PipelineSpec, PipelineStatus};
 
 use super::apply::{self, Applied};
 use super::caches::PipelineObject;
+use super::context::{Context, FIELD_MANAGER, FINALIZER, REFRESH, REFRESH_SWITCHERS};
 use super::errors::{Error, FinalizerError, Next, StatusError, ValidateError};
 use super::migrate::{self, Migrating, Taken};
 use super::status::{self, MigrationState, Observation, Outcome, UnitObservation};
-use super::{
-    cleanup, keys, observe, resolve, Context, FIELD_MANAGER, FINALIZER, REFRESH, REFRESH_SWITCHERS,
-};
+use super::{cleanup, keys, observe, resolve};
 use crate::pause::PauseState;
 use crate::plan::{self, Plan};
 
@@ -204,12 +203,12 @@ async fn update_status(
             .unwrap_or_default(),
     };
     let previous = pipeline.status.as_ref();
-    let next = status::compute(previous, &observation, &super::now());
+    let next = status::compute(previous, &observation, &super::context::now());
     let became_ready = is_ready(Some(&next)) && !is_ready(previous);
     write_status(ctx, &pipeline.metadata, previous, next).await?;
     if became_ready {
         let note = format!("all {} units are ready", plan.units.len());
-        super::publish(ctx, &pipeline.metadata, EventType::Normal, "Ready", note).await;
+        super::context::publish(ctx, &pipeline.metadata, EventType::Normal, "Ready", note).await;
     }
     Ok(())
 }
@@ -290,7 +289,7 @@ async fn report(
         epochs: Default::default(),
         migration: Default::default(),
     };
-    let next = status::compute(previous, &observation, &super::now());
+    let next = status::compute(previous, &observation, &super::context::now());
     let changed = status::condition(&next, status::READY).map(|c| (&c.reason, &c.message))
         != previous
             .and_then(|p| status::condition(p, status::READY))
@@ -299,7 +298,7 @@ async fn report(
         tracing::warn!(pipeline = %keys::pipeline(meta), "{e}");
     }
     if changed {
-        super::publish(ctx, meta, EventType::Warning, reason, problems.join("; ")).await;
+        super::context::publish(ctx, meta, EventType::Warning, reason, problems.join("; ")).await;
     }
 }
 
@@ -319,7 +318,7 @@ async fn announce(ctx: &Context, meta: &ObjectMeta, applied: &Applied) {
             } else {
                 objects.join(", ")
             };
-            super::publish(ctx, meta, EventType::Normal, reason, note).await;
+            super::context::publish(ctx, meta, EventType::Normal, reason, note).await;
         }
     }
 }

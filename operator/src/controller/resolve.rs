@@ -1,20 +1,13 @@
 //! Resolve references: the NATS server a Pipeline uses, with the credentials its Secret holds.
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
-
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::Api;
 use switchyard_crds::PipelineSpec;
 
 use switchyard_platform::credentials::{keys, CredentialsError, NatsCredentials};
 
+use super::context::Context;
 use super::nats::NatsError;
-use super::Context;
-
-/// A credentials Secret is read again after this long, so that a rotated one is picked up without
-/// one API request per reconcile.
-pub const CREDENTIALS_TTL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -52,26 +45,6 @@ impl ResolveError {
             } => status.code == 403,
             _ => false,
         }
-    }
-}
-
-#[derive(Default)]
-pub struct CredentialsCache {
-    entries: std::sync::Mutex<HashMap<(String, String), (Instant, NatsCredentials)>>,
-}
-
-impl CredentialsCache {
-    fn get(&self, key: &(String, String)) -> Option<NatsCredentials> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < CREDENTIALS_TTL)
-            .map(|(_, creds)| creds.clone())
-    }
-
-    fn put(&self, key: (String, String), creds: NatsCredentials) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.insert(key, (Instant::now(), creds));
     }
 }
 

@@ -18,8 +18,9 @@ use kube::runtime::{predicates, reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+use super::autoscaler;
 use super::caches::{self, Caches, PipelineObject};
-use super::{autoscaler, Context, FIELD_MANAGER};
+use super::context::{Context, FIELD_MANAGER};
 use crate::metrics::Metrics;
 use crate::plan::PlanSettings;
 

@@ -13,7 +13,7 @@ use switchyard_crds::layout::{Layout, DEAD_LETTER_CONSUMER};
 use switchyard_crds::unit::headers;
 
 use crate::read::{self, header};
-use crate::{OpsError, Target};
+use crate::target::{OpsError, Target};
 
 /// Which dead letters a command is about.
 #[derive(Clone, Debug, Default)]
@@ -79,7 +79,7 @@ impl DeadLetter {
         DeadLetter {
             seq,
             subject: message.subject.to_string(),
-            time: crate::when(time_ms),
+            time: crate::text::when(time_ms),
             time_ms,
             unit: get(headers::FAILED_UNIT),
             stage: get(headers::FAILED_STAGE),
@@ -330,8 +330,8 @@ impl Groups {
                 stage: stage.clone(),
                 error: error.clone(),
                 count,
-                first: crate::when(first),
-                last: crate::when(last),
+                first: crate::text::when(first),
+                last: crate::text::when(last),
             })
             .collect();
         out.sort_by_key(|g| std::cmp::Reverse(g.count));

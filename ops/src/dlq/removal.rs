@@ -8,7 +8,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use switchyard_crds::unit::headers;
 
-use crate::Target;
+use crate::target::Target;
 
 /// One request that removes dead letters from the queue.
 #[derive(Debug, PartialEq)]

@@ -9,7 +9,7 @@ use serde::Serialize;
 use switchyard_crds::layout::{Layout, DEAD_LETTER_CONSUMER};
 use switchyard_crds::unit::{headers, UnitRole};
 
-use crate::{OpsError, Target};
+use crate::target::{OpsError, Target};
 
 use super::read::{open_letters, DeadLetter, Reading, Seen, Selection};
 use super::removal::{carry_out, Carried, Removal, Remove};

@@ -11,7 +11,7 @@ fn letter(unit: &str, stage: &str, error: &str, ms: i64) -> DeadLetter {
     DeadLetter {
         seq: 1,
         subject: format!("switchyard.default.p.dlq.{unit}"),
-        time: crate::when(ms),
+        time: crate::text::when(ms),
         time_ms: ms,
         unit: unit.into(),
         stage: stage.into(),
