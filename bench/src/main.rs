@@ -1,11 +1,15 @@
 //! `switchyard-bench`: throughput, latency and cost of the stage runtime against the raw NATS limit,
 //! on a private nats-server. Kept out of the `switchyard` command: users run pipelines, we measure.
 
+mod args;
 mod peer;
 mod postgres;
 mod procfs;
 mod raw;
+mod report;
 mod run;
+mod scenarios;
+mod step_costs;
 
 use std::process::ExitCode;
 
@@ -23,7 +27,7 @@ struct Cli {
     #[command(subcommand)]
     inner: Option<Inner>,
     #[command(flatten)]
-    args: run::BenchArgs,
+    args: args::BenchArgs,
 }
 
 #[derive(Subcommand, Debug)]

@@ -107,14 +107,22 @@ fn run(args: &PeerArgs) -> anyhow::Result<()> {
     std::fs::write(dir.join("handler.py"), format!("{ENRICH}{HANDLER_LOOP}"))?;
     std::fs::write(dir.join("p.yaml"), PIPELINE)?;
     std::fs::write(dir.join("flow.py"), format!("{ENRICH}{FLOW}"))?;
-    let items = args.items;
     println!(
         "file → Python function → file, {} records of {} bytes on average, on {}",
-        thousands(items),
-        input_bytes / items.max(1),
-        crate::run::machine()
+        thousands(args.items),
+        input_bytes / args.items.max(1),
+        crate::args::machine()
     );
+    let ours = switchyard_runs(args, &dir)?;
+    if args.bytewax == "none" {
+        return Ok(());
+    }
+    bytewax_runs(args, &dir, ours)
+}
 
+/// The job through `switchyard run`, then killed halfway and resumed; its seconds.
+fn switchyard_runs(args: &PeerArgs, dir: &Path) -> anyhow::Result<f64> {
+    let items = args.items;
     let switchyard = match &args.switchyard {
         Some(bin) => bin.clone(),
         None => std::env::current_exe()?.with_file_name("switchyard"),
@@ -122,7 +130,7 @@ fn run(args: &PeerArgs) -> anyhow::Result<()> {
     let ours = timed(
         Command::new(&switchyard)
             .args(["run", "p.yaml"])
-            .current_dir(&dir),
+            .current_dir(dir),
     )
     .with_context(|| format!("`{} run p.yaml` in {}", switchyard.display(), dir.display()))?;
     check_output(&dir.join("switchyard-out.jsonl"), items).context("switchyard's output")?;
@@ -132,7 +140,7 @@ fn run(args: &PeerArgs) -> anyhow::Result<()> {
         thousands((items as f64 / ours) as u64)
     );
     let killed = dir.join("killed-switchyard");
-    prepare_copy(&dir, &killed, &["input.jsonl", "handler.py", "p.yaml"])?;
+    prepare_copy(dir, &killed, &["input.jsonl", "handler.py", "p.yaml"])?;
     let resumed = kill_and_resume(
         &killed,
         "switchyard-out.jsonl",
@@ -150,10 +158,12 @@ fn run(args: &PeerArgs) -> anyhow::Result<()> {
     )
     .context("switchyard, killed and resumed")?;
     println!("  switchyard run, SIGKILLed halfway and run again with --resume: {resumed}");
+    Ok(ours)
+}
 
-    if args.bytewax == "none" {
-        return Ok(());
-    }
+/// The same job as a Bytewax flow, then killed halfway and resumed, against `ours` seconds.
+fn bytewax_runs(args: &PeerArgs, dir: &Path, ours: f64) -> anyhow::Result<()> {
+    let items = args.items;
     let python = match bytewax_python(&args.bytewax) {
         Ok(python) => python,
         Err(e) => {
@@ -164,8 +174,8 @@ fn run(args: &PeerArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    recovery_store(&python, &dir)?;
-    let theirs = timed(bytewax_run(&python).current_dir(&dir)).context("the Bytewax flow")?;
+    recovery_store(&python, dir)?;
+    let theirs = timed(bytewax_run(&python).current_dir(dir)).context("the Bytewax flow")?;
     check_output(&dir.join("bytewax-out.jsonl"), items).context("Bytewax's output")?;
     println!(
         "  bytewax {} (FileSource → map → FileSink, recovery on): {:.2} s, {} items/s",
@@ -178,7 +188,7 @@ fn run(args: &PeerArgs) -> anyhow::Result<()> {
         theirs / ours
     );
     let killed = dir.join("killed-bytewax");
-    prepare_copy(&dir, &killed, &["input.jsonl", "flow.py"])?;
+    prepare_copy(dir, &killed, &["input.jsonl", "flow.py"])?;
     recovery_store(&python, &killed)?;
     let resumed = kill_and_resume(
         &killed,

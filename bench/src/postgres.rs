@@ -96,7 +96,7 @@ fn run(args: &PostgresArgs) -> anyhow::Result<()> {
     println!(
         "postgres: {} rows a table, PostgreSQL on the same machine, on {}",
         thousands(args.rows),
-        crate::run::machine()
+        crate::args::machine()
     );
     let bench = Bench {
         db: &db,

@@ -9,14 +9,13 @@
 //! last unit. Cost: CPU seconds of the unit processes and of nats-server per 100,000 messages, and
 //! the units' peak resident memory.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use serde::Serialize;
 use switchyard_crds::layout::{layout, Layout};
 use switchyard_crds::validate::{analyze, parse_pipeline};
 use switchyard_platform::admin;
@@ -25,231 +24,10 @@ use switchyard_stage::lineage::Lineage;
 
 use switchyard_local::thousands;
 
-#[derive(clap::Args, Debug)]
-pub struct BenchArgs {
-    /// Messages per throughput run.
-    #[arg(long, default_value_t = 100_000)]
-    pub messages: u64,
-    /// Message sizes, in bytes.
-    #[arg(long, value_delimiter = ',', default_value = "128,1024")]
-    pub sizes: Vec<usize>,
-    /// Throughput runs per scenario; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    pub repeat: u32,
-    /// Messages per second of the latency runs.
-    #[arg(long, default_value_t = 1000)]
-    pub rate: u64,
-    /// How long each latency run lasts.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub latency_for: Duration,
-    /// Run only these scenarios; raw always runs.
-    #[arg(long, value_delimiter = ',', value_enum)]
-    pub only: Vec<Kind>,
-    /// The `switchyard-stage` program (default: next to this one).
-    #[arg(long, env = "SWITCHYARD_STAGE_BIN")]
-    pub stage_bin: Option<PathBuf>,
-    /// Also write the results as JSON.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
-    /// Each scenario with one item per stored message (`off`, as before frames), with frames (`on`:
-    /// the backlog preloaded in frames, as a source stores it, and the units framing their outputs),
-    /// or both in the same run.
-    #[arg(long, value_enum, default_value = "both")]
-    pub frames: Frames,
-    /// Whether the units keep the Pipeline's books (a record per input message before its
-    /// acknowledgement, as they always do): `off` measures what the books cost.
-    #[arg(long, value_enum, default_value = "on")]
-    pub books: Books,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Books {
-    On,
-    Off,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Frames {
-    Off,
-    On,
-    Both,
-}
-
-impl Frames {
-    fn modes(self) -> &'static [bool] {
-        match self {
-            Frames::Off => &[false],
-            Frames::On => &[true],
-            Frames::Both => &[false, true],
-        }
-    }
-}
-
-/// Which scenario: named once here, for `--only`, the report and the JSON.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Kind {
-    Raw,
-    Passthrough,
-    Chain,
-    Group,
-    Jq,
-    Exec,
-    ExecBadLines,
-    Traced,
-}
-
-impl Kind {
-    /// As `--only` and the JSON spell it.
-    pub fn name(self) -> String {
-        clap::ValueEnum::to_possible_value(&self)
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default()
-    }
-}
-
-#[derive(Clone)]
-struct Scenario {
-    kind: Kind,
-    title: &'static str,
-    stages: &'static str,
-    /// Units to run, in flow order; the last one's output is what comes out.
-    units: &'static [&'static str],
-    /// Run the raw loop instead of switchyard-stage.
-    raw: bool,
-    /// `spec.tracing.sampleRate`: off, except in the scenario that measures what tracing costs.
-    sample_rate: f64,
-    /// Every how many messages one never comes out (its handler answers it with a line that is no
-    /// reply, and it is dead-lettered): what finding the culprit costs.
-    lost_every: Option<u64>,
-}
-
-impl Scenario {
-    /// Of `sent` messages numbered from 0, how many come out.
-    fn coming_out(&self, sent: u64) -> u64 {
-        sent - self.lost_every.map_or(0, |n| sent / n)
-    }
-}
-
-const ECHO_HANDLER: &str = "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    sys.stdout.write(json.dumps({\"id\": m[\"id\"], \"outputs\": [m[\"data\"]]}) + \"\\n\")\n    sys.stdout.flush()\n";
-
-/// The echo, except that it answers message 999, 1999, ... with a line that is no reply.
-const BAD_LINE_HANDLER: &str = "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    if m[\"data\"][\"i\"] % 1000 == 999:\n        sys.stdout.write(\"this is not json\\n\")\n    else:\n        sys.stdout.write(json.dumps({\"id\": m[\"id\"], \"outputs\": [m[\"data\"]]}) + \"\\n\")\n    sys.stdout.flush()\n";
-
-fn scenarios() -> Vec<Scenario> {
-    vec![
-        Scenario {
-            kind: Kind::Raw,
-            title: "raw async-nats loop",
-            stages: "    - {name: copy, passthrough: {}}\n",
-            units: &["copy"],
-            raw: true,
-            sample_rate: 0.0,
-            lost_every: None,
-        },
-        Scenario {
-            kind: Kind::Passthrough,
-            title: "one passthrough unit",
-            stages: "    - {name: copy, passthrough: {}}\n",
-            units: &["copy"],
-            raw: false,
-            sample_rate: 0.0,
-            lost_every: None,
-        },
-        Scenario {
-            kind: Kind::Chain,
-            title: "chain of three units",
-            stages: "    - {name: a, passthrough: {}}\n    - {name: b, passthrough: {}}\n    - {name: c, passthrough: {}}\n",
-            units: &["a", "b", "c"],
-            raw: false,
-            sample_rate: 0.0,
-            lost_every: None,
-        },
-        Scenario {
-            kind: Kind::Group,
-            title: "one unit, three steps",
-            stages: "    - name: g\n      stages: [{name: s1, passthrough: {}}, {name: s2, passthrough: {}}, {name: s3, passthrough: {}}]\n",
-            units: &["g"],
-            raw: false,
-            sample_rate: 0.0,
-            lost_every: None,
-        },
-        Scenario {
-            kind: Kind::Jq,
-            title: "one jq step",
-            stages: "    - {name: q, jq: '. + {ok: true}'}\n",
-            units: &["q"],
-            raw: false,
-            sample_rate: 0.0,
-            lost_every: None,
-        },
-        Scenario {
-            kind: Kind::Exec,
-            title: "one exec step (Python echo)",
-            stages: "    - {name: e, exec: {command: [python3, handler.py]}}\n",
-            units: &["e"],
-            raw: false,
-            sample_rate: 0.0,
-            lost_every: None,
-        },
-        Scenario {
-            kind: Kind::ExecBadLines,
-            title: "exec, 1 bad line in 1,000",
-            stages: "    - {name: e, exec: {command: [python3, bad-lines.py]}, retry: {maxAttempts: 1}}\n",
-            units: &["e"],
-            raw: false,
-            sample_rate: 0.0,
-            lost_every: Some(1000),
-        },
-        Scenario {
-            kind: Kind::Traced,
-            title: "one passthrough unit, every item traced",
-            stages: "    - {name: copy, passthrough: {}}\n",
-            units: &["copy"],
-            raw: false,
-            sample_rate: 1.0,
-            lost_every: None,
-        },
-    ]
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ScenarioResult {
-    pub scenario: Kind,
-    pub title: String,
-    /// Several items per stored message (the raw loop never: it is the per-message limit).
-    pub frames: bool,
-    pub size: usize,
-    pub messages: u64,
-    pub per_second: f64,
-    pub ratio_to_raw: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    /// Of the unit (or raw loop) processes, per 100,000 messages.
-    pub cpu_seconds_per_100k: f64,
-    /// Of the processes the units started (exec handlers), per 100,000 messages.
-    pub handler_cpu_seconds_per_100k: f64,
-    /// Of nats-server, per 100,000 messages.
-    pub server_cpu_seconds_per_100k: f64,
-    pub peak_rss_mib: f64,
-    pub hops: u32,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Report {
-    machine: String,
-    nats_server: String,
-    results: Vec<ScenarioResult>,
-    /// None when `--only` left out the passthrough scenario it is measured after.
-    idle_rss_mib: Option<f64>,
-    /// CPU microseconds per message an in-process step adds, from the unit runs (noisy); None without
-    /// both the passthrough and the group scenario.
-    step_cost_micros: Option<f64>,
-    /// Measured directly: a chain of steps run in this process, per message.
-    steps: StepCosts,
-}
+use crate::args::{machine, BenchArgs, Books, Kind};
+use crate::report::{render, row, step_cost, Report, ScenarioResult};
+use crate::scenarios::{payload, scenarios, Scenario, BAD_LINE_HANDLER, ECHO_HANDLER};
+use crate::step_costs::step_costs;
 
 pub fn main(args: BenchArgs) -> ExitCode {
     match switchyard_platform::logging::block_on(Some(2), run(args)) {
@@ -339,215 +117,6 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU microseconds per message an in-process step adds: a unit of three steps against a unit of one,
-/// per extra step, averaged over the sizes.
-fn step_cost(results: &[ScenarioResult]) -> Option<f64> {
-    let cpu = |kind: Kind, size: usize| {
-        results
-            .iter()
-            .find(|r| r.scenario == kind && r.size == size)
-            .map(|r| r.cpu_seconds_per_100k)
-    };
-    let costs: Vec<f64> = results
-        .iter()
-        .filter(|r| r.scenario == Kind::Group)
-        .filter_map(|r| {
-            Some((cpu(Kind::Group, r.size)? - cpu(Kind::Passthrough, r.size)?) / 2.0 * 10.0)
-        })
-        .collect();
-    (!costs.is_empty()).then(|| costs.iter().sum::<f64>() / costs.len() as f64)
-}
-
-fn row(r: &ScenarioResult) -> String {
-    format!(
-        "{:>5} B  {:<28} {:>9} msg/s  {:>5.2} × raw  p50 {:>6.2} ms  p99 {:>6.2} ms  CPU {:>5.2} s + nats {:>5.2} s /100k  RSS {:>5.1} MiB",
-        r.size,
-        r.title,
-        thousands(r.per_second.round() as u64),
-        r.ratio_to_raw,
-        r.p50_ms,
-        r.p99_ms,
-        r.cpu_seconds_per_100k,
-        r.server_cpu_seconds_per_100k,
-        r.peak_rss_mib
-    )
-}
-
-fn render(report: &Report, args: &BenchArgs) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "\nswitchyard-bench on {}, nats-server {}; throughput over {} messages, latency at {} msg/s\n",
-        report.machine,
-        report.nats_server,
-        thousands(args.messages),
-        args.rate
-    );
-    let _ = writeln!(
-        out,
-        "| size | scenario | msg/s | × raw | p50 ms | p99 ms | p99 ms per hop | unit CPU s /100k | handler CPU s /100k | nats CPU s /100k | peak RSS MiB |"
-    );
-    let _ = writeln!(
-        out,
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    );
-    for r in &report.results {
-        let _ = writeln!(
-            out,
-            "| {} B | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
-            r.size,
-            r.title,
-            thousands(r.per_second.round() as u64),
-            r.ratio_to_raw,
-            r.p50_ms,
-            r.p99_ms,
-            r.p99_ms / f64::from(r.hops.max(1)),
-            r.cpu_seconds_per_100k,
-            r.handler_cpu_seconds_per_100k,
-            r.server_cpu_seconds_per_100k,
-            r.peak_rss_mib
-        );
-    }
-    render_notes(&mut out, report);
-    render_targets(&mut out, report, args);
-    out
-}
-
-/// The in-process step costs and the idle process's memory.
-fn render_notes(out: &mut String, report: &Report) {
-    use std::fmt::Write as _;
-    let _ = writeln!(out);
-    for run in &report.steps.runs {
-        let _ = writeln!(
-            out,
-            "In-process steps, {} B, µs per message: one passthrough {:.2}, three {:.2}, one jq `. + {{ok: true}}` {:.2}.",
-            run.size, run.one_step_micros, run.three_steps_micros, run.jq_micros
-        );
-    }
-    if let Some(cost) = report.step_cost_micros {
-        let _ = writeln!(
-            out,
-            "From the unit runs (noisier): three steps against one cost {cost:.2} µs of CPU per message per step."
-        );
-    }
-    for bad in report
-        .results
-        .iter()
-        .filter(|r| r.scenario == Kind::ExecBadLines)
-    {
-        let echo = report
-            .results
-            .iter()
-            .find(|r| r.scenario == Kind::Exec && r.size == bad.size && r.frames == bad.frames);
-        if let Some(echo) = echo.filter(|e| e.per_second > 0.0) {
-            let _ = writeln!(
-                out,
-                "Finding the item behind each bad line (1 in 1,000, tried alone, dead-lettered), {} B{}: {:.0}% of the echo's throughput ({} against {} msg/s).",
-                bad.size,
-                if bad.frames { ", frames" } else { "" },
-                100.0 * bad.per_second / echo.per_second,
-                thousands(bad.per_second.round() as u64),
-                thousands(echo.per_second.round() as u64)
-            );
-        }
-    }
-    if let Some(rss) = report.idle_rss_mib {
-        let _ = writeln!(out, "An idle stage process holds {rss:.1} MiB.");
-    }
-}
-
-/// Each target the project set itself, met or not.
-fn render_targets(out: &mut String, report: &Report, args: &BenchArgs) {
-    use std::fmt::Write as _;
-    let check = |ok: bool| if ok { "met" } else { "NOT met" };
-    let worst = |kind: Kind, frames: bool, of: fn(&ScenarioResult) -> f64| {
-        report
-            .results
-            .iter()
-            .filter(|r| r.scenario == kind && r.frames == frames)
-            .map(of)
-            .fold(f64::INFINITY, f64::min)
-    };
-    let worst_unit = worst(Kind::Passthrough, false, |r| r.ratio_to_raw);
-    // Frames are what a unit does by default; without them measured, the figure is the one there is.
-    let exec = match worst(Kind::Exec, true, |r| r.per_second) {
-        framed if framed.is_finite() => framed,
-        _ => worst(Kind::Exec, false, |r| r.per_second),
-    };
-    let framed_unit = worst(Kind::Passthrough, true, |r| r.ratio_to_raw);
-    let framed_exec = worst(Kind::Exec, true, |r| r.ratio_to_raw);
-    let p99_hop = report
-        .results
-        .iter()
-        .filter(|r| r.scenario != Kind::Raw)
-        .map(|r| r.p99_ms / f64::from(r.hops.max(1)))
-        .fold(0.0, f64::max);
-    let _ = writeln!(out, "\nTargets:");
-    if worst_unit.is_finite() {
-        let _ = writeln!(
-            out,
-            "- one unit ≥ 0.70 of the raw limit: {worst_unit:.2} ({})",
-            check(worst_unit >= 0.7)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "- an in-process step adds under 2 µs per message: {:.2} µs ({})",
-        report.steps.per_step_micros,
-        check(report.steps.per_step_micros < 2.0)
-    );
-    if exec.is_finite() {
-        let _ = writeln!(
-            out,
-            "- an exec step ≥ 50,000 msg/s with one child: {} msg/s ({})",
-            thousands(exec.round() as u64),
-            check(exec >= 50_000.0)
-        );
-    }
-    if framed_unit.is_finite() {
-        let _ = writeln!(
-            out,
-            "- one passthrough unit with frames ≥ 3 × the raw loop: {framed_unit:.2} ({})",
-            check(framed_unit >= 3.0)
-        );
-    }
-    if framed_exec.is_finite() {
-        let _ = writeln!(
-            out,
-            "- one exec step (Python echo) with frames ≥ 2 × the raw loop: {framed_exec:.2} ({})",
-            check(framed_exec >= 2.0)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "- p99 per hop ≤ 2 ms at {} msg/s: {p99_hop:.2} ms ({})",
-        args.rate,
-        check(p99_hop <= 2.0)
-    );
-    if let Some(rss) = report.idle_rss_mib {
-        let _ = writeln!(
-            out,
-            "- an idle stage process ≤ 20 MiB: {rss:.1} MiB ({})",
-            check(rss <= 20.0)
-        );
-    }
-}
-
-pub fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "an unknown CPU".to_string());
-    format!("{cpus} CPUs ({model})")
-}
-
 struct Bench<'a> {
     js: &'a jetstream::Context,
     server: &'a NatsServer,
@@ -555,18 +124,6 @@ struct Bench<'a> {
     me: &'a Path,
     dir: &'a Path,
     args: &'a BenchArgs,
-}
-
-/// A padded JSON message of exactly `size` bytes (or the smallest that holds its fields).
-fn payload(size: usize, t: u128, i: u64) -> Vec<u8> {
-    let head = format!("{{\"t\":{t},\"i\":{i},\"pad\":\"");
-    let tail = "\"}";
-    let pad = size.saturating_sub(head.len() + tail.len());
-    let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(head.as_bytes());
-    out.resize(out.len() + pad, b'x');
-    out.extend_from_slice(tail.as_bytes());
-    out
 }
 
 fn now_nanos() -> u128 {
@@ -723,13 +280,8 @@ impl Bench<'_> {
     }
 
     /// One throughput run (and, if `with_latency`, a latency run after it) on a fresh stream.
-    async fn run_once(
-        &self,
-        scenario: &Scenario,
-        size: usize,
-        with_latency: bool,
-        frames: bool,
-    ) -> anyhow::Result<Run> {
+    /// The scenario's layout, with the books and frames this run measures.
+    fn layout_for(&self, scenario: &Scenario, size: usize, frames: bool) -> anyhow::Result<Layout> {
         let mut layout = self.pipeline(scenario, size)?;
         if self.args.books == Books::Off {
             for unit in &mut layout.units {
@@ -745,6 +297,17 @@ impl Bench<'_> {
                 }
             }
         }
+        Ok(layout)
+    }
+
+    async fn run_once(
+        &self,
+        scenario: &Scenario,
+        size: usize,
+        with_latency: bool,
+        frames: bool,
+    ) -> anyhow::Result<Run> {
+        let layout = self.layout_for(scenario, size, frames)?;
         let per_frame = layout
             .units
             .iter()
@@ -752,19 +315,9 @@ impl Bench<'_> {
             .map_or(1, |u| u.frame_items.max(1) as u64);
         admin::delete(self.js, &layout.nats).await?;
         admin::apply(self.js, &layout.nats).await?;
-        let feed = layout
-            .units
-            .iter()
-            .find(|u| u.unit == "feed")
-            .and_then(|u| u.output_subject.clone())
-            .context("the feed has no subject")?;
+        let feed = output_subject(&layout, "feed")?;
         let last = scenario.units.last().copied().unwrap_or_default();
-        let out_subject = layout
-            .units
-            .iter()
-            .find(|u| u.unit == last)
-            .and_then(|u| u.output_subject.clone())
-            .context("the last unit has no subject")?;
+        let out_subject = output_subject(&layout, last)?;
         let count = self.args.messages;
         let stored = self.preload(&feed, size, count, per_frame).await?;
         let mut children = self.spawn(scenario, &layout)?;
@@ -978,93 +531,14 @@ struct Run {
     peak_rss: f64,
 }
 
-/// What in-process steps cost, measured by running chains of them in this process.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct StepCosts {
-    /// Per size: microseconds per message for one passthrough step, three, and one jq step.
-    runs: Vec<StepRun>,
-    /// Microseconds each step beyond the first adds, the largest over the sizes.
-    per_step_micros: f64,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct StepRun {
-    size: usize,
-    one_step_micros: f64,
-    three_steps_micros: f64,
-    jq_micros: f64,
-}
-
-/// Microseconds per message for `steps`, run on one message after another as a unit runs them.
-async fn time_chain(
-    steps: &[switchyard_stage::steps::Step],
-    body: &bytes::Bytes,
-    lineage: &Lineage,
-    rounds: u32,
-) -> f64 {
-    use switchyard_stage::payload::Payload;
-    let started = Instant::now();
-    for _ in 0..rounds {
-        let chained =
-            switchyard_stage::steps::run_chain(steps, Payload::Bytes(body.clone()), lineage).await;
-        // Every output is serialized, as the unit does before publishing it.
-        for output in chained.outputs {
-            std::hint::black_box(output.into_bytes());
-        }
-    }
-    started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds)
-}
-
-/// Times chains of in-process steps on one message after another, as a unit runs them.
-async fn step_costs(sizes: &[usize]) -> anyhow::Result<StepCosts> {
-    use switchyard_crds::unit::{RetryConfig, StepConfig};
-    use switchyard_crds::StepKind;
-    use switchyard_stage::steps::{LazyClient, Step};
-    let http = LazyClient::default();
-    let build = |kind: StepKind| {
-        Step::build(
-            &StepConfig {
-                path: "bench".into(),
-                kind,
-                env: Vec::new(),
-                timeout_ms: None,
-                retry: RetryConfig::default(),
-            },
-            &http,
-        )
-    };
-    let one = vec![build(StepKind::Passthrough(Default::default()))?];
-    let three = vec![
-        build(StepKind::Passthrough(Default::default()))?,
-        build(StepKind::Passthrough(Default::default()))?,
-        build(StepKind::Passthrough(Default::default()))?,
-    ];
-    let jq = vec![build(StepKind::Jq(". + {ok: true}".into()))?];
-    let lineage = Lineage::at_source("feed", "1".into(), "feed:1".into());
-    const ROUNDS: u32 = 200_000;
-    let mut runs = Vec::new();
-    for &size in sizes {
-        let body = bytes::Bytes::from(payload(size, 0, 1));
-        let one_step_micros = time_chain(&one, &body, &lineage, ROUNDS).await;
-        let three_steps_micros = time_chain(&three, &body, &lineage, ROUNDS).await;
-        let jq_micros = time_chain(&jq, &body, &lineage, ROUNDS).await;
-        runs.push(StepRun {
-            size,
-            one_step_micros,
-            three_steps_micros,
-            jq_micros,
-        });
-    }
-    let per_step_micros = runs
+/// The subject the unit `unit` publishes to.
+fn output_subject(layout: &Layout, unit: &str) -> anyhow::Result<String> {
+    layout
+        .units
         .iter()
-        .map(|r| ((r.three_steps_micros - r.one_step_micros) / 2.0).max(0.0))
-        .fold(0.0, f64::max);
-    Ok(StepCosts {
-        runs,
-        per_step_micros,
-    })
+        .find(|u| u.unit == unit)
+        .and_then(|u| u.output_subject.clone())
+        .with_context(|| format!("the unit {unit} has no output subject"))
 }
 
 fn stop(children: &mut [Child]) {

@@ -377,6 +377,33 @@ async fn forward(cluster: &Cluster, url: &str) -> Result<Option<Forward>, Cluste
         .and_then(|p| p.target_port)
         .unwrap_or(IntOrString::Int(i32::from(port)));
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &namespace);
+    let pod = ready_pod(&pods, namespace.clone(), service, selector).await?;
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    let pod_port = pod_port(&pod, target, port);
+    // One port-forward is tried before anything listens, so that a pod that cannot be reached is
+    // said now, not as a NATS connection error.
+    let first = pods
+        .portforward(&pod_name, &[pod_port])
+        .await
+        .map_err(ClusterError::api(format!(
+            "port-forward to pod {namespace}/{pod_name}:{pod_port}"
+        )))?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(ClusterError::Listen)?;
+    let local = listener.local_addr().map_err(ClusterError::Listen)?.port();
+    let how = format!("port-forward 127.0.0.1:{local} → pod {namespace}/{pod_name}:{pod_port}");
+    let task = tokio::spawn(serve_forward(listener, pods, pod_name, pod_port, first));
+    Ok(Some((format!("nats://127.0.0.1:{local}"), how, task)))
+}
+
+/// A ready pod among those `selector` selects, or which Service had none.
+async fn ready_pod(
+    pods: &Api<Pod>,
+    namespace: String,
+    service: String,
+    selector: String,
+) -> Result<Pod, ClusterError> {
     let listed = pods
         .list(&ListParams::default().labels(&selector))
         .await
@@ -389,15 +416,17 @@ async fn forward(cluster: &Cluster, url: &str) -> Result<Option<Forward>, Cluste
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
     });
-    let Some(pod) = ready else {
-        return Err(ClusterError::NoReadyPod {
-            namespace,
-            service,
-            selector,
-        });
-    };
-    let pod_name = pod.metadata.name.clone().unwrap_or_default();
-    let pod_port = match target {
+    ready.ok_or(ClusterError::NoReadyPod {
+        namespace,
+        service,
+        selector,
+    })
+}
+
+/// The pod's port a Service's `target` names (a number, or a container port's name); the
+/// Service's own `port` when it names none the pod has.
+fn pod_port(pod: &Pod, target: IntOrString, port: u16) -> u16 {
+    match target {
         IntOrString::Int(p) => u16::try_from(p).unwrap_or(port),
         IntOrString::String(named) => pod
             .spec
@@ -407,41 +436,36 @@ async fn forward(cluster: &Cluster, url: &str) -> Result<Option<Forward>, Cluste
             .find(|p| p.name.as_deref() == Some(named.as_str()))
             .and_then(|p| u16::try_from(p.container_port).ok())
             .unwrap_or(port),
-    };
-    // One port-forward is tried before anything listens, so that a pod that cannot be reached is
-    // said now, not as a NATS connection error.
-    let mut first = pods
-        .portforward(&pod_name, &[pod_port])
-        .await
-        .map_err(ClusterError::api(format!(
-            "port-forward to pod {namespace}/{pod_name}:{pod_port}"
-        )))?;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .map_err(ClusterError::Listen)?;
-    let local = listener.local_addr().map_err(ClusterError::Listen)?.port();
-    let how = format!("port-forward 127.0.0.1:{local} → pod {namespace}/{pod_name}:{pod_port}");
-    let task = tokio::spawn(async move {
-        let mut first = first.take_stream(pod_port);
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let stream = match first.take() {
-                Some(stream) => Some(stream),
-                None => match pods.portforward(&pod_name, &[pod_port]).await {
-                    Ok(mut forwarded) => forwarded.take_stream(pod_port),
-                    Err(e) => {
-                        tracing::warn!("cannot port-forward again: {e}");
-                        None
-                    }
-                },
-            };
-            if let Some(mut stream) = stream {
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy_bidirectional(&mut socket, &mut stream).await;
-                });
-            }
+    }
+}
+
+/// Serves the local end of a port-forward: each connection gets a forward of its own (the first
+/// the one already opened).
+async fn serve_forward(
+    listener: tokio::net::TcpListener,
+    pods: Api<Pod>,
+    pod_name: String,
+    pod_port: u16,
+    mut first: kube::api::Portforwarder,
+) {
+    let mut first = first.take_stream(pod_port);
+    while let Ok((mut socket, _)) = listener.accept().await {
+        let stream = match first.take() {
+            Some(stream) => Some(stream),
+            None => match pods.portforward(&pod_name, &[pod_port]).await {
+                Ok(mut forwarded) => forwarded.take_stream(pod_port),
+                Err(e) => {
+                    tracing::warn!("cannot port-forward again: {e}");
+                    None
+                }
+            },
+        };
+        if let Some(mut stream) = stream {
+            tokio::spawn(async move {
+                let _ = tokio::io::copy_bidirectional(&mut socket, &mut stream).await;
+            });
         }
-    });
-    Ok(Some((format!("nats://127.0.0.1:{local}"), how, task)))
+    }
 }
 
 fn render_status(pipeline: &Pipeline, live: Option<&(Vec<status::UnitStatus>, String)>) -> String {

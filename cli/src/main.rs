@@ -54,59 +54,13 @@ enum Command {
         from: Option<PathBuf>,
     },
     /// Run the operator: reconcile Pipelines in the cluster (in a pod, or with KUBECONFIG).
-    Operator {
-        /// NATS server for Pipelines that name none.
-        #[arg(long, env = "SWITCHYARD_NATS_URL", default_value = "nats://nats:4222")]
-        nats_url: String,
-        /// Image holding `switchyard-stage`; also runs units that name no image.
-        #[arg(long, env = "SWITCHYARD_STAGE_IMAGE", default_value_t = plan::default_image())]
-        stage_image: String,
-        /// Watch Pipelines in this namespace only (default: all namespaces).
-        #[arg(long, env = "SWITCHYARD_WATCH_NAMESPACE")]
-        watch_namespace: Option<String>,
-        /// Address of /metrics, /healthz and /readyz.
-        #[arg(long, env = "SWITCHYARD_METRICS_ADDR", default_value = "0.0.0.0:8080")]
-        metrics_addr: std::net::SocketAddr,
-        /// Reconcile only while holding a Lease, so that several replicas can run.
-        #[arg(long, env = "SWITCHYARD_LEADER_ELECTION")]
-        leader_election: bool,
-        /// Namespace of the Lease (default: POD_NAMESPACE).
-        #[arg(long, env = "SWITCHYARD_LEASE_NAMESPACE")]
-        lease_namespace: Option<String>,
-        /// How long a deleted Pipeline waits for its NATS stream to be reachable before it is deleted
-        /// without it (a Warning Event names what was left behind).
-        #[arg(long, env = "SWITCHYARD_CLEANUP_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
-        cleanup_timeout: std::time::Duration,
-        /// Log format.
-        #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-        log_format: String,
-        /// OTLP endpoint every unit exports spans to (OTEL_EXPORTER_OTLP_ENDPOINT in its pods), unless
-        /// its stage's env sets one.
-        #[arg(long, env = "SWITCHYARD_OTLP_ENDPOINT")]
-        otlp_endpoint: Option<String>,
-    },
+    Operator(OperatorArgs),
     /// Print the Pipeline CustomResourceDefinition (as checked in under crds/ and in the Helm chart).
     Crd,
     /// The chart's pre-delete hook: with Pipelines left, refuse the uninstall (naming them) or delete
     /// them and wait until they are gone, while the operator still runs.
     #[command(hide = true)]
-    UninstallHook {
-        #[arg(long, value_enum, default_value = "refuse")]
-        pipelines: switchyard_operator::uninstall::Mode,
-        /// Look at this namespace only (the chart's watchNamespace).
-        #[arg(long)]
-        watch_namespace: Option<String>,
-        /// How long deleted Pipelines may take to go.
-        #[arg(long, default_value = "4m", value_parser = humantime::parse_duration)]
-        timeout: std::time::Duration,
-        /// The Helm release being uninstalled, its namespace and revision (for the refusal's commands).
-        #[arg(long, default_value = "switchyard")]
-        release: String,
-        #[arg(long, default_value = "switchyard-system")]
-        release_namespace: String,
-        #[arg(long, default_value_t = 1)]
-        revision: u32,
-    },
+    UninstallHook(UninstallHookArgs),
     /// Run a Pipeline on this machine: a private NATS server, one process per unit replica, live
     /// progress, and a summary when a finite source is drained.
     Run(local::RunArgs),
@@ -134,6 +88,60 @@ enum Command {
         #[arg(long, value_enum, default_value = "mermaid")]
         format: day2::GraphFormat,
     },
+}
+
+// `switchyard operator`'s settings (the variant's doc comment is the command's help).
+#[derive(clap::Args, Debug)]
+struct OperatorArgs {
+    /// NATS server for Pipelines that name none.
+    #[arg(long, env = "SWITCHYARD_NATS_URL", default_value = "nats://nats:4222")]
+    nats_url: String,
+    /// Image holding `switchyard-stage`; also runs units that name no image.
+    #[arg(long, env = "SWITCHYARD_STAGE_IMAGE", default_value_t = plan::default_image())]
+    stage_image: String,
+    /// Watch Pipelines in this namespace only (default: all namespaces).
+    #[arg(long, env = "SWITCHYARD_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "SWITCHYARD_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Reconcile only while holding a Lease, so that several replicas can run.
+    #[arg(long, env = "SWITCHYARD_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Namespace of the Lease (default: POD_NAMESPACE).
+    #[arg(long, env = "SWITCHYARD_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// How long a deleted Pipeline waits for its NATS stream to be reachable before it is deleted
+    /// without it (a Warning Event names what was left behind).
+    #[arg(long, env = "SWITCHYARD_CLEANUP_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    cleanup_timeout: std::time::Duration,
+    /// Log format.
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// OTLP endpoint every unit exports spans to (OTEL_EXPORTER_OTLP_ENDPOINT in its pods), unless
+    /// its stage's env sets one.
+    #[arg(long, env = "SWITCHYARD_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+}
+
+// The chart's pre-delete hook's settings.
+#[derive(clap::Args, Debug)]
+struct UninstallHookArgs {
+    #[arg(long, value_enum, default_value = "refuse")]
+    pipelines: switchyard_operator::uninstall::Mode,
+    /// Look at this namespace only (the chart's watchNamespace).
+    #[arg(long)]
+    watch_namespace: Option<String>,
+    /// How long deleted Pipelines may take to go.
+    #[arg(long, default_value = "4m", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// The Helm release being uninstalled, its namespace and revision (for the refusal's commands).
+    #[arg(long, default_value = "switchyard")]
+    release: String,
+    #[arg(long, default_value = "switchyard-system")]
+    release_namespace: String,
+    #[arg(long, default_value_t = 1)]
+    revision: u32,
 }
 
 fn main() -> ExitCode {
@@ -178,49 +186,8 @@ fn main() -> ExitCode {
         Command::Pause { file } => day2::block_on(day2::control_command(file, local::PAUSE)),
         Command::Resume { file } => day2::block_on(day2::control_command(file, local::RESUME)),
         Command::Graph { file, format } => day2::graph_command(file, format),
-        Command::Operator {
-            nats_url,
-            stage_image,
-            watch_namespace,
-            metrics_addr,
-            leader_election,
-            lease_namespace,
-            cleanup_timeout,
-            log_format,
-            otlp_endpoint,
-        } => operator(
-            controller::OperatorOptions {
-                settings: PlanSettings {
-                    stage_image,
-                    nats_url,
-                    otlp_endpoint: otlp_endpoint.filter(|e| !e.trim().is_empty()),
-                },
-                watch_namespace,
-                metrics_addr,
-                leader_election,
-                lease_namespace,
-                instance: None,
-                cleanup_timeout,
-            },
-            &log_format,
-        ),
-        Command::UninstallHook {
-            pipelines,
-            watch_namespace,
-            timeout,
-            release,
-            release_namespace,
-            revision,
-        } => uninstall_hook(
-            pipelines,
-            watch_namespace.filter(|n| !n.is_empty()),
-            switchyard_operator::uninstall::Release {
-                name: release,
-                namespace: release_namespace,
-                revision,
-            },
-            timeout,
-        ),
+        Command::Operator(args) => operator(args),
+        Command::UninstallHook(args) => uninstall_hook(args),
         Command::Crd => match switchyard_crds::crd_yaml() {
             Ok(text) => {
                 print!("{text}");
@@ -355,13 +322,16 @@ fn print_plan(
     }
 }
 
-fn uninstall_hook(
-    mode: switchyard_operator::uninstall::Mode,
-    namespace: Option<String>,
-    release: switchyard_operator::uninstall::Release,
-    timeout: std::time::Duration,
-) -> ExitCode {
+fn uninstall_hook(args: UninstallHookArgs) -> ExitCode {
     switchyard_platform::logging::init("info,kube=warn", false);
+    let mode = args.pipelines;
+    let namespace = args.watch_namespace.filter(|n| !n.is_empty());
+    let timeout = args.timeout;
+    let release = switchyard_operator::uninstall::Release {
+        name: args.release,
+        namespace: args.release_namespace,
+        revision: args.revision,
+    };
     let work = async {
         let client = kube::Client::try_default().await?;
         switchyard_operator::uninstall::run(client, namespace.as_deref(), mode, &release, timeout)
@@ -382,8 +352,21 @@ fn uninstall_hook(
     }
 }
 
-fn operator(options: controller::OperatorOptions, log_format: &str) -> ExitCode {
-    switchyard_platform::logging::init("info,kube=warn,async_nats=warn", log_format == "json");
+fn operator(args: OperatorArgs) -> ExitCode {
+    switchyard_platform::logging::init("info,kube=warn,async_nats=warn", args.log_format == "json");
+    let options = controller::OperatorOptions {
+        settings: PlanSettings {
+            stage_image: args.stage_image,
+            nats_url: args.nats_url,
+            otlp_endpoint: args.otlp_endpoint.filter(|e| !e.trim().is_empty()),
+        },
+        watch_namespace: args.watch_namespace,
+        metrics_addr: args.metrics_addr,
+        leader_election: args.leader_election,
+        lease_namespace: args.lease_namespace,
+        instance: None,
+        cleanup_timeout: args.cleanup_timeout,
+    };
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     match switchyard_platform::logging::block_on(Some(workers), controller::run(options)) {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -18,10 +18,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{Layout, Names};
+pub use crate::epochs::{epoch_of, epoch_subject, epochs, with_epochs};
 use crate::pipeline::PipelineSpec;
-use crate::topology::{Topology, Unit};
 use crate::unit::{ConsumerConfig, UnitConfig, UnitRole};
+pub use crate::unit_state::{pod_aspects, unit_states, UnitState, REPLICAS};
 
 /// What the operator and a local run do with a change, from `spec.migration`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,76 +51,6 @@ impl Default for Policy {
             allow_loss: false,
         }
     }
-}
-
-/// A unit as it runs, or is to run: its process configuration, and what its processes are made of
-/// besides (image, env, resources, replicas: aspect → value), which the caller knows and the config
-/// does not.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct UnitState {
-    pub config: UnitConfig,
-    #[serde(default)]
-    pub pod: BTreeMap<String, String>,
-}
-
-/// The aspect of `UnitState::pod` that holds a switcher's bounds: changing it rescales, never rolls.
-pub const REPLICAS: &str = "replicas";
-
-/// What a unit's pods are made of besides its configuration, as `UnitState::pod` compares them.
-pub fn pod_aspects(unit: &Unit) -> BTreeMap<String, String> {
-    let json = |value: serde_json::Result<String>| value.unwrap_or_default();
-    let mut aspects = BTreeMap::new();
-    if let Some(image) = &unit.image {
-        aspects.insert("image".to_string(), image.clone());
-    }
-    if !unit.env.is_empty() {
-        aspects.insert("env".to_string(), json(serde_json::to_string(&unit.env)));
-    }
-    if let Some(resources) = &unit.resources {
-        aspects.insert(
-            "resources".to_string(),
-            json(serde_json::to_string(resources)),
-        );
-    }
-    if let Some(selector) = &unit.node_selector {
-        aspects.insert(
-            "nodeSelector".to_string(),
-            json(serde_json::to_string(selector)),
-        );
-    }
-    if let Some(tolerations) = &unit.tolerations {
-        aspects.insert(
-            "tolerations".to_string(),
-            json(serde_json::to_string(tolerations)),
-        );
-    }
-    if let Some(switcher) = &unit.switcher {
-        let mut text = format!(
-            "{}..{}, lag {}/replica, utilization {}%",
-            switcher.min_replicas,
-            switcher.max_replicas,
-            switcher.target_lag_per_replica,
-            switcher.target_utilization
-        );
-        if let Some(window) = &switcher.scale_down_stabilization {
-            text.push_str(&format!(", scale down after {window}"));
-        }
-        aspects.insert(REPLICAS.to_string(), text);
-    }
-    aspects
-}
-
-/// The units a topology lays out, as the planner takes them.
-pub fn unit_states(topology: &Topology, layout: &Layout) -> Vec<UnitState> {
-    topology
-        .units
-        .iter()
-        .zip(&layout.units)
-        .map(|(unit, config)| UnitState {
-            config: config.clone(),
-            pod: pod_aspects(unit),
-        })
-        .collect()
 }
 
 /// One step of a migration.
@@ -235,72 +165,6 @@ impl Migration {
 
 /// How a roll that moves its unit to a new epoch says so.
 const FROM_NOW_ON: &str = "from now on";
-
-/// The subject `unit` publishes to in `epoch`: epoch 0 is the plain data subject, so a Pipeline that
-/// was never migrated keeps the names it always had.
-pub fn epoch_subject(data_subject: &str, epoch: u32) -> String {
-    if epoch == 0 {
-        data_subject.to_string()
-    } else {
-        // Unit names are DNS labels: `_` never occurs in one, so this cannot be another unit's subject.
-        format!("{data_subject}_{epoch}")
-    }
-}
-
-/// The epoch of a unit's output subject, given its plain data subject.
-pub fn epoch_of(subject: &str, data_subject: &str) -> Option<u32> {
-    if subject == data_subject {
-        return Some(0);
-    }
-    subject
-        .strip_prefix(data_subject)?
-        .strip_prefix('_')?
-        .parse()
-        .ok()
-}
-
-/// Each publisher's epoch, read off the subject it publishes to; publishers at epoch 0 are left out.
-pub fn epochs(units: &[UnitConfig]) -> BTreeMap<String, u32> {
-    units
-        .iter()
-        .filter_map(|u| {
-            let plain = Names::new(&u.namespace, &u.pipeline).data_subject(&u.unit);
-            let epoch = epoch_of(u.output_subject.as_deref()?, &plain)?;
-            (epoch > 0).then(|| (u.unit.clone(), epoch))
-        })
-        .collect()
-}
-
-/// A layout made afresh from a spec, with the epochs a migrated Pipeline's publishers are at: what
-/// runs after a migration, and what the operator and `switchyard run --resume` lay out from then on.
-pub fn with_epochs(mut layout: Layout, epochs: &BTreeMap<String, u32>) -> Layout {
-    let mut moved: BTreeMap<String, String> = BTreeMap::new();
-    for unit in &mut layout.units {
-        let (Some(epoch), Some(subject)) = (epochs.get(&unit.unit), &mut unit.output_subject)
-        else {
-            continue;
-        };
-        let then = epoch_subject(subject, *epoch);
-        moved.insert(subject.clone(), then.clone());
-        *subject = then;
-    }
-    let rewrite = |consumer: &mut ConsumerConfig| {
-        for subject in &mut consumer.filter_subjects {
-            if let Some(then) = moved.get(subject) {
-                *subject = then.clone();
-            }
-        }
-    };
-    for unit in &mut layout.units {
-        if let Some(input) = &mut unit.input {
-            rewrite(input);
-        }
-    }
-    for consumer in &mut layout.nats.consumers {
-        rewrite(consumer);
-    }
-    layout
-}
 
 /// Units in flow order (each after the publishers it reads), as read back from what runs in any
 /// order. A cycle, which validation never lets through, keeps the order it was given.

@@ -36,3 +36,38 @@ pub fn is_env_name(name: &str) -> bool {
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
+
+/// A URL as a message may show it: the password, if any, replaced.
+pub fn shown_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            let hidden = if user_info.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_is_never_shown() {
+        assert_eq!(
+            shown_url("postgres://app:s3cret@db:5432/jobs?sslmode=require"),
+            "postgres://app:***@db:5432/jobs?sslmode=require"
+        );
+        assert_eq!(
+            shown_url("postgres://app@db/jobs"),
+            "postgres://app@db/jobs"
+        );
+        assert_eq!(shown_url("postgres://db/jobs"), "postgres://db/jobs");
+    }
+}

@@ -4,7 +4,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::crd::{MAX_STAGES_PER_GROUP, MAX_STAGE_DEPTH, MAX_TOP_LEVEL_STAGES};
 use crate::duration::parse_duration;
-use crate::jq::JqFilter;
 use crate::kinds;
 use crate::pipeline::{
     Pipeline, Retry, Sink, SinkKind, Source, SourceKind, Stage, StepKind, Switcher,
@@ -12,107 +11,14 @@ use crate::pipeline::{
 use crate::problem::Problem;
 use crate::topology::{self, Topology};
 
+mod kind_settings;
+mod parse;
+
+use kind_settings::{check_sink_kind, check_source_kind, check_step_kind, is_valid_subject};
+pub use parse::{parse_pipeline, MAX_MANIFEST_BYTES, MAX_MANIFEST_NESTING};
+
 /// Longest name Kubernetes accepts for a label value, and so for the objects we derive from unit names.
 pub const MAX_OBJECT_NAME: usize = 63;
-
-/// Largest Pipeline manifest read: what the API server stores of one object at most (etcd's limit).
-pub const MAX_MANIFEST_BYTES: usize = 1536 * 1024;
-/// Deepest nesting of YAML (or JSON) collections in a manifest; the YAML reader stops at the same depth.
-/// Checked before parsing, whose cost grows with the square of the depth of `[` and `{` nesting.
-pub const MAX_MANIFEST_NESTING: usize = 128;
-
-/// Parses a Pipeline manifest (YAML or JSON). A syntax or type error comes back with its line.
-pub fn parse_pipeline(text: &str) -> Result<Pipeline, Problem> {
-    check_size_and_nesting(text)?;
-    let value: serde_norway::Value = serde_norway::from_str(text).map_err(yaml_problem)?;
-    let field = |key: &str| value.get(key).and_then(|v| v.as_str()).unwrap_or_default();
-    if field("apiVersion") != "switchyard.dev/v1alpha1" || field("kind") != "Pipeline" {
-        return Err(Problem::at(
-            "",
-            format!(
-                "expected `apiVersion: switchyard.dev/v1alpha1` and `kind: Pipeline`, found apiVersion `{}` and kind `{}`",
-                field("apiVersion"),
-                field("kind")
-            ),
-        ));
-    }
-    // Deserialize from the text, not the value, so type errors keep their line numbers.
-    serde_norway::from_str(text).map_err(yaml_problem)
-}
-
-/// Refuses, before parsing, a manifest too large or nested too deep to be a Pipeline.
-fn check_size_and_nesting(text: &str) -> Result<(), Problem> {
-    if text.len() > MAX_MANIFEST_BYTES {
-        return Err(Problem::at(
-            "",
-            format!(
-                "the manifest has {} bytes and a Pipeline may have at most {MAX_MANIFEST_BYTES} (what the API server stores of one object)",
-                text.len()
-            ),
-        ));
-    }
-    match flow_nesting_over(text, MAX_MANIFEST_NESTING) {
-        None => Ok(()),
-        Some(line) => Err(Problem {
-            path: String::new(),
-            message: format!(
-                "collections nest more than {MAX_MANIFEST_NESTING} levels deep here: a Pipeline needs far fewer"
-            ),
-            line: Some(line),
-        }),
-    }
-}
-
-/// The line (1-based) where `[` and `{` first nest deeper than `limit`, outside quotes and comments.
-fn flow_nesting_over(text: &str, limit: usize) -> Option<usize> {
-    let (mut depth, mut line) = (0usize, 1usize);
-    let mut quote: Option<u8> = None;
-    let mut comment = false;
-    let mut previous = b'\n';
-    let mut escaped = false;
-    for &b in text.as_bytes() {
-        if b == b'\n' {
-            line += 1;
-            comment = false;
-        }
-        match quote {
-            Some(_) if escaped => escaped = false,
-            Some(b'"') if b == b'\\' => escaped = true,
-            Some(q) if b == q => quote = None,
-            Some(_) => {}
-            None if comment => {}
-            None => match b {
-                b'#' if previous.is_ascii_whitespace() => comment = true,
-                b'"' | b'\'' => quote = Some(b),
-                b'[' | b'{' => {
-                    depth += 1;
-                    if depth > limit {
-                        return Some(line);
-                    }
-                }
-                b']' | b'}' => depth = depth.saturating_sub(1),
-                _ => {}
-            },
-        }
-        previous = b;
-    }
-    None
-}
-
-fn yaml_problem(e: serde_norway::Error) -> Problem {
-    let line = e.location().map(|l| l.line());
-    let message = e.to_string();
-    // serde_norway appends " at line L column C"; the line is reported separately.
-    let message = match message.find(" at line ") {
-        Some(i) => message[..i].to_string(),
-        None => message,
-    };
-    Problem {
-        path: String::new(),
-        message,
-        line,
-    }
-}
 
 /// Checks a Pipeline; on success returns what it means (its units and their wiring).
 pub fn analyze(pipeline: &Pipeline) -> Result<Topology, Vec<Problem>> {
@@ -275,13 +181,6 @@ pub fn is_dns_label(name: &str) -> bool {
         && bytes[bytes.len() - 1] != b'-'
 }
 
-fn is_valid_subject(subject: &str) -> bool {
-    !subject.is_empty()
-        && subject
-            .split('.')
-            .all(|t| !t.is_empty() && !t.contains(['*', '>', ' ', '\t']))
-}
-
 /// Reports a holder given no kind or several; `names` are the kinds given, `all` every kind it may have.
 fn exactly_one(problems: &mut Vec<Problem>, path: &str, what: &str, names: &[&str], all: &str) {
     match names {
@@ -312,133 +211,12 @@ fn check_source(problems: &mut Vec<Problem>, path: &str, source: &Source) {
     exactly_one(problems, path, "the source", &source.kind.names(), &all);
 }
 
-fn check_source_kind(problems: &mut Vec<Problem>, path: &str, kind: &SourceKind) {
-    match kind {
-        SourceKind::Generator(g) => {
-            if let Some(rate) = g.rate_per_second {
-                if !(rate > 0.0 && rate.is_finite()) {
-                    problems.push(Problem::at(path, format!("generator.ratePerSecond {rate} must be a positive number (or leave it out to generate as fast as possible)")));
-                }
-            }
-        }
-        SourceKind::Http(h) => {
-            if h.port == 0 {
-                problems.push(Problem::at(path, "http.port must be between 1 and 65535"));
-            }
-            if let Some(p) = &h.path {
-                if !p.starts_with('/') {
-                    problems.push(Problem::at(
-                        path,
-                        format!("http.path `{p}` must start with '/'"),
-                    ));
-                }
-            }
-            if h.max_body_bytes == Some(0) {
-                problems.push(Problem::at(path, "http.maxBodyBytes must be at least 1"));
-            }
-            if let Some(token) = &h.bearer_token {
-                if !crate::secret::is_env_name(&token.env) {
-                    problems.push(Problem::at(path, format!("http.bearerToken.env `{}` is not an environment variable's name: use letters, digits and `_`, not starting with a digit", token.env)));
-                }
-                if let Some(r) = &token.secret_key_ref {
-                    if r.name.is_empty() || r.key.is_empty() {
-                        problems.push(Problem::at(path, "http.bearerToken.secretKeyRef needs the Secret's name and the key that holds the token"));
-                    }
-                }
-            }
-        }
-        SourceKind::Timer(t) => {
-            crate::duration::check_duration(problems, path, "timer.interval", &t.interval)
-        }
-        SourceKind::Cron(c) => {
-            if let Err(e) = c.schedule.parse::<croner::Cron>() {
-                problems.push(Problem::at(path, format!("cron.schedule `{}` is not a cron schedule ({e}): use five fields, minute hour day-of-month month day-of-week, such as `*/5 * * * *` (or six, with seconds first)", c.schedule)));
-            }
-        }
-        SourceKind::Nats(n) => {
-            if n.subject.trim().is_empty() {
-                problems.push(Problem::at(
-                    path,
-                    "nats.subject is empty: name the subject to consume",
-                ));
-            }
-        }
-        SourceKind::File(f) => {
-            if f.path.trim().is_empty() {
-                problems.push(Problem::at(
-                    path,
-                    "file.path is empty: name a JSON-lines file or a folder of them",
-                ));
-            }
-        }
-        SourceKind::Postgres(p) => crate::postgres::check_source(problems, path, p),
-    }
-}
-
 fn check_sink(problems: &mut Vec<Problem>, path: &str, sink: &Sink) {
     for kind in sink.kind.iter() {
         check_sink_kind(problems, path, kind);
     }
     let all = kinds::names::<SinkKind>().join(", ");
     exactly_one(problems, path, "the sink", &sink.kind.names(), &all);
-}
-
-fn check_sink_kind(problems: &mut Vec<Problem>, path: &str, kind: &SinkKind) {
-    match kind {
-        SinkKind::File(f) => {
-            if f.path.trim().is_empty() {
-                problems.push(Problem::at(
-                    path,
-                    "file.path is empty: name the file to write",
-                ));
-            }
-        }
-        SinkKind::Log(_) => {}
-        SinkKind::Nats(n) => {
-            if !is_valid_subject(&n.subject) {
-                problems.push(Problem::at(path, format!("nats.subject `{}` is not a subject to publish to: use dot-separated tokens without wildcards", n.subject)));
-            }
-        }
-        SinkKind::Http(h) => check_url(problems, path, "http.url", &h.url),
-        SinkKind::Postgres(p) => crate::postgres::check_sink(problems, path, p),
-    }
-}
-
-fn check_step_kind(problems: &mut Vec<Problem>, path: &str, kind: &StepKind) {
-    match kind {
-        StepKind::Jq(filter) => {
-            if let Err(e) = JqFilter::compile(filter) {
-                problems.push(Problem::at(
-                    path,
-                    format!("the jq filter `{filter}` does not compile: {e}"),
-                ));
-            }
-        }
-        StepKind::Exec(exec) => {
-            if exec.command.first().is_none_or(|c| c.trim().is_empty()) {
-                problems.push(Problem::at(path, "exec.command is empty: give the program and its arguments, such as [\"python3\", \"handler.py\"]"));
-            }
-        }
-        StepKind::Http(http) => check_url(problems, path, "http.url", &http.url),
-        StepKind::Sleep(sleep) => {
-            if let Err(e) = parse_duration(sleep) {
-                problems.push(Problem::at(path, format!("sleep: {e}")));
-            }
-        }
-        StepKind::Passthrough(_) => {}
-    }
-}
-
-fn check_url(problems: &mut Vec<Problem>, path: &str, field: &str, url: &str) {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"));
-    if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
-        problems.push(Problem::at(
-            path,
-            format!("{field} `{url}` must be an http:// or https:// URL with a host"),
-        ));
-    }
 }
 
 /// `depth` is 1 for a top-level stage, 2 for a stage in its group, and so on.

@@ -12,6 +12,7 @@ mod plot;
 mod prepare;
 mod progress;
 mod reach;
+mod run_folder;
 mod run_nats;
 mod scaling;
 mod session;

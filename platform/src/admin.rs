@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
-use switchyard_crds::layout::NatsLayout;
+use switchyard_crds::layout::{JobsStreamLayout, NatsLayout, TraceStreamLayout};
 use switchyard_crds::unit::ConsumerConfig;
 
 /// Why the Pipeline's NATS objects could not be made (or removed) as its layout says.
@@ -115,9 +115,23 @@ fn check_replicas(client: &async_nats::Client, replicas: u32) -> Result<(), Admi
 /// Creates the stream, the checkpoint bucket and every consumer, or updates them in place. Consumers
 /// keep as many copies as the stream (JetStream's default for a consumer that does not say).
 pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), AdminError> {
+    check_replicas(&js.client(), layout.stream.replicas)?;
+    data_stream(js, layout).await?;
+    ensure_checkpoint_bucket(js, &layout.checkpoint_bucket, layout.stream.replicas).await?;
+    books_stream(js, layout).await?;
+    if let Some(jobs) = &layout.jobs {
+        jobs_stream(js, layout, jobs).await?;
+    }
+    if let Some(trace) = &layout.trace {
+        trace_stream(js, layout, trace).await;
+    }
+    consumers(js, layout).await
+}
+
+/// The Pipeline's stream, or why the cluster cannot place its copies.
+async fn data_stream(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), AdminError> {
     let name = &layout.stream.name;
     let replicas = layout.stream.replicas;
-    check_replicas(&js.client(), replicas)?;
     let config = stream_config(layout)?;
     js.create_or_update_stream(config).await.map_err(|e| {
         use async_nats::jetstream::context::CreateStreamErrorKind;
@@ -139,7 +153,11 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), A
             _ => AdminError::nats(format!("create or update stream {name}"))(e),
         }
     })?;
-    ensure_checkpoint_bucket(js, &layout.checkpoint_bucket, replicas).await?;
+    Ok(())
+}
+
+/// The books: what each unit took in and what became of it.
+async fn books_stream(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), AdminError> {
     let books = &layout.books;
     js.create_or_update_stream(stream::Config {
         name: books.name.clone(),
@@ -147,7 +165,7 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), A
         subjects: vec![books.filter()],
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
-        num_replicas: replicas as usize,
+        num_replicas: layout.stream.replicas as usize,
         // A message delivered again records what it did under the same id: kept once.
         duplicate_window: Duration::from_millis(layout.stream.duplicate_window_ms),
         // Each replica sums its own records into one message now and then.
@@ -160,51 +178,66 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), A
         "create or update stream {}",
         books.name
     )))?;
-    if let Some(jobs) = &layout.jobs {
-        js.create_or_update_stream(stream::Config {
-            name: jobs.name.clone(),
-            description: Some(
-                "switchyard jobs: what became of each item of a job its source follows".into(),
-            ),
-            subjects: vec![format!("{}.>", jobs.prefix)],
-            // Kept until the source has written the job's outcome back and acknowledges them.
-            retention: stream::RetentionPolicy::WorkQueue,
+    Ok(())
+}
+
+/// The accounts of a followed job's items, kept until its source has written the outcome back.
+async fn jobs_stream(
+    js: &jetstream::Context,
+    layout: &NatsLayout,
+    jobs: &JobsStreamLayout,
+) -> Result<(), AdminError> {
+    js.create_or_update_stream(stream::Config {
+        name: jobs.name.clone(),
+        description: Some(
+            "switchyard jobs: what became of each item of a job its source follows".into(),
+        ),
+        subjects: vec![format!("{}.>", jobs.prefix)],
+        // Kept until the source has written the job's outcome back and acknowledges them.
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: layout.stream.replicas as usize,
+        // An input run again after a crash gives its account under the same id: kept once.
+        duplicate_window: Duration::from_millis(layout.stream.duplicate_window_ms),
+        ..Default::default()
+    })
+    .await
+    .map_err(AdminError::nats(format!(
+        "create or update stream {}",
+        jobs.name
+    )))?;
+    Ok(())
+}
+
+/// Trace events are an aid, not data: a server that will not keep them leaves the Pipeline running
+/// without them (units publish their events all the same; nobody stores them).
+async fn trace_stream(js: &jetstream::Context, layout: &NatsLayout, trace: &TraceStreamLayout) {
+    let created = js
+        .create_or_update_stream(stream::Config {
+            name: trace.name.clone(),
+            description: Some("switchyard trace events".to_string()),
+            subjects: trace.subjects.clone(),
+            retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
-            num_replicas: replicas as usize,
-            // An input run again after a crash gives its account under the same id: kept once.
-            duplicate_window: Duration::from_millis(layout.stream.duplicate_window_ms),
+            num_replicas: layout.stream.replicas as usize,
+            max_age: Duration::from_millis(trace.max_age_ms),
+            max_messages: trace.max_messages,
+            discard: stream::DiscardPolicy::Old,
             ..Default::default()
         })
-        .await
-        .map_err(AdminError::nats(format!(
-            "create or update stream {}",
-            jobs.name
-        )))?;
+        .await;
+    if let Err(e) = created {
+        tracing::warn!(
+            "trace events are not kept: cannot create or update stream {}: {e}",
+            trace.name
+        );
     }
-    if let Some(trace) = &layout.trace {
-        // Trace events are an aid, not data: a server that will not keep them leaves the Pipeline
-        // running without them (units publish their events all the same; nobody stores them).
-        let created = js
-            .create_or_update_stream(stream::Config {
-                name: trace.name.clone(),
-                description: Some("switchyard trace events".to_string()),
-                subjects: trace.subjects.clone(),
-                retention: stream::RetentionPolicy::Limits,
-                storage: stream::StorageType::File,
-                num_replicas: replicas as usize,
-                max_age: Duration::from_millis(trace.max_age_ms),
-                max_messages: trace.max_messages,
-                discard: stream::DiscardPolicy::Old,
-                ..Default::default()
-            })
-            .await;
-        if let Err(e) = created {
-            tracing::warn!(
-                "trace events are not kept: cannot create or update stream {}: {e}",
-                trace.name
-            );
-        }
-    }
+}
+
+/// Every unit's consumer, and none of a unit that is no longer in the layout (it would keep
+/// interest in messages nobody reads).
+async fn consumers(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), AdminError> {
+    let name = &layout.stream.name;
     let stream = js
         .get_stream(name)
         .await
@@ -218,7 +251,6 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), A
                 consumer.durable
             )))?;
     }
-    // Consumers of units that are no longer in the layout would keep interest in messages nobody reads.
     let wanted: Vec<&str> = layout
         .consumers
         .iter()

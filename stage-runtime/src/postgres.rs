@@ -7,9 +7,10 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use switchyard_crds::duration::parse_duration;
 use switchyard_crds::postgres::{
-    shown_url, PostgresConnection, TlsMode, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE,
+    PostgresConnection, TlsMode, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE,
     DEFAULT_STATEMENT_TIMEOUT,
 };
+use switchyard_crds::secret::shown_url;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;

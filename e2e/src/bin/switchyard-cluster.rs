@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use switchyard_e2e::cluster::{images, Cluster, Options};
+use switchyard_e2e::cluster::{images, Cluster, ClusterError, Options};
 
 const USAGE: &str = "usage: switchyard-cluster up|images|status|down [--name NAME] [--nodes N] [--hold] [--binaries DIR] [--nats-server PATH]";
 
@@ -79,73 +79,10 @@ fn main() -> ExitCode {
         }
     };
     let result = match args.command.as_str() {
-        "up" => Cluster::up(
-            &args.name,
-            &Options {
-                nodes: args.nodes,
-                owned_by_this_process: args.hold,
-            },
-        )
-        .and_then(|cluster| {
-            for (phase, took) in &cluster.timings {
-                eprintln!("  {phase}: {:.1}s", took.as_secs_f64());
-            }
-            eprintln!(
-                "cluster {} is up: {} node(s), the cluster DNS, a default StorageClass",
-                args.name,
-                cluster.layout.nodes.len()
-            );
-            println!(
-                "export KUBECONFIG={}",
-                cluster.layout.admin_kubeconfig().display()
-            );
-            if !args.hold {
-                return Ok(());
-            }
-            eprintln!(
-                "holding cluster {} until this command's input closes",
-                args.name
-            );
-            let _ = std::io::Write::flush(&mut std::io::stdout());
-            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
-            cluster
-                .down()
-                .map(|()| eprintln!("cluster {} is down", args.name))
-        }),
-        "images" => (|| {
-            let cluster = Cluster::find(&args.name)?;
-            let (Some(binaries), Some(nats_server)) =
-                (args.binaries.clone(), args.nats_server.clone())
-            else {
-                return Err(switchyard_e2e::cluster::ClusterError::Unavailable(
-                    "images needs --binaries DIR (switchyard and switchyard-stage) and --nats-server PATH; scripts/cluster images gives both".into(),
-                ));
-            };
-            let built = cluster.import_project_images(&images::Build {
-                binaries,
-                nats_server,
-            })?;
-            for image in built {
-                println!(
-                    "{:<48} {:>6.1} MiB  {}",
-                    image.names.join(", "),
-                    image.layer_bytes as f64 / 1_048_576.0,
-                    image.archive.display()
-                );
-            }
-            Ok(())
-        })(),
+        "up" => up(&args),
+        "images" => images(&args),
         "status" => Cluster::find(&args.name).map(|c| println!("{}", c.status())),
-        "down" => match Cluster::find(&args.name) {
-            Ok(c) => c
-                .down()
-                .map(|()| eprintln!("cluster {} is down", args.name)),
-            Err(switchyard_e2e::cluster::ClusterError::NotUp { .. }) => {
-                eprintln!("cluster {} is not up: nothing to do", args.name);
-                Ok(())
-            }
-            Err(e) => Err(e),
-        },
+        "down" => down(&args),
         other => {
             eprintln!("unknown command {other}\n{USAGE}");
             return ExitCode::from(2);
@@ -157,5 +94,78 @@ fn main() -> ExitCode {
             eprintln!("switchyard-cluster {}: {e}", args.command);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `up`: the cluster, and with `--hold` held until this command's input closes.
+fn up(args: &Args) -> Result<(), ClusterError> {
+    let cluster = Cluster::up(
+        &args.name,
+        &Options {
+            nodes: args.nodes,
+            owned_by_this_process: args.hold,
+        },
+    )?;
+    for (phase, took) in &cluster.timings {
+        eprintln!("  {phase}: {:.1}s", took.as_secs_f64());
+    }
+    eprintln!(
+        "cluster {} is up: {} node(s), the cluster DNS, a default StorageClass",
+        args.name,
+        cluster.layout.nodes.len()
+    );
+    println!(
+        "export KUBECONFIG={}",
+        cluster.layout.admin_kubeconfig().display()
+    );
+    if !args.hold {
+        return Ok(());
+    }
+    eprintln!(
+        "holding cluster {} until this command's input closes",
+        args.name
+    );
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    cluster
+        .down()
+        .map(|()| eprintln!("cluster {} is down", args.name))
+}
+
+/// `images`: the project's images built and imported into every node.
+fn images(args: &Args) -> Result<(), ClusterError> {
+    let cluster = Cluster::find(&args.name)?;
+    let (Some(binaries), Some(nats_server)) = (args.binaries.clone(), args.nats_server.clone())
+    else {
+        return Err(ClusterError::Unavailable(
+            "images needs --binaries DIR (switchyard and switchyard-stage) and --nats-server PATH; scripts/cluster images gives both".into(),
+        ));
+    };
+    let built = cluster.import_project_images(&images::Build {
+        binaries,
+        nats_server,
+    })?;
+    for image in built {
+        println!(
+            "{:<48} {:>6.1} MiB  {}",
+            image.names.join(", "),
+            image.layer_bytes as f64 / 1_048_576.0,
+            image.archive.display()
+        );
+    }
+    Ok(())
+}
+
+/// `down`: a cluster that is not up is nothing to do.
+fn down(args: &Args) -> Result<(), ClusterError> {
+    match Cluster::find(&args.name) {
+        Ok(c) => c
+            .down()
+            .map(|()| eprintln!("cluster {} is down", args.name)),
+        Err(ClusterError::NotUp { .. }) => {
+            eprintln!("cluster {} is not up: nothing to do", args.name);
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }

@@ -137,24 +137,7 @@ pub fn write_archive(
         ]))?;
     let (layer_digest, layer_size) = sha256_file(&layer)?;
     std::fs::rename(&layer, blobs.join(&layer_digest)).map_err(|e| ClusterError::io(&layer, e))?;
-    let mut inner = serde_json::json!({"Env": config.env});
-    if !config.entrypoint.is_empty() {
-        inner["Entrypoint"] = serde_json::json!(config.entrypoint);
-    }
-    if !config.cmd.is_empty() {
-        inner["Cmd"] = serde_json::json!(config.cmd);
-    }
-    if let Some(user) = &config.user {
-        inner["User"] = serde_json::json!(user);
-    }
-    let image_config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": inner,
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
-        "history": [{"created_by": "switchyard e2e images (one layer)"}]
-    })
-    .to_string();
+    let image_config = image_config(config, &layer_digest);
     let config_digest = sha256_bytes(image_config.as_bytes());
     let write = |path: PathBuf, text: &str| {
         std::fs::write(&path, text).map_err(|e| ClusterError::io(&path, e))
@@ -177,21 +160,7 @@ pub fn write_archive(
     .to_string();
     let manifest_digest = sha256_bytes(manifest.as_bytes());
     write(blobs.join(&manifest_digest), &manifest)?;
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": names.iter().map(|name| serde_json::json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{manifest_digest}"),
-            "size": manifest.len(),
-            "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {
-                "io.containerd.image.name": full_name(name),
-                "org.opencontainers.image.ref.name": tag_of(name)
-            }
-        })).collect::<Vec<_>>()
-    })
-    .to_string();
+    let index = image_index(names, &manifest_digest, manifest.len());
     write(work.join("index.json"), &index)?;
     write(work.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
     let partial = archive.with_extension("partial");
@@ -203,6 +172,48 @@ pub fn write_archive(
     std::fs::rename(&partial, archive).map_err(|e| ClusterError::io(archive, e))?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(layer_size)
+}
+
+/// The image's configuration (its one layer's digest, entrypoint, command, user, environment) as
+/// OCI JSON.
+fn image_config(config: &ImageConfig, layer_digest: &str) -> String {
+    let mut inner = serde_json::json!({"Env": config.env});
+    if !config.entrypoint.is_empty() {
+        inner["Entrypoint"] = serde_json::json!(config.entrypoint);
+    }
+    if !config.cmd.is_empty() {
+        inner["Cmd"] = serde_json::json!(config.cmd);
+    }
+    if let Some(user) = &config.user {
+        inner["User"] = serde_json::json!(user);
+    }
+    serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": inner,
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
+        "history": [{"created_by": "switchyard e2e images (one layer)"}]
+    })
+    .to_string()
+}
+
+/// The archive's index: the one manifest under each of the image's names.
+fn image_index(names: &[&str], manifest_digest: &str, manifest_size: usize) -> String {
+    serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": names.iter().map(|name| serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_digest}"),
+            "size": manifest_size,
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {
+                "io.containerd.image.name": full_name(name),
+                "org.opencontainers.image.ref.name": tag_of(name)
+            }
+        })).collect::<Vec<_>>()
+    })
+    .to_string()
 }
 
 /// Copies `binary` into `rootfs` at `to`, with the shared libraries it needs (none for a static one).

@@ -373,23 +373,14 @@ pub fn corefile() -> &'static str {
     ".:1053 {\n    errors\n    health :8080\n    ready :8181\n    kubernetes cluster.local in-addr.arpa ip6.arpa {\n        pods insecure\n        ttl 5\n    }\n}\n"
 }
 
-/// The cluster DNS, as objects to apply: RBAC to read Services and EndpointSlices, a ConfigMap of the
-/// Corefile, a Deployment of the CoreDNS built here (restricted pod security), and the `kube-dns`
-/// Service at the address the kubelets give pods.
-pub fn coredns_manifest(layout: &Layout, image: &str) -> String {
-    let corefile = corefile()
-        .lines()
-        .map(|l| format!("    {l}"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    format!(
-        r#"apiVersion: v1
+/// CoreDNS's account and what it may read.
+const COREDNS_RBAC: &str = r#"apiVersion: v1
 kind: ServiceAccount
-metadata: {{name: coredns, namespace: kube-system}}
+metadata: {name: coredns, namespace: kube-system}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
-metadata: {{name: "system:coredns"}}
+metadata: {name: "system:coredns"}
 rules:
   - apiGroups: [""]
     resources: [endpoints, services, pods, namespaces]
@@ -400,11 +391,23 @@ rules:
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
-metadata: {{name: "system:coredns"}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}}
-subjects: [{{kind: ServiceAccount, name: coredns, namespace: kube-system}}]
+metadata: {name: "system:coredns"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}
+subjects: [{kind: ServiceAccount, name: coredns, namespace: kube-system}]
 ---
-apiVersion: v1
+"#;
+
+/// The cluster DNS, as objects to apply: RBAC to read Services and EndpointSlices, a ConfigMap of the
+/// Corefile, a Deployment of the CoreDNS built here (restricted pod security), and the `kube-dns`
+/// Service at the address the kubelets give pods.
+pub fn coredns_manifest(layout: &Layout, image: &str) -> String {
+    let corefile = corefile()
+        .lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let deployment = format!(
+        r#"apiVersion: v1
 kind: ConfigMap
 metadata: {{name: coredns, namespace: kube-system}}
 data:
@@ -459,7 +462,15 @@ spec:
         - name: config
           configMap: {{name: coredns}}
 ---
-apiVersion: v1
+"#,
+    );
+    format!("{COREDNS_RBAC}{deployment}{}", coredns_service(layout))
+}
+
+/// The cluster DNS's Service, at the address the kubelets give pods.
+fn coredns_service(layout: &Layout) -> String {
+    format!(
+        r#"apiVersion: v1
 kind: Service
 metadata:
   name: kube-dns
@@ -516,6 +527,14 @@ spec:
 
 pub fn volume_dir(layout: &Layout, i: usize) -> PathBuf {
     layout.path(&format!("volumes/local-{i}"))
+}
+
+/// The comment on the one rule `up` adds to this machine's firewall.
+pub fn host_rule_comment(layout: &Layout) -> String {
+    format!(
+        "switchyard test cluster {}: nothing from it is forwarded",
+        layout.name
+    )
 }
 
 #[cfg(test)]

@@ -141,6 +141,21 @@ pub fn create(layout: &Layout) -> Result<(), ClusterError> {
     )?;
     openssl(&["genrsa", "-out", "sa.key", "2048"])?;
     openssl(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+    tokens(layout, &pki)?;
+    for key in [
+        "ca.key",
+        "apiserver.key",
+        "apiserver-kubelet-client.key",
+        "sa.key",
+    ] {
+        set_private(&pki.join(key))?;
+    }
+    Ok(())
+}
+
+/// A token for each identity of the cluster, in the API server's token file, and a kubeconfig
+/// that uses it.
+fn tokens(layout: &Layout, pki: &Path) -> Result<(), ClusterError> {
     let mut tokens = String::new();
     for (i, (user, groups)) in identities(layout).iter().enumerate() {
         let token = random_token()?;
@@ -159,14 +174,6 @@ pub fn create(layout: &Layout) -> Result<(), ClusterError> {
     let tokens_file = pki.join("tokens.csv");
     std::fs::write(&tokens_file, tokens).map_err(|e| ClusterError::io(&tokens_file, e))?;
     set_private(&tokens_file)?;
-    for key in [
-        "ca.key",
-        "apiserver.key",
-        "apiserver-kubelet-client.key",
-        "sa.key",
-    ] {
-        set_private(&pki.join(key))?;
-    }
     Ok(())
 }
 

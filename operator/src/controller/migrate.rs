@@ -122,30 +122,53 @@ pub async fn reconcile(
         return Ok(Migrating::No);
     }
     if let Some(reason) = refusal(js, plan, &migration, policy).await? {
-        // Said once: the edit is looked at again every REFUSED_RECHECK, and each look would repeat it.
-        let said = pipeline
-            .status
-            .as_ref()
-            .and_then(|s| super::status::condition(s, super::status::PROGRESSING))
-            .is_some_and(|c| c.reason == MIGRATION_REFUSED && c.message == reason);
-        if !said {
-            super::context::publish(
-                ctx,
-                &pipeline.metadata,
-                EventType::Warning,
-                MIGRATION_REFUSED,
-                reason.clone(),
-            )
-            .await;
-        }
-        return Ok(Migrating::Yes(Box::new(Taken {
-            state: MigrationState::Refused { reason },
-            epochs: running_epochs,
-            plan: plan.clone(),
-            applied: Applied::default(),
-            again: REFUSED_RECHECK,
-        })));
+        return Ok(refused(ctx, pipeline, plan, reason, running_epochs).await);
     }
+    let status = begin(ctx, pipeline, &migration).await?;
+    carry_on(ctx, pipeline, js, status).await
+}
+
+/// An edit refused (it would lose messages, or the server cannot do it): the units keep running
+/// as they are, and the reason is said once as an Event.
+async fn refused(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    plan: &Plan,
+    reason: String,
+    running_epochs: BTreeMap<String, u32>,
+) -> Migrating {
+    // Said once: the edit is looked at again every REFUSED_RECHECK, and each look would repeat it.
+    let said = pipeline
+        .status
+        .as_ref()
+        .and_then(|s| super::status::condition(s, super::status::PROGRESSING))
+        .is_some_and(|c| c.reason == MIGRATION_REFUSED && c.message == reason);
+    if !said {
+        super::context::publish(
+            ctx,
+            &pipeline.metadata,
+            EventType::Warning,
+            MIGRATION_REFUSED,
+            reason.clone(),
+        )
+        .await;
+    }
+    Migrating::Yes(Box::new(Taken {
+        state: MigrationState::Refused { reason },
+        epochs: running_epochs,
+        plan: plan.clone(),
+        applied: Applied::default(),
+        again: REFUSED_RECHECK,
+    }))
+}
+
+/// The status that starts a migration: its steps, and the plan they lead to (kept in the status,
+/// so that an operator restarted halfway carries on the same steps); announced as an Event.
+async fn begin(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    migration: &migration::Migration,
+) -> Result<MigrationStatus, MigrateError> {
     let configs: Vec<UnitConfig> = migration.target.iter().map(|u| u.config.clone()).collect();
     let stored = Stored {
         spec: pipeline.spec.clone(),
@@ -172,7 +195,7 @@ pub async fn reconcile(
         ),
     )
     .await;
-    carry_on(ctx, pipeline, js, status).await
+    Ok(status)
 }
 
 /// Carries the migration on as far as it goes without waiting.

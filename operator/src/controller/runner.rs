@@ -152,16 +152,7 @@ fn controller(
     )
     .default_backoff()
     .modify(caches::trim_pipeline)
-    .inspect(move |event| match event {
-        Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
-            ready.send_if_modified(|r| !std::mem::replace(r, true));
-        }
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!("cannot watch Pipelines: {e}");
-            ready.send_if_modified(|r| std::mem::replace(r, false));
-        }
-    })
+    .inspect(move |event| follow_readiness(&ready, event))
     .reflect(pipelines_writer)
     .applied_objects()
     // The operator's own status writes do not change the generation: they trigger nothing.
@@ -199,18 +190,7 @@ fn controller(
     let controller = Controller::for_stream(pipeline_events, pipelines.clone())
         .owns_stream(deployment_events)
         .owns_stream(config_map_events)
-        .watches_stream(pod_events, |pod: Pod| {
-            let pipeline = pod
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(crate::plan::LABEL_PIPELINE))
-                .cloned();
-            match (pipeline, pod.metadata.namespace.clone()) {
-                (Some(name), Some(ns)) => Some(reflector::ObjectRef::new(&name).within(&ns)),
-                _ => None,
-            }
-        })
+        .watches_stream(pod_events, pipeline_of)
         .with_config(
             ControllerConfig::default()
                 .concurrency(CONCURRENCY)
@@ -224,6 +204,37 @@ fn controller(
         live: true,
     };
     (controller, caches)
+}
+
+/// Ready once the Pipelines are listed (or one changes), not ready while they cannot be watched.
+fn follow_readiness<K>(
+    ready: &watch::Sender<bool>,
+    event: &Result<watcher::Event<K>, watcher::Error>,
+) {
+    match event {
+        Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+            ready.send_if_modified(|r| !std::mem::replace(r, true));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!("cannot watch Pipelines: {e}");
+            ready.send_if_modified(|r| std::mem::replace(r, false));
+        }
+    }
+}
+
+/// The Pipeline a unit's pod belongs to, by its label.
+fn pipeline_of(pod: Pod) -> Option<reflector::ObjectRef<PipelineObject>> {
+    let pipeline = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(crate::plan::LABEL_PIPELINE))
+        .cloned();
+    match (pipeline, pod.metadata.namespace.clone()) {
+        (Some(name), Some(ns)) => Some(reflector::ObjectRef::new(&name).within(&ns)),
+        _ => None,
+    }
 }
 
 type Leadership = Option<(
