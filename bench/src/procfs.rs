@@ -95,7 +95,11 @@ mod tests {
         assert!(cpu_seconds(me).is_some());
         let rss = memory_mib(me, "VmRSS:").unwrap();
         assert!(rss > 0.5, "{rss}");
-        assert!(memory_mib(me, "VmHWM:").unwrap() >= rss);
+        // Not compared with the RSS read before it: memory this test process's other threads give
+        // back (glibc trims with MADV_DONTNEED) lowers the RSS without raising the peak first, so a
+        // peak read later can be below an RSS read earlier.
+        let peak = memory_mib(me, "VmHWM:").unwrap();
+        assert!(peak > 0.5, "{peak}");
     }
 
     #[test]
