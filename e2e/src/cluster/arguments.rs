@@ -79,19 +79,8 @@ pub(super) fn apiserver(l: &Layout) -> Vec<String> {
 
 /// kube-controller-manager, on loopback.
 pub(super) fn controller_manager(l: &Layout) -> Vec<String> {
-    vec![
-        format!(
-            "--kubeconfig={}",
-            l.path("controller-manager.kubeconfig").display()
-        ),
-        format!(
-            "--authentication-kubeconfig={}",
-            l.path("controller-manager.kubeconfig").display()
-        ),
-        format!(
-            "--authorization-kubeconfig={}",
-            l.path("controller-manager.kubeconfig").display()
-        ),
+    let mut args = kubeconfigs(l, "controller-manager.kubeconfig");
+    args.extend([
         "--controllers=*".into(),
         "--use-service-account-credentials=true".into(),
         format!(
@@ -105,26 +94,33 @@ pub(super) fn controller_manager(l: &Layout) -> Vec<String> {
         "--bind-address=127.0.0.1".into(),
         format!("--secure-port={}", layout::CONTROLLER_MANAGER_PORT),
         "--profiling=false".into(),
-    ]
+    ]);
+    args
 }
 
 /// kube-scheduler, on loopback.
 pub(super) fn scheduler(l: &Layout) -> Vec<String> {
-    vec![
-        format!("--kubeconfig={}", l.path("scheduler.kubeconfig").display()),
-        format!(
-            "--authentication-kubeconfig={}",
-            l.path("scheduler.kubeconfig").display()
-        ),
-        format!(
-            "--authorization-kubeconfig={}",
-            l.path("scheduler.kubeconfig").display()
-        ),
+    let mut args = kubeconfigs(l, "scheduler.kubeconfig");
+    args.extend([
         "--leader-elect=false".into(),
         "--bind-address=127.0.0.1".into(),
         format!("--secure-port={}", layout::SCHEDULER_PORT),
         "--profiling=false".into(),
+    ]);
+    args
+}
+
+/// A controller's credentials, for the API and for its own endpoints' callers alike.
+fn kubeconfigs(l: &Layout, file: &str) -> Vec<String> {
+    let path = l.path(file).display().to_string();
+    [
+        "--kubeconfig",
+        "--authentication-kubeconfig",
+        "--authorization-kubeconfig",
     ]
+    .iter()
+    .map(|flag| format!("{flag}={path}"))
+    .collect()
 }
 
 /// A node's kubelet: its configuration and credentials, its folders, address and labels.
