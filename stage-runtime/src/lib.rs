@@ -32,7 +32,6 @@ use switchyard_platform::credentials::NatsCredentials;
 use tokio::sync::watch;
 
 pub use crate::acks::Disconnects;
-pub use crate::shutdown::stopped;
 
 use crate::consume::{Output, Worker};
 use crate::sources::SourceUnit;

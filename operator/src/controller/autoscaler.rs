@@ -21,9 +21,9 @@ use switchyard_crds::validate::analyze;
 use switchyard_crds::Pipeline;
 
 use super::caches::PipelineObject;
-use super::context::{lock, Context, SCALE_FIELD_MANAGER};
+use super::context::{Context, SCALE_FIELD_MANAGER};
 use super::keys;
-use super::memory::ScaleRecord;
+use super::memory::{lock, ScaleRecord};
 use super::status::{PHASE_PAUSED, PHASE_PAUSING};
 use crate::plan;
 use switchyard_crds::autoscale::{self, Policy, Window};

@@ -12,7 +12,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
 use switchyard_crds::Pipeline;
 
-use super::memory::{Claims, CredentialsCache, Resyncs, ScaleRecord};
+use super::memory::{lock, Claims, CredentialsCache, Resyncs, ScaleRecord};
 use super::{caches, keys, nats};
 use crate::metrics::Metrics;
 use crate::plan::PlanSettings;
@@ -52,10 +52,6 @@ pub struct Context {
     pub(super) failures: Mutex<HashMap<String, u32>>,
     /// When each Pipeline's status was last written.
     pub(super) status_writes: Mutex<HashMap<String, Instant>>,
-}
-
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Context {

@@ -3,6 +3,7 @@
 //! Below `context.rs`, which holds one of each.
 
 use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -16,11 +17,17 @@ pub const RESYNC: Duration = Duration::from_secs(3600);
 /// one API request per reconcile.
 pub const CREDENTIALS_TTL: Duration = Duration::from_secs(300);
 
+/// A mutex's guard, also after a thread panicked holding it: what it guards is a cache or a
+/// record the next reconcile makes whole again.
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// In-process claims on object names, so that two Pipelines reconciled at the same moment cannot both
 /// create one name before either appears in a cache.
 #[derive(Default)]
 pub struct Claims {
-    names: std::sync::Mutex<HashMap<ClaimedName, Claimant>>,
+    names: Mutex<HashMap<ClaimedName, Claimant>>,
 }
 
 /// The Pipeline that claimed a name first.
@@ -49,7 +56,7 @@ impl Claims {
         uid: &str,
         pipeline: &str,
     ) -> Result<(), ClaimedBy> {
-        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names = lock(&self.names);
         let key = (kind, namespace.to_string(), name.to_string());
         match names.get(&key) {
             Some((holder, holder_name)) if holder != uid => Err(ClaimedBy {
@@ -64,7 +71,7 @@ impl Claims {
 
     /// Forgets what `uid` claimed, except the names in `keep`.
     pub fn release(&self, uid: &str, keep: &[String]) {
-        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names = lock(&self.names);
         names.retain(|(_, _, name), (holder, _)| holder != uid || keep.contains(name));
     }
 }
@@ -72,14 +79,14 @@ impl Claims {
 /// When each Pipeline last had everything re-sent.
 #[derive(Default)]
 pub struct Resyncs {
-    last: std::sync::Mutex<HashMap<String, Instant>>,
+    last: Mutex<HashMap<String, Instant>>,
 }
 
 impl Resyncs {
     /// Whether `uid` is due for a full apply; the first look only starts its clock, so that an
     /// operator restart re-sends nothing that is current.
     pub(super) fn due(&self, uid: &str) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = lock(&self.last);
         let spread = u64::from_str_radix(&plan::checksum(uid), 16).unwrap_or_default();
         let jitter = Duration::from_secs(spread % 600);
         match last.get(uid) {
@@ -96,21 +103,18 @@ impl Resyncs {
     }
 
     pub fn forget(&self, uid: &str) {
-        self.last
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(uid);
+        lock(&self.last).remove(uid);
     }
 }
 
 #[derive(Default)]
 pub struct CredentialsCache {
-    entries: std::sync::Mutex<HashMap<(String, String), (Instant, NatsCredentials)>>,
+    entries: Mutex<HashMap<(String, String), (Instant, NatsCredentials)>>,
 }
 
 impl CredentialsCache {
     pub(super) fn get(&self, key: &(String, String)) -> Option<NatsCredentials> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = lock(&self.entries);
         entries
             .get(key)
             .filter(|(at, _)| at.elapsed() < CREDENTIALS_TTL)
@@ -118,7 +122,7 @@ impl CredentialsCache {
     }
 
     pub(super) fn put(&self, key: (String, String), creds: NatsCredentials) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = lock(&self.entries);
         entries.insert(key, (Instant::now(), creds));
     }
 }
