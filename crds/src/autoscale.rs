@@ -214,7 +214,7 @@ fn down(policy: &Policy, current: u32, samples: &[Sample], latest: &Sample) -> D
             format!(
                 "the load fell: at most {window_need} replica{} needed over the last {}",
                 if window_need == 1 { "" } else { "s" },
-                humanize(policy.stabilization)
+                crate::duration::human(policy.stabilization)
             ),
         );
     }
@@ -222,7 +222,7 @@ fn down(policy: &Policy, current: u32, samples: &[Sample], latest: &Sample) -> D
         current,
         format!(
             "waiting: scaling down needs {} of lower load",
-            humanize(policy.stabilization)
+            crate::duration::human(policy.stabilization)
         ),
     )
 }
@@ -266,16 +266,6 @@ fn hold(current: u32, reason: String) -> Decision {
         desired: current,
         change: Change::Hold,
         reason,
-    }
-}
-
-fn humanize(d: Duration) -> String {
-    if d.as_secs() >= 60 && d.as_secs().is_multiple_of(60) {
-        format!("{}m", d.as_secs() / 60)
-    } else if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
     }
 }
 

@@ -47,3 +47,14 @@ pub fn check_duration(
         Err(e) => problems.push(crate::problem::Problem::at(path, format!("{field}: {e}"))),
     }
 }
+
+/// A duration as a Pipeline would write it: `2m`, `30s`, `1500ms`.
+pub fn human(d: Duration) -> String {
+    if d.as_secs() >= 60 && d.as_secs().is_multiple_of(60) {
+        format!("{}m", d.as_secs() / 60)
+    } else if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}

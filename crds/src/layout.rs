@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::parse_duration;
+use crate::join::{BranchConfig, JoinBranch, JoinConfig, DEFAULT_MAX_WAITING};
 use crate::kinds::Kinds;
 pub use crate::names::{object_name, Names};
 use crate::pipeline::{
@@ -61,6 +62,9 @@ pub struct NatsLayout {
     /// (`crate::jobs`); absent when no source does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<JobsStreamLayout>,
+    /// The key-value bucket of the Pipeline's joins (`crate::join_state`); absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_bucket: Option<String>,
 }
 
 /// Accounts of jobs are kept until the source that follows the job has written its outcome back
@@ -270,6 +274,25 @@ fn unit_config(
         }),
         jobs: None,
         output_readers: Vec::new(),
+        join: unit.join.as_ref().map(|join| JoinConfig {
+            bucket: names.join_bucket(),
+            branches: join
+                .of
+                .iter()
+                .map(|branch| JoinBranch {
+                    name: branch.clone(),
+                    unit: branch.clone(),
+                })
+                .collect(),
+            timeout_ms: millis(join.timeout()),
+            on_timeout: join.on_timeout.unwrap_or_default(),
+            max_waiting: join.max_waiting.unwrap_or(DEFAULT_MAX_WAITING),
+            finished_kept_ms: millis(DUPLICATE_WINDOW),
+        }),
+        branch: unit.branch_of.as_ref().map(|join| BranchConfig {
+            name: unit.name.clone(),
+            join: join.clone(),
+        }),
     }
 }
 
@@ -297,6 +320,11 @@ fn nats_layout(
             root: names.books_root(),
         },
         jobs: None,
+        join_bucket: spec
+            .stages
+            .iter()
+            .any(|s| s.join.is_some())
+            .then(|| names.join_bucket()),
     }
 }
 

@@ -8,6 +8,8 @@ pub mod crd;
 pub mod duration;
 pub mod epochs;
 pub mod jobs;
+pub mod join;
+pub mod join_state;
 pub mod jq;
 pub mod kinds;
 pub mod layout;

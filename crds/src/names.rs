@@ -30,6 +30,12 @@ impl Names {
         format!("switchyard_{}_{}", self.namespace, self.pipeline)
     }
 
+    /// The key-value bucket where joins keep the parts of the items they wait on
+    /// (`crate::join_state`); each join's keys begin with its unit's name.
+    pub fn join_bucket(&self) -> String {
+        format!("switchyard_{}_{}_joins", self.namespace, self.pipeline)
+    }
+
     fn prefix(&self) -> String {
         format!("switchyard.{}.{}", self.namespace, self.pipeline)
     }

@@ -325,6 +325,10 @@ pub struct Stage {
     /// source for the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs: Option<Vec<String>>,
+    /// Waits, per item, for the outputs of the branch stages it names, and hands the stage's steps one
+    /// item holding them all (top-level stages only; it reads its branches, so no `inputs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<crate::join::Join>,
     /// Time allowed per message and attempt, for example `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,

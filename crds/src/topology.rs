@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
 
 use serde::Serialize;
 
+use crate::join::Join;
 use crate::pipeline::{Batch, Retry, Sink, Source, Stage, Switcher};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -45,6 +46,10 @@ pub struct Unit {
     pub resources: Option<ResourceRequirements>,
     pub node_selector: Option<BTreeMap<String, String>>,
     pub tolerations: Option<Vec<Toleration>>,
+    /// A join stage's unit: the branches it waits for (each one unit, named as its stage).
+    pub join: Option<Join>,
+    /// A branch's unit: the join unit it hands each item's outputs to, as one part.
+    pub branch_of: Option<String>,
 }
 
 /// What a unit is, as `plan`, `run` and the status name it.
@@ -288,6 +293,8 @@ fn new_unit(
         resources: root.resources.clone(),
         node_selector: root.node_selector.clone(),
         tolerations: root.tolerations.clone(),
+        join: if is_root { root.join.clone() } else { None },
+        branch_of: None,
     }
 }
 
@@ -314,6 +321,8 @@ impl Unit {
             resources: None,
             node_selector: None,
             tolerations: None,
+            join: None,
+            branch_of: None,
         }
     }
 }
@@ -363,15 +372,27 @@ pub(crate) fn build(
             .collect()
     };
     for (i, (stage, mut chain)) in spec.stages.iter().zip(chains).enumerate() {
-        let entry_inputs = match &stage.inputs {
-            Some(names) => resolve(names),
-            None if i == 0 => all_sources.clone(),
-            None => resolve(std::slice::from_ref(&spec.stages[i - 1].name)),
+        let entry_inputs = match (&stage.join, &stage.inputs) {
+            (Some(join), _) => resolve(&join.of),
+            (None, Some(names)) => resolve(names),
+            (None, None) if i == 0 => all_sources.clone(),
+            (None, None) => resolve(std::slice::from_ref(&spec.stages[i - 1].name)),
         };
         if let Some(first) = chain.first_mut() {
             first.inputs = entry_inputs;
         }
         units.extend(chain);
+    }
+    for stage in &spec.stages {
+        let Some(join) = &stage.join else { continue };
+        for branch in &join.of {
+            if let Some(unit) = units
+                .iter_mut()
+                .find(|u| Some(&u.name) == exit_of.get(branch))
+            {
+                unit.branch_of = Some(stage.name.clone());
+            }
+        }
     }
     let default_sink_input = match spec.stages.last() {
         Some(stage) => resolve(std::slice::from_ref(&stage.name)),

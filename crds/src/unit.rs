@@ -91,6 +91,12 @@ pub struct UnitConfig {
     /// tags of a followed job; set only when jobs are followed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub output_readers: Vec<String>,
+    /// A join stage's unit: where the parts of the items it waits on are kept, and for how long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<crate::join::JoinConfig>,
+    /// A branch of a join: each item's outputs go to the join as one part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<crate::join::BranchConfig>,
 }
 
 /// Where accounts of followed jobs go: `<prefix>.<source>` in `stream`.
@@ -503,6 +509,11 @@ mod tests {
                 sources: vec!["rows".into()],
             }),
             output_readers: vec!["next".into()],
+            join: None,
+            branch: Some(crate::join::BranchConfig {
+                name: "u".into(),
+                join: "j".into(),
+            }),
             dead_letter_subject: "d".into(),
             stats_subject: "st".into(),
             trace: Some(TraceConfig {

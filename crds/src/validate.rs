@@ -11,6 +11,7 @@ use crate::pipeline::{
 use crate::problem::Problem;
 use crate::topology::{self, Topology};
 
+mod joins;
 mod kind_settings;
 mod parse;
 
@@ -43,6 +44,7 @@ pub fn analyze(pipeline: &Pipeline) -> Result<Topology, Vec<Problem>> {
     }
     let (topology, _) = topology::build(&name, &namespace, &pipeline.spec);
     check_units(&mut problems, &name, &topology);
+    joins::check_join_units(&mut problems, &pipeline.spec, &topology);
     if problems.is_empty() {
         Ok(topology)
     } else {
@@ -112,6 +114,7 @@ fn check_spec(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
     }
     check_settings(problems, spec);
     check_inputs(problems, spec);
+    joins::check_joins(problems, spec);
 }
 
 /// The Pipeline-wide settings: dead letters, NATS, tracing.
@@ -269,6 +272,12 @@ fn check_stage(problems: &mut Vec<Problem>, path: &str, stage: &Stage, depth: us
             ));
         }
     }
+    if !top_level && stage.join.is_some() {
+        problems.push(Problem::at(
+            path,
+            "join works on a top-level stage: its branches are top-level stages",
+        ));
+    }
     if !top_level && stage.inputs.is_some() {
         problems.push(Problem::at(
             path,
@@ -419,7 +428,7 @@ fn check_named_inputs(
 fn check_cycles(problems: &mut Vec<Problem>, spec: &crate::PipelineSpec) {
     let deps = |i: usize| -> Vec<usize> {
         let stage = &spec.stages[i];
-        match &stage.inputs {
+        match joins::join_inputs(stage).or(stage.inputs.as_deref()) {
             Some(names) => names
                 .iter()
                 .filter_map(|n| spec.stages.iter().position(|s| &s.name == n))

@@ -125,7 +125,33 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), A
     if let Some(trace) = &layout.trace {
         trace_stream(js, layout, trace).await;
     }
+    if let Some(bucket) = &layout.join_bucket {
+        join_bucket(js, bucket, layout.stream.replicas).await?;
+    }
     consumers(js, layout).await
+}
+
+/// The bucket where joins keep the parts of the items they wait on: a value per item, and markers
+/// of finished ones that expire by themselves (per-message TTLs: NATS 2.11 or later).
+async fn join_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: u32,
+) -> Result<(), AdminError> {
+    js.create_or_update_key_value(kv::Config {
+        bucket: bucket.to_string(),
+        description: "switchyard joins: the parts of the items they wait on".to_string(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: replicas as usize,
+        limit_markers: Some(std::time::Duration::from_secs(60)),
+        ..Default::default()
+    })
+    .await
+    .map_err(AdminError::nats(format!(
+        "create or update key-value bucket {bucket} (joins need a NATS server of version 2.11 or later)"
+    )))?;
+    Ok(())
 }
 
 /// The Pipeline's stream, or why the cluster cannot place its copies.
@@ -340,13 +366,16 @@ pub async fn delete_named(
             Err(e) => return Err(AdminError::nats(format!("delete stream {other}"))(e)),
         }
     }
-    match js.delete_key_value(bucket).await {
-        Ok(_) => {}
-        Err(e) if is_not_found(&e.to_string()) => {}
-        Err(e) => {
-            return Err(AdminError::nats(format!(
-                "delete key-value bucket {bucket}"
-            ))(e))
+    // The joins' bucket as `Names::join_bucket` names it; most Pipelines have none.
+    for bucket in [bucket.to_string(), format!("{stream}_joins")] {
+        match js.delete_key_value(&bucket).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e.to_string()) => {}
+            Err(e) => {
+                return Err(AdminError::nats(format!(
+                    "delete key-value bucket {bucket}"
+                ))(e))
+            }
         }
     }
     Ok(())
