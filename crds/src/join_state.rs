@@ -34,7 +34,7 @@ pub struct Entry {
     pub failed: BTreeMap<String, String>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", tag = "is")]
 pub enum State {
     Waiting,
@@ -46,7 +46,17 @@ pub enum State {
     Failed {
         letter_stored: bool,
     },
+    /// Handed on (`by` the branch whose part completed it, `_replay` or `_timeout`): kept a while,
+    /// so that a part delivered again is known.
+    Finished {
+        by: String,
+    },
 }
+
+/// Who completes an item that is replayed, and who closes one at its timeout (branch names are
+/// DNS labels: no `_`).
+pub const BY_REPLAY: &str = "_replay";
+pub const BY_TIMEOUT: &str = "_timeout";
 
 /// Where the item comes from, as the joined item carries it on: the forked item's.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -67,10 +77,12 @@ pub struct Ancestry {
 }
 
 /// What the bucket holds for an item.
+// Read once per arrival and taken apart at once: boxing the entry would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Found {
     Nothing,
-    /// The item went on (or its marker, after `finished_kept_ms`, is gone: then `Nothing`).
+    /// A marker of an item that went on and nothing else (a deleted or purged key).
     Finished,
     Entry(Entry),
 }
@@ -97,7 +109,8 @@ pub enum Arrival {
 pub enum Decision {
     /// Store the entry: the item waits on (or, failed, keeps a late part for its replay).
     Write(Entry),
-    /// Every branch has given its part: hand on `joined(entry)`, then mark the item finished.
+    /// Every branch has given its part: store the entry (finished) unless it is stored so, then
+    /// hand on `joined(entry)`.
     Complete(Entry),
     /// Store the entry (failed, its letter not yet stored), then its dead letter, then note that.
     Fail(Entry),
@@ -124,12 +137,19 @@ pub fn arrive(
     branches: &[String],
     now_ms: u64,
 ) -> Decision {
+    let by = match &arrival {
+        Arrival::Part { branch, .. } | Arrival::Failure { branch, .. } => branch.clone(),
+        Arrival::Reopen { .. } => BY_REPLAY.to_string(),
+    };
     let mut entry = match found {
         Found::Finished => return Decision::Skip(Skipped::Late),
-        Found::Entry(entry) if entry.state == State::Closing => {
-            return Decision::Skip(Skipped::Late)
-        }
-        Found::Entry(entry) => entry,
+        Found::Entry(entry) => match &entry.state {
+            State::Closing => return Decision::Skip(Skipped::Late),
+            // What completed it, delivered again: hand it on again (the stream drops it).
+            State::Finished { by: done_by } if *done_by == by => return Decision::Complete(entry),
+            State::Finished { .. } => return Decision::Skip(Skipped::Late),
+            _ => entry,
+        },
         Found::Nothing => Entry {
             state: State::Waiting,
             since_ms: now_ms,
@@ -148,6 +168,14 @@ pub fn arrive(
         }
         Arrival::Failure { branch, error } => {
             if entry.parts.contains_key(&branch) || entry.failed.contains_key(&branch) {
+                // Delivered again because its letter could not be stored: try that again.
+                if entry.state
+                    == (State::Failed {
+                        letter_stored: false,
+                    })
+                {
+                    return Decision::Fail(entry);
+                }
                 return Decision::Skip(Skipped::Duplicate);
             }
             entry.failed.insert(branch, error);
@@ -173,6 +201,7 @@ pub fn arrive(
         }
     }
     if entry.state == State::Waiting && missing(&entry, branches).is_empty() {
+        entry.state = State::Finished { by };
         Decision::Complete(entry)
     } else {
         Decision::Write(entry)
@@ -187,7 +216,7 @@ pub fn expire(
     timeout_ms: u64,
     now_ms: u64,
 ) -> Option<Decision> {
-    match entry.state {
+    match &entry.state {
         State::Waiting if now_ms >= entry.since_ms.saturating_add(timeout_ms) => {
             let mut entry = entry;
             Some(match on_timeout {
@@ -206,7 +235,8 @@ pub fn expire(
         State::Waiting
         | State::Failed {
             letter_stored: true,
-        } => None,
+        }
+        | State::Finished { .. } => None,
         State::Failed {
             letter_stored: false,
         } => Some(Decision::Fail(entry)),

@@ -41,6 +41,9 @@ pub mod headers {
     /// Whether the item is traced (`1`) or not (`0`), as its source decided; without it, every unit
     /// decides the same way from the item's identity (see `traced`).
     pub const TRACED: &str = "Switchyard-Traced";
+    /// On a branch's part for a join, and on the dead letters of a branch or a join: the id of the
+    /// item that forked, which the join's bucket keys its parts by (`crate::join`).
+    pub const FORK: &str = "Switchyard-Fork";
     /// On a message that holds several items (a frame, `switchyard_platform::frame`): how many.
     pub const FRAME: &str = "Switchyard-Frame";
     /// On a dead letter stored again at the end of its subject, so that the letters around it could

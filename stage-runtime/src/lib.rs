@@ -10,6 +10,7 @@ pub mod consume;
 pub mod crashes;
 pub mod faults;
 pub mod http;
+pub mod join;
 pub mod lineage;
 pub mod otlp;
 pub mod payload;
@@ -435,6 +436,23 @@ impl Unit<'_> {
             self.js.get_key_value(records.bucket.clone())
         })
         .await?;
+        let max_payload = self.client.server_info().max_payload;
+        let join = match &config.join {
+            Some(join) => {
+                let bucket = wait_for(&mut shutdown, "the join bucket", || {
+                    self.js.get_key_value(join.bucket.clone())
+                })
+                .await?;
+                Some(join::Join::new(
+                    &config.unit,
+                    join.clone(),
+                    bucket,
+                    self.js.clone(),
+                    max_payload.saturating_sub(switchyard_platform::frame::HEADERS_ROOM),
+                ))
+            }
+            None => None,
+        };
         let worker = Worker {
             crashes: crashes::CrashRecords {
                 store,
@@ -452,7 +470,7 @@ impl Unit<'_> {
             concurrency: concurrency.max(1) as usize,
             progress_every: Duration::from_millis(input.ack_wait_ms / 3)
                 .max(Duration::from_millis(100)),
-            max_payload: self.client.server_info().max_payload,
+            max_payload,
             frame_items: config.frame_items as usize,
             disconnects: self.disconnects.clone(),
             tracer: self.tracer(),
@@ -462,8 +480,17 @@ impl Unit<'_> {
                 config: jobs,
                 readers: config.output_readers.clone(),
             }),
+            join,
+            branch: config.branch.clone(),
         };
-        let result = worker.run(input, shutdown).await;
+        // A join's timeouts are swept beside the loop, until it has wound down.
+        let (wound_down, sweep_until) = watch::channel(false);
+        let run = async {
+            let result = worker.run(input, shutdown).await;
+            let _ = wound_down.send(true);
+            result
+        };
+        let (result, ()) = tokio::join!(run, worker.sweep_joins(sweep_until));
         for step in &worker.steps {
             step.shutdown().await;
         }

@@ -23,6 +23,7 @@ pub mod names {
     pub const REPLAY_FOR: HeaderName = HeaderName::from_static(headers::REPLAY_FOR);
     pub const REPLAYS: HeaderName = HeaderName::from_static(headers::REPLAYS);
     pub const TRACED: HeaderName = HeaderName::from_static(headers::TRACED);
+    pub const FORK: HeaderName = HeaderName::from_static(headers::FORK);
 }
 
 /// A message put back from the dead-letter queue: which unit takes it, and at which of its steps.
@@ -60,6 +61,8 @@ pub struct Lineage {
     pub replays: u32,
     /// Whether its source traces it; None: every unit decides from its identity.
     pub traced: Option<bool>,
+    /// On a branch's part and the letters of a branch or a join: the id of the item that forked.
+    pub fork: Option<String>,
 }
 
 impl Lineage {
@@ -74,6 +77,7 @@ impl Lineage {
             tracestate: None,
             replays: 0,
             traced: None,
+            fork: None,
         }
     }
 
@@ -101,6 +105,7 @@ impl Lineage {
                 Some("0") => Some(false),
                 _ => None,
             },
+            fork: get(names::FORK),
         }
     }
 
@@ -141,6 +146,9 @@ impl Lineage {
             map.insert(names::REPLAYS, HeaderValue::from(self.replays.to_string()));
         }
         self.insert_traced(&mut map);
+        if let Some(fork) = &self.fork {
+            map.insert(names::FORK, header_value(fork));
+        }
         map
     }
 

@@ -248,3 +248,43 @@ fn entries_read_back_as_written() {
     let json = serde_json::to_string(&entry).unwrap();
     assert_eq!(serde_json::from_str::<Entry>(&json).unwrap(), entry);
 }
+
+#[test]
+fn the_part_that_completed_an_item_hands_it_on_again_and_any_other_is_late() {
+    let (_, decision) = after(
+        vec![
+            part("price", vec![json!(1)]),
+            part("stock", vec![json!(2)]),
+            part("reviews", vec![]),
+        ],
+        5,
+    );
+    let Decision::Complete(finished) = decision else {
+        panic!("{decision:?}")
+    };
+    assert_eq!(
+        finished.state,
+        State::Finished {
+            by: "reviews".into()
+        }
+    );
+    let again = arrive(
+        Found::Entry(finished.clone()),
+        part("reviews", vec![]),
+        &ancestry(),
+        &branches(),
+        6,
+    );
+    assert_eq!(again, Decision::Complete(finished.clone()));
+    assert_eq!(
+        arrive(
+            Found::Entry(finished.clone()),
+            part("price", vec![json!(1)]),
+            &ancestry(),
+            &branches(),
+            6
+        ),
+        Decision::Skip(Skipped::Late)
+    );
+    assert_eq!(expire(finished, OnTimeout::DeadLetter, 1, u64::MAX), None);
+}

@@ -174,6 +174,8 @@ pub fn replay_message(
         headers::TRACEPARENT,
         headers::TRACESTATE,
         headers::TRACED,
+        // A branch's or a join's letter: the item that forked, which the join keys its parts by.
+        headers::FORK,
     ] {
         if let Some(value) = letter.headers.get(name) {
             map.insert(name, value.clone());

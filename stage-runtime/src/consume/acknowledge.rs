@@ -124,7 +124,11 @@ impl Worker {
                 Stats::add(&self.stats.messages, messages.len() as u64);
             }
             Err(e) => {
-                tracing::warn!("{e}; the input will be delivered again");
+                if let ConsumeError::Held(why) = &e {
+                    tracing::debug!("{why}");
+                } else {
+                    tracing::warn!("{e}; the input will be delivered again");
+                }
                 for m in messages {
                     let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                 }

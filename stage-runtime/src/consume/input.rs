@@ -53,6 +53,8 @@ pub(super) struct Input {
     pub(super) payload: Payload,
     /// The step a replay starts at (0 for everything but a replayed dead letter).
     pub(super) first_step: usize,
+    /// A dead letter of this unit's, replayed.
+    pub(super) replayed: bool,
 }
 
 /// What one item came to in this unit, until it is stored.
@@ -65,6 +67,18 @@ pub(super) struct Processed {
     pub(super) span: Option<ItemSpan>,
     pub(super) outputs: Vec<Payload>,
     pub(super) failures: Vec<StepFailure>,
+    /// What a join does once the outputs and dead letters are stored (`joining`).
+    pub(super) after: Option<AfterStored>,
+    /// Why the item's input must come again later rather than be acknowledged now.
+    pub(super) again_later: Option<super::worker::ConsumeError>,
+}
+
+/// What a join notes in its bucket once what an item made is stored.
+pub(super) enum AfterStored {
+    /// The failed item's letter is stored.
+    LetterStored(String),
+    /// The item went on at its timeout with what arrived.
+    Closed(String),
 }
 
 impl Processed {
@@ -82,6 +96,8 @@ impl Processed {
             span,
             outputs,
             failures,
+            after: None,
+            again_later: None,
         }
     }
 

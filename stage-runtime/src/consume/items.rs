@@ -73,6 +73,7 @@ impl Worker {
             }
         };
         let emitted = self.emit(framed, &mut processed).await?;
+        self.after_stored(&mut processed).await?;
         let books = counts_of(count, &emitted, delivered > 1);
         for (item, emitted) in processed.into_iter().zip(emitted) {
             if item.began.is_some() || item.span.is_some() {
@@ -95,11 +96,16 @@ impl Worker {
         verdict: Verdict,
         delivered: u64,
     ) -> Processed {
+        if let (Some(join), Verdict::Run { .. }) = (&self.join, verdict) {
+            if let Some(joined) = self.join_item(join, &input).await {
+                return joined;
+            }
+        }
         let began = self.tracing(&input.lineage).then(Began::now);
         let (carried, span) = self.begin_span(&input.lineage, &[]);
         let run_with = carried.as_ref().unwrap_or(&input.lineage).clone();
         let (outputs, failures) = if let Verdict::DeadLetter { crashes } = verdict {
-            let crashed = self.crashed_it(input.payload, crashes, delivered);
+            let crashed = self.crashed_it(input.payload.clone(), crashes, delivered);
             (Vec::new(), vec![crashed])
         } else {
             let chained = crate::steps::run_chain_from(
@@ -109,7 +115,16 @@ impl Worker {
                 &run_with,
             )
             .await;
-            self.oversized_to_dead_letters(input.payload, chained)
+            self.oversized_to_dead_letters(input.payload.clone(), chained)
+        };
+        let (carried, outputs, failures) = match &self.branch {
+            Some(branch) => {
+                let lineage = carried.as_ref().unwrap_or(&input.lineage);
+                let (carried, outputs, failures) =
+                    self.as_part(branch, &input, lineage, outputs, failures);
+                (Some(carried), outputs, failures)
+            }
+            None => (carried, outputs, failures),
         };
         let mut item = Processed::of(input.lineage, began, span, outputs, failures);
         item.carried = carried;
@@ -145,6 +160,7 @@ impl Worker {
                 lineage: Lineage::from_headers(message.headers.as_ref(), &self.stream, stream_seq),
                 payload: Payload::Bytes(message.payload.clone()),
                 first_step: Replay::of(message.headers.as_ref()).map_or(0, |r| r.step),
+                replayed: Replay::of(message.headers.as_ref()).is_some_and(|r| r.unit == self.unit),
             }]);
         };
         Ok(items?
@@ -161,6 +177,7 @@ impl Worker {
                     lineage,
                     payload: Payload::Bytes(item.payload),
                     first_step: 0,
+                    replayed: false,
                 }
             })
             .collect())

@@ -9,11 +9,13 @@
 //! followed jobs), `spans` (sampled items); `worker` says what a unit is made of.
 
 mod acknowledge;
+mod branch;
 mod dead_letters;
 mod emit;
 mod input;
 mod items;
 mod jobs;
+mod joining;
 mod pull;
 mod spans;
 mod worker;

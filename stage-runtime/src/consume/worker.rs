@@ -56,6 +56,11 @@ pub enum ConsumeError {
     CrashRecord(#[from] CrashRecordError),
     #[error(transparent)]
     Books(#[from] crate::books::BooksError),
+    #[error(transparent)]
+    Join(#[from] crate::join::JoinError),
+    /// Not a failure: the join waits on as many items as it may (backpressure).
+    #[error("{0}")]
+    Held(String),
 }
 
 pub struct Worker {
@@ -90,6 +95,10 @@ pub struct Worker {
     /// each item of theirs gets an account before its input is acknowledged
     /// (`switchyard_crds::jobs`).
     pub jobs: Option<Jobs>,
+    /// A join unit: where it keeps the parts of the items it waits on (`joining`).
+    pub join: Option<crate::join::Join>,
+    /// A branch of a join: each item's outputs go to it as one part (`branch`).
+    pub branch: Option<switchyard_crds::join::BranchConfig>,
 }
 
 /// What a unit needs to account for the items of followed jobs.
