@@ -346,24 +346,7 @@ pub(crate) fn build(
             spec,
         ));
     }
-    let global = Inherited {
-        image: spec.image.clone(),
-        ..Inherited::default()
-    };
-    let mut chains = Vec::new();
-    for (i, stage) in spec.stages.iter().enumerate() {
-        let chain = chain_of_units(
-            stage,
-            &stage.name,
-            &stage.name,
-            &format!("stages[{i}] {}", stage.name),
-            &global,
-        );
-        if let Some(last) = chain.last() {
-            exit_of.insert(stage.name.clone(), last.name.clone());
-        }
-        chains.push(chain);
-    }
+    let chains = stage_chains(spec, &mut exit_of);
     let all_sources: Vec<String> = spec.sources.iter().map(|s| s.name.clone()).collect();
     let resolve = |names: &[String]| -> Vec<String> {
         names
@@ -383,17 +366,7 @@ pub(crate) fn build(
         }
         units.extend(chain);
     }
-    for stage in &spec.stages {
-        let Some(join) = &stage.join else { continue };
-        for branch in &join.of {
-            if let Some(unit) = units
-                .iter_mut()
-                .find(|u| Some(&u.name) == exit_of.get(branch))
-            {
-                unit.branch_of = Some(stage.name.clone());
-            }
-        }
-    }
+    mark_branches(spec, &exit_of, &mut units);
     let default_sink_input = match spec.stages.last() {
         Some(stage) => resolve(std::slice::from_ref(&stage.name)),
         None => all_sources,
@@ -419,4 +392,49 @@ pub(crate) fn build(
         },
         exit_of,
     )
+}
+
+/// Each top-level stage's chain of units; notes in `exit_of` the unit its output leaves from.
+fn stage_chains(
+    spec: &crate::PipelineSpec,
+    exit_of: &mut BTreeMap<String, String>,
+) -> Vec<Vec<Unit>> {
+    let global = Inherited {
+        image: spec.image.clone(),
+        ..Inherited::default()
+    };
+    let mut chains = Vec::new();
+    for (i, stage) in spec.stages.iter().enumerate() {
+        let chain = chain_of_units(
+            stage,
+            &stage.name,
+            &stage.name,
+            &format!("stages[{i}] {}", stage.name),
+            &global,
+        );
+        if let Some(last) = chain.last() {
+            exit_of.insert(stage.name.clone(), last.name.clone());
+        }
+        chains.push(chain);
+    }
+    chains
+}
+
+/// Tells each branch's unit which join it hands its parts to.
+fn mark_branches(
+    spec: &crate::PipelineSpec,
+    exit_of: &BTreeMap<String, String>,
+    units: &mut [Unit],
+) {
+    for stage in &spec.stages {
+        let Some(join) = &stage.join else { continue };
+        for branch in &join.of {
+            if let Some(unit) = units
+                .iter_mut()
+                .find(|u| Some(&u.name) == exit_of.get(branch))
+            {
+                unit.branch_of = Some(stage.name.clone());
+            }
+        }
+    }
 }

@@ -419,6 +419,19 @@ pub struct StatsReport {
     /// Where the rows of a postgres source's table stand, as it last counted them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<crate::pipeline::RowCounts>,
+    /// A join replica: the items it waits on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<JoinReport>,
+}
+
+/// The items a join replica waits on (their parts stored, not all there yet), and how long the
+/// oldest has waited.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinReport {
+    pub waiting: u64,
+    #[serde(default)]
+    pub oldest_wait_ms: u64,
 }
 
 #[cfg(test)]

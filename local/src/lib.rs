@@ -11,6 +11,7 @@ mod migrate;
 mod plot;
 mod prepare;
 mod progress;
+mod quiet;
 mod reach;
 mod run_folder;
 mod run_nats;

@@ -4,7 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
+use switchyard_crds::topology::{replicas_of, Unit, UnitKind};
+use switchyard_crds::unit::{UnitConfig, UnitRole};
+
 use crate::error::RunError;
+use crate::prepare::Prepared;
+use crate::supervisor::Supervisor;
 
 /// A run's folder in the temporary folder: `switchyard-run-<pid>-<pipeline>-<random>`.
 const RUN_FOLDER_PREFIX: &str = "switchyard-run-";
@@ -67,6 +72,33 @@ pub(crate) fn create(
 pub(crate) fn keep(run_dir: tempfile::TempDir) {
     let _ = std::fs::write(run_dir.path().join(KEPT_MARK), "");
     let _ = run_dir.keep();
+}
+
+/// Writes every unit's config into the run's folder and hands the units to the supervisor, readers
+/// first, so that every consumer is being pulled from before anything is produced.
+pub(crate) fn add_units(
+    supervisor: &mut Supervisor,
+    prepared: &Prepared,
+    run_dir: &Path,
+) -> Result<(), RunError> {
+    let mut order: Vec<(&Unit, &UnitConfig)> = prepared
+        .topology
+        .units
+        .iter()
+        .zip(&prepared.layout.units)
+        .collect();
+    order.sort_by_key(|(u, _)| matches!(u.kind, UnitKind::Source(_)));
+    for (unit, config) in order {
+        let path = run_dir.join(format!("{}.json", unit.name));
+        let text = serde_json::to_vec_pretty(config)?;
+        std::fs::write(&path, text).map_err(RunError::io("write a unit's config"))?;
+        let finite = matches!(&config.role, UnitRole::Source { source, .. } if source.is_finite());
+        let is_source = matches!(config.role, UnitRole::Source { .. });
+        // Switchers start at their minimum (perhaps zero); the autoscaler takes it from there.
+        let wanted = replicas_of(unit).min as usize;
+        supervisor.add(&unit.name, path, wanted, is_source, finite);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,14 +2,13 @@
 //! and the progress view, until the sources are done and everything is drained (or Ctrl-C).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use switchyard_crds::layout::Names;
-use switchyard_crds::topology::{replicas_of, type_of};
-use switchyard_crds::topology::{Unit, UnitKind};
-use switchyard_crds::unit::{StatsReport, UnitConfig, UnitRole};
+use switchyard_crds::topology::type_of;
+use switchyard_crds::unit::{StatsReport, UnitRole};
 use switchyard_crds::{GeneratorSource, SourceKind};
 use switchyard_platform::reports::Reports;
 use tokio::sync::mpsc;
@@ -19,6 +18,7 @@ use crate::error::RunError;
 use crate::migrate::{self, Edit, FileWatch, Hands, Planned, Progress};
 use crate::prepare::Prepared;
 use crate::progress::{Display, Row};
+use crate::quiet::Quiet;
 use crate::run_folder;
 use crate::scaling::LocalScaler;
 use crate::supervisor::{self, CrashLoop, Event, OutputLine, Supervisor};
@@ -82,6 +82,8 @@ pub struct Session {
     edit: Option<Box<Edit>>,
     edits: u32,
     edit_seen: bool,
+    /// Whether anything is left to do once every consumer is empty (joins' waiting items).
+    quiet: Quiet,
 }
 
 /// A run paused by `switchyard pause`: its sources stopped, its units draining or stopped.
@@ -129,7 +131,7 @@ impl Session {
             output_tx,
             args.verbose,
         );
-        add_units(&mut supervisor, prepared, run_dir.path())?;
+        run_folder::add_units(&mut supervisor, prepared, run_dir.path())?;
         let stream = nats
             .js
             .get_stream(&prepared.layout.nats.stream.name)
@@ -158,6 +160,7 @@ impl Session {
             file: args.file.clone(),
             file_watch: args.watch.then(|| FileWatch::new(&args.file)),
             edit: None,
+            quiet: Quiet::new(&prepared.layout.units),
             edits: 0,
             edit_seen: false,
         })
@@ -229,7 +232,10 @@ impl Session {
                 self.autoscale(prepared, display);
             }
             display.update(self.started.elapsed(), &self.rows(prepared));
-            if sources_done && all_empty && self.edit.is_none() {
+            if self.quiet.done(
+                sources_done && all_empty && self.edit.is_none(),
+                &self.reports,
+            ) {
                 return Ok(Ending::Completed);
             }
         }
@@ -529,33 +535,6 @@ impl Session {
 }
 
 /// Sum of the latest report of every replica a unit has had.
-/// Writes every unit's config into the run's folder and hands the units to the supervisor, readers
-/// first, so that every consumer is being pulled from before anything is produced.
-fn add_units(
-    supervisor: &mut Supervisor,
-    prepared: &Prepared,
-    run_dir: &Path,
-) -> Result<(), RunError> {
-    let mut order: Vec<(&Unit, &UnitConfig)> = prepared
-        .topology
-        .units
-        .iter()
-        .zip(&prepared.layout.units)
-        .collect();
-    order.sort_by_key(|(u, _)| matches!(u.kind, UnitKind::Source(_)));
-    for (unit, config) in order {
-        let path = run_dir.join(format!("{}.json", unit.name));
-        let text = serde_json::to_vec_pretty(config)?;
-        std::fs::write(&path, text).map_err(RunError::io("write a unit's config"))?;
-        let finite = matches!(&config.role, UnitRole::Source { source, .. } if source.is_finite());
-        let is_source = matches!(config.role, UnitRole::Source { .. });
-        // Switchers start at their minimum (perhaps zero); the autoscaler takes it from there.
-        let wanted = replicas_of(unit).min as usize;
-        supervisor.add(&unit.name, path, wanted, is_source, finite);
-    }
-    Ok(())
-}
-
 pub fn totals(reports: &Reports, unit: &str) -> StatsReport {
     let mut sum = StatsReport::default();
     for r in reports.latest(unit) {

@@ -78,6 +78,19 @@ impl Reports {
         self.lock().get(key).map(alive).unwrap_or_default()
     }
 
+    /// The reports of the replicas still alive, when every one of them (at least one) was received
+    /// after `since`.
+    pub fn sent_since(&self, key: &str, since: Instant) -> Option<Vec<StatsReport>> {
+        let all = self.lock();
+        let replicas: Vec<&(Instant, StatsReport)> = all
+            .get(key)?
+            .values()
+            .filter(|(at, _)| at.elapsed() < STALE)
+            .collect();
+        (!replicas.is_empty() && replicas.iter().all(|(at, _)| *at > since))
+            .then(|| replicas.into_iter().map(|(_, r)| r.clone()).collect())
+    }
+
     /// `fresh` for every key.
     pub fn fresh_all(&self) -> HashMap<String, Vec<StatsReport>> {
         self.lock()

@@ -8,13 +8,16 @@
 //! starts, and again every `RESCAN_EVERY`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv::{self, Operation};
 use futures::StreamExt;
 use switchyard_crds::join::{bucket_key, item_of_key, JoinConfig};
+use switchyard_crds::unit::JoinReport;
+
+use crate::stats::Stats;
 use switchyard_crds::join_state::{
     self, Ancestry, Arrival, Decision, Entry, Found, Skipped, State, BY_TIMEOUT,
 };
@@ -80,6 +83,8 @@ pub struct Join {
     max_value: usize,
     /// Items this replica saw waiting, by key: when their wait began (ms since the epoch).
     waiting: Mutex<HashMap<String, u64>>,
+    /// Where the count of `waiting` is reported, as it changes.
+    stats: Arc<Stats>,
 }
 
 pub fn now_ms() -> u64 {
@@ -95,6 +100,7 @@ impl Join {
         store: kv::Store,
         js: async_nats::jetstream::Context,
         max_value: usize,
+        stats: Arc<Stats>,
     ) -> Join {
         Join {
             branches: config.branches.iter().map(|b| b.name.clone()).collect(),
@@ -104,6 +110,7 @@ impl Join {
             js,
             max_value,
             waiting: Mutex::new(HashMap::new()),
+            stats,
         }
     }
 
@@ -116,6 +123,26 @@ impl Join {
             Some(since) => waiting.insert(key.to_string(), since),
             None => waiting.remove(key),
         };
+        let count = waiting.len() as u64;
+        drop(waiting);
+        let mut report = match self.stats.join.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        report.get_or_insert_with(JoinReport::default).waiting = count;
+    }
+
+    /// Reports how long the oldest item has waited (the count is kept as it changes).
+    pub fn report_oldest(&self, now_ms: u64) {
+        let (count, oldest) = self.waiting();
+        let mut report = match self.stats.join.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *report = Some(JoinReport {
+            waiting: count as u64,
+            oldest_wait_ms: oldest.map_or(0, |since| now_ms.saturating_sub(since)),
+        });
     }
 
     /// Items waiting in this replica, and when the oldest began to.

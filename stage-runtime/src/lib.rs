@@ -437,22 +437,7 @@ impl Unit<'_> {
         })
         .await?;
         let max_payload = self.client.server_info().max_payload;
-        let join = match &config.join {
-            Some(join) => {
-                let bucket = wait_for(&mut shutdown, "the join bucket", || {
-                    self.js.get_key_value(join.bucket.clone())
-                })
-                .await?;
-                Some(join::Join::new(
-                    &config.unit,
-                    join.clone(),
-                    bucket,
-                    self.js.clone(),
-                    max_payload.saturating_sub(switchyard_platform::frame::HEADERS_ROOM),
-                ))
-            }
-            None => None,
-        };
+        let join = self.open_join(max_payload, &mut shutdown).await?;
         let worker = Worker {
             crashes: crashes::CrashRecords {
                 store,
@@ -495,6 +480,29 @@ impl Unit<'_> {
             step.shutdown().await;
         }
         Ok(result?)
+    }
+
+    /// A join unit's store of the items it waits on.
+    async fn open_join(
+        &self,
+        max_payload: usize,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<join::Join>, RunError> {
+        let Some(join) = &self.config.join else {
+            return Ok(None);
+        };
+        let bucket = wait_for(shutdown, "the join bucket", || {
+            self.js.get_key_value(join.bucket.clone())
+        })
+        .await?;
+        Ok(Some(join::Join::new(
+            &self.config.unit,
+            join.clone(),
+            bucket,
+            self.js.clone(),
+            max_payload.saturating_sub(switchyard_platform::frame::HEADERS_ROOM),
+            self.stats.clone(),
+        )))
     }
 
     async fn open_sink(

@@ -29,6 +29,8 @@ pub struct Stats {
     pub ready: AtomicBool,
     /// A postgres source's table, as it last counted it.
     pub rows: Mutex<Option<switchyard_crds::RowCounts>>,
+    /// A join replica's items waiting (`crate::join`), counted as they change.
+    pub join: Mutex<Option<switchyard_crds::unit::JoinReport>>,
 }
 
 impl Stats {
@@ -49,6 +51,7 @@ impl Stats {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             finished: self.finished.load(Ordering::Relaxed),
             rows: self.rows.lock().ok().and_then(|rows| *rows),
+            join: self.join.lock().ok().and_then(|join| *join),
             ..StatsReport::default()
         }
     }

@@ -50,6 +50,9 @@ pub(super) fn check_joins(problems: &mut Vec<Problem>, spec: &PipelineSpec) {
         if let Some(timeout) = &join.timeout {
             crate::duration::check_duration(problems, &path, "join.timeout", timeout);
         }
+        if stage.switcher.as_ref().is_some_and(|s| s.min_replicas == 0) {
+            problems.push(Problem::at(&path, "a join times out the items it waits on, which needs a replica: set switcher.minReplicas to at least 1"));
+        }
         if join.max_waiting == Some(0) {
             problems.push(Problem::at(&path, "join.maxWaiting must be at least 1"));
         }
@@ -61,52 +64,67 @@ pub(super) fn check_joins(problems: &mut Vec<Problem>, spec: &PipelineSpec) {
         }
         let mut inputs: Vec<(&str, Vec<String>)> = Vec::new();
         for (n, branch) in join.of.iter().enumerate() {
-            if join.of[..n].contains(branch) {
-                problems.push(Problem::at(
-                    &path,
-                    format!("join.of names `{branch}` twice"),
-                ));
-                continue;
+            if let Some(b) = check_branch(problems, spec, &path, i, n, &mut branch_of) {
+                inputs.push((branch, reads(spec, b)));
             }
-            if branch == &stage.name {
-                problems.push(Problem::at(
-                    &path,
-                    "the join names itself in join.of: it cannot wait for its own output",
-                ));
-                continue;
-            }
-            let Some(b) = spec.stages.iter().position(|s| &s.name == branch) else {
-                let known: Vec<&str> = spec
-                    .stages
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .filter(|n| *n != stage.name)
-                    .collect();
-                let what = if spec.sources.iter().any(|s| &s.name == branch) {
-                    format!("`{branch}` is a source, and a join waits for the branches of a fork, which are stages reading the same input")
-                } else {
-                    format!("join.of names `{branch}`, which is no top-level stage")
-                };
-                problems.push(Problem::at(
-                    &path,
-                    format!("{what}; stages: {}", known.join(", ")),
-                ));
-                continue;
-            };
-            let branch_stage = &spec.stages[b];
-            if let Some(other) = branch_of.insert(branch, &stage.name) {
-                problems.push(Problem::at(&path, format!("`{branch}` is already a branch of join `{other}`: a branch hands its parts to one join")));
-            }
-            if branch_stage.join.is_some() {
-                problems.push(Problem::at(&path, format!("`{branch}` is a join itself, and a branch cannot be: put a stage after it and name that one")));
-            }
-            if branch_stage.batch.is_some() {
-                problems.push(Problem::at(&path, format!("branch `{branch}` batches its items, and a join matches each item's own outputs: remove its batch")));
-            }
-            inputs.push((branch, reads(spec, b)));
         }
         check_same_fork(problems, &path, &mut inputs);
     }
+}
+
+/// The `n`-th branch of the join at `stages[i]`: its position among the stages, when it is one
+/// that can be a branch.
+fn check_branch<'a>(
+    problems: &mut Vec<Problem>,
+    spec: &'a PipelineSpec,
+    path: &str,
+    i: usize,
+    n: usize,
+    branch_of: &mut BTreeMap<&'a str, &'a str>,
+) -> Option<usize> {
+    let stage = &spec.stages[i];
+    let join = stage.join.as_ref()?;
+    let branch = &join.of[n];
+    if join.of[..n].contains(branch) {
+        problems.push(Problem::at(path, format!("join.of names `{branch}` twice")));
+        return None;
+    }
+    if branch == &stage.name {
+        problems.push(Problem::at(
+            path,
+            "the join names itself in join.of: it cannot wait for its own output",
+        ));
+        return None;
+    }
+    let Some(b) = spec.stages.iter().position(|s| &s.name == branch) else {
+        let known: Vec<&str> = spec
+            .stages
+            .iter()
+            .map(|s| s.name.as_str())
+            .filter(|n| *n != stage.name)
+            .collect();
+        let what = if spec.sources.iter().any(|s| &s.name == branch) {
+            format!("`{branch}` is a source, and a join waits for the branches of a fork, which are stages reading the same input")
+        } else {
+            format!("join.of names `{branch}`, which is no top-level stage")
+        };
+        problems.push(Problem::at(
+            path,
+            format!("{what}; stages: {}", known.join(", ")),
+        ));
+        return None;
+    };
+    let branch_stage = &spec.stages[b];
+    if let Some(other) = branch_of.insert(branch, &stage.name) {
+        problems.push(Problem::at(path, format!("`{branch}` is already a branch of join `{other}`: a branch hands its parts to one join")));
+    }
+    if branch_stage.join.is_some() {
+        problems.push(Problem::at(path, format!("`{branch}` is a join itself, and a branch cannot be: put a stage after it and name that one")));
+    }
+    if branch_stage.batch.is_some() {
+        problems.push(Problem::at(path, format!("branch `{branch}` batches its items, and a join matches each item's own outputs: remove its batch")));
+    }
+    Some(b)
 }
 
 /// Every branch must read the same inputs: each item then forks to all of them.

@@ -51,6 +51,10 @@ fn every_example_is_valid() {
             "odd-numbers",
             include_str!("../../../examples/odd-numbers.yaml"),
         ),
+        (
+            "fan-out-join",
+            include_str!("../../../examples/fan-out-join.yaml"),
+        ),
     ] {
         if let Err(problems) = check(text) {
             panic!("{name}: {problems:?}");

@@ -228,6 +228,7 @@ impl Worker {
                     }
                 }
             }
+            join.report_oldest(now_ms());
             for item in join.due(now_ms()) {
                 if let Err(e) = self.time_out(join, &item).await {
                     tracing::warn!(item, "{e}; the item's timeout is carried out later");

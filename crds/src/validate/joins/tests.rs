@@ -65,6 +65,10 @@ fn what_a_join_names_is_checked_by_stage_path() {
     assert_has(&found, at, "`orders` is a source");
     assert_has(&found, at, "names `price` twice");
     assert_has(&found, at, "join.timeout");
+    let found = problems(&format!(
+        "{BRANCHES}    - {{name: answer, join: {{of: [price, stock]}}, switcher: {{minReplicas: 0}}, jq: '.'}}\n"
+    ));
+    assert_has(&found, "stages[2] answer", "minReplicas to at least 1");
     let found = problems(
         "    - {name: price, jq: '.'}\n    - {name: answer, join: {of: [price]}, jq: '.'}\n",
     );

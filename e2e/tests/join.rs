@@ -1,0 +1,283 @@
+//! Fork and join through `switchyard run` (issue 26): every item forks to three branches (one
+//! drops some items, one makes two outputs of each) and the join hands on each item once with all
+//! three parts; also with two join replicas and the join's and branches' processes SIGKILLed every
+//! 2 s; an item a branch fails or does not answer in time is dead-lettered with what arrived, and
+//! its replay waits again with what came since. The example ends by itself.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use switchyard_e2e::run::{BackgroundRun, Tally};
+use switchyard_e2e::{binary, children_with, examples_copy, line_count, signal, wait_until};
+
+/// A killed process's messages come back after JetStream's acknowledgement deadline (10 s).
+const LIMIT: Duration = Duration::from_secs(300);
+const ITEMS: u64 = 20_000;
+
+/// ITEMS orders (at `rate` a second, when given) fork to `price`, to `stock` (which drops every
+/// third) and to `reviews` (two outputs each); `answer` joins them, with `join_replicas`.
+fn three_branches(rate: Option<u32>, join_replicas: u32) -> String {
+    let rate = rate.map_or(String::new(), |r| format!(", ratePerSecond: {r}"));
+    format!(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: forks}}
+spec:
+  sources:
+    - name: orders
+      generator: {{count: {ITEMS}, payload: '{{"order": {{{{seq}}}}}}'{rate}}}
+  stages:
+    - {{name: price, inputs: [orders], jq: '{{order, price: (.order * 2)}}'}}
+    - {{name: stock, inputs: [orders], jq: 'if .order % 3 == 0 then empty else {{order, stocked: true}} end'}}
+    - {{name: reviews, inputs: [orders], jq: '{{order, stars: 4}}, {{order, stars: 5}}'}}
+    - name: answer
+      join: {{of: [price, stock, reviews], timeout: 60s}}
+      switcher: {{minReplicas: {join_replicas}, maxReplicas: {join_replicas}}}
+      jq: '{{order: .price[0].order, price: .price[0].price, stock: (.stock | length), stars: [.reviews[].stars]}}'
+  sinks:
+    - {{name: out, file: {{path: out.jsonl}}}}
+"#
+    )
+}
+
+/// Every order once, each with all three parts as its branches made them.
+fn assert_joined_once(file: &Path) {
+    Tally::of(file, "order", ITEMS).assert_exactly_once(ITEMS);
+    let text = std::fs::read_to_string(file).unwrap();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let order = v["order"].as_u64().unwrap();
+        assert_eq!(v["price"].as_u64(), Some(order * 2), "{line}");
+        let stocked = u64::from(!order.is_multiple_of(3));
+        assert_eq!(
+            v["stock"].as_u64(),
+            Some(stocked),
+            "a dropped item is an empty part: {line}"
+        );
+        assert_eq!(
+            v["stars"],
+            serde_json::json!([4, 5]),
+            "both outputs, in order: {line}"
+        );
+    }
+}
+
+fn assert_ended_clean(run: &mut BackgroundRun) {
+    let status = run.wait(LIMIT);
+    let output = run.output();
+    assert!(status.success(), "{}\n{output}", run.notes());
+    assert!(
+        output.contains(&format!(
+            "{} from sources, {} at sinks, 0 dead-lettered",
+            thousands(ITEMS),
+            thousands(ITEMS)
+        )),
+        "{output}"
+    );
+    assert!(output.contains("The books balance"), "{output}");
+}
+
+/// `20,000`, as the run's summary writes it.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[test]
+fn every_item_is_joined_once_with_all_three_parts() {
+    let mut run = BackgroundRun::start(&three_branches(None, 1), &[], &[]);
+    assert_ended_clean(&mut run);
+    assert_joined_once(&run.path("out.jsonl"));
+}
+
+#[test]
+fn two_join_replicas_and_kills_every_two_seconds_lose_and_double_nothing() {
+    let mut run = BackgroundRun::start(&three_branches(Some(1500), 2), &[], &[]);
+    let out = run.path("out.jsonl");
+    let pid = run.child.id();
+    wait_until(LIMIT, "two join replicas", || {
+        children_with(pid, "/answer.json").len() == 2
+    });
+    let victims = ["answer", "price", "stock", "reviews"];
+    let mut killed = Vec::new();
+    let started = Instant::now();
+    while line_count(&out) < (ITEMS as usize) * 3 / 4 && started.elapsed() < LIMIT {
+        std::thread::sleep(Duration::from_secs(2));
+        if run.child.try_wait().unwrap().is_some() {
+            break;
+        }
+        let unit = victims[killed.len() % victims.len()];
+        if let Some(&pid) = children_with(run.child.id(), &format!("/{unit}.json")).first() {
+            signal(pid, libc::SIGKILL);
+            killed.push((unit, pid));
+        }
+    }
+    assert!(
+        killed.len() >= 4,
+        "too few kills before the end: {killed:?}"
+    );
+    assert_ended_clean(&mut run);
+    let notes = run.notes();
+    for (unit, pid) in &killed {
+        assert!(
+            notes.contains(&format!("unit `{unit}`: process {pid} ended (signal 9)")),
+            "{notes}"
+        );
+    }
+    assert_joined_once(&out);
+    println!("{} kills: {killed:?}", killed.len());
+}
+
+fn switchyard(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new(binary("switchyard"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run switchyard");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "switchyard {args:?}: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// Items 1..=20: `fast` answers at once but fails item 5; `slow` takes 3 s, three times the join's
+/// timeout.
+const LATE: &str = r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {name: late}
+spec:
+  sources:
+    - name: items
+      generator: {count: 20, payload: '{"n": {{seq}}}'}
+  stages:
+    - {name: fast, inputs: [items], jq: 'if .n == 5 then error("no price for 5") else {n, fast: true} end'}
+    - name: slow
+      inputs: [items]
+      stages:
+        - {name: wait, sleep: 3s}
+        - {name: mark, jq: '{n, slow: true}'}
+    - name: answer
+      join: {of: [fast, slow], timeout: 1s}
+      jq: '{n: .slow[0].n, fast: .fast[0].fast, slow: .slow[0].slow}'
+  sinks:
+    - {name: out, file: {path: out.jsonl}}
+"#;
+
+#[test]
+fn an_item_missing_a_branch_is_dead_lettered_with_what_arrived_and_its_replay_joins_it() {
+    let mut run = BackgroundRun::start(LATE, &[], &[]);
+    assert!(run.wait(LIMIT).success(), "{}", run.notes());
+    let dir = run.dir.path().to_path_buf();
+    assert_eq!(
+        line_count(&run.path("out.jsonl")),
+        0,
+        "nothing joined in time"
+    );
+    let letters: Vec<serde_json::Value> = switchyard(&dir, &["dlq", "show", "p.yaml", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let at = |unit: &str| -> Vec<&serde_json::Value> {
+        letters.iter().filter(|l| l["unit"] == unit).collect()
+    };
+    assert_eq!(at("fast").len(), 1, "the branch's own letter: {letters:?}");
+    let joins = at("answer");
+    assert_eq!(joins.len(), 20, "{letters:?}");
+    let failed = joins
+        .iter()
+        .find(|l| l["data"].get("fast").is_none())
+        .unwrap();
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("branch `fast` dead-lettered the item (")
+            && error.contains("no price for 5"),
+        "{error}"
+    );
+    assert_eq!(
+        failed["data"]["_missing"],
+        serde_json::json!(["fast", "slow"])
+    );
+    let timed_out = joins
+        .iter()
+        .find(|l| l["data"].get("fast").is_some())
+        .unwrap();
+    let error = timed_out["error"].as_str().unwrap();
+    assert!(
+        error.contains("timed out after 1s waiting for slow; arrived: fast"),
+        "{error}"
+    );
+    assert_eq!(timed_out["data"]["_missing"], serde_json::json!(["slow"]));
+
+    // The slow parts came after the timeout and were kept: the replayed letters find them.
+    let replayed = switchyard(&dir, &["dlq", "replay", "p.yaml", "--unit", "answer"]);
+    assert!(replayed.contains("replayed 20 dead letters"), "{replayed}");
+    run.again(&["--resume"]);
+    assert!(run.wait(LIMIT).success(), "{}", run.notes());
+    let joined = Tally::of(&run.path("out.jsonl"), "n", 20);
+    assert_eq!(
+        joined.lost,
+        vec![5],
+        "all but the item `fast` failed, once: {joined:?}"
+    );
+    assert!(joined.duplicated.is_empty(), "{joined:?}");
+    // Item 5 waits again for `fast`, whose letter is still there, and times out once more.
+    let again: Vec<serde_json::Value> = switchyard(
+        &dir,
+        &["dlq", "show", "p.yaml", "--json", "--unit", "answer"],
+    )
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert!(
+        again[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("waiting for fast; arrived: slow"),
+        "{again:?}"
+    );
+    assert_eq!(again[0]["replays"], 1);
+}
+
+#[test]
+fn the_example_joins_every_order_and_ends_by_itself() {
+    let dir = examples_copy();
+    let output = Command::new(binary("switchyard"))
+        .args(["run", "fan-out-join.yaml", "--progress", "lines"])
+        .current_dir(dir.path())
+        .output()
+        .expect("switchyard run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answers = dir.path().join("answers.jsonl");
+    Tally::of(&answers, "order", 10_000).assert_exactly_once(10_000);
+    for line in std::fs::read_to_string(&answers).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let order = v["order"].as_u64().unwrap();
+        assert_eq!(
+            v["in_stock"].as_bool(),
+            Some(!order.is_multiple_of(7)),
+            "{line}"
+        );
+        assert_eq!(v["days"].as_u64(), Some(1 + order % 5), "{line}");
+        assert!(v["price"].is_f64(), "{line}");
+    }
+}
