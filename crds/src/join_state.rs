@@ -209,14 +209,21 @@ pub fn arrive(
 }
 
 /// What a replica that finds `entry` in the bucket must do for it at `now_ms`, if anything: a wait
-/// that timed out, or a failure or a close that a replica began and did not finish (it died).
+/// that timed out, one that misses no branch the join now waits for (an edit removed the one it
+/// missed), or a failure or a close that a replica began and did not finish (it died).
 pub fn expire(
     entry: Entry,
-    on_timeout: OnTimeout,
-    timeout_ms: u64,
+    branches: &[String],
+    (on_timeout, timeout_ms): (OnTimeout, u64),
     now_ms: u64,
 ) -> Option<Decision> {
     match &entry.state {
+        // The join's branches were edited: it waits for none of those still missing.
+        State::Waiting if missing(&entry, branches).is_empty() => {
+            let mut entry = entry;
+            entry.state = State::Closing;
+            Some(Decision::Close(entry))
+        }
         State::Waiting if now_ms >= entry.since_ms.saturating_add(timeout_ms) => {
             let mut entry = entry;
             Some(match on_timeout {

@@ -144,6 +144,9 @@ pub struct Migration {
     /// Without `drain`: what may be dropped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub discards: Vec<Discard>,
+    /// Why the edit cannot be carried out in place at all (`joins`): then nothing is changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
 }
 
 impl Migration {
@@ -222,6 +225,7 @@ pub fn plan(running: &[UnitState], desired: &[UnitState], policy: Policy) -> Mig
         steps,
         target,
         discards,
+        refused: joins::refused(running, desired),
     }
 }
 
@@ -575,6 +579,8 @@ fn role_change(a: &UnitRole, b: &UnitRole) -> &'static str {
         _ => "its role",
     }
 }
+
+mod joins;
 
 #[cfg(test)]
 mod tests;

@@ -281,3 +281,84 @@ fn the_example_joins_every_order_and_ends_by_itself() {
         assert!(v["price"].is_f64(), "{line}");
     }
 }
+
+/// Items 1..=30 fork to the branches, `slow` taking 45 s for each; the join would wait ten minutes.
+fn waiting_join(branches: &[&str]) -> String {
+    let mut stages = String::new();
+    for branch in branches {
+        let step = match *branch {
+            "slow" => "stages: [{name: wait, sleep: 45s}, {name: mark, jq: '{n, slow: true}'}]",
+            _ => "jq: '{n}'",
+        };
+        stages.push_str(&format!(
+            "    - {{name: {branch}, inputs: [items], {step}}}\n"
+        ));
+    }
+    format!(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: edited}}
+spec:
+  sources:
+    - name: items
+      generator: {{count: 30, payload: '{{"n": {{{{seq}}}}}}'}}
+  stages:
+{stages}    - name: answer
+      join: {{of: [{}], timeout: 10m}}
+      jq: '{{n: .fast[0].n, parts: keys}}'
+  sinks:
+    - {{name: out, file: {{path: out.jsonl}}}}
+"#,
+        branches.join(", ")
+    )
+}
+
+#[test]
+fn an_edit_adding_a_branch_is_refused_and_one_removing_the_branch_items_wait_for_hands_them_on() {
+    let mut run =
+        BackgroundRun::start(&waiting_join(&["fast", "quick", "slow"]), &["--watch"], &[]);
+    // Every item has its `fast` and `quick` parts at the join and waits for `slow`.
+    wait_until(
+        LIMIT,
+        "the join to take in the parts of `fast` and `quick`",
+        || {
+            run.notes().lines().any(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                words.starts_with(&["answer", "group", "1", "60"])
+            })
+        },
+    );
+    std::fs::write(
+        run.path("p.yaml"),
+        waiting_join(&["fast", "quick", "slow", "extra"]),
+    )
+    .unwrap();
+    run.wait_for_note("edit 1 refused, nothing changed: join `answer` would wait for `extra` too");
+    let started = Instant::now();
+    std::fs::write(run.path("p.yaml"), waiting_join(&["fast", "quick"])).unwrap();
+    let out = run.path("out.jsonl");
+    // Before `slow` is done with any item (45 s from the start): they go on without it.
+    wait_until(
+        Duration::from_secs(30),
+        "the items to go on at the edit",
+        || line_count(&out) == 30,
+    );
+    assert!(run.wait(LIMIT).success(), "{}", run.notes());
+    let output = run.output();
+    assert!(
+        output.contains("30 from sources, 30 at sinks, 0 dead-lettered"),
+        "the parts `slow` made before it went are late, not failures: {output}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "the items went on at the edit, not at their timeout: {:?}",
+        started.elapsed()
+    );
+    let joined = Tally::of(&out, "n", 30);
+    joined.assert_exactly_once(30);
+    for line in std::fs::read_to_string(&out).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["parts"], serde_json::json!(["fast", "quick"]), "{line}");
+    }
+}

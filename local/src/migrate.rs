@@ -122,6 +122,13 @@ pub fn plan_edit(file: &Path, number: u32, running: &Prepared, display: &Display
         display.note(&format!("edit {number}: nothing to change"));
         return Planned::Nothing;
     }
+    if !migration.refused.is_empty() {
+        display.note(&format!(
+            "edit {number} refused, nothing changed: {}",
+            migration.refused.join("; ")
+        ));
+        return Planned::Nothing;
+    }
     let now = Instant::now();
     display.note(&format!(
         "edit {number}: {} step{}",
@@ -176,6 +183,13 @@ impl Edit {
         hands: &mut Hands<'_>,
         display: &Display,
     ) -> Result<Progress, RunError> {
+        if self.next == 0 && !self.begun {
+            // An edit that adds the Pipeline's first join adds the bucket it keeps its items in.
+            if let Some(bucket) = &self.prepared.layout.nats.join_bucket {
+                let replicas = self.prepared.layout.nats.stream.replicas;
+                admin::join_bucket(&hands.nats.js, bucket, replicas).await?;
+            }
+        }
         if self.next == 0 && !self.begun && !self.migration.discards.is_empty() {
             if let Some(refusal) = self.refusal(hands).await? {
                 display.note(&format!(
@@ -291,7 +305,12 @@ impl Edit {
                 .then(|| format!("the processes of {unit} before the edit to finish")),
             Step::Drain { unit } => {
                 match admin::queue_of(&hands.nats.js, hands.stream, unit).await? {
-                    None | Some(0) => None,
+                    None | Some(0) => {
+                        match admin::join_waiting(&hands.nats.js, hands.stream, unit).await? {
+                            None | Some(0) => None,
+                            Some(n) => Some(format!("the {n} items join {unit} waits on")),
+                        }
+                    }
                     Some(n) => Some(format!("{n} messages in the queue of {unit}")),
                 }
             }

@@ -133,7 +133,7 @@ pub async fn apply(js: &jetstream::Context, layout: &NatsLayout) -> Result<(), A
 
 /// The bucket where joins keep the parts of the items they wait on: a value per item, and markers
 /// of finished ones that expire by themselves (per-message TTLs: NATS 2.11 or later).
-async fn join_bucket(
+pub async fn join_bucket(
     js: &jetstream::Context,
     bucket: &str,
     replicas: u32,
@@ -462,6 +462,52 @@ pub async fn queue_of(
         Err(e) if is_not_found(&e.to_string()) => Ok(None),
         Err(e) => Err(AdminError::nats(format!("read consumer {durable}"))(e)),
     }
+}
+
+/// The items a join unit waits on in the Pipeline's joins bucket, with those whose failure or
+/// timeout a replica has not carried out yet: what a join that goes away finishes first. None when
+/// the Pipeline has no joins bucket.
+pub async fn join_waiting(
+    js: &jetstream::Context,
+    stream: &str,
+    unit: &str,
+) -> Result<Option<u64>, AdminError> {
+    use switchyard_crds::join_state::{Entry, State};
+    let bucket = format!("{stream}_joins");
+    let store = match js.get_key_value(&bucket).await {
+        Ok(store) => store,
+        Err(e) if is_not_found(&e.to_string()) => return Ok(None),
+        Err(e) => {
+            return Err(AdminError::nats(format!("open key-value bucket {bucket}"))(
+                e,
+            ))
+        }
+    };
+    let what = || format!("read the items join {unit} waits on");
+    let mut keys = store.keys().await.map_err(AdminError::nats(what()))?;
+    use futures::StreamExt;
+    let prefix = format!("{unit}.");
+    let mut waiting = 0;
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(AdminError::nats(what()))?;
+        if !key.starts_with(&prefix) {
+            continue;
+        }
+        let value = store.get(&key).await.map_err(AdminError::nats(what()))?;
+        let entry = value.and_then(|v: bytes::Bytes| serde_json::from_slice::<Entry>(&v).ok());
+        if entry.is_some_and(|e| {
+            !matches!(
+                e.state,
+                State::Finished { .. }
+                    | State::Failed {
+                        letter_stored: true
+                    }
+            )
+        }) {
+            waiting += 1;
+        }
+    }
+    Ok(Some(waiting))
 }
 
 /// What a migration without drain would drop, as "N messages in <where>", for those that hold any.

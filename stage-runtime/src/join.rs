@@ -321,8 +321,8 @@ impl Join {
             let state = entry.state.clone();
             let Some(decision) = join_state::expire(
                 entry.clone(),
-                self.config.on_timeout,
-                self.config.timeout_ms,
+                &self.branches,
+                (self.config.on_timeout, self.config.timeout_ms),
                 now_ms(),
             ) else {
                 self.remember(&key, (state == State::Waiting).then_some(entry.since_ms));
@@ -412,6 +412,9 @@ impl Join {
             };
             if let (Found::Entry(entry), _) = self.read(&item, &key).await? {
                 let since = match entry.state {
+                    State::Waiting if join_state::missing(&entry, &self.branches).is_empty() => {
+                        Some(0)
+                    }
                     State::Waiting => Some(entry.since_ms),
                     _ => self.due_now(&entry),
                 };

@@ -191,11 +191,20 @@ fn a_wait_times_out_into_a_dead_letter_or_goes_on_with_what_arrived() {
         panic!()
     };
     assert_eq!(
-        expire(entry.clone(), OnTimeout::DeadLetter, 30_000, 30_999),
+        expire(
+            entry.clone(),
+            &branches(),
+            (OnTimeout::DeadLetter, 30_000),
+            30_999
+        ),
         None
     );
-    let Some(Decision::Fail(failed)) = expire(entry.clone(), OnTimeout::DeadLetter, 30_000, 31_000)
-    else {
+    let Some(Decision::Fail(failed)) = expire(
+        entry.clone(),
+        &branches(),
+        (OnTimeout::DeadLetter, 30_000),
+        31_000,
+    ) else {
         panic!()
     };
     let reason = failure_reason(&failed, "answer", &branches(), 30_000);
@@ -203,7 +212,9 @@ fn a_wait_times_out_into_a_dead_letter_or_goes_on_with_what_arrived() {
         reason.contains("timed out after 30s waiting for price, reviews; arrived: stock"),
         "{reason}"
     );
-    let Some(Decision::Close(closing)) = expire(entry, OnTimeout::Continue, 30_000, 31_000) else {
+    let Some(Decision::Close(closing)) =
+        expire(entry, &branches(), (OnTimeout::Continue, 30_000), 31_000)
+    else {
         panic!()
     };
     assert_eq!(
@@ -223,11 +234,16 @@ fn a_wait_times_out_into_a_dead_letter_or_goes_on_with_what_arrived() {
     );
     // A replica that died half way: whoever finds the entry finishes the job.
     assert!(matches!(
-        expire(closing, OnTimeout::Continue, 30_000, 0),
+        expire(closing, &branches(), (OnTimeout::Continue, 30_000), 0),
         Some(Decision::Close(_))
     ));
     assert!(matches!(
-        expire(failed.clone(), OnTimeout::DeadLetter, 30_000, 0),
+        expire(
+            failed.clone(),
+            &branches(),
+            (OnTimeout::DeadLetter, 30_000),
+            0
+        ),
         Some(Decision::Fail(_))
     ));
     let mut stored = failed;
@@ -235,7 +251,12 @@ fn a_wait_times_out_into_a_dead_letter_or_goes_on_with_what_arrived() {
         letter_stored: true,
     };
     assert_eq!(
-        expire(stored, OnTimeout::DeadLetter, 30_000, u64::MAX),
+        expire(
+            stored,
+            &branches(),
+            (OnTimeout::DeadLetter, 30_000),
+            u64::MAX
+        ),
         None
     );
 }
@@ -286,5 +307,29 @@ fn the_part_that_completed_an_item_hands_it_on_again_and_any_other_is_late() {
         ),
         Decision::Skip(Skipped::Late)
     );
-    assert_eq!(expire(finished, OnTimeout::DeadLetter, 1, u64::MAX), None);
+    assert_eq!(
+        expire(finished, &branches(), (OnTimeout::DeadLetter, 1), u64::MAX),
+        None
+    );
+}
+
+#[test]
+fn an_item_that_misses_only_a_branch_an_edit_removed_goes_on_without_waiting_out_its_time() {
+    let (Found::Entry(entry), _) = after(
+        vec![part("price", vec![json!(1)]), part("stock", vec![json!(2)])],
+        5,
+    ) else {
+        panic!()
+    };
+    let now: Vec<String> = vec!["price".into(), "stock".into()];
+    let Some(Decision::Close(closing)) =
+        expire(entry.clone(), &now, (OnTimeout::DeadLetter, 30_000), 6)
+    else {
+        panic!()
+    };
+    assert_eq!(joined(&closing, &now), json!({"price": [1], "stock": [2]}));
+    assert_eq!(
+        expire(entry, &branches(), (OnTimeout::DeadLetter, 30_000), 6),
+        None
+    );
 }

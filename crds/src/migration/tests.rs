@@ -725,3 +725,34 @@ fn a_subject_nobody_publishes_to_is_read_to_its_end_by_its_readers_or_named_with
         }]
     );
 }
+
+const JOINED: &str = "  sources: [{name: gen, generator: {count: 1}}]
+  stages:
+    - {name: a, inputs: [gen], jq: '.a = 1'}
+    - {name: b, inputs: [gen], jq: '.b = 1'}
+    - {name: c, inputs: [gen], jq: '.c = 1'}
+    - {name: j, join: {of: [a, b, c]}, jq: '.'}
+  sinks: [{name: out, log: {}}]
+";
+
+#[test]
+fn a_branch_added_to_a_running_join_is_refused_and_one_removed_is_carried_out() {
+    let two = JOINED
+        .replace("of: [a, b, c]", "of: [a, b]")
+        .replace("    - {name: c, inputs: [gen], jq: '.c = 1'}\n", "");
+    let added = plan(&states(&two), &states(JOINED), Policy::default());
+    assert_eq!(added.refused.len(), 1, "{:?}", added.refused);
+    assert!(
+        added.refused[0].contains("join `j` would wait for `c` too"),
+        "{:?}",
+        added.refused
+    );
+    let removed = plan(&states(JOINED), &states(&two), Policy::default());
+    assert!(removed.refused.is_empty(), "{:?}", removed.refused);
+    let steps = printed(&removed);
+    assert!(
+        steps.iter().any(|s| s.starts_with("roll j")),
+        "the join rolls to wait for two: {steps:?}"
+    );
+    assert!(steps.iter().any(|s| s.starts_with("drain c")), "{steps:?}");
+}

@@ -118,6 +118,13 @@ pub async fn reconcile(
         .collect();
     let policy = switchyard_crds::migration::Policy::of(&pipeline.spec);
     let migration = migration::plan(&running, &desired_plain, policy);
+    if !migration.refused.is_empty() {
+        let reason = format!(
+            "the edit is not applied and the Pipeline runs as it was: {}",
+            migration.refused.join("; ")
+        );
+        return Ok(refused(ctx, pipeline, plan, reason, running_epochs).await);
+    }
     if !migration.is_stepwise() {
         return Ok(Migrating::No);
     }
@@ -301,8 +308,12 @@ async fn take(
                 .then(|| format!("the pods of {unit} from before the edit to finish and go"))
         }
         Step::Drain { unit } => match admin::queue_of(js, stream, unit).await.map_err(nats)? {
-            // Gone: a try of the steps that followed removed it before the status said so.
-            None | Some(0) => None,
+            // Gone: a try of the steps that followed removed it before the status said so. A
+            // join finishes the items it waits on (their parts are acknowledged) before it goes.
+            None | Some(0) => match admin::join_waiting(js, stream, unit).await.map_err(nats)? {
+                None | Some(0) => None,
+                Some(n) => Some(format!("the {n} items join {unit} waits on")),
+            },
             Some(n) => Some(format!("the {n} messages in the queue of {unit}")),
         },
         Step::Remove { unit } => {

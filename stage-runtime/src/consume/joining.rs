@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use switchyard_crds::books::{route, Counts};
-use switchyard_crds::join::{OnTimeout, Part};
+use switchyard_crds::join::Part;
 use switchyard_crds::join_state::{self, Ancestry, Arrival, Decision, Entry};
 use tokio::sync::watch;
 
@@ -60,19 +60,20 @@ fn joined_lineage(item: &str, ancestry: &Ancestry) -> Lineage {
     }
 }
 
-/// What a branch's part says, for the join's branches.
-fn read_part(payload: &Payload, branches: &[String]) -> Result<Arrival, String> {
+/// What a branch's part says, for the join's branches; None for a part of a branch the join no
+/// longer waits for (an edit removed it while it still had items on their way).
+fn read_part(payload: &Payload, branches: &[String]) -> Result<Option<Arrival>, String> {
     let bytes = payload.clone().into_bytes();
     let part: Part = serde_json::from_slice(&bytes)
         .map_err(|e| format!("it is no branch's part of an item ({e})"))?;
     if !branches.contains(&part.branch) {
-        return Err(format!(
-            "it is a part of branch `{}`, which this join does not wait for ({})",
-            part.branch,
-            branches.join(", ")
-        ));
+        tracing::debug!(
+            branch = part.branch,
+            "a part of a branch the join no longer waits for"
+        );
+        return Ok(None);
     }
-    Ok(match (part.failed, part.outputs) {
+    Ok(Some(match (part.failed, part.outputs) {
         (Some(error), _) => Arrival::Failure {
             branch: part.branch,
             error,
@@ -81,7 +82,7 @@ fn read_part(payload: &Payload, branches: &[String]) -> Result<Arrival, String> 
             branch: part.branch,
             outputs: outputs.unwrap_or_default(),
         },
-    })
+    }))
 }
 
 impl Worker {
@@ -101,9 +102,14 @@ impl Worker {
                     },
                 ))
             }
-            (false, Some(fork)) => {
-                read_part(&input.payload, &join.branches).map(|arrival| (fork.clone(), arrival))
-            }
+            (false, Some(fork)) => match read_part(&input.payload, &join.branches) {
+                Ok(Some(arrival)) => Ok((fork.clone(), arrival)),
+                Ok(None) => {
+                    let lineage = lineage.clone();
+                    return Some(Processed::of(lineage, None, None, Vec::new(), Vec::new()));
+                }
+                Err(e) => Err(e),
+            },
             (false, None) => Err(format!(
                 "it names no forked item (no {} header): only a branch's parts reach a join",
                 switchyard_crds::unit::headers::FORK
@@ -252,7 +258,7 @@ impl Worker {
                 self.fail_joined(join, item, &entry, &mut processed);
                 processed
             }
-            Some(Decision::Close(entry)) if join.config.on_timeout == OnTimeout::Continue => {
+            Some(Decision::Close(entry)) => {
                 let lineage = joined_lineage(item, &entry.ancestry);
                 let mut processed = Processed::of(lineage, None, None, Vec::new(), Vec::new());
                 self.hand_on(join, item, &entry, &mut processed).await;
