@@ -506,6 +506,9 @@ pub fn render_status(
     out.push_str(&status::render_rows(
         units.iter().map(|u| (u.unit.as_str(), u.rows)),
     ));
+    out.push_str(&status::render_joins(
+        units.iter().map(|u| (u.unit.as_str(), u.join)),
+    ));
     out
 }
 

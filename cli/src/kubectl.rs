@@ -518,6 +518,10 @@ fn render_status(pipeline: &Pipeline, live: Option<&(Vec<status::UnitStatus>, St
         let now = live.and_then(|(units, _)| units.iter().find(|l| l.unit == u.name));
         (u.name.as_str(), now.and_then(|l| l.rows).or(u.rows))
     })));
+    out.push_str(&status::render_joins(st.units.iter().map(|u| {
+        let now = live.and_then(|(units, _)| units.iter().find(|l| l.unit == u.name));
+        (u.name.as_str(), now.and_then(|l| l.join).or(u.join))
+    })));
     out.push_str(&render_edges(&st.edges));
     out
 }

@@ -113,6 +113,31 @@ pub struct UnitStatus {
     /// For a postgres source: where the rows of its table stand, as it last counted them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<RowCounts>,
+    /// For a join: the items it waits on, as its live replicas report them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<JoinWaiting>,
+}
+
+/// The items a join waits on (some of their branches have given their parts, not all), and how
+/// long the oldest has waited.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinWaiting {
+    pub waiting: u64,
+    pub oldest_wait_seconds: u64,
+}
+
+impl JoinWaiting {
+    /// One line for a person: `120 waiting, the oldest for 3s`.
+    pub fn describe(&self) -> String {
+        if self.waiting == 0 {
+            return "nothing waiting".to_string();
+        }
+        format!(
+            "{} waiting, the oldest for {}s",
+            self.waiting, self.oldest_wait_seconds
+        )
+    }
 }
 
 /// Where the rows of a postgres source's table stand (those its `where` selects), as the source

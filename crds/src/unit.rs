@@ -233,6 +233,9 @@ pub struct TraceEvent {
     /// How often it has been replayed from the dead-letter queue.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub replays: u32,
+    /// What a join did with a branch's part: what the item waits for, or which parts it joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -257,6 +260,12 @@ pub enum TraceOutcome {
     Duplicate,
     /// It (or one of the items made from it) went to the dead-letter queue.
     DeadLettered,
+    /// A join stored a branch's part of it; the item waits for the others.
+    Waiting,
+    /// A join took the last part of it: the joined item went on.
+    Joined,
+    /// A join was given a part of it after the item went on (or without the branch).
+    Late,
 }
 
 /// A message JetStream delivers again was held by a process that died (or by one whose acknowledgement
@@ -425,13 +434,29 @@ pub struct StatsReport {
 }
 
 /// The items a join replica waits on (their parts stored, not all there yet), and how long the
-/// oldest has waited.
+/// oldest has waited. Summed over a join's replicas (`join_waiting`), its status.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct JoinReport {
     pub waiting: u64,
     #[serde(default)]
     pub oldest_wait_ms: u64,
+}
+
+/// What a join's replicas wait on together; None when none of them is a join's.
+pub fn join_waiting<'a>(
+    reports: impl IntoIterator<Item = &'a StatsReport>,
+) -> Option<crate::status::JoinWaiting> {
+    reports.into_iter().filter_map(|r| r.join).fold(
+        None,
+        |sum: Option<crate::status::JoinWaiting>, r| {
+            let sum = sum.unwrap_or_default();
+            Some(crate::status::JoinWaiting {
+                waiting: sum.waiting + r.waiting,
+                oldest_wait_seconds: sum.oldest_wait_seconds.max(r.oldest_wait_ms / 1000),
+            })
+        },
+    )
 }
 
 #[cfg(test)]

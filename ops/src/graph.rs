@@ -20,6 +20,8 @@ fn kind(unit: &Unit) -> &'static str {
     match unit.kind {
         UnitKind::Source(_) => "source",
         UnitKind::Sink(_) => "sink",
+        // It waits for its branches, whatever scales it.
+        UnitKind::Process if unit.join.is_some() => "join",
         UnitKind::Process if unit.switcher.is_some() => "switcher",
         UnitKind::Process => "group",
     }
@@ -307,6 +309,23 @@ mod tests {
         for unit in &topology.units {
             assert!(m.contains(&node_id(&unit.name)), "{m}");
             assert!(d.contains(&format!("\"{}\" [label=", unit.name)), "{d}");
+        }
+    }
+
+    #[test]
+    fn a_join_is_drawn_as_one() {
+        let pipeline = switchyard_crds::validate::parse_pipeline(include_str!(
+            "../../examples/fan-out-join.yaml"
+        ))
+        .unwrap();
+        let topology = switchyard_crds::validate::analyze(&pipeline).unwrap();
+        let m = mermaid(&topology, &BTreeMap::new());
+        assert!(m.contains("answer (join)"), "{m}");
+        for branch in ["price", "stock", "shipping"] {
+            assert!(
+                m.contains(&format!("{} --> {}", node_id(branch), node_id("answer"))),
+                "{m}"
+            );
         }
     }
 

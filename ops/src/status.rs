@@ -27,6 +27,9 @@ pub struct UnitStatus {
     /// For a postgres source: where its table's rows stand, as it last counted them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows: Option<switchyard_crds::RowCounts>,
+    /// For a join: the items it waits on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join: Option<switchyard_crds::status::JoinWaiting>,
 }
 
 /// Reads every unit's status, listening `listen` for the replicas' reports (they come every second).
@@ -75,6 +78,7 @@ pub async fn read(target: &Target, listen: Duration) -> Result<Vec<UnitStatus>, 
             kind: match unit.kind {
                 UnitKind::Source(_) => "source",
                 UnitKind::Sink(_) => "sink",
+                UnitKind::Process if unit.join.is_some() => "join",
                 UnitKind::Process if unit.switcher.is_some() => "switcher",
                 UnitKind::Process => "group",
             }
@@ -84,6 +88,7 @@ pub async fn read(target: &Target, listen: Duration) -> Result<Vec<UnitStatus>, 
             rate: mine.iter().fold(0.0, |sum, r| sum + r.rate),
             dead_letters: dead_letters.get(&unit.name).copied().unwrap_or(0),
             rows: mine.iter().find_map(|r| r.rows),
+            join: switchyard_crds::unit::join_waiting(mine.iter().copied()),
         });
     }
     Ok(out)
@@ -107,10 +112,39 @@ pub fn render_rows<'a>(
     )
 }
 
+/// The items each join among `units` waits on (name, waiting), as `switchyard status` shows them
+/// below the units' table; nothing when there is no join.
+pub fn render_joins<'a>(
+    units: impl IntoIterator<Item = (&'a str, Option<switchyard_crds::status::JoinWaiting>)>,
+) -> String {
+    let lines: Vec<String> = units
+        .into_iter()
+        .filter_map(|(unit, join)| join.map(|j| format!("  {unit}: {}\n", j.describe())))
+        .collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!("\n  items the joins wait on:\n{}", lines.concat())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use switchyard_crds::RowCounts;
+
+    #[test]
+    fn only_joins_are_listed_with_what_they_wait_on() {
+        use switchyard_crds::status::JoinWaiting;
+        let waiting = JoinWaiting {
+            waiting: 120,
+            oldest_wait_seconds: 3,
+        };
+        assert_eq!(render_joins([("price", None)]), "");
+        assert_eq!(
+            render_joins([("answer", Some(waiting)), ("idle", Some(JoinWaiting::default()))]),
+            "\n  items the joins wait on:\n  answer: 120 waiting, the oldest for 3s\n  idle: nothing waiting\n"
+        );
+    }
 
     #[test]
     fn only_sources_that_counted_rows_are_listed() {

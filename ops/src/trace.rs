@@ -100,6 +100,9 @@ pub fn render(trace: &Trace, sample_rate: Option<f64>) -> String {
                 e.stage.as_deref().unwrap_or("?"),
                 e.error.as_deref().unwrap_or("?")
             ),
+            TraceOutcome::Waiting => format!("part stored: {}", note(e)),
+            TraceOutcome::Joined => format!("{}: published {}", note(e), e.outputs),
+            TraceOutcome::Late => format!("late part: {}", note(e)),
         };
         let again = match (e.deliveries, e.replays) {
             (d, 0) if d > 1 => format!(" (delivery {d})"),
@@ -121,6 +124,10 @@ pub fn render(trace: &Trace, sample_rate: Option<f64>) -> String {
     }
     let _ = writeln!(out, "  ended: {}", ending(trace));
     out
+}
+
+fn note(e: &TraceEvent) -> &str {
+    e.note.as_deref().unwrap_or("?")
 }
 
 fn took(us: u64) -> String {
@@ -170,6 +177,19 @@ pub fn ending(trace: &Trace) -> String {
         });
     }
     ends.extend(dead);
+    // A join that stored a part and has not joined the item since: it waits there.
+    let joined = last.iter().any(|e| e.outcome == TraceOutcome::Joined);
+    if let Some(waiting) = last
+        .iter()
+        .rev()
+        .find(|e| e.outcome == TraceOutcome::Waiting && !joined)
+    {
+        ends.push(format!(
+            "waiting at join {}: {}",
+            waiting.unit,
+            note(waiting)
+        ));
+    }
     if ends.is_empty() {
         "nowhere yet: still on its way, or dropped by a filter".to_string()
     } else {
@@ -205,6 +225,38 @@ mod tests {
         );
         assert!(parse_item("17").is_err());
         assert!(parse_item("clothes:").is_err());
+    }
+
+    #[test]
+    fn a_trace_shows_the_fork_and_the_join_and_an_item_waiting_there() {
+        let waits = |unit: &str, at: u64, note: &str| {
+            let mut e = event(unit, at, TraceOutcome::Waiting);
+            e.outputs = 0;
+            e.note = Some(note.into());
+            e
+        };
+        let mut trace = Trace {
+            origin: "orders".into(),
+            seq: "7".into(),
+            events: vec![
+                event("orders", 1_000, TraceOutcome::Emitted),
+                event("price", 1_010, TraceOutcome::Published),
+                event("stock", 1_011, TraceOutcome::Published),
+                waits("answer", 1_020, "waits for stock"),
+            ],
+        };
+        let text = render(&trace, Some(1.0));
+        assert!(text.contains("part stored: waits for stock"), "{text}");
+        assert_eq!(ending(&trace), "waiting at join answer: waits for stock");
+        let mut joined = event("answer", 1_030, TraceOutcome::Joined);
+        joined.note = Some("joined price, stock".into());
+        trace.events.push(joined);
+        trace
+            .events
+            .push(event("out", 1_040, TraceOutcome::Written));
+        let text = render(&trace, Some(1.0));
+        assert!(text.contains("joined price, stock: published 1"), "{text}");
+        assert_eq!(ending(&trace), "sink out");
     }
 
     #[test]

@@ -61,8 +61,11 @@ pub enum JoinError {
 /// What became of an arrival.
 #[derive(Debug)]
 pub enum Arrived {
-    /// Stored; the item waits for more.
-    Waiting,
+    /// Stored; the item waits for more (for these branches), or, failed, keeps it for its replay.
+    Waiting {
+        missing: Vec<String>,
+        failed: bool,
+    },
     Skipped(Skipped),
     /// Every branch has given its part (the entry says so now): hand it on.
     Complete(Entry),
@@ -293,7 +296,11 @@ impl Join {
                         return Ok(Arrived::Held);
                     }
                     if self.write(item, &key, &entry, revision).await?.is_some() {
-                        return Ok(Arrived::Waiting);
+                        let missing = join_state::missing(&entry, &self.branches);
+                        return Ok(Arrived::Waiting {
+                            missing: missing.into_iter().map(str::to_string).collect(),
+                            failed: matches!(entry.state, State::Failed { .. }),
+                        });
                     }
                 }
                 Decision::Fail(entry) => {

@@ -218,6 +218,9 @@ fn outcome_name(outcome: TraceOutcome) -> &'static str {
         TraceOutcome::Written => "written",
         TraceOutcome::Duplicate => "duplicate",
         TraceOutcome::DeadLettered => "dead-lettered",
+        TraceOutcome::Waiting => "waiting",
+        TraceOutcome::Joined => "joined",
+        TraceOutcome::Late => "late",
     }
 }
 

@@ -87,6 +87,8 @@ pub struct Done {
     pub attempts: u32,
     pub error: Option<String>,
     pub stage: Option<String>,
+    /// What a join did with a part (see `TraceEvent::note`).
+    pub note: Option<String>,
 }
 
 impl Tracer {
@@ -167,6 +169,7 @@ impl Tracer {
             error: done.error,
             stage: done.stage,
             replays: lineage.replays,
+            note: done.note,
         };
         let subject = Tracer::subject(
             &self.config.subject_prefix,

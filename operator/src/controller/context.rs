@@ -138,6 +138,17 @@ impl Context {
             .find_map(|r| r.rows)
     }
 
+    /// What a join's live replicas wait on.
+    pub fn join_waiting(
+        &self,
+        namespace: &str,
+        pipeline: &str,
+        unit: &str,
+    ) -> Option<switchyard_crds::status::JoinWaiting> {
+        let fresh = self.reports.fresh(&keys::unit(namespace, pipeline, unit));
+        switchyard_crds::unit::join_waiting(&fresh)
+    }
+
     pub fn scale_record(&self, key: &str) -> Option<ScaleRecord> {
         lock(&self.scaling).get(key).cloned()
     }

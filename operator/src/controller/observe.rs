@@ -265,6 +265,7 @@ pub fn units(
                 }),
                 rate: ctx.rate(&plan.namespace, &plan.pipeline, &u.name),
                 rows: ctx.rows(&plan.namespace, &plan.pipeline, &u.name),
+                join: ctx.join_waiting(&plan.namespace, &plan.pipeline, &u.name),
                 dead_lettered: seen.dead_lettered.get(&u.name).copied().unwrap_or(0),
                 last_scale_time: scaled.as_ref().and_then(|r| r.last_scale_time.clone()),
                 last_scale_reason: scaled.map(|r| r.reason),

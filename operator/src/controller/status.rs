@@ -90,6 +90,8 @@ pub struct UnitObservation {
     pub rate: Option<f64>,
     /// A postgres source's table, as a live replica last counted it.
     pub rows: Option<switchyard_crds::RowCounts>,
+    /// A join's items waiting, as its live replicas report them.
+    pub join: Option<switchyard_crds::status::JoinWaiting>,
     pub dead_lettered: u64,
     /// When the autoscaler last changed the replicas, and why it did (or why it holds).
     pub last_scale_time: Option<Time>,
@@ -270,6 +272,7 @@ fn unit_status(u: &UnitObservation, before: Option<&UnitStatus>) -> UnitStatus {
             .or_else(|| before.and_then(|b| b.last_scale_reason.clone())),
         // A source that ended (or is between replicas) leaves its last count standing.
         rows: u.rows.or_else(|| before.and_then(|b| b.rows)),
+        join: u.join,
     }
 }
 

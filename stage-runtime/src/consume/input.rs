@@ -71,6 +71,8 @@ pub(super) struct Processed {
     pub(super) after: Option<AfterStored>,
     /// Why the item's input must come again later rather than be acknowledged now.
     pub(super) again_later: Option<super::worker::ConsumeError>,
+    /// What a join did with the item, for its trace event.
+    pub(super) joined: Option<(TraceOutcome, String)>,
 }
 
 /// What a join notes in its bucket once what an item made is stored.
@@ -98,6 +100,7 @@ impl Processed {
             failures,
             after: None,
             again_later: None,
+            joined: None,
         }
     }
 
@@ -135,6 +138,7 @@ impl Emitted {
             attempts: self.attempts.max(1),
             error,
             stage,
+            note: None,
         }
     }
 }

@@ -5,6 +5,8 @@ use async_nats::jetstream::Message;
 use switchyard_crds::books::Counts;
 use switchyard_platform::frame::{self, FrameError};
 
+use switchyard_crds::unit::TraceOutcome;
+
 use crate::crashes::Verdict;
 use crate::lineage::{names, Lineage, Replay};
 use crate::payload::Payload;
@@ -77,7 +79,13 @@ impl Worker {
         let books = counts_of(count, &emitted, delivered > 1);
         for (item, emitted) in processed.into_iter().zip(emitted) {
             if item.began.is_some() || item.span.is_some() {
-                let done = emitted.done(self.is_sink(), delivered);
+                let mut done = emitted.done(self.is_sink(), delivered);
+                if let Some((outcome, note)) = item.joined {
+                    if done.outcome != TraceOutcome::DeadLettered {
+                        done.outcome = outcome;
+                        done.note = Some(note);
+                    }
+                }
                 if let Some(span) = item.span {
                     span.end(&done);
                 }

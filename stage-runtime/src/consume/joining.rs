@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use switchyard_crds::books::{route, Counts};
 use switchyard_crds::join::Part;
-use switchyard_crds::join_state::{self, Ancestry, Arrival, Decision, Entry};
+use switchyard_crds::join_state::{self, Ancestry, Arrival, Decision, Entry, Skipped};
+use switchyard_crds::unit::TraceOutcome;
 use tokio::sync::watch;
 
 use crate::join::{now_ms, Arrived, Join, JoinError};
@@ -85,6 +86,33 @@ fn read_part(payload: &Payload, branches: &[String]) -> Result<Option<Arrival>, 
     }))
 }
 
+/// What a join did with a part, for the item's trace.
+fn trace_note(arrived: &Arrived) -> Option<(TraceOutcome, String)> {
+    Some(match arrived {
+        Arrived::Waiting { failed: true, .. } => (
+            TraceOutcome::Waiting,
+            "kept with the failed item, for its replay".to_string(),
+        ),
+        Arrived::Waiting { missing, .. } => (
+            TraceOutcome::Waiting,
+            format!("waits for {}", missing.join(", ")),
+        ),
+        Arrived::Skipped(Skipped::Duplicate) => (
+            TraceOutcome::Waiting,
+            "stored already (delivered again)".to_string(),
+        ),
+        Arrived::Skipped(Skipped::Late) => (
+            TraceOutcome::Late,
+            "the item went on without it".to_string(),
+        ),
+        Arrived::Complete(entry) => {
+            let parts: Vec<&str> = entry.parts.keys().map(String::as_str).collect();
+            (TraceOutcome::Joined, format!("joined {}", parts.join(", ")))
+        }
+        Arrived::Failed(_) | Arrived::Held => return None,
+    })
+}
+
 impl Worker {
     /// What a join makes of `input`; None for a replayed letter of the joined item's own steps,
     /// which runs as any item does.
@@ -130,8 +158,12 @@ impl Worker {
             }
         };
         let ancestry = ancestry_of(lineage, input.replayed);
-        match join.arrive(&item, arrival, &ancestry).await {
-            Ok(Arrived::Waiting | Arrived::Skipped(_)) => {}
+        let arrived = join.arrive(&item, arrival, &ancestry).await;
+        if let Ok(arrived) = &arrived {
+            processed.joined = trace_note(arrived);
+        }
+        match arrived {
+            Ok(Arrived::Waiting { .. } | Arrived::Skipped(_)) => {}
             Ok(Arrived::Complete(entry)) => self.hand_on(join, &item, &entry, &mut processed).await,
             Ok(Arrived::Failed(entry)) => self.fail_joined(join, &item, &entry, &mut processed),
             Ok(Arrived::Held) => {
