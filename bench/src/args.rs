@@ -77,6 +77,8 @@ pub enum Kind {
     Exec,
     ExecBadLines,
     Traced,
+    Fork,
+    Join,
 }
 
 impl Kind {

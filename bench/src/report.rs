@@ -66,13 +66,13 @@ pub fn step_cost(results: &[ScenarioResult]) -> Option<f64> {
 
 pub fn row(r: &ScenarioResult) -> String {
     format!(
-        "{:>5} B  {:<28} {:>9} msg/s  {:>5.2} × raw  p50 {:>6.2} ms  p99 {:>6.2} ms  CPU {:>5.2} s + nats {:>5.2} s /100k  RSS {:>5.1} MiB",
+        "{:>5} B  {:<28} {:>9} msg/s  {:>5.2} × raw  p50 {:>6} ms  p99 {:>6} ms  CPU {:>5.2} s + nats {:>5.2} s /100k  RSS {:>5.1} MiB",
         r.size,
         r.title,
         thousands(r.per_second.round() as u64),
         r.ratio_to_raw,
-        r.p50_ms,
-        r.p99_ms,
+        ms(r.p50_ms),
+        ms(r.p99_ms),
         r.cpu_seconds_per_100k,
         r.server_cpu_seconds_per_100k,
         r.peak_rss_mib
@@ -101,14 +101,14 @@ pub fn render(report: &Report, args: &BenchArgs) -> String {
     for r in &report.results {
         let _ = writeln!(
             out,
-            "| {} B | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            "| {} B | {} | {} | {:.2} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} |",
             r.size,
             r.title,
             thousands(r.per_second.round() as u64),
             r.ratio_to_raw,
-            r.p50_ms,
-            r.p99_ms,
-            r.p99_ms / f64::from(r.hops.max(1)),
+            ms(r.p50_ms),
+            ms(r.p99_ms),
+            ms(r.p99_ms / f64::from(r.hops.max(1))),
             r.cpu_seconds_per_100k,
             r.handler_cpu_seconds_per_100k,
             r.server_cpu_seconds_per_100k,
@@ -120,10 +120,42 @@ pub fn render(report: &Report, args: &BenchArgs) -> String {
     out
 }
 
+/// Milliseconds to two places, or `-` when not measured.
+fn ms(value: f64) -> String {
+    if value.is_finite() {
+        format!("{value:.2}")
+    } else {
+        "-".to_string()
+    }
+}
+
+/// Joined items a second against the items a second through the same branches fanned in.
+fn render_join(out: &mut String, report: &Report) {
+    use std::fmt::Write as _;
+    for join in report.results.iter().filter(|r| r.scenario == Kind::Join) {
+        let fork = report
+            .results
+            .iter()
+            .find(|r| r.scenario == Kind::Fork && r.size == join.size);
+        if let Some(fork) = fork.filter(|f| f.per_second > 0.0) {
+            let items = fork.per_second / 3.0;
+            let _ = writeln!(
+                out,
+                "Fork and join, {} B: {} joined items/s against {} items/s through the same three branches fanned in without the join ({:.2} ×).",
+                join.size,
+                thousands(join.per_second.round() as u64),
+                thousands(items.round() as u64),
+                join.per_second / items
+            );
+        }
+    }
+}
+
 /// The in-process step costs and the idle process's memory.
 fn render_notes(out: &mut String, report: &Report) {
     use std::fmt::Write as _;
     let _ = writeln!(out);
+    render_join(out, report);
     for run in &report.steps.runs {
         let _ = writeln!(
             out,

@@ -66,7 +66,11 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for &size in &args.sizes {
         let mut raw_rate = 0.0;
         let runs = scenarios().into_iter().filter(|s| wanted(s)).flat_map(|s| {
-            let modes: &[bool] = if s.raw { &[false] } else { args.frames.modes() };
+            let modes: &[bool] = if s.raw || !s.frames {
+                &[false]
+            } else {
+                args.frames.modes()
+            };
             modes.iter().map(move |&frames| (s.clone(), frames))
         });
         for (scenario, frames) in runs {
@@ -339,7 +343,7 @@ impl Bench<'_> {
                 return Err(e);
             }
         };
-        let latency = if with_latency {
+        let latency = if with_latency && scenario.latency {
             match self
                 .latency(scenario, &layout, &feed, &out_subject, size)
                 .await

@@ -17,12 +17,20 @@ pub struct Scenario {
     /// Every how many messages one never comes out (its handler answers it with a line that is no
     /// reply, and it is dead-lettered): what finding the culprit costs.
     pub lost_every: Option<u64>,
+    /// Outputs of the last unit per item sent (three when three branches are fanned in).
+    pub outputs_per_item: u64,
+    /// Runs with frames too: a join's outputs come in frames whose number depends on which part
+    /// completes an item, which the count of stored messages cannot follow.
+    pub frames: bool,
+    /// Its latency is measured: the output carries the input's timestamp where it stands (a join's
+    /// holds it one level down).
+    pub latency: bool,
 }
 
 impl Scenario {
     /// Of `sent` messages numbered from 0, how many come out.
     pub fn coming_out(&self, sent: u64) -> u64 {
-        sent - self.lost_every.map_or(0, |n| sent / n)
+        sent * self.outputs_per_item - self.lost_every.map_or(0, |n| sent / n)
     }
 }
 
@@ -30,6 +38,20 @@ pub const ECHO_HANDLER: &str = "import json, sys\nfor line in sys.stdin:\n    m 
 
 /// The echo, except that it answers message 999, 1999, ... with a line that is no reply.
 pub const BAD_LINE_HANDLER: &str = "import json, sys\nfor line in sys.stdin:\n    m = json.loads(line)\n    if m[\"data\"][\"i\"] % 1000 == 999:\n        sys.stdout.write(\"this is not json\\n\")\n    else:\n        sys.stdout.write(json.dumps({\"id\": m[\"id\"], \"outputs\": [m[\"data\"]]}) + \"\\n\")\n    sys.stdout.flush()\n";
+
+/// What most scenarios share: one output an item, frames and latency measured.
+const PLAIN: Scenario = Scenario {
+    kind: Kind::Passthrough,
+    title: "",
+    stages: "",
+    units: &[],
+    raw: false,
+    sample_rate: 0.0,
+    lost_every: None,
+    outputs_per_item: 1,
+    frames: true,
+    latency: true,
+};
 
 pub fn scenarios() -> Vec<Scenario> {
     vec![
@@ -41,6 +63,7 @@ pub fn scenarios() -> Vec<Scenario> {
             raw: true,
             sample_rate: 0.0,
             lost_every: None,
+            ..PLAIN
         },
         Scenario {
             kind: Kind::Passthrough,
@@ -50,6 +73,7 @@ pub fn scenarios() -> Vec<Scenario> {
             raw: false,
             sample_rate: 0.0,
             lost_every: None,
+            ..PLAIN
         },
         Scenario {
             kind: Kind::Chain,
@@ -59,6 +83,7 @@ pub fn scenarios() -> Vec<Scenario> {
             raw: false,
             sample_rate: 0.0,
             lost_every: None,
+            ..PLAIN
         },
         Scenario {
             kind: Kind::Group,
@@ -68,6 +93,7 @@ pub fn scenarios() -> Vec<Scenario> {
             raw: false,
             sample_rate: 0.0,
             lost_every: None,
+            ..PLAIN
         },
         Scenario {
             kind: Kind::Jq,
@@ -77,6 +103,7 @@ pub fn scenarios() -> Vec<Scenario> {
             raw: false,
             sample_rate: 0.0,
             lost_every: None,
+            ..PLAIN
         },
         Scenario {
             kind: Kind::Exec,
@@ -86,6 +113,7 @@ pub fn scenarios() -> Vec<Scenario> {
             raw: false,
             sample_rate: 0.0,
             lost_every: None,
+            ..PLAIN
         },
         Scenario {
             kind: Kind::ExecBadLines,
@@ -95,6 +123,7 @@ pub fn scenarios() -> Vec<Scenario> {
             raw: false,
             sample_rate: 0.0,
             lost_every: Some(1000),
+            ..PLAIN
         },
         Scenario {
             kind: Kind::Traced,
@@ -104,6 +133,26 @@ pub fn scenarios() -> Vec<Scenario> {
             raw: false,
             sample_rate: 1.0,
             lost_every: None,
+            ..PLAIN
+        },
+        Scenario {
+            kind: Kind::Fork,
+            title: "three branches fanned in (3 outputs an item)",
+            stages: "    - {name: a, inputs: [feed], passthrough: {}}\n    - {name: b, inputs: [feed], passthrough: {}}\n    - {name: c, inputs: [feed], passthrough: {}}\n    - {name: m, inputs: [a, b, c], passthrough: {}}\n",
+            units: &["a", "b", "c", "m"],
+            outputs_per_item: 3,
+            frames: false,
+            latency: false,
+            ..PLAIN
+        },
+        Scenario {
+            kind: Kind::Join,
+            title: "three branches joined (1 output an item)",
+            stages: "    - {name: a, inputs: [feed], passthrough: {}}\n    - {name: b, inputs: [feed], passthrough: {}}\n    - {name: c, inputs: [feed], passthrough: {}}\n    - {name: j, join: {of: [a, b, c]}, passthrough: {}}\n",
+            units: &["a", "b", "c", "j"],
+            frames: false,
+            latency: false,
+            ..PLAIN
         },
     ]
 }
