@@ -362,3 +362,94 @@ fn an_edit_adding_a_branch_is_refused_and_one_removing_the_branch_items_wait_for
         assert_eq!(v["parts"], serde_json::json!(["fast", "quick"]), "{line}");
     }
 }
+
+/// Items 1..=`count` fork to `fast` and to `slow`, which takes `slow` for each; the join's own
+/// settings follow.
+fn fast_and_slow(count: u64, slow: &str, join: &str) -> String {
+    format!(
+        r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: settings}}
+spec:
+  sources:
+    - name: items
+      generator: {{count: {count}, payload: '{{"n": {{{{seq}}}}}}'}}
+  stages:
+    - {{name: fast, inputs: [items], jq: '{{n}}'}}
+    - name: slow
+      inputs: [items]
+      stages: [{{name: wait, sleep: {slow}}}, {{name: mark, jq: '{{n}}'}}]
+    - name: answer
+      join: {join}
+      jq: '{{n: .fast[0].n, slow: (.slow | length), missing: ._missing}}'
+  sinks:
+    - {{name: out, file: {{path: out.jsonl}}}}
+"#
+    )
+}
+
+#[test]
+fn under_continue_an_item_goes_on_at_its_timeout_with_what_arrived_and_the_books_balance() {
+    let mut run = BackgroundRun::start(
+        &fast_and_slow(
+            20,
+            "3s",
+            "{of: [fast, slow], timeout: 1s, onTimeout: continue}",
+        ),
+        &[],
+        &[],
+    );
+    assert!(run.wait(LIMIT).success(), "{}", run.notes());
+    let output = run.output();
+    assert!(
+        output.contains("20 from sources, 20 at sinks, 0 dead-lettered"),
+        "{output}"
+    );
+    assert!(output.contains("The books balance"), "{output}");
+    let out = run.path("out.jsonl");
+    Tally::of(&out, "n", 20).assert_exactly_once(20);
+    for line in std::fs::read_to_string(&out).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["slow"], 0, "went on without `slow`: {line}");
+        assert_eq!(v["missing"], serde_json::json!(["slow"]), "{line}");
+    }
+}
+
+#[test]
+fn a_join_holding_its_most_waiting_items_holds_back_new_ones_and_loses_none() {
+    let mut run = BackgroundRun::start(
+        &fast_and_slow(300, "2s", "{of: [fast, slow], timeout: 2m, maxWaiting: 40}"),
+        &[],
+        &[],
+    );
+    let dir = run.dir.path().to_path_buf();
+    let out = run.path("out.jsonl");
+    let mut most = 0u64;
+    while run.child.try_wait().unwrap().is_none() && line_count(&out) < 300 {
+        let status = Command::new(binary("switchyard"))
+            .args(["status", "p.yaml"])
+            .current_dir(&dir)
+            .output()
+            .expect("switchyard status");
+        let text = String::from_utf8_lossy(&status.stdout);
+        if let Some(waiting) = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("answer: "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            most = most.max(waiting);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(run.wait(LIMIT).success(), "{}", run.notes());
+    assert!(most > 0, "the join was never seen waiting");
+    assert!(
+        most <= 40,
+        "{most} items waited at once, more than maxWaiting"
+    );
+    let joined = Tally::of(&out, "n", 300);
+    joined.assert_exactly_once(300);
+    println!("at most {most} items waited at once");
+}
