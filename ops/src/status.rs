@@ -99,17 +99,10 @@ pub async fn read(target: &Target, listen: Duration) -> Result<Vec<UnitStatus>, 
 pub fn render_rows<'a>(
     units: impl IntoIterator<Item = (&'a str, Option<switchyard_crds::RowCounts>)>,
 ) -> String {
-    let lines: Vec<String> = units
+    let lines = units
         .into_iter()
-        .filter_map(|(unit, rows)| rows.map(|rows| format!("  {unit}: {}\n", rows.describe())))
-        .collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    format!(
-        "\n  rows of the postgres sources' tables:\n{}",
-        lines.concat()
-    )
+        .filter_map(|(unit, rows)| rows.map(|rows| (unit, rows.describe())));
+    below_the_table("rows of the postgres sources' tables", lines)
 }
 
 /// The items each join among `units` waits on (name, waiting), as `switchyard status` shows them
@@ -117,14 +110,21 @@ pub fn render_rows<'a>(
 pub fn render_joins<'a>(
     units: impl IntoIterator<Item = (&'a str, Option<switchyard_crds::status::JoinWaiting>)>,
 ) -> String {
-    let lines: Vec<String> = units
+    let lines = units
         .into_iter()
-        .filter_map(|(unit, join)| join.map(|j| format!("  {unit}: {}\n", j.describe())))
+        .filter_map(|(unit, join)| join.map(|j| (unit, j.describe())));
+    below_the_table("items the joins wait on", lines)
+}
+
+/// A section under `title`, a line per unit; nothing without one.
+fn below_the_table<'a>(title: &str, lines: impl Iterator<Item = (&'a str, String)>) -> String {
+    let lines: Vec<String> = lines
+        .map(|(unit, what)| format!("  {unit}: {what}\n"))
         .collect();
     if lines.is_empty() {
         return String::new();
     }
-    format!("\n  items the joins wait on:\n{}", lines.concat())
+    format!("\n  {title}:\n{}", lines.concat())
 }
 
 #[cfg(test)]

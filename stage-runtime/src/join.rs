@@ -353,44 +353,36 @@ impl Join {
 
     /// The item went on at its timeout with what arrived: its entry is finished.
     pub async fn closed(&self, item: &str) -> Result<(), JoinError> {
-        let key = bucket_key(&self.unit, item);
-        for _ in 0..MOST_CONFLICTS {
-            let (found, revision) = self.read(item, &key).await?;
-            let Found::Entry(mut entry) = found else {
-                break;
-            };
-            if entry.state != State::Closing {
-                break;
-            }
-            entry.state = State::Finished {
-                by: BY_TIMEOUT.to_string(),
-            };
-            if self.write(item, &key, &entry, revision).await?.is_some() {
-                break;
-            }
-        }
-        self.remember(&key, None);
-        Ok(())
+        let finished = State::Finished {
+            by: BY_TIMEOUT.to_string(),
+        };
+        self.carried_out(item, State::Closing, finished).await
     }
 
     /// The failed item's dead letter is stored: nobody needs to store it again.
     pub async fn letter_stored(&self, item: &str) -> Result<(), JoinError> {
+        let stored = State::Failed {
+            letter_stored: true,
+        };
+        let pending = State::Failed {
+            letter_stored: false,
+        };
+        self.carried_out(item, pending, stored).await
+    }
+
+    /// What a replica began for `item` (in state `from`) is done: it is in state `to` now, unless
+    /// something else changed it meanwhile.
+    async fn carried_out(&self, item: &str, from: State, to: State) -> Result<(), JoinError> {
         let key = bucket_key(&self.unit, item);
         for _ in 0..MOST_CONFLICTS {
             let (found, revision) = self.read(item, &key).await?;
             let Found::Entry(mut entry) = found else {
                 break;
             };
-            if entry.state
-                != (State::Failed {
-                    letter_stored: false,
-                })
-            {
+            if entry.state != from {
                 break;
             }
-            entry.state = State::Failed {
-                letter_stored: true,
-            };
+            entry.state = to.clone();
             if self.write(item, &key, &entry, revision).await?.is_some() {
                 break;
             }

@@ -12,7 +12,7 @@ fn problems(text: &str) -> Vec<String> {
     }
 }
 
-fn assert_has(problems: &[String], path: &str, words: &str) {
+pub(super) fn assert_has(problems: &[String], path: &str, words: &str) {
     assert!(
         problems
             .iter()

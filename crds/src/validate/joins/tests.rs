@@ -1,3 +1,4 @@
+use crate::validate::tests::assert_has;
 use crate::validate::{analyze, parse_pipeline};
 
 const HEAD: &str = "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: p}\nspec:\n  sources: [{name: orders, generator: {count: 3}}, {name: other, generator: {count: 3}}]\n  sinks: [{name: out, log: {}}]\n";
@@ -9,16 +10,6 @@ fn problems(stages: &str) -> Vec<String> {
         Ok(_) => Vec::new(),
         Err(problems) => problems.iter().map(|p| p.to_string()).collect(),
     }
-}
-
-fn assert_has(problems: &[String], path: &str, words: &str) {
-    assert!(
-        problems
-            .iter()
-            .any(|p| p.starts_with(path) && p.contains(words)),
-        "expected a problem at `{path}` saying `{words}`, got:\n{}",
-        problems.join("\n")
-    );
 }
 
 const BRANCHES: &str = "    - {name: price, inputs: [orders], jq: '.'}\n    - {name: stock, inputs: [orders], jq: '.'}\n";
