@@ -50,6 +50,15 @@ pub(super) fn check_joins(problems: &mut Vec<Problem>, spec: &PipelineSpec) {
         if let Some(timeout) = &join.timeout {
             crate::duration::check_duration(problems, &path, "join.timeout", timeout);
         }
+        let following = spec.sources.iter().find(|source| {
+            matches!(
+                source.kind.one(),
+                Some(crate::pipeline::SourceKind::Postgres(p)) if p.follows_its_jobs()
+            )
+        });
+        if let Some(source) = following {
+            problems.push(Problem::at(&path, format!("source `{}` follows its rows to the end of their items (postgres completeOn: finished), and a join cannot account for them yet: set completeOn: publish on it, or join in a Pipeline of its own", source.name)));
+        }
         if stage.switcher.as_ref().is_some_and(|s| s.min_replicas == 0) {
             problems.push(Problem::at(&path, "a join times out the items it waits on, which needs a replica: set switcher.minReplicas to at least 1"));
         }

@@ -136,3 +136,16 @@ fn a_join_is_a_top_level_stage_and_no_branch_of_another() {
     );
     assert_has(&found, "stages[3] again", "`answer` is a join itself");
 }
+
+#[test]
+fn a_join_does_not_account_for_rows_followed_to_their_end_yet() {
+    let text = format!(
+        "apiVersion: switchyard.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: p}}\nspec:\n  sources: [{{name: orders, postgres: {{connection: {{urlFrom: {{env: DB}}}}, table: jobs, key: id}}}}]\n  sinks: [{{name: out, log: {{}}}}]\n  stages:\n{BRANCHES}    - {{name: answer, join: {{of: [price, stock]}}, jq: '.'}}\n"
+    );
+    let pipeline = parse_pipeline(&text).unwrap_or_else(|p| panic!("{p}"));
+    let found: Vec<String> = match analyze(&pipeline) {
+        Ok(_) => Vec::new(),
+        Err(problems) => problems.iter().map(|p| p.to_string()).collect(),
+    };
+    assert_has(&found, "stages[2] answer", "completeOn: publish");
+}
