@@ -53,6 +53,10 @@ const SCENARIOS: &[Scenario] = &[
         scenarios::killed_pods_lose_and_double_nothing,
     ),
     (
+        "a_join_in_pods_joins_every_item_once_while_its_pods_are_killed",
+        scenarios::a_join_in_pods_joins_every_item_once_while_its_pods_are_killed,
+    ),
+    (
         "a_paused_pipeline_drains_to_zero_pods_and_comes_back",
         scenarios::a_paused_pipeline_drains_to_zero_pods_and_comes_back,
     ),

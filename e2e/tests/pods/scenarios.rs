@@ -568,6 +568,82 @@ spec:
     suite.delete_namespace(ns);
 }
 
+/// Fork and join in pods (issue 26): 10,000 items fork to three branches (one drops every third,
+/// one makes two outputs of each) and two join replicas join them, while a pod of the join or of
+/// a branch is SIGKILLed every 3 s; every item reaches the sink once with all its parts, and the
+/// Pipeline's status shows what the join waits on.
+pub fn a_join_in_pods_joins_every_item_once_while_its_pods_are_killed(suite: &Suite) {
+    let ns = "forks";
+    suite.namespace(ns);
+    suite.apply_ok(&format!(
+        r#"apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {{name: forks, namespace: {ns}}}
+spec:
+  sources: [{{name: src, generator: {{count: 10000, ratePerSecond: 1000, payload: '{{"n": {{{{seq}}}}}}'}}}}]
+  stages:
+    - {{name: price, inputs: [src], jq: '{{n, price: (.n * 2)}}'}}
+    - {{name: stock, inputs: [src], jq: 'if .n % 3 == 0 then empty else {{n}} end'}}
+    - {{name: reviews, inputs: [src], jq: '{{n, stars: 4}}, {{n, stars: 5}}'}}
+    - name: answer
+      join: {{of: [price, stock, reviews], timeout: 2m}}
+      switcher: {{minReplicas: 2, maxReplicas: 2}}
+      jq: '{{n: .price[0].n, price: .price[0].price, stock: (.stock | length), stars: [.reviews[].stars]}}'
+  sinks: [{{name: out, file: {{path: out.jsonl}}}}]
+"#
+    ));
+    wait_for(Duration::from_secs(120), "forks Ready", || {
+        ready(suite, ns, "forks")
+    });
+    let started = Instant::now();
+    let units = ["answer", "price", "stock", "reviews"];
+    let (mut kills, mut round) = (0usize, 0usize);
+    let mut lines = Vec::new();
+    while started.elapsed() < Duration::from_secs(300) {
+        lines = suite.sink_lines(ns, "forks", "out", "out.jsonl");
+        if lines.len() >= 10_000 {
+            break;
+        }
+        if lines.len() < 9_000 {
+            let pods = suite.pods(ns, "forks", Some(units[round % units.len()]));
+            round += 1;
+            if let Some(pod) = pods.iter().find(|p| is_ready(p)) {
+                kills += suite.kill_containers(std::slice::from_ref(pod));
+            }
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    exactly_once(&lines, "n", 10_000);
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let n = v["n"].as_u64().unwrap();
+        assert_eq!(v["price"].as_u64(), Some(n * 2), "{line}");
+        assert_eq!(
+            v["stock"].as_u64(),
+            Some(u64::from(!n.is_multiple_of(3))),
+            "{line}"
+        );
+        assert_eq!(v["stars"], serde_json::json!([4, 5]), "{line}");
+    }
+    assert!(kills >= 4, "only {kills} kills before the end");
+    wait_for(
+        MINUTE,
+        "the status to show the join waiting on nothing",
+        || {
+            let pipeline = suite.json(&["get", "pipeline", "forks", "-n", ns]);
+            pipeline["status"]["units"]
+                .as_array()
+                .and_then(|units| units.iter().find(|u| u["name"] == "answer"))
+                .is_some_and(|u| u["join"]["waiting"].as_u64() == Some(0))
+        },
+    );
+    println!(
+        "  forks: 10,000 items joined once in {:.1}s, {kills} containers SIGKILLed",
+        started.elapsed().as_secs_f64()
+    );
+    suite.delete_namespace(ns);
+}
+
 /// A Pipeline whose items end on a subject a stream of the test keeps (they outlive the sink's pod).
 fn to_results(ns: &str, name: &str, count: u32, rate: u32, stages: &str, extra: &str) -> String {
     format!(
