@@ -54,6 +54,14 @@ const PLAIN: Scenario = Scenario {
 };
 
 pub fn scenarios() -> Vec<Scenario> {
+    let mut all = units();
+    all.extend(steps_and_tracing());
+    all.extend(fork_and_join());
+    all
+}
+
+/// The raw limit, one unit, a chain of them, a group.
+fn units() -> Vec<Scenario> {
     vec![
         Scenario {
             kind: Kind::Raw,
@@ -95,6 +103,12 @@ pub fn scenarios() -> Vec<Scenario> {
             lost_every: None,
             ..PLAIN
         },
+    ]
+}
+
+/// The steps a unit runs (jq, an exec handler, one that fails now and then), and what tracing costs.
+fn steps_and_tracing() -> Vec<Scenario> {
+    vec![
         Scenario {
             kind: Kind::Jq,
             title: "one jq step",
@@ -135,6 +149,12 @@ pub fn scenarios() -> Vec<Scenario> {
             lost_every: None,
             ..PLAIN
         },
+    ]
+}
+
+/// Three branches of every item, fanned in or joined.
+fn fork_and_join() -> Vec<Scenario> {
+    vec![
         Scenario {
             kind: Kind::Fork,
             title: "three branches fanned in (3 outputs an item)",
