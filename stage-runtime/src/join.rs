@@ -86,6 +86,9 @@ pub struct Join {
     max_value: usize,
     /// Items this replica saw waiting, by key: when their wait began (ms since the epoch).
     waiting: Mutex<HashMap<String, u64>>,
+    /// Waits being started (their first part on its way to the bucket): counted against
+    /// `max_waiting` with those in `waiting`, so that parts in flight at once cannot all pass it.
+    starting: Mutex<usize>,
     /// Where the count of `waiting` is reported, as it changes.
     stats: Arc<Stats>,
 }
@@ -113,6 +116,7 @@ impl Join {
             js,
             max_value,
             waiting: Mutex::new(HashMap::new()),
+            starting: Mutex::new(0),
             stats,
         }
     }
@@ -146,6 +150,34 @@ impl Join {
             waiting: count as u64,
             oldest_wait_ms: oldest.map_or(0, |since| now_ms.saturating_sub(since)),
         });
+    }
+
+    /// Whether another wait may start (counted as starting when it may).
+    fn may_start(&self) -> bool {
+        // Both held at once (always in this order): a wait being written is counted in one or
+        // the other, or for a moment in both, never in neither.
+        let waiting = match self.waiting.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut starting = match self.starting.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if waiting.len() + *starting >= self.config.max_waiting as usize {
+            return false;
+        }
+        *starting += 1;
+        true
+    }
+
+    /// A wait `may_start` let through is written (it is in `waiting` now) or not.
+    fn started(&self) {
+        let mut starting = match self.starting.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *starting = starting.saturating_sub(1);
     }
 
     /// Items waiting in this replica, and when the oldest began to.
@@ -292,10 +324,14 @@ impl Join {
                     }
                 }
                 Decision::Write(entry) | Decision::Close(entry) => {
-                    if starts && self.waiting().0 >= self.config.max_waiting as usize {
+                    if starts && !self.may_start() {
                         return Ok(Arrived::Held);
                     }
-                    if self.write(item, &key, &entry, revision).await?.is_some() {
+                    let written = self.write(item, &key, &entry, revision).await;
+                    if starts {
+                        self.started();
+                    }
+                    if written?.is_some() {
                         let missing = join_state::missing(&entry, &self.branches);
                         return Ok(Arrived::Waiting {
                             missing: missing.into_iter().map(str::to_string).collect(),

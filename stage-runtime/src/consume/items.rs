@@ -74,6 +74,10 @@ impl Worker {
                 processed
             }
         };
+        // A join's outputs go out one by one: which items of a frame of parts complete depends
+        // on what its store held when it came, so a frame delivered again may complete others,
+        // and output frames would not come out the same (nor be dropped as duplicates).
+        let framed = framed && self.join.is_none();
         let emitted = self.emit(framed, &mut processed).await?;
         self.after_stored(&mut processed).await?;
         let books = counts_of(count, &emitted, delivered > 1);
