@@ -479,3 +479,52 @@ fn a_join_holding_its_most_waiting_items_holds_back_new_ones_and_loses_none() {
     assert_eq!(sink.get(3).copied(), Some("300"), "{output}");
     println!("at most {most} items waited at once");
 }
+
+#[test]
+fn a_branch_whose_outputs_of_an_item_do_not_fit_in_one_part_fails_that_item_alone() {
+    let yaml = r#"
+apiVersion: switchyard.dev/v1alpha1
+kind: Pipeline
+metadata: {name: big}
+spec:
+  sources:
+    - name: items
+      generator: {count: 3, payload: '{"n": {{seq}}}'}
+  stages:
+    - {name: small, inputs: [items], jq: '{n}'}
+    - name: big
+      inputs: [items]
+      jq: 'if .n == 2 then ([range(1000)] | map("x") | add) as $pad | range(1200) | {n: 2, $pad} else {n} end'
+    - name: answer
+      join: {of: [small, big]}
+      jq: '{n: .small[0].n}'
+  sinks:
+    - {name: out, file: {path: out.jsonl}}
+"#;
+    let mut run = BackgroundRun::start(yaml, &[], &[]);
+    assert!(run.wait(LIMIT).success(), "{}", run.notes());
+    let joined = Tally::of(&run.path("out.jsonl"), "n", 3);
+    assert_eq!(joined.lost, vec![2], "{joined:?}");
+    assert!(joined.duplicated.is_empty());
+    let dir = run.dir.path().to_path_buf();
+    let letters: Vec<serde_json::Value> = switchyard(&dir, &["dlq", "show", "p.yaml", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let error_at = |unit: &str| -> String {
+        letters
+            .iter()
+            .find(|l| l["unit"] == unit)
+            .and_then(|l| l["error"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        error_at("big").contains("1200 outputs of this item"),
+        "{letters:?}"
+    );
+    assert!(
+        error_at("answer").contains("branch `big` dead-lettered the item"),
+        "{letters:?}"
+    );
+}

@@ -8,6 +8,8 @@ use crate::lineage::Lineage;
 use crate::payload::Payload;
 use crate::steps::{Failure, StepFailure};
 
+use switchyard_platform::frame::HEADERS_ROOM;
+
 use super::input::Input;
 use super::worker::Worker;
 
@@ -16,6 +18,17 @@ fn as_value(payload: &Payload) -> serde_json::Value {
     let mut json = Vec::with_capacity(payload.size());
     payload.write_as_json(&mut json);
     serde_json::from_slice(&json).unwrap_or(serde_json::Value::Null)
+}
+
+/// The lineage a part goes with: the forked item's id in it, for the join's key. A replayed letter
+/// of this branch carries the fork it came from; anything else forked here.
+fn with_fork(lineage: &Lineage, input: &Input) -> Lineage {
+    let mut carried = lineage.clone();
+    carried.fork = match (&input.lineage.fork, input.replayed) {
+        (Some(fork), true) => Some(fork.clone()),
+        _ => Some(input.lineage.id.clone()),
+    };
+    carried
 }
 
 impl Worker {
@@ -29,52 +42,75 @@ impl Worker {
         input: &Input,
         lineage: &Lineage,
         outputs: Vec<Payload>,
-        failures: Vec<StepFailure>,
+        mut failures: Vec<StepFailure>,
     ) -> (Lineage, Vec<Payload>, Vec<StepFailure>) {
-        let mut carried = lineage.clone();
-        // A replayed letter of this branch carries the fork it came from; anything else forked here.
-        carried.fork = match (&input.lineage.fork, input.replayed) {
-            (Some(fork), true) => Some(fork.clone()),
-            _ => Some(input.lineage.id.clone()),
-        };
-        let (part, letters) = match failures.first() {
-            None => (
-                Part {
-                    branch: branch.name.clone(),
-                    outputs: Some(outputs.iter().map(as_value).collect()),
-                    failed: None,
-                },
-                Vec::new(),
-            ),
-            Some(first) => {
-                let error = first.failure.error.clone();
-                let letter = StepFailure {
-                    stage: first.stage.clone(),
-                    step_index: first.step_index,
-                    item_index: 0,
-                    replay_step: input.first_step,
-                    failure: Failure {
-                        item: input.payload.clone(),
-                        error: error.clone(),
-                        attempts: failures
-                            .iter()
-                            .map(|f| f.failure.attempts)
-                            .max()
-                            .unwrap_or(1),
-                        deliveries: first.failure.deliveries,
-                    },
-                };
-                (
-                    Part {
-                        branch: branch.name.clone(),
-                        outputs: None,
-                        failed: Some(error),
-                    },
-                    vec![letter],
-                )
+        if failures.is_empty() {
+            match self.whole_part(branch, &outputs) {
+                Ok(part) => {
+                    let carried = with_fork(lineage, input);
+                    return (carried, vec![Payload::Bytes(part.into())], Vec::new());
+                }
+                Err(too_large) => failures.push(self.failed_whole(Failure {
+                    item: input.payload.clone(),
+                    error: too_large,
+                    attempts: 1,
+                    deliveries: None,
+                })),
             }
+        }
+        // Failed: one letter, of the item as it came; the join learns why.
+        let attempts = failures
+            .iter()
+            .map(|f| f.failure.attempts)
+            .max()
+            .unwrap_or(1);
+        let Some(first) = failures.into_iter().next() else {
+            return (with_fork(lineage, input), Vec::new(), Vec::new());
+        };
+        let error = first.failure.error.clone();
+        let letter = StepFailure {
+            stage: first.stage,
+            step_index: first.step_index,
+            item_index: 0,
+            replay_step: input.first_step,
+            failure: Failure {
+                item: input.payload.clone(),
+                error: error.clone(),
+                attempts,
+                deliveries: first.failure.deliveries,
+            },
+        };
+        let part = Part {
+            branch: branch.name.clone(),
+            outputs: None,
+            failed: Some(error),
         };
         let payload = serde_json::to_vec(&part).unwrap_or_default();
-        (carried, vec![Payload::Bytes(payload.into())], letters)
+        (
+            with_fork(lineage, input),
+            vec![Payload::Bytes(payload.into())],
+            vec![letter],
+        )
+    }
+
+    /// The part of an item the branch finished, as stored; why not, when its outputs (each small
+    /// enough) do not fit in one message together: the part could never be stored, and its input
+    /// would come back for ever.
+    fn whole_part(&self, branch: &BranchConfig, outputs: &[Payload]) -> Result<Vec<u8>, String> {
+        let part = Part {
+            branch: branch.name.clone(),
+            outputs: Some(outputs.iter().map(as_value).collect()),
+            failed: None,
+        };
+        let bytes = serde_json::to_vec(&part).unwrap_or_default();
+        let limit = self.max_payload.saturating_sub(HEADERS_ROOM);
+        if bytes.len() > limit {
+            return Err(format!(
+                "the branch made {} outputs of this item, {} bytes together, more than the {limit} one part for the join may hold: the item is dead-lettered instead",
+                outputs.len(),
+                bytes.len()
+            ));
+        }
+        Ok(bytes)
     }
 }
