@@ -27,6 +27,10 @@ pub const RESCAN_EVERY: Duration = Duration::from_secs(300);
 /// The headers of a key-value write: over which revision, and for how long it stays.
 const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
 const MESSAGE_TTL: &str = "Nats-TTL";
+/// How long a replica trusts that an item it saw waiting still waits, and how many it reads again
+/// at once.
+const RECHECK_EVERY: Duration = Duration::from_secs(5);
+const RECHECK_AT_ONCE: usize = 256;
 /// Attempts at one item's write when other writers keep winning.
 const MOST_CONFLICTS: usize = 64;
 
@@ -84,8 +88,10 @@ pub struct Join {
     js: async_nats::jetstream::Context,
     /// The largest value the bucket takes.
     max_value: usize,
-    /// Items this replica saw waiting, by key: when their wait began (ms since the epoch).
-    waiting: Mutex<HashMap<String, u64>>,
+    /// Items this replica saw waiting, by key: when their wait began and when this replica last
+    /// read it so (ms since the epoch). Another replica may finish an item: `recheck` reads those
+    /// not read for `RECHECK_EVERY` again, so that the count reported drops within seconds.
+    waiting: Mutex<HashMap<String, (u64, u64)>>,
     /// Waits being started (their first part on its way to the bucket): counted against
     /// `max_waiting` with those in `waiting`, so that parts in flight at once cannot all pass it.
     starting: Mutex<usize>,
@@ -127,7 +133,7 @@ impl Join {
             Err(poisoned) => poisoned.into_inner(),
         };
         match since {
-            Some(since) => waiting.insert(key.to_string(), since),
+            Some(since) => waiting.insert(key.to_string(), (since, now_ms())),
             None => waiting.remove(key),
         };
         let count = waiting.len() as u64;
@@ -186,7 +192,10 @@ impl Join {
             Ok(w) => w,
             Err(poisoned) => poisoned.into_inner(),
         };
-        (waiting.len(), waiting.values().min().copied())
+        (
+            waiting.len(),
+            waiting.values().map(|(since, _)| *since).min(),
+        )
     }
 
     /// The items (their forked ids) whose wait began `timeout_ms` ago or more.
@@ -197,9 +206,37 @@ impl Join {
         };
         waiting
             .iter()
-            .filter(|(_, since)| now_ms >= since.saturating_add(self.config.timeout_ms))
+            .filter(|(_, (since, _))| now_ms >= since.saturating_add(self.config.timeout_ms))
             .filter_map(|(key, _)| item_of_key(&self.unit, key))
             .collect()
+    }
+
+    /// Up to `RECHECK_AT_ONCE` of the items remembered waiting that this replica has not read for
+    /// `RECHECK_EVERY`: another replica may have finished them.
+    pub fn stale(&self, now_ms: u64) -> Vec<String> {
+        let waiting = match self.waiting.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let every = RECHECK_EVERY.as_millis() as u64;
+        waiting
+            .iter()
+            .filter(|(_, (_, checked))| now_ms >= checked.saturating_add(every))
+            .filter_map(|(key, _)| item_of_key(&self.unit, key))
+            .take(RECHECK_AT_ONCE)
+            .collect()
+    }
+
+    /// Reads `item` again: remembered as waiting only while it is.
+    pub async fn recheck(&self, item: &str) -> Result<(), JoinError> {
+        let key = bucket_key(&self.unit, item);
+        let since = match self.read(item, &key).await?.0 {
+            Found::Entry(entry) if entry.state == State::Waiting => Some(entry.since_ms),
+            Found::Entry(entry) => self.due_now(&entry),
+            Found::Nothing | Found::Finished => None,
+        };
+        self.remember(&key, since);
+        Ok(())
     }
 
     /// What the bucket holds for `key`, and the revision to write over it (0: nothing).

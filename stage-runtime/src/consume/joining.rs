@@ -266,6 +266,11 @@ impl Worker {
                     }
                 }
             }
+            for item in join.stale(now_ms()) {
+                if let Err(e) = join.recheck(&item).await {
+                    tracing::debug!(item, "{e}; read again later");
+                }
+            }
             join.report_oldest(now_ms());
             for item in join.due(now_ms()) {
                 if let Err(e) = self.time_out(join, &item).await {
