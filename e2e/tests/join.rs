@@ -79,16 +79,19 @@ fn assert_ended_clean(run: &mut BackgroundRun) {
     assert!(output.contains("The books balance"), "{output}");
     // What the join stored, the sink took in once each: a sink that drops a second copy (the file
     // sink's ledger) would hide a copy the stream took under another id.
-    let sink: Vec<&str> = output
-        .lines()
-        .find(|l| l.trim_start().starts_with("out ") && l.contains(" sink "))
-        .map(|l| l.split_whitespace().collect())
-        .unwrap_or_default();
     assert_eq!(
-        sink.get(3).copied(),
-        Some(thousands(ITEMS).as_str()),
+        sink_took_in(&output),
+        Some(thousands(ITEMS)),
         "the sink took in other than one copy of each: {output}"
     );
+}
+
+/// What the sink `out` took in, as the run's summary says (its `in` column).
+fn sink_took_in(output: &str) -> Option<String> {
+    let row = output
+        .lines()
+        .find(|l| l.trim_start().starts_with("out ") && l.contains(" sink "))?;
+    row.split_whitespace().nth(3).map(str::to_string)
 }
 
 /// `20,000`, as the run's summary writes it.
@@ -471,12 +474,7 @@ fn a_join_holding_its_most_waiting_items_holds_back_new_ones_and_loses_none() {
     // A part held back comes again with the others of its frame, some of whose items went on
     // meanwhile: they go on again under the same ids, which the stream drops.
     let output = run.output();
-    let sink: Vec<&str> = output
-        .lines()
-        .find(|l| l.trim_start().starts_with("out ") && l.contains(" sink "))
-        .map(|l| l.split_whitespace().collect())
-        .unwrap_or_default();
-    assert_eq!(sink.get(3).copied(), Some("300"), "{output}");
+    assert_eq!(sink_took_in(&output), Some("300".to_string()), "{output}");
     println!("at most {most} items waited at once");
 }
 
