@@ -17,6 +17,7 @@ use futures::StreamExt;
 use switchyard_crds::join::{bucket_key, item_of_key, JoinConfig};
 use switchyard_crds::unit::JoinReport;
 
+use crate::locks::lock;
 use crate::stats::Stats;
 use switchyard_crds::join_state::{
     self, Ancestry, Arrival, Decision, Entry, Found, Skipped, State, BY_TIMEOUT,
@@ -128,30 +129,21 @@ impl Join {
     }
 
     fn remember(&self, key: &str, since: Option<u64>) {
-        let mut waiting = match self.waiting.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut waiting = lock(&self.waiting);
         match since {
             Some(since) => waiting.insert(key.to_string(), (since, now_ms())),
             None => waiting.remove(key),
         };
         let count = waiting.len() as u64;
         drop(waiting);
-        let mut report = match self.stats.join.lock() {
-            Ok(r) => r,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut report = lock(&self.stats.join);
         report.get_or_insert_with(JoinReport::default).waiting = count;
     }
 
     /// Reports how long the oldest item has waited (the count is kept as it changes).
     pub fn report_oldest(&self, now_ms: u64) {
         let (count, oldest) = self.waiting();
-        let mut report = match self.stats.join.lock() {
-            Ok(r) => r,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut report = lock(&self.stats.join);
         *report = Some(JoinReport {
             waiting: count as u64,
             oldest_wait_ms: oldest.map_or(0, |since| now_ms.saturating_sub(since)),
@@ -162,14 +154,8 @@ impl Join {
     fn may_start(&self) -> bool {
         // Both held at once (always in this order): a wait being written is counted in one or
         // the other, or for a moment in both, never in neither.
-        let waiting = match self.waiting.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let mut starting = match self.starting.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let waiting = lock(&self.waiting);
+        let mut starting = lock(&self.starting);
         if waiting.len() + *starting >= self.config.max_waiting as usize {
             return false;
         }
@@ -179,19 +165,13 @@ impl Join {
 
     /// A wait `may_start` let through is written (it is in `waiting` now) or not.
     fn started(&self) {
-        let mut starting = match self.starting.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut starting = lock(&self.starting);
         *starting = starting.saturating_sub(1);
     }
 
     /// Items waiting in this replica, and when the oldest began to.
     pub fn waiting(&self) -> (usize, Option<u64>) {
-        let waiting = match self.waiting.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let waiting = lock(&self.waiting);
         (
             waiting.len(),
             waiting.values().map(|(since, _)| *since).min(),
@@ -200,10 +180,7 @@ impl Join {
 
     /// The items (their forked ids) whose wait began `timeout_ms` ago or more.
     pub fn due(&self, now_ms: u64) -> Vec<String> {
-        let waiting = match self.waiting.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let waiting = lock(&self.waiting);
         waiting
             .iter()
             .filter(|(_, (since, _))| now_ms >= since.saturating_add(self.config.timeout_ms))
@@ -214,10 +191,7 @@ impl Join {
     /// Up to `RECHECK_AT_ONCE` of the items remembered waiting that this replica has not read for
     /// `RECHECK_EVERY`: another replica may have finished them.
     pub fn stale(&self, now_ms: u64) -> Vec<String> {
-        let waiting = match self.waiting.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let waiting = lock(&self.waiting);
         let every = RECHECK_EVERY.as_millis() as u64;
         waiting
             .iter()
@@ -231,8 +205,7 @@ impl Join {
     pub async fn recheck(&self, item: &str) -> Result<(), JoinError> {
         let key = bucket_key(&self.unit, item);
         let since = match self.read(item, &key).await?.0 {
-            Found::Entry(entry) if entry.state == State::Waiting => Some(entry.since_ms),
-            Found::Entry(entry) => self.due_now(&entry),
+            Found::Entry(entry) => Self::remembered_since(&entry),
             Found::Nothing | Found::Finished => None,
         };
         self.remember(&key, since);
@@ -311,8 +284,7 @@ impl Join {
         };
         match written {
             Ok(ack) => {
-                let since = (entry.state == State::Waiting).then_some(entry.since_ms);
-                self.remember(key, since.or(self.due_now(entry)));
+                self.remember(key, Self::remembered_since(entry));
                 Ok(Some(ack.sequence))
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
@@ -324,17 +296,20 @@ impl Join {
         }
     }
 
-    /// An entry a replica must finish at once (its letter or its close was not carried out): due
-    /// since the epoch.
-    fn due_now(&self, entry: &Entry) -> Option<u64> {
-        matches!(
-            entry.state,
+    /// When this replica counts `entry` as waiting from: a wait, from when it began; a failure or
+    /// close a replica began and did not carry out, from the epoch (due at once); nothing else.
+    fn remembered_since(entry: &Entry) -> Option<u64> {
+        match entry.state {
+            State::Waiting => Some(entry.since_ms),
             State::Closing
-                | State::Failed {
-                    letter_stored: false
-                }
-        )
-        .then_some(0)
+            | State::Failed {
+                letter_stored: false,
+            } => Some(0),
+            State::Failed {
+                letter_stored: true,
+            }
+            | State::Finished { .. } => None,
+        }
     }
 
     /// Adds what arrived for `item` (the forked item's id) to what the bucket keeps of it.
@@ -487,8 +462,7 @@ impl Join {
                     State::Waiting if join_state::missing(&entry, &self.branches).is_empty() => {
                         Some(0)
                     }
-                    State::Waiting => Some(entry.since_ms),
-                    _ => self.due_now(&entry),
+                    _ => Self::remembered_since(&entry),
                 };
                 if since.is_some() {
                     found += 1;

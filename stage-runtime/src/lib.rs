@@ -12,6 +12,7 @@ pub mod faults;
 pub mod http;
 pub mod join;
 pub mod lineage;
+pub mod locks;
 pub mod otlp;
 pub mod payload;
 pub mod postgres;

@@ -13,6 +13,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::lineage::Lineage;
+use crate::locks::lock;
 use crate::payload::Payload;
 use crate::retry::StepError;
 
@@ -182,11 +183,6 @@ impl Drop for ForgetOnDrop<'_> {
     fn drop(&mut self) {
         lock(self.pending).remove(&self.id);
     }
-}
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain data behind; carry on with it.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub(super) async fn supervise(

@@ -10,8 +10,9 @@ use crate::retry::{humanize, StepError};
 use crate::steps::handler::{BuildContext, BuildError, Handler};
 use switchyard_crds::unit::StepConfig;
 
-use super::child::{find_program, lock, ChildSpec, Fate, Lane, Outcome, Reply};
+use super::child::{find_program, ChildSpec, Fate, Lane, Outcome, Reply};
 use super::protocol::REPLY_FORM;
+use crate::locks::lock;
 
 pub struct ExecStep {
     spec: Arc<ChildSpec>,
