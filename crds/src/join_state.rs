@@ -53,6 +53,21 @@ pub enum State {
     },
 }
 
+impl State {
+    /// Whether the join still has something to do for the item: wait for parts, or carry out a
+    /// failure or a close a replica began. A failed item whose letter is stored waits for its replay,
+    /// not for the join.
+    pub fn open(&self) -> bool {
+        !matches!(
+            self,
+            State::Finished { .. }
+                | State::Failed {
+                    letter_stored: true
+                }
+        )
+    }
+}
+
 /// Who completes an item that is replayed, and who closes one at its timeout (branch names are
 /// DNS labels: no `_`).
 pub const BY_REPLAY: &str = "_replay";

@@ -472,7 +472,7 @@ pub async fn join_waiting(
     stream: &str,
     unit: &str,
 ) -> Result<Option<u64>, AdminError> {
-    use switchyard_crds::join_state::{Entry, State};
+    use switchyard_crds::join_state::Entry;
     let bucket = format!("{stream}_joins");
     let store = match js.get_key_value(&bucket).await {
         Ok(store) => store,
@@ -495,15 +495,7 @@ pub async fn join_waiting(
         }
         let value = store.get(&key).await.map_err(AdminError::nats(what()))?;
         let entry = value.and_then(|v: bytes::Bytes| serde_json::from_slice::<Entry>(&v).ok());
-        if entry.is_some_and(|e| {
-            !matches!(
-                e.state,
-                State::Finished { .. }
-                    | State::Failed {
-                        letter_stored: true
-                    }
-            )
-        }) {
+        if entry.is_some_and(|e| e.state.open()) {
             waiting += 1;
         }
     }

@@ -301,14 +301,8 @@ impl Join {
     fn remembered_since(entry: &Entry) -> Option<u64> {
         match entry.state {
             State::Waiting => Some(entry.since_ms),
-            State::Closing
-            | State::Failed {
-                letter_stored: false,
-            } => Some(0),
-            State::Failed {
-                letter_stored: true,
-            }
-            | State::Finished { .. } => None,
+            ref state if state.open() => Some(0),
+            _ => None,
         }
     }
 
